@@ -1,0 +1,3 @@
+from dcorfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""The `dcorfs` command line: argparse to explicit parameters, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
+def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "devserver",
+        help="run a local DCOR-compatible server (CKAN API, dcserv, object store)",
+        description=(
+            "Serve a data directory as a DCOR instance on loopback. Prints its base URL on "
+            "stdout once ready; stops on Ctrl-C/SIGTERM. Without --data, serves freshly "
+            "generated sample data from a temporary directory."
+        ),
+    )
+    parser.add_argument(
+        "--data", type=Path, help="data directory (see README) or a folder of .rtdc files"
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
+    parser.add_argument(
+        "--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, help="condensed files and caches (default DATA/.devserver)"
+    )
+    parser.add_argument(
+        "--sample-data", action="store_true", help="generate sample data into an empty --data"
+    )
+    parser.add_argument(
+        "--sample-events", type=int, default=5000, help="events of the main sample (5000)"
+    )
+    faults = parser.add_argument_group("latency and faults (fractions of object requests)")
+    faults.add_argument(
+        "--latency", type=float, default=0.0, metavar="MS", help="added to every request"
+    )
+    faults.add_argument("--error-rate", type=_fraction, default=0.0, help="500/503 answers")
+    faults.add_argument(
+        "--reset-rate", type=_fraction, default=0.0, help="connection reset mid-body"
+    )
+    faults.add_argument("--stall-rate", type=_fraction, default=0.0, help="pause mid-body")
+    faults.add_argument("--stall-seconds", type=float, default=5.0, help="length of a stall (5)")
+    faults.add_argument("--short-rate", type=_fraction, default=0.0, help="body ends early")
+    faults.add_argument(
+        "--wrong-range-rate", type=_fraction, default=0.0, help="206 for another range"
+    )
+    faults.add_argument(
+        "--ignore-range-rate", type=_fraction, default=0.0, help="200 instead of 206"
+    )
+    faults.add_argument(
+        "--url-lifetime", type=float, default=3600.0, metavar="S", help="presigned URLs (3600)"
+    )
+    faults.add_argument(
+        "--api-faults", action="store_true", help="apply the rates to API calls too"
+    )
+    faults.add_argument("--seed", type=int, help="seed of the fault dice")
+    dcor = parser.add_argument_group("DCOR behaviour")
+    dcor.add_argument(
+        "--no-intra-basin-features",
+        action="store_true",
+        help=(
+            "condensed basin lists only its own features "
+            "(ckanext.dc_serve default: it also lists image, mask, …)"
+        ),
+    )
+    dcor.add_argument(
+        "--no-trace-list-quirk",
+        action="store_true",
+        help="answer trace_list of files without traces with [] instead of DCOR's 500",
+    )
+    dcor.add_argument(
+        "--no-condensed",
+        action="store_true",
+        help="no condensed files (as before DCOR's condensing job ran)",
+    )
+    parser.set_defaults(run=_run_devserver)
+
+
+def _run_devserver(args: argparse.Namespace) -> int:
+    from .devserver.faults import FaultConfig
+    from .devserver.run import serve
+    from .devserver.site import SiteOptions
+
+    try:
+        faults = FaultConfig(
+            latency_ms=args.latency,
+            error_rate=args.error_rate,
+            reset_rate=args.reset_rate,
+            stall_rate=args.stall_rate,
+            stall_seconds=args.stall_seconds,
+            short_rate=args.short_rate,
+            wrong_range_rate=args.wrong_range_rate,
+            ignore_range_rate=args.ignore_range_rate,
+            url_lifetime=args.url_lifetime,
+            api_faults=args.api_faults,
+        )
+    except ValueError as exc:
+        print(f"dcorfs devserver: {exc}", file=sys.stderr)
+        return 2
+    options = SiteOptions(
+        intra_basin_features=not args.no_intra_basin_features,
+        trace_list_quirk=not args.no_trace_list_quirk,
+        condensed=not args.no_condensed,
+    )
+    return serve(
+        args.data,
+        bind=args.bind,
+        port=args.port,
+        state_dir=args.state_dir,
+        faults=faults,
+        options=options,
+        seed=args.seed,
+        sample_data=args.sample_data,
+        sample_events=args.sample_events,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcorfs",
+        description=(
+            "Mount DCOR (deformability cytometry open repository) as a read-only filesystem."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"dcorfs {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_devserver(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
