@@ -1,0 +1,186 @@
+"""The served DCOR instance: repository, object store contents and dcserv kernels, built once.
+
+Building condenses every RT-DC resource (cached in the state directory), computes what dcserv
+knows about it, and indexes all objects by bucket and key. A resource that dclab cannot open
+(e.g. a truncated upload) is still served as an object; its dcserv queries fail with 500, as
+they would on DCOR.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import condense, kernel, repository
+from .objects import Presigner, StoredObject, bucket_name, object_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    # ckanext.dc_serve.enable_intra_dataset_basins (production default: on)
+    intra_basin_features: bool = True
+    # dc_serve 1.0.9 answers `trace_list` for files without traces with a 500
+    trace_list_quirk: bool = True
+    # off: no condensed objects (as right after an upload, before DCOR's job ran)
+    condensed: bool = True
+
+
+class Site:
+    def __init__(
+        self,
+        *,
+        repo: repository.Repository,
+        url: str,
+        objects: dict[tuple[str, str], StoredObject],
+        kernels: dict[str, kernel.Kernel | None],
+        presigner: Presigner,
+        options: SiteOptions,
+    ) -> None:
+        self.repo = repo
+        self.url = url
+        self.objects = objects
+        self.kernels = kernels
+        self.presigner = presigner
+        self.options = options
+
+    @classmethod
+    def build(
+        cls,
+        data_dir: Path,
+        state_dir: Path,
+        url: str,
+        options: SiteOptions,
+        progress: Callable[[str], None] | None = None,
+    ) -> Site:
+        repo = repository.load(data_dir, state_dir, progress)
+        if not repo.datasets:
+            log.warning("%s holds no datasets (see the README for the layout)", data_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        digests = repository.DigestCache(state_dir / "digests.json", progress)
+        objects: dict[tuple[str, str], StoredObject] = {}
+        kernels: dict[str, kernel.Kernel | None] = {}
+        rtdc = [(ds, res) for ds, res in repo.iter_resources() if res.is_rtdc]
+        for number, (ds, res) in enumerate(rtdc, start=1):
+            if progress is not None and len(rtdc) > 3:
+                progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
+            with warnings.catch_warnings(record=True) as caught:
+                # dclab's warnings about old files are logged, whatever the caller's filters
+                warnings.simplefilter("always")
+                prepared = _prepare(
+                    ds, res, url=url, state_dir=state_dir, options=options, digests=digests
+                )
+            for warning in caught:
+                log.info("%s: %s", res.name, warning.message)
+            kernels[res.id], condensed = prepared
+            if condensed is not None:
+                objects[(condensed.bucket, condensed.key)] = condensed
+        digests.save()
+        for ds, res in repo.iter_resources():
+            obj = _stored(
+                bucket_name(ds.circle.id),
+                "resource",
+                resource_id=res.id,
+                path=res.path,
+                digest=res.digests,
+                private=ds.private,
+            )
+            objects[(obj.bucket, obj.key)] = obj
+        return cls(
+            repo=repo,
+            url=url,
+            objects=objects,
+            kernels=kernels,
+            presigner=Presigner(_secret(state_dir)),
+            options=options,
+        )
+
+    def resource_object(self, resource_id: str, artifact: str) -> StoredObject | None:
+        found = self.repo.resource(resource_id)
+        if found is None:
+            return None
+        bucket = bucket_name(found[0].circle.id)
+        return self.objects.get((bucket, object_key(artifact, resource_id)))
+
+    def object_url(self, bucket: str, key: str) -> str:
+        return f"{self.url}/{bucket}/{key}"
+
+
+def _prepare(
+    ds: repository.Dataset,
+    res: repository.Resource,
+    *,
+    url: str,
+    state_dir: Path,
+    options: SiteOptions,
+    digests: repository.DigestCache,
+) -> tuple[kernel.Kernel | None, StoredObject | None]:
+    """Condense one RT-DC resource and compute its dcserv kernel; failures are logged."""
+    bucket = bucket_name(ds.circle.id)
+    condensed_file = condensed = None
+    if options.condensed:
+        try:
+            condensed_file = condense.condensed_path(
+                res.path,
+                res.digests.sha256,
+                state_dir,
+                resource_id=res.id,
+                site_url=url,
+                object_url=f"{url}/{bucket}/{object_key('resource', res.id)}",
+            )
+        except Exception as exc:
+            log.warning("cannot condense %s (%s): %s", res.name, res.id, exc)
+    if condensed_file is not None:
+        digest = digests.get(condensed_file)
+        condensed = _stored(
+            bucket,
+            "condensed",
+            resource_id=res.id,
+            path=condensed_file,
+            digest=digest,
+            private=ds.private,
+        )
+    try:
+        kern = kernel.compute(res.path, condensed_file, options.intra_basin_features)
+    except Exception as exc:
+        log.warning("dcserv cannot open %s (%s): %s", res.name, res.id, exc)
+        kern = None
+    return kern, condensed
+
+
+def _stored(
+    bucket: str,
+    artifact: str,
+    *,
+    resource_id: str,
+    path: Path,
+    digest: repository.Digests,
+    private: bool,
+) -> StoredObject:
+    return StoredObject(
+        bucket=bucket,
+        key=object_key(artifact, resource_id),
+        path=path,
+        size=digest.size,
+        etag=digest.etag,
+        public=not private,
+        last_modified=path.stat().st_mtime,
+        resource_id=resource_id,
+        artifact=artifact,
+    )
+
+
+def _secret(state_dir: Path) -> bytes:
+    """The presigning secret, kept in the state dir so URLs survive a restart (as on DCOR)."""
+    path = state_dir / "presign.secret"
+    if not path.exists():
+        tmp = path.with_name("presign.secret.tmp")
+        tmp.write_bytes(secrets.token_bytes(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_bytes()

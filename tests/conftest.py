@@ -1,0 +1,109 @@
+"""Shared fixtures: a data directory with generated and field RT-DC files, and devservers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from dcorfs.devserver.datadir import write_json
+from dcorfs.devserver.sample import SampleSpec, write_rtdc
+from dcorfs.devserver.server import DevServer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("DCORFS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+TOKENS = {
+    "alice": "alice-secret-token-0123456789abcdef",
+    "bob": "bob-secret-token-fedcba9876543210",
+}
+
+
+def fixture_files() -> list[Path]:
+    return sorted(FIXTURES.glob("*.rtdc")) if FIXTURES.is_dir() else []
+
+
+FIXTURE_FILES = fixture_files()
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURE_FILES, reason=f"field fixtures not found in {FIXTURES} (set DCORFS_FIXTURES)"
+)
+
+
+def make_data_dir(root: Path) -> Path:
+    """Generated measurements (public and private), other files, and the field fixtures."""
+    write_json(
+        root / "dcor.json",
+        {
+            "users": {
+                "alice": {"token": TOKENS["alice"], "circles": ["private-lab"]},
+                "bob": {"token": TOKENS["bob"], "circles": []},
+            },
+            "collections": {"showcase": {"title": "Showcase", "description": "For tests"}},
+        },
+    )
+    public = root / "public-lab" / "generated"
+    write_json(
+        public / "dataset.json",
+        {"title": "Generated", "collections": ["showcase"], "tags": ["HL60"]},
+    )
+    write_rtdc(public / "M001_data.rtdc", SampleSpec(events=300, seed=11, image_bg=True))
+    write_rtdc(
+        public / "M002_data.rtdc", SampleSpec(events=120, seed=12, traces=False, run_index=2)
+    )
+    (public / "notes.txt").write_text("a plain text resource\n")
+    private = root / "private-lab" / "secret-study"
+    write_json(private / "dataset.json", {"title": "Secret", "private": True})
+    write_rtdc(private / "M001_data.rtdc", SampleSpec(events=150, seed=13, sample="blood"))
+    if FIXTURE_FILES:
+        field = root / "public-lab" / "field-fixtures"
+        field.mkdir(parents=True)
+        write_json(field / "dataset.json", {"title": "Files from the field"})
+        for path in FIXTURE_FILES:
+            (field / path.name).symlink_to(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("dcor-data"))
+
+
+@pytest.fixture(scope="session")
+def devserver(data_dir: Path) -> Iterator[DevServer]:
+    with DevServer(data_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_devserver(data_dir: Path) -> Iterator[DevServer]:
+    """A devserver of its own, for tests that change faults or count requests."""
+    with DevServer(data_dir) as server:
+        yield server
+
+
+def info(server: DevServer) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = requests.get(f"{server.url}/_devserver/info", timeout=10).json()[
+        "resources"
+    ]
+    return result
+
+
+def resource(server: DevServer, dataset: str, name: str) -> dict[str, Any]:
+    for entry in info(server):
+        if entry["dataset"] == dataset and entry["name"] == name:
+            return entry
+    raise LookupError(f"{dataset}/{name} is not served")
+
+
+def api(server: DevServer, action: str, token: str = "", **params: Any) -> tuple[int, Any]:
+    response = requests.get(
+        f"{server.url}/api/3/action/{action}",
+        params=params,
+        headers={"Authorization": token},
+        timeout=30,
+    )
+    return response.status_code, json.loads(response.content)

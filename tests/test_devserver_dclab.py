@@ -1,0 +1,153 @@
+"""The proof of fidelity: dclab's own DCOR client reads through the devserver."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dclab
+import numpy as np
+import pytest
+import requests
+from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
+
+from dcorfs.devserver.server import DevServer
+
+from .conftest import FIXTURE_FILES, TOKENS, needs_fixtures, resource
+
+pytestmark = [
+    # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure
+    pytest.mark.filterwarnings("ignore::dclab.http_utils.ConnectionTimeoutWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def forget_api_keys() -> Iterator[None]:
+    """dclab remembers tokens class-wide and tries them all; every test starts without."""
+    APIHandler.api_keys = []
+    yield
+    APIHandler.api_keys = []
+
+
+def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
+    host = server.url.split("://", 1)[1]
+    return dclab.new_dataset(rid, host=host, use_ssl=False, api_key=token, remember_api_key=False)
+
+
+def assert_same_as_local(remote: Any, local: Any, events: list[int] | None = None) -> None:
+    assert len(remote) == len(local)
+    scalars = [f for f in local.features_innate if dclab.dfn.scalar_feature_exists(f)]
+    assert scalars
+    for feat in scalars:
+        np.testing.assert_array_equal(remote[feat][:], local[feat][:], err_msg=feat)
+    picks = range(len(local)) if events is None else events
+    for feat in ("image", "mask", "image_bg"):
+        if feat in local.features_innate:
+            for i in picks:
+                np.testing.assert_array_equal(
+                    remote[feat][i], local[feat][i], err_msg=f"{feat}[{i}]"
+                )
+    if "trace" in local.features_innate:
+        assert sorted(remote["trace"]) == sorted(local["trace"])
+        for name in local["trace"]:
+            for i in picks:
+                np.testing.assert_array_equal(remote["trace"][name][i], local["trace"][name][i])
+    for name in local.logs:
+        assert list(remote.logs[name]) == list(local.logs[name]), name
+    assert "dclab-condense" in remote.logs  # from the condensed file, as on DCOR
+    assert sorted(remote.tables) == sorted(local.tables)
+    for name in local.tables:
+        table = local.tables[name]
+        for column in table.keys():  # noqa: SIM118 (a MetaTable, not a dict)
+            np.testing.assert_array_equal(
+                np.ravel(remote.tables[name][column]), np.ravel(table[column]), err_msg=column
+            )
+    for section in ("experiment", "imaging", "setup"):
+        for key, value in local.config[section].items():
+            assert remote.config[section][key] == value, (section, key)
+
+
+def test_generated_public_resource(devserver: DevServer) -> None:
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with open_remote(devserver, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
+        assert_same_as_local(remote, local, events=[0, 1, 150, len(local) - 1])
+        # features DCOR computed into the condensed file are there too
+        np.testing.assert_allclose(remote["volume"], local["volume"])
+        np.testing.assert_array_equal(remote["time"], local["time"])
+
+
+@pytest.mark.filterwarnings("ignore:Removed unavailable basin:UserWarning")
+def test_generated_private_resource_with_token(devserver: DevServer) -> None:
+    # With DCOR's default intra-dataset basin setting the condensed basin advertises `image`;
+    # dclab then probes the condensed file's own basins, which are unavailable for private
+    # data, removes them (the warning) and falls back to the resource basin, as on DCOR.
+    entry = resource(devserver, "secret-study", "M001_data.rtdc")
+    with (
+        open_remote(devserver, entry["id"], TOKENS["alice"]) as remote,
+        dclab.new_dataset(entry["path"]) as local,
+    ):
+        assert_same_as_local(remote, local, events=[0, 77, len(local) - 1])
+
+
+@pytest.mark.parametrize("token", ["", TOKENS["bob"], "not-a-token"])
+def test_private_resource_refused_without_valid_token(devserver: DevServer, token: str) -> None:
+    entry = resource(devserver, "secret-study", "M001_data.rtdc")
+    with pytest.raises(
+        DCORAccessError, match="Access denied: User .*not authorized to read resource"
+    ):
+        open_remote(devserver, entry["id"], token)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("path", FIXTURE_FILES, ids=[p.name for p in FIXTURE_FILES])
+# 2020-10_image_bg.rtdc stores integer ROI positions as floats; dclab says so on every read
+@pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.config.WrongConfigurationTypeWarning")
+def test_field_fixture(devserver: DevServer, path: Path) -> None:
+    entry = resource(devserver, "field-fixtures", path.name)
+    with open_remote(devserver, entry["id"]) as remote, dclab.new_dataset(path) as local:
+        assert_same_as_local(remote, local)
+
+
+@pytest.mark.filterwarnings("ignore:Removed unavailable basin:UserWarning")
+def test_expired_presigned_url_is_renewed_by_dclab(fresh_devserver: DevServer) -> None:
+    # Scaled-down clock: URLs live ~3 s (DCOR: 3600 s) and dclab re-asks for basins after
+    # 0.5 s (dclab: 600 s); dclab's own 30 s safety margin then renews on every access.
+    fresh_devserver.faults.update({"url_lifetime": 3.0})
+    entry = resource(fresh_devserver, "secret-study", "M001_data.rtdc")
+    with (
+        open_remote(fresh_devserver, entry["id"], TOKENS["alice"]) as remote,
+        dclab.new_dataset(entry["path"]) as local,
+    ):
+        remote.cache_basin_dict_time = 0.5
+        np.testing.assert_array_equal(remote["deform"], local["deform"])
+        first_urls = [b["urls"][0] for b in remote.basins_get_dicts()]
+        time.sleep(4.0)
+        # the URLs dclab was given have expired on the server ...
+        for url in first_urls:
+            answer = requests.get(url, headers={"Range": "bytes=0-9"}, timeout=10)
+            assert answer.status_code == 403 and b"Request has expired" in answer.content
+        basin_calls = fresh_devserver.stats.snapshot()["api"]["dcserv"]
+        # ... yet reading goes on: dclab asked for new ones
+        np.testing.assert_array_equal(remote["image"][42], local["image"][42])
+        np.testing.assert_array_equal(remote["trace"]["fl2_raw"][7], local["trace"]["fl2_raw"][7])
+        assert fresh_devserver.stats.snapshot()["api"]["dcserv"] > basin_calls
+        assert [b["urls"][0] for b in remote.basins_get_dicts()] != first_urls
+
+
+def test_dclab_with_intra_basin_features_off(data_dir: Path, tmp_path: Path) -> None:
+    """With the option off (dc_serve's test setting) the condensed basin lists scalars only
+    and dclab reads images straight from the resource basin, without nested probes."""
+    from dcorfs.devserver.site import SiteOptions
+
+    options = SiteOptions(intra_basin_features=False)
+    with DevServer(data_dir, state_dir=tmp_path / "state", options=options) as server:
+        entry = resource(server, "secret-study", "M001_data.rtdc")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warnings.filterwarnings("ignore", category=dclab.http_utils.ConnectionTimeoutWarning)
+            remote = open_remote(server, entry["id"], TOKENS["alice"])
+            with remote, dclab.new_dataset(entry["path"]) as local:
+                assert_same_as_local(remote, local, events=[3, 99])
