@@ -55,6 +55,12 @@ def make_data_dir(root: Path) -> Path:
         public / "M002_data.rtdc", SampleSpec(events=120, seed=12, traces=False, run_index=2)
     )
     (public / "notes.txt").write_text("a plain text resource\n")
+    scalars_only = root / "public-lab" / "scalars-only"
+    write_json(scalars_only / "dataset.json", {"title": "Scalars only"})
+    write_rtdc(
+        scalars_only / "M001_data.rtdc",
+        SampleSpec(events=40, seed=14, images=False, traces=False),
+    )
     private = root / "private-lab" / "secret-study"
     write_json(private / "dataset.json", {"title": "Secret", "private": True})
     write_rtdc(private / "M001_data.rtdc", SampleSpec(events=150, seed=13, sample="blood"))
