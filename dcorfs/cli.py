@@ -9,6 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .errors import ConfigError, DcorfsError
+from .settings import (
+    DEFAULT_HOST,
+    MountSettings,
+    default_cache_dir,
+    parse_host,
+    parse_size,
+    read_token,
+)
 
 
 def _fraction(text: str) -> float:
@@ -129,6 +138,86 @@ def _run_devserver(args: argparse.Namespace) -> int:
     )
 
 
+def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "mount",
+        help="mount DCOR at MOUNTPOINT (read-only)",
+        description=(
+            "Mount a DCOR instance as a read-only filesystem. Returns once the mount is ready; "
+            "the daemon stays in the background (unless --foreground). The API token for "
+            "private data comes from $DCOR_API_KEY or --api-key-file, never the command line."
+        ),
+    )
+    parser.add_argument("mountpoint", type=Path, help="an existing, empty directory")
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="DCOR host; bare = https, or e.g. http://127.0.0.1:8765 (default %(default)s)",
+    )
+    parser.add_argument("--api-key-file", type=Path, help="file holding the DCOR API token")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="persistent cache (default $XDG_CACHE_HOME/dcorfs)"
+    )
+    parser.add_argument("--cache-size", default="10G", help="cache limit, e.g. 10G, 500M (10G)")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before a read fails with EIO (60)"
+    )
+    parser.add_argument(
+        "--dir-cache-time",
+        type=float,
+        default=300.0,
+        help="seconds listings of datasets/circles/collections are kept (300)",
+    )
+    parser.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
+    parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument("--log-file", type=Path, help="default: CACHE_DIR/dcorfs.log")
+    parser.set_defaults(run=_run_mount)
+
+
+def _positive(value: float, name: str) -> float:
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive")
+    return value
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
+    settings = MountSettings(
+        mountpoint=args.mountpoint.absolute(),
+        host=parse_host(args.host),
+        token=read_token(args.api_key_file),
+        cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
+        cache_size=parse_size(args.cache_size),
+        timeout=_positive(args.timeout, "--timeout"),
+        dir_cache_time=_positive(args.dir_cache_time, "--dir-cache-time"),
+        foreground=args.foreground,
+        allow_other=args.allow_other,
+        log_level=args.log_level,
+        log_file=args.log_file.absolute() if args.log_file else None,
+    )
+    return mount(settings)
+
+
+def _add_umount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "umount",
+        help="unmount a dcorfs mount (lazily when its daemon is gone)",
+        description="Unmount MOUNTPOINT with fusermount3 -u; lazily (-z) if that fails.",
+    )
+    parser.add_argument("mountpoint", type=Path)
+    parser.set_defaults(run=_run_umount)
+
+
+def _run_umount(args: argparse.Namespace) -> int:
+    from .unmount import unmount
+
+    return unmount(args.mountpoint.absolute())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcorfs",
@@ -138,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dcorfs {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_mount(commands)
+    _add_umount(commands)
     _add_devserver(commands)
     return parser
 
@@ -151,5 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
+    except ConfigError as exc:
+        print(f"dcorfs: {exc}", file=sys.stderr)
+        return 2
+    except DcorfsError as exc:
+        print(f"dcorfs: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

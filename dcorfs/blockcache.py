@@ -1,0 +1,253 @@
+"""The block cache: (object identity + ETag, block index) → bytes, memory over disk.
+
+Objects are split into fixed blocks (1 MiB by default). `read` serves a byte range from the
+memory LRU, then the disk store, and fetches what is missing: adjacent missing blocks in one
+range request (up to `max_fetch_bytes`). Concurrent misses on one block make one fetch.
+
+Design note (concurrency): one lock guards the LRU and the table of in-flight fetches and is
+never held during I/O. The thread that finds a block missing and not in flight becomes its
+owner: it registers a `_Flight` for every block of its run, fetches, stores, and then sets
+each flight's event. Other threads wanting those blocks wait on the event (bounded by their
+deadline) and read the result from the flight; an error is handed to the waiters but never
+stored, so the next read tries again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .diskstore import DiskStore, ObjectId
+from .errors import DcorfsError, DeadlineExceeded, ProtocolError
+
+__all__ = ["BlockCache", "CacheStats", "Fetch", "ObjectId"]
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[ObjectId, int, int, float], bytes]
+BlockKey = tuple[ObjectId, int]
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    memory_hits: int
+    disk_hits: int
+    misses: int
+    fetches: int
+    fetched_bytes: int
+    served_bytes: int
+    in_flight: int
+    memory_bytes: int
+    disk_bytes: int
+    disk_limit: int
+    errors: int
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class BlockCache:
+    def __init__(
+        self,
+        *,
+        fetch: Fetch,
+        store: DiskStore | None,
+        block_size: int = 1 << 20,
+        memory_bytes: int = 128 << 20,
+        max_fetch_bytes: int = 8 << 20,
+    ) -> None:
+        self._fetch = fetch
+        self._store = store
+        self.block_size = block_size
+        self._memory_limit = memory_bytes
+        self._max_blocks = max(1, max_fetch_bytes // block_size)
+        self._lock = threading.Lock()
+        self._memory: collections.OrderedDict[BlockKey, bytes] = collections.OrderedDict()
+        self._memory_used = 0
+        self._flights: dict[BlockKey, _Flight] = {}
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    # -- memory tier ---------------------------------------------------------------------------
+
+    def _remember(self, key: BlockKey, data: bytes) -> None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return
+            self._memory[key] = data
+            self._memory_used += len(data)
+            while self._memory_used > self._memory_limit and len(self._memory) > 1:
+                _, old = self._memory.popitem(last=False)
+                self._memory_used -= len(old)
+
+    def _recall(self, key: BlockKey) -> bytes | None:
+        with self._lock:
+            data = self._memory.get(key)
+            if data is not None:
+                self._memory.move_to_end(key)
+            return data
+
+    # -- public --------------------------------------------------------------------------------
+
+    def _indices(self, obj: ObjectId, start: int, stop: int) -> range:
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return range(0)
+        return range(start // self.block_size, (stop - 1) // self.block_size + 1)
+
+    def peek(self, obj: ObjectId, start: int, stop: int) -> bytes | None:
+        """The bytes if every block is in memory; never blocks."""
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return b""
+        parts = []
+        for index in self._indices(obj, start, stop):
+            data = self._recall((obj, index))
+            if data is None:
+                return None
+            parts.append(data)
+        self._counts["memory_hits"] += 1
+        self._counts["served_bytes"] += stop - start
+        return self._slice(parts, start, stop)
+
+    def _slice(self, parts: list[bytes], start: int, stop: int) -> bytes:
+        first = (start // self.block_size) * self.block_size
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        return joined[start - first : stop - first]
+
+    def read(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> bytes:
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return b""
+        blocks = self._blocks(obj, self._indices(obj, start, stop), deadline)
+        self._counts["served_bytes"] += stop - start
+        return self._slice(blocks, start, stop)
+
+    def ensure(self, obj: ObjectId, ranges: Sequence[tuple[int, int]], *, deadline: float) -> None:
+        wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
+        run: list[int] = []
+        for index in wanted:
+            if run and index != run[-1] + 1:
+                self._blocks(obj, range(run[0], run[-1] + 1), deadline, keep=False)
+                run = []
+            run.append(index)
+        if run:
+            self._blocks(obj, range(run[0], run[-1] + 1), deadline, keep=False)
+
+    def stats(self) -> CacheStats:
+        disk_bytes = 0
+        if self._store is not None:
+            try:
+                disk_bytes = self._store.usage()[0]
+            except Exception:  # accounting unavailable: report 0, never fail a status read
+                disk_bytes = 0
+        with self._lock:
+            in_flight, memory = len(self._flights), self._memory_used
+        c = self._counts
+        return CacheStats(
+            memory_hits=c["memory_hits"],
+            disk_hits=c["disk_hits"],
+            misses=c["misses"],
+            fetches=c["fetches"],
+            fetched_bytes=c["fetched_bytes"],
+            served_bytes=c["served_bytes"],
+            in_flight=in_flight,
+            memory_bytes=memory,
+            disk_bytes=disk_bytes,
+            disk_limit=self._store.limit if self._store is not None else 0,
+            errors=c["errors"] + (self._store.errors if self._store is not None else 0),
+        )
+
+    # -- the miss path ---------------------------------------------------------------------------
+
+    def _blocks(
+        self, obj: ObjectId, indices: range, deadline: float, *, keep: bool = True
+    ) -> list[bytes]:
+        found: dict[int, bytes] = {}
+        waits: dict[int, _Flight] = {}
+        missing: list[int] = []
+        for index in indices:
+            data = self._recall((obj, index))
+            if data is not None:
+                self._counts["memory_hits"] += 1
+                found[index] = data
+                continue
+            data = self._store.get(obj, index) if self._store is not None else None
+            if data is not None:
+                self._counts["disk_hits"] += 1
+                self._remember((obj, index), data)
+                found[index] = data
+                continue
+            missing.append(index)
+        owned: list[int] = []
+        with self._lock:
+            for index in missing:
+                flight = self._flights.get((obj, index))
+                if flight is None:
+                    self._flights[(obj, index)] = _Flight()
+                    owned.append(index)
+                else:
+                    waits[index] = flight
+        for run in _runs(owned, self._max_blocks):
+            found.update(self._fetch_run(obj, run, deadline))
+        for index, flight in waits.items():
+            if not flight.done.wait(max(0.0, deadline - time.monotonic())):
+                raise DeadlineExceeded(f"{obj.key}: block {index} still in flight at deadline")
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            found[index] = flight.data
+        return [found[i] for i in indices] if keep else []
+
+    def _fetch_run(self, obj: ObjectId, run: list[int], deadline: float) -> dict[int, bytes]:
+        start = run[0] * self.block_size
+        stop = min((run[-1] + 1) * self.block_size, obj.size)
+        flights = {index: self._flights[(obj, index)] for index in run}
+        try:
+            self._counts["misses"] += len(run)
+            self._counts["fetches"] += 1
+            data = self._fetch(obj, start, stop, deadline)
+            if len(data) != stop - start:
+                raise ProtocolError(f"{obj.key}: fetched {len(data)} bytes for [{start}, {stop})")
+            self._counts["fetched_bytes"] += len(data)
+            blocks = {}
+            for index in run:
+                offset = index * self.block_size - start
+                block = bytes(data[offset : offset + self.block_size])
+                blocks[index] = block
+                self._remember((obj, index), block)
+            if self._store is not None:
+                self._store.put_many(obj, blocks)
+            for index, flight in flights.items():
+                flight.data = blocks[index]
+            return blocks
+        except BaseException as exc:
+            if isinstance(exc, DcorfsError | OSError):
+                self._counts["errors"] += 1
+            for flight in flights.values():
+                flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                for index in run:
+                    self._flights.pop((obj, index), None)
+            for flight in flights.values():
+                flight.done.set()
+
+
+def _runs(indices: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices grouped into runs of at most `limit`."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1 and len(runs[-1]) < limit:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs

@@ -1,0 +1,212 @@
+"""The DCOR client: CKAN actions, dcserv queries, basins, and where each object's bytes are.
+
+Owns the API token: it goes into the `Authorization` header of requests to the DCOR host only
+(API calls and download routes), never to object-store URLs, which are public or presigned.
+`Locator` maps an object's identity (bucket/key) to a URL that works now, renewing presigned
+URLs before they expire and once more when the store answers 403.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, redact_url
+from .http import Http
+from .settings import Token
+
+log = logging.getLogger(__name__)
+
+RENEW_MARGIN = 60.0  # renew a presigned URL this many seconds before it expires
+
+
+@dataclass(frozen=True)
+class Basin:
+    """One entry of dcserv's `basins`: the resource or its condensed file, as an object URL."""
+
+    kind: str  # "resource" or "condensed"
+    url: str
+    key: str  # object identity: "<bucket>/<key>" (the URL's path), never the expiring URL
+    features: tuple[str, ...] | None
+    lifetime: float | None  # seconds the URL stays valid after it was handed out; None: forever
+
+
+def object_key(url: str) -> str:
+    """The identity of an object from any URL to it (path-style: /bucket/key, query dropped)."""
+    path = urlsplit(url).path.lstrip("/")
+    if "/" not in path:
+        raise ProtocolError(f"not an object URL: {redact_url(url)}")
+    return path
+
+
+def resource_key(circle_id: str, resource_id: str, artifact: str = "resource") -> str:
+    """DCOR's object layout: circle-<org>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>."""
+    rid = resource_id
+    return f"circle-{circle_id}/{artifact}/{rid[:3]}/{rid[3:6]}/{rid[6:]}"
+
+
+class DcorApi:
+    """CKAN's action API of one DCOR host, with its envelope and errors (protocol notes §1.2)."""
+
+    def __init__(self, *, http: Http, base_url: str, token: Token | None) -> None:
+        self._http = http
+        self.base_url = base_url
+        self._token = token
+
+    @property
+    def authenticated(self) -> bool:
+        return self._token is not None
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers for requests to the DCOR host itself (never for object URLs)."""
+        return {"Authorization": self._token.reveal()} if self._token else {}
+
+    def action(self, name: str, params: Mapping[str, str], *, deadline: float) -> Any:
+        url = f"{self.base_url}/api/3/action/{name}"
+        status, body = self._http.get_json(
+            url, params=params, headers=self.auth_headers(), deadline=deadline
+        )
+        if isinstance(body, dict) and body.get("success") is True and "result" in body:
+            return body["result"]
+        message = _error_message(body)
+        what = f"{name}({', '.join(f'{k}={v}' for k, v in params.items() if k != 'q')})"
+        if status == 403:
+            raise AccessDenied(f"{what}: {message}")
+        if status == 404:
+            raise NotFound(f"{what}: {message}")
+        if status == 409 and "must be an .rtdc dataset" in message:
+            raise NotFound(f"{what}: {message}")
+        raise ProtocolError(f"{what}: HTTP {status}: {message}")
+
+    def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:
+        return self.action(
+            "dcserv", {"id": resource_id, "query": query, "version": "2"}, deadline=deadline
+        )
+
+    def basins(self, resource_id: str, *, deadline: float) -> list[Basin]:
+        result = self.dcserv(resource_id, "basins", deadline=deadline)
+        if not isinstance(result, list):
+            raise ProtocolError(f"basins of {resource_id}: expected a list")
+        return [parse_basin(entry) for entry in result if _is_object_basin(entry)]
+
+    def download_url(self, dataset_id: str, resource_id: str, name: str, *, deadline: float) -> str:
+        """Follow DCOR's download route (with the token) to the presigned object URL."""
+        route = f"{self.base_url}/dataset/{dataset_id}/resource/{resource_id}/download/{name}"
+        return self._http.redirect(route, headers=self.auth_headers(), deadline=deadline)
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("__type") or error)[:300]
+        return str(error)[:300]
+    return str(body)[:300]
+
+
+def _is_object_basin(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and entry.get("format") == "http"
+        and isinstance(entry.get("urls"), list)
+        and bool(entry["urls"])
+    )
+
+
+def parse_basin(entry: dict[str, Any]) -> Basin:
+    name = str(entry.get("name", ""))
+    kind = "condensed" if name.startswith("condensed") else "resource"
+    url = str(entry["urls"][0])
+    features = entry.get("features")
+    lifetime: float | None = None
+    if entry.get("perishable"):
+        try:
+            lifetime = float(entry["time_expiration"]) - float(entry["time_request"])
+        except (KeyError, TypeError, ValueError):
+            lifetime = 600.0  # an older server: assume a short life, renew on 403 anyway
+    return Basin(
+        kind=kind,
+        url=url,
+        key=object_key(url),
+        features=tuple(str(f) for f in features) if isinstance(features, list) else None,
+        lifetime=lifetime,
+    )
+
+
+Renew = Callable[[float], tuple[str, float | None]]  # deadline -> (url, lifetime or None)
+
+
+@dataclass
+class _Entry:
+    url: str
+    valid_until: float | None
+    renew: Renew | None
+
+
+class Locator:
+    """Object identity → a URL that works now; renews presigned URLs before they expire.
+
+    Thread-safe. A renewal runs outside the lock; two threads renewing one key at once both
+    ask the server, which hands out the same URL within its rounding window (harmless).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+
+    def register(
+        self, key: str, url: str, *, lifetime: float | None, renew: Renew | None = None
+    ) -> None:
+        valid = None if lifetime is None else self._clock() + lifetime - RENEW_MARGIN
+        with self._lock:
+            self._entries[key] = _Entry(url, valid, renew)
+
+    def known(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def url(self, key: str, *, deadline: float) -> str:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            raise NotFound(f"no URL known for object {key}")
+        if entry.valid_until is not None and self._clock() >= entry.valid_until:
+            return self.renew(key, deadline=deadline)
+        return entry.url
+
+    def renew(self, key: str, *, deadline: float) -> str:
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or entry.renew is None:
+            raise AccessDenied(f"object {key} is not accessible (URL cannot be renewed)")
+        url, lifetime = entry.renew(deadline)
+        log.debug("renewed the URL of %s", key)
+        self.register(key, url, lifetime=lifetime, renew=entry.renew)
+        return url
+
+
+def make_fetch(http: Http, locator: Locator) -> Callable[[Any, int, int, float], bytes]:
+    """The block cache's fetcher: range GET of an object, renewing its URL once on 403."""
+
+    def fetch(obj: Any, start: int, stop: int, deadline: float) -> bytes:
+        url = locator.url(obj.key, deadline=deadline)
+        try:
+            return http.get_range(
+                url, start, stop, expect_etag=obj.etag, expect_size=obj.size, deadline=deadline
+            )
+        except AccessDenied:
+            url = locator.renew(obj.key, deadline=deadline)
+        try:
+            return http.get_range(
+                url, start, stop, expect_etag=obj.etag, expect_size=obj.size, deadline=deadline
+            )
+        except DcorfsError as exc:
+            raise type(exc)(f"{obj.key} [{start}, {stop}): {exc}") from None
+
+    return fetch

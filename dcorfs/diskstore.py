@@ -1,0 +1,259 @@
+"""The persistent tier of the block cache: one checksummed file per block, bounded in size.
+
+Layout under the cache dir (0700; every file 0600):
+  blocks/<2 hex>/<sha256(key NUL etag)>-<index>   header + data
+  index.sqlite3                                  accounting: name, bytes, last use
+
+A block file starts with MAGIC, the identity hash, the block index, the data length and the
+CRC32 of the data; `get` checks all of it, so a torn, truncated, flipped or misplaced file is
+a miss (and is removed), never data. Writes go to a temp file that is renamed into place,
+then recorded (presence last). The size bound is enforced at admission inside one SQLite
+`BEGIN IMMEDIATE` transaction: least recently used blocks are evicted until the new block
+fits, so several dcorfs processes sharing the directory never overshoot together.
+No fsync per block: after a crash a torn file fails its CRC and is refetched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DCFSBLK1"
+HEADER = struct.Struct("<8s32sQQI")  # magic, identity, index, length, crc32
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+RETRY_FULL = 30.0
+TOUCH_EVERY = 5.0
+
+
+@dataclass(frozen=True)
+class ObjectId:
+    """A remote object's identity and version: bucket/key, ETag, size."""
+
+    key: str
+    etag: str
+    size: int
+
+    @property
+    def identity(self) -> bytes:
+        return hashlib.sha256(f"{self.key}\0{self.etag}".encode()).digest()
+
+
+class DiskStore:
+    def __init__(self, directory: Path, *, limit_bytes: int, block_size: int = 1 << 20) -> None:
+        self.directory = directory
+        self.limit = limit_bytes
+        self.block_size = block_size
+        self._blocks = directory / "blocks"
+        self._local = threading.local()
+        self._full_until = 0.0
+        self._touched: dict[str, float] = {}
+        self.errors = 0
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._blocks.mkdir(mode=0o700, exist_ok=True)
+        for path in (directory, self._blocks):
+            if path.stat().st_uid != os.getuid():
+                log.warning("cache dir %s belongs to another user", path)
+            path.chmod(0o700)
+        self._db_path = directory / "index.sqlite3"
+        os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
+        db = self._db()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per put
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
+        self._reconcile()
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self._db_path, timeout=10.0, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    @staticmethod
+    def name(obj: ObjectId, index: int) -> str:
+        digest = obj.identity.hex()
+        return f"{digest[:2]}/{digest}-{index}"
+
+    def _path(self, name: str) -> Path:
+        return self._blocks / name
+
+    def _reconcile(self) -> None:
+        """After a crash: drop rows without files, adopt or remove files without rows."""
+        db = self._db()
+        rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
+        seen = set()
+        now = time.time()
+        for sub in self._blocks.iterdir():
+            if not sub.is_dir():
+                continue
+            for path in sub.iterdir():
+                name = f"{sub.name}/{path.name}"
+                if ".tmp" in path.name:
+                    try:
+                        if now - path.stat().st_mtime > 60:
+                            path.unlink()
+                    except OSError:
+                        pass
+                    continue
+                seen.add(name)
+                if name not in rows:
+                    try:
+                        size = path.stat().st_size
+                        db.execute("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", (name, size, 0))
+                    except OSError:
+                        pass
+        missing = rows - seen
+        if missing:
+            db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
+
+    def get(self, obj: ObjectId, index: int) -> bytes | None:
+        name = self.name(obj, index)
+        try:
+            raw = self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cache block %s unreadable: %s", name, exc)
+            return None
+        data = self._verify(raw, obj, index)
+        if data is None:
+            self.errors += 1
+            log.warning("cache block %s failed its integrity check: removed", name)
+            self._drop(name)
+            return None
+        now = time.time()
+        if now - self._touched.get(name, 0.0) > TOUCH_EVERY:
+            self._touched[name] = now
+            with contextlib.suppress(sqlite3.Error):
+                self._db().execute("UPDATE blocks SET used=? WHERE name=?", (now, name))
+        return data
+
+    def _verify(self, raw: bytes, obj: ObjectId, index: int) -> bytes | None:
+        if len(raw) < HEADER.size:
+            return None
+        magic, identity, stored_index, length, crc = HEADER.unpack_from(raw)
+        data = raw[HEADER.size :]
+        expected = min(self.block_size, obj.size - index * self.block_size)
+        if (
+            magic != MAGIC
+            or identity != obj.identity
+            or stored_index != index
+            or length != len(data)
+            or length != expected
+            or zlib.crc32(data) != crc
+        ):
+            return None
+        return data
+
+    def _drop(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(name).unlink()
+        with contextlib.suppress(sqlite3.Error):
+            self._db().execute("DELETE FROM blocks WHERE name=?", (name,))
+
+    def put(self, obj: ObjectId, index: int, data: bytes) -> bool:
+        return self.put_many(obj, {index: data}) == 1
+
+    def put_many(self, obj: ObjectId, blocks: dict[int, bytes]) -> int:
+        """Store blocks of one object (one accounting transaction); returns how many."""
+        now = time.time()
+        if now < self._full_until:
+            return 0
+        chosen: list[tuple[str, int, bytes, int]] = []
+        total = 0
+        for index, data in sorted(blocks.items()):
+            size = HEADER.size + len(data)
+            if total + size > self.limit:
+                break  # never more than the limit, even in one batch
+            chosen.append((self.name(obj, index), index, data, size))
+            total += size
+        if not chosen:
+            return 0
+        try:
+            self._admit([(name, size) for name, _, _, size in chosen], now)
+            for name, index, data, _ in chosen:
+                self._write(obj, name, index, data)
+        except OSError as exc:
+            for name, *_ in chosen:
+                self._unadmit(name)
+            if exc.errno in FULL_DISK:
+                if self._full_until == 0.0:
+                    log.warning("cache disabled for now (%s): reads go to the network", exc)
+                self._full_until = now + RETRY_FULL
+                return 0
+            raise
+        except sqlite3.Error as exc:
+            log.warning("cache accounting failed (%s): blocks not stored", exc)
+            return 0
+        return len(chosen)
+
+    def _write(self, obj: ObjectId, name: str, index: int, data: bytes) -> None:
+        path = self._path(name)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        header = HEADER.pack(MAGIC, obj.identity, index, len(data), zlib.crc32(data))
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(header)
+                handle.write(data)
+            temp.replace(path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def _admit(self, entries: list[tuple[str, int]], now: float) -> None:
+        """Record blocks and evict LRU blocks so that the total stays within the limit."""
+        size = sum(nbytes for _, nbytes in entries)
+        names = [(name,) for name, _ in entries]
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM blocks WHERE name=?", names)
+            (used,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()
+            victims = []
+            if used + size > self.limit:
+                for victim, nbytes in db.execute("SELECT name, bytes FROM blocks ORDER BY used"):
+                    victims.append(victim)
+                    used -= nbytes
+                    if used + size <= self.limit:
+                        break
+            for victim in victims:
+                self._path(victim).unlink(missing_ok=True)
+            db.executemany("DELETE FROM blocks WHERE name=?", [(v,) for v in victims])
+            db.executemany("INSERT INTO blocks VALUES (?, ?, ?)", [(n, b, now) for n, b in entries])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _unadmit(self, name: str) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db().execute("DELETE FROM blocks WHERE name=?", (name,))
+
+    def usage(self) -> tuple[int, int]:
+        row = self._db().execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks").fetchone()
+        return int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

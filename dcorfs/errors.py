@@ -1,0 +1,66 @@
+"""The errors of dcorfs: each carries the errno the kernel sees and whether a retry may help.
+
+Lower layers raise these; `fuse_ops` is the one place they become `pyfuse3.FUSEError`. Messages
+are one line, meant for logs and for the command line, and never contain a token or a
+presigned URL's query string (use `redact_url`).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from urllib.parse import urlsplit, urlunsplit
+
+
+class DcorfsError(Exception):
+    """Base class: an error with an errno for the kernel and a transient flag for retries."""
+
+    errno: int = _errno.EIO
+    transient: bool = False
+
+
+class ConfigError(DcorfsError):
+    """Bad user input (command line, host, mount point, cache dir)."""
+
+    errno = _errno.EINVAL
+
+
+class NotFound(DcorfsError):
+    """An id, name or object that does not exist (on the server or in the tree)."""
+
+    errno = _errno.ENOENT
+
+
+class AccessDenied(DcorfsError):
+    """Private data without a valid token, or an object URL that is not (or no longer) valid."""
+
+    errno = _errno.EACCES
+
+
+class TransientError(DcorfsError):
+    """A failure a retry may cure: timeouts, resets, 5xx, short or mislabelled bodies."""
+
+    transient = True
+
+
+class DeadlineExceeded(DcorfsError):
+    """Retries ran out of time (`--timeout`): the read fails with EIO instead of hanging."""
+
+
+class ProtocolError(DcorfsError):
+    """The server answered something that cannot be right and will not change on retry."""
+
+
+class ObjectChanged(DcorfsError):
+    """An object's ETag or size differs from the one its cached blocks belong to."""
+
+
+class Offline(DcorfsError):
+    """The server cannot be reached and nothing usable is stored locally."""
+
+
+def redact_url(url: str) -> str:
+    """`url` without its query string (presigned signatures) and user info, for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    suffix = "?…" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + suffix

@@ -1,0 +1,319 @@
+"""The kernel-facing adapter: inodes, handles, lookup counts, attributes and errno mapping.
+
+A thin layer over `tree`: resolve, delegate, reply. Blocking work (network, HDF5, disk) goes
+to worker threads under one `CapacityLimiter`, once per operation; answers at hand (loaded
+listings, bytes in the memory cache) are served inline on the trio thread. Every handler is
+wrapped: `DcorfsError` becomes its errno, anything else is logged with its traceback and
+becomes EIO, so no handler can end `pyfuse3.main()` and leave a dead mount.
+
+Inode numbers are a hash of the node's canonical path, so they are the same on every mount.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .content import FileContent
+from .errors import AccessDenied, DcorfsError, NotFound
+from .tree import Dir, File, Node
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+P = ParamSpec("P")
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+BLOCK_SIZE = 1 << 20
+
+
+Handler = Callable[Concatenate["Operations", P], Coroutine[Any, Any, T]]
+
+
+def _handler(method: Handler[P, T]) -> Handler[P, T]:
+    """Only FUSEError may leave a handler (else pyfuse3.main() ends and the mount is dead)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except DcorfsError as exc:
+            self.note_error(method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.TooSlowError:
+            self.note_error(method.__name__, TimeoutError("no answer within the deadline"))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            log.exception("unexpected error in %s", method.__name__)
+            self.note_error(method.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _refuse(*args: Any) -> Any:
+    """Every call that would change the filesystem: it is read-only."""
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(
+        self,
+        *,
+        root: Dir,
+        timeout: float,
+        attr_time: float,
+        listing_time: float,
+        negative_time: float,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        super().__init__()
+        self._timeout = timeout
+        self._attr_time = attr_time
+        self._listing_time = listing_time
+        self._negative_time = negative_time
+        self._limiter = limiter
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
+        self._inodes: dict[str, int] = {root.path: pyfuse3.ROOT_INODE}
+        self._parents: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
+        self._lookups: collections.Counter[int] = collections.Counter()
+        self._files: dict[int, FileContent] = {}
+        self._dirs: dict[int, list[tuple[str, Node]]] = {}
+        self._dirs_parent: dict[int, int] = {}
+        self._next_fh = 1
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def note_error(self, operation: str, exc: BaseException) -> None:
+        if isinstance(exc, NotFound):
+            log.debug("%s: %s", operation, exc)
+            return
+        level = logging.INFO if isinstance(exc, AccessDenied) else logging.WARNING
+        log.log(level, "%s failed: %s", operation, exc)
+        self.counters["errors"] += 1
+        self.recent_errors.append({"time": time.time(), "operation": operation, "error": str(exc)})
+
+    def _inode(self, node: Node, parent: int) -> int:
+        known = self._inodes.get(node.path)
+        if known is not None:
+            self._nodes[known] = node
+            return known
+        digest = hashlib.blake2b(node.path.encode("utf-8", "surrogateescape"), digest_size=8)
+        ino = max(int.from_bytes(digest.digest(), "little") >> 1, pyfuse3.ROOT_INODE + 1)
+        while ino in self._nodes and self._nodes[ino].path != node.path:
+            ino += 1  # a hash collision: the later path takes the next free number
+        self._nodes[ino] = node
+        self._inodes[node.path] = ino
+        self._parents[ino] = parent
+        return ino
+
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _dir(self, ino: int) -> Dir:
+        node = self._node(ino)
+        if not isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return node
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        with trio.fail_after(self._timeout + 10):
+            return await trio.to_thread.run_sync(
+                fn, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
+
+    def _attributes(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.st_uid, attr.st_gid = self._uid, self._gid
+        mtime_ns = int(node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
+        attr.st_blksize = BLOCK_SIZE
+        timeout = self._attr_time
+        if isinstance(node, Dir):
+            attr.st_mode = stat.S_IFDIR | 0o555
+            attr.st_nlink = 2
+            attr.st_size = 0
+            if node.volatile:
+                timeout = min(timeout, self._listing_time)
+        else:
+            assert isinstance(node, File)
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = node.size
+            if node.dynamic:
+                attr.st_size = node.content().size
+                timeout = 1.0
+        attr.st_blocks = -(-attr.st_size // 512)
+        attr.entry_timeout = attr.attr_timeout = timeout
+        return attr
+
+    # -- namespace -------------------------------------------------------------------------------
+
+    @_handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            return self._attributes(parent, parent_inode)
+        if text == "..":
+            up = self._parents.get(parent_inode, pyfuse3.ROOT_INODE)
+            return self._attributes(self._node(up), up)
+        ready = parent.ready_children()
+        node = ready.get(text) if ready is not None else None
+        if node is None:
+            try:
+                node = await self._blocking(parent.lookup, text)
+            except NotFound as exc:
+                log.debug("lookup: %s", exc)
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = self._negative_time
+                return negative
+        ino = self._inode(node, parent_inode)
+        self._lookups[ino] += 1
+        return self._attributes(node, ino)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self._lookups[ino] - count
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
+            if ino != pyfuse3.ROOT_INODE:
+                node = self._nodes.pop(ino, None)
+                if node is not None:
+                    self._inodes.pop(node.path, None)
+                self._parents.pop(ino, None)
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode), inode)
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        directory = self._dir(inode)
+        children = directory.ready_children()
+        if children is None:
+            children = await self._blocking(directory.children)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = sorted(children.items())
+        self._dirs_parent[fh] = inode
+        return fh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        parent = self._dirs_parent.get(fh, pyfuse3.ROOT_INODE)
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
+            ino = self._inode(node, parent)
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(name), self._attributes(node, ino), index + 1
+            ):
+                break
+            self._lookups[ino] += 1
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+        self._dirs_parent.pop(fh, None)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if not isinstance(node, File):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        content = await self._blocking(node.content)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = content
+        self.counters["opens"] += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not node.dynamic, direct_io=node.dynamic)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        content = self._files.get(fh)
+        if content is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        data = content.peek(off, size)
+        if data is None:
+            deadline = time.monotonic() + self._timeout
+            data = await self._blocking(lambda: content.read(off, size, deadline=deadline))
+            self.counters["reads_waited"] += 1
+        else:
+            self.counters["reads_inline"] += 1
+        self.counters["bytes_served"] += len(data)
+        return data
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = BLOCK_SIZE
+        data.f_namemax = 255
+        return data
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._node(inode)
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._node(inode)
+        return []
+
+    setattr = _refuse  # type: ignore[assignment]
+    write = _refuse  # type: ignore[assignment]
+    create = _refuse  # type: ignore[assignment]
+    mkdir = _refuse  # type: ignore[assignment]
+    mknod = _refuse  # type: ignore[assignment]
+    unlink = _refuse  # type: ignore[assignment]
+    rmdir = _refuse  # type: ignore[assignment]
+    rename = _refuse  # type: ignore[assignment]
+    symlink = _refuse  # type: ignore[assignment]
+    link = _refuse  # type: ignore[assignment]
+    setxattr = _refuse  # type: ignore[assignment]
+    removexattr = _refuse  # type: ignore[assignment]

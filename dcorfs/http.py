@@ -1,0 +1,301 @@
+"""HTTP for dcorfs: per-thread `requests` sessions, strict range GETs, the one retry policy.
+
+Promises: a ranged GET returns exactly the bytes asked for or raises (206 with the exact
+`Content-Range`, length and, when known, ETag and total size are checked; a 200 to a ranged
+GET is an error). Transient failures (connection trouble, timeouts, 5xx/429, short or
+mislabelled bodies) are retried with exponential backoff and full jitter, never past the
+caller's deadline. Messages never contain header values (the API token) nor query strings
+(presigned signatures).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urljoin
+
+import requests
+import urllib3
+
+from . import __version__
+from .errors import (
+    AccessDenied,
+    DcorfsError,
+    DeadlineExceeded,
+    NotFound,
+    ObjectChanged,
+    ProtocolError,
+    TransientError,
+    redact_url,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_QUERY = re.compile(r"\?[^\s'\")]*")
+NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str
+
+
+def _etag(value: str | None) -> str:
+    value = (value or "").strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def _total(content_range: str | None, start: int, stop: int) -> int:
+    """Total size from `bytes start-(stop-1)/total`; TransientError if the range differs."""
+    expected = f"bytes {start}-{stop - 1}/"
+    if not content_range or not content_range.startswith(expected):
+        raise TransientError(f"got Content-Range {content_range!r}, asked {start}-{stop - 1}")
+    try:
+        return int(content_range[len(expected) :])
+    except ValueError:
+        raise TransientError(f"bad Content-Range {content_range!r}") from None
+
+
+def _check_status(response: requests.Response, url: str) -> None:
+    status = response.status_code
+    if status == 403:
+        raise AccessDenied(f"HTTP 403 for {redact_url(url)}")
+    if status == 404:
+        raise NotFound(f"HTTP 404 for {redact_url(url)}")
+    if status == 429 or status >= 500:
+        raise TransientError(f"HTTP {status} for {redact_url(url)}")
+    if status == 416:
+        raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")
+
+
+class Http:
+    """Thread-safe: each worker thread gets its own session (connection pool)."""
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy = RetryPolicy(),
+        pool_size: int = 16,
+        user_agent: str = f"dcorfs/{__version__}",
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self._pool_size = pool_size
+        self._user_agent = user_agent
+        self._sleep = sleep
+        self._clock = clock
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(
+                pool_connections=4, pool_maxsize=self._pool_size, max_retries=0
+            )
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = self._user_agent
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def _retry(self, url: str, deadline: float, attempt: Callable[[tuple[float, float]], T]) -> T:
+        """The one retry loop: transient errors are retried with backoff until the deadline."""
+        policy = self.policy
+        last: BaseException | None = None
+        for number in range(policy.attempts):
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            timeout = (min(policy.connect_timeout, left), min(policy.read_timeout, left))
+            try:
+                return attempt(timeout)
+            except DcorfsError as exc:
+                if not exc.transient:
+                    raise
+                last = exc
+            except NETWORK_ERRORS as exc:
+                last = exc
+            delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**number))
+            retry_after = getattr(last, "retry_after", None)
+            if retry_after:
+                delay = max(delay, retry_after)
+            log.debug("%s: attempt %d failed (%s)", redact_url(url), number + 1, _why(last))
+            if number + 1 < policy.attempts:
+                self._sleep(max(0.0, min(delay, deadline - self._clock())))
+        if self._clock() >= deadline:
+            message = f"{redact_url(url)}: no answer within the deadline ({_why(last)})"
+            log.warning("%s", message)
+            raise DeadlineExceeded(message)
+        message = f"{redact_url(url)}: failed {policy.attempts} times ({_why(last)})"
+        log.warning("%s", message)
+        raise TransientError(message)
+
+    def get_json(
+        self,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float,
+    ) -> tuple[int, Any]:
+        def attempt(timeout: tuple[float, float]) -> tuple[int, Any]:
+            response = self._session().get(
+                url, params=params, headers=headers, timeout=timeout, allow_redirects=False
+            )
+            with response:
+                if response.status_code == 429 or response.status_code >= 500:
+                    error = TransientError(f"HTTP {response.status_code} for {redact_url(url)}")
+                    error.retry_after = _retry_after(response)  # type: ignore[attr-defined]
+                    raise error
+                try:
+                    return response.status_code, response.json()
+                except ValueError:
+                    if response.ok:
+                        raise TransientError(f"invalid JSON from {redact_url(url)}") from None
+                    raise ProtocolError(
+                        f"HTTP {response.status_code} without JSON from {redact_url(url)}"
+                    ) from None
+
+        return self._retry(url, deadline, attempt)
+
+    def get_range(
+        self,
+        url: str,
+        start: int,
+        stop: int,
+        *,
+        expect_etag: str | None = None,
+        expect_size: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float,
+    ) -> bytes:
+        if not 0 <= start < stop:
+            raise ValueError(f"bad range [{start}, {stop})")
+
+        def attempt(timeout: tuple[float, float]) -> bytes:
+            wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
+            response = self._session().get(url, headers=wanted, timeout=timeout, stream=True)
+            with response:
+                _check_status(response, url)
+                if response.status_code != 206:
+                    raise TransientError(f"HTTP {response.status_code} to a ranged GET")
+                total = _total(response.headers.get("Content-Range"), start, stop)
+                etag = _etag(response.headers.get("ETag"))
+                if expect_etag is not None and etag != expect_etag:
+                    raise ObjectChanged(
+                        f"{redact_url(url)}: ETag {etag!r}, expected {expect_etag!r}"
+                    )
+                if expect_size is not None and total != expect_size:
+                    raise ObjectChanged(f"{redact_url(url)}: size {total}, expected {expect_size}")
+                return _read_body(response, stop - start)
+
+        return self._retry(url, deadline, attempt)
+
+    def probe(
+        self, url: str, *, headers: Mapping[str, str] | None = None, deadline: float
+    ) -> ObjectInfo:
+        """Size and ETag by a GET of one byte (presigned URLs are not valid for HEAD)."""
+
+        def attempt(timeout: tuple[float, float]) -> ObjectInfo:
+            wanted = {**(headers or {}), "Range": "bytes=0-0"}
+            response = self._session().get(url, headers=wanted, timeout=timeout, stream=True)
+            with response:
+                _check_status(response, url)
+                if response.status_code == 206:
+                    size = _total(response.headers.get("Content-Range"), 0, 1)
+                elif response.status_code == 200 and "Content-Length" in response.headers:
+                    size = int(response.headers["Content-Length"])
+                else:
+                    raise TransientError(f"HTTP {response.status_code} to a size probe")
+                etag = _etag(response.headers.get("ETag"))
+                if not etag:
+                    raise ProtocolError(f"{redact_url(url)} has no ETag")
+                return ObjectInfo(size=size, etag=etag)
+
+        return self._retry(url, deadline, attempt)
+
+    def redirect(
+        self, url: str, *, headers: Mapping[str, str] | None = None, deadline: float
+    ) -> str:
+        """Where a download route points (the presigned object URL)."""
+
+        def attempt(timeout: tuple[float, float]) -> str:
+            response = self._session().get(
+                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+            )
+            with response:
+                _check_status(response, url)
+                if response.status_code in (301, 302, 303, 307, 308):
+                    return urljoin(url, response.headers.get("Location", ""))
+                if response.status_code == 200:
+                    return url
+                raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
+
+        return self._retry(url, deadline, attempt)
+
+
+def _read_body(response: requests.Response, length: int) -> bytes:
+    """Read exactly `length` bytes into one buffer (no joining of chunks)."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    done = 0
+    raw = response.raw
+    while done < length:
+        n = raw.readinto(view[done:])
+        if not n:
+            raise TransientError(f"short body: {done} of {length} bytes")
+        done += n
+    if raw.read(1):
+        raise TransientError(f"body longer than the {length} bytes asked for")
+    return bytes(buffer)
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", "0")), 30.0)
+    except ValueError:
+        return 0.0
+
+
+def _why(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt made"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return _QUERY.sub("?…", text)[:200]  # requests' messages may quote a presigned URL

@@ -1,0 +1,153 @@
+"""Remembered API answers, so a mount works offline and does not ask twice for immutable data.
+
+`MetaStore` keeps JSON values in SQLite in the cache directory (file 0600), by scope: answers
+given with a token are stored under a private scope that is only read when a token is set
+again, so private metadata never leaks into an anonymous mount. No token is ever stored.
+
+`Memo.get` returns a value younger than `max_age` without asking the server; otherwise it
+asks, and if the server cannot be reached (transient error, deadline) it falls back to the
+stored value however old, logging that it did so once per key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import DcorfsError, DeadlineExceeded
+
+log = logging.getLogger(__name__)
+
+FOREVER = float("inf")
+STALE_ATTEMPT = 5.0  # seconds spent asking the server when a stored answer exists
+
+
+class MetaStore:
+    """A small persistent key → JSON map with the time each value was stored."""
+
+    def __init__(self, path: Path | None, *, scope: str) -> None:
+        self._scope = scope
+        self._lock = threading.Lock()
+        self._memory: dict[str, tuple[Any, float]] = {}
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            try:
+                self._db = self._open(path)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("metadata store %s unusable (%s): keeping answers in memory", path, exc)
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        db = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (scope TEXT, key TEXT, value TEXT, stored REAL,"
+            " PRIMARY KEY (scope, key))"
+        )
+        return db
+
+    def get(self, key: str) -> tuple[Any, float] | None:
+        """(value, wall time stored) or None."""
+        with self._lock:
+            hit = self._memory.get(key)
+            if hit is not None or self._db is None:
+                return hit
+            try:
+                row = self._db.execute(
+                    "SELECT value, stored FROM answers WHERE scope=? AND key=?", (self._scope, key)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("metadata store read failed: %s", exc)
+                return None
+            if row is None:
+                return None
+            value = (json.loads(row[0]), float(row[1]))
+            self._memory[key] = value
+            return value
+
+    def put(self, key: str, value: Any) -> None:
+        now = time.time()
+        text = json.dumps(value, separators=(",", ":"))
+        with self._lock:
+            self._memory[key] = (value, now)
+            if self._db is None:
+                return
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
+                    (self._scope, key, text, now),
+                )
+            except sqlite3.Error as exc:
+                log.warning("metadata store write failed: %s", exc)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._memory.pop(key, None)
+            if self._db is not None:
+                try:
+                    self._db.execute(
+                        "DELETE FROM answers WHERE scope=? AND key=?", (self._scope, key)
+                    )
+                except sqlite3.Error as exc:
+                    log.warning("metadata store write failed: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+class Memo:
+    """Ask the server at most once per `max_age`; serve stored answers when it is unreachable."""
+
+    def __init__(self, store: MetaStore, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._flights: dict[str, threading.Lock] = {}
+        self._warned: set[str] = set()
+
+    def get(
+        self,
+        key: str,
+        ask: Callable[[float], Any],
+        *,
+        max_age: float,
+        deadline: float,
+    ) -> Any:
+        stored = self._store.get(key)
+        if stored is not None and time.time() - stored[1] < max_age:
+            return stored[0]
+        with self._lock:
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:  # one question per key at a time; followers reuse the answer
+            fresh = self._store.get(key)
+            if fresh is not None and fresh is not stored and time.time() - fresh[1] < max_age:
+                return fresh[0]
+            if stored is not None:
+                deadline = min(deadline, self._clock() + STALE_ATTEMPT)
+            try:
+                value = ask(deadline)
+            except DcorfsError as exc:
+                if stored is None or not (exc.transient or isinstance(exc, DeadlineExceeded)):
+                    raise
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.warning("server unreachable (%s); using the stored answer for %s", exc, key)
+                return stored[0]
+            self._store.put(key, value)
+            return value
+
+    def forget(self, key: str) -> None:
+        self._store.forget(key)

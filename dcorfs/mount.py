@@ -1,0 +1,251 @@
+"""The composition root: checks, the daemon, and the wiring http → dcserv → cache → tree → FUSE.
+
+`mount()` checks what can be checked before mounting (mount point, /dev/fuse, cache dir, the
+host), then forks the daemon and waits on a pipe until the mount is up (exit 0) or failed
+(one-line reason, exit 1). The daemon mounts, answers FUSE requests on one trio thread, and
+unmounts on SIGTERM/SIGINT (`pyfuse3.close(unmount=True)` in any case).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import faulthandler
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import __version__
+from .blockcache import BlockCache
+from .catalog import Catalog
+from .dcserv import DcorApi, Locator, make_fetch
+from .diskstore import DiskStore
+from .errors import ConfigError, DcorfsError, DeadlineExceeded
+from .fuse_ops import Operations
+from .http import Http, RetryPolicy
+from .logs import configure
+from .metastore import Memo, MetaStore
+from .resources import Resources
+from .settings import MountSettings
+from .tree import Context, build_root
+
+log = logging.getLogger(__name__)
+PREFLIGHT_SECONDS = 15.0
+
+
+def _scope(settings: MountSettings) -> str:
+    return f"{settings.host}|{'private' if settings.token else 'public'}"
+
+
+def check_mountpoint(path: Path) -> None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"mount point {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(
+                f"{path} is a stale mount (Transport endpoint is not connected): "
+                f"run `dcorfs umount {path}` first"
+            ) from None
+        raise ConfigError(f"mount point {path}: {exc.strerror}") from None
+    if not path.is_dir() or not info:
+        raise ConfigError(f"mount point {path} is not a directory")
+    if path.is_mount():
+        raise ConfigError(f"{path} is already a mount point (busy)")
+    if not Path("/dev/fuse").exists():
+        raise ConfigError("/dev/fuse is missing: install fuse3 and load the fuse module")
+
+
+def check_cache_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create cache dir {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"cache dir {path} is not writable")
+
+
+def check_host(settings: MountSettings, store: MetaStore) -> None:
+    """The host must answer like CKAN; unreachable is fine only when answers are stored."""
+    http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
+    api = DcorApi(http=http, base_url=settings.host, token=settings.token)
+    try:
+        api.action("status_show", {}, deadline=time.monotonic() + PREFLIGHT_SECONDS)
+    except DcorfsError as exc:
+        if not (exc.transient or isinstance(exc, DeadlineExceeded)):
+            raise ConfigError(f"{settings.host} does not answer like DCOR: {exc}") from None
+        if store.get("status_show") is None:
+            raise ConfigError(f"cannot reach {settings.host}: {exc}") from None
+        print(f"dcorfs: {settings.host} unreachable; serving what is cached", file=sys.stderr)
+    else:
+        store.put("status_show", {"checked": time.time()})
+    finally:
+        http.close()
+
+
+def mount(settings: MountSettings) -> int:
+    """Mount; returns the exit code. In the background unless `settings.foreground`."""
+    check_mountpoint(settings.mountpoint)
+    check_cache_dir(settings.cache_dir)
+    store = MetaStore(settings.cache_dir / "meta.sqlite3", scope=_scope(settings))
+    try:
+        check_host(settings, store)
+    finally:
+        store.close()
+    if settings.foreground:
+        return run(settings, ready=lambda message: None)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        code = 1
+        try:
+            code = run(settings, ready=lambda message: _tell(write_end, message))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ok":
+        return 0
+    os.waitpid(pid, 0)
+    print(f"dcorfs: {message or 'the daemon died while mounting (see the log)'}", file=sys.stderr)
+    return 1
+
+
+def _tell(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode())
+    finally:
+        os.close(fd)
+
+
+def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
+    """The daemon: build everything, mount, serve until unmounted or signalled."""
+    log_file = settings.log_file or settings.cache_dir / "dcorfs.log"
+    secrets = [settings.token.reveal()] if settings.token else []
+    configure(
+        level=settings.log_level, log_file=log_file, stderr=settings.foreground, secrets=secrets
+    )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    parts = _build(settings)
+    options = set(pyfuse3.default_options) | {
+        f"fsname=dcorfs:{settings.host.split('://', 1)[1]}",
+        "subtype=dcorfs",
+        "ro",
+    }
+    if settings.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(parts["ops"], str(settings.mountpoint), options)
+    except RuntimeError as exc:
+        ready(f"cannot mount {settings.mountpoint}: {exc}")
+        parts["close"]()
+        return 1
+    log.info("dcorfs %s: %s mounted at %s", __version__, settings.host, settings.mountpoint)
+    ready("ok")
+    try:
+        trio.run(_serve)
+    finally:
+        pyfuse3.close(unmount=True)
+        parts["close"]()
+        log.info("unmounted %s", settings.mountpoint)
+    return 0
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+        async for number in received:
+            log.info("received %s: unmounting", signal.Signals(number).name)
+            pyfuse3.terminate()
+            return
+
+
+def _build(settings: MountSettings) -> dict[str, Any]:
+    """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
+    http = Http(pool_size=settings.network_threads)
+    api = DcorApi(http=http, base_url=settings.host, token=settings.token)
+    store = MetaStore(settings.cache_dir / "meta.sqlite3", scope=_scope(settings))
+    memo = Memo(store)
+    catalog = Catalog(
+        api=api, memo=memo, timeout=settings.timeout, dir_cache_time=settings.dir_cache_time
+    )
+    locator = Locator()
+    disk = DiskStore(
+        settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
+    )
+    cache = BlockCache(
+        fetch=make_fetch(http, locator),
+        store=disk,
+        block_size=settings.block_size,
+        memory_bytes=settings.memory_cache,
+    )
+    resources = Resources(
+        api=api,
+        catalog=catalog,
+        memo=memo,
+        http=http,
+        locator=locator,
+        cache=cache,
+        timeout=settings.timeout,
+    )
+    ctx = Context(
+        catalog=catalog, resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time
+    )
+    started = time.time()
+    holder: dict[str, Operations] = {}
+
+    def status() -> bytes:
+        ops = holder.get("ops")
+        report = {
+            "version": __version__,
+            "host": settings.host,
+            "mountpoint": str(settings.mountpoint),
+            "cache_dir": str(settings.cache_dir),
+            "pid": os.getpid(),
+            "started": started,
+            "cache": dataclasses.asdict(cache.stats()),
+            "fuse": dict(ops.counters) if ops else {},
+            "recent_errors": list(ops.recent_errors) if ops else [],
+        }
+        return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+
+    root = build_root(ctx, status, mtime=started)
+    ops = Operations(
+        root=root,
+        timeout=settings.timeout,
+        attr_time=settings.attr_time,
+        listing_time=settings.dir_cache_time,
+        negative_time=settings.negative_time,
+        limiter=trio.CapacityLimiter(settings.network_threads),
+    )
+    holder["ops"] = ops
+
+    def close() -> None:
+        resources.close()
+        http.close()
+        store.close()
+        disk.close()
+
+    return {"ops": ops, "close": close}

@@ -1,0 +1,192 @@
+"""Opening resources: basins → object identities → opened .rtdc sources, and plain objects.
+
+For every object (a resource's file, its condensed file) this finds a stable identity
+(bucket/key, ETag, size), registers a URL that works with the `Locator` (with a way to renew
+it), and remembers identity and URLs in the metadata store, so a later mount can serve cached
+bytes with the server gone. Opened resources are kept for the life of the mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from .blockcache import BlockCache, ObjectId
+from .catalog import Catalog, Dataset, Resource
+from .dcserv import Basin, DcorApi, Locator, parse_basin, resource_key
+from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
+from .http import Http
+from .metastore import FOREVER, Memo
+from .rtdc import RemoteFile, RtdcResource, RtdcSource
+
+log = logging.getLogger(__name__)
+ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
+
+
+def _basin_record(basin: Basin) -> dict[str, Any]:
+    return {
+        "name": basin.kind,
+        "format": "http",
+        "urls": [basin.url],
+        "features": list(basin.features) if basin.features is not None else None,
+        "perishable": basin.lifetime is not None,
+        "time_request": 0.0,
+        "time_expiration": basin.lifetime or 0.0,
+    }
+
+
+class Resources:
+    """Opened RT-DC resources and plain objects of one mount."""
+
+    def __init__(
+        self,
+        *,
+        api: DcorApi,
+        catalog: Catalog,
+        memo: Memo,
+        http: Http,
+        locator: Locator,
+        cache: BlockCache,
+        timeout: float,
+    ) -> None:
+        self._api = api
+        self._catalog = catalog
+        self._memo = memo
+        self._http = http
+        self._locator = locator
+        self._cache = cache
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._opening: dict[str, threading.Lock] = {}
+        self._opened: dict[str, RtdcResource] = {}
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self._timeout
+
+    # -- object identities ------------------------------------------------------------------
+
+    def _basins(self, resource_id: str) -> dict[str, Basin]:
+        """The resource's basins by kind; URLs registered with the locator."""
+
+        def ask(deadline: float) -> Any:
+            basins = self._api.basins(resource_id, deadline=deadline)
+            return {"asked": time.time(), "basins": [_basin_record(b) for b in basins]}
+
+        answer = self._memo.get(
+            f"basins:{resource_id}", ask, max_age=FOREVER, deadline=self._deadline()
+        )
+        age = time.time() - float(answer["asked"])
+        found = {}
+        for record in answer["basins"]:
+            basin = parse_basin(record)
+            found[basin.kind] = basin
+            lifetime = None if basin.lifetime is None else basin.lifetime - age
+            self._locator.register(
+                basin.key, basin.url, lifetime=lifetime, renew=self._renew(resource_id, basin.kind)
+            )
+        return found
+
+    def _renew(self, resource_id: str, kind: str) -> Any:
+        def renew(deadline: float) -> tuple[str, float | None]:
+            for basin in self._api.basins(resource_id, deadline=deadline):
+                if basin.kind == kind:
+                    return basin.url, basin.lifetime
+            raise NotFound(f"{kind} of resource {resource_id} is no longer offered")
+
+        return renew
+
+    def _identify(self, key: str, size: int | None, etag: str | None) -> ObjectId:
+        """Identity of an object: from CKAN's record when it has size and ETag, else probed."""
+        if size is not None and etag is not None:
+            return ObjectId(key=key, etag=etag, size=size)
+
+        def ask(deadline: float) -> Any:
+            url = self._locator.url(key, deadline=deadline)
+            try:
+                info = self._http.probe(url, deadline=deadline)
+            except AccessDenied:
+                url = self._locator.renew(key, deadline=deadline)
+                info = self._http.probe(url, deadline=deadline)
+            return {"size": info.size, "etag": info.etag}
+
+        info = self._memo.get(f"object:{key}", ask, max_age=FOREVER, deadline=self._deadline())
+        return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
+
+    # -- RT-DC resources ----------------------------------------------------------------------
+
+    def rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
+        with self._lock:
+            if resource.id in self._opened:
+                return self._opened[resource.id]
+            gate = self._opening.setdefault(resource.id, threading.Lock())
+        with gate:
+            with self._lock:
+                if resource.id in self._opened:
+                    return self._opened[resource.id]
+            opened = self._open_rtdc(resource)
+            with self._lock:
+                self._opened[resource.id] = opened
+            return opened
+
+    def _open_rtdc(self, resource: Resource) -> RtdcResource:
+        metadata = self._catalog.dcserv(resource.id, "metadata")
+        basins = self._basins(resource.id)
+        if "resource" not in basins:
+            raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
+        original = self._source(basins["resource"], resource.size, resource.etag)
+        condensed = None
+        if "condensed" in basins:
+            try:
+                condensed = self._source(basins["condensed"], None, None)
+            except (NotFound, ProtocolError) as exc:
+                log.info("resource %s: no usable condensed file (%s)", resource.id, exc)
+        events = _event_count(metadata, original)
+        return RtdcResource(original, condensed, events)
+
+    def _source(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
+        obj = self._identify(basin.key, size, etag)
+        remote = RemoteFile(self._cache, obj, timeout=self._timeout)
+        return RtdcSource(remote, kind=basin.kind, deadline=self._deadline())
+
+    # -- other resources ------------------------------------------------------------------------
+
+    def plain(self, dataset: Dataset, resource: Resource) -> ObjectId:
+        """A non-RT-DC resource as an object: the public S3 URL, or DCOR's download route."""
+        key = resource_key(resource.circle_id, resource.id)
+        if not self._locator.known(key):
+            if resource.s3_url and not dataset.private:
+                self._locator.register(key, resource.s3_url, lifetime=None)
+            else:
+
+                def renew(deadline: float) -> tuple[str, float | None]:
+                    url = self._api.download_url(
+                        dataset.id, resource.id, resource.name, deadline=deadline
+                    )
+                    return url, ROUTE_LIFETIME
+
+                self._locator.register(key, "", lifetime=0.0, renew=renew)
+        return self._identify(key, resource.size, resource.etag)
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._opened = dict(self._opened), {}
+        for resource in opened.values():
+            try:
+                resource.close()
+            except (DcorfsError, OSError) as exc:
+                log.debug("closing a resource: %s", exc)
+
+
+def _event_count(metadata: Any, original: RtdcSource) -> int:
+    try:
+        count = int(metadata["experiment"]["event count"])
+    except (KeyError, TypeError, ValueError):
+        count = 0
+    if count > 0:
+        return count
+    lengths = [f.shape[0] for f in original.features.values()]
+    if not lengths:
+        raise ProtocolError("resource has no features")
+    return max(set(lengths), key=lengths.count)

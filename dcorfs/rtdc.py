@@ -1,0 +1,238 @@
+"""Reading remote .rtdc (HDF5) files through the block cache: features, layout, event slices.
+
+`RemoteFile` is the file object h5py reads through: every read becomes `BlockCache.read`, so
+only the blocks HDF5 touches cross the network. `RtdcSource` describes one opened file (its
+features with dtype and shape, and where each feature's chunks lie). `RtdcResource` is the
+union of a resource's original file and DCOR's condensed file: scalar features come from the
+condensed file when it has them (it is small, and it holds what dclab computes, e.g. a float64
+`time` where the original's is defective), everything else from the original.
+
+Values equal what dclab reads: `mask` is boolean, everything else keeps its stored dtype
+(little-endian). h5py serializes all HDF5 calls behind one lock; before decoding a slice we
+make sure its raw chunks are in the cache (`BlockCache.ensure`, outside that lock), so the
+lock is not held across network waits for event data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Zstd filter of modern .rtdc files)
+import numpy as np
+
+from .blockcache import BlockCache, ObjectId
+from .errors import DcorfsError, ProtocolError
+
+TRACE_PREFIX = "trace/"
+
+
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable file object over a cached remote object."""
+
+    def __init__(self, cache: BlockCache, obj: ObjectId, *, timeout: float) -> None:
+        super().__init__()
+        self._cache = cache
+        self.obj = obj
+        self._timeout = timeout
+        self._pos = 0
+        self._local = threading.local()
+
+    @contextmanager
+    def deadline(self, deadline: float) -> Iterator[None]:
+        """Reads by this thread inside the block end at `deadline` (else `DeadlineExceeded`)."""
+        previous = getattr(self._local, "deadline", None)
+        self._local.deadline = deadline
+        try:
+            yield
+        finally:
+            self._local.deadline = previous
+
+    def _deadline(self) -> float:
+        value = getattr(self._local, "deadline", None)
+        return float(value) if value is not None else time.monotonic() + self._timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.obj.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        stop = min(self._pos + len(buffer), self.obj.size)
+        if stop <= self._pos:
+            return 0
+        data = self._cache.read(self.obj, self._pos, stop, deadline=self._deadline())
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        self._pos += n
+        return n
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature as the mount shows it: `deform`, `image`, `trace/fl1_raw` …"""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # (N,) or (N, ...)
+    source: str  # "resource" or "condensed"
+
+    @property
+    def scalar(self) -> bool:
+        return len(self.shape) == 1
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
+
+
+@dataclass
+class _Layout:
+    """Byte ranges of a dataset's storage by first event: chunk starts and (offset, size)."""
+
+    starts: list[int]
+    spans: list[tuple[int, int]]
+    rows: int  # events per chunk (contiguous: 0)
+    row_bytes: int
+
+
+class RtdcSource:
+    """One opened remote .rtdc file: its features and how to read event slices of them."""
+
+    def __init__(self, remote: RemoteFile, *, kind: str, deadline: float) -> None:
+        self.remote = remote
+        self.kind = kind
+        self._layouts: dict[str, _Layout] = {}
+        self._lock = threading.Lock()
+        with remote.deadline(deadline):
+            try:
+                self.h5 = h5py.File(remote, "r", locking=False)
+            except OSError as exc:
+                raise ProtocolError(
+                    f"{remote.obj.key} is not a readable HDF5 file: {exc}"
+                ) from None
+            self.features = self._scan()
+
+    def _scan(self) -> dict[str, Feature]:
+        events = self.h5.get("events")
+        if not isinstance(events, h5py.Group):
+            raise ProtocolError(f"{self.remote.obj.key} has no /events group (not an .rtdc file)")
+        found: dict[str, Feature] = {}
+        for name, item in events.items():
+            if isinstance(item, h5py.Dataset) and item.ndim >= 1:
+                found[name] = self._feature(name, item)
+            elif name == "trace" and isinstance(item, h5py.Group):
+                for trace, data in item.items():
+                    if isinstance(data, h5py.Dataset) and data.ndim == 2:
+                        path = TRACE_PREFIX + trace
+                        found[path] = self._feature(path, data)
+        return found
+
+    def _feature(self, name: str, data: h5py.Dataset) -> Feature:
+        dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
+        return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=self.kind)
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        return self.h5["events/" + name]
+
+    def _layout(self, name: str) -> _Layout | None:
+        with self._lock:
+            if name in self._layouts:
+                return self._layouts[name]
+        data = self.dataset(name)
+        row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+        layout: _Layout | None
+        if data.chunks is None:
+            offset = data.id.get_offset()
+            layout = (
+                None
+                if offset is None
+                else _Layout([0], [(offset, data.id.get_storage_size())], 0, row_bytes)
+            )
+        else:
+            chunks: list[tuple[int, int, int]] = []
+            data.id.chunk_iter(
+                lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
+            )
+            chunks.sort()
+            layout = _Layout(
+                [c[0] for c in chunks], [(c[1], c[2]) for c in chunks], data.chunks[0], row_bytes
+            )
+        with self._lock:
+            self._layouts[name] = layout  # type: ignore[assignment]
+        return layout
+
+    def raw_ranges(self, name: str, start: int, stop: int) -> list[tuple[int, int]]:
+        """The byte ranges of the stored data that hold events [start, stop) of `name`."""
+        layout = self._layout(name)
+        if layout is None:
+            return []
+        if layout.rows == 0:  # contiguous
+            offset = layout.spans[0][0]
+            return [(offset + start * layout.row_bytes, offset + stop * layout.row_bytes)]
+        first = max(0, bisect.bisect_right(layout.starts, start) - 1)
+        last = bisect.bisect_left(layout.starts, stop)
+        return [(off, off + size) for off, size in layout.spans[first:last]]
+
+    def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
+        """Events [start, stop) of a feature, decoded, in the dtype `features[name]` states."""
+        feature = self.features[name]
+        with self.remote.deadline(deadline):
+            ranges = self.raw_ranges(name, start, stop)
+        self.remote._cache.ensure(self.remote.obj, ranges, deadline=deadline)
+        with self.remote.deadline(deadline):
+            try:
+                values = self.dataset(name)[start:stop]
+            except (OSError, ValueError) as exc:
+                if isinstance(exc.__context__, DcorfsError):
+                    raise exc.__context__ from None
+                raise ProtocolError(f"{self.remote.obj.key}: cannot decode {name}: {exc}") from None
+        return np.ascontiguousarray(values, dtype=feature.dtype)
+
+    def close(self) -> None:
+        self.h5.close()
+
+
+class RtdcResource:
+    """A resource's features: the union of its original file and its condensed file."""
+
+    def __init__(self, original: RtdcSource, condensed: RtdcSource | None, events: int) -> None:
+        self.events = events
+        self._sources = {"resource": original}
+        merged = dict(original.features)
+        if condensed is not None:
+            self._sources["condensed"] = condensed
+            for name, feature in condensed.features.items():
+                if feature.scalar and feature.shape[0] == events:
+                    merged[name] = feature
+        self.features = {
+            name: f
+            for name, f in sorted(merged.items())
+            if f.shape[0] == events and name != "contour"
+        }
+
+    def scalar_features(self) -> list[Feature]:
+        return [f for f in self.features.values() if f.scalar]
+
+    def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
+        feature = self.features[name]
+        return self._sources[feature.source].read(name, start, stop, deadline=deadline)
+
+    def close(self) -> None:
+        for source in self._sources.values():
+            source.close()

@@ -1,0 +1,389 @@
+"""The namespace of the mount (SPEC §3): nodes, their names, lazy children, refresh times.
+
+A node is a directory or a file with a canonical path (its inode number is derived from it).
+Directory children are loaded on first need by a blocking call (run in a worker thread by
+`fuse_ops`) and kept: forever for a resource's own directory (resources are immutable), for
+`dir_cache_time` for listings of datasets, circles and collections. `ready_children()` never
+blocks: it answers from what is loaded, or None.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .catalog import Catalog, Dataset, Resource
+from .content import FileContent, StaticContent
+from .errors import NotFound
+from .names import sanitize, unique
+from .producers.npy import NpyContent
+from .producers.passthrough import ObjectContent
+from .producers.text import json_bytes, log_bytes, table_bytes
+from .producers.tsv import TsvContent
+from .resources import Resources
+from .rtdc import TRACE_PREFIX, RtdcResource
+
+log = logging.getLogger(__name__)
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+README = """\
+dcorfs: DCOR as a read-only filesystem
+
+  by-id/<resource-id>/                 any resource by its id (listing: ids opened so far)
+  datasets/<dataset-name>/             any dataset by name (listing: all datasets)
+  circles/<circle>/<dataset-name>/     datasets by circle
+  collections/<collection>/<dataset>/  datasets by collection
+  .dcorfs/status.json                  live counters of this mount
+
+In a dataset directory every RT-DC resource (.rtdc) is a directory named like the file
+without its suffix; other resources are plain files; dataset.json is the CKAN record.
+
+In an RT-DC resource directory:
+  <feature>.npy          one per feature (numpy.load(path, mmap_mode="r") works)
+  trace/<name>.npy       fluorescence traces, shape (events, samples)
+  features.tsv           all scalar features as a fixed-width, tab-separated table
+  metadata.json          the measurement's metadata as DCOR's dcserv API returns it
+  logs/<name>.txt        logs;  tables/<name>.csv  tables
+
+Everything is fetched lazily and cached; only the bytes you read cross the network.
+"""
+
+
+class Node:
+    def __init__(self, path: str, *, mtime: float = 0.0) -> None:
+        self.path = path
+        self.mtime = mtime
+
+    is_dir = False
+
+    def child_path(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+
+class File(Node):
+    """A file of known size whose content is made on open."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        size: int,
+        make: Callable[[], FileContent],
+        mtime: float = 0.0,
+        dynamic: bool = False,
+    ) -> None:
+        super().__init__(path, mtime=mtime)
+        self._size = size
+        self._make = make
+        self.dynamic = dynamic  # contents change: opened with direct_io, size from a snapshot
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def content(self) -> FileContent:
+        """Blocking: may open a resource (network)."""
+        return self._make()
+
+
+def static_file(path: str, data: bytes, mtime: float = 0.0) -> File:
+    content = StaticContent(data)
+    return File(path, size=len(data), make=lambda: content, mtime=mtime)
+
+
+class Dir(Node):
+    is_dir = True
+
+    def __init__(self, path: str, *, mtime: float = 0.0, max_age: float = float("inf")) -> None:
+        super().__init__(path, mtime=mtime)
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._children: dict[str, Node] | None = None
+        self._loaded = 0.0
+
+    @property
+    def volatile(self) -> bool:
+        """True for listings that are refreshed (datasets, circles, collections)."""
+        return self._max_age != float("inf")
+
+    def ready_children(self) -> dict[str, Node] | None:
+        """The children if loaded and fresh; never blocks on the network."""
+        children = self._children
+        if children is None or time.monotonic() - self._loaded > self._max_age:
+            return None
+        return children
+
+    def children(self) -> dict[str, Node]:
+        """Blocking: loads (or refreshes) the listing. Existing child nodes are kept."""
+        ready = self.ready_children()
+        if ready is not None:
+            return ready
+        with self._lock:
+            ready = self.ready_children()
+            if ready is not None:
+                return ready
+            fresh = self._load()
+            old = self._children or {}
+            merged = {name: _keep(old.get(name), node) for name, node in fresh.items()}
+            self._children, self._loaded = merged, time.monotonic()
+            return merged
+
+    def lookup(self, name: str) -> Node:
+        """Blocking: the child `name`, or NotFound."""
+        node = self.children().get(name)
+        if node is None:
+            raise NotFound(f"{self.child_path(name)} does not exist")
+        return node
+
+    def _load(self) -> dict[str, Node]:
+        raise NotImplementedError
+
+
+def _keep(old: Node | None, new: Node) -> Node:
+    """Keep the loaded node when a refresh describes the same thing (same path and kind)."""
+    if old is not None and type(old) is type(new) and old.path == new.path:
+        if isinstance(old, DatasetDir) and isinstance(new, DatasetDir):
+            old.update(new.dataset)
+        return old
+    return new
+
+
+class StaticDir(Dir):
+    def __init__(self, path: str, children: dict[str, Node], *, mtime: float = 0.0) -> None:
+        super().__init__(path, mtime=mtime)
+        self._static = children
+
+    def _load(self) -> dict[str, Node]:
+        return dict(self._static)
+
+
+class Context:
+    """What the nodes need from below: the catalog and the opened resources."""
+
+    def __init__(
+        self, *, catalog: Catalog, resources: Resources, cache: Any, dir_cache_time: float
+    ) -> None:
+        self.catalog = catalog
+        self.resources = resources
+        self.cache = cache
+        self.dir_cache_time = dir_cache_time
+
+
+def build_root(ctx: Context, status: Callable[[], bytes], *, mtime: float) -> Dir:
+    dcorfs_dir = StaticDir(
+        "/.dcorfs",
+        {
+            "status.json": File(
+                "/.dcorfs/status.json",
+                size=len(status()),
+                make=lambda: StaticContent(status()),
+                dynamic=True,
+                mtime=mtime,
+            )
+        },
+        mtime=mtime,
+    )
+    children: dict[str, Node] = {
+        "README.txt": static_file("/README.txt", README.encode(), mtime),
+        "by-id": ByIdDir("/by-id", ctx, mtime=mtime),
+        "datasets": DatasetsDir("/datasets", ctx, mtime=mtime),
+        "circles": GroupsDir("/circles", ctx, circles=True, mtime=mtime),
+        "collections": GroupsDir("/collections", ctx, circles=False, mtime=mtime),
+        ".dcorfs": dcorfs_dir,
+    }
+    return StaticDir("/", children, mtime=mtime)
+
+
+class ByIdDir(Dir):
+    """Any resource id resolves on lookup; the listing shows the ids resolved so far."""
+
+    def __init__(self, path: str, ctx: Context, *, mtime: float) -> None:
+        super().__init__(path, mtime=mtime)
+        self._ctx = ctx
+        self._resolved: dict[str, Node] = {}
+
+    def _load(self) -> dict[str, Node]:
+        return dict(self._resolved)
+
+    def ready_children(self) -> dict[str, Node] | None:
+        return dict(self._resolved)
+
+    def lookup(self, name: str) -> Node:
+        if name in self._resolved:
+            return self._resolved[name]
+        if not UUID.match(name):
+            raise NotFound(f"{name} is not a resource id")
+        dataset, resource = self._ctx.catalog.resource(name)
+        node: Node
+        if resource.is_rtdc:
+            node = ResourceDir(self.child_path(name), self._ctx, dataset, resource)
+        else:
+            file_name = sanitize(resource.name)
+            path = self.child_path(name)
+            plain = PlainFile(f"{path}/{file_name}", self._ctx, dataset, resource)
+            node = StaticDir(path, {file_name: plain.node}, mtime=resource.mtime)
+        with self._lock:
+            self._resolved.setdefault(name, node)
+            return self._resolved[name]
+
+
+class DatasetsDir(Dir):
+    def __init__(self, path: str, ctx: Context, *, mtime: float, fq: str = "") -> None:
+        super().__init__(path, mtime=mtime, max_age=ctx.dir_cache_time)
+        self._ctx = ctx
+        self._fq = fq
+
+    def _load(self) -> dict[str, Node]:
+        datasets = self._ctx.catalog.datasets(self._fq)
+        named = unique((ds.name, ds.id, ds) for ds in datasets)
+        return {n: DatasetDir(self.child_path(n), self._ctx, ds) for n, ds in named.items()}
+
+    def lookup(self, name: str) -> Node:
+        node = self.children().get(name)
+        if node is not None or self._fq:
+            if node is None:
+                raise NotFound(f"{self.child_path(name)} does not exist")
+            return node
+        dataset = self._ctx.catalog.dataset(name)  # any dataset resolves, also unlisted ones
+        if sanitize(dataset.name) != name:
+            raise NotFound(f"{self.child_path(name)} does not exist")
+        return DatasetDir(self.child_path(name), self._ctx, dataset)
+
+
+class GroupsDir(Dir):
+    def __init__(self, path: str, ctx: Context, *, circles: bool, mtime: float) -> None:
+        super().__init__(path, mtime=mtime, max_age=ctx.dir_cache_time)
+        self._ctx = ctx
+        self._circles = circles
+
+    def _load(self) -> dict[str, Node]:
+        catalog = self._ctx.catalog
+        groups = catalog.circles() if self._circles else catalog.collections()
+        field = "organization" if self._circles else "groups"
+        named = unique((g.name, g.id, g) for g in groups)
+        return {
+            n: DatasetsDir(self.child_path(n), self._ctx, mtime=self.mtime, fq=f"{field}:{g.name}")
+            for n, g in named.items()
+        }
+
+
+class PlainFile:
+    """A non-RT-DC resource as a lazy file."""
+
+    def __init__(self, path: str, ctx: Context, dataset: Dataset, resource: Resource) -> None:
+        self._ctx = ctx
+        self._dataset = dataset
+        self._resource = resource
+        size = resource.size
+        if size is None:
+            size = ctx.resources.plain(dataset, resource).size
+        self.node = File(
+            path,
+            size=size,
+            make=self._content,
+            mtime=resource.mtime,
+        )
+
+    def _content(self) -> FileContent:
+        obj = self._ctx.resources.plain(self._dataset, self._resource)
+        return ObjectContent(self._ctx.cache, obj)
+
+
+def _stem(name: str) -> str:
+    lower = name.lower()
+    for suffix in (".rtdc", ".dc"):
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class DatasetDir(Dir):
+    def __init__(self, path: str, ctx: Context, dataset: Dataset) -> None:
+        super().__init__(path, mtime=dataset.mtime, max_age=ctx.dir_cache_time)
+        self._ctx = ctx
+        self.dataset = dataset
+
+    def update(self, dataset: Dataset) -> None:
+        if dataset != self.dataset:
+            self.dataset = dataset
+            self._loaded = 0.0  # reload children on next need
+
+    def _load(self) -> dict[str, Node]:
+        dataset = self.dataset
+        wanted: list[tuple[str, str, Resource | None]] = [("dataset.json", "", None)]
+        wanted += [(_stem(r.name) if r.is_rtdc else r.name, r.id, r) for r in dataset.resources]
+        children: dict[str, Node] = {}
+        for name, res in unique(wanted).items():
+            path = self.child_path(name)
+            if res is None:
+                children[name] = static_file(path, json_bytes(dataset.record), dataset.mtime)
+            elif res.is_rtdc:
+                children[name] = ResourceDir(path, self._ctx, dataset, res)
+            else:
+                children[name] = PlainFile(path, self._ctx, dataset, res).node
+        return children
+
+
+class ResourceDir(Dir):
+    """An RT-DC resource: feature files, features.tsv, metadata, logs, tables."""
+
+    def __init__(self, path: str, ctx: Context, dataset: Dataset, resource: Resource) -> None:
+        super().__init__(path, mtime=resource.mtime)
+        self._ctx = ctx
+        self.dataset = dataset
+        self.resource = resource
+
+    def _load(self) -> dict[str, Node]:
+        ctx, rid, mtime = self._ctx, self.resource.id, self.mtime
+        opened = ctx.resources.rtdc(self.dataset, self.resource)
+        files: dict[str, Node] = {}
+        traces: dict[str, Node] = {}
+        for name in opened.features:
+            if name.startswith(TRACE_PREFIX):
+                trace = sanitize(name[len(TRACE_PREFIX) :] + ".npy")
+                traces[trace] = _npy_file(f"{self.path}/trace/{trace}", opened, name, mtime)
+            else:
+                file_name = sanitize(name + ".npy")
+                files[file_name] = _npy_file(self.child_path(file_name), opened, name, mtime)
+        if traces:
+            files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
+        tsv = TsvContent(opened)
+        files["features.tsv"] = File(
+            self.child_path("features.tsv"), size=tsv.size, make=lambda: tsv, mtime=mtime
+        )
+        metadata = ctx.catalog.dcserv(rid, "metadata")
+        files["metadata.json"] = static_file(
+            self.child_path("metadata.json"), json_bytes(metadata), mtime
+        )
+        logs = ctx.catalog.dcserv(rid, "logs") or {}
+        files["logs"] = StaticDir(
+            self.child_path("logs"),
+            {
+                name: static_file(f"{self.path}/logs/{name}", log_bytes(lines), mtime)
+                for name, lines in unique(
+                    (f"{k}.txt", k, v) for k, v in sorted(logs.items())
+                ).items()
+            },
+            mtime=mtime,
+        )
+        tables = ctx.catalog.dcserv(rid, "tables") or {}
+        files["tables"] = StaticDir(
+            self.child_path("tables"),
+            {
+                name: static_file(f"{self.path}/tables/{name}", table_bytes(table), mtime)
+                for name, table in unique(
+                    (f"{k}.csv", k, v) for k, v in sorted(tables.items())
+                ).items()
+            },
+            mtime=mtime,
+        )
+        return files
+
+
+def _npy_file(path: str, opened: RtdcResource, feature: str, mtime: float) -> File:
+    content = NpyContent(opened, opened.features[feature])
+    return File(path, size=content.size, make=lambda: content, mtime=mtime)

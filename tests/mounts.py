@@ -1,0 +1,96 @@
+"""Real mounts for tests: run `dcorfs mount` as a user would, always unmount afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+FUSE_MISSING = (
+    "/dev/fuse is missing"
+    if not Path("/dev/fuse").exists()
+    else "fusermount3 is not installed (apt install fuse3)"
+    if shutil.which("fusermount3") is None
+    else ""
+)
+needs_fuse = pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "fuse ok")
+
+
+def dcorfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dcorfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def _daemon_pid(mountpoint: Path) -> int | None:
+    try:
+        return int(json.loads((mountpoint / ".dcorfs" / "status.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _wait_gone(pid: int, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    raise AssertionError(f"the daemon {pid} did not exit after unmount")
+
+
+def unmount(mountpoint: Path, pid: int | None) -> None:
+    result = dcorfs("umount", str(mountpoint))
+    if result.returncode != 0 and os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    if pid is not None:
+        _wait_gone(pid)
+
+
+@contextmanager
+def mounted(
+    mountpoint: Path,
+    host: str,
+    cache_dir: Path,
+    *extra: str,
+    token: str | None = None,
+) -> Iterator[Path]:
+    """Mount (waits until ready), yield the mount point, unmount and wait for the daemon."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    env = {"DCOR_API_KEY": token} if token else {"DCOR_API_KEY": ""}
+    result = dcorfs(
+        "mount",
+        str(mountpoint),
+        "--host",
+        host,
+        "--cache-dir",
+        str(cache_dir),
+        "--log-level",
+        "DEBUG",
+        *extra,
+        env=env,
+    )
+    if result.returncode != 0:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+        raise AssertionError(f"mount failed ({result.returncode}): {result.stderr.strip()}")
+    pid = _daemon_pid(mountpoint)
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint, pid)
