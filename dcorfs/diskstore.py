@@ -6,10 +6,12 @@ Layout under the cache dir (0700; every file 0600):
 
 A block file starts with MAGIC, the identity hash, the block index, the data length and the
 CRC32 of the data; `get` checks all of it, so a torn, truncated, flipped or misplaced file is
-a miss (and is removed), never data. Writes go to a temp file that is renamed into place,
-then recorded (presence last). The size bound is enforced at admission inside one SQLite
-`BEGIN IMMEDIATE` transaction: least recently used blocks are evicted until the new block
-fits, so several dcorfs processes sharing the directory never overshoot together.
+a miss (and is removed), never data. A block is first admitted (its row, evicting others),
+then written to a temp file and renamed into place; a file whose row is gone by then (evicted
+by another process) is removed again. The size bound is enforced at admission inside one
+SQLite `BEGIN IMMEDIATE` transaction: least recently used blocks are evicted (their files
+unlinked after the commit) until the new blocks fit, so several dcorfs processes sharing the
+directory never overshoot together.
 No fsync per block: after a crash a torn file fails its CRC and is refetched.
 """
 
@@ -69,7 +71,13 @@ class DiskStore:
         self._db_path = directory / "index.sqlite3"
         os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
         db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")
+        for _ in range(100):  # two processes opening a fresh cache at once: one wins, one waits
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                time.sleep(0.1)
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per put
         db.execute(
             "CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
@@ -95,31 +103,28 @@ class DiskStore:
         return self._blocks / name
 
     def _reconcile(self) -> None:
-        """After a crash: drop rows without files, adopt or remove files without rows."""
+        """After a crash: drop rows without files, remove files without rows, old temp files."""
         db = self._db()
-        rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
-        seen = set()
         now = time.time()
+        rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
+        settled = {  # rows of blocks another process may be writing right now are left alone
+            name for (name,) in db.execute("SELECT name FROM blocks WHERE used < ?", (now - 60,))
+        }
+        seen = set()
         for sub in self._blocks.iterdir():
             if not sub.is_dir():
                 continue
             for path in sub.iterdir():
                 name = f"{sub.name}/{path.name}"
                 if ".tmp" in path.name:
-                    try:
+                    with contextlib.suppress(OSError):
                         if now - path.stat().st_mtime > 60:
                             path.unlink()
-                    except OSError:
-                        pass
                     continue
                 seen.add(name)
-                if name not in rows:
-                    try:
-                        size = path.stat().st_size
-                        db.execute("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", (name, size, 0))
-                    except OSError:
-                        pass
-        missing = rows - seen
+                if name not in rows:  # unaccounted (its row was evicted): it must go
+                    path.unlink(missing_ok=True)
+        missing = (rows & settled) - seen
         if missing:
             db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
 
@@ -190,6 +195,7 @@ class DiskStore:
             self._admit([(name, size) for name, _, _, size in chosen], now)
             for name, index, data, _ in chosen:
                 self._write(obj, name, index, data)
+            self._drop_evicted([name for name, *_ in chosen])
         except OSError as exc:
             for name, *_ in chosen:
                 self._unadmit(name)
@@ -235,14 +241,23 @@ class DiskStore:
                     used -= nbytes
                     if used + size <= self.limit:
                         break
-            for victim in victims:
-                self._path(victim).unlink(missing_ok=True)
             db.executemany("DELETE FROM blocks WHERE name=?", [(v,) for v in victims])
             db.executemany("INSERT INTO blocks VALUES (?, ?, ?)", [(n, b, now) for n, b in entries])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        # after the commit: a writer that still saw a victim's row is now bound to see it gone
+        for victim in victims:
+            self._path(victim).unlink(missing_ok=True)
+
+    def _drop_evicted(self, names: list[str]) -> None:
+        """Another process may have evicted a block between its admission and our rename:
+        a file without its row would escape the size bound, so it goes."""
+        db = self._db()
+        for name in names:
+            if db.execute("SELECT 1 FROM blocks WHERE name=?", (name,)).fetchone() is None:
+                self._path(name).unlink(missing_ok=True)
 
     def _unadmit(self, name: str) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -1,0 +1,199 @@
+"""blockcache over diskstore: single-flight, coalescing, integrity, size bound, permissions."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcorfs.blockcache import BlockCache, ObjectId
+from dcorfs.diskstore import DiskStore
+from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
+
+BLOCK = 1024
+DATA = os.urandom(10 * BLOCK + 123)
+OBJ = ObjectId(key="circle-x/resource/abc/def/ghi", etag="e1", size=len(DATA))
+
+
+class Source:
+    def __init__(self, data: bytes = DATA, delay: float = 0.0) -> None:
+        self.data = data
+        self.delay = delay
+        self.calls: list[tuple[int, int]] = []
+        self.fail = 0
+
+    def __call__(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        self.calls.append((start, stop))
+        time.sleep(self.delay)
+        if self.fail:
+            self.fail -= 1
+            raise TransientError("boom")
+        return self.data[start:stop]
+
+
+def later() -> float:
+    return time.monotonic() + 30
+
+
+def make(tmp_path: Path, source: Source, limit: int = 1 << 20, memory: int = 1 << 20) -> BlockCache:
+    store = DiskStore(tmp_path / "cache", limit_bytes=limit, block_size=BLOCK)
+    return BlockCache(
+        fetch=source, store=store, block_size=BLOCK, memory_bytes=memory, max_fetch_bytes=8 * BLOCK
+    )
+
+
+def test_reads_coalesce_and_then_hit(tmp_path: Path) -> None:
+    source = Source()
+    cache = make(tmp_path, source)
+    assert cache.peek(OBJ, 0, 100) is None
+    assert cache.read(OBJ, 0, 5 * BLOCK, deadline=later()) == DATA[: 5 * BLOCK]
+    assert source.calls == [(0, 5 * BLOCK)]
+    assert cache.peek(OBJ, 10, 4000) == DATA[10:4000]
+    assert cache.read(OBJ, 0, len(DATA) + 99, deadline=later()) == DATA
+    assert source.calls[1:] == [(5 * BLOCK, len(DATA))]  # last block is short
+    stats = cache.stats()
+    assert stats.fetches == 2 and stats.fetched_bytes == len(DATA)
+
+
+def test_single_flight(tmp_path: Path) -> None:
+    source = Source(delay=0.2)
+    cache = make(tmp_path, source)
+    results: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.read(OBJ, 0, 3000, deadline=later())))
+        for _ in range(16)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [DATA[:3000]] * 16
+    assert len(source.calls) == 1
+
+
+def test_failure_reaches_waiters_and_is_not_cached(tmp_path: Path) -> None:
+    source = Source(delay=0.1)
+    source.fail = 1
+    cache = make(tmp_path, source)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            cache.read(OBJ, 0, 100, deadline=later())
+        except TransientError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 4 and len(source.calls) == 1
+    assert cache.read(OBJ, 0, 100, deadline=later()) == DATA[:100]
+
+
+def test_wrong_length_and_waiter_deadline(tmp_path: Path) -> None:
+    cache = make(tmp_path, Source(data=DATA[:-5]))
+    with pytest.raises(ProtocolError):
+        cache.read(OBJ, len(DATA) - 10, len(DATA), deadline=later())
+    slow = make(tmp_path / "slow", Source(delay=1.0))
+    thread = threading.Thread(target=lambda: slow.read(OBJ, 0, 10, deadline=later()))
+    thread.start()
+    time.sleep(0.1)
+    with pytest.raises(DeadlineExceeded):
+        slow.read(OBJ, 0, 10, deadline=time.monotonic() + 0.1)
+    thread.join()
+
+
+def test_disk_tier_survives_and_checks_integrity(tmp_path: Path) -> None:
+    make(tmp_path, Source()).read(OBJ, 0, len(DATA), deadline=later())
+    source = Source()
+    again = make(tmp_path, source)
+    assert again.read(OBJ, 0, len(DATA), deadline=later()) == DATA
+    assert source.calls == [] and again.stats().disk_hits == 11
+    files = sorted(
+        (tmp_path / "cache" / "blocks").rglob("*-*"), key=lambda f: int(f.name.split("-")[-1])
+    )
+    assert len(files) == 11 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+    raw = bytearray(files[0].read_bytes())
+    raw[-1] ^= 0xFF
+    files[0].write_bytes(raw)
+    files[1].write_bytes(files[1].read_bytes()[:-3])
+    files[2].unlink()
+    files[3].write_bytes(files[4].read_bytes())  # another block's file in its place
+    source = Source()
+    third = make(tmp_path, source)
+    assert third.read(OBJ, 0, len(DATA), deadline=later()) == DATA
+    refetched = {i for a, b in source.calls for i in range(a // BLOCK, -(-b // BLOCK))}
+    assert refetched == {0, 1, 2, 3}  # exactly the four bad blocks were fetched again
+    other = ObjectId(key=OBJ.key, etag="e2", size=OBJ.size)
+    fourth = Source(data=bytes(len(DATA)))
+    assert make(tmp_path, fourth).read(other, 0, 10, deadline=later()) == bytes(10)
+    assert fourth.calls  # another version never reuses blocks
+
+
+def test_size_bound_and_lru(tmp_path: Path) -> None:
+    limit = 4 * (BLOCK + 64)
+    objects = [ObjectId(key=f"k{i}", etag="e", size=len(DATA)) for i in range(3)]
+    cache = make(tmp_path, Source(), limit=limit, memory=BLOCK)
+    for obj in objects:
+        assert cache.read(obj, 0, len(DATA), deadline=later()) == DATA
+        stored = sum(p.stat().st_size for p in (tmp_path / "cache" / "blocks").rglob("*-*"))
+        assert stored <= limit
+    store = DiskStore(tmp_path / "cache", limit_bytes=limit, block_size=BLOCK)
+    used, count = store.usage()
+    assert used <= limit and count >= 3
+    assert store.get(objects[2], 10) is not None  # the most recent survive
+    assert store.get(objects[0], 0) is None
+
+
+def test_two_stores_share_one_directory(tmp_path: Path) -> None:
+    limit = 6 * (BLOCK + 64)
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            cache = make(tmp_path, Source(), limit=limit, memory=BLOCK)
+            for i in range(20):
+                obj = ObjectId(key=f"k{(i + seed) % 7}", etag="e", size=len(DATA))
+                assert cache.read(obj, 0, len(DATA), deadline=later()) == DATA
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    stored = sum(p.stat().st_size for p in (tmp_path / "cache" / "blocks").rglob("*-*"))
+    assert stored <= limit + BLOCK + 64
+
+
+def test_disk_full_degrades_to_no_caching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    source = Source()
+    cache = make(tmp_path, source)
+    monkeypatch.setattr(os, "open", full)
+    assert cache.read(OBJ, 0, len(DATA), deadline=later()) == DATA
+    assert list((tmp_path / "cache" / "blocks").rglob("*-*")) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(DATA) + 50), st.integers(0, 4 * BLOCK)), max_size=8))
+def test_random_reads_equal_the_truth(reads: list[tuple[int, int]]) -> None:
+    cache = BlockCache(fetch=Source(), store=None, block_size=BLOCK, memory_bytes=3 * BLOCK)
+    for start, length in reads:
+        assert (
+            cache.read(OBJ, start, start + length, deadline=later()) == DATA[start : start + length]
+        )
