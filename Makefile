@@ -1,5 +1,5 @@
 # The two commands a fresh Debian/Ubuntu machine needs (each sets up everything it uses):
-#   make demo   serve an offline sample DCOR (the mount of it follows with `dcorfs mount`)
+#   make demo   mount an offline sample DCOR (devserver + dcorfs) at /tmp/dcorfs-demo
 #   make test   lint, type-check and run the whole test suite
 VENV := .venv/bin
 
@@ -7,7 +7,7 @@ VENV := .venv/bin
 
 demo:
 	@scripts/bootstrap.sh devserver
-	$(VENV)/dcorfs devserver --port 8765
+	@scripts/demo.sh
 
 test: check
 	$(VENV)/pytest

@@ -186,6 +186,9 @@ def _positive(value: float, name: str) -> float:
 def _run_mount(args: argparse.Namespace) -> int:
     from .mount import mount
 
+    logging.getLogger("dcorfs").setLevel(
+        logging.ERROR
+    )  # checks report in one line; the daemon logs
     settings = MountSettings(
         mountpoint=args.mountpoint.absolute(),
         host=parse_host(args.host),

@@ -163,7 +163,8 @@ class Locator:
     def register(
         self, key: str, url: str, *, lifetime: float | None, renew: Renew | None = None
     ) -> None:
-        valid = None if lifetime is None else self._clock() + lifetime - RENEW_MARGIN
+        margin = None if lifetime is None else min(RENEW_MARGIN, max(lifetime, 0.0) / 4)
+        valid = None if lifetime is None else self._clock() + lifetime - margin
         with self._lock:
             self._entries[key] = _Entry(url, valid, renew)
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import pytest
 from dcorfs.devserver.server import DevServer
 
 from .conftest import TOKENS, api, info
-from .mounts import mounted, needs_fuse
+from .mounts import dcorfs, mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,
@@ -300,3 +304,60 @@ def test_cache_stays_within_its_size(devserver: DevServer, tmp_path: Path) -> No
             stored = sum(p.stat().st_size for p in (cache / "blocks").rglob("*") if p.is_file())
             assert stored <= limit + (1 << 20) + 4096, stored
         assert total > 2 * limit
+
+
+def test_presigned_urls_are_renewed(data_dir: Path, tmp_path: Path) -> None:
+    with DevServer(data_dir) as server:
+        server.faults.update({"url_lifetime": 2.0})
+        entry = rtdc_entries(server, private=True)[0]
+        with mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", token=TOKENS["alice"]
+        ) as mnt:
+            directory = resource_dir(mnt, entry)
+            with dclab.new_dataset(entry["path"]) as ds:
+                assert np.array_equal(np.load(directory / "deform.npy"), ds["deform"][:])
+                time.sleep(3)  # every URL handed out so far has expired
+                assert np.array_equal(np.load(directory / "image.npy"), ds["image"][:])
+
+
+def test_foreground_mount_stops_cleanly_on_sigterm(devserver: DevServer, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    command = [sys.executable, "-m", "dcorfs", "mount", str(mnt), "--host", devserver.url]
+    process = subprocess.Popen(
+        [*command, "--cache-dir", str(tmp_path / "cache"), "--foreground"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no mount after 60 s"
+            time.sleep(0.05)
+        assert (mnt / "README.txt").read_text().startswith("dcorfs")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert not os.path.ismount(mnt)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        process.stderr.close()  # type: ignore[union-attr]
+
+
+def test_bad_command_lines_give_one_line_errors(tmp_path: Path) -> None:
+    missing = dcorfs("mount", str(tmp_path / "nope"), "--host", "http://127.0.0.1:9")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    (tmp_path / "mnt").mkdir()
+    args = ["--cache-dir", str(tmp_path / "cache")]
+    unreachable = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://127.0.0.1:9", *args)
+    assert unreachable.returncode != 0 and "cannot reach" in unreachable.stderr
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    bad_host = dcorfs("mount", str(tmp_path / "mnt"), "--host", "ftp://x", *args)
+    assert bad_host.returncode == 2 and "not a DCOR host" in bad_host.stderr
+    assert not os.path.ismount(tmp_path / "mnt")

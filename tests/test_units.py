@@ -1,0 +1,201 @@
+"""The tiers between the cache and the kernel, called directly: names, producers, dcserv,
+metastore, tree and fuse_ops."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyfuse3
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from dcorfs.content import StaticContent
+from dcorfs.dcserv import Locator, object_key, parse_basin
+from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
+from dcorfs.fuse_ops import Operations
+from dcorfs.metastore import Memo, MetaStore
+from dcorfs.names import sanitize, unique
+from dcorfs.producers.npy import npy_header
+from dcorfs.producers.text import table_bytes
+from dcorfs.producers.tsv import _format
+from dcorfs.settings import Token, parse_host, parse_size
+from dcorfs.tree import File, StaticDir
+
+
+def test_names_are_safe_and_unique() -> None:
+    assert sanitize("a/b") == "a_b" and sanitize("..") == "_.._" and sanitize("") == "__"
+    assert sanitize("x\0y") == "x_y"
+    assert len(sanitize("é" * 300).encode()) <= 255
+    named = unique([("M1.rtdc", "id-1", 1), ("M1.rtdc", "id-2", 2), ("m", "id-3", 3)])
+    assert named == {"M1.rtdc": 1, "M1~id-2.rtdc": 2, "m": 3}
+    long = unique([("a" * 300, "x", 1), ("a" * 300, "y", 2)])
+    assert len(long) == 2 and all(len(n.encode()) <= 255 for n in long)
+
+
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from(["<f4", "<f8", "u1", "<u4", "<i2", "?"]),
+        shape=st.tuples(st.integers(0, 5), st.integers(1, 3)),
+    )
+)
+def test_npy_header_is_what_numpy_writes(array: np.ndarray) -> None:  # type: ignore[type-arg]
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    header = npy_header(array.dtype, array.shape)
+    assert buffer.getvalue()[: len(header)] == header
+    assert len(header) % 64 == 0
+
+
+@given(st.floats(width=32, allow_nan=False))
+def test_float32_text_round_trips(value: float) -> None:
+    fmt, width = _format(np.dtype("<f4"))
+    text = fmt % np.float32(value)
+    assert len(text) <= width
+    assert np.float32(float(text)) == np.float32(value)
+
+
+@given(st.floats(allow_nan=False))
+def test_float64_text_round_trips(value: float) -> None:
+    fmt, width = _format(np.dtype("<f8"))
+    text = fmt % value
+    assert len(text) <= width and float(text) == value
+
+
+def test_table_csv_flattens_dcserv_rows() -> None:
+    text = table_bytes([["a", "b"], [[[1.5, None]], [[2.0, 3]]]]).decode()
+    assert text == "a,b\n1.5,nan\n2.0,3\n"
+
+
+def test_settings_parsing() -> None:
+    assert parse_host("dcor.mpl.mpg.de") == "https://dcor.mpl.mpg.de"
+    assert parse_host("http://127.0.0.1:8765/") == "http://127.0.0.1:8765"
+    assert parse_size("10G") == 10 << 30 and parse_size("512M") == 512 << 20
+    token = Token("secret-value")
+    assert "secret" not in repr(token) and "secret" not in f"{token}"
+
+
+def test_basins_and_locator_renewal() -> None:
+    basin = parse_basin(
+        {
+            "name": "resource-abc",
+            "format": "http",
+            "urls": ["http://h:1/circle-x/resource/abc/def/ghi?Expires=1&Signature=s"],
+            "perishable": True,
+            "time_request": 100.0,
+            "time_expiration": 3700.0,
+        }
+    )
+    assert basin.key == "circle-x/resource/abc/def/ghi" and basin.lifetime == 3600.0
+    assert object_key("https://h/circle-x/condensed/a/b/c") == "circle-x/condensed/a/b/c"
+    now = [0.0]
+    renewals: list[float] = []
+
+    def renew(deadline: float) -> tuple[str, float | None]:
+        renewals.append(now[0])
+        return f"url-{len(renewals)}", 3600.0
+
+    locator = Locator(clock=lambda: now[0])
+    locator.register(basin.key, basin.url, lifetime=basin.lifetime, renew=renew)
+    assert locator.url(basin.key, deadline=1) == basin.url
+    now[0] = 3600.0 - 30  # within the renewal margin
+    assert locator.url(basin.key, deadline=1) == "url-1"
+    assert locator.url(basin.key, deadline=1) == "url-1"
+    assert locator.renew(basin.key, deadline=1) == "url-2"  # as after a 403
+    with pytest.raises(NotFound):
+        locator.url("unknown", deadline=1)
+    locator.register("public", "u", lifetime=None)
+    with pytest.raises(AccessDenied):
+        locator.renew("public", deadline=1)
+
+
+def test_memo_serves_stored_answers_offline(tmp_path: Path) -> None:
+    path = tmp_path / "meta.sqlite3"
+    calls: list[str] = []
+
+    def online(deadline: float) -> Any:
+        calls.append("ask")
+        return {"v": 1}
+
+    def offline(deadline: float) -> Any:
+        raise TransientError("connection refused")
+
+    memo = Memo(MetaStore(path, scope="h|public"))
+    assert memo.get("k", online, max_age=100, deadline=1e18) == {"v": 1}
+    assert memo.get("k", online, max_age=100, deadline=1e18) == {"v": 1}
+    assert calls == ["ask"]
+    again = Memo(MetaStore(path, scope="h|public"))
+    assert again.get("k", offline, max_age=0, deadline=1e18) == {"v": 1}
+    with pytest.raises(TransientError):
+        again.get("other", offline, max_age=0, deadline=1e18)
+    private = Memo(MetaStore(path, scope="h|private"))
+    with pytest.raises(TransientError):  # answers of another scope are never used
+        private.get("k", offline, max_age=0, deadline=1e18)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+    def gone(deadline: float) -> Any:
+        raise NotFound("deleted")
+
+    with pytest.raises(NotFound):  # permanent errors are not masked by stored answers
+        again.get("k", gone, max_age=0, deadline=1e18)
+    with pytest.raises(DeadlineExceeded):
+        again.get(
+            "new", lambda d: (_ for _ in ()).throw(DeadlineExceeded("slow")), max_age=0, deadline=1
+        )
+
+
+class Broken(File):
+    def content(self) -> Any:
+        raise RuntimeError("a bug below the FUSE layer")
+
+
+def make_ops() -> Operations:
+    readme = File("/README.txt", size=5, make=lambda: StaticContent(b"hello"))
+    broken = Broken("/broken", size=1, make=lambda: StaticContent(b"x"))
+    root = StaticDir("/", {"README.txt": readme, "broken": broken, "sub": StaticDir("/sub", {})})
+    return Operations(
+        root=root,
+        timeout=5,
+        attr_time=3600,
+        listing_time=300,
+        negative_time=7,
+        limiter=trio.CapacityLimiter(4),
+    )
+
+
+async def test_fuse_ops_called_directly() -> None:
+    ops = make_ops()
+    ctx: Any = None
+    entry = await ops.lookup(pyfuse3.ROOT_INODE, b"README.txt", ctx)
+    assert entry.st_size == 5 and entry.st_mode & 0o777 == 0o444
+    assert entry.st_ino == (await ops.lookup(pyfuse3.ROOT_INODE, b"README.txt", ctx)).st_ino
+    assert make_ops()._inode(ops._nodes[entry.st_ino], 1) == entry.st_ino  # stable numbers
+    info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
+    assert info.keep_cache and await ops.read(info.fh, 1, 3) == b"ell"
+    await ops.release(info.fh)
+    negative = await ops.lookup(pyfuse3.ROOT_INODE, b"missing", ctx)
+    assert negative.st_ino == 0 and negative.entry_timeout == 7
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.open(entry.st_ino, flags, ctx)
+        assert caught.value.errno == errno.EROFS
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await ops.mkdir(pyfuse3.ROOT_INODE, b"x", 0o755, ctx)
+    assert caught.value.errno == errno.EROFS
+    broken = await ops.lookup(pyfuse3.ROOT_INODE, b"broken", ctx)
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await ops.open(broken.st_ino, os.O_RDONLY, ctx)
+    assert caught.value.errno == errno.EIO and ops.counters["errors"] == 1
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await ops.getattr(12345, ctx)
+    assert caught.value.errno == errno.ENOENT
+    await ops.forget([(entry.st_ino, 2)])
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.getattr(entry.st_ino, ctx)
