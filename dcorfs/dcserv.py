@@ -163,8 +163,9 @@ class Locator:
     def register(
         self, key: str, url: str, *, lifetime: float | None, renew: Renew | None = None
     ) -> None:
-        margin = None if lifetime is None else min(RENEW_MARGIN, max(lifetime, 0.0) / 4)
-        valid = None if lifetime is None else self._clock() + lifetime - margin
+        valid = None
+        if lifetime is not None:  # renew a quarter of the life early, at most RENEW_MARGIN
+            valid = self._clock() + lifetime - min(RENEW_MARGIN, max(lifetime, 0.0) / 4)
         with self._lock:
             self._entries[key] = _Entry(url, valid, renew)
 
