@@ -142,12 +142,7 @@ class BlockCache:
             self._blocks(obj, range(run[0], run[-1] + 1), deadline, keep=False)
 
     def stats(self) -> CacheStats:
-        disk_bytes = 0
-        if self._store is not None:
-            try:
-                disk_bytes = self._store.usage()[0]
-            except Exception:  # accounting unavailable: report 0, never fail a status read
-                disk_bytes = 0
+        disk_bytes = self._store.usage()[0] if self._store is not None else 0
         with self._lock:
             in_flight, memory = len(self._flights), self._memory_used
         c = self._counts

@@ -9,7 +9,6 @@ they never break a listing.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -144,17 +143,13 @@ def _group(record: Any) -> Group:
 class Catalog:
     """Circles, collections, datasets and resources of one host, remembered through `Memo`."""
 
-    def __init__(self, *, api: DcorApi, memo: Memo, timeout: float, dir_cache_time: float) -> None:
+    def __init__(self, *, api: DcorApi, memo: Memo, dir_cache_time: float) -> None:
         self._api = api
         self._memo = memo
-        self._timeout = timeout
         self._listing_age = dir_cache_time
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self._timeout
-
     def _ask(self, key: str, ask: Callable[[float], Any], max_age: float) -> Any:
-        return self._memo.get(key, ask, max_age=max_age, deadline=self._deadline())
+        return self._memo.get(key, ask, max_age=max_age)
 
     def _groups(self, action: str) -> list[Any]:
         def ask(deadline: float) -> list[Any]:

@@ -96,7 +96,7 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="no condensed files (as before DCOR's condensing job ran)",
     )
-    parser.set_defaults(run=_run_devserver)
+    parser.set_defaults(run=_run_devserver, console_log=logging.WARNING)  # its progress
 
 
 def _run_devserver(args: argparse.Namespace) -> int:
@@ -186,9 +186,6 @@ def _positive(value: float, name: str) -> float:
 def _run_mount(args: argparse.Namespace) -> int:
     from .mount import mount
 
-    logging.getLogger("dcorfs").setLevel(
-        logging.ERROR
-    )  # checks report in one line; the daemon logs
     settings = MountSettings(
         mountpoint=args.mountpoint.absolute(),
         host=parse_host(args.host),
@@ -242,7 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Commands report failures in one line themselves; only the devserver logs to the console.
+    # The mount daemon configures its own logging (logs.configure).
+    level = getattr(args, "console_log", logging.ERROR)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
     except ConfigError as exc:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, redact_url
@@ -89,10 +89,7 @@ class DcorApi:
         )
 
     def basins(self, resource_id: str, *, deadline: float) -> list[Basin]:
-        result = self.dcserv(resource_id, "basins", deadline=deadline)
-        if not isinstance(result, list):
-            raise ProtocolError(f"basins of {resource_id}: expected a list")
-        return [parse_basin(entry) for entry in result if _is_object_basin(entry)]
+        return parse_basins(self.dcserv(resource_id, "basins", deadline=deadline))
 
     def download_url(self, dataset_id: str, resource_id: str, name: str, *, deadline: float) -> str:
         """Follow DCOR's download route (with the token) to the presigned object URL."""
@@ -116,6 +113,13 @@ def _is_object_basin(entry: Any) -> bool:
         and isinstance(entry.get("urls"), list)
         and bool(entry["urls"])
     )
+
+
+def parse_basins(answer: Any) -> list[Basin]:
+    """The object basins (format http) of dcserv's `basins` answer."""
+    if not isinstance(answer, list):
+        raise ProtocolError("dcserv basins: expected a list")
+    return [parse_basin(entry) for entry in answer if _is_object_basin(entry)]
 
 
 def parse_basin(entry: dict[str, Any]) -> Basin:
@@ -193,10 +197,21 @@ class Locator:
         return url
 
 
-def make_fetch(http: Http, locator: Locator) -> Callable[[Any, int, int, float], bytes]:
+class ObjectRef(Protocol):
+    """What the fetcher needs of an object: identity, version and size (the cache's ObjectId)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def etag(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
+def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, float], bytes]:
     """The block cache's fetcher: range GET of an object, renewing its URL once on 403."""
 
-    def fetch(obj: Any, start: int, stop: int, deadline: float) -> bytes:
+    def fetch(obj: ObjectRef, start: int, stop: int, deadline: float) -> bytes:
         url = locator.url(obj.key, deadline=deadline)
         try:
             return http.get_range(

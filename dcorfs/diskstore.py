@@ -264,8 +264,14 @@ class DiskStore:
             self._db().execute("DELETE FROM blocks WHERE name=?", (name,))
 
     def usage(self) -> tuple[int, int]:
-        row = self._db().execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks").fetchone()
-        return int(row[0]), int(row[1])
+        """(bytes, blocks) stored by all processes; (0, 0) if the accounting is unreadable."""
+        try:
+            row = self._db().execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks")
+            total, count = row.fetchone()
+        except sqlite3.Error as exc:
+            log.warning("cache accounting unreadable: %s", exc)
+            return 0, 0
+        return int(total), int(count)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

@@ -37,9 +37,16 @@ class AccessDenied(DcorfsError):
 
 
 class TransientError(DcorfsError):
-    """A failure a retry may cure: timeouts, resets, 5xx, short or mislabelled bodies."""
+    """A failure a retry may cure: timeouts, resets, 5xx, short or mislabelled bodies.
+
+    `retry_after`: seconds the server asked to wait (HTTP Retry-After), 0 if it did not.
+    """
 
     transient = True
+
+    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DeadlineExceeded(DcorfsError):
@@ -52,10 +59,6 @@ class ProtocolError(DcorfsError):
 
 class ObjectChanged(DcorfsError):
     """An object's ETag or size differs from the one its cached blocks belong to."""
-
-
-class Offline(DcorfsError):
-    """The server cannot be reached and nothing usable is stored locally."""
 
 
 def redact_url(url: str) -> str:

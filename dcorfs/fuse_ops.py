@@ -49,17 +49,34 @@ def _handler(method: Handler[P, T]) -> Handler[P, T]:
         except pyfuse3.FUSEError:
             raise
         except DcorfsError as exc:
-            self.note_error(method.__name__, exc)
+            self.activity.note_error(method.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except trio.TooSlowError:
-            self.note_error(method.__name__, TimeoutError("no answer within the deadline"))
+            self.activity.note_error(method.__name__, TimeoutError("no answer within the deadline"))
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception as exc:
             log.exception("unexpected error in %s", method.__name__)
-            self.note_error(method.__name__, exc)
+            self.activity.note_error(method.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+class Activity:
+    """What the FUSE layer did, for status.json: counters and the most recent errors."""
+
+    def __init__(self) -> None:
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+
+    def note_error(self, operation: str, exc: BaseException) -> None:
+        if isinstance(exc, NotFound):
+            log.debug("%s: %s", operation, exc)
+            return
+        level = logging.INFO if isinstance(exc, AccessDenied) else logging.WARNING
+        log.log(level, "%s failed: %s", operation, exc)
+        self.counters["errors"] += 1
+        self.recent_errors.append({"time": time.time(), "operation": operation, "error": str(exc)})
 
 
 async def _refuse(*args: Any) -> Any:
@@ -77,8 +94,10 @@ class Operations(pyfuse3.Operations):
         listing_time: float,
         negative_time: float,
         limiter: trio.CapacityLimiter,
+        activity: Activity | None = None,
     ) -> None:
         super().__init__()
+        self.activity = activity or Activity()
         self._timeout = timeout
         self._attr_time = attr_time
         self._listing_time = listing_time
@@ -93,19 +112,8 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._dirs_parent: dict[int, int] = {}
         self._next_fh = 1
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
 
     # -- bookkeeping ---------------------------------------------------------------------------
-
-    def note_error(self, operation: str, exc: BaseException) -> None:
-        if isinstance(exc, NotFound):
-            log.debug("%s: %s", operation, exc)
-            return
-        level = logging.INFO if isinstance(exc, AccessDenied) else logging.WARNING
-        log.log(level, "%s failed: %s", operation, exc)
-        self.counters["errors"] += 1
-        self.recent_errors.append({"time": time.time(), "operation": operation, "error": str(exc)})
 
     def _inode(self, node: Node, parent: int) -> int:
         known = self._inodes.get(node.path)
@@ -159,7 +167,6 @@ class Operations(pyfuse3.Operations):
             attr.st_nlink = 1
             attr.st_size = node.size
             if node.dynamic:
-                attr.st_size = node.content().size
                 timeout = 1.0
         attr.st_blocks = -(-attr.st_size // 512)
         attr.entry_timeout = attr.attr_timeout = timeout
@@ -255,7 +262,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = content
-        self.counters["opens"] += 1
+        self.activity.counters["opens"] += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=not node.dynamic, direct_io=node.dynamic)
 
     @_handler
@@ -267,10 +274,10 @@ class Operations(pyfuse3.Operations):
         if data is None:
             deadline = time.monotonic() + self._timeout
             data = await self._blocking(lambda: content.read(off, size, deadline=deadline))
-            self.counters["reads_waited"] += 1
+            self.activity.counters["reads_waited"] += 1
         else:
-            self.counters["reads_inline"] += 1
-        self.counters["bytes_served"] += len(data)
+            self.activity.counters["reads_inline"] += 1
+        self.activity.counters["bytes_served"] += len(data)
         return data
 
     @_handler
@@ -305,15 +312,20 @@ class Operations(pyfuse3.Operations):
         self._node(inode)
         return []
 
-    setattr = _refuse  # type: ignore[assignment]
-    write = _refuse  # type: ignore[assignment]
-    create = _refuse  # type: ignore[assignment]
-    mkdir = _refuse  # type: ignore[assignment]
-    mknod = _refuse  # type: ignore[assignment]
-    unlink = _refuse  # type: ignore[assignment]
-    rmdir = _refuse  # type: ignore[assignment]
-    rename = _refuse  # type: ignore[assignment]
-    symlink = _refuse  # type: ignore[assignment]
-    link = _refuse  # type: ignore[assignment]
-    setxattr = _refuse  # type: ignore[assignment]
-    removexattr = _refuse  # type: ignore[assignment]
+
+READ_ONLY = [
+    "setattr",
+    "write",
+    "create",
+    "mkdir",
+    "mknod",
+    "unlink",
+    "rmdir",
+    "rename",
+    "symlink",
+    "link",
+    "setxattr",
+    "removexattr",
+]
+for _name in READ_ONLY:  # the kernel refuses most of these on an `ro` mount already
+    setattr(Operations, _name, _refuse)

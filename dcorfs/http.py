@@ -81,14 +81,22 @@ def _total(content_range: str | None, start: int, stop: int) -> int:
         raise TransientError(f"bad Content-Range {content_range!r}") from None
 
 
+def _raise_if_busy(response: requests.Response, url: str) -> None:
+    """5xx and 429 are transient; the server may say how long to wait."""
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise TransientError(
+            f"HTTP {status} for {redact_url(url)}", retry_after=_retry_after(response)
+        )
+
+
 def _check_status(response: requests.Response, url: str) -> None:
     status = response.status_code
     if status == 403:
         raise AccessDenied(f"HTTP 403 for {redact_url(url)}")
     if status == 404:
         raise NotFound(f"HTTP 404 for {redact_url(url)}")
-    if status == 429 or status >= 500:
-        raise TransientError(f"HTTP {status} for {redact_url(url)}")
+    _raise_if_busy(response, url)
     if status == 416:
         raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")
 
@@ -153,9 +161,8 @@ class Http:
             except NETWORK_ERRORS as exc:
                 last = exc
             delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**number))
-            retry_after = getattr(last, "retry_after", None)
-            if retry_after:
-                delay = max(delay, retry_after)
+            if isinstance(last, TransientError):
+                delay = max(delay, last.retry_after)
             log.debug("%s: attempt %d failed (%s)", redact_url(url), number + 1, _why(last))
             if number + 1 < policy.attempts:
                 self._sleep(max(0.0, min(delay, deadline - self._clock())))
@@ -180,10 +187,7 @@ class Http:
                 url, params=params, headers=headers, timeout=timeout, allow_redirects=False
             )
             with response:
-                if response.status_code == 429 or response.status_code >= 500:
-                    error = TransientError(f"HTTP {response.status_code} for {redact_url(url)}")
-                    error.retry_after = _retry_after(response)  # type: ignore[attr-defined]
-                    raise error
+                _raise_if_busy(response, url)
                 try:
                     return response.status_code, response.json()
                 except ValueError:

@@ -90,17 +90,6 @@ class MetaStore:
             except sqlite3.Error as exc:
                 log.warning("metadata store write failed: %s", exc)
 
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._memory.pop(key, None)
-            if self._db is not None:
-                try:
-                    self._db.execute(
-                        "DELETE FROM answers WHERE scope=? AND key=?", (self._scope, key)
-                    )
-                except sqlite3.Error as exc:
-                    log.warning("metadata store write failed: %s", exc)
-
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
@@ -111,8 +100,15 @@ class MetaStore:
 class Memo:
     """Ask the server at most once per `max_age`; serve stored answers when it is unreachable."""
 
-    def __init__(self, store: MetaStore, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: MetaStore,
+        *,
+        timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._store = store
+        self._timeout = timeout  # for one question (with its retries)
         self._clock = clock
         self._lock = threading.Lock()
         self._flights: dict[str, threading.Lock] = {}
@@ -124,7 +120,6 @@ class Memo:
         ask: Callable[[float], Any],
         *,
         max_age: float,
-        deadline: float,
     ) -> Any:
         stored = self._store.get(key)
         if stored is not None and time.time() - stored[1] < max_age:
@@ -132,11 +127,11 @@ class Memo:
         with self._lock:
             flight = self._flights.setdefault(key, threading.Lock())
         with flight:  # one question per key at a time; followers reuse the answer
-            fresh = self._store.get(key)
-            if fresh is not None and fresh is not stored and time.time() - fresh[1] < max_age:
+            fresh = self._store.get(key)  # another thread may have asked meanwhile
+            if fresh is not None and time.time() - fresh[1] < max_age:
                 return fresh[0]
-            if stored is not None:
-                deadline = min(deadline, self._clock() + STALE_ATTEMPT)
+            wait = STALE_ATTEMPT if stored is not None else self._timeout
+            deadline = self._clock() + wait
             try:
                 value = ask(deadline)
             except DcorfsError as exc:
@@ -148,6 +143,3 @@ class Memo:
                 return stored[0]
             self._store.put(key, value)
             return value
-
-    def forget(self, key: str) -> None:
-        self._store.forget(key)

@@ -15,11 +15,11 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
@@ -30,7 +30,7 @@ from .catalog import Catalog
 from .dcserv import DcorApi, Locator, make_fetch
 from .diskstore import DiskStore
 from .errors import ConfigError, DcorfsError, DeadlineExceeded
-from .fuse_ops import Operations
+from .fuse_ops import Activity, Operations
 from .http import Http, RetryPolicy
 from .logs import configure
 from .metastore import Memo, MetaStore
@@ -58,7 +58,7 @@ def check_mountpoint(path: Path) -> None:
                 f"run `dcorfs umount {path}` first"
             ) from None
         raise ConfigError(f"mount point {path}: {exc.strerror}") from None
-    if not path.is_dir() or not info:
+    if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
     if path.is_mount():
         raise ConfigError(f"{path} is already a mount point (busy)")
@@ -142,7 +142,7 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         level=settings.log_level, log_file=log_file, stderr=settings.foreground, secrets=secrets
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    parts = _build(settings)
+    ops, close = _build(settings)
     options = set(pyfuse3.default_options) | {
         f"fsname=dcorfs:{settings.host.split('://', 1)[1]}",
         "subtype=dcorfs",
@@ -151,10 +151,10 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     if settings.allow_other:
         options.add("allow_other")
     try:
-        pyfuse3.init(parts["ops"], str(settings.mountpoint), options)
+        pyfuse3.init(ops, str(settings.mountpoint), options)
     except RuntimeError as exc:
         ready(f"cannot mount {settings.mountpoint}: {exc}")
-        parts["close"]()
+        close()
         return 1
     log.info("dcorfs %s: %s mounted at %s", __version__, settings.host, settings.mountpoint)
     ready("ok")
@@ -162,7 +162,7 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         trio.run(_serve)
     finally:
         pyfuse3.close(unmount=True)
-        parts["close"]()
+        close()
         log.info("unmounted %s", settings.mountpoint)
     return 0
 
@@ -182,15 +182,13 @@ async def _signals() -> None:
             return
 
 
-def _build(settings: MountSettings) -> dict[str, Any]:
+def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
     """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
     http = Http(pool_size=settings.network_threads)
     api = DcorApi(http=http, base_url=settings.host, token=settings.token)
     store = MetaStore(settings.cache_dir / "meta.sqlite3", scope=_scope(settings))
-    memo = Memo(store)
-    catalog = Catalog(
-        api=api, memo=memo, timeout=settings.timeout, dir_cache_time=settings.dir_cache_time
-    )
+    memo = Memo(store, timeout=settings.timeout)
+    catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
     locator = Locator()
     disk = DiskStore(
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
@@ -214,10 +212,9 @@ def _build(settings: MountSettings) -> dict[str, Any]:
         catalog=catalog, resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time
     )
     started = time.time()
-    holder: dict[str, Operations] = {}
+    activity = Activity()
 
     def status() -> bytes:
-        ops = holder.get("ops")
         report = {
             "version": __version__,
             "host": settings.host,
@@ -226,8 +223,8 @@ def _build(settings: MountSettings) -> dict[str, Any]:
             "pid": os.getpid(),
             "started": started,
             "cache": dataclasses.asdict(cache.stats()),
-            "fuse": dict(ops.counters) if ops else {},
-            "recent_errors": list(ops.recent_errors) if ops else [],
+            "fuse": dict(activity.counters),
+            "recent_errors": list(activity.recent_errors),
         }
         return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
 
@@ -239,8 +236,8 @@ def _build(settings: MountSettings) -> dict[str, Any]:
         listing_time=settings.dir_cache_time,
         negative_time=settings.negative_time,
         limiter=trio.CapacityLimiter(settings.network_threads),
+        activity=activity,
     )
-    holder["ops"] = ops
 
     def close() -> None:
         resources.close()
@@ -248,4 +245,4 @@ def _build(settings: MountSettings) -> dict[str, Any]:
         store.close()
         disk.close()
 
-    return {"ops": ops, "close": close}
+    return ops, close

@@ -15,7 +15,7 @@ from typing import Any
 
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
-from .dcserv import Basin, DcorApi, Locator, parse_basin, resource_key
+from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
 from .http import Http
 from .metastore import FOREVER, Memo
@@ -23,18 +23,6 @@ from .rtdc import RemoteFile, RtdcResource, RtdcSource
 
 log = logging.getLogger(__name__)
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
-
-
-def _basin_record(basin: Basin) -> dict[str, Any]:
-    return {
-        "name": basin.kind,
-        "format": "http",
-        "urls": [basin.url],
-        "features": list(basin.features) if basin.features is not None else None,
-        "perishable": basin.lifetime is not None,
-        "time_request": 0.0,
-        "time_expiration": basin.lifetime or 0.0,
-    }
 
 
 class Resources:
@@ -71,16 +59,13 @@ class Resources:
         """The resource's basins by kind; URLs registered with the locator."""
 
         def ask(deadline: float) -> Any:
-            basins = self._api.basins(resource_id, deadline=deadline)
-            return {"asked": time.time(), "basins": [_basin_record(b) for b in basins]}
+            answer = self._api.dcserv(resource_id, "basins", deadline=deadline)
+            return {"asked": time.time(), "basins": answer}
 
-        answer = self._memo.get(
-            f"basins:{resource_id}", ask, max_age=FOREVER, deadline=self._deadline()
-        )
-        age = time.time() - float(answer["asked"])
+        answer = self._memo.get(f"basins:{resource_id}", ask, max_age=FOREVER)
+        age = time.time() - float(answer["asked"])  # presigned URLs age while stored
         found = {}
-        for record in answer["basins"]:
-            basin = parse_basin(record)
+        for basin in parse_basins(answer["basins"]):
             found[basin.kind] = basin
             lifetime = None if basin.lifetime is None else basin.lifetime - age
             self._locator.register(
@@ -88,7 +73,7 @@ class Resources:
             )
         return found
 
-    def _renew(self, resource_id: str, kind: str) -> Any:
+    def _renew(self, resource_id: str, kind: str) -> Renew:
         def renew(deadline: float) -> tuple[str, float | None]:
             for basin in self._api.basins(resource_id, deadline=deadline):
                 if basin.kind == kind:
@@ -111,7 +96,7 @@ class Resources:
                 info = self._http.probe(url, deadline=deadline)
             return {"size": info.size, "etag": info.etag}
 
-        info = self._memo.get(f"object:{key}", ask, max_age=FOREVER, deadline=self._deadline())
+        info = self._memo.get(f"object:{key}", ask, max_age=FOREVER)
         return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
 
     # -- RT-DC resources ----------------------------------------------------------------------

@@ -58,6 +58,10 @@ class RemoteFile(io.RawIOBase):
         value = getattr(self._local, "deadline", None)
         return float(value) if value is not None else time.monotonic() + self._timeout
 
+    def ensure(self, ranges: list[tuple[int, int]], *, deadline: float) -> None:
+        """Have these byte ranges in the cache (fetched outside h5py's lock)."""
+        self._cache.ensure(self.obj, ranges, deadline=deadline)
+
     def readable(self) -> bool:
         return True
 
@@ -117,7 +121,7 @@ class RtdcSource:
     def __init__(self, remote: RemoteFile, *, kind: str, deadline: float) -> None:
         self.remote = remote
         self.kind = kind
-        self._layouts: dict[str, _Layout] = {}
+        self._layouts: dict[str, _Layout | None] = {}
         self._lock = threading.Lock()
         with remote.deadline(deadline):
             try:
@@ -174,7 +178,7 @@ class RtdcSource:
                 [c[0] for c in chunks], [(c[1], c[2]) for c in chunks], data.chunks[0], row_bytes
             )
         with self._lock:
-            self._layouts[name] = layout  # type: ignore[assignment]
+            self._layouts[name] = layout
         return layout
 
     def raw_ranges(self, name: str, start: int, stop: int) -> list[tuple[int, int]]:
@@ -194,7 +198,7 @@ class RtdcSource:
         feature = self.features[name]
         with self.remote.deadline(deadline):
             ranges = self.raw_ranges(name, start, stop)
-        self.remote._cache.ensure(self.remote.obj, ranges, deadline=deadline)
+        self.remote.ensure(ranges, deadline=deadline)
         with self.remote.deadline(deadline):
             try:
                 values = self.dataset(name)[start:stop]

@@ -14,16 +14,16 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
+from .blockcache import BlockCache
 from .catalog import Catalog, Dataset, Resource
 from .content import FileContent, StaticContent
 from .errors import NotFound
 from .names import sanitize, unique
-from .producers.npy import NpyContent
+from .producers.npy import npy_content
 from .producers.passthrough import ObjectContent
 from .producers.text import json_bytes, log_bytes, table_bytes
-from .producers.tsv import TsvContent
+from .producers.tsv import tsv_content
 from .resources import Resources
 from .rtdc import TRACE_PREFIX, RtdcResource
 
@@ -79,7 +79,7 @@ class File(Node):
         super().__init__(path, mtime=mtime)
         self._size = size
         self._make = make
-        self.dynamic = dynamic  # contents change: opened with direct_io, size from a snapshot
+        self.dynamic = dynamic  # contents change: size 0 (as in /proc), read with direct_io
 
     @property
     def size(self) -> int:
@@ -90,9 +90,22 @@ class File(Node):
         return self._make()
 
 
+def content_file(path: str, content: FileContent, mtime: float = 0.0) -> File:
+    """A file whose content is made already (its size is known)."""
+    return File(path, size=content.size, make=lambda: content, mtime=mtime)
+
+
 def static_file(path: str, data: bytes, mtime: float = 0.0) -> File:
-    content = StaticContent(data)
-    return File(path, size=len(data), make=lambda: content, mtime=mtime)
+    return content_file(path, StaticContent(data), mtime)
+
+
+def text_dir(path: str, files: dict[str, bytes], mtime: float) -> StaticDir:
+    """A directory of small text files (logs/, tables/)."""
+    return StaticDir(
+        path,
+        {name: static_file(f"{path}/{name}", data, mtime) for name, data in files.items()},
+        mtime=mtime,
+    )
 
 
 class Dir(Node):
@@ -165,7 +178,7 @@ class Context:
     """What the nodes need from below: the catalog and the opened resources."""
 
     def __init__(
-        self, *, catalog: Catalog, resources: Resources, cache: Any, dir_cache_time: float
+        self, *, catalog: Catalog, resources: Resources, cache: BlockCache, dir_cache_time: float
     ) -> None:
         self.catalog = catalog
         self.resources = resources
@@ -179,7 +192,7 @@ def build_root(ctx: Context, status: Callable[[], bytes], *, mtime: float) -> Di
         {
             "status.json": File(
                 "/.dcorfs/status.json",
-                size=len(status()),
+                size=0,
                 make=lambda: StaticContent(status()),
                 dynamic=True,
                 mtime=mtime,
@@ -244,14 +257,13 @@ class DatasetsDir(Dir):
 
     def lookup(self, name: str) -> Node:
         node = self.children().get(name)
-        if node is not None or self._fq:
-            if node is None:
-                raise NotFound(f"{self.child_path(name)} does not exist")
+        if node is not None:
             return node
-        dataset = self._ctx.catalog.dataset(name)  # any dataset resolves, also unlisted ones
-        if sanitize(dataset.name) != name:
-            raise NotFound(f"{self.child_path(name)} does not exist")
-        return DatasetDir(self.child_path(name), self._ctx, dataset)
+        if not self._fq:  # datasets/: any dataset resolves by name, also unlisted ones
+            dataset = self._ctx.catalog.dataset(name)
+            if sanitize(dataset.name) == name:
+                return DatasetDir(self.child_path(name), self._ctx, dataset)
+        raise NotFound(f"{self.child_path(name)} does not exist")
 
 
 class GroupsDir(Dir):
@@ -351,39 +363,27 @@ class ResourceDir(Dir):
                 files[file_name] = _npy_file(self.child_path(file_name), opened, name, mtime)
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
-        tsv = TsvContent(opened)
-        files["features.tsv"] = File(
-            self.child_path("features.tsv"), size=tsv.size, make=lambda: tsv, mtime=mtime
+        files["features.tsv"] = content_file(
+            self.child_path("features.tsv"), tsv_content(opened), mtime
         )
         metadata = ctx.catalog.dcserv(rid, "metadata")
         files["metadata.json"] = static_file(
             self.child_path("metadata.json"), json_bytes(metadata), mtime
         )
         logs = ctx.catalog.dcserv(rid, "logs") or {}
-        files["logs"] = StaticDir(
+        files["logs"] = text_dir(
             self.child_path("logs"),
-            {
-                name: static_file(f"{self.path}/logs/{name}", log_bytes(lines), mtime)
-                for name, lines in unique(
-                    (f"{k}.txt", k, v) for k, v in sorted(logs.items())
-                ).items()
-            },
-            mtime=mtime,
+            unique((f"{k}.txt", k, log_bytes(v)) for k, v in sorted(logs.items())),
+            mtime,
         )
         tables = ctx.catalog.dcserv(rid, "tables") or {}
-        files["tables"] = StaticDir(
+        files["tables"] = text_dir(
             self.child_path("tables"),
-            {
-                name: static_file(f"{self.path}/tables/{name}", table_bytes(table), mtime)
-                for name, table in unique(
-                    (f"{k}.csv", k, v) for k, v in sorted(tables.items())
-                ).items()
-            },
-            mtime=mtime,
+            unique((f"{k}.csv", k, table_bytes(v)) for k, v in sorted(tables.items())),
+            mtime,
         )
         return files
 
 
 def _npy_file(path: str, opened: RtdcResource, feature: str, mtime: float) -> File:
-    content = NpyContent(opened, opened.features[feature])
-    return File(path, size=content.size, make=lambda: content, mtime=mtime)
+    return content_file(path, npy_content(opened, opened.features[feature]), mtime)

@@ -57,7 +57,9 @@ class User:
 
 
 @dataclass(frozen=True)
-class Circle:
+class Group:
+    """A CKAN group: a circle (organization) or a collection."""
+
     id: str
     name: str
     title: str
@@ -65,13 +67,8 @@ class Circle:
     created: str
 
 
-@dataclass(frozen=True)
-class Collection:
-    id: str
-    name: str
-    title: str
-    description: str
-    created: str
+Circle = Group
+Collection = Group
 
 
 @dataclass(frozen=True)
@@ -148,12 +145,10 @@ class Repository:
         return self._resources.get(rid)
 
     def circle(self, name_or_id: str) -> Circle | None:
-        found = self.circles.get(name_or_id)
-        return found or next((c for c in self.circles.values() if c.id == name_or_id), None)
+        return _find(self.circles, name_or_id)
 
     def collection(self, name_or_id: str) -> Collection | None:
-        found = self.collections.get(name_or_id)
-        return found or next((c for c in self.collections.values() if c.id == name_or_id), None)
+        return _find(self.collections, name_or_id)
 
     def can_read(self, dataset: Dataset, user: User | None) -> bool:
         """CKAN semantics: public datasets for everyone, private ones for circle members."""
@@ -424,3 +419,9 @@ def file_digests(path: Path, block: int = 2**20) -> Digests:
     else:
         etag = md5.hexdigest()
     return Digests(size=size, md5=md5.hexdigest(), etag=etag, sha256=sha256.hexdigest())
+
+
+def _find(groups: dict[str, Group], name_or_id: str) -> Group | None:
+    """A group by name (the dict key) or by id."""
+    found = groups.get(name_or_id)
+    return found or next((g for g in groups.values() if g.id == name_or_id), None)

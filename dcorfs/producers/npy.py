@@ -11,6 +11,7 @@ import io
 import numpy as np
 from numpy.lib import format as npformat
 
+from ..content import RowContent
 from ..rtdc import Feature, RtdcResource
 
 
@@ -22,29 +23,15 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-class NpyContent:
-    def __init__(self, resource: RtdcResource, feature: Feature) -> None:
-        self._resource = resource
-        self._feature = feature
-        self._header = npy_header(feature.dtype, feature.shape)
-        self._row = feature.row_bytes
-        self.size = len(self._header) + self._row * feature.shape[0]
+def npy_content(resource: RtdcResource, feature: Feature) -> RowContent:
+    """The .npy file of one feature: one row per event."""
 
-    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
-        stop = min(offset + length, self.size)
-        if offset >= stop:
-            return b""
-        head = len(self._header)
-        out = self._header[offset:stop] if offset < head else b""
-        begin, end = max(offset, head) - head, stop - head
-        if end > begin:
-            first, last = begin // self._row, -(-end // self._row)
-            values = self._resource.read(self._feature.name, first, last, deadline=deadline)
-            data = values.tobytes()
-            out += data[begin - first * self._row : end - first * self._row]
-        return out
+    def rows(first: int, last: int, deadline: float) -> bytes:
+        return resource.read(feature.name, first, last, deadline=deadline).tobytes()
 
-    def peek(self, offset: int, length: int) -> bytes | None:
-        if offset + length <= len(self._header):
-            return self._header[offset : offset + length]
-        return None
+    return RowContent(
+        npy_header(feature.dtype, feature.shape),
+        row_bytes=feature.row_bytes,
+        count=feature.shape[0],
+        rows=rows,
+    )

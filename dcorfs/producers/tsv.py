@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..rtdc import Feature, RtdcResource
+from ..content import RowContent
+from ..rtdc import RtdcResource
 
 
 def _format(dtype: np.dtype) -> tuple[str, int]:
@@ -27,57 +28,27 @@ def _format(dtype: np.dtype) -> tuple[str, int]:
     raise TypeError(f"no text form for dtype {dtype}")
 
 
-def tsv_columns(resource: RtdcResource) -> list[Feature]:
-    return [f for f in resource.scalar_features() if f.dtype.kind in "fbiu"]
+def tsv_content(resource: RtdcResource) -> RowContent:
+    """features.tsv of a resource: a header line, then one fixed-width line per event."""
+    columns = [f for f in resource.scalar_features() if f.dtype.kind in "fbiu"]
+    if not columns:
+        return RowContent(b"", row_bytes=0, count=0, rows=lambda first, last, deadline: b"")
+    formats = [_format(f.dtype) for f in columns]
+    widths = [max(width, len(f.name)) for f, (_, width) in zip(columns, formats, strict=True)]
+    header = "\t".join(f.name.rjust(w) for f, w in zip(columns, widths, strict=True)) + "\n"
 
-
-class TsvContent:
-    def __init__(self, resource: RtdcResource) -> None:
-        self._resource = resource
-        self._columns = tsv_columns(resource)
-        self._formats = [_format(f.dtype) for f in self._columns]
-        widths = [
-            max(width, len(f.name))
-            for f, (_, width) in zip(self._columns, self._formats, strict=True)
-        ]
-        self._widths = widths
-        self._header = (
-            "\t".join(f.name.rjust(w) for f, w in zip(self._columns, widths, strict=True)) + "\n"
-        ).encode()
-        self._row = sum(widths) + len(widths)  # tabs between columns plus the newline
-        self.size = len(self._header) + self._row * resource.events if self._columns else 0
-        if not self._columns:
-            self._header = b""
-
-    def _rows(self, first: int, last: int, deadline: float) -> bytes:
-        columns = []
-        for feature, (fmt, _), width in zip(
-            self._columns, self._formats, self._widths, strict=True
-        ):
-            values = self._resource.read(feature.name, first, last, deadline=deadline)
+    def rows(first: int, last: int, deadline: float) -> bytes:
+        table = None
+        for feature, (fmt, _), width in zip(columns, formats, widths, strict=True):
+            values = resource.read(feature.name, first, last, deadline=deadline)
             if values.dtype.kind == "b":
                 values = values.astype(np.uint8)
             text = np.char.rjust(np.char.mod(fmt, values), width)
-            columns.append(text)
-        table = columns[0]
-        for column in columns[1:]:
-            table = np.char.add(np.char.add(table, "\t"), column)
+            table = text if table is None else np.char.add(np.char.add(table, "\t"), text)
+        assert table is not None
         return ("\n".join(table.tolist()) + "\n").encode()
 
-    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
-        stop = min(offset + length, self.size)
-        if offset >= stop:
-            return b""
-        head = len(self._header)
-        out = self._header[offset:stop] if offset < head else b""
-        begin, end = max(offset, head) - head, stop - head
-        if end > begin:
-            first, last = begin // self._row, -(-end // self._row)
-            data = self._rows(first, last, deadline)
-            out += data[begin - first * self._row : end - first * self._row]
-        return out
-
-    def peek(self, offset: int, length: int) -> bytes | None:
-        if offset + length <= len(self._header):
-            return self._header[offset : offset + length]
-        return None
+    # tabs between the columns plus the newline
+    return RowContent(
+        header.encode(), row_bytes=sum(widths) + len(widths), count=resource.events, rows=rows
+    )
