@@ -6,7 +6,8 @@ block and returns the bytes only when they are at hand (served on the trio threa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 
@@ -73,3 +74,49 @@ class RowContent:
         if offset + length <= len(self._header):
             return self._header[offset : offset + length]
         return None
+
+
+class PartsContent:
+    """A file made of parts at fixed offsets; bytes no part covers read as zeros.
+
+    `parts` are (offset, content) pairs that do not overlap. A read asks each part only for
+    the bytes it covers; `peek` answers when every part it touches can answer at once.
+    """
+
+    def __init__(self, size: int, parts: list[tuple[int, FileContent]]) -> None:
+        self.size = size
+        self._parts = sorted(parts, key=lambda part: part[0])
+        self._starts = [offset for offset, _ in self._parts]
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, FileContent | None]]:
+        """(offset within the part, length, part or None for zeros) covering the range."""
+        pos, stop = offset, min(offset + length, self.size)
+        i = max(0, bisect.bisect_right(self._starts, pos) - 1)
+        while pos < stop:
+            while i < len(self._parts) and self._starts[i] + self._parts[i][1].size <= pos:
+                i += 1
+            if i == len(self._parts) or self._starts[i] >= stop:
+                yield 0, stop - pos, None
+                return
+            start, part = self._parts[i]
+            if start > pos:
+                yield 0, start - pos, None
+                pos = start
+            end = min(start + part.size, stop)
+            yield pos - start, end - pos, part
+            pos = end
+
+    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+        out = bytearray()
+        for at, n, part in self._pieces(offset, length):
+            out += bytes(n) if part is None else part.read(at, n, deadline=deadline)
+        return bytes(out)
+
+    def peek(self, offset: int, length: int) -> bytes | None:
+        out = bytearray()
+        for at, n, part in self._pieces(offset, length):
+            data = bytes(n) if part is None else part.peek(at, n)
+            if data is None:
+                return None
+            out += data
+        return bytes(out)

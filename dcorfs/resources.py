@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .blockcache import BlockCache, ObjectId
@@ -134,6 +135,11 @@ class Resources:
         obj = self._identify(basin.key, size, etag)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
         return RtdcSource(remote, kind=basin.kind, deadline=self._deadline())
+
+    def remembered(self, key: str, make: Callable[[float], Any]) -> Any:
+        """A JSON value derived from immutable resource data: made once (`make(deadline)`),
+        then kept with the API answers (also for later mounts and offline use)."""
+        return self._memo.get(key, make, max_age=FOREVER)
 
     # -- other resources ------------------------------------------------------------------------
 

@@ -16,12 +16,13 @@ lock is not held across network waits for event data.
 from __future__ import annotations
 
 import bisect
-import io
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Zstd filter of modern .rtdc files)
@@ -29,11 +30,14 @@ import numpy as np
 
 from .blockcache import BlockCache, ObjectId
 from .errors import DcorfsError, ProtocolError
+from .fileobj import SeekableFile
+
+log = logging.getLogger(__name__)
 
 TRACE_PREFIX = "trace/"
 
 
-class RemoteFile(io.RawIOBase):
+class RemoteFile(SeekableFile):
     """A read-only, seekable file object over a cached remote object."""
 
     def __init__(self, cache: BlockCache, obj: ObjectId, *, timeout: float) -> None:
@@ -41,7 +45,6 @@ class RemoteFile(io.RawIOBase):
         self._cache = cache
         self.obj = obj
         self._timeout = timeout
-        self._pos = 0
         self._local = threading.local()
 
     @contextmanager
@@ -62,19 +65,8 @@ class RemoteFile(io.RawIOBase):
         """Have these byte ranges in the cache (fetched outside h5py's lock)."""
         self._cache.ensure(self.obj, ranges, deadline=deadline)
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.obj.size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+    def end(self) -> int:
+        return self.obj.size
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         stop = min(self._pos + len(buffer), self.obj.size)
@@ -103,6 +95,24 @@ class Feature:
     @property
     def row_bytes(self) -> int:
         return int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
+
+
+@dataclass
+class Array:
+    """A small dataset read whole (a log, a table) with its attributes."""
+
+    data: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outline:
+    """What a copy of a resource's file needs besides event data (see `RtdcResource.outline`)."""
+
+    attrs: dict[str, Any]  # root attributes (metadata)
+    feature_attrs: dict[str, dict[str, Any]]
+    logs: dict[str, Array] | None  # None: the file has no such group
+    tables: dict[str, Array] | None
 
 
 @dataclass
@@ -154,6 +164,53 @@ class RtdcSource:
     def dataset(self, name: str) -> h5py.Dataset:
         return self.h5["events/" + name]
 
+    @contextmanager
+    def _reading(self, what: str, deadline: float) -> Iterator[None]:
+        """Reads by h5py under `deadline`; our own errors (network) come out as they are."""
+        with self.remote.deadline(deadline):
+            try:
+                yield
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if isinstance(exc.__context__, DcorfsError):
+                    raise exc.__context__ from None
+                raise ProtocolError(f"{self.remote.obj.key}: cannot read {what}: {exc}") from None
+
+    def attrs(self, path: str, *, deadline: float) -> dict[str, Any]:
+        """The attributes of an object; those h5py cannot read are left out (with a warning)."""
+        with self._reading(f"attributes of {path}", deadline):
+            attrs = self.h5[path].attrs
+            names = list(attrs.keys())
+        found: dict[str, Any] = {}
+        for name in names:
+            try:
+                with self._reading(f"attribute {name!r} of {path}", deadline):
+                    found[name] = attrs[name]
+            except ProtocolError as exc:
+                log.warning("%s", exc)
+        return found
+
+    def arrays(self, group: str, *, deadline: float) -> dict[str, Array] | None:
+        """The datasets of a group (`logs`, `tables`) with their attributes, read whole;
+        None when there is no such group."""
+        with self._reading(group, deadline):
+            members = self.h5.get(group)
+            if not isinstance(members, h5py.Group):
+                return None
+            names = list(members.keys())
+        found: dict[str, Array] = {}
+        for name in names:
+            path = f"{group}/{name}"
+            try:
+                with self._reading(path, deadline):
+                    item = self.h5[path]
+                    if not isinstance(item, h5py.Dataset):
+                        continue
+                    data = np.asarray(item[()])
+                found[name] = Array(data, self.attrs(path, deadline=deadline))
+            except ProtocolError as exc:
+                log.warning("%s (left out)", exc)
+        return found
+
     def _layout(self, name: str) -> _Layout | None:
         with self._lock:
             if name in self._layouts:
@@ -196,16 +253,11 @@ class RtdcSource:
     def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
         """Events [start, stop) of a feature, decoded, in the dtype `features[name]` states."""
         feature = self.features[name]
-        with self.remote.deadline(deadline):
+        with self._reading(name, deadline):
             ranges = self.raw_ranges(name, start, stop)
         self.remote.ensure(ranges, deadline=deadline)
-        with self.remote.deadline(deadline):
-            try:
-                values = self.dataset(name)[start:stop]
-            except (OSError, ValueError) as exc:
-                if isinstance(exc.__context__, DcorfsError):
-                    raise exc.__context__ from None
-                raise ProtocolError(f"{self.remote.obj.key}: cannot decode {name}: {exc}") from None
+        with self._reading(name, deadline):
+            values = self.dataset(name)[start:stop]
         return np.ascontiguousarray(values, dtype=feature.dtype)
 
     def close(self) -> None:
@@ -236,6 +288,21 @@ class RtdcResource:
     def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
         feature = self.features[name]
         return self._sources[feature.source].read(name, start, stop, deadline=deadline)
+
+    def outline(self, *, deadline: float) -> Outline:
+        """Root attributes, feature attributes, logs and tables as the original file has them
+        (a feature's attributes from the file its values come from)."""
+        original = self._sources["resource"]
+        feature_attrs = {
+            name: self._sources[f.source].attrs("events/" + name, deadline=deadline)
+            for name, f in self.features.items()
+        }
+        return Outline(
+            attrs=original.attrs("/", deadline=deadline),
+            feature_attrs=feature_attrs,
+            logs=original.arrays("logs", deadline=deadline),
+            tables=original.arrays("tables", deadline=deadline),
+        )
 
     def close(self) -> None:
         for source in self._sources.values():

@@ -22,10 +22,12 @@ from .errors import NotFound
 from .names import sanitize, unique
 from .producers.npy import npy_content
 from .producers.passthrough import ObjectContent
+from .producers.rtdc_file import build_skeleton, rtdc_content, skeleton_key
 from .producers.text import json_bytes, log_bytes, table_bytes
 from .producers.tsv import tsv_content
 from .resources import Resources
 from .rtdc import TRACE_PREFIX, RtdcResource
+from .skeleton import Skeleton
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ In a dataset directory every RT-DC resource (.rtdc) is a directory named like th
 without its suffix; other resources are plain files; dataset.json is the CKAN record.
 
 In an RT-DC resource directory:
+  <name>.rtdc            the whole measurement as one HDF5 file (dclab, h5py, HDFView …)
   <feature>.npy          one per feature (numpy.load(path, mmap_mode="r") works)
   trace/<name>.npy       fluorescence traces, shape (events, samples)
   features.tsv           all scalar features as a fixed-width, tab-separated table
@@ -363,6 +366,16 @@ class ResourceDir(Dir):
                 files[file_name] = _npy_file(self.child_path(file_name), opened, name, mtime)
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
+        synthesized = sanitize(_stem(self.resource.name) + ".rtdc")
+        skeleton = Skeleton.from_json(
+            ctx.resources.remembered(
+                skeleton_key(rid, opened),
+                lambda deadline: build_skeleton(opened, deadline=deadline).to_json(),
+            )
+        )
+        files[synthesized] = content_file(
+            self.child_path(synthesized), rtdc_content(opened, skeleton), mtime
+        )
         files["features.tsv"] = content_file(
             self.child_path("features.tsv"), tsv_content(opened), mtime
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,56 @@ def fresh_devserver(data_dir: Path) -> Iterator[DevServer]:
         yield server
 
 
-def info(server: DevServer) -> list[dict[str, Any]]:
+class ServerProcess:
+    """`dcorfs devserver` in a process of its own, with the test hooks of `DevServer`.
+
+    Tests that read the mount with h5py need it: h5py holds one lock for the whole process
+    while it reads a file, and an in-process devserver that opens its files with h5py to
+    answer the mount would wait for that lock forever."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dcorfs", "devserver", "--data", str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.url = self.process.stdout.readline().strip()
+        if not self.url.startswith("http://127.0.0.1:"):
+            self.close()
+            raise RuntimeError(f"the devserver did not start (printed {self.url!r})")
+        self.stats = self
+
+    def reset(self) -> None:
+        requests.delete(f"{self.url}/_devserver/stats", timeout=10).raise_for_status()
+
+    def snapshot(self) -> dict[str, Any]:
+        answer: dict[str, Any] = requests.get(f"{self.url}/_devserver/stats", timeout=10).json()
+        return answer
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def devserver_process(data_dir: Path, devserver: DevServer) -> Iterator[ServerProcess]:
+    """A devserver process over the same data (after the in-process one has condensed it)."""
+    server = ServerProcess(data_dir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def info(server: DevServer | ServerProcess) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = requests.get(f"{server.url}/_devserver/info", timeout=10).json()[
         "resources"
     ]

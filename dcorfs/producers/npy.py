@@ -7,6 +7,7 @@ fetched; a read of bytes [a, b) decodes only the events those bytes cover.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from numpy.lib import format as npformat
@@ -23,15 +24,20 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-def npy_content(resource: RtdcResource, feature: Feature) -> RowContent:
-    """The .npy file of one feature: one row per event."""
+def event_rows(resource: RtdcResource, feature: Feature) -> Callable[[int, int, float], bytes]:
+    """Events [first, last) of a feature as bytes (C order, little-endian)."""
 
     def rows(first: int, last: int, deadline: float) -> bytes:
         return resource.read(feature.name, first, last, deadline=deadline).tobytes()
 
+    return rows
+
+
+def npy_content(resource: RtdcResource, feature: Feature) -> RowContent:
+    """The .npy file of one feature: one row per event."""
     return RowContent(
         npy_header(feature.dtype, feature.shape),
         row_bytes=feature.row_bytes,
         count=feature.shape[0],
-        rows=rows,
+        rows=event_rows(resource, feature),
     )

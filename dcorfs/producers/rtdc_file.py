@@ -1,0 +1,116 @@
+"""The synthesized `.rtdc` of a resource (SPEC §4): one self-contained HDF5 file, read lazily.
+
+The file holds the original's root attributes (metadata; byte strings decoded to text), its
+logs and tables, and under `/events` every feature the resource directory shows (scalar
+features of the condensed file included), each with the attributes of the dataset it comes
+from, plus `/events/trace/<name>`. `contour` and basins are left out (dclab derives contours
+from `mask`; every feature is in the file itself). Event data are contiguous and uncompressed:
+the HDF5 structure (`skeleton.build`) is made once per resource, without any event data, and
+every byte range of a feature's extent is served by the same lazy reads as its `.npy` file.
+`mask` is stored as uint8 0/255, as RT-DC writers store it.
+
+Datasets are ordered scalars, traces, image-like; a hole separates scalars from the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..content import FileContent, PartsContent, RowContent, StaticContent
+from ..errors import ProtocolError
+from ..rtdc import TRACE_PREFIX, Feature, Outline, RtdcResource
+from ..skeleton import Skeleton, Spec, build
+from .npy import event_rows
+
+LAYOUT_VERSION = 1  # part of the cache key of skeletons: bump when the layout changes
+
+
+def _stored_dtype(feature: Feature) -> np.dtype:
+    return np.dtype(np.uint8) if feature.name == "mask" else feature.dtype
+
+
+def _stored_rows(resource: RtdcResource, feature: Feature) -> Callable[[int, int, float], bytes]:
+    rows = event_rows(resource, feature)
+    if feature.name != "mask":
+        return rows
+
+    def mask_rows(first: int, last: int, deadline: float) -> bytes:
+        values = resource.read(feature.name, first, last, deadline=deadline)
+        stored: np.ndarray = values.view(np.uint8) * np.uint8(255)
+        return stored.tobytes()
+
+    return mask_rows
+
+
+def _order(feature: Feature) -> tuple[int, str]:
+    """Scalars first, then traces, then image-like features; by name within each."""
+    if feature.scalar:
+        return 0, feature.name
+    return (1 if feature.name.startswith(TRACE_PREFIX) else 2), feature.name
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def specs(resource: RtdcResource, outline: Outline) -> list[Spec]:
+    """The datasets of the synthesized file: logs, tables, then the lazy event data."""
+    made = [
+        Spec(f"{group}/{n}", a.data.dtype, a.data.shape, a.attrs, a.data)
+        for group, arrays in (("logs", outline.logs), ("tables", outline.tables))
+        for n, a in (arrays or {}).items()
+    ]
+    features = sorted(resource.features.values(), key=_order)
+    first_large = next((f.name for f in features if not f.scalar), None)
+    made += [
+        Spec(
+            "events/" + f.name,
+            _stored_dtype(f),
+            f.shape,
+            outline.feature_attrs.get(f.name, {}),
+            gap_before=f.name == first_large,
+        )
+        for f in features
+    ]
+    return made
+
+
+def skeleton_key(resource_id: str, resource: RtdcResource) -> str:
+    """The key a skeleton is remembered under: it changes with the features (for instance
+    when DCOR's condensed file appears after a first mount) and with the layout version."""
+    described = repr([(f.name, f.dtype.str, f.shape, f.source) for f in resource.features.values()])
+    digest = hashlib.blake2b(described.encode(), digest_size=8).hexdigest()
+    return f"rtdc-skeleton:v{LAYOUT_VERSION}:{resource_id}:{digest}"
+
+
+def build_skeleton(resource: RtdcResource, *, deadline: float) -> Skeleton:
+    """Blocking (reads attributes, logs and tables of the source files)."""
+    outline = resource.outline(deadline=deadline)
+    attrs = {name: _text(value) for name, value in outline.attrs.items()}
+    groups = ["events"] + [
+        name
+        for name, arrays in (("logs", outline.logs), ("tables", outline.tables))
+        if arrays is not None
+    ]
+    return build(attrs, specs(resource, outline), groups)
+
+
+def rtdc_content(resource: RtdcResource, skeleton: Skeleton) -> PartsContent:
+    parts: list[tuple[int, FileContent]] = [(o, StaticContent(b)) for o, b in skeleton.runs]
+    for name, feature in resource.features.items():
+        extent = skeleton.extents.get("events/" + name)
+        if extent is None:
+            continue
+        offset, length = extent
+        row_bytes = feature.row_bytes // feature.dtype.itemsize * _stored_dtype(feature).itemsize
+        if row_bytes * feature.shape[0] != length:
+            raise ProtocolError(f"skeleton does not fit feature {name} ({length} bytes)")
+        rows = _stored_rows(resource, feature)
+        parts.append(
+            (offset, RowContent(b"", row_bytes=row_bytes, count=feature.shape[0], rows=rows))
+        )
+    return PartsContent(skeleton.size, parts)

@@ -1,0 +1,217 @@
+"""The structure of an HDF5 file whose large datasets are filled in later, built locally.
+
+`build` lets libhdf5 (through h5py) write a complete file into a sparse in-memory buffer:
+groups, attributes, small datasets with their data, and contiguous, uncompressed datasets
+whose storage is allocated but never written. What was written is the `Skeleton`: the file's
+size, the written byte runs, and the byte extent of every lazy dataset. Any byte of the file
+is then either in a run, in one lazy dataset's extent (C-order values of that dataset), or
+zero. HDF5 itself lays the file out, so the result is valid by construction; the format is
+capped at HDF5 1.10 (`libver`) so older readers (h5dump of Debian's hdf5-tools) open it.
+
+Layout: all metadata and small data come first (lazy datasets are created with late
+allocation and allocated only after every object exists), then the lazy datasets in the
+order given. A hole of `GAP` bytes precedes the first dataset marked `gap_before`, so that
+the kernel's read-ahead past the small datasets does not pull in image data. The build is
+deterministic (no timestamps): the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .fileobj import SeekableFile
+
+PAGE = 4096
+GAP = 1 << 20
+LIBVER = ("earliest", "v110")
+_GAP_NAME = "dcorfs-gap"
+
+
+@dataclass
+class Spec:
+    """One dataset to create: `data` given (written now) or None (lazy: filled in later)."""
+
+    path: str  # e.g. "events/deform"
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    data: np.ndarray | None = None
+    gap_before: bool = False
+
+
+@dataclass
+class Skeleton:
+    size: int
+    runs: list[tuple[int, bytes]]  # written bytes, sorted, outside every extent
+    extents: dict[str, tuple[int, int]]  # lazy dataset path → (offset, length)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "runs": [[o, base64.b64encode(zlib.compress(b)).decode()] for o, b in self.runs],
+            "extents": {path: list(ext) for path, ext in self.extents.items()},
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> Skeleton:
+        return cls(
+            size=int(value["size"]),
+            runs=[(int(o), zlib.decompress(base64.b64decode(b))) for o, b in value["runs"]],
+            extents={p: (int(e[0]), int(e[1])) for p, e in value["extents"].items()},
+        )
+
+
+class _SparseBuffer(SeekableFile):
+    """A file object that keeps only the pages written to it (the rest reads as zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages: dict[int, bytearray] = {}
+        self.size = 0
+
+    def end(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self._pos if size is None else size
+        for index in [i for i in self.pages if i * PAGE >= self.size]:
+            del self.pages[index]
+        return self.size
+
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(page index, begin, end) within each page covering [start, stop)."""
+        while start < stop:
+            index, begin = divmod(start, PAGE)
+            end = min(PAGE, begin + stop - start)
+            yield index, begin, end
+            start += end - begin
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        for index, begin, end in self._spans(self._pos, self._pos + len(view)):
+            page = self.pages.setdefault(index, bytearray(PAGE))
+            page[begin:end] = view[done : done + end - begin]
+            done += end - begin
+        self._pos += done
+        self.size = max(self.size, self._pos)
+        return done
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        stop = min(self._pos + len(view), self.size)
+        done = 0
+        for index, begin, end in self._spans(self._pos, stop):
+            page = self.pages.get(index)
+            view[done : done + end - begin] = page[begin:end] if page else bytes(end - begin)
+            done += end - begin
+        self._pos += done
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
+def _lazy_dcpl() -> h5py.h5p.PropDCID:
+    """Contiguous storage, allocated on first write, never filled with a fill value."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
+
+
+def _allocate(dataset: h5py.Dataset) -> None:
+    """Make HDF5 allocate a lazy dataset's storage now (by writing its first element)."""
+    if dataset.size:
+        dataset[(0,) * dataset.ndim] = np.zeros((), dataset.dtype)
+
+
+def _set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+    for name, value in attrs.items():
+        obj.attrs[name] = value
+
+
+def _write(
+    buffer: _SparseBuffer, attrs: dict[str, Any], specs: list[Spec], groups: list[str]
+) -> None:
+    with h5py.File(buffer, "w", libver=LIBVER, locking=False) as out:
+        _set_attrs(out, attrs)
+        for group in groups:
+            out.require_group(group)
+        lazy: list[tuple[Spec, h5py.Dataset]] = []
+        for spec in specs:
+            parent, _, _ = spec.path.rpartition("/")
+            if parent:
+                out.require_group(parent)
+            if spec.data is not None:
+                made = out.create_dataset(spec.path, data=spec.data)
+            else:
+                made = out.create_dataset(
+                    spec.path, shape=spec.shape, dtype=spec.dtype, dcpl=_lazy_dcpl()
+                )
+                lazy.append((spec, made))
+            _set_attrs(made, spec.attrs)
+        gap = out.create_dataset(_GAP_NAME, shape=(GAP,), dtype="u1", dcpl=_lazy_dcpl())
+        gap_made = False
+        for spec, made in lazy:
+            if spec.gap_before and not gap_made:
+                _allocate(gap)
+                gap_made = True
+            _allocate(made)
+        del out[_GAP_NAME]  # its storage stays a hole; no object refers to it
+
+
+def build(attrs: dict[str, Any], specs: list[Spec], groups: list[str] | None = None) -> Skeleton:
+    """The skeleton of a file with root attributes `attrs`, the datasets `specs` and
+    `groups` (made even when empty)."""
+    buffer = _SparseBuffer()
+    _write(buffer, attrs, specs, groups or [])
+    buffer.seek(0)
+    extents: dict[str, tuple[int, int]] = {}
+    with h5py.File(buffer, "r", locking=False) as done:
+        for spec in specs:
+            if spec.data is None:
+                dataset = done[spec.path]
+                offset = dataset.id.get_offset()
+                if offset is not None:
+                    extents[spec.path] = (int(offset), int(dataset.id.get_storage_size()))
+    return Skeleton(buffer.size, _runs(buffer, sorted(extents.values())), extents)
+
+
+def _runs(buffer: _SparseBuffer, extents: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    """The written pages merged into runs, minus the lazy extents, anything past the end and
+    trailing zeros (bytes in no run read as zeros)."""
+    runs: list[tuple[int, bytearray]] = []
+    for index in sorted(buffer.pages):
+        start = index * PAGE
+        if runs and runs[-1][0] + len(runs[-1][1]) == start:
+            runs[-1][1].extend(buffer.pages[index])
+        else:
+            runs.append((start, bytearray(buffer.pages[index])))
+    starts = [offset for offset, _ in extents]
+    out: list[tuple[int, bytes]] = []
+    for base, data in runs:
+        pos, stop = base, min(base + len(data), buffer.size)
+        while pos < stop:
+            i = bisect.bisect_right(starts, pos) - 1  # the last extent starting at or before pos
+            if i >= 0 and pos < extents[i][0] + extents[i][1]:
+                pos = extents[i][0] + extents[i][1]
+                continue
+            end = min(stop, extents[i + 1][0]) if i + 1 < len(extents) else stop
+            piece = bytes(data[pos - base : end - base]).rstrip(b"\0")  # zeros need no storing
+            if piece:
+                out.append((pos, piece))
+            pos = end
+    return out
