@@ -3,7 +3,7 @@
 #   make test   lint, type-check and run the whole test suite
 VENV := .venv/bin
 
-.PHONY: demo test check clean
+.PHONY: demo test check bench clean
 
 demo:
 	@scripts/bootstrap.sh devserver
@@ -17,6 +17,10 @@ check:
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+
+bench:
+	@scripts/bootstrap.sh test
+	$(VENV)/python benchmarks/run.py --events 100000 --latency 20
 
 clean:
 	rm -rf .venv build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -2,7 +2,8 @@
 
 Objects are split into fixed blocks (1 MiB by default). `read` serves a byte range from the
 memory LRU, then the disk store, and fetches what is missing: adjacent missing blocks in one
-range request (up to `max_fetch_bytes`). Concurrent misses on one block make one fetch.
+range request (up to `max_fetch_bytes`), separate runs as parallel requests (up to
+`parallel` at once). Concurrent misses on one block make one fetch.
 
 Design note (concurrency): one lock guards the LRU and the table of in-flight fetches and is
 never held during I/O. The thread that finds a block missing and not in flight becomes its
@@ -15,6 +16,7 @@ stored, so the next read tries again.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -62,6 +64,7 @@ class BlockCache:
         block_size: int = 1 << 20,
         memory_bytes: int = 128 << 20,
         max_fetch_bytes: int = 8 << 20,
+        parallel: int = 8,
     ) -> None:
         self._fetch = fetch
         self._store = store
@@ -73,6 +76,9 @@ class BlockCache:
         self._memory_used = 0
         self._flights: dict[BlockKey, _Flight] = {}
         self._counts: collections.Counter[str] = collections.Counter()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, parallel - 1), thread_name_prefix="fetch"
+        )
 
     # -- memory tier ---------------------------------------------------------------------------
 
@@ -131,15 +137,24 @@ class BlockCache:
         return self._slice(blocks, start, stop)
 
     def ensure(self, obj: ObjectId, ranges: Sequence[tuple[int, int]], *, deadline: float) -> None:
+        """Have the blocks of these ranges in the cache: missing runs fetched in parallel."""
         wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
-        run: list[int] = []
-        for index in wanted:
-            if run and index != run[-1] + 1:
-                self._blocks(obj, range(run[0], run[-1] + 1), deadline, keep=False)
-                run = []
-            run.append(index)
-        if run:
-            self._blocks(obj, range(run[0], run[-1] + 1), deadline, keep=False)
+        self._blocks(obj, wanted, deadline, keep=False)
+
+    def admit(self, obj: ObjectId, data: bytes) -> None:
+        """Keep the object's first bytes, fetched by someone else (e.g. with its size probe):
+        every whole block of them, and a last partial block at the object's end."""
+        blocks: dict[int, bytes] = {}
+        for index in range(-(-len(data) // self.block_size)):
+            block = data[index * self.block_size : (index + 1) * self.block_size]
+            if len(block) == self.block_size or index * self.block_size + len(block) == obj.size:
+                blocks[index] = bytes(block)
+                self._remember((obj, index), blocks[index])
+        if blocks and self._store is not None:
+            self._store.put_many(obj, blocks)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> CacheStats:
         disk_bytes = self._store.usage()[0] if self._store is not None else 0
@@ -163,7 +178,7 @@ class BlockCache:
     # -- the miss path ---------------------------------------------------------------------------
 
     def _blocks(
-        self, obj: ObjectId, indices: range, deadline: float, *, keep: bool = True
+        self, obj: ObjectId, indices: Sequence[int], deadline: float, *, keep: bool = True
     ) -> list[bytes]:
         found: dict[int, bytes] = {}
         waits: dict[int, _Flight] = {}
@@ -190,8 +205,7 @@ class BlockCache:
                     owned.append(index)
                 else:
                     waits[index] = flight
-        for run in _runs(owned, self._max_blocks):
-            found.update(self._fetch_run(obj, run, deadline))
+        found.update(self._fetch_runs(obj, _runs(owned, self._max_blocks), deadline))
         for index, flight in waits.items():
             if not flight.done.wait(max(0.0, deadline - time.monotonic())):
                 raise DeadlineExceeded(f"{obj.key}: block {index} still in flight at deadline")
@@ -200,6 +214,29 @@ class BlockCache:
             assert flight.data is not None
             found[index] = flight.data
         return [found[i] for i in indices] if keep else []
+
+    def _fetch_runs(
+        self, obj: ObjectId, runs: list[list[int]], deadline: float
+    ) -> dict[int, bytes]:
+        """Fetch runs of blocks, up to `parallel` at once; the first error is raised after
+        all have ended (every run resolves its own flights either way)."""
+        if len(runs) <= 1:
+            return self._fetch_run(obj, runs[0], deadline) if runs else {}
+        others = [self._pool.submit(self._fetch_run, obj, run, deadline) for run in runs[1:]]
+        found: dict[int, bytes] = {}
+        error: BaseException | None = None
+        try:
+            found.update(self._fetch_run(obj, runs[0], deadline))
+        except BaseException as exc:
+            error = exc
+        for future in others:
+            try:
+                found.update(future.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return found
 
     def _fetch_run(self, obj: ObjectId, run: list[int], deadline: float) -> dict[int, bytes]:
         start = run[0] * self.block_size

@@ -71,7 +71,7 @@ class RowContent:
         return out
 
     def peek(self, offset: int, length: int) -> bytes | None:
-        if offset + length <= len(self._header):
+        if min(offset + length, self.size) <= len(self._header):
             return self._header[offset : offset + length]
         return None
 

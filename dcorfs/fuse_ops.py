@@ -25,8 +25,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .content import FileContent
+from .content import FileContent, StaticContent
 from .errors import AccessDenied, DcorfsError, NotFound
+from .readahead import Prefetcher, ReadAhead
 from .tree import Dir, File, Node
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Operations(pyfuse3.Operations):
         negative_time: float,
         limiter: trio.CapacityLimiter,
         activity: Activity | None = None,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         super().__init__()
         self.activity = activity or Activity()
@@ -103,6 +105,7 @@ class Operations(pyfuse3.Operations):
         self._listing_time = listing_time
         self._negative_time = negative_time
         self._limiter = limiter
+        self._prefetcher = prefetcher
         self._uid, self._gid = os.getuid(), os.getgid()
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._inodes: dict[str, int] = {root.path: pyfuse3.ROOT_INODE}
@@ -259,6 +262,8 @@ class Operations(pyfuse3.Operations):
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         content = await self._blocking(node.content)
+        if self._prefetcher is not None and not isinstance(content, StaticContent):
+            content = self._prefetcher.wrap(content)  # lazy bytes: read-ahead for streams
         fh = self._next_fh
         self._next_fh += 1
         self._files[fh] = content
@@ -282,7 +287,9 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        content = self._files.pop(fh, None)
+        if isinstance(content, ReadAhead):
+            content.close()
 
     @_handler
     async def flush(self, fh: int) -> None:

@@ -61,6 +61,7 @@ class RetryPolicy:
 class ObjectInfo:
     size: int
     etag: str
+    head: bytes = b""  # the object's first bytes, when the probe asked for them
 
 
 def _etag(value: str | None) -> str:
@@ -79,6 +80,17 @@ def _total(content_range: str | None, start: int, stop: int) -> int:
         return int(content_range[len(expected) :])
     except ValueError:
         raise TransientError(f"bad Content-Range {content_range!r}") from None
+
+
+def _range_stop(content_range: str | None) -> int:
+    """The end (exclusive) of `bytes 0-(end-1)/total`; TransientError otherwise."""
+    try:
+        first, last = (content_range or "").removeprefix("bytes ").split("/", 1)[0].split("-")
+        if int(first) != 0:
+            raise ValueError
+        return int(last) + 1
+    except ValueError:
+        raise TransientError(f"bad Content-Range {content_range!r} for a probe") from None
 
 
 def _raise_if_busy(response: requests.Response, url: str) -> None:
@@ -233,25 +245,36 @@ class Http:
         return self._retry(url, deadline, attempt)
 
     def probe(
-        self, url: str, *, headers: Mapping[str, str] | None = None, deadline: float
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        head: int = 1,
+        deadline: float,
     ) -> ObjectInfo:
-        """Size and ETag by a GET of one byte (presigned URLs are not valid for HEAD)."""
+        """Size and ETag by a ranged GET (presigned URLs are not valid for HEAD), which also
+        brings the object's first `head` bytes (all of it when it is smaller)."""
 
         def attempt(timeout: tuple[float, float]) -> ObjectInfo:
-            wanted = {**(headers or {}), "Range": "bytes=0-0"}
+            wanted = {**(headers or {}), "Range": f"bytes=0-{max(1, head) - 1}"}
             response = self._session().get(url, headers=wanted, timeout=timeout, stream=True)
             with response:
                 _check_status(response, url)
+                data = b""
                 if response.status_code == 206:
-                    size = _total(response.headers.get("Content-Range"), 0, 1)
+                    stop = _range_stop(response.headers.get("Content-Range"))
+                    size = _total(response.headers.get("Content-Range"), 0, stop)
+                    data = _read_body(response, stop)
                 elif response.status_code == 200 and "Content-Length" in response.headers:
-                    size = int(response.headers["Content-Length"])
+                    size = int(response.headers["Content-Length"])  # body not read: maybe huge
                 else:
                     raise TransientError(f"HTTP {response.status_code} to a size probe")
                 etag = _etag(response.headers.get("ETag"))
                 if not etag:
                     raise ProtocolError(f"{redact_url(url)} has no ETag")
-                return ObjectInfo(size=size, etag=etag)
+                if response.status_code == 206 and len(data) != min(max(1, head), size):
+                    raise TransientError(f"a probe of {redact_url(url)} got a wrong range")
+                return ObjectInfo(size=size, etag=etag, head=data)
 
         return self._retry(url, deadline, attempt)
 

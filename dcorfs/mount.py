@@ -34,6 +34,7 @@ from .fuse_ops import Activity, Operations
 from .http import Http, RetryPolicy
 from .logs import configure
 from .metastore import Memo, MetaStore
+from .readahead import Prefetcher
 from .resources import Resources
 from .settings import MountSettings
 from .tree import Context, build_root
@@ -209,10 +210,18 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
         timeout=settings.timeout,
     )
     ctx = Context(
-        catalog=catalog, resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time
+        catalog=catalog,
+        resources=resources,
+        cache=cache,
+        dir_cache_time=settings.dir_cache_time,
     )
     started = time.time()
     activity = Activity()
+    prefetcher = Prefetcher(
+        budget_bytes=settings.prefetch_memory,
+        workers=settings.prefetch_threads,
+        timeout=settings.timeout,
+    )
 
     def status() -> bytes:
         report = {
@@ -224,6 +233,12 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
             "started": started,
             "cache": dataclasses.asdict(cache.stats()),
             "fuse": dict(activity.counters),
+            "prefetch": {
+                **prefetcher.counters,
+                "memory_bytes": prefetcher.budget.used,
+                "memory_peak": prefetcher.budget.peak,
+                "memory_limit": prefetcher.budget.limit,
+            },
             "recent_errors": list(activity.recent_errors),
         }
         return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
@@ -237,10 +252,13 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
         negative_time=settings.negative_time,
         limiter=trio.CapacityLimiter(settings.network_threads),
         activity=activity,
+        prefetcher=prefetcher,
     )
 
     def close() -> None:
+        prefetcher.close()
         resources.close()
+        cache.close()
         http.close()
         store.close()
         disk.close()

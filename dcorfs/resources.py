@@ -8,6 +8,8 @@ bytes with the server gone. Opened resources are kept for the life of the mount.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -23,6 +25,8 @@ from .metastore import FOREVER, Memo
 from .rtdc import RemoteFile, RtdcResource, RtdcSource
 
 log = logging.getLogger(__name__)
+HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
+CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 
 
@@ -50,6 +54,7 @@ class Resources:
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
+        self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -84,21 +89,27 @@ class Resources:
         return renew
 
     def _identify(self, key: str, size: int | None, etag: str | None) -> ObjectId:
-        """Identity of an object: from CKAN's record when it has size and ETag, else probed."""
+        """Identity of an object: from CKAN's record when it has size and ETag, else probed
+        (the probe brings the object's first `HEAD` bytes into the cache as well)."""
         if size is not None and etag is not None:
             return ObjectId(key=key, etag=etag, size=size)
+        heads: list[bytes] = []
 
         def ask(deadline: float) -> Any:
             url = self._locator.url(key, deadline=deadline)
             try:
-                info = self._http.probe(url, deadline=deadline)
+                info = self._http.probe(url, head=HEAD, deadline=deadline)
             except AccessDenied:
                 url = self._locator.renew(key, deadline=deadline)
-                info = self._http.probe(url, deadline=deadline)
+                info = self._http.probe(url, head=HEAD, deadline=deadline)
+            heads.append(info.head)
             return {"size": info.size, "etag": info.etag}
 
         info = self._memo.get(f"object:{key}", ask, max_age=FOREVER)
-        return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
+        obj = ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
+        if heads:
+            self._cache.admit(obj, heads[0])
+        return obj
 
     # -- RT-DC resources ----------------------------------------------------------------------
 
@@ -133,8 +144,21 @@ class Resources:
 
     def _source(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
         obj = self._identify(basin.key, size, etag)
+        deadline = self._deadline()
+        # HDF5 metadata starts at the front: one request instead of a chain of small ones
+        self._cache.ensure(obj, [(0, min(obj.size, HEAD))], deadline=deadline)
+        first_read = None
+        if basin.kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
+            # once one scalar feature is read, fetch them all in the background
+            first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
-        return RtdcSource(remote, kind=basin.kind, deadline=self._deadline())
+        return RtdcSource(remote, kind=basin.kind, deadline=deadline, first_read=first_read)
+
+    def _prefetch(self, obj: ObjectId) -> None:
+        try:
+            self._cache.ensure(obj, [(0, obj.size)], deadline=self._deadline())
+        except DcorfsError as exc:
+            log.debug("prefetch of %s: %s", obj.key, exc)
 
     def remembered(self, key: str, make: Callable[[float], Any]) -> Any:
         """A JSON value derived from immutable resource data: made once (`make(deadline)`),
@@ -161,6 +185,7 @@ class Resources:
         return self._identify(key, resource.size, resource.etag)
 
     def close(self) -> None:
+        self._warm.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
         for resource in opened.values():

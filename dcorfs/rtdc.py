@@ -19,7 +19,7 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,9 +128,17 @@ class _Layout:
 class RtdcSource:
     """One opened remote .rtdc file: its features and how to read event slices of them."""
 
-    def __init__(self, remote: RemoteFile, *, kind: str, deadline: float) -> None:
+    def __init__(
+        self,
+        remote: RemoteFile,
+        *,
+        kind: str,
+        deadline: float,
+        first_read: Callable[[], object] | None = None,
+    ) -> None:
         self.remote = remote
         self.kind = kind
+        self._first_read = first_read  # called once, before the first read of event data
         self._layouts: dict[str, _Layout | None] = {}
         self._lock = threading.Lock()
         with remote.deadline(deadline):
@@ -253,6 +261,9 @@ class RtdcSource:
     def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
         """Events [start, stop) of a feature, decoded, in the dtype `features[name]` states."""
         feature = self.features[name]
+        hook, self._first_read = self._first_read, None
+        if hook is not None:
+            hook()
         with self._reading(name, deadline):
             ranges = self.raw_ranges(name, start, stop)
         self.remote.ensure(ranges, deadline=deadline)

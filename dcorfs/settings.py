@@ -100,6 +100,8 @@ class MountSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_size: int = 10 << 30
     memory_cache: int = 128 << 20
+    prefetch_memory: int = 64 << 20  # read-ahead windows of all open files together
+    prefetch_threads: int = 4
     block_size: int = 64 << 10  # small: HDF5 metadata is scattered; data reads coalesce
     timeout: float = 60.0
     dir_cache_time: float = 300.0

@@ -197,3 +197,46 @@ def test_random_reads_equal_the_truth(reads: list[tuple[int, int]]) -> None:
         assert (
             cache.read(OBJ, start, start + length, deadline=later()) == DATA[start : start + length]
         )
+
+
+class CountingSource(Source):
+    """Remembers how many fetches ran at the same time."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.2)
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    def __call__(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().__call__(obj, start, stop, deadline)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_admitted_heads_and_parallel_runs(tmp_path: Path) -> None:
+    source = CountingSource()
+    cache = make(tmp_path, source)
+    cache.admit(OBJ, DATA[: 3 * BLOCK + 10])  # the partial fourth block is not kept
+    assert cache.read(OBJ, 0, 3 * BLOCK, deadline=later()) == DATA[: 3 * BLOCK]
+    assert source.calls == []
+    cache.ensure(
+        OBJ,
+        [(4 * BLOCK, 5 * BLOCK), (6 * BLOCK, 7 * BLOCK), (8 * BLOCK, 9 * BLOCK)],
+        deadline=later(),
+    )
+    assert source.most > 1  # separate runs are fetched at the same time
+    assert sorted(source.calls) == [
+        (4 * BLOCK, 5 * BLOCK),
+        (6 * BLOCK, 7 * BLOCK),
+        (8 * BLOCK, 9 * BLOCK),
+    ]
+    tail = ObjectId(key="small", etag="e", size=BLOCK + 5)
+    cache.admit(tail, DATA[: BLOCK + 5])  # a whole small object, last block included
+    assert cache.read(tail, 0, BLOCK + 5, deadline=later()) == DATA[: BLOCK + 5]
+    assert len(source.calls) == 3
+    cache.close()
