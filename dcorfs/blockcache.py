@@ -76,6 +76,7 @@ class BlockCache:
         self._memory_used = 0
         self._flights: dict[BlockKey, _Flight] = {}
         self._counts: collections.Counter[str] = collections.Counter()
+        self._parallel = parallel  # this thread and parallel - 1 workers
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, parallel - 1), thread_name_prefix="fetch"
         )
@@ -220,8 +221,8 @@ class BlockCache:
     ) -> dict[int, bytes]:
         """Fetch runs of blocks, up to `parallel` at once; the first error is raised after
         all have ended (every run resolves its own flights either way)."""
-        if len(runs) <= 1:
-            return self._fetch_run(obj, runs[0], deadline) if runs else {}
+        if len(runs) <= 1 or self._parallel <= 1:
+            return {i: b for run in runs for i, b in self._fetch_run(obj, run, deadline).items()}
         others = [self._pool.submit(self._fetch_run, obj, run, deadline) for run in runs[1:]]
         found: dict[int, bytes] = {}
         error: BaseException | None = None

@@ -255,8 +255,10 @@ class Http:
         """Size and ETag by a ranged GET (presigned URLs are not valid for HEAD), which also
         brings the object's first `head` bytes (all of it when it is smaller)."""
 
+        head = max(1, head)
+
         def attempt(timeout: tuple[float, float]) -> ObjectInfo:
-            wanted = {**(headers or {}), "Range": f"bytes=0-{max(1, head) - 1}"}
+            wanted = {**(headers or {}), "Range": f"bytes=0-{head - 1}"}
             response = self._session().get(url, headers=wanted, timeout=timeout, stream=True)
             with response:
                 _check_status(response, url)
@@ -264,6 +266,8 @@ class Http:
                 if response.status_code == 206:
                     stop = _range_stop(response.headers.get("Content-Range"))
                     size = _total(response.headers.get("Content-Range"), 0, stop)
+                    if stop != min(head, size):
+                        raise TransientError(f"a probe of {redact_url(url)} got a wrong range")
                     data = _read_body(response, stop)
                 elif response.status_code == 200 and "Content-Length" in response.headers:
                     size = int(response.headers["Content-Length"])  # body not read: maybe huge
@@ -272,8 +276,6 @@ class Http:
                 etag = _etag(response.headers.get("ETag"))
                 if not etag:
                     raise ProtocolError(f"{redact_url(url)} has no ETag")
-                if response.status_code == 206 and len(data) != min(max(1, head), size):
-                    raise TransientError(f"a probe of {redact_url(url)} got a wrong range")
                 return ObjectInfo(size=size, etag=etag, head=data)
 
         return self._retry(url, deadline, attempt)

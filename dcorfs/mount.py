@@ -210,10 +210,7 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
         timeout=settings.timeout,
     )
     ctx = Context(
-        catalog=catalog,
-        resources=resources,
-        cache=cache,
-        dir_cache_time=settings.dir_cache_time,
+        catalog=catalog, resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time
     )
     started = time.time()
     activity = Activity()

@@ -75,13 +75,20 @@ class _Window:
         self.stop = stop
         self.future = future
 
-    def ready(self) -> bytes | None:
-        """The bytes, if made without error."""
-        if not self.future.done() or self.future.cancelled():
+    def made(self, timeout: float) -> bytes | None:
+        """The bytes once made (waiting up to `timeout` seconds); None if making them failed
+        (the reader then reads on its own)."""
+        try:
+            return self.future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceeded(
+                f"read-ahead of [{self.start}, {self.stop}) not done at the deadline"
+            ) from None
+        except concurrent.futures.CancelledError:
             return None
-        if self.future.exception() is not None:
+        except Exception as exc:
+            log.debug("read-ahead window [%d, %d) failed: %s", self.start, self.stop, exc)
             return None
-        return self.future.result()
 
 
 class Prefetcher:
@@ -152,7 +159,8 @@ class ReadAhead:
         stop = min(offset + length, self.size)
         with self._lock:
             window = self._covering(offset, stop)
-            data = window.ready() if window is not None else None
+            done = window is not None and window.future.done()
+            data = window.made(0) if window is not None and done else None
             if data is not None and window is not None:
                 self._pf.counters["hits"] += 1
                 self._advance(offset, stop)
@@ -172,7 +180,7 @@ class ReadAhead:
             sequential = self._continues(offset)
             ahead = self._window_size() if sequential and self._streak >= self._pf.stream else 0
         if window is not None:
-            made = self._wait(window, deadline)
+            made = window.made(max(0.0, deadline - time.monotonic()))
             if made is not None:
                 with self._lock:
                     self._pf.counters["hits"] += 1
@@ -191,21 +199,6 @@ class ReadAhead:
         with self._lock:
             self._advance(offset, stop)
         return data
-
-    @staticmethod
-    def _wait(window: _Window, deadline: float) -> bytes | None:
-        """A window's bytes once made; None if making it failed (the reader then reads)."""
-        try:
-            return window.future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            raise DeadlineExceeded(
-                f"read-ahead of [{window.start}, {window.stop}) not done at the deadline"
-            ) from None
-        except concurrent.futures.CancelledError:
-            return None
-        except Exception as exc:
-            log.debug("read-ahead window [%d, %d) failed: %s", window.start, window.stop, exc)
-            return None
 
     # -- the stream (called with the lock held) ----------------------------------------------------
 

@@ -93,7 +93,6 @@ class Resources:
         (the probe brings the object's first `HEAD` bytes into the cache as well)."""
         if size is not None and etag is not None:
             return ObjectId(key=key, etag=etag, size=size)
-        heads: list[bytes] = []
 
         def ask(deadline: float) -> Any:
             url = self._locator.url(key, deadline=deadline)
@@ -102,14 +101,11 @@ class Resources:
             except AccessDenied:
                 url = self._locator.renew(key, deadline=deadline)
                 info = self._http.probe(url, head=HEAD, deadline=deadline)
-            heads.append(info.head)
+            self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
 
         info = self._memo.get(f"object:{key}", ask, max_age=FOREVER)
-        obj = ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
-        if heads:
-            self._cache.admit(obj, heads[0])
-        return obj
+        return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
 
     # -- RT-DC resources ----------------------------------------------------------------------
 

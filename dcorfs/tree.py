@@ -22,12 +22,11 @@ from .errors import NotFound
 from .names import sanitize, unique
 from .producers.npy import npy_content
 from .producers.passthrough import ObjectContent
-from .producers.rtdc_file import build_skeleton, rtdc_content, skeleton_key
+from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
 from .producers.tsv import tsv_content
 from .resources import Resources
 from .rtdc import TRACE_PREFIX, RtdcResource
-from .skeleton import Skeleton
 
 log = logging.getLogger(__name__)
 
@@ -367,14 +366,10 @@ class ResourceDir(Dir):
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
         synthesized = sanitize(_stem(self.resource.name) + ".rtdc")
-        skeleton = Skeleton.from_json(
-            ctx.resources.remembered(
-                skeleton_key(rid, opened),
-                lambda deadline: build_skeleton(opened, deadline=deadline).to_json(),
-            )
-        )
         files[synthesized] = content_file(
-            self.child_path(synthesized), rtdc_content(opened, skeleton), mtime
+            self.child_path(synthesized),
+            rtdc_content(rid, opened, ctx.resources.remembered),
+            mtime,
         )
         files["features.tsv"] = content_file(
             self.child_path("features.tsv"), tsv_content(opened), mtime

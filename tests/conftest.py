@@ -93,6 +93,20 @@ def fresh_devserver(data_dir: Path) -> Iterator[DevServer]:
         yield server
 
 
+class RemoteStats:
+    """`DevServer.stats` of a devserver in another process, through its test hook."""
+
+    def __init__(self, url: str) -> None:
+        self._url = f"{url}/_devserver/stats"
+
+    def reset(self) -> None:
+        requests.delete(self._url, timeout=10).raise_for_status()
+
+    def snapshot(self) -> dict[str, Any]:
+        answer: dict[str, Any] = requests.get(self._url, timeout=10).json()
+        return answer
+
+
 class ServerProcess:
     """`dcorfs devserver` in a process of its own, with the test hooks of `DevServer`.
 
@@ -112,14 +126,7 @@ class ServerProcess:
         if not self.url.startswith("http://127.0.0.1:"):
             self.close()
             raise RuntimeError(f"the devserver did not start (printed {self.url!r})")
-        self.stats = self
-
-    def reset(self) -> None:
-        requests.delete(f"{self.url}/_devserver/stats", timeout=10).raise_for_status()
-
-    def snapshot(self) -> dict[str, Any]:
-        answer: dict[str, Any] = requests.get(f"{self.url}/_devserver/stats", timeout=10).json()
-        return answer
+        self.stats = RemoteStats(self.url)
 
     def close(self) -> None:
         self.process.terminate()
@@ -147,6 +154,17 @@ def info(server: DevServer | ServerProcess) -> list[dict[str, Any]]:
         "resources"
     ]
     return result
+
+
+def rtdc_entries(
+    server: DevServer | ServerProcess, *, private: bool = False
+) -> list[dict[str, Any]]:
+    return [e for e in info(server) if e["rtdc"] and e["private"] == private]
+
+
+def resource_dir(mnt: Path, entry: dict[str, Any]) -> Path:
+    """The directory of an RT-DC resource in `datasets/` of a mount."""
+    return Path(mnt, "datasets", entry["dataset"], entry["name"].rsplit(".", 1)[0])
 
 
 def resource(server: DevServer, dataset: str, name: str) -> dict[str, Any]:

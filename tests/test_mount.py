@@ -21,7 +21,7 @@ import pytest
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, info
+from .conftest import TOKENS, api, info, resource_dir, rtdc_entries
 from .mounts import dcorfs, mounted, needs_fuse
 
 pytestmark = [
@@ -41,14 +41,6 @@ def public_mount(devserver: DevServer, tmp_path_factory: pytest.TempPathFactory)
 
 def ls(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
-
-
-def rtdc_entries(server: DevServer, *, private: bool = False) -> list[dict[str, Any]]:
-    return [e for e in info(server) if e["rtdc"] and e["private"] == private]
-
-
-def resource_dir(mnt: Path, entry: dict[str, Any]) -> Path:
-    return mnt / "datasets" / entry["dataset"] / entry["name"].rsplit(".", 1)[0]
 
 
 def truth(ds: Any, name: str) -> np.ndarray:  # type: ignore[type-arg]

@@ -16,7 +16,7 @@ import hdf5plugin  # noqa: F401  (the sources use the Zstd filter)
 import numpy as np
 import pytest
 
-from .conftest import ServerProcess, info
+from .conftest import ServerProcess, resource_dir, rtdc_entries
 from .mounts import mounted, needs_fuse
 
 pytestmark = [
@@ -38,14 +38,14 @@ def mount(
 
 
 def entries(server: ServerProcess) -> list[dict[str, Any]]:
-    found = [e for e in info(server) if e["rtdc"] and not e["private"]]
+    found = rtdc_entries(server)
     assert len(found) >= 3
     return found
 
 
 def synthesized(mnt: Path, entry: dict[str, Any]) -> Path:
-    stem = entry["name"].rsplit(".", 1)[0]
-    return Path(mnt, "datasets", entry["dataset"], stem, f"{stem}.rtdc")
+    directory = resource_dir(mnt, entry)
+    return directory / f"{directory.name}.rtdc"
 
 
 def decoded(value: Any) -> Any:

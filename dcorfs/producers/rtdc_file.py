@@ -26,6 +26,7 @@ from ..rtdc import TRACE_PREFIX, Feature, Outline, RtdcResource
 from ..skeleton import Skeleton, Spec, build
 from .npy import event_rows
 
+Remake = Callable[[float], Any]  # make(deadline) -> a JSON value
 LAYOUT_VERSION = 1  # part of the cache key of skeletons: bump when the layout changes
 
 
@@ -34,9 +35,10 @@ def _stored_dtype(feature: Feature) -> np.dtype:
 
 
 def _stored_rows(resource: RtdcResource, feature: Feature) -> Callable[[int, int, float], bytes]:
-    rows = event_rows(resource, feature)
+    """Events as stored in the file: as in the .npy file, except `mask` (bool → uint8 0/255,
+    the same size)."""
     if feature.name != "mask":
-        return rows
+        return event_rows(resource, feature)
 
     def mask_rows(first: int, last: int, deadline: float) -> bytes:
         values = resource.read(feature.name, first, last, deadline=deadline)
@@ -79,7 +81,7 @@ def specs(resource: RtdcResource, outline: Outline) -> list[Spec]:
     return made
 
 
-def skeleton_key(resource_id: str, resource: RtdcResource) -> str:
+def _skeleton_key(resource_id: str, resource: RtdcResource) -> str:
     """The key a skeleton is remembered under: it changes with the features (for instance
     when DCOR's condensed file appears after a first mount) and with the layout version."""
     described = repr([(f.name, f.dtype.str, f.shape, f.source) for f in resource.features.values()])
@@ -87,7 +89,7 @@ def skeleton_key(resource_id: str, resource: RtdcResource) -> str:
     return f"rtdc-skeleton:v{LAYOUT_VERSION}:{resource_id}:{digest}"
 
 
-def build_skeleton(resource: RtdcResource, *, deadline: float) -> Skeleton:
+def _build_skeleton(resource: RtdcResource, *, deadline: float) -> Skeleton:
     """Blocking (reads attributes, logs and tables of the source files)."""
     outline = resource.outline(deadline=deadline)
     attrs = {name: _text(value) for name, value in outline.attrs.items()}
@@ -99,18 +101,30 @@ def build_skeleton(resource: RtdcResource, *, deadline: float) -> Skeleton:
     return build(attrs, specs(resource, outline), groups)
 
 
-def rtdc_content(resource: RtdcResource, skeleton: Skeleton) -> PartsContent:
+def rtdc_content(
+    resource_id: str, resource: RtdcResource, remember: Callable[[str, Remake], Any]
+) -> PartsContent:
+    """The synthesized file; blocking the first time (its skeleton is built, then kept with
+    `remember(key, make)`, e.g. `Resources.remembered`)."""
+    skeleton = Skeleton.from_json(
+        remember(
+            _skeleton_key(resource_id, resource),
+            lambda deadline: _build_skeleton(resource, deadline=deadline).to_json(),
+        )
+    )
     parts: list[tuple[int, FileContent]] = [(o, StaticContent(b)) for o, b in skeleton.runs]
     for name, feature in resource.features.items():
         extent = skeleton.extents.get("events/" + name)
         if extent is None:
             continue
         offset, length = extent
-        row_bytes = feature.row_bytes // feature.dtype.itemsize * _stored_dtype(feature).itemsize
-        if row_bytes * feature.shape[0] != length:
+        if feature.row_bytes * feature.shape[0] != length:
             raise ProtocolError(f"skeleton does not fit feature {name} ({length} bytes)")
         rows = _stored_rows(resource, feature)
         parts.append(
-            (offset, RowContent(b"", row_bytes=row_bytes, count=feature.shape[0], rows=rows))
+            (
+                offset,
+                RowContent(b"", row_bytes=feature.row_bytes, count=feature.shape[0], rows=rows),
+            )
         )
     return PartsContent(skeleton.size, parts)
