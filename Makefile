@@ -7,7 +7,7 @@ VENV := .venv/bin
 
 demo:
 	@scripts/bootstrap.sh devserver
-	@scripts/demo.sh
+	$(VENV)/dcorfs demo $${DEMO_MOUNT:-/tmp/dcorfs-demo}
 
 test: check
 	$(VENV)/pytest

@@ -218,6 +218,101 @@ def _run_umount(args: argparse.Namespace) -> int:
     return unmount(args.mountpoint.absolute())
 
 
+def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "status",
+        help="what a mount is doing: cache use, hit ratio, bytes fetched, transfers, errors",
+        description="Summarize MOUNTPOINT/.dcorfs/status.json of a running mount.",
+    )
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("--json", action="store_true", help="the whole report as JSON")
+    parser.set_defaults(run=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from .status import show
+
+    return show(args.mountpoint.absolute(), as_json=args.json)
+
+
+def _add_warmup(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "warmup",
+        help="read files or trees of a mount into the cache, with progress",
+        description=(
+            "Read PATHs (files or directories inside one dcorfs mount) once, so that their "
+            "bytes are in the persistent cache: before going offline or a long job. Resumes "
+            "where an interrupted run stopped (files finished before are skipped)."
+        ),
+    )
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    parser.add_argument("--dry-run", action="store_true", help="only count files and bytes")
+    parser.add_argument("--again", action="store_true", help="re-read files warmed before")
+    parser.add_argument(
+        "--jobs", type=int, default=4, help="files read at the same time (%(default)s)"
+    )
+    parser.set_defaults(run=_run_warmup)
+
+
+def _run_warmup(args: argparse.Namespace) -> int:
+    from .warmup import warmup
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    return warmup(args.paths, dry_run=args.dry_run, again=args.again, jobs=args.jobs)
+
+
+def _add_cache(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "cache",
+        help="what the cache holds (info) or empty it (clear)",
+        description="Inspect or empty a dcorfs cache dir (default as for mount).",
+    )
+    parser.add_argument("action", choices=["info", "clear"])
+    parser.add_argument(
+        "--cache-dir", type=Path, help="the cache dir (default $XDG_CACHE_HOME/dcorfs)"
+    )
+    parser.add_argument("--json", action="store_true", help="info: as JSON")
+    parser.add_argument(
+        "--force", action="store_true", help="clear: even while a mount uses the dir"
+    )
+    parser.set_defaults(run=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from . import cache_admin
+
+    cache_dir = (args.cache_dir or default_cache_dir()).absolute()
+    if args.action == "info":
+        return cache_admin.info(cache_dir, as_json=args.json)
+    return cache_admin.clear(cache_dir, force=args.force)
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="mount a sample DCOR served on loopback: try dcorfs offline",
+        description=(
+            "Generate sample data (circles, public and private datasets), serve it with the "
+            "devserver on 127.0.0.1 and mount it at MOUNTPOINT in the foreground. Ctrl-C or "
+            "`dcorfs umount MOUNTPOINT` unmounts and removes everything."
+        ),
+    )
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument(
+        "--events", type=int, default=5000, help="events of the main measurement (5000)"
+    )
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+
+    if args.events < 10:
+        raise ConfigError("--events must be at least 10")
+    return demo(args.mountpoint.absolute(), events=args.events)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcorfs",
@@ -229,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_mount(commands)
     _add_umount(commands)
+    _add_status(commands)
+    _add_warmup(commands)
+    _add_cache(commands)
+    _add_demo(commands)
     _add_devserver(commands)
     return parser
 

@@ -9,6 +9,7 @@ URLs before they expire and once more when the store answers 403.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +49,19 @@ def resource_key(circle_id: str, resource_id: str, artifact: str = "resource") -
     """DCOR's object layout: circle-<org>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>."""
     rid = resource_id
     return f"circle-{circle_id}/{artifact}/{rid[:3]}/{rid[3:6]}/{rid[6:]}"
+
+
+_RESOURCE_KEY = re.compile(
+    r"^circle-[^/]+/(?P<artifact>[^/]+)/(?P<a>[^/]{3})/(?P<b>[^/]{3})/(?P<c>[^/]+)$"
+)
+
+
+def parse_resource_key(key: str) -> tuple[str, str] | None:
+    """(resource id, artifact) of a key in DCOR's object layout; None for other keys."""
+    match = _RESOURCE_KEY.match(key)
+    if match is None:
+        return None
+    return match["a"] + match["b"] + match["c"], match["artifact"]
 
 
 class DcorApi:

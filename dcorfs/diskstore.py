@@ -2,7 +2,10 @@
 
 Layout under the cache dir (0700; every file 0600):
   blocks/<2 hex>/<sha256(key NUL etag)>-<index>   header + data
-  index.sqlite3                                  accounting: name, bytes, last use
+  index.sqlite3                                  accounting: blocks (name, bytes, last use),
+                                                 objects (identity → key, ETag, size)
+  lock                                           held shared by every store in use, exclusive
+                                                 by `dcorfs cache clear`
 
 A block file starts with MAGIC, the identity hash, the block index, the data length and the
 CRC32 of the data; `get` checks all of it, so a torn, truncated, flipped or misplaced file is
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -27,8 +31,11 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,47 @@ class ObjectId:
         return hashlib.sha256(f"{self.key}\0{self.etag}".encode()).digest()
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """What the cache holds of one object (key/etag/size None for blocks stored before the
+    objects table existed)."""
+
+    key: str | None
+    etag: str | None
+    size: int | None
+    blocks: int
+    nbytes: int  # of data (block headers not counted)
+
+
+class CacheInUse(ConfigError):
+    """An exclusive hold on a cache dir that a mount (or another command) is using."""
+
+
+def in_use(directory: Path) -> bool:
+    """Whether a store (a mount) holds the directory now."""
+    try:
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class DiskStore:
-    def __init__(self, directory: Path, *, limit_bytes: int, block_size: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        limit_bytes: int,
+        block_size: int = 1 << 20,
+        exclusive: bool = False,
+    ) -> None:
+        """`exclusive`: fail with CacheInUse unless no other store uses the directory."""
         self.directory = directory
         self.limit = limit_bytes
         self.block_size = block_size
@@ -68,6 +114,7 @@ class DiskStore:
             if path.stat().st_uid != os.getuid():
                 log.warning("cache dir %s belongs to another user", path)
             path.chmod(0o700)
+        self._hold = self._lock_directory(exclusive)
         self._db_path = directory / "index.sqlite3"
         os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
         db = self._db()
@@ -83,7 +130,23 @@ class DiskStore:
             "CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
         )
         db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS objects"
+            " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
+        )
         self._reconcile()
+
+    def _lock_directory(self, exclusive: bool) -> int:
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if exclusive:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a `cache clear` runs
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheInUse(f"the cache dir {self.directory} is in use by a mount") from None
+        return fd
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -192,7 +255,7 @@ class DiskStore:
         if not chosen:
             return 0
         try:
-            self._admit([(name, size) for name, _, _, size in chosen], now)
+            self._admit(obj, [(name, size) for name, _, _, size in chosen], now)
             for name, index, data, _ in chosen:
                 self._write(obj, name, index, data)
             self._drop_evicted([name for name, *_ in chosen])
@@ -225,7 +288,7 @@ class DiskStore:
             temp.unlink(missing_ok=True)
             raise
 
-    def _admit(self, entries: list[tuple[str, int]], now: float) -> None:
+    def _admit(self, obj: ObjectId, entries: list[tuple[str, int]], now: float) -> None:
         """Record blocks and evict LRU blocks so that the total stays within the limit."""
         size = sum(nbytes for _, nbytes in entries)
         names = [(name,) for name, _ in entries]
@@ -243,6 +306,10 @@ class DiskStore:
                         break
             db.executemany("DELETE FROM blocks WHERE name=?", [(v,) for v in victims])
             db.executemany("INSERT INTO blocks VALUES (?, ?, ?)", [(n, b, now) for n, b in entries])
+            db.execute(
+                "INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)",
+                (obj.identity.hex(), obj.key, obj.etag, obj.size),
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -273,8 +340,49 @@ class DiskStore:
             return 0, 0
         return int(total), int(count)
 
+    def inventory(self) -> Iterator[StoredObject]:
+        """Every object with blocks in the cache (of all processes), largest first."""
+        db = self._db()
+        known = {
+            identity: (key, etag, size)
+            for identity, key, etag, size in db.execute("SELECT * FROM objects")
+        }
+        rows = db.execute(
+            "SELECT substr(name, 4, 64) AS identity, COUNT(*), SUM(bytes) FROM blocks"
+            " GROUP BY identity ORDER BY SUM(bytes) DESC"
+        )
+        for identity, blocks, nbytes in rows:
+            key, etag, size = known.get(identity, (None, None, None))
+            data = int(nbytes) - int(blocks) * HEADER.size
+            yield StoredObject(key, etag, size, int(blocks), data)
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every block (of all processes); returns (bytes, blocks) removed."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            nbytes, count = db.execute(
+                "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks"
+            ).fetchone()
+            db.execute("DELETE FROM blocks")
+            db.execute("DELETE FROM objects")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for sub in self._blocks.iterdir():  # rows are gone: any file left would be unaccounted
+            if sub.is_dir():
+                for path in sub.iterdir():
+                    if ".tmp" not in path.name:  # a writer's rename must not fail; its
+                        path.unlink(missing_ok=True)  # block goes once it sees its row gone
+        self._touched.clear()
+        return int(nbytes), int(count)
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+        if self._hold >= 0:
+            os.close(self._hold)  # releases the lock
+            self._hold = -1

@@ -90,6 +90,33 @@ class MetaStore:
             except sqlite3.Error as exc:
                 log.warning("metadata store write failed: %s", exc)
 
+    def values(self, prefix: str) -> list[Any]:
+        """Stored values whose key starts with `prefix`, of every scope (for `cache info`)."""
+        with self._lock:
+            if self._db is None:
+                return []
+            rows = self._db.execute(
+                "SELECT value FROM answers WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall()
+        return [json.loads(text) for (text,) in rows]
+
+    def count(self) -> int:
+        """How many answers are stored (of every scope)."""
+        with self._lock:
+            if self._db is None:
+                return len(self._memory)
+            (count,) = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()
+            return int(count)
+
+    def clear(self) -> int:
+        """Forget every stored answer (of every scope); returns how many."""
+        with self._lock:
+            self._memory.clear()
+            if self._db is None:
+                return 0
+            count = self._db.execute("DELETE FROM answers").rowcount
+            return int(count)
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None:

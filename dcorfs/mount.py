@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -34,13 +35,16 @@ from .fuse_ops import Activity, Operations
 from .http import Http, RetryPolicy
 from .logs import configure
 from .metastore import Memo, MetaStore
+from .notify import Notifier, watchdog_interval
 from .readahead import Prefetcher
+from .report import one_line
 from .resources import Resources
 from .settings import MountSettings
 from .tree import Context, build_root
 
 log = logging.getLogger(__name__)
 PREFLIGHT_SECONDS = 15.0
+STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
 
 
 def _scope(settings: MountSettings) -> str:
@@ -94,8 +98,9 @@ def check_host(settings: MountSettings, store: MetaStore) -> None:
         http.close()
 
 
-def mount(settings: MountSettings) -> int:
-    """Mount; returns the exit code. In the background unless `settings.foreground`."""
+def mount(settings: MountSettings, *, on_ready: Callable[[], None] | None = None) -> int:
+    """Mount; returns the exit code. In the background unless `settings.foreground`, where
+    `on_ready` runs once the mount is up (the demo prints what to try)."""
     check_mountpoint(settings.mountpoint)
     check_cache_dir(settings.cache_dir)
     store = MetaStore(settings.cache_dir / "meta.sqlite3", scope=_scope(settings))
@@ -104,7 +109,14 @@ def mount(settings: MountSettings) -> int:
     finally:
         store.close()
     if settings.foreground:
-        return run(settings, ready=lambda message: None)
+
+        def ready(message: str) -> None:
+            if message == "ok" and on_ready is not None:
+                on_ready()
+            elif message != "ok":
+                print(f"dcorfs: {message}", file=sys.stderr)
+
+        return run(settings, ready=ready)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -143,7 +155,8 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         level=settings.log_level, log_file=log_file, stderr=settings.foreground, secrets=secrets
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    ops, close = _build(settings)
+    notifier = Notifier.from_environment()
+    ops, report, close = _build(settings)
     options = set(pyfuse3.default_options) | {
         f"fsname=dcorfs:{settings.host.split('://', 1)[1]}",
         "subtype=dcorfs",
@@ -159,31 +172,54 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         return 1
     log.info("dcorfs %s: %s mounted at %s", __version__, settings.host, settings.mountpoint)
     ready("ok")
+    notifier.send("READY=1", f"STATUS=mounted {settings.host} at {settings.mountpoint}")
     try:
-        trio.run(_serve)
+        trio.run(_serve, notifier, report)
     finally:
+        notifier.send("STOPPING=1", "STATUS=unmounting")
         pyfuse3.close(unmount=True)
         close()
         log.info("unmounted %s", settings.mountpoint)
     return 0
 
 
-async def _serve() -> None:
+async def _serve(notifier: Notifier, report: Callable[[], dict[str, Any]]) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals)
+        nursery.start_soon(_signals, notifier)
+        if notifier.active:
+            nursery.start_soon(_keep_systemd_informed, notifier, report, watchdog_interval())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _signals() -> None:
+async def _signals(notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
         async for number in received:
             log.info("received %s: unmounting", signal.Signals(number).name)
+            notifier.send("STOPPING=1", "STATUS=unmounting")
             pyfuse3.terminate()
             return
 
 
-def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
+async def _keep_systemd_informed(
+    notifier: Notifier, report: Callable[[], dict[str, Any]], watchdog: float | None
+) -> None:
+    """STATUS= every few seconds; WATCHDOG=1 from the event loop itself, so that a blocked
+    loop (the mount answering nothing) lets systemd's WatchdogSec= restart the service."""
+    period = min(STATUS_PERIOD, watchdog) if watchdog else STATUS_PERIOD
+    last_status = 0.0
+    while True:
+        fields = ["WATCHDOG=1"] if watchdog else []
+        if trio.current_time() - last_status >= STATUS_PERIOD:
+            last_status = trio.current_time()
+            fields.append(f"STATUS={one_line(report())}")
+        notifier.send(*fields)
+        await trio.sleep(period)
+
+
+def _build(
+    settings: MountSettings,
+) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
     """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
     http = Http(pool_size=settings.network_threads)
     api = DcorApi(http=http, base_url=settings.host, token=settings.token)
@@ -220,8 +256,8 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
         timeout=settings.timeout,
     )
 
-    def status() -> bytes:
-        report = {
+    def report() -> dict[str, Any]:
+        return {
             "version": __version__,
             "host": settings.host,
             "mountpoint": str(settings.mountpoint),
@@ -238,7 +274,9 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
             },
             "recent_errors": list(activity.recent_errors),
         }
-        return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+
+    def status() -> bytes:
+        return (json.dumps(report(), indent=2, sort_keys=True) + "\n").encode()
 
     root = build_root(ctx, status, mtime=started)
     ops = Operations(
@@ -260,4 +298,4 @@ def _build(settings: MountSettings) -> tuple[Operations, Callable[[], None]]:
         store.close()
         disk.close()
 
-    return ops, close
+    return ops, report, close

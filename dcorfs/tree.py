@@ -38,7 +38,7 @@ dcorfs: DCOR as a read-only filesystem
   datasets/<dataset-name>/             any dataset by name (listing: all datasets)
   circles/<circle>/<dataset-name>/     datasets by circle
   collections/<collection>/<dataset>/  datasets by collection
-  .dcorfs/status.json                  live counters of this mount
+  .dcorfs/status.json                  live counters of this mount (`dcorfs status MOUNT`)
 
 In a dataset directory every RT-DC resource (.rtdc) is a directory named like the file
 without its suffix; other resources are plain files; dataset.json is the CKAN record.
@@ -52,6 +52,7 @@ In an RT-DC resource directory:
   logs/<name>.txt        logs;  tables/<name>.csv  tables
 
 Everything is fetched lazily and cached; only the bytes you read cross the network.
+`dcorfs warmup PATH` reads files or trees into the cache ahead of time.
 """
 
 

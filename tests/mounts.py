@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,18 @@ def _wait_gone(pid: int, seconds: float = 30.0) -> None:
         time.sleep(0.05)
     os.kill(pid, 9)
     raise AssertionError(f"the daemon {pid} did not exit after unmount")
+
+
+def kill_and_unmount(process: subprocess.Popen[Any], mountpoint: Path) -> None:
+    """After a test that ran dcorfs in the foreground: nothing left running or mounted."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def unmount(mountpoint: Path, pid: int | None) -> None:

@@ -249,3 +249,39 @@ def test_admitted_heads_and_parallel_runs(tmp_path: Path) -> None:
     assert cache.read(tail, 0, BLOCK + 5, deadline=later()) == DATA[: BLOCK + 5]
     assert len(source.calls) == 3
     cache.close()
+
+
+def test_inventory_names_objects_and_clear_empties_the_store(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    other = ObjectId(key="circle-x/condensed/abc/def/ghi", etag="e2", size=BLOCK)
+    assert store.put_many(OBJ, {0: DATA[:BLOCK], 3: DATA[3 * BLOCK : 4 * BLOCK]}) == 2
+    assert store.put(other, 0, os.urandom(BLOCK))
+    found = {obj.key: obj for obj in store.inventory()}
+    assert found[OBJ.key].blocks == 2
+    assert found[OBJ.key].nbytes == 2 * BLOCK
+    assert (found[OBJ.key].etag, found[OBJ.key].size) == ("e1", len(DATA))
+    assert found[other.key].nbytes == BLOCK
+    before = store.usage()
+    assert before[1] == 3
+    assert store.clear() == before
+    assert list(store.inventory()) == []
+    assert store.usage() == (0, 0)
+    assert not any(p.is_file() for p in (tmp_path / "cache" / "blocks").rglob("*"))
+    assert store.get(OBJ, 0) is None
+    store.close()
+
+
+def test_a_store_in_use_refuses_an_exclusive_hold(tmp_path: Path) -> None:
+    from dcorfs.diskstore import CacheInUse, in_use
+
+    directory = tmp_path / "cache"
+    assert not in_use(directory)
+    first = DiskStore(directory, limit_bytes=1 << 20, block_size=BLOCK)
+    second = DiskStore(directory, limit_bytes=1 << 20, block_size=BLOCK)  # shared: fine
+    assert in_use(directory)
+    with pytest.raises(CacheInUse):
+        DiskStore(directory, limit_bytes=1 << 20, exclusive=True)
+    first.close()
+    second.close()
+    assert not in_use(directory)
+    DiskStore(directory, limit_bytes=1 << 20, exclusive=True).close()

@@ -22,7 +22,7 @@ import pytest
 from dcorfs.devserver.server import DevServer
 
 from .conftest import TOKENS, api, info, resource_dir, rtdc_entries
-from .mounts import dcorfs, mounted, needs_fuse
+from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,
@@ -333,12 +333,7 @@ def test_foreground_mount_stops_cleanly_on_sigterm(devserver: DevServer, tmp_pat
         assert process.wait(timeout=30) == 0
         assert not os.path.ismount(mnt)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        process.stderr.close()  # type: ignore[union-attr]
+        kill_and_unmount(process, mnt)
 
 
 def test_bad_command_lines_give_one_line_errors(tmp_path: Path) -> None:

@@ -1,0 +1,166 @@
+"""`dcorfs cache info|clear`: what a cache dir holds, per resource; emptying it safely.
+
+Works on the directory alone (no mount, no network). `clear` takes the directory's lock
+exclusively, so it refuses while a mount uses it unless forced; forced, it empties the
+accounting and block files under the mount, which then refetches what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .dcserv import parse_resource_key
+from .diskstore import CacheInUse, DiskStore, StoredObject, in_use
+from .metastore import MetaStore
+from .report import size
+from .warmup import JOURNAL
+
+META = "meta.sqlite3"
+
+
+@dataclass
+class ResourceUse:
+    resource_id: str
+    name: str
+    nbytes: int = 0
+    object_bytes: int = 0  # the objects' full sizes, where known
+    objects: list[StoredObject] = field(default_factory=list)
+
+
+def _names(meta: MetaStore) -> dict[str, str]:
+    """resource id → 'dataset/resource name', from the package records the mounts remembered."""
+    names: dict[str, str] = {}
+    records = meta.values("package_show:")
+    for listing in meta.values("package_search:"):
+        records.extend(listing if isinstance(listing, list) else [])
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        for resource in record.get("resources") or []:
+            if isinstance(resource, dict) and resource.get("id"):
+                dataset, name = record.get("name", "?"), resource.get("name", "?")
+                names[str(resource["id"])] = f"{dataset}/{name}"
+    return names
+
+
+def _by_resource(objects: list[StoredObject], names: dict[str, str]) -> list[ResourceUse]:
+    groups: dict[str, ResourceUse] = {}
+    for obj in objects:
+        parsed = parse_resource_key(obj.key) if obj.key else None
+        rid = parsed[0] if parsed else (obj.key or "(stored by an older dcorfs)")
+        use = groups.setdefault(rid, ResourceUse(rid, names.get(rid, "") if parsed else ""))
+        use.nbytes += obj.nbytes
+        use.object_bytes += obj.size or 0
+        use.objects.append(obj)
+    return sorted(groups.values(), key=lambda use: use.nbytes, reverse=True)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def inventory(cache_dir: Path) -> dict[str, Any]:
+    """Everything `cache info` shows, as plain data."""
+    busy = in_use(cache_dir)
+    store = DiskStore(cache_dir, limit_bytes=0)
+    meta = MetaStore(cache_dir / META, scope="")
+    try:
+        objects = list(store.inventory())
+        names = _names(meta)
+        answers = meta.count()
+    finally:
+        meta.close()
+        store.close()
+    resources = _by_resource(objects, names)
+    return {
+        "cache_dir": str(cache_dir),
+        "in_use": busy,
+        "bytes": sum(obj.nbytes for obj in objects),
+        "blocks": sum(obj.blocks for obj in objects),
+        "objects": len(objects),
+        "answers": answers,
+        "answers_bytes": _file_size(cache_dir / META),
+        "log_bytes": _file_size(cache_dir / "dcorfs.log"),
+        "resources": [
+            {
+                "id": use.resource_id,
+                "name": use.name,
+                "bytes": use.nbytes,
+                "object_bytes": use.object_bytes,
+                "objects": [
+                    {"key": o.key, "etag": o.etag, "size": o.size, "bytes": o.nbytes}
+                    for o in use.objects
+                ],
+            }
+            for use in resources
+        ],
+    }
+
+
+def _print_info(report: dict[str, Any], out: TextIO) -> None:
+    state = " (in use by a mount)" if report["in_use"] else ""
+    out.write(f"cache dir  {report['cache_dir']}{state}\n")
+    out.write(
+        f"blocks     {size(report['bytes'])} in {report['blocks']} blocks "
+        f"of {report['objects']} objects\n"
+    )
+    out.write(
+        f"answers    {report['answers']} remembered API answers ({size(report['answers_bytes'])})\n"
+    )
+    out.write(f"log        {size(report['log_bytes'])}\n")
+    if not report["resources"]:
+        return
+    out.write("\ncached       of objects    resource\n")
+    for use in report["resources"]:
+        whole = size(use["object_bytes"]) if use["object_bytes"] else "?"
+        label = f"{use['id']}  {use['name']}".rstrip()
+        out.write(f"{size(use['bytes']):>11}  {whole:>11}    {label}\n")
+
+
+def info(cache_dir: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    if not (cache_dir / "index.sqlite3").exists():
+        if as_json:
+            out.write(json.dumps({"cache_dir": str(cache_dir), "bytes": 0, "resources": []}))
+            out.write("\n")
+        else:
+            out.write(f"no cache in {cache_dir} yet\n")
+        return 0
+    report = inventory(cache_dir)
+    if as_json:
+        out.write(json.dumps(report, indent=2) + "\n")
+    else:
+        _print_info(report, out)
+    return 0
+
+
+def clear(cache_dir: Path, *, force: bool, out: TextIO = sys.stdout) -> int:
+    """Empty the cache dir (blocks, remembered answers, the warm-up journal; not the log)."""
+    if not (cache_dir / "index.sqlite3").exists():
+        out.write(f"no cache in {cache_dir}: nothing to clear\n")
+        return 0
+    try:
+        store = DiskStore(cache_dir, limit_bytes=0, exclusive=not force)
+    except CacheInUse:
+        raise CacheInUse(
+            f"the cache dir {cache_dir} is in use by a mount: unmount it first, "
+            "or pass --force (the mount then refetches what it reads)"
+        ) from None
+    meta = MetaStore(cache_dir / META, scope="")
+    try:
+        nbytes, blocks = store.clear()
+        answers = meta.clear()
+        (cache_dir / JOURNAL).unlink(missing_ok=True)
+    finally:
+        meta.close()
+        store.close()
+    out.write(
+        f"cleared {cache_dir}: {size(nbytes)} in {blocks} blocks, {answers} remembered answers\n"
+    )
+    return 0
