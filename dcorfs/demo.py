@@ -5,13 +5,16 @@ the temporary data and cache."""
 
 from __future__ import annotations
 
+import ctypes
 import selectors
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .devserver.datadir import DEMO_USER, write_demo_data
@@ -19,6 +22,7 @@ from .errors import DcorfsError
 from .mount import mount
 from .settings import MountSettings, Token
 
+PR_SET_PDEATHSIG = 1
 SERVER_START = 600.0  # seconds: the devserver condenses every resource before it answers
 
 
@@ -26,8 +30,16 @@ def _say(message: str) -> None:
     print(f"dcorfs demo: {message}", file=sys.stderr, flush=True)
 
 
+def _die_with_parent() -> Callable[[], None]:
+    """For the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux). libc is
+    looked up here, in the parent, so the child only makes one system call."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class _Server:
-    """The devserver as a child process in its own session (Ctrl-C reaches only us)."""
+    """The devserver as a child process in its own session (Ctrl-C reaches only us), ended
+    with the demo however the demo ends."""
 
     def __init__(self, data: Path, log: Path) -> None:
         self._log = log
@@ -38,6 +50,8 @@ class _Server:
                 stderr=sink,
                 text=True,
                 start_new_session=True,
+                # one prctl call; the demo runs no other threads yet (the mount comes later)
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
             )
 
     def url(self) -> str:

@@ -115,6 +115,11 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._dirs_parent: dict[int, int] = {}
         self._next_fh = 1
+        self.initialized = trio.Event()  # set once the kernel's INIT has been answered
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering INIT (the reply goes out when it returns)."""
+        self.initialized.set()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 

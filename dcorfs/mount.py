@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from .report import one_line
 from .resources import Resources
 from .settings import MountSettings
 from .tree import Context, build_root
+from .tuning import tune
 
 log = logging.getLogger(__name__)
 PREFLIGHT_SECONDS = 15.0
@@ -174,7 +176,7 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     ready("ok")
     notifier.send("READY=1", f"STATUS=mounted {settings.host} at {settings.mountpoint}")
     try:
-        trio.run(_serve, notifier, report)
+        trio.run(_serve, ops, notifier, report, functools.partial(_tune, settings))
     finally:
         notifier.send("STOPPING=1", "STATUS=unmounting")
         pyfuse3.close(unmount=True)
@@ -183,13 +185,34 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     return 0
 
 
-async def _serve(notifier: Notifier, report: Callable[[], dict[str, Any]]) -> None:
+async def _serve(
+    ops: Operations,
+    notifier: Notifier,
+    report: Callable[[], dict[str, Any]],
+    after_init: Callable[[], None],
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, notifier)
+        nursery.start_soon(_after_init, ops, after_init)
         if notifier.active:
             nursery.start_soon(_keep_systemd_informed, notifier, report, watchdog_interval())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _after_init(ops: Operations, action: Callable[[], None]) -> None:
+    await ops.initialized.wait()
+    action()
+
+
+def _tune(settings: MountSettings) -> None:
+    """After INIT: the kernel sets the read-ahead from INIT's answer, so tuning comes later."""
+    if settings.kernel_tuning and os.geteuid() == 0:
+        tune(
+            settings.mountpoint,
+            read_ahead_kb=settings.read_ahead_kb,
+            max_background=settings.max_background,
+        )
 
 
 async def _signals(notifier: Notifier) -> None:

@@ -68,3 +68,40 @@ def test_resource_keys_parse_back() -> None:
     assert parse_resource_key(resource_key("org", rid)) == (rid, "resource")
     assert parse_resource_key(resource_key("org", rid, "condensed")) == (rid, "condensed")
     assert parse_resource_key("bucket/some/other/key") is None
+
+
+def test_kernel_tuning_raises_never_lowers_and_finds_escaped_paths(tmp_path: Path) -> None:
+    from dcorfs.tuning import device_of, tune
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / /proc rw - proc proc rw\n"
+        "97 22 0:55 / /tmp/my\\040mount rw - fuse.dcorfs dcorfs:host ro\n"
+    )
+    assert device_of(Path("/tmp/my mount"), mountinfo.read_text()) == "0:55"
+    assert device_of(Path("/tmp/other"), mountinfo.read_text()) is None
+    bdi = tmp_path / "class" / "bdi" / "0:55"
+    connection = tmp_path / "fs" / "fuse" / "connections" / "55"
+    for directory, name, value in [
+        (bdi, "read_ahead_kb", "128"),
+        (connection, "max_background", "100"),
+        (connection, "congestion_threshold", "9"),
+    ]:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(value + "\n")
+    done = tune(
+        Path("/tmp/my mount"),
+        read_ahead_kb=1024,
+        max_background=64,
+        sysfs=tmp_path,
+        mountinfo=mountinfo,
+    )
+    assert (bdi / "read_ahead_kb").read_text() == "1024\n"
+    assert (connection / "max_background").read_text() == "100\n"  # higher already: kept
+    assert (connection / "congestion_threshold").read_text() == "48\n"
+    assert done == [
+        "read_ahead_kb 128 → 1024",
+        "max_background 100 (kept)",
+        "congestion_threshold 9 → 48",
+    ]
+    assert tune(Path("/nowhere"), read_ahead_kb=1, max_background=1, mountinfo=mountinfo) == []
