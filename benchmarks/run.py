@@ -88,11 +88,14 @@ def devserver(data: Path, latency: float) -> Iterator[str]:
         process.wait(timeout=60)
 
 
+MOUNT_OPTIONS: list[str] = []  # --mount-option: e.g. --kernel-tuning, for A/B runs
+
+
 @contextmanager
 def mounted(url: str, mnt: Path, cache: Path) -> Iterator[Path]:
     mnt.mkdir(parents=True, exist_ok=True)
     command = [PY, "-m", "dcorfs", "mount", str(mnt), "--host", url, "--cache-dir", str(cache)]
-    subprocess.run(command, check=True)
+    subprocess.run([*command, *MOUNT_OPTIONS], check=True)
     try:
         yield mnt
     finally:
@@ -184,7 +187,11 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/dcorfs-bench"))
     parser.add_argument("--dclab-image-events", type=int, default=1000)
     parser.add_argument("--random-events", type=int, default=200)
+    parser.add_argument(
+        "--mount-option", action="append", default=[], help="passed on to dcorfs mount"
+    )
     args = parser.parse_args()
+    MOUNT_OPTIONS.extend(args.mount_option)
     work = args.workdir
     data = work / f"data-{args.events}-{args.small}"
     generate(data, args.events, args.small)

@@ -112,6 +112,6 @@ class MountSettings:
     log_level: str = "INFO"
     log_file: Path | None = None
     network_threads: int = 16
-    kernel_tuning: bool = True  # root only: raise read_ahead_kb and max_background
+    kernel_tuning: bool = False  # root only: raise read_ahead_kb and max_background
     read_ahead_kb: int = 1024
     max_background: int = 64
