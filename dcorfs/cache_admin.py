@@ -1,6 +1,7 @@
 """`dcorfs cache info|clear`: what a cache dir holds, per resource; emptying it safely.
 
-Works on the directory alone (no mount, no network). `clear` takes the directory's lock
+Works on the directory alone (no mount, no network). `info` only reads (its databases opened
+read-only), so it is safe beside running mounts. `clear` takes the directory's lock
 exclusively, so it refuses while a mount uses it unless forced; forced, it empties the
 accounting and block files under the mount, which then refetches what it needs.
 """
@@ -8,18 +9,18 @@ accounting and block files under the mount, which then refetches what it needs.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import cachedir
 from .dcserv import parse_resource_key
-from .diskstore import CacheInUse, DiskStore, StoredObject, in_use
-from .metastore import MetaStore
+from .diskstore import CacheInUse, DiskStore, StoredObject, in_use, read_inventory
+from .errors import ConfigError
+from .metastore import MetaStore, read_answers
 from .report import size
-from .warmup import JOURNAL
-
-META = "meta.sqlite3"
 
 
 @dataclass
@@ -31,12 +32,13 @@ class ResourceUse:
     objects: list[StoredObject] = field(default_factory=list)
 
 
-def _names(meta: MetaStore) -> dict[str, str]:
-    """resource id → 'dataset/resource name', from the package records the mounts remembered."""
+def _names(answers: list[object]) -> dict[str, str]:
+    """resource id → 'dataset/resource name', from the package records the mounts remembered
+    (package_show answers are records, package_search answers lists of them)."""
     names: dict[str, str] = {}
-    records = meta.values("package_show:")
-    for listing in meta.values("package_search:"):
-        records.extend(listing if isinstance(listing, list) else [])
+    records: list[object] = []
+    for answer in answers:
+        records.extend(answer if isinstance(answer, list) else [answer])
     for record in records:
         if not isinstance(record, dict):
             continue
@@ -69,15 +71,16 @@ def _file_size(path: Path) -> int:
 def inventory(cache_dir: Path) -> dict[str, Any]:
     """Everything `cache info` shows, as plain data."""
     busy = in_use(cache_dir)
-    store = DiskStore(cache_dir, limit_bytes=0)
-    meta = MetaStore(cache_dir / META, scope="")
     try:
-        objects = list(store.inventory())
-        names = _names(meta)
-        answers = meta.count()
-    finally:
-        meta.close()
-        store.close()
+        objects = read_inventory(cache_dir)
+        answers, records = 0, list[Any]()
+        if (cache_dir / cachedir.META).exists():
+            answers, records = read_answers(
+                cache_dir / cachedir.META, ("package_show:", "package_search:")
+            )
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read the cache dir {cache_dir}: {exc}") from None
+    names = _names(records)
     resources = _by_resource(objects, names)
     return {
         "cache_dir": str(cache_dir),
@@ -86,8 +89,8 @@ def inventory(cache_dir: Path) -> dict[str, Any]:
         "blocks": sum(obj.blocks for obj in objects),
         "objects": len(objects),
         "answers": answers,
-        "answers_bytes": _file_size(cache_dir / META),
-        "log_bytes": _file_size(cache_dir / "dcorfs.log"),
+        "answers_bytes": _file_size(cache_dir / cachedir.META),
+        "log_bytes": _file_size(cache_dir / cachedir.LOG),
         "resources": [
             {
                 "id": use.resource_id,
@@ -125,14 +128,19 @@ def _print_info(report: dict[str, Any], out: TextIO) -> None:
 
 
 def info(cache_dir: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
-    if not (cache_dir / "index.sqlite3").exists():
-        if as_json:
-            out.write(json.dumps({"cache_dir": str(cache_dir), "bytes": 0, "resources": []}))
-            out.write("\n")
-        else:
+    if not (cache_dir / cachedir.INDEX).exists():
+        if not as_json:
             out.write(f"no cache in {cache_dir} yet\n")
-        return 0
-    report = inventory(cache_dir)
+            return 0
+        report = {
+            **dict.fromkeys(("bytes", "blocks", "objects", "answers", "answers_bytes"), 0),
+            "cache_dir": str(cache_dir),
+            "in_use": False,
+            "log_bytes": 0,
+            "resources": [],
+        }
+    else:
+        report = inventory(cache_dir)
     if as_json:
         out.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -142,7 +150,7 @@ def info(cache_dir: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
 
 def clear(cache_dir: Path, *, force: bool, out: TextIO = sys.stdout) -> int:
     """Empty the cache dir (blocks, remembered answers, the warm-up journal; not the log)."""
-    if not (cache_dir / "index.sqlite3").exists():
+    if not (cache_dir / cachedir.INDEX).exists():
         out.write(f"no cache in {cache_dir}: nothing to clear\n")
         return 0
     try:
@@ -152,11 +160,13 @@ def clear(cache_dir: Path, *, force: bool, out: TextIO = sys.stdout) -> int:
             f"the cache dir {cache_dir} is in use by a mount: unmount it first, "
             "or pass --force (the mount then refetches what it reads)"
         ) from None
-    meta = MetaStore(cache_dir / META, scope="")
+    meta = MetaStore(cache_dir / cachedir.META, scope="")
     try:
         nbytes, blocks = store.clear()
         answers = meta.clear()
-        (cache_dir / JOURNAL).unlink(missing_ok=True)
+        (cache_dir / cachedir.JOURNAL).unlink(missing_ok=True)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot clear the cache dir {cache_dir}: {exc}") from None
     finally:
         meta.close()
         store.close()

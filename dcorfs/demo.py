@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import cachedir
 from .devserver.datadir import DEMO_USER, write_demo_data
-from .errors import DcorfsError
+from .errors import ConfigError, DcorfsError
 from .mount import mount
 from .settings import MountSettings, Token
 
@@ -110,8 +111,17 @@ Ctrl-C here (or `{dcorfs} umount {mnt}`) unmounts, stops the server and removes 
 """
 
 
+def _interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP while starting: clean up as on Ctrl-C
+
+
 def demo(mountpoint: Path, *, events: int) -> int:
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"mount point {mountpoint}: {exc.strerror}") from None
+    for number in (signal.SIGTERM, signal.SIGHUP):  # the mount installs its own later
+        signal.signal(number, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="dcorfs-demo-"))
     server: _Server | None = None
     try:
@@ -127,7 +137,7 @@ def demo(mountpoint: Path, *, events: int) -> int:
             cache_dir=work / "cache",
             foreground=True,
             log_level="WARNING",
-            log_file=work / "dcorfs.log",
+            log_file=work / "cache" / cachedir.LOG,
         )
         code = mount(settings, on_ready=lambda: print(_instructions(mountpoint, url), flush=True))
         _say("unmounted; stopping the devserver")

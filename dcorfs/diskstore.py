@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cachedir
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,39 @@ class CacheInUse(ConfigError):
     """An exclusive hold on a cache dir that a mount (or another command) is using."""
 
 
+def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
+    known = {
+        identity: (key, etag, size)
+        for identity, key, etag, size in db.execute("SELECT * FROM objects")
+    }
+    rows = db.execute(
+        "SELECT substr(name, 4, 64) AS identity, COUNT(*), SUM(bytes) FROM blocks"
+        " GROUP BY identity ORDER BY SUM(bytes) DESC"
+    )
+    for identity, blocks, nbytes in rows:
+        key, etag, size = known.get(identity, (None, None, None))
+        data = int(nbytes) - int(blocks) * HEADER.size
+        yield StoredObject(key, etag, size, int(blocks), data)
+
+
+def read_inventory(directory: Path) -> list[StoredObject]:
+    """What a cache dir holds, read without changing anything (for `cache info`)."""
+    uri = f"{(directory / cachedir.INDEX).as_uri()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, timeout=10.0)
+    try:
+        return list(_inventory(db))
+    finally:
+        db.close()
+
+
 def in_use(directory: Path) -> bool:
     """Whether a store (a mount) holds the directory now."""
     try:
-        fd = os.open(directory / "lock", os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(directory / cachedir.LOCK, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise ConfigError(f"cannot check the cache dir {directory}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -103,7 +131,7 @@ class DiskStore:
         self.directory = directory
         self.limit = limit_bytes
         self.block_size = block_size
-        self._blocks = directory / "blocks"
+        self._blocks = directory / cachedir.BLOCKS
         self._local = threading.local()
         self._full_until = 0.0
         self._touched: dict[str, float] = {}
@@ -115,7 +143,7 @@ class DiskStore:
                 log.warning("cache dir %s belongs to another user", path)
             path.chmod(0o700)
         self._hold = self._lock_directory(exclusive)
-        self._db_path = directory / "index.sqlite3"
+        self._db_path = directory / cachedir.INDEX
         os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
         db = self._db()
         for _ in range(100):  # two processes opening a fresh cache at once: one wins, one waits
@@ -137,7 +165,7 @@ class DiskStore:
         self._reconcile()
 
     def _lock_directory(self, exclusive: bool) -> int:
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.directory / cachedir.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if exclusive:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,27 +194,30 @@ class DiskStore:
         return self._blocks / name
 
     def _reconcile(self) -> None:
-        """After a crash: drop rows without files, remove files without rows, old temp files."""
-        db = self._db()
+        """After a crash: drop rows without files, remove files without rows, old temp files.
+
+        Files are listed before rows are read: a block is admitted (its row committed) before
+        its file is renamed into place, so a file seen here that has no row afterwards really
+        is unaccounted, even while other processes write blocks."""
         now = time.time()
-        rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
-        settled = {  # rows of blocks another process may be writing right now are left alone
-            name for (name,) in db.execute("SELECT name FROM blocks WHERE used < ?", (now - 60,))
-        }
         seen = set()
         for sub in self._blocks.iterdir():
             if not sub.is_dir():
                 continue
             for path in sub.iterdir():
-                name = f"{sub.name}/{path.name}"
                 if ".tmp" in path.name:
                     with contextlib.suppress(OSError):
                         if now - path.stat().st_mtime > 60:
                             path.unlink()
                     continue
-                seen.add(name)
-                if name not in rows:  # unaccounted (its row was evicted): it must go
-                    path.unlink(missing_ok=True)
+                seen.add(f"{sub.name}/{path.name}")
+        db = self._db()
+        rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
+        settled = {  # rows of blocks another process may be writing right now are left alone
+            name for (name,) in db.execute("SELECT name FROM blocks WHERE used < ?", (now - 60,))
+        }
+        for name in seen - rows:  # unaccounted (its row was evicted): it must go
+            self._path(name).unlink(missing_ok=True)
         missing = (rows & settled) - seen
         if missing:
             db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
@@ -342,19 +373,7 @@ class DiskStore:
 
     def inventory(self) -> Iterator[StoredObject]:
         """Every object with blocks in the cache (of all processes), largest first."""
-        db = self._db()
-        known = {
-            identity: (key, etag, size)
-            for identity, key, etag, size in db.execute("SELECT * FROM objects")
-        }
-        rows = db.execute(
-            "SELECT substr(name, 4, 64) AS identity, COUNT(*), SUM(bytes) FROM blocks"
-            " GROUP BY identity ORDER BY SUM(bytes) DESC"
-        )
-        for identity, blocks, nbytes in rows:
-            key, etag, size = known.get(identity, (None, None, None))
-            data = int(nbytes) - int(blocks) * HEADER.size
-            yield StoredObject(key, etag, size, int(blocks), data)
+        return _inventory(self._db())
 
     def clear(self) -> tuple[int, int]:
         """Remove every block (of all processes); returns (bytes, blocks) removed."""

@@ -29,6 +29,24 @@ FOREVER = float("inf")
 STALE_ATTEMPT = 5.0  # seconds spent asking the server when a stored answer exists
 
 
+def read_answers(path: Path, prefixes: tuple[str, ...]) -> tuple[int, list[Any]]:
+    """(number of answers, values whose key starts with one of `prefixes`) of every scope,
+    read without changing anything (for `cache info`)."""
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        (count,) = db.execute("SELECT COUNT(*) FROM answers").fetchone()
+        values = [
+            json.loads(text)
+            for prefix in prefixes
+            for (text,) in db.execute(
+                "SELECT value FROM answers WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            )
+        ]
+    finally:
+        db.close()
+    return int(count), values
+
+
 class MetaStore:
     """A small persistent key → JSON map with the time each value was stored."""
 
@@ -89,24 +107,6 @@ class MetaStore:
                 )
             except sqlite3.Error as exc:
                 log.warning("metadata store write failed: %s", exc)
-
-    def values(self, prefix: str) -> list[Any]:
-        """Stored values whose key starts with `prefix`, of every scope (for `cache info`)."""
-        with self._lock:
-            if self._db is None:
-                return []
-            rows = self._db.execute(
-                "SELECT value FROM answers WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
-            ).fetchall()
-        return [json.loads(text) for (text,) in rows]
-
-    def count(self) -> int:
-        """How many answers are stored (of every scope)."""
-        with self._lock:
-            if self._db is None:
-                return len(self._memory)
-            (count,) = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()
-            return int(count)
 
     def clear(self) -> int:
         """Forget every stored answer (of every scope); returns how many."""

@@ -26,7 +26,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__
+from . import __version__, cachedir
 from .blockcache import BlockCache
 from .catalog import Catalog
 from .dcserv import DcorApi, Locator, make_fetch
@@ -105,7 +105,7 @@ def mount(settings: MountSettings, *, on_ready: Callable[[], None] | None = None
     `on_ready` runs once the mount is up (the demo prints what to try)."""
     check_mountpoint(settings.mountpoint)
     check_cache_dir(settings.cache_dir)
-    store = MetaStore(settings.cache_dir / "meta.sqlite3", scope=_scope(settings))
+    store = MetaStore(settings.cache_dir / cachedir.META, scope=_scope(settings))
     try:
         check_host(settings, store)
     finally:
@@ -151,7 +151,7 @@ def _tell(fd: int, message: str) -> None:
 
 def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     """The daemon: build everything, mount, serve until unmounted or signalled."""
-    log_file = settings.log_file or settings.cache_dir / "dcorfs.log"
+    log_file = settings.log_file or settings.cache_dir / cachedir.LOG
     secrets = [settings.token.reveal()] if settings.token else []
     configure(
         level=settings.log_level, log_file=log_file, stderr=settings.foreground, secrets=secrets
@@ -235,7 +235,7 @@ async def _keep_systemd_informed(
         fields = ["WATCHDOG=1"] if watchdog else []
         if trio.current_time() - last_status >= STATUS_PERIOD:
             last_status = trio.current_time()
-            fields.append(f"STATUS={one_line(report())}")
+            fields.append(f"STATUS={one_line(await trio.to_thread.run_sync(report))}")
         notifier.send(*fields)
         await trio.sleep(period)
 
@@ -246,7 +246,7 @@ def _build(
     """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
     http = Http(pool_size=settings.network_threads)
     api = DcorApi(http=http, base_url=settings.host, token=settings.token)
-    store = MetaStore(settings.cache_dir / "meta.sqlite3", scope=_scope(settings))
+    store = MetaStore(settings.cache_dir / cachedir.META, scope=_scope(settings))
     memo = Memo(store, timeout=settings.timeout)
     catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
     locator = Locator()

@@ -34,7 +34,8 @@ class Notifier:
             return
         message = "\n".join(field.replace("\n", " ") for field in fields).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            with socket.socket(socket.AF_UNIX, kind) as sock:  # never blocks the event loop
                 sock.connect(self._address)
                 sock.sendall(message)
         except OSError as exc:

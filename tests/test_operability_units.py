@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from dcorfs.dcserv import parse_resource_key, resource_key
 from dcorfs.notify import Notifier, watchdog_interval
 from dcorfs.report import duration, hit_ratio, one_line, size, summary
+
+from .conftest import REPO
 
 
 def test_notifier_sends_datagrams_to_path_and_abstract_sockets(tmp_path: Path) -> None:
@@ -105,3 +113,61 @@ def test_kernel_tuning_raises_never_lowers_and_finds_escaped_paths(tmp_path: Pat
         "congestion_threshold 9 → 48",
     ]
     assert tune(Path("/nowhere"), read_ahead_kb=1, max_background=1, mountinfo=mountinfo) == []
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze missing (apt install systemd; scripts/bootstrap.sh test does)",
+)
+@pytest.mark.parametrize(
+    ("unit", "instance", "user"),
+    [("dcorfs@.service", "dcorfs@mnt-dcor.service", True), ("dcorfs.service", None, False)],
+)
+def test_systemd_units_pass_verification(
+    tmp_path: Path, unit: str, instance: str | None, user: bool
+) -> None:
+    text = (REPO / "systemd" / unit).read_text()
+    assert "Type=notify" in text and "NotifyAccess=main" in text
+    assert "After=network-online.target" in text and "ExecStop=-/usr/bin/fusermount3 -u" in text
+    assert "ExecStartPre=-/usr/bin/fusermount3 -u -z" in text  # restarts after a crash work
+    # verification checks that ExecStart's program exists: point it at this checkout's dcorfs
+    dcorfs_program = shutil.which("dcorfs") or str(Path(sys.executable).with_name("dcorfs"))
+    path = tmp_path / (instance or unit)
+    path.write_text(text.replace("/usr/local/bin/dcorfs", dcorfs_program))
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    result = subprocess.run(
+        ["systemd-analyze", *(["--user"] if user else []), "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_cache_info_only_reads(tmp_path: Path) -> None:
+    import io
+
+    from dcorfs import cache_admin
+    from dcorfs.blockcache import ObjectId
+    from dcorfs.diskstore import DiskStore
+
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 20, block_size=1024)
+    rid = "0bccdcab-56f6-52dc-8c34-f3997e2125eb"
+    obj = ObjectId(key=resource_key("org", rid), etag="e", size=10)
+    assert store.put(obj, 0, b"0123456789")
+    stray = cache / "blocks" / "ab" / ("ab" * 32 + "-0")  # a block another process is renaming
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"x")
+    before = sorted(p.name for p in cache.rglob("*"))
+    out = io.StringIO()
+    assert cache_admin.info(cache, as_json=True, out=out) == 0
+    report = json.loads(out.getvalue())
+    assert report["in_use"] and report["bytes"] == 10 and report["answers"] == 0
+    assert report["resources"][0]["id"] == rid
+    assert stray.exists() and not (cache / "meta.sqlite3").exists()
+    assert sorted(p.name for p in cache.rglob("*")) == before
+    store.close()
