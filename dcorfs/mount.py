@@ -36,6 +36,7 @@ from .logs import configure
 from .metastore import Memo, MetaStore
 from .readahead import Prefetcher
 from .resources import Resources
+from .rtdc import CycleCollector
 from .settings import MountSettings
 from .tree import Context, build_root
 
@@ -159,9 +160,12 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         return 1
     log.info("dcorfs %s: %s mounted at %s", __version__, settings.host, settings.mountpoint)
     ready("ok")
+    collector = CycleCollector()  # h5py in many threads: see its design note
+    collector.start()
     try:
         trio.run(_serve)
     finally:
+        collector.stop()
         pyfuse3.close(unmount=True)
         close()
         log.info("unmounted %s", settings.mountpoint)
