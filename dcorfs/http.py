@@ -131,7 +131,7 @@ class Http:
         self._sleep = sleep
         self._clock = clock
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._sessions: dict[int, requests.Session] = {}  # by thread ident
         self._lock = threading.Lock()
 
     def _session(self) -> requests.Session:
@@ -145,13 +145,21 @@ class Http:
             session.mount("https://", adapter)
             session.headers["User-Agent"] = self._user_agent
             self._local.session = session
+            me = threading.get_ident()
             with self._lock:
-                self._sessions.append(session)
+                # worker threads come and go (trio ends idle ones): close the sessions, and
+                # so the sockets, of threads that have ended (an ident may be reused: ours)
+                living = {thread.ident for thread in threading.enumerate()} - {me}
+                ended = [s for ident, s in self._sessions.items() if ident not in living]
+                self._sessions = {i: s for i, s in self._sessions.items() if i in living}
+                self._sessions[me] = session
+            for old in ended:
+                old.close()
         return session
 
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             session.close()
 

@@ -40,6 +40,7 @@ from .notify import Notifier, watchdog_interval
 from .readahead import Prefetcher
 from .report import one_line
 from .resources import Resources
+from .rtdc import CycleCollector
 from .settings import MountSettings
 from .tree import Context, build_root
 from .tuning import tune
@@ -174,11 +175,14 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         return 1
     log.info("dcorfs %s: %s mounted at %s", __version__, settings.host, settings.mountpoint)
     ready("ok")
+    collector = CycleCollector()  # h5py in many threads: see its design note
+    collector.start()
     notifier.send("READY=1", f"STATUS=mounted {settings.host} at {settings.mountpoint}")
     try:
         trio.run(_serve, ops, notifier, report, functools.partial(_tune, settings))
     finally:
         notifier.send("STOPPING=1", "STATUS=unmounting")
+        collector.stop()
         pyfuse3.close(unmount=True)
         close()
         log.info("unmounted %s", settings.mountpoint)

@@ -16,6 +16,7 @@ lock is not held across network waits for event data.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Zstd filter of modern .rtdc files)
 import numpy as np
+from h5py._objects import phil
 
 from .blockcache import BlockCache, ObjectId
 from .errors import DcorfsError, ProtocolError
@@ -35,6 +37,48 @@ from .fileobj import SeekableFile
 log = logging.getLogger(__name__)
 
 TRACE_PREFIX = "trace/"
+
+
+class CycleCollector:
+    """Collects reference cycles in one thread of its own, with h5py's global lock held.
+
+    Design note (a deadlock): h5py holds its global lock (`phil`) while it calls our file
+    object (`RemoteFile.readinto`), which takes the block cache's locks (and logging's). Python
+    runs the cycle collector in whichever thread allocates once a threshold is passed, and an
+    h5py object freed there takes `phil`. So a thread holding a block-cache lock may start
+    collecting, wait for `phil` and never get it, because the thread holding `phil` waits for
+    that block-cache lock: every worker of the mount hangs for good (h5py#2019). Failed reads
+    make such cycles all the time (exceptions whose tracebacks hold h5py objects). Hence the
+    daemon switches automatic collection off and collects here, every `interval` seconds,
+    taking `phil` first, in the same order as the readers (phil, then our locks).
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gc", daemon=True)
+        self._was_enabled = gc.isenabled()
+
+    def start(self) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No join: the thread may wait for `phil` held by a read that is still running."""
+        self._stop.set()
+        if self._was_enabled:
+            gc.enable()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            collect_cycles()
+
+
+def collect_cycles() -> int:
+    """`gc.collect()` with h5py's global lock held (see `CycleCollector`)."""
+    with phil:
+        return gc.collect()
 
 
 class RemoteFile(SeekableFile):

@@ -112,11 +112,12 @@ class ServerProcess:
 
     Tests that read the mount with h5py need it: h5py holds one lock for the whole process
     while it reads a file, and an in-process devserver that opens its files with h5py to
-    answer the mount would wait for that lock forever."""
+    answer the mount would wait for that lock forever. `options`: more options of
+    `dcorfs devserver` (e.g. `--port`, fault rates, `--seed`)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *options: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dcorfs", "devserver", "--data", str(data_dir)],
+            [sys.executable, "-m", "dcorfs", "devserver", "--data", str(data_dir), *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
