@@ -26,6 +26,9 @@ from .rtdc import RemoteFile, RtdcResource, RtdcSource
 
 log = logging.getLogger(__name__)
 HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
+TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers at its end
+# objects up to this size are fetched whole on open: uploaded files (mostly event data) …
+WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 
@@ -55,6 +58,7 @@ class Resources:
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
+        self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -124,8 +128,13 @@ class Resources:
             return opened
 
     def _open_rtdc(self, resource: Resource) -> RtdcResource:
+        # the API answers a resource directory needs, asked side by side rather than one round
+        # trip after another: logs and tables are remembered (single-flight) for the tree
+        for query in ("logs", "tables"):
+            self._ask.submit(self._catalog.dcserv, resource.id, query)
+        basins_asked = self._ask.submit(self._basins, resource.id)
         metadata = self._catalog.dcserv(resource.id, "metadata")
-        basins = self._basins(resource.id)
+        basins = basins_asked.result()
         if "resource" not in basins:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         original = self._source(basins["resource"], resource.size, resource.etag)
@@ -141,8 +150,11 @@ class Resources:
     def _source(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
         obj = self._identify(basin.key, size, etag)
         deadline = self._deadline()
-        # HDF5 metadata starts at the front: one request instead of a chain of small ones
-        self._cache.ensure(obj, [(0, min(obj.size, HEAD))], deadline=deadline)
+        # HDF5 metadata lies at the front and, in files written incrementally, at the end:
+        # fetched in parallel on open instead of as a chain of small misses while h5py walks
+        # the structure (a small file whole: what it reads of it is most of it anyway)
+        whole = WHOLE.get(basin.kind, WHOLE["resource"])
+        self._cache.ensure(obj, metadata_ranges(obj.size, whole), deadline=deadline)
         first_read = None
         if basin.kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
             # once one scalar feature is read, fetch them all in the background
@@ -182,6 +194,7 @@ class Resources:
 
     def close(self) -> None:
         self._warm.shutdown(wait=False, cancel_futures=True)
+        self._ask.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
         for resource in opened.values():
@@ -189,6 +202,13 @@ class Resources:
                 resource.close()
             except (DcorfsError, OSError) as exc:
                 log.debug("closing a resource: %s", exc)
+
+
+def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
+    """Byte ranges of an HDF5 object fetched when it is opened."""
+    if size <= whole:
+        return [(0, size)]
+    return [(0, HEAD), (max(HEAD, size - TAIL), size)]
 
 
 def _event_count(metadata: Any, original: RtdcSource) -> int:

@@ -197,3 +197,12 @@ async def test_fuse_ops_called_directly() -> None:
     await ops.forget([(entry.st_ino, 2)])
     with pytest.raises(pyfuse3.FUSEError):
         await ops.getattr(entry.st_ino, ctx)
+
+
+def test_metadata_ranges_on_open() -> None:
+    from dcorfs.resources import HEAD, TAIL, metadata_ranges
+
+    assert metadata_ranges(1000, whole=1 << 20) == [(0, 1000)]
+    size = 50 << 20
+    assert metadata_ranges(size, whole=1 << 20) == [(0, HEAD), (size - TAIL, size)]
+    assert metadata_ranges(HEAD + 10, whole=0) == [(0, HEAD), (HEAD, HEAD + 10)]
