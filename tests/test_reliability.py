@@ -297,7 +297,7 @@ def test_fault_soak_never_gives_wrong_bytes(server: ServerProcess, tmp_path: Pat
     tally = Tally()
     per_thread = -(-SOAK_READS // (SOAK_THREADS * SOAK_ROUNDS))
     faults: collections.Counter[str] = collections.Counter()
-    peak_kib = renewals = 0
+    peak_kib = renewals = object_requests = 0
     started = time.monotonic()
     for number in range(SOAK_ROUNDS):
         cache = tmp_path / f"cache{number}"
@@ -311,7 +311,9 @@ def test_fault_soak_never_gives_wrong_bytes(server: ServerProcess, tmp_path: Pat
             with concurrent.futures.ThreadPoolExecutor(SOAK_THREADS) as pool:
                 for part in pool.map(functools.partial(soak, mnt, truth, per_thread), seeds):
                     tally.add(part)
-            faults.update(server.stats.snapshot()["faults"])
+            stats = server.stats.snapshot()
+            faults.update(stats["faults"])
+            object_requests += stats["object_requests"]
             set_faults(server, NO_FAULTS)
             assert alive(pid) and os.path.ismount(mnt)
             if number == SOAK_ROUNDS - 1:  # the faults gone, every file reads right
@@ -336,7 +338,9 @@ def test_fault_soak_never_gives_wrong_bytes(server: ServerProcess, tmp_path: Pat
     assert not tally.other, tally.examples
     assert tally.max_read < NO_HANG, tally.max_read
     assert tally.ok > 0.5 * tally.tried
-    assert sum(faults.values()) > 25 * SOAK_ROUNDS * SCALE, faults  # faults really were there
+    # the faults really were there: at the configured rates (~40 % of object requests), with
+    # a margin; how many requests a soak makes depends on the files (fixtures present or not)
+    assert sum(faults.values()) > max(20, 0.2 * object_requests), (faults, object_requests)
     assert renewals > 0
 
 
