@@ -128,19 +128,10 @@ def _print_info(report: dict[str, Any], out: TextIO) -> None:
 
 
 def info(cache_dir: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
-    if not (cache_dir / cachedir.INDEX).exists():
-        if not as_json:
-            out.write(f"no cache in {cache_dir} yet\n")
-            return 0
-        report = {
-            **dict.fromkeys(("bytes", "blocks", "objects", "answers", "answers_bytes"), 0),
-            "cache_dir": str(cache_dir),
-            "in_use": False,
-            "log_bytes": 0,
-            "resources": [],
-        }
-    else:
-        report = inventory(cache_dir)
+    if not as_json and not (cache_dir / cachedir.INDEX).exists():
+        out.write(f"no cache in {cache_dir} yet\n")
+        return 0
+    report = inventory(cache_dir)
     if as_json:
         out.write(json.dumps(report, indent=2) + "\n")
     else:

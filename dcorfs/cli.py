@@ -357,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcorfs: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a stale mount under a path given to a command
-        print(f"dcorfs: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dcorfs: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -76,10 +76,26 @@ class CacheInUse(ConfigError):
     """An exclusive hold on a cache dir that a mount (or another command) is using."""
 
 
+def _take_lock(directory: Path, how: int, *, create: bool) -> int | None:
+    """The lock file's descriptor holding `how` (flock flags); None if LOCK_NB would block.
+    FileNotFoundError without `create` when no store ever used the directory."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    fd = os.open(directory / cachedir.LOCK, flags, 0o600)
+    try:
+        fcntl.flock(fd, how)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
-    known = {
+    has_objects = db.execute("SELECT 1 FROM sqlite_master WHERE name='objects'").fetchone()
+    known = {  # caches written before the objects table: their objects are nameless
         identity: (key, etag, size)
-        for identity, key, etag, size in db.execute("SELECT * FROM objects")
+        for identity, key, etag, size in (
+            db.execute("SELECT * FROM objects") if has_objects else []
+        )
     }
     rows = db.execute(
         "SELECT substr(name, 4, 64) AS identity, COUNT(*), SUM(bytes) FROM blocks"
@@ -93,6 +109,8 @@ def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
 
 def read_inventory(directory: Path) -> list[StoredObject]:
     """What a cache dir holds, read without changing anything (for `cache info`)."""
+    if not (directory / cachedir.INDEX).exists():
+        return []
     uri = f"{(directory / cachedir.INDEX).as_uri()}?mode=ro"
     db = sqlite3.connect(uri, uri=True, timeout=10.0)
     try:
@@ -104,17 +122,14 @@ def read_inventory(directory: Path) -> list[StoredObject]:
 def in_use(directory: Path) -> bool:
     """Whether a store (a mount) holds the directory now."""
     try:
-        fd = os.open(directory / cachedir.LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _take_lock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB, create=False)
     except FileNotFoundError:
         return False
     except OSError as exc:
         raise ConfigError(f"cannot check the cache dir {directory}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if fd is None:
         return True
-    finally:
-        os.close(fd)
+    os.close(fd)
     return False
 
 
@@ -165,15 +180,11 @@ class DiskStore:
         self._reconcile()
 
     def _lock_directory(self, exclusive: bool) -> int:
-        fd = os.open(self.directory / cachedir.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            if exclusive:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a `cache clear` runs
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheInUse(f"the cache dir {self.directory} is in use by a mount") from None
+        # shared: waits only while a `cache clear` runs
+        how = fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH
+        fd = _take_lock(self.directory, how, create=True)
+        if fd is None:
+            raise CacheInUse(f"the cache dir {self.directory} is in use by a mount")
         return fd
 
     def _db(self) -> sqlite3.Connection:
@@ -370,10 +381,6 @@ class DiskStore:
             log.warning("cache accounting unreadable: %s", exc)
             return 0, 0
         return int(total), int(count)
-
-    def inventory(self) -> Iterator[StoredObject]:
-        """Every object with blocks in the cache (of all processes), largest first."""
-        return _inventory(self._db())
 
     def clear(self) -> tuple[int, int]:
         """Remove every block (of all processes); returns (bytes, blocks) removed."""

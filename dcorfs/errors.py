@@ -24,6 +24,16 @@ class ConfigError(DcorfsError):
     errno = _errno.EINVAL
 
 
+class StaleMount(ConfigError):
+    """A mount whose daemon is gone ("Transport endpoint is not connected")."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"{path} is a stale mount (Transport endpoint is not connected: its daemon is "
+            f"gone): run `dcorfs umount {path}` first"
+        )
+
+
 class NotFound(DcorfsError):
     """An id, name or object that does not exist (on the server or in the tree)."""
 

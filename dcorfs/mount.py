@@ -31,7 +31,7 @@ from .blockcache import BlockCache
 from .catalog import Catalog
 from .dcserv import DcorApi, Locator, make_fetch
 from .diskstore import DiskStore
-from .errors import ConfigError, DcorfsError, DeadlineExceeded
+from .errors import ConfigError, DcorfsError, DeadlineExceeded, StaleMount
 from .fuse_ops import Activity, Operations
 from .http import Http, RetryPolicy
 from .logs import configure
@@ -61,10 +61,7 @@ def check_mountpoint(path: Path) -> None:
         raise ConfigError(f"mount point {path} does not exist") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise ConfigError(
-                f"{path} is a stale mount (Transport endpoint is not connected): "
-                f"run `dcorfs umount {path}` first"
-            ) from None
+            raise StaleMount(path) from None
         raise ConfigError(f"mount point {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
@@ -196,7 +193,7 @@ async def _serve(
     after_init: Callable[[], None],
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, notifier)
+        nursery.start_soon(_signals)
         nursery.start_soon(_after_init, ops, after_init)
         if notifier.active:
             nursery.start_soon(_keep_systemd_informed, notifier, report, watchdog_interval())
@@ -219,11 +216,10 @@ def _tune(settings: MountSettings) -> None:
         )
 
 
-async def _signals(notifier: Notifier) -> None:
+async def _signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
         async for number in received:
             log.info("received %s: unmounting", signal.Signals(number).name)
-            notifier.send("STOPPING=1", "STATUS=unmounting")
             pyfuse3.terminate()
             return
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ConfigError
+from .errors import ConfigError, StaleMount
 from .report import summary
 
 STATUS = Path(".dcorfs") / "status.json"
@@ -20,9 +20,7 @@ def read_status(root: Path) -> dict[str, Any]:
         report = json.loads((root / STATUS).read_text())
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise ConfigError(
-                f"{root} is a stale mount (its daemon is gone): run `dcorfs umount {root}`"
-            ) from None
+            raise StaleMount(root) from None
         raise ConfigError(f"{root} is not a dcorfs mount") from None
     except ValueError:
         raise ConfigError(f"{root}: unreadable status report") from None

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.blockcache import BlockCache, ObjectId
-from dcorfs.diskstore import DiskStore
+from dcorfs.diskstore import DiskStore, read_inventory
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 
 BLOCK = 1024
@@ -256,7 +256,7 @@ def test_inventory_names_objects_and_clear_empties_the_store(tmp_path: Path) -> 
     other = ObjectId(key="circle-x/condensed/abc/def/ghi", etag="e2", size=BLOCK)
     assert store.put_many(OBJ, {0: DATA[:BLOCK], 3: DATA[3 * BLOCK : 4 * BLOCK]}) == 2
     assert store.put(other, 0, os.urandom(BLOCK))
-    found = {obj.key: obj for obj in store.inventory()}
+    found = {obj.key: obj for obj in read_inventory(tmp_path / "cache")}
     assert found[OBJ.key].blocks == 2
     assert found[OBJ.key].nbytes == 2 * BLOCK
     assert (found[OBJ.key].etag, found[OBJ.key].size) == ("e1", len(DATA))
@@ -264,7 +264,7 @@ def test_inventory_names_objects_and_clear_empties_the_store(tmp_path: Path) -> 
     before = store.usage()
     assert before[1] == 3
     assert store.clear() == before
-    assert list(store.inventory()) == []
+    assert read_inventory(tmp_path / "cache") == []
     assert store.usage() == (0, 0)
     assert not any(p.is_file() for p in (tmp_path / "cache" / "blocks").rglob("*"))
     assert store.get(OBJ, 0) is None
@@ -285,3 +285,16 @@ def test_a_store_in_use_refuses_an_exclusive_hold(tmp_path: Path) -> None:
     second.close()
     assert not in_use(directory)
     DiskStore(directory, limit_bytes=1 << 20, exclusive=True).close()
+
+
+def test_inventory_of_a_cache_from_before_the_objects_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    assert store.put(OBJ, 0, DATA[:BLOCK])
+    store.close()
+    with sqlite3.connect(tmp_path / "cache" / "index.sqlite3") as db:
+        db.execute("DROP TABLE objects")
+    (found,) = read_inventory(tmp_path / "cache")
+    assert (found.key, found.blocks, found.nbytes) == (None, 1, BLOCK)
+    assert read_inventory(tmp_path / "nowhere") == []

@@ -206,6 +206,15 @@ class Tally:
         self.max_eio = max(self.max_eio, other.max_eio)
         self.examples += other.examples[:5]
 
+    def failed(self, step: str, what: str, exc: OSError, took: float) -> None:
+        """An open or read that raised: EIO is an allowed outcome, anything else is not."""
+        if exc.errno == errno.EIO:
+            setattr(self, f"eio_{step}", getattr(self, f"eio_{step}") + 1)
+            self.max_eio = max(self.max_eio, took)
+        else:
+            self.other[f"{step} {errno.errorcode.get(exc.errno or 0, exc.errno)}"] += 1
+            self.examples.append(f"{step} {what}: {exc!r}")
+
 
 def soak(mnt: Path, truth: dict[str, bytes], reads: int, seed: int) -> Tally:
     """`reads` reads with os.pread, each checked against `truth`: mostly random (file, offset,
@@ -229,12 +238,7 @@ def soak(mnt: Path, truth: dict[str, bytes], reads: int, seed: int) -> Tally:
             tally.tried += 1
             took = time.monotonic() - started
             tally.max_open = max(tally.max_open, took)
-            if exc.errno == errno.EIO:
-                tally.eio_open += 1
-                tally.max_eio = max(tally.max_eio, took)
-            else:
-                tally.other[f"open {errno.errorcode.get(exc.errno or 0, exc.errno)}"] += 1
-                tally.examples.append(f"open {name}: {exc!r}")
+            tally.failed("open", name, exc, took)
             continue
         tally.max_open = max(tally.max_open, time.monotonic() - started)
         try:
@@ -258,12 +262,7 @@ def check_read(
     except OSError as exc:
         took = time.monotonic() - started
         tally.max_read = max(tally.max_read, took)
-        if exc.errno == errno.EIO:
-            tally.eio_read += 1
-            tally.max_eio = max(tally.max_eio, took)
-        else:
-            tally.other[f"read {errno.errorcode.get(exc.errno or 0, exc.errno)}"] += 1
-            tally.examples.append(f"read {name}@{offset}+{size}: {exc!r}")
+        tally.failed("read", f"{name}@{offset}+{size}", exc, took)
         return False
     tally.max_read = max(tally.max_read, time.monotonic() - started)
     want = expected[offset : offset + size]
