@@ -156,7 +156,12 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     notifier = Notifier.from_environment()
-    ops, report, close = _build(settings)
+    try:
+        ops, report, close = _build(settings)
+    except Exception as exc:
+        log.exception("cannot start")
+        ready(f"cannot start: {exc}")
+        return 1
     options = set(pyfuse3.default_options) | {
         f"fsname=dcorfs:{settings.host.split('://', 1)[1]}",
         "subtype=dcorfs",
