@@ -67,6 +67,12 @@ def check_mountpoint(path: Path) -> None:
         raise ConfigError(f"mount point {path} is not a directory")
     if path.is_mount():
         raise ConfigError(f"{path} is already a mount point (busy)")
+    try:
+        occupied = any(path.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"mount point {path}: {exc.strerror}") from None
+    if occupied:
+        raise ConfigError(f"mount point {path} is not empty (the mount would hide its files)")
     if not Path("/dev/fuse").exists():
         raise ConfigError("/dev/fuse is missing: install fuse3 and load the fuse module")
 
