@@ -22,8 +22,9 @@ LOG = "dcorfs.log"
 
 
 def is_damaged(exc: sqlite3.Error) -> bool:
-    """A database file that is not one or is corrupt (not: locked, busy, read-only)."""
-    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+    """A database file that is not one or is corrupt (SQLITE_NOTADB, SQLITE_CORRUPT: raised as
+    a plain DatabaseError), not locked, busy, read-only or a misuse (its subclasses)."""
+    return type(exc) is sqlite3.DatabaseError
 
 
 def discard_database(path: Path) -> None:

@@ -333,6 +333,7 @@ def _retry_after(response: requests.Response) -> float:
 
 # what urllib3's long connection messages come down to, for one-line errors
 _REASONS = (
+    (("Temporary failure in name resolution",), "name lookup failed (DNS)"),
     (("NameResolutionError", "Name or service not known", "Failed to resolve"), "unknown host"),
     (("Connection refused",), "connection refused"),
     (("Network is unreachable", "No route to host"), "network unreachable"),

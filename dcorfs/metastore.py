@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cachedir
 from .errors import DcorfsError, DeadlineExceeded
 
 log = logging.getLogger(__name__)
@@ -58,20 +57,9 @@ class MetaStore:
         self._db: sqlite3.Connection | None = None
         if path is not None:
             try:
-                self._db = self._open_or_renew(path)
+                self._db = self._open(path)
             except (OSError, sqlite3.Error) as exc:
                 log.warning("metadata store %s unusable (%s): keeping answers in memory", path, exc)
-
-    @classmethod
-    def _open_or_renew(cls, path: Path) -> sqlite3.Connection:
-        try:
-            return cls._open(path)
-        except sqlite3.DatabaseError as exc:
-            if not cachedir.is_damaged(exc):
-                raise
-            log.warning("metadata store %s is damaged (%s): starting a new one", path, exc)
-            cachedir.discard_database(path)
-            return cls._open(path)
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:

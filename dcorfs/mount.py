@@ -164,6 +164,10 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     notifier = Notifier.from_environment()
     try:
         ops, report, close = _build(settings)
+    except DcorfsError as exc:
+        log.error("cannot start: %s", exc)
+        ready(str(exc))
+        return 1
     except Exception as exc:
         log.exception("cannot start")
         ready(f"cannot start: {exc}")
@@ -257,13 +261,13 @@ def _build(
     """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
     http = Http(pool_size=settings.network_threads)
     api = DcorApi(http=http, base_url=settings.host, token=settings.token)
+    disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
+        settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
+    )
     store = MetaStore(settings.cache_dir / cachedir.META, scope=_scope(settings))
     memo = Memo(store, timeout=settings.timeout)
     catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
     locator = Locator()
-    disk = DiskStore(
-        settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
-    )
     cache = BlockCache(
         fetch=make_fetch(http, locator),
         store=disk,

@@ -38,13 +38,6 @@ def dcorfs(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def _daemon_pid(mountpoint: Path) -> int | None:
-    try:
-        return daemon_pid(mountpoint)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def daemon_pid(mnt: Path) -> int:
     return int(json.loads((mnt / ".dcorfs" / "status.json").read_text())["pid"])
 
@@ -144,7 +137,10 @@ def mounted(
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         raise AssertionError(f"mount failed ({result.returncode}): {result.stderr.strip()}")
-    pid = _daemon_pid(mountpoint)
+    try:
+        pid: int | None = daemon_pid(mountpoint)
+    except (OSError, ValueError, KeyError):
+        pid = None
     try:
         yield mountpoint
     finally:

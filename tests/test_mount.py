@@ -348,7 +348,8 @@ def test_bad_command_lines_give_one_line_errors(tmp_path: Path) -> None:
     bad_host = dcorfs("mount", str(tmp_path / "mnt"), "--host", "ftp://x", *args)
     assert bad_host.returncode == 2 and "not a DCOR host" in bad_host.stderr
     unknown = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://no-such-host.invalid", *args)
-    assert unknown.returncode != 0 and "(unknown host)" in unknown.stderr
+    assert unknown.returncode != 0  # or, on a machine without DNS: "name lookup failed (DNS)"
+    assert "(unknown host)" in unknown.stderr or "(name lookup failed" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
     assert not os.path.ismount(tmp_path / "mnt")
     (tmp_path / "full").mkdir()

@@ -410,7 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
             sent=sent,
             fault=fault.value,
             host=self.headers.get("Host", ""),
-            authorized="Authorization" in self.headers,
+            authorized=bool(self._user_token()),
         )
 
     def _s3_error(self, exc: S3Error, request_id: str, method: str, size: int | None) -> None:

@@ -40,7 +40,8 @@ def objects_url(site_url: str, object_host: str) -> str:
     if not object_host:
         return site_url
     parts = urlsplit(site_url)
-    return f"{parts.scheme}://{object_host}:{parts.port}"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{object_host}{port}"
 
 
 class Site:
