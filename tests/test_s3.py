@@ -33,6 +33,7 @@ from dcorfs.settings import (
 )
 
 from .conftest import info
+from .mounts import dcorfs
 from .s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFS
 
 FAST = RetryPolicy(attempts=6, base_delay=0.001, max_delay=0.01, read_timeout=5.0)
@@ -358,3 +359,35 @@ def test_seaweedfs_signed_and_anonymous(
         signed.list("circle-no-such-circle", "resource/", deadline=deadline())
     assert_no_credentials(caplog, ACCESS_KEY_ID, SECRET_ACCESS_KEY)
     web.close()
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_s3_options_are_checked_before_anything_else(tmp_path: Path) -> None:
+    mnt = str(tmp_path)
+    endpoint = ("--s3-endpoint", "http://127.0.0.1:9")
+    cases = [
+        (["--s3-only", "--circle", CIRCLE], "--s3-only needs --s3-endpoint"),
+        (["--s3-only", *endpoint], "at least one --circle"),
+        (["--circle", CIRCLE, *endpoint], "--circle goes with --s3-only"),
+        (["--s3-only", *endpoint, "--circle", CIRCLE, "--host", "x.org"], "talks to no DCOR"),
+        (["--s3-only", *endpoint, "--circle", "Not/A/Circle"], "not a circle id"),
+        (["--s3-endpoint", "ftp://x"], "not an S3 endpoint"),
+        (["--s3-credentials-file", mnt], "goes with --s3-endpoint"),
+    ]
+    for options, message in cases:
+        result = dcorfs("mount", mnt, *options)
+        assert result.returncode == 2, (options, result.stderr)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    half = dcorfs(
+        "mount",
+        mnt,
+        *endpoint,
+        env={"DCORFS_S3_ACCESS_KEY_ID": "", "DCORFS_S3_SECRET_ACCESS_KEY": SECRET},
+    )
+    assert half.returncode == 2 and "set both" in half.stderr and SECRET not in half.stderr
+    usage = dcorfs("mount", "--help").stdout
+    for option in ("--s3-endpoint", "--s3-credentials-file", "--s3-only", "--circle"):
+        assert option in usage
+    assert "DCORFS_S3_SECRET_ACCESS_KEY" in usage
