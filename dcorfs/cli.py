@@ -101,6 +101,13 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="no condensed files (as before DCOR's condensing job ran)",
     )
+    dcor.add_argument(
+        "--object-host",
+        default="",
+        metavar="NAME",
+        help="host name in object URLs, e.g. localhost while binding 127.0.0.1: the object "
+        "store then is another host, as on DCOR",
+    )
     parser.set_defaults(run=_run_devserver, console_log=logging.WARNING)  # its progress
 
 
@@ -129,6 +136,7 @@ def _run_devserver(args: argparse.Namespace) -> int:
         intra_basin_features=not args.no_intra_basin_features,
         trace_list_quirk=not args.no_trace_list_quirk,
         condensed=not args.no_condensed,
+        object_host=args.object_host,
     )
     return serve(
         args.data,

@@ -159,6 +159,22 @@ class DiskStore:
             path.chmod(0o700)
         self._hold = self._lock_directory(exclusive)
         self._db_path = directory / cachedir.INDEX
+        try:
+            self._open_index()
+        except sqlite3.DatabaseError as exc:
+            if not cachedir.is_damaged(exc):
+                raise
+            log.warning(
+                "cache index %s is damaged (%s): starting a new one, cached blocks are dropped",
+                self._db_path,
+                exc,
+            )
+            self._forget_connection()
+            cachedir.discard_database(self._db_path)
+            self._open_index()
+
+    def _open_index(self) -> None:
+        """Create or check the accounting tables, then reconcile them with the block files."""
         os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
         db = self._db()
         for _ in range(100):  # two processes opening a fresh cache at once: one wins, one waits
@@ -178,6 +194,12 @@ class DiskStore:
             " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
         )
         self._reconcile()
+
+    def _forget_connection(self) -> None:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
 
     def _lock_directory(self, exclusive: bool) -> int:
         # shared: waits only while a `cache clear` runs

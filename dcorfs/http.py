@@ -385,8 +385,23 @@ def _retry_after(response: requests.Response) -> float:
         return 0.0
 
 
+# what urllib3's long connection messages come down to, for one-line errors
+_REASONS = (
+    (("NameResolutionError", "Name or service not known", "Failed to resolve"), "unknown host"),
+    (("Connection refused",), "connection refused"),
+    (("Network is unreachable", "No route to host"), "network unreachable"),
+    (("CERTIFICATE_VERIFY_FAILED",), "TLS certificate not trusted"),
+)
+
+
 def _why(exc: BaseException | None) -> str:
     if exc is None:
         return "no attempt made"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, requests.ConnectionError):
+        for needles, reason in _REASONS:
+            if any(needle in text for needle in needles):
+                return reason
     return _QUERY.sub("?…", text)[:200]  # requests' messages may quote a presigned URL

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import cachedir
 from .errors import DcorfsError, DeadlineExceeded
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,20 @@ class MetaStore:
         self._db: sqlite3.Connection | None = None
         if path is not None:
             try:
-                self._db = self._open(path)
+                self._db = self._open_or_renew(path)
             except (OSError, sqlite3.Error) as exc:
                 log.warning("metadata store %s unusable (%s): keeping answers in memory", path, exc)
+
+    @classmethod
+    def _open_or_renew(cls, path: Path) -> sqlite3.Connection:
+        try:
+            return cls._open(path)
+        except sqlite3.DatabaseError as exc:
+            if not cachedir.is_damaged(exc):
+                raise
+            log.warning("metadata store %s is damaged (%s): starting a new one", path, exc)
+            cachedir.discard_database(path)
+            return cls._open(path)
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
@@ -67,11 +79,16 @@ class MetaStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         db = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (scope TEXT, key TEXT, value TEXT, stored REAL,"
-            " PRIMARY KEY (scope, key))"
-        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS answers (scope TEXT, key TEXT, value TEXT,"
+                " stored REAL, PRIMARY KEY (scope, key))"
+            )
+            db.execute("SELECT COUNT(*) FROM answers").fetchone()
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def get(self, key: str) -> tuple[Any, float] | None:

@@ -94,6 +94,12 @@ def check_mountpoint(path: Path) -> None:
         raise ConfigError(f"mount point {path} is not a directory")
     if path.is_mount():
         raise ConfigError(f"{path} is already a mount point (busy)")
+    try:
+        occupied = any(path.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"mount point {path}: {exc.strerror}") from None
+    if occupied:
+        raise ConfigError(f"mount point {path} is not empty (the mount would hide its files)")
     if not Path("/dev/fuse").exists():
         raise ConfigError("/dev/fuse is missing: install fuse3 and load the fuse module")
 
@@ -223,7 +229,12 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     notifier = Notifier.from_environment()
-    ops, report, close = _build(settings)
+    try:
+        ops, report, close = _build(settings)
+    except Exception as exc:
+        log.exception("cannot start")
+        ready(f"cannot start: {exc}")
+        return 1
     options = set(pyfuse3.default_options) | {
         f"fsname=dcorfs:{settings.source.split('://', 1)[1]}",
         "subtype=dcorfs",

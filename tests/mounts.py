@@ -40,9 +40,45 @@ def dcorfs(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 def _daemon_pid(mountpoint: Path) -> int | None:
     try:
-        return int(json.loads((mountpoint / ".dcorfs" / "status.json").read_text())["pid"])
+        return daemon_pid(mountpoint)
     except (OSError, ValueError, KeyError):
         return None
+
+
+def daemon_pid(mnt: Path) -> int:
+    return int(json.loads((mnt / ".dcorfs" / "status.json").read_text())["pid"])
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def drop_page_cache(fd: int) -> None:
+    """Make the next read of this file reach the daemon (the mount keeps the page cache)."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_file(path: Path) -> bytes:
+    """The whole file, from the daemon rather than the kernel's page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_page_cache(fd)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def log_lines(cache: Path, *needles: str) -> list[str]:
+    text = (cache / "dcorfs.log").read_text(errors="replace")
+    return [line for line in text.splitlines() if any(n in line for n in needles)]
 
 
 def _wait_gone(pid: int, seconds: float = 30.0) -> None:

@@ -292,7 +292,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._html(404, "Resource not found", "Resource not found")
                 return
         lifetime = LIFETIME_DOWNLOAD_PRIVATE if ds.private else LIFETIME_DOWNLOAD_PUBLIC
-        location, _ = site.presigner.url(site.url, obj.bucket, obj.key, lifetime, filename=filename)
+        location, _ = site.presigner.url(
+            site.objects_url, obj.bucket, obj.key, lifetime, filename=filename
+        )
         body = f'<a href="{location}">Redirecting</a>'.encode()
         self.send_response(302)
         self.send_header("Location", location)
@@ -407,6 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
             status=status,
             sent=sent,
             fault=fault.value,
+            host=self.headers.get("Host", ""),
+            authorized="Authorization" in self.headers,
         )
 
     def _s3_error(self, exc: S3Error, request_id: str, method: str, size: int | None) -> None:

@@ -10,7 +10,10 @@ from typing import Any
 
 
 class Stats:
-    """Counts API calls per action and requests/bytes per object; keeps a recent request log."""
+    """Counts API calls per action and requests/bytes per object; keeps a recent request log.
+
+    Object requests that carried an `Authorization` header are counted apart (the API token must
+    never reach the object store) and the log says which host name each one was sent to."""
 
     def __init__(self, log_size: int = 20000) -> None:
         self._lock = threading.Lock()
@@ -44,14 +47,23 @@ class Stats:
         status: int,
         sent: int,
         fault: str,
+        host: str = "",
+        authorized: bool = False,
     ) -> None:
         with self._lock:
             entry = self._objects.setdefault(
                 path,
-                {"resource_id": resource_id, "artifact": artifact, "requests": 0, "bytes": 0},
+                {
+                    "resource_id": resource_id,
+                    "artifact": artifact,
+                    "requests": 0,
+                    "bytes": 0,
+                    "authorized": 0,
+                },
             )
             entry["requests"] += 1
             entry["bytes"] += sent
+            entry["authorized"] += int(authorized)
             self._count_fault(fault)
             self._log.append(
                 {
@@ -62,6 +74,7 @@ class Stats:
                     "status": status,
                     "bytes": sent,
                     "fault": fault,
+                    "host": host,
                 }
             )
 
@@ -78,6 +91,7 @@ class Stats:
                 "dcserv_queries": dict(self._dcserv),
                 "object_requests": sum(e["requests"] for e in objects.values()),
                 "object_bytes": sum(e["bytes"] for e in objects.values()),
+                "object_requests_authorized": sum(e["authorized"] for e in objects.values()),
                 "objects": objects,
                 "faults": dict(self._faults),
             }
