@@ -337,6 +337,10 @@ class RtdcResource:
             if f.shape[0] == events and name != "contour"
         }
 
+    def source(self, kind: str) -> RtdcSource | None:
+        """The opened file of one kind ("resource" or "condensed"), if the resource has it."""
+        return self._sources.get(kind)
+
     def scalar_features(self) -> list[Feature]:
         return [f for f in self.features.values() if f.scalar]
 

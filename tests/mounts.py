@@ -113,19 +113,26 @@ def unmount(mountpoint: Path, pid: int | None) -> None:
 @contextmanager
 def mounted(
     mountpoint: Path,
-    host: str,
+    host: str | None,
     cache_dir: Path,
     *extra: str,
     token: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Path]:
-    """Mount (waits until ready), yield the mount point, unmount and wait for the daemon."""
+    """Mount (waits until ready), yield the mount point, unmount and wait for the daemon.
+    `host` None: no --host (for --s3-only); `env`: more environment (S3 credentials), which
+    is otherwise cleared of them."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    env = {"DCOR_API_KEY": token} if token else {"DCOR_API_KEY": ""}
+    env = {
+        "DCOR_API_KEY": token or "",
+        "DCORFS_S3_ACCESS_KEY_ID": "",
+        "DCORFS_S3_SECRET_ACCESS_KEY": "",
+        **(env or {}),
+    }
     result = dcorfs(
         "mount",
         str(mountpoint),
-        "--host",
-        host,
+        *(["--host", host] if host is not None else []),
         "--cache-dir",
         str(cache_dir),
         "--log-level",

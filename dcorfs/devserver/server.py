@@ -252,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"__type": "Internal Server Error", "message": "Internal Server Error"}
             payload = {"help": help_url, "success": False, "error": error}
         data = json.dumps(payload).encode()
-        app.stats.record_api(action, status, fault.value)
+        app.stats.record_api(action, status, fault.value, str(params.get("query", "")))
         self.send_response(status)
         self.send_header("Content-Type", "application/json;charset=utf-8")
         self.send_header("Content-Length", str(len(data)))

@@ -1,4 +1,5 @@
-"""Request counters of the devserver, readable by tests (`/_devserver/stats`)."""
+"""Request counters of the devserver, readable by tests (`/_devserver/stats`): API calls per
+action (and dcserv calls per query), requests and bytes per object, faults, a request log."""
 
 from __future__ import annotations
 
@@ -22,13 +23,16 @@ class Stats:
     def reset(self) -> None:
         with self._lock:
             self._api: collections.Counter[str] = collections.Counter()
+            self._dcserv: collections.Counter[str] = collections.Counter()
             self._objects: dict[str, dict[str, Any]] = {}
             self._faults: collections.Counter[str] = collections.Counter()
             self._log: collections.deque[dict[str, Any]] = collections.deque(maxlen=self._log_size)
 
-    def record_api(self, action: str, status: int, fault: str) -> None:
+    def record_api(self, action: str, status: int, fault: str, query: str | None = None) -> None:
         with self._lock:
             self._api[action] += 1
+            if action == "dcserv" and query is not None:
+                self._dcserv[query] += 1
             self._count_fault(fault)
             self._log.append({"t": time.time(), "api": action, "status": status, "fault": fault})
 
@@ -84,6 +88,7 @@ class Stats:
             result: dict[str, Any] = {
                 "api_requests": sum(self._api.values()),
                 "api": dict(self._api),
+                "dcserv_queries": dict(self._dcserv),
                 "object_requests": sum(e["requests"] for e in objects.values()),
                 "object_bytes": sum(e["bytes"] for e in objects.values()),
                 "object_requests_authorized": sum(e["authorized"] for e in objects.values()),
