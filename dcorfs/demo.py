@@ -31,7 +31,7 @@ def _say(message: str) -> None:
     print(f"dcorfs demo: {message}", file=sys.stderr, flush=True)
 
 
-def _die_with_parent() -> Callable[[], None]:
+def die_with_parent() -> Callable[[], None]:
     """For the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux). libc is
     looked up here, in the parent, so the child only makes one system call."""
     prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -52,7 +52,7 @@ class _Server:
                 text=True,
                 start_new_session=True,
                 # one prctl call; the demo runs no other threads yet (the mount comes later)
-                preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                preexec_fn=die_with_parent(),  # noqa: PLW1509
             )
 
     def url(self) -> str:

@@ -128,6 +128,14 @@ def _check_status(response: requests.Response, url: str) -> None:
         raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")
 
 
+def _check_object_status(response: requests.Response, url: str) -> None:
+    """As `_check_status`; a redirect is not followed: it would take a presigned query (or a
+    request that should stay on its host) somewhere else."""
+    _check_status(response, url)
+    if 300 <= response.status_code < 400:
+        raise ProtocolError(f"HTTP {response.status_code} (a redirect) for {redact_url(url)}")
+
+
 class Http:
     """Thread-safe: each worker thread gets its own session (connection pool)."""
 
@@ -289,9 +297,11 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> bytes:
             wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
-            response = self._session().get(url, headers=wanted, timeout=timeout, stream=True)
+            response = self._session().get(
+                url, headers=wanted, timeout=timeout, allow_redirects=False, stream=True
+            )
             with response:
-                _check_status(response, url)
+                _check_object_status(response, url)
                 if response.status_code != 206:
                     raise TransientError(f"HTTP {response.status_code} to a ranged GET")
                 total = _total(response.headers.get("Content-Range"), start, stop)
@@ -321,9 +331,11 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> ObjectInfo:
             wanted = {**(headers or {}), "Range": f"bytes=0-{head - 1}"}
-            response = self._session().get(url, headers=wanted, timeout=timeout, stream=True)
+            response = self._session().get(
+                url, headers=wanted, timeout=timeout, allow_redirects=False, stream=True
+            )
             with response:
-                _check_status(response, url)
+                _check_object_status(response, url)
                 data = b""
                 if response.status_code == 206:
                     stop = _range_stop(response.headers.get("Content-Range"))

@@ -59,17 +59,19 @@ from .tuning import tune
 log = logging.getLogger(__name__)
 PREFLIGHT_SECONDS = 15.0
 STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
+REJECTED_CREDENTIALS = ("SignatureDoesNotMatch", "InvalidAccessKeyId")
 
 
 def _scope(settings: MountSettings) -> str:
-    """Whose answers the metadata store holds: a token's (or S3 key's) answers are never
-    served to a mount without it. An --s3-only mount's scope names its access key by a
-    fingerprint (the key id itself stays out of the cache)."""
+    """Whose answers the metadata store holds: answers given for a token (or S3 credentials)
+    are only served to a mount with the same token (credentials), named by a fingerprint
+    (the secrets themselves stay out of the cache)."""
     if settings.s3_only:
         credentials = settings.s3_credentials
         who = f"key-{credentials.fingerprint}" if credentials else "anonymous"
         return f"s3:{settings.s3_endpoint}|{who}"
-    return f"{settings.host}|{'private' if settings.token else 'public'}"
+    who = f"token-{settings.token.fingerprint}" if settings.token else "public"
+    return f"{settings.host}|{who}"
 
 
 def object_store(settings: MountSettings, http: Http) -> ObjectStore | None:
@@ -144,8 +146,14 @@ def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
             deadline = time.monotonic() + PREFLIGHT_SECONDS
             try:
                 objects.list(bucket, "resource/", max_keys=1, pages=1, deadline=deadline)
-            except AccessDenied:
-                pass  # there, but not listable with these credentials (or anonymously)
+            except AccessDenied as exc:  # there, but not listable with these credentials
+                rejected = [c for c in REJECTED_CREDENTIALS if c in str(exc)]
+                if rejected:
+                    print(
+                        f"dcorfs: warning: {settings.s3_endpoint} rejects these S3 credentials "
+                        f"({rejected[0]}): their reads will fail with EACCES",
+                        file=sys.stderr,
+                    )
             except NotFound:
                 raise ConfigError(f"{settings.s3_endpoint} has no bucket {bucket}") from None
     except ConfigError:

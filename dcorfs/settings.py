@@ -21,6 +21,14 @@ DEFAULT_HOST = "dcor.mpl.mpg.de"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
+def fingerprint(*secrets: str) -> str:
+    """A short keyed hash naming secrets in the cache (whose answers these are) without them:
+    different secrets (a wrong S3 secret for the same key id, too) give different names."""
+    digest = hashlib.blake2b(key=b"dcorfs-scope", digest_size=16)
+    digest.update("\0".join(secrets).encode())
+    return digest.hexdigest()
+
+
 class Token:
     """An API token: compares and hashes by value, but never shows it in `repr`/`str`."""
 
@@ -35,6 +43,10 @@ class Token:
     def reveal(self) -> str:
         """The secret itself: only for the `Authorization` header of the DCOR host."""
         return self._value
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self._value)
 
     def __repr__(self) -> str:
         return "Token(<hidden>)"
@@ -124,7 +136,7 @@ class S3Credentials:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.blake2b(self._key_id.encode(), digest_size=8).hexdigest()
+        return fingerprint(self._key_id, self._secret)
 
     def __repr__(self) -> str:
         return "S3Credentials(<hidden>)"

@@ -27,6 +27,8 @@ from typing import Any
 
 import requests
 
+from dcorfs.demo import die_with_parent
+
 ACCESS_KEY_ID = "dcorfs-test-key-id"
 SECRET_ACCESS_KEY = "dcorfs-test-secret-0123456789abcdef"
 CREDENTIALS_ENV = {
@@ -136,8 +138,12 @@ class SeaweedFS:
             "-master.telemetry=false",
         ]
         output = (self.root / f"weed-{base}.out").open("wb")
-        self.process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        self.process = subprocess.Popen(  # ends with the test run, even a killed one
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 (one prctl call, libc looked up before)
         )
         output.close()
         self.url = f"http://127.0.0.1:{base}"

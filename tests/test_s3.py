@@ -79,7 +79,9 @@ def test_credentials_never_show(tmp_path: Path) -> None:
     for text in (repr(credentials), str(credentials), f"{credentials}", repr([credentials])):
         assert SECRET not in text and KEY_ID not in text
     assert credentials.reveal() == (KEY_ID, SECRET)
-    assert KEY_ID not in credentials.fingerprint and len(credentials.fingerprint) == 16
+    assert KEY_ID not in credentials.fingerprint and SECRET not in credentials.fingerprint
+    assert credentials.fingerprint == S3Credentials(KEY_ID, SECRET).fingerprint
+    assert credentials.fingerprint != S3Credentials(KEY_ID, "other").fingerprint  # wrong secret
     assert credentials == S3Credentials(KEY_ID, SECRET) != S3Credentials(KEY_ID, "other")
 
 

@@ -194,6 +194,14 @@ def test_s3_only_private_objects_need_the_right_credentials(
     ):
         for name in ("deform", "image"):
             assert np.array_equal(np.load(mnt / private_dir / f"{name}.npy"), ds[name][:])
+    # then a wrong secret again: what the right one cached (listing, blocks) stays out of reach
+    with mounted(tmp_path / "after", None, cache, *options, env=WRONG_SECRET_ENV) as mnt:
+        with pytest.raises(PermissionError):
+            list((mnt / "circles" / ids["private-lab"]).iterdir())
+        with pytest.raises(PermissionError):
+            (mnt / private_dir / "deform.npy").read_bytes()
+        with pytest.raises(PermissionError):
+            (mnt / "by-id" / private["id"] / "deform.npy").read_bytes()
     log = (cache / "dcorfs.log").read_text()
     assert "SignatureDoesNotMatch" in log
     assert_cache_free_of_credentials(cache)
@@ -255,22 +263,26 @@ def test_switching_between_dcserv_and_the_devserver_store_reuses_the_cache(
     devserver: DevServer, tmp_path: Path
 ) -> None:
     """Anonymous public access to the devserver's own object store: the same objects as
-    the URLs of dcserv, so the cache serves both ways without one object request."""
+    the URLs of dcserv, so the cache serves both ways without one object request. The DCOR
+    token of the mount never reaches the object store."""
     entries = public_generated(devserver)
     direct = ("--s3-endpoint", devserver.url)
+    authorized = devserver.stats.snapshot()["object_requests_authorized"]
     for first, then in ((), direct), (direct, ()):
         cache = tmp_path / f"cache{len(first)}"
         basins = devserver.stats.snapshot()["dcserv_queries"].get("basins", 0)
-        with mounted(tmp_path / "mnt", devserver.url, cache, *first) as mnt:
+        token = TOKENS["alice"]
+        with mounted(tmp_path / "mnt", devserver.url, cache, *first, token=token) as mnt:
             truth_ = read_resources(mnt, entries)
         asked = devserver.stats.snapshot()["dcserv_queries"].get("basins", 0) - basins
         assert (asked == 0) == bool(first)  # direct: no basins asked
         before = object_requests(devserver)
-        with mounted(tmp_path / "mnt", devserver.url, cache, *then) as mnt:
+        with mounted(tmp_path / "mnt", devserver.url, cache, *then, token=token) as mnt:
             assert read_resources(mnt, entries) == truth_
             assert status(mnt)["requests"].get("range", 0) == 0
         assert object_requests(devserver) == before
     assert len(truth_) > 20
+    assert devserver.stats.snapshot()["object_requests_authorized"] == authorized
 
 
 def test_switching_between_dcserv_and_s3_only_reuses_the_cache(
