@@ -45,6 +45,7 @@ HEADER = struct.Struct("<8s32sQQI")  # magic, identity, index, length, crc32
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 RETRY_FULL = 30.0
 TOUCH_EVERY = 5.0
+TOUCH_BATCH = 64  # marks of use written together
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,32 @@ def _take_lock(directory: Path, how: int, *, create: bool) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _read_block(path: Path, length: int) -> tuple[bytes, bytes]:
+    """Header and data of a block file whose data should be `length` bytes, the data read
+    into a buffer of its own (no copy); a file of another size reads as nothing (and fails)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != HEADER.size + length:
+            return b"", b""
+        return os.pread(fd, HEADER.size, 0), os.pread(fd, length, HEADER.size)
+    finally:
+        os.close(fd)
+
+
+def _valid(header: bytes, data: bytes, obj: ObjectId, index: int, length: int) -> bool:
+    """Whether a block file's header names this block of this object and its data's CRC."""
+    if len(header) != HEADER.size or len(data) != length:
+        return False
+    magic, identity, stored_index, stored_length, crc = HEADER.unpack(header)
+    return bool(
+        magic == MAGIC
+        and identity == obj.identity
+        and stored_index == index
+        and stored_length == length
+        and zlib.crc32(data) == crc
+    )
 
 
 def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
@@ -150,6 +177,9 @@ class DiskStore:
         self._local = threading.local()
         self._full_until = 0.0
         self._touched: dict[str, float] = {}
+        self._pending: dict[str, float] = {}  # marks of use not written yet
+        self._touch_lock = threading.Lock()
+        self._flushed = time.time()
         self.errors = 0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._blocks.mkdir(mode=0o700, exist_ok=True)
@@ -233,44 +263,55 @@ class DiskStore:
         if missing:
             db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
 
-    def get(self, obj: ObjectId, index: int) -> bytes | None:
+    def get(self, obj: ObjectId, index: int, *, block_size: int | None = None) -> bytes | None:
+        """Block `index` of `obj` (blocks of `block_size`, by default the store's), or None."""
         name = self.name(obj, index)
+        block = block_size or self.block_size
+        expected = min(block, obj.size - index * block)
         try:
-            raw = self._path(name).read_bytes()
+            header, data = _read_block(self._path(name), expected)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("cache block %s unreadable: %s", name, exc)
             return None
-        data = self._verify(raw, obj, index)
-        if data is None:
+        if not _valid(header, data, obj, index, expected):
             self.errors += 1
             log.warning("cache block %s failed its integrity check: removed", name)
             self._drop(name)
             return None
-        now = time.time()
-        if now - self._touched.get(name, 0.0) > TOUCH_EVERY:
-            self._touched[name] = now
-            with contextlib.suppress(sqlite3.Error):
-                self._db().execute("UPDATE blocks SET used=? WHERE name=?", (now, name))
+        self._touch(name)
         return data
 
-    def _verify(self, raw: bytes, obj: ObjectId, index: int) -> bytes | None:
-        if len(raw) < HEADER.size:
-            return None
-        magic, identity, stored_index, length, crc = HEADER.unpack_from(raw)
-        data = raw[HEADER.size :]
-        expected = min(self.block_size, obj.size - index * self.block_size)
-        if (
-            magic != MAGIC
-            or identity != obj.identity
-            or stored_index != index
-            or length != len(data)
-            or length != expected
-            or zlib.crc32(data) != crc
-        ):
-            return None
-        return data
+    def _touch(self, name: str) -> None:
+        """Mark a block used: at most every TOUCH_EVERY seconds per block, written in batches
+        (and before any eviction by this process, so that its LRU order is exact)."""
+        now = time.time()
+        if now - self._touched.get(name, 0.0) <= TOUCH_EVERY:
+            return
+        self._touched[name] = now
+        with self._touch_lock:
+            self._pending[name] = now
+            if len(self._pending) < TOUCH_BATCH and now - self._flushed < TOUCH_EVERY:
+                return
+        db = self._db()
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_touches(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _write_touches(self, db: sqlite3.Connection) -> None:
+        """Write the pending marks of use (inside the caller's transaction)."""
+        with self._touch_lock:
+            pending, self._pending = self._pending, {}
+            self._flushed = time.time()
+        db.executemany(
+            "UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in pending.items()]
+        )
 
     def _drop(self, name: str) -> None:
         with contextlib.suppress(OSError):
@@ -337,6 +378,7 @@ class DiskStore:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
+            self._write_touches(db)
             db.executemany("DELETE FROM blocks WHERE name=?", names)
             (used,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()
             victims = []
@@ -402,9 +444,14 @@ class DiskStore:
                     if ".tmp" not in path.name:  # a writer's rename must not fail; its
                         path.unlink(missing_ok=True)  # block goes once it sees its row gone
         self._touched.clear()
+        with self._touch_lock:
+            self._pending.clear()
         return int(nbytes), int(count)
 
     def close(self) -> None:
+        if self._pending:
+            with contextlib.suppress(sqlite3.Error):
+                self._write_touches(self._db())
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()

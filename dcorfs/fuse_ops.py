@@ -266,7 +266,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        content = await self._blocking(node.content)
+        content = await self._blocking(node.content) if node.blocking else node.content()
         if self._prefetcher is not None and not isinstance(content, StaticContent):
             content = self._prefetcher.wrap(content)  # lazy bytes: read-ahead for streams
         fh = self._next_fh

@@ -30,6 +30,7 @@ from . import __version__, cachedir
 from .blockcache import BlockCache
 from .catalog import Catalog
 from .dcserv import DcorApi, Locator, make_fetch
+from .derived import DerivedCache
 from .diskstore import DiskStore
 from .errors import ConfigError, DcorfsError, DeadlineExceeded, StaleMount
 from .fuse_ops import Activity, Operations
@@ -48,6 +49,7 @@ from .tuning import tune
 log = logging.getLogger(__name__)
 PREFLIGHT_SECONDS = 15.0
 STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
+DECODED_BLOCK = 1 << 20  # blocks of decoded feature values: large, they are read in streams
 
 
 def _scope(settings: MountSettings) -> str:
@@ -259,6 +261,9 @@ def _build(
         block_size=settings.block_size,
         memory_bytes=settings.memory_cache,
     )
+    derived = DerivedCache(  # decoded feature values, in the same store and size bound
+        store=disk, block_size=DECODED_BLOCK, memory_bytes=settings.memory_cache // 4
+    )
     resources = Resources(
         api=api,
         catalog=catalog,
@@ -266,6 +271,7 @@ def _build(
         http=http,
         locator=locator,
         cache=cache,
+        derived=derived,
         timeout=settings.timeout,
     )
     ctx = Context(
@@ -288,6 +294,7 @@ def _build(
             "pid": os.getpid(),
             "started": started,
             "cache": dataclasses.asdict(cache.stats()),
+            "decoded": dataclasses.asdict(derived.stats()),
             "fuse": dict(activity.counters),
             "prefetch": {
                 **prefetcher.counters,
@@ -316,6 +323,7 @@ def _build(
     def close() -> None:
         prefetcher.close()
         resources.close()
+        derived.close()
         cache.close()
         http.close()
         store.close()

@@ -19,10 +19,11 @@ from typing import Any
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
+from .derived import DerivedCache
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
 from .http import Http
 from .metastore import FOREVER, Memo
-from .rtdc import RemoteFile, RtdcResource, RtdcSource
+from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
 
 log = logging.getLogger(__name__)
 HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
@@ -30,6 +31,7 @@ TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers 
 # objects up to this size are fetched whole on open: uploaded files (mostly event data) …
 WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
+SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 
 
@@ -45,6 +47,7 @@ class Resources:
         http: Http,
         locator: Locator,
         cache: BlockCache,
+        derived: DerivedCache,
         timeout: float,
     ) -> None:
         self._api = api
@@ -53,10 +56,12 @@ class Resources:
         self._http = http
         self._locator = locator
         self._cache = cache
+        self._derived = derived
         self._timeout = timeout
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
+        self._warmed: set[int] = set()  # resources whose scalar values were warmed
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
 
@@ -92,19 +97,21 @@ class Resources:
 
         return renew
 
-    def _identify(self, key: str, size: int | None, etag: str | None) -> ObjectId:
+    def _identify(
+        self, key: str, size: int | None, etag: str | None, *, head: int = HEAD
+    ) -> ObjectId:
         """Identity of an object: from CKAN's record when it has size and ETag, else probed
-        (the probe brings the object's first `HEAD` bytes into the cache as well)."""
+        (the probe brings the object's first `head` bytes into the cache as well)."""
         if size is not None and etag is not None:
             return ObjectId(key=key, etag=etag, size=size)
 
         def ask(deadline: float) -> Any:
             url = self._locator.url(key, deadline=deadline)
             try:
-                info = self._http.probe(url, head=HEAD, deadline=deadline)
+                info = self._http.probe(url, head=head, deadline=deadline)
             except AccessDenied:
                 url = self._locator.renew(key, deadline=deadline)
-                info = self._http.probe(url, head=HEAD, deadline=deadline)
+                info = self._http.probe(url, head=head, deadline=deadline)
             self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
 
@@ -137,30 +144,79 @@ class Resources:
         basins = basins_asked.result()
         if "resource" not in basins:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
+        condensed_made = None
+        if "condensed" in basins:  # identified (maybe probed) beside the original
+            condensed_made = self._ask.submit(self._source, basins["condensed"], None, None)
         original = self._source(basins["resource"], resource.size, resource.etag)
         condensed = None
-        if "condensed" in basins:
+        if condensed_made is not None:
             try:
-                condensed = self._source(basins["condensed"], None, None)
+                condensed = condensed_made.result()
             except (NotFound, ProtocolError) as exc:
                 log.info("resource %s: no usable condensed file (%s)", resource.id, exc)
+        condensed = self._describe(original, condensed)
         events = _event_count(metadata, original)
-        return RtdcResource(original, condensed, events)
+        return RtdcResource(original, condensed, events, self._derived)
+
+    def _describe(self, original: RtdcSource, condensed: RtdcSource | None) -> RtdcSource | None:
+        """Give the sources their features: remembered for these object versions, or read
+        from the files (which opens them); the condensed source if it is usable."""
+
+        def scan(deadline: float) -> Any:
+            found = {"resource": describe(original.scan(deadline))}
+            if condensed is not None:
+                try:
+                    found["condensed"] = describe(condensed.scan(deadline))
+                except ProtocolError as exc:
+                    log.info("%s: not a usable condensed file (%s)", condensed.remote.obj.key, exc)
+            return found
+
+        objects = [original] + ([condensed] if condensed is not None else [])
+        key = "rtdc-features:v1:" + ":".join(s.remote.obj.identity.hex() for s in objects)
+        manifest = self._memo.get(key, scan, max_age=FOREVER)
+        original.features = described(manifest["resource"], original.kind)
+        if condensed is None or "condensed" not in manifest:
+            return None
+        condensed.features = described(manifest["condensed"], condensed.kind)
+        return condensed
 
     def _source(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
-        obj = self._identify(basin.key, size, etag)
-        deadline = self._deadline()
-        # HDF5 metadata lies at the front and, in files written incrementally, at the end:
-        # fetched in parallel on open instead of as a chain of small misses while h5py walks
-        # the structure (a small file whole: what it reads of it is most of it anyway)
+        """A source of the object in `basin`, opened when first needed (its features may be
+        remembered): then the places where HDF5 keeps its structure are fetched in parallel
+        first, instead of as a chain of small misses while h5py walks the file (a small file
+        whole: what h5py reads of it is most of it anyway)."""
         whole = WHOLE.get(basin.kind, WHOLE["resource"])
-        self._cache.ensure(obj, metadata_ranges(obj.size, whole), deadline=deadline)
+        obj = self._identify(basin.key, size, etag, head=whole)
+        ranges = metadata_ranges(obj.size, whole)
+
+        def prepare(deadline: float) -> None:
+            self._cache.ensure(obj, ranges, deadline=deadline)
+
         first_read = None
         if basin.kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
             # once one scalar feature is read, fetch them all in the background
             first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
-        return RtdcSource(remote, kind=basin.kind, deadline=deadline, first_read=first_read)
+        return RtdcSource(remote, kind=basin.kind, prepare=prepare, first_read=first_read)
+
+    def warm_scalars(self, resource: RtdcResource) -> None:
+        """Bring the values of every scalar feature of `resource` into memory in the
+        background (from the disk cache, or decoded), once, when they are small enough."""
+        with self._lock:
+            if id(resource) in self._warmed:
+                return
+            self._warmed.add(id(resource))
+        objects = [resource.rows_object(f.name) for f in resource.scalar_features()]
+        if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
+            return
+        for obj in objects:
+            self._warm.submit(self._ensure_values, obj)
+
+    def _ensure_values(self, obj: ObjectId) -> None:
+        try:
+            self._derived.ensure(obj, [(0, obj.size)], deadline=self._deadline())
+        except DcorfsError as exc:
+            log.debug("warming %s: %s", obj.key, exc)
 
     def _prefetch(self, obj: ObjectId) -> None:
         try:

@@ -16,6 +16,7 @@ lock is not held across network waits for event data.
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import logging
 import threading
@@ -31,6 +32,7 @@ import numpy as np
 from h5py._objects import phil
 
 from .blockcache import BlockCache, ObjectId
+from .derived import DerivedCache, derived_id
 from .errors import DcorfsError, ProtocolError
 from .fileobj import SeekableFile
 
@@ -170,32 +172,48 @@ class _Layout:
 
 
 class RtdcSource:
-    """One opened remote .rtdc file: its features and how to read event slices of them."""
+    """One remote .rtdc file: its features and how to read event slices of them.
+
+    The HDF5 file is opened on first need (`open`): a source whose features are known already
+    (remembered from an earlier mount, see `Resources`) may never open it at all, when every
+    byte asked for is in the cache of decoded data."""
 
     def __init__(
         self,
         remote: RemoteFile,
         *,
         kind: str,
-        deadline: float,
+        prepare: Callable[[float], object] | None = None,
         first_read: Callable[[], object] | None = None,
     ) -> None:
         self.remote = remote
         self.kind = kind
+        self.features: dict[str, Feature] = {}  # set by `scan` or by whoever remembers them
+        self._prepare = prepare  # fetches what HDF5 reads on open, before it does (blocking)
         self._first_read = first_read  # called once, before the first read of event data
+        self._h5: h5py.File | None = None
+        self._opening = threading.Lock()
         self._layouts: dict[str, _Layout | None] = {}
         self._lock = threading.Lock()
-        with remote.deadline(deadline):
-            try:
-                self.h5 = h5py.File(remote, "r", locking=False)
-            except OSError as exc:
-                raise ProtocolError(
-                    f"{remote.obj.key} is not a readable HDF5 file: {exc}"
-                ) from None
-            self.features = self._scan()
 
-    def _scan(self) -> dict[str, Feature]:
-        events = self.h5.get("events")
+    def open(self, deadline: float) -> h5py.File:
+        """The HDF5 file, opened on the first call (blocking: network)."""
+        with self._opening:
+            if self._h5 is None:
+                if self._prepare is not None:
+                    self._prepare(deadline)
+                with self._reading("the HDF5 structure", deadline):
+                    self._h5 = h5py.File(self.remote, "r", locking=False)
+            return self._h5
+
+    def scan(self, deadline: float) -> dict[str, Feature]:
+        """The features as the file describes them (opens it)."""
+        h5 = self.open(deadline)
+        with self._reading("the features", deadline):
+            return self._scan(h5)
+
+    def _scan(self, h5: h5py.File) -> dict[str, Feature]:
+        events = h5.get("events")
         if not isinstance(events, h5py.Group):
             raise ProtocolError(f"{self.remote.obj.key} has no /events group (not an .rtdc file)")
         found: dict[str, Feature] = {}
@@ -213,8 +231,8 @@ class RtdcSource:
         dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
         return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=self.kind)
 
-    def dataset(self, name: str) -> h5py.Dataset:
-        return self.h5["events/" + name]
+    def dataset(self, name: str, deadline: float) -> h5py.Dataset:
+        return self.open(deadline)["events/" + name]
 
     @contextmanager
     def _reading(self, what: str, deadline: float) -> Iterator[None]:
@@ -229,8 +247,9 @@ class RtdcSource:
 
     def attrs(self, path: str, *, deadline: float) -> dict[str, Any]:
         """The attributes of an object; those h5py cannot read are left out (with a warning)."""
+        h5 = self.open(deadline)
         with self._reading(f"attributes of {path}", deadline):
-            attrs = self.h5[path].attrs
+            attrs = h5[path].attrs
             names = list(attrs.keys())
         found: dict[str, Any] = {}
         for name in names:
@@ -244,8 +263,9 @@ class RtdcSource:
     def arrays(self, group: str, *, deadline: float) -> dict[str, Array] | None:
         """The datasets of a group (`logs`, `tables`) with their attributes, read whole;
         None when there is no such group."""
+        h5 = self.open(deadline)
         with self._reading(group, deadline):
-            members = self.h5.get(group)
+            members = h5.get(group)
             if not isinstance(members, h5py.Group):
                 return None
             names = list(members.keys())
@@ -254,7 +274,7 @@ class RtdcSource:
             path = f"{group}/{name}"
             try:
                 with self._reading(path, deadline):
-                    item = self.h5[path]
+                    item = h5[path]
                     if not isinstance(item, h5py.Dataset):
                         continue
                     data = np.asarray(item[()])
@@ -263,11 +283,11 @@ class RtdcSource:
                 log.warning("%s (left out)", exc)
         return found
 
-    def _layout(self, name: str) -> _Layout | None:
+    def _layout(self, name: str, deadline: float) -> _Layout | None:
         with self._lock:
             if name in self._layouts:
                 return self._layouts[name]
-        data = self.dataset(name)
+        data = self.dataset(name, deadline)
         row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
         layout: _Layout | None
         if data.chunks is None:
@@ -290,9 +310,11 @@ class RtdcSource:
             self._layouts[name] = layout
         return layout
 
-    def raw_ranges(self, name: str, start: int, stop: int) -> list[tuple[int, int]]:
+    def raw_ranges(
+        self, name: str, start: int, stop: int, *, deadline: float
+    ) -> list[tuple[int, int]]:
         """The byte ranges of the stored data that hold events [start, stop) of `name`."""
-        layout = self._layout(name)
+        layout = self._layout(name, deadline)
         if layout is None:
             return []
         if layout.rows == 0:  # contiguous
@@ -309,21 +331,47 @@ class RtdcSource:
         if hook is not None:
             hook()
         with self._reading(name, deadline):
-            ranges = self.raw_ranges(name, start, stop)
+            ranges = self.raw_ranges(name, start, stop, deadline=deadline)
         self.remote.ensure(ranges, deadline=deadline)
         with self._reading(name, deadline):
-            values = self.dataset(name)[start:stop]
+            values = self.dataset(name, deadline)[start:stop]
         return np.ascontiguousarray(values, dtype=feature.dtype)
 
     def close(self) -> None:
-        self.h5.close()
+        with self._opening:
+            if self._h5 is not None:
+                self._h5.close()
+
+
+def describe(features: dict[str, Feature]) -> dict[str, list[Any]]:
+    """Features as JSON (to be remembered): name → [dtype, shape]."""
+    return {name: [f.dtype.str, list(f.shape)] for name, f in features.items()}
+
+
+def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
+    """The features `describe` gave, of a source of `kind`."""
+    return {
+        name: Feature(name=name, dtype=np.dtype(dtype), shape=tuple(shape), source=kind)
+        for name, (dtype, shape) in value.items()
+    }
 
 
 class RtdcResource:
-    """A resource's features: the union of its original file and its condensed file."""
+    """A resource's features: the union of its original file and its condensed file.
 
-    def __init__(self, original: RtdcSource, condensed: RtdcSource | None, events: int) -> None:
+    The values of each feature are a derived object (`rows_object`): its events as C-order
+    bytes in the feature's dtype, decoded from the source file once and kept in the
+    `DerivedCache` (on disk, like the blocks of the files themselves)."""
+
+    def __init__(
+        self,
+        original: RtdcSource,
+        condensed: RtdcSource | None,
+        events: int,
+        derived: DerivedCache,
+    ) -> None:
         self.events = events
+        self.derived = derived
         self._sources = {"resource": original}
         merged = dict(original.features)
         if condensed is not None:
@@ -336,13 +384,43 @@ class RtdcResource:
             for name, f in sorted(merged.items())
             if f.shape[0] == events and name != "contour"
         }
+        self._objects = {name: self._register(f) for name, f in self.features.items()}
+
+    def _register(self, feature: Feature) -> ObjectId:
+        source = self._sources[feature.source].remote.obj
+        obj = derived_id(
+            source,
+            f"rows/{feature.name}",
+            feature.row_bytes * feature.shape[0],
+            facts=(feature.dtype.str, feature.shape),
+            block_size=self.derived.block_size,
+        )
+        self.derived.register(obj, functools.partial(self._make_rows, feature))
+        return obj
+
+    def _make_rows(self, feature: Feature, start: int, stop: int, deadline: float) -> bytes:
+        """Bytes [start, stop) of a feature's values, decoded from its source file."""
+        row = feature.row_bytes
+        first, last = start // row, -(-stop // row)
+        values = self._sources[feature.source].read(feature.name, first, last, deadline=deadline)
+        return values.tobytes()[start - first * row : stop - first * row]
+
+    def rows_object(self, name: str) -> ObjectId:
+        """The derived object holding the values of feature `name` (see the class note)."""
+        return self._objects[name]
 
     def scalar_features(self) -> list[Feature]:
         return [f for f in self.features.values() if f.scalar]
 
     def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
+        """Events [start, stop) of a feature, in the dtype `features[name]` states."""
         feature = self.features[name]
-        return self._sources[feature.source].read(name, start, stop, deadline=deadline)
+        stop = min(stop, feature.shape[0])
+        start = min(start, stop)
+        row = feature.row_bytes
+        data = self.derived.read(self._objects[name], start * row, stop * row, deadline=deadline)
+        values = np.frombuffer(data, dtype=feature.dtype)
+        return values.reshape((stop - start, *feature.shape[1:]))
 
     def outline(self, *, deadline: float) -> Outline:
         """Root attributes, feature attributes, logs and tables as the original file has them

@@ -9,6 +9,7 @@ blocks: it answers from what is loaded, or None.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -26,7 +27,7 @@ from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
 from .producers.tsv import tsv_content
 from .resources import Resources
-from .rtdc import TRACE_PREFIX, RtdcResource
+from .rtdc import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +79,35 @@ class File(Node):
         make: Callable[[], FileContent],
         mtime: float = 0.0,
         dynamic: bool = False,
+        blocking: bool = True,
     ) -> None:
         super().__init__(path, mtime=mtime)
         self._size = size
         self._make = make
         self.dynamic = dynamic  # contents change: size 0 (as in /proc), read with direct_io
+        self.blocking = blocking  # False: `content()` returns at once (called inline)
 
     @property
     def size(self) -> int:
         return self._size
 
     def content(self) -> FileContent:
-        """Blocking: may open a resource (network)."""
+        """Blocking unless `blocking` is False: may open a resource (network)."""
         return self._make()
 
 
-def content_file(path: str, content: FileContent, mtime: float = 0.0) -> File:
-    """A file whose content is made already (its size is known)."""
-    return File(path, size=content.size, make=lambda: content, mtime=mtime)
+def content_file(
+    path: str, content: FileContent, mtime: float = 0.0, on_open: Callable[[], None] | None = None
+) -> File:
+    """A file whose content is made already (its size is known); `on_open` (which must not
+    block) is called whenever it is opened."""
+
+    def make() -> FileContent:
+        if on_open is not None:
+            on_open()
+        return content
+
+    return File(path, size=content.size, make=make, mtime=mtime, blocking=False)
 
 
 def static_file(path: str, data: bytes, mtime: float = 0.0) -> File:
@@ -355,15 +367,21 @@ class ResourceDir(Dir):
     def _load(self) -> dict[str, Node]:
         ctx, rid, mtime = self._ctx, self.resource.id, self.mtime
         opened = ctx.resources.rtdc(self.dataset, self.resource)
+        # whoever reads one scalar feature is likely to read more: all of them are brought
+        # into memory in the background (decoded, or from the disk cache) on first open
+        warm = functools.partial(ctx.resources.warm_scalars, opened)
         files: dict[str, Node] = {}
         traces: dict[str, Node] = {}
-        for name in opened.features:
+        for name, feature in opened.features.items():
+            on_open = warm if feature.scalar else None
             if name.startswith(TRACE_PREFIX):
                 trace = sanitize(name[len(TRACE_PREFIX) :] + ".npy")
-                traces[trace] = _npy_file(f"{self.path}/trace/{trace}", opened, name, mtime)
+                path = f"{self.path}/trace/{trace}"
+                traces[trace] = content_file(path, npy_content(opened, feature), mtime, on_open)
             else:
                 file_name = sanitize(name + ".npy")
-                files[file_name] = _npy_file(self.child_path(file_name), opened, name, mtime)
+                path = self.child_path(file_name)
+                files[file_name] = content_file(path, npy_content(opened, feature), mtime, on_open)
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
         synthesized = sanitize(_stem(self.resource.name) + ".rtdc")
@@ -373,7 +391,7 @@ class ResourceDir(Dir):
             mtime,
         )
         files["features.tsv"] = content_file(
-            self.child_path("features.tsv"), tsv_content(opened), mtime
+            self.child_path("features.tsv"), tsv_content(opened), mtime, warm
         )
         metadata = ctx.catalog.dcserv(rid, "metadata")
         files["metadata.json"] = static_file(
@@ -392,7 +410,3 @@ class ResourceDir(Dir):
             mtime,
         )
         return files
-
-
-def _npy_file(path: str, opened: RtdcResource, feature: str, mtime: float) -> File:
-    return content_file(path, npy_content(opened, opened.features[feature]), mtime)
