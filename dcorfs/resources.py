@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
@@ -26,6 +26,7 @@ from .metastore import FOREVER, Memo
 from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
 TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers at its end
 # objects up to this size are fetched whole on open: uploaded files (mostly event data) …
@@ -64,6 +65,9 @@ class Resources:
         self._warmed: set[int] = set()  # resources whose scalar values were warmed
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
+        self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
+        # CPU work (building synthesized files) apart, so it never queues behind network work
+        self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -145,40 +149,26 @@ class Resources:
         if "resource" not in basins:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         condensed_made = None
-        if "condensed" in basins:  # identified (maybe probed) beside the original
-            condensed_made = self._ask.submit(self._source, basins["condensed"], None, None)
-        original = self._source(basins["resource"], resource.size, resource.etag)
+        if "condensed" in basins:  # side by side with the original
+            condensed_made = self._ask.submit(self._described, basins["condensed"], None, None)
+        original = self._described(basins["resource"], resource.size, resource.etag)
         condensed = None
         if condensed_made is not None:
             try:
                 condensed = condensed_made.result()
             except (NotFound, ProtocolError) as exc:
                 log.info("resource %s: no usable condensed file (%s)", resource.id, exc)
-        condensed = self._describe(original, condensed)
         events = _event_count(metadata, original)
         return RtdcResource(original, condensed, events, self._derived)
 
-    def _describe(self, original: RtdcSource, condensed: RtdcSource | None) -> RtdcSource | None:
-        """Give the sources their features: remembered for these object versions, or read
-        from the files (which opens them); the condensed source if it is usable."""
-
-        def scan(deadline: float) -> Any:
-            found = {"resource": describe(original.scan(deadline))}
-            if condensed is not None:
-                try:
-                    found["condensed"] = describe(condensed.scan(deadline))
-                except ProtocolError as exc:
-                    log.info("%s: not a usable condensed file (%s)", condensed.remote.obj.key, exc)
-            return found
-
-        objects = [original] + ([condensed] if condensed is not None else [])
-        key = "rtdc-features:v1:" + ":".join(s.remote.obj.identity.hex() for s in objects)
-        manifest = self._memo.get(key, scan, max_age=FOREVER)
-        original.features = described(manifest["resource"], original.kind)
-        if condensed is None or "condensed" not in manifest:
-            return None
-        condensed.features = described(manifest["condensed"], condensed.kind)
-        return condensed
+    def _described(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
+        """A source with its features: remembered for this version of its object, or read
+        from the file (which opens it)."""
+        source = self._source(basin, size, etag)
+        key = f"rtdc-features:v1:{source.remote.obj.identity.hex()}"
+        value = self._memo.get(key, lambda d: describe(source.scan(d)), max_age=FOREVER)
+        source.features = described(value, source.kind)
+        return source
 
     def _source(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
         """A source of the object in `basin`, opened when first needed (its features may be
@@ -224,6 +214,16 @@ class Resources:
         except DcorfsError as exc:
             log.debug("prefetch of %s: %s", obj.key, exc)
 
+    def prepare(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` (opening resources ahead of readers) in a worker of the mount's pool for
+        that; it must not wait for other work of this pool."""
+        return self._prepare.submit(fn)
+
+    def build(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` (making a synthesized file) in a worker of the mount's pool for that; it
+        must not wait for other work of this pool."""
+        return self._build.submit(fn)
+
     def remembered(self, key: str, make: Callable[[float], Any]) -> Any:
         """A JSON value derived from immutable resource data: made once (`make(deadline)`),
         then kept with the API answers (also for later mounts and offline use)."""
@@ -251,6 +251,8 @@ class Resources:
     def close(self) -> None:
         self._warm.shutdown(wait=False, cancel_futures=True)
         self._ask.shutdown(wait=False, cancel_futures=True)
+        self._prepare.shutdown(wait=False, cancel_futures=True)
+        self._build.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
         for resource in opened.values():

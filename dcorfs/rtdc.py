@@ -16,6 +16,7 @@ lock is not held across network waits for event data.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import gc
 import logging
@@ -39,6 +40,10 @@ from .fileobj import SeekableFile
 log = logging.getLogger(__name__)
 
 TRACE_PREFIX = "trace/"
+# groups whose members a reader looks at when it opens an .rtdc file, by level (parents first)
+STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
+H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
+HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
 
 
 class CycleCollector:
@@ -78,9 +83,22 @@ class CycleCollector:
 
 
 def collect_cycles() -> int:
-    """`gc.collect()` with h5py's global lock held (see `CycleCollector`)."""
+    """`gc.collect()` of the generations that are due, as the automatic collector would
+    choose them, with h5py's global lock held (see `CycleCollector`). A full collection
+    every time would hold that lock for long in a daemon with many objects: measured a third
+    of the time h5py could work while `ls -lR` opened resources."""
+    generation = _due_generation()
+    if generation is None:
+        return 0
     with phil:
-        return gc.collect()
+        return gc.collect(generation)
+
+
+def _due_generation() -> int | None:
+    """The oldest generation whose collection is due (gc's own thresholds), or None."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    due = [g for g in range(3) if thresholds[g] and counts[g] > thresholds[g]]
+    return max(due) if due else None
 
 
 class RemoteFile(SeekableFile):
@@ -204,7 +222,27 @@ class RtdcSource:
                     self._prepare(deadline)
                 with self._reading("the HDF5 structure", deadline):
                     self._h5 = h5py.File(self.remote, "r", locking=False)
+                self._fetch_headers(self._h5, deadline)
             return self._h5
+
+    def _fetch_headers(self, h5: h5py.File, deadline: float) -> None:
+        """Have the object headers of what an .rtdc reader walks (features, logs, tables) in
+        the cache: one parallel batch per level of groups (their addresses are in the links
+        of the level above), instead of h5py's chain of one miss per object."""
+        for level in STRUCTURE:
+            ranges = []
+            with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
+                for path in level:  # (a hint: what fails here fails again, reported, later)
+                    group = h5.get(path)
+                    if not isinstance(group, h5py.Group):
+                        continue
+                    names: list[bytes] = []
+                    group.id.links.iterate(names.append)
+                    for name in names:
+                        info = group.id.links.get_info(name)
+                        if info.type == h5py.h5l.TYPE_HARD:
+                            ranges.append((info.u, info.u + HEADER_GUESS))
+            self.remote.ensure(ranges, deadline=deadline)
 
     def scan(self, deadline: float) -> dict[str, Feature]:
         """The features as the file describes them (opens it)."""
@@ -240,7 +278,7 @@ class RtdcSource:
         with self.remote.deadline(deadline):
             try:
                 yield
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except H5PY_ERRORS as exc:
                 if isinstance(exc.__context__, DcorfsError):
                     raise exc.__context__ from None
                 raise ProtocolError(f"{self.remote.obj.key}: cannot read {what}: {exc}") from None
@@ -283,29 +321,29 @@ class RtdcSource:
                 log.warning("%s (left out)", exc)
         return found
 
+    def fetch_arrays(self, groups: tuple[str, ...], *, deadline: float) -> None:
+        """Have the data of the datasets of these groups in the cache, in one parallel batch
+        (rather than one miss after another while they are read)."""
+        h5 = self.open(deadline)
+        ranges = []
+        with self.remote.deadline(deadline):
+            for path in groups:
+                group = h5.get(path)
+                if isinstance(group, h5py.Group):
+                    ranges += _data_ranges(group)
+        self.remote.ensure(ranges, deadline=deadline)
+
     def _layout(self, name: str, deadline: float) -> _Layout | None:
         with self._lock:
             if name in self._layouts:
                 return self._layouts[name]
         data = self.dataset(name, deadline)
         row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
-        layout: _Layout | None
-        if data.chunks is None:
-            offset = data.id.get_offset()
-            layout = (
-                None
-                if offset is None
-                else _Layout([0], [(offset, data.id.get_storage_size())], 0, row_bytes)
-            )
-        else:
-            chunks: list[tuple[int, int, int]] = []
-            data.id.chunk_iter(
-                lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
-            )
-            chunks.sort()
-            layout = _Layout(
-                [c[0] for c in chunks], [(c[1], c[2]) for c in chunks], data.chunks[0], row_bytes
-            )
+        pieces = _storage(data)
+        layout = None
+        if pieces:
+            rows = 0 if data.chunks is None else data.chunks[0]
+            layout = _Layout([p[0] for p in pieces], [p[1:] for p in pieces], rows, row_bytes)
         with self._lock:
             self._layouts[name] = layout
         return layout
@@ -354,6 +392,30 @@ def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
         name: Feature(name=name, dtype=np.dtype(dtype), shape=tuple(shape), source=kind)
         for name, (dtype, shape) in value.items()
     }
+
+
+def _storage(data: h5py.Dataset) -> list[tuple[int, int, int]]:
+    """Where a dataset's data lie: (first event, offset, size) of each chunk, sorted, or of
+    its contiguous storage; [] when nothing is stored."""
+    if data.chunks is None:
+        offset = data.id.get_offset()
+        return [] if offset is None else [(0, offset, data.id.get_storage_size())]
+    chunks: list[tuple[int, int, int]] = []
+    data.id.chunk_iter(
+        lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
+    )
+    return sorted(chunks)
+
+
+def _data_ranges(group: h5py.Group) -> list[tuple[int, int]]:
+    """Where the data of a group's datasets lie, as far as h5py can tell (a prefetch hint:
+    members it cannot read are left to the reads that follow, which report them)."""
+    ranges: list[tuple[int, int]] = []
+    with contextlib.suppress(*H5PY_ERRORS):
+        for item in group.values():
+            if isinstance(item, h5py.Dataset):
+                ranges += [(offset, offset + size) for _, offset, size in _storage(item)]
+    return ranges
 
 
 class RtdcResource:
@@ -426,6 +488,7 @@ class RtdcResource:
         """Root attributes, feature attributes, logs and tables as the original file has them
         (a feature's attributes from the file its values come from)."""
         original = self._sources["resource"]
+        original.fetch_arrays(("logs", "tables"), deadline=deadline)
         feature_attrs = {
             name: self._sources[f.source].attrs("events/" + name, deadline=deadline)
             for name, f in self.features.items()
