@@ -255,14 +255,19 @@ def _build(
     disk = DiskStore(
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
     )
+    decoded_memory = settings.memory_cache // 8  # of the memory cache: decoded values
     cache = BlockCache(
         fetch=make_fetch(http, locator),
         store=disk,
         block_size=settings.block_size,
-        memory_bytes=settings.memory_cache,
+        memory_bytes=settings.memory_cache - decoded_memory,
     )
     derived = DerivedCache(  # decoded feature values, in the same store and size bound
-        store=disk, block_size=DECODED_BLOCK, memory_bytes=settings.memory_cache // 4
+        store=disk,
+        block_size=DECODED_BLOCK,
+        memory_bytes=decoded_memory,
+        max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
+        parallel=4,
     )
     resources = Resources(
         api=api,

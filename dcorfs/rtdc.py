@@ -465,7 +465,7 @@ class RtdcResource:
         row = feature.row_bytes
         first, last = start // row, -(-stop // row)
         values = self._sources[feature.source].read(feature.name, first, last, deadline=deadline)
-        return values.tobytes()[start - first * row : stop - first * row]
+        return bytes(values.data.cast("B")[start - first * row : stop - first * row])
 
     def rows_object(self, name: str) -> ObjectId:
         """The derived object holding the values of feature `name` (see the class note)."""
