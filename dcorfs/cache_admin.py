@@ -87,7 +87,8 @@ def inventory(cache_dir: Path) -> dict[str, Any]:
                 cache_dir / cachedir.META, ("package_show:", "package_search:")
             )
     except sqlite3.Error as exc:
-        raise ConfigError(f"cannot read the cache dir {cache_dir}: {exc}") from None
+        hint = " (damaged: the next mount renews it)" if cachedir.is_damaged(exc) else ""
+        raise ConfigError(f"cannot read the cache dir {cache_dir}: {exc}{hint}") from None
     names = _names(records)
     resources = _by_resource(objects, names)
     return {

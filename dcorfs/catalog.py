@@ -60,6 +60,9 @@ class Dataset:
     record: dict[str, Any]
 
 
+MAX_SIZE = (1 << 63) - 1  # what a file size can be (st_size); larger ones are probed
+
+
 def _timestamp(text: Any) -> float:
     if not isinstance(text, str) or not text:
         return 0.0
@@ -89,7 +92,9 @@ def parse_resource(record: dict[str, Any], circle_id: str) -> Resource:
         name=name,
         dataset_id=_text(record, "package_id"),
         circle_id=circle_id,
-        size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+        size=size
+        if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_SIZE
+        else None,
         etag=etag if isinstance(etag, str) and etag else None,
         mtime=_timestamp(record.get("last_modified") or record.get("created")),
         is_rtdc=name.lower().endswith(RTDC_SUFFIXES) or mimetype in ("RT-DC", "DC"),

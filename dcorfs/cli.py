@@ -12,10 +12,15 @@ from . import __version__
 from .errors import ConfigError, DcorfsError
 from .settings import (
     DEFAULT_HOST,
+    S3_KEY_ID_ENV,
+    S3_SECRET_ENV,
     MountSettings,
     default_cache_dir,
+    parse_circle,
+    parse_endpoint,
     parse_host,
     parse_size,
+    read_s3_credentials,
     read_token,
 )
 
@@ -96,6 +101,13 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         action="store_true",
         help="no condensed files (as before DCOR's condensing job ran)",
     )
+    dcor.add_argument(
+        "--object-host",
+        default="",
+        metavar="NAME",
+        help="host name in object URLs, e.g. localhost while binding 127.0.0.1: the object "
+        "store then is another host, as on DCOR",
+    )
     parser.set_defaults(run=_run_devserver, console_log=logging.WARNING)  # its progress
 
 
@@ -124,6 +136,7 @@ def _run_devserver(args: argparse.Namespace) -> int:
         intra_basin_features=not args.no_intra_basin_features,
         trace_list_quirk=not args.no_trace_list_quirk,
         condensed=not args.no_condensed,
+        object_host=args.object_host,
     )
     return serve(
         args.data,
@@ -151,8 +164,7 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("mountpoint", type=Path, help="an existing, empty directory")
     parser.add_argument(
         "--host",
-        default=DEFAULT_HOST,
-        help="DCOR host; bare = https, or e.g. http://127.0.0.1:8765 (default %(default)s)",
+        help=f"DCOR host; bare = https, or e.g. http://127.0.0.1:8765 (default {DEFAULT_HOST})",
     )
     parser.add_argument("--api-key-file", type=Path, help="file holding the DCOR API token")
     parser.add_argument(
@@ -179,6 +191,37 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="as root, raise the kernel's read-ahead (1 MiB) and background requests of the mount",
     )
+    s3 = parser.add_argument_group(
+        "S3 bypass",
+        "Read objects straight from DCOR's S3 object store instead of the URLs dcserv hands "
+        "out: public data anonymously, with S3 credentials whatever they may read (signed); "
+        "private datasets without S3 credentials keep dcserv's presigned URLs. "
+        f"Credentials: ${S3_KEY_ID_ENV} and ${S3_SECRET_ENV}, or --s3-credentials-file; "
+        "never the command line.",
+    )
+    s3.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the object store, e.g. https://objectstore.hpccloud.mpcdf.mpg.de",
+    )
+    s3.add_argument(
+        "--s3-credentials-file",
+        type=Path,
+        metavar="FILE",
+        help="INI file as ~/.aws/credentials: [default] aws_access_key_id, aws_secret_access_key",
+    )
+    s3.add_argument(
+        "--s3-only",
+        action="store_true",
+        help="no DCOR API at all: circles/<circle-id>/<resource-id>/ from the buckets",
+    )
+    s3.add_argument(
+        "--circle",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="with --s3-only: a circle (organization) id whose bucket to mount; repeatable",
+    )
     parser.set_defaults(run=_run_mount)
 
 
@@ -188,13 +231,35 @@ def _positive(value: float, name: str) -> float:
     return value
 
 
+def _check_s3_options(args: argparse.Namespace) -> None:
+    if args.s3_only:
+        if args.s3_endpoint is None:
+            raise ConfigError(
+                "--s3-only needs --s3-endpoint (DCOR's: https://objectstore.hpccloud.mpcdf.mpg.de)"
+            )
+        if not args.circle:
+            raise ConfigError("--s3-only needs at least one --circle ID")
+        if args.host is not None or args.api_key_file is not None:
+            raise ConfigError("--s3-only talks to no DCOR host: drop --host and --api-key-file")
+    elif args.circle:
+        raise ConfigError("--circle goes with --s3-only")
+    if args.s3_credentials_file is not None and args.s3_endpoint is None:
+        raise ConfigError("--s3-credentials-file goes with --s3-endpoint")
+
+
 def _run_mount(args: argparse.Namespace) -> int:
     from .mount import mount
 
+    _check_s3_options(args)
+    endpoint = parse_endpoint(args.s3_endpoint) if args.s3_endpoint is not None else None
     settings = MountSettings(
         mountpoint=args.mountpoint.absolute(),
-        host=parse_host(args.host),
-        token=read_token(args.api_key_file),
+        host=parse_host(args.host or DEFAULT_HOST),
+        token=None if args.s3_only else read_token(args.api_key_file),
+        s3_endpoint=endpoint,
+        s3_credentials=read_s3_credentials(args.s3_credentials_file) if endpoint else None,
+        s3_only=args.s3_only,
+        circles=tuple(dict.fromkeys(parse_circle(c) for c in args.circle)),
         cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
         cache_size=parse_size(args.cache_size),
         timeout=_positive(args.timeout, "--timeout"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import cachedir
 from .devserver.datadir import DEMO_USER, write_demo_data
 from .errors import ConfigError, DcorfsError
-from .mount import mount
+from .mount import check_mountpoint, mount
 from .settings import MountSettings, Token
 
 PR_SET_PDEATHSIG = 1
@@ -120,6 +120,7 @@ def demo(mountpoint: Path, *, events: int) -> int:
         mountpoint.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"mount point {mountpoint}: {exc.strerror}") from None
+    check_mountpoint(mountpoint)  # before minutes of sample data, not after
     for number in (signal.SIGTERM, signal.SIGHUP):  # the mount installs its own later
         signal.signal(number, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="dcorfs-demo-"))

@@ -73,6 +73,10 @@ class StoredObject:
     nbytes: int  # of data (block headers not counted)
 
 
+class CacheDamaged(ConfigError):
+    """A damaged database in a cache dir that another mount holds (so it cannot be renewed)."""
+
+
 class CacheInUse(ConfigError):
     """An exclusive hold on a cache dir that a mount (or another command) is using."""
 
@@ -146,6 +150,37 @@ def read_inventory(directory: Path) -> list[StoredObject]:
         db.close()
 
 
+def damage_of(path: Path) -> sqlite3.DatabaseError | None:
+    """Why this SQLite file of a cache dir is damaged (not a database, corrupt), else None.
+    Read-only; its tables are scanned. Locked or busy is not damage."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        tables = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            db.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()
+    except sqlite3.DatabaseError as exc:
+        return exc if cachedir.is_damaged(exc) else None
+    finally:
+        db.close()
+    return None
+
+
+def _intact(raw: bytes, file_name: str) -> bool:
+    """A block file whose header matches its name and whose data matches its CRC."""
+    if len(raw) < HEADER.size:
+        return False
+    magic, identity, index, length, crc = HEADER.unpack_from(raw)
+    data = raw[HEADER.size :]
+    return (
+        magic == MAGIC
+        and file_name == f"{identity.hex()}-{index}"
+        and length == len(data)
+        and zlib.crc32(data) == crc
+    )
+
+
 def in_use(directory: Path) -> bool:
     """Whether a store (a mount) holds the directory now."""
     try:
@@ -189,6 +224,51 @@ class DiskStore:
             path.chmod(0o700)
         self._hold = self._lock_directory(exclusive)
         self._db_path = directory / cachedir.INDEX
+        try:
+            self._renew_damaged(exclusive)
+            self._open_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _renew_damaged(self, exclusive: bool) -> None:
+        """Replace the cache dir's damaged databases, under the exclusive lock.
+
+        Only while no other store holds the directory: another mount may be using the file.
+        A shared hold is given up to ask for the exclusive one (flock converts by unlocking
+        first), then taken again; whoever got it may have renewed the files meanwhile."""
+        databases = (self._db_path, self.directory / cachedir.META)
+        damaged = [(path, exc) for path in databases if (exc := damage_of(path)) is not None]
+        if not damaged:
+            return
+        if not exclusive:
+            try:
+                fcntl.flock(self._hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(self._hold, fcntl.LOCK_SH)
+                still = [str(path) for path, _ in damaged if damage_of(path) is not None]
+                if still:
+                    raise CacheDamaged(
+                        f"{', '.join(still)} damaged and in use by another mount: unmount the "
+                        f"mounts of {self.directory}, then mount again (it is renewed then)"
+                    ) from None
+                return
+        try:
+            for path, exc in damaged:
+                if damage_of(path) is None:  # renewed by another process meanwhile
+                    continue
+                log.warning("%s is damaged (%s): replaced by a new one", path, exc)
+                cachedir.discard_database(path)
+            if not self._db_path.exists():
+                self._open_index(adopt=True)
+        finally:
+            if not exclusive:
+                fcntl.flock(self._hold, fcntl.LOCK_SH)
+
+    def _open_index(self, *, adopt: bool = False) -> None:
+        """Create or check the accounting tables, then reconcile them with the block files:
+        rows without files are dropped, files without rows removed, or (`adopt`, for a new
+        index under the exclusive lock) the valid files are taken in."""
         os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
         db = self._db()
         for _ in range(100):  # two processes opening a fresh cache at once: one wins, one waits
@@ -207,7 +287,28 @@ class DiskStore:
             "CREATE TABLE IF NOT EXISTS objects"
             " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
         )
+        if adopt:
+            self._adopt()
         self._reconcile()
+
+    def _adopt(self) -> None:
+        """Rows for the valid block files found (after the index was renewed); bad files go."""
+        rows = []
+        for path in self._blocks.glob("*/*"):
+            if ".tmp" in path.name:
+                continue
+            try:
+                raw = path.read_bytes()
+                used = path.stat().st_mtime
+            except OSError:
+                continue
+            name = f"{path.parent.name}/{path.name}"
+            if _intact(raw, path.name):
+                rows.append((name, len(raw), used))
+            else:
+                path.unlink(missing_ok=True)
+        self._db().executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", rows)
+        log.warning("renewed cache index: %d cached blocks kept", len(rows))
 
     def _lock_directory(self, exclusive: bool) -> int:
         # shared: waits only while a `cache clear` runs

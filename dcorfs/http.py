@@ -5,11 +5,13 @@ Promises: a ranged GET returns exactly the bytes asked for or raises (206 with t
 GET is an error). Transient failures (connection trouble, timeouts, 5xx/429, short or
 mislabelled bodies) are retried with exponential backoff and full jitter, never past the
 caller's deadline. Messages never contain header values (the API token) nor query strings
-(presigned signatures).
+(presigned signatures); an S3 store's error code (`AccessDenied`, `SignatureDoesNotMatch`,
+`NoSuchKey` …) is quoted, since it tells a private object from rejected credentials.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import re
@@ -38,6 +40,7 @@ from .errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _QUERY = re.compile(r"\?[^\s'\")]*")
+_S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 NETWORK_ERRORS = (
     requests.ConnectionError,
     requests.Timeout,
@@ -102,12 +105,24 @@ def _raise_if_busy(response: requests.Response, url: str) -> None:
         )
 
 
+def _s3_code(response: requests.Response) -> str:
+    """The `<Code>` of an S3 error body (" (AccessDenied)"), or "" when there is none."""
+    if "xml" not in response.headers.get("Content-Type", ""):
+        return ""
+    try:
+        head = response.raw.read(4096, decode_content=True)
+    except NETWORK_ERRORS:
+        return ""
+    match = _S3_CODE.search(head or b"")
+    return f" ({match[1].decode()})" if match else ""
+
+
 def _check_status(response: requests.Response, url: str) -> None:
     status = response.status_code
     if status == 403:
-        raise AccessDenied(f"HTTP 403 for {redact_url(url)}")
+        raise AccessDenied(f"HTTP 403{_s3_code(response)} for {redact_url(url)}")
     if status == 404:
-        raise NotFound(f"HTTP 404 for {redact_url(url)}")
+        raise NotFound(f"HTTP 404{_s3_code(response)} for {redact_url(url)}")
     _raise_if_busy(response, url)
     if status == 416:
         raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")
@@ -133,6 +148,7 @@ class Http:
         self._local = threading.local()
         self._sessions: dict[int, requests.Session] = {}  # by thread ident
         self._lock = threading.Lock()
+        self._requests: collections.Counter[str] = collections.Counter()  # attempts, by kind
 
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
@@ -163,7 +179,18 @@ class Http:
         for session in sessions:
             session.close()
 
-    def _retry(self, url: str, deadline: float, attempt: Callable[[tuple[float, float]], T]) -> T:
+    def request_counts(self) -> dict[str, int]:
+        """Requests sent so far, by kind (range, probe, api, document, redirect)."""
+        with self._lock:
+            return dict(self._requests)
+
+    def _retry(
+        self,
+        url: str,
+        deadline: float,
+        attempt: Callable[[tuple[float, float]], T],
+        kind: str,
+    ) -> T:
         """The one retry loop: transient errors are retried with backoff until the deadline."""
         policy = self.policy
         last: BaseException | None = None
@@ -172,6 +199,8 @@ class Http:
             if left <= 0:
                 break
             timeout = (min(policy.connect_timeout, left), min(policy.read_timeout, left))
+            with self._lock:
+                self._requests[kind] += 1
             try:
                 return attempt(timeout)
             except DcorfsError as exc:
@@ -217,7 +246,32 @@ class Http:
                         f"HTTP {response.status_code} without JSON from {redact_url(url)}"
                     ) from None
 
-        return self._retry(url, deadline, attempt)
+        return self._retry(url, deadline, attempt, "api")
+
+    def get_document(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        limit: int = 64 << 20,
+        deadline: float,
+    ) -> bytes:
+        """The body of a GET answered with 200 (an S3 listing); 403/404 as for objects."""
+
+        def attempt(timeout: tuple[float, float]) -> bytes:
+            response = self._session().get(
+                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+            )
+            with response:
+                _check_status(response, url)
+                if response.status_code != 200:
+                    raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
+                data: bytes = response.raw.read(limit + 1, decode_content=True)
+                if len(data) > limit:
+                    raise ProtocolError(f"{redact_url(url)}: answer larger than {limit} bytes")
+                return data
+
+        return self._retry(url, deadline, attempt, "document")
 
     def get_range(
         self,
@@ -250,7 +304,7 @@ class Http:
                     raise ObjectChanged(f"{redact_url(url)}: size {total}, expected {expect_size}")
                 return _read_body(response, stop - start)
 
-        return self._retry(url, deadline, attempt)
+        return self._retry(url, deadline, attempt, "range")
 
     def probe(
         self,
@@ -286,7 +340,7 @@ class Http:
                     raise ProtocolError(f"{redact_url(url)} has no ETag")
                 return ObjectInfo(size=size, etag=etag, head=data)
 
-        return self._retry(url, deadline, attempt)
+        return self._retry(url, deadline, attempt, "probe")
 
     def redirect(
         self, url: str, *, headers: Mapping[str, str] | None = None, deadline: float
@@ -305,7 +359,7 @@ class Http:
                     return url
                 raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
 
-        return self._retry(url, deadline, attempt)
+        return self._retry(url, deadline, attempt, "redirect")
 
 
 def _read_body(response: requests.Response, length: int) -> bytes:
@@ -331,8 +385,24 @@ def _retry_after(response: requests.Response) -> float:
         return 0.0
 
 
+# what urllib3's long connection messages come down to, for one-line errors
+_REASONS = (
+    (("Temporary failure in name resolution",), "name lookup failed (DNS)"),
+    (("NameResolutionError", "Name or service not known", "Failed to resolve"), "unknown host"),
+    (("Connection refused",), "connection refused"),
+    (("Network is unreachable", "No route to host"), "network unreachable"),
+    (("CERTIFICATE_VERIFY_FAILED",), "TLS certificate not trusted"),
+)
+
+
 def _why(exc: BaseException | None) -> str:
     if exc is None:
         return "no attempt made"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, requests.ConnectionError):
+        for needles, reason in _REASONS:
+            if any(needle in text for needle in needles):
+                return reason
     return _QUERY.sub("?…", text)[:200]  # requests' messages may quote a presigned URL

@@ -37,7 +37,11 @@ class RedactFilter(logging.Filter):
 def configure(
     *, level: str, log_file: Path | None, stderr: bool, secrets: list[str]
 ) -> logging.Handler | None:
-    """Log to `log_file` (0600) and/or stderr; returns the file handler (or None)."""
+    """Log to `log_file` (0600) and/or stderr; returns the file handler (or None). Only
+    dcorfs's own records are written; those of botocore's signer (canonical requests with the
+    S3 access key id) and urllib3 (URLs with presigned query strings) are not even made."""
+    for chatty in ("botocore", "urllib3"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     root = logging.getLogger("dcorfs")
     root.setLevel(level.upper())
     root.propagate = False

@@ -67,11 +67,16 @@ class MetaStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         db = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (scope TEXT, key TEXT, value TEXT, stored REAL,"
-            " PRIMARY KEY (scope, key))"
-        )
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS answers (scope TEXT, key TEXT, value TEXT,"
+                " stored REAL, PRIMARY KEY (scope, key))"
+            )
+            db.execute("SELECT COUNT(*) FROM answers").fetchone()
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def get(self, key: str) -> tuple[Any, float] | None:

@@ -1,9 +1,10 @@
 """The composition root: checks, the daemon, and the wiring http → dcserv → cache → tree → FUSE.
 
 `mount()` checks what can be checked before mounting (mount point, /dev/fuse, cache dir, the
-host), then forks the daemon and waits on a pipe until the mount is up (exit 0) or failed
-(one-line reason, exit 1). The daemon mounts, answers FUSE requests on one trio thread, and
-unmounts on SIGTERM/SIGINT (`pyfuse3.close(unmount=True)` in any case).
+host or, with `--s3-only`, the S3 endpoint), then forks the daemon and waits on a pipe until
+the mount is up (exit 0) or failed (one-line reason, exit 1). The daemon mounts, answers FUSE
+requests on one trio thread, and unmounts on SIGTERM/SIGINT (`pyfuse3.close(unmount=True)` in
+any case).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ import trio
 
 from . import __version__, cachedir
 from .blockcache import BlockCache
+from .buckets import BucketCatalog
 from .catalog import Catalog
 from .dcserv import DcorApi, Locator, make_fetch
 from .derived import DerivedCache
 from .diskstore import DiskStore
-from .errors import ConfigError, DcorfsError, DeadlineExceeded, StaleMount
+from .errors import (
+    AccessDenied,
+    ConfigError,
+    DcorfsError,
+    DeadlineExceeded,
+    NotFound,
+    StaleMount,
+)
 from .fuse_ops import Activity, Operations
 from .http import Http, RetryPolicy
 from .logs import configure
@@ -42,8 +51,10 @@ from .readahead import Prefetcher
 from .report import one_line
 from .resources import Resources
 from .rtdc import CycleCollector
+from .s3 import ObjectStore, bucket_name, sigv4_presigner
+from .s3tree import build_s3_root
 from .settings import MountSettings
-from .tree import Context, build_root
+from .tree import Context, Dir, build_root
 from .tuning import tune
 
 log = logging.getLogger(__name__)
@@ -53,7 +64,23 @@ DECODED_BLOCK = 1 << 20  # blocks of decoded feature values: large, they are rea
 
 
 def _scope(settings: MountSettings) -> str:
+    """Whose answers the metadata store holds: a token's (or S3 key's) answers are never
+    served to a mount without it. An --s3-only mount's scope names its access key by a
+    fingerprint (the key id itself stays out of the cache)."""
+    if settings.s3_only:
+        credentials = settings.s3_credentials
+        who = f"key-{credentials.fingerprint}" if credentials else "anonymous"
+        return f"s3:{settings.s3_endpoint}|{who}"
     return f"{settings.host}|{'private' if settings.token else 'public'}"
+
+
+def object_store(settings: MountSettings, http: Http) -> ObjectStore | None:
+    """The object store of `--s3-endpoint`, signing with the S3 credentials if there are."""
+    if settings.s3_endpoint is None:
+        return None
+    credentials = settings.s3_credentials
+    sign = sigv4_presigner(credentials) if credentials is not None else None
+    return ObjectStore(http=http, endpoint=settings.s3_endpoint, sign=sign)
 
 
 def check_mountpoint(path: Path) -> None:
@@ -69,6 +96,12 @@ def check_mountpoint(path: Path) -> None:
         raise ConfigError(f"mount point {path} is not a directory")
     if path.is_mount():
         raise ConfigError(f"{path} is already a mount point (busy)")
+    try:
+        occupied = any(path.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"mount point {path}: {exc.strerror}") from None
+    if occupied:
+        raise ConfigError(f"mount point {path} is not empty (the mount would hide its files)")
     if not Path("/dev/fuse").exists():
         raise ConfigError("/dev/fuse is missing: install fuse3 and load the fuse module")
 
@@ -100,6 +133,39 @@ def check_host(settings: MountSettings, store: MetaStore) -> None:
         http.close()
 
 
+def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
+    """The S3 endpoint must answer (a refusal to list is an answer) unless answers are stored,
+    each circle must have a bucket there, and signing must be possible (botocore installed)
+    when there are credentials."""
+    http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
+    try:
+        objects = object_store(settings, http)
+        assert objects is not None
+        for circle_id in settings.circles:
+            bucket = bucket_name(circle_id)
+            deadline = time.monotonic() + PREFLIGHT_SECONDS
+            try:
+                objects.list(bucket, "resource/", max_keys=1, pages=1, deadline=deadline)
+            except AccessDenied:
+                pass  # there, but not listable with these credentials (or anonymously)
+            except NotFound:
+                raise ConfigError(f"{settings.s3_endpoint} has no bucket {bucket}") from None
+    except ConfigError:
+        raise
+    except DcorfsError as exc:
+        if not (exc.transient or isinstance(exc, DeadlineExceeded)):
+            raise ConfigError(f"{settings.s3_endpoint} does not answer like S3: {exc}") from None
+        if store.get("s3_checked") is None:
+            raise ConfigError(f"cannot reach {settings.s3_endpoint}: {exc}") from None
+        print(
+            f"dcorfs: {settings.s3_endpoint} unreachable; serving what is cached", file=sys.stderr
+        )
+    else:
+        store.put("s3_checked", {"checked": time.time()})
+    finally:
+        http.close()
+
+
 def mount(settings: MountSettings, *, on_ready: Callable[[], None] | None = None) -> int:
     """Mount; returns the exit code. In the background unless `settings.foreground`, where
     `on_ready` runs once the mount is up (the demo prints what to try)."""
@@ -107,7 +173,12 @@ def mount(settings: MountSettings, *, on_ready: Callable[[], None] | None = None
     check_cache_dir(settings.cache_dir)
     store = MetaStore(settings.cache_dir / cachedir.META, scope=_scope(settings))
     try:
-        check_host(settings, store)
+        if settings.s3_only:
+            check_endpoint(settings, store)
+        else:
+            check_host(settings, store)
+            if settings.s3_credentials is not None:
+                sigv4_presigner(settings.s3_credentials)  # botocore is there
     finally:
         store.close()
     if settings.foreground:
@@ -152,15 +223,26 @@ def _tell(fd: int, message: str) -> None:
 def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     """The daemon: build everything, mount, serve until unmounted or signalled."""
     log_file = settings.log_file or settings.cache_dir / cachedir.LOG
-    secrets = [settings.token.reveal()] if settings.token else []
     configure(
-        level=settings.log_level, log_file=log_file, stderr=settings.foreground, secrets=secrets
+        level=settings.log_level,
+        log_file=log_file,
+        stderr=settings.foreground,
+        secrets=settings.secrets(),
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     notifier = Notifier.from_environment()
-    ops, report, close = _build(settings)
+    try:
+        ops, report, close = _build(settings)
+    except DcorfsError as exc:
+        log.error("cannot start: %s", exc)
+        ready(str(exc))
+        return 1
+    except Exception as exc:
+        log.exception("cannot start")
+        ready(f"cannot start: {exc}")
+        return 1
     options = set(pyfuse3.default_options) | {
-        f"fsname=dcorfs:{settings.host.split('://', 1)[1]}",
+        f"fsname=dcorfs:{settings.source.split('://', 1)[1]}",
         "subtype=dcorfs",
         "ro",
     }
@@ -172,11 +254,11 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         ready(f"cannot mount {settings.mountpoint}: {exc}")
         close()
         return 1
-    log.info("dcorfs %s: %s mounted at %s", __version__, settings.host, settings.mountpoint)
+    log.info("dcorfs %s: %s mounted at %s", __version__, settings.source, settings.mountpoint)
     ready("ok")
     collector = CycleCollector()  # h5py in many threads: see its design note
     collector.start()
-    notifier.send("READY=1", f"STATUS=mounted {settings.host} at {settings.mountpoint}")
+    notifier.send("READY=1", f"STATUS=mounted {settings.source} at {settings.mountpoint}")
     try:
         trio.run(_serve, ops, notifier, report, functools.partial(_tune, settings))
     finally:
@@ -247,14 +329,25 @@ def _build(
 ) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
     """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
     http = Http(pool_size=settings.network_threads)
-    api = DcorApi(http=http, base_url=settings.host, token=settings.token)
-    store = MetaStore(settings.cache_dir / cachedir.META, scope=_scope(settings))
-    memo = Memo(store, timeout=settings.timeout)
-    catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
-    locator = Locator()
-    disk = DiskStore(
+    disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
     )
+    objects = object_store(settings, http)
+    store = MetaStore(settings.cache_dir / cachedir.META, scope=_scope(settings))
+    memo = Memo(store, timeout=settings.timeout)
+    api = catalog = buckets = None
+    if settings.s3_only:
+        assert objects is not None
+        buckets = BucketCatalog(
+            store=objects,
+            memo=memo,
+            circles=settings.circles,
+            dir_cache_time=settings.dir_cache_time,
+        )
+    else:
+        api = DcorApi(http=http, base_url=settings.host, token=settings.token)
+        catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
+    locator = Locator()
     decoded_memory = settings.memory_cache // 8  # of the memory cache: decoded values
     cache = BlockCache(
         fetch=make_fetch(http, locator),
@@ -278,10 +371,10 @@ def _build(
         cache=cache,
         derived=derived,
         timeout=settings.timeout,
+        store=objects,
+        listed=buckets.listed if buckets is not None else None,
     )
-    ctx = Context(
-        catalog=catalog, resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time
-    )
+    ctx = Context(resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time)
     started = time.time()
     activity = Activity()
     prefetcher = Prefetcher(
@@ -293,13 +386,15 @@ def _build(
     def report() -> dict[str, Any]:
         return {
             "version": __version__,
-            "host": settings.host,
+            "host": settings.source,
+            "s3_endpoint": settings.s3_endpoint,
             "mountpoint": str(settings.mountpoint),
             "cache_dir": str(settings.cache_dir),
             "pid": os.getpid(),
             "started": started,
             "cache": dataclasses.asdict(cache.stats()),
             "decoded": dataclasses.asdict(derived.stats()),
+            "requests": http.request_counts(),
             "fuse": dict(activity.counters),
             "prefetch": {
                 **prefetcher.counters,
@@ -313,7 +408,12 @@ def _build(
     def status() -> bytes:
         return (json.dumps(report(), indent=2, sort_keys=True) + "\n").encode()
 
-    root = build_root(ctx, status, mtime=started)
+    root: Dir
+    if buckets is not None:
+        root = build_s3_root(ctx, buckets, status, mtime=started)
+    else:
+        assert catalog is not None
+        root = build_root(ctx, catalog, status, mtime=started)
     ops = Operations(
         root=root,
         timeout=settings.timeout,

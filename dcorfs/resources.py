@@ -1,9 +1,16 @@
-"""Opening resources: basins → object identities → opened .rtdc sources, and plain objects.
+"""Opening resources: where their objects are → object identities → opened .rtdc sources.
 
 For every object (a resource's file, its condensed file) this finds a stable identity
 (bucket/key, ETag, size), registers a URL that works with the `Locator` (with a way to renew
 it), and remembers identity and URLs in the metadata store, so a later mount can serve cached
 bytes with the server gone. Opened resources are kept for the life of the mount.
+
+Where the objects are: the URLs dcserv's `basins` hand out, or, with an S3 `ObjectStore`
+(`--s3-endpoint`), DCOR's object layout on that endpoint, read directly. Directly means
+anonymously for public datasets and signed with S3 credentials for any; a private dataset
+without S3 credentials keeps dcserv's presigned URLs. Either way an object has the same
+identity, so cached blocks serve both paths. Without DCOR's API (`--s3-only`) metadata, logs
+and tables are read from the files themselves (`filetexts`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .blockcache import BlockCache, ObjectId
@@ -21,9 +29,11 @@ from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
 from .derived import DerivedCache
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
+from .filetexts import file_texts
 from .http import Http
 from .metastore import FOREVER, Memo
 from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
+from .s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +44,17 @@ WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (a
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
 SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
+
+
+@dataclass(frozen=True)
+class Texts:
+    """What a resource directory shows besides features, in dcserv's shapes."""
+
+    metadata: Any
+    logs: dict[str, Any]
+    tables: dict[str, Any]
 
 
 class Resources:
@@ -42,17 +63,25 @@ class Resources:
     def __init__(
         self,
         *,
-        api: DcorApi,
-        catalog: Catalog,
+        api: DcorApi | None,
+        catalog: Catalog | None,
         memo: Memo,
         http: Http,
         locator: Locator,
         cache: BlockCache,
         derived: DerivedCache,
         timeout: float,
+        store: ObjectStore | None = None,
+        listed: Listed | None = None,
     ) -> None:
+        """`api` and `catalog`: DCOR's API, None without it (then `store` is needed);
+        `store`: objects read directly; `listed`: sizes and ETags known from bucket listings."""
+        if (api is None or catalog is None) and store is None:
+            raise ValueError("without DCOR's API, resources need an object store")
         self._api = api
         self._catalog = catalog
+        self._store = store
+        self._listed = listed
         self._memo = memo
         self._http = http
         self._locator = locator
@@ -74,11 +103,40 @@ class Resources:
 
     # -- object identities ------------------------------------------------------------------
 
+    def _direct(self, dataset: Dataset) -> bool:
+        """Whether the dataset's objects are read from the object store: with S3 credentials
+        or without DCOR's API always, anonymously only for public datasets (DCOR's private
+        objects are not anonymously readable: dcserv's presigned URLs are)."""
+        store = self._store
+        return store is not None and (store.signed or self._api is None or not dataset.private)
+
+    def _place(self, key: str) -> str:
+        """Register the object store's URL of `key` (renewed by signing it again)."""
+        store = self._store
+        assert store is not None
+        url, lifetime = store.url(key)
+        self._locator.register(key, url, lifetime=lifetime, renew=lambda _: store.url(key))
+        return key
+
+    def _locate(self, dataset: Dataset, resource: Resource) -> dict[str, str]:
+        """The keys of the resource's objects by kind, their URLs registered."""
+        if self._direct(dataset):
+            return {
+                kind: self._place(resource_key(resource.circle_id, resource.id, kind))
+                for kind in ("resource", "condensed")
+            }
+        return {kind: basin.key for kind, basin in self._basins(resource.id).items()}
+
+    def _dcor(self) -> DcorApi:
+        if self._api is None:
+            raise ProtocolError("this mount has no DCOR API")
+        return self._api
+
     def _basins(self, resource_id: str) -> dict[str, Basin]:
         """The resource's basins by kind; URLs registered with the locator."""
 
         def ask(deadline: float) -> Any:
-            answer = self._api.dcserv(resource_id, "basins", deadline=deadline)
+            answer = self._dcor().dcserv(resource_id, "basins", deadline=deadline)
             return {"asked": time.time(), "basins": answer}
 
         answer = self._memo.get(f"basins:{resource_id}", ask, max_age=FOREVER)
@@ -94,7 +152,7 @@ class Resources:
 
     def _renew(self, resource_id: str, kind: str) -> Renew:
         def renew(deadline: float) -> tuple[str, float | None]:
-            for basin in self._api.basins(resource_id, deadline=deadline):
+            for basin in self._dcor().basins(resource_id, deadline=deadline):
                 if basin.kind == kind:
                     return basin.url, basin.lifetime
             raise NotFound(f"{kind} of resource {resource_id} is no longer offered")
@@ -104,8 +162,11 @@ class Resources:
     def _identify(
         self, key: str, size: int | None, etag: str | None, *, head: int = HEAD
     ) -> ObjectId:
-        """Identity of an object: from CKAN's record when it has size and ETag, else probed
-        (the probe brings the object's first `head` bytes into the cache as well)."""
+        """Identity of an object: from CKAN's record or a bucket listing when they have size
+        and ETag, else probed (the probe brings the object's first `head` bytes into the
+        cache as well)."""
+        if (size is None or etag is None) and self._listed is not None:
+            size, etag = self._listed(key) or (None, None)
         if size is not None and etag is not None:
             return ObjectId(key=key, etag=etag, size=size)
 
@@ -133,61 +194,73 @@ class Resources:
             with self._lock:
                 if resource.id in self._opened:
                     return self._opened[resource.id]
-            opened = self._open_rtdc(resource)
+            opened = self._open_rtdc(dataset, resource)
             with self._lock:
                 self._opened[resource.id] = opened
             return opened
 
-    def _open_rtdc(self, resource: Resource) -> RtdcResource:
+    def _open_rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
         # the API answers a resource directory needs, asked side by side rather than one round
         # trip after another: logs and tables are remembered (single-flight) for the tree
-        for query in ("logs", "tables"):
-            self._ask.submit(self._catalog.dcserv, resource.id, query)
-        basins_asked = self._ask.submit(self._basins, resource.id)
-        metadata = self._catalog.dcserv(resource.id, "metadata")
-        basins = basins_asked.result()
-        if "resource" not in basins:
+        catalog = self._catalog
+        metadata = None
+        located = self._ask.submit(self._locate, dataset, resource)
+        if catalog is not None:
+            for query in ("logs", "tables"):
+                self._ask.submit(catalog.dcserv, resource.id, query)
+            metadata = catalog.dcserv(resource.id, "metadata")
+        keys = located.result()
+        if "resource" not in keys:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         condensed_made = None
-        if "condensed" in basins:  # side by side with the original
-            condensed_made = self._ask.submit(self._described, basins["condensed"], None, None)
-        original = self._described(basins["resource"], resource.size, resource.etag)
+        if "condensed" in keys:  # side by side with the original
+            condensed_made = self._ask.submit(
+                self._described, "condensed", keys["condensed"], None, None
+            )
+        original = self._described("resource", keys["resource"], resource.size, resource.etag)
         condensed = None
         if condensed_made is not None:
             try:
                 condensed = condensed_made.result()
             except (NotFound, ProtocolError) as exc:
                 log.info("resource %s: no usable condensed file (%s)", resource.id, exc)
+            except AccessDenied as exc:
+                if not self._direct(dataset):
+                    raise
+                # anonymous S3 answers 403 for a key that does not exist (yet)
+                log.info("resource %s: condensed file not readable (%s)", resource.id, exc)
+        if metadata is None:
+            metadata = {"experiment": _experiment(original, self._deadline())}
         events = _event_count(metadata, original)
         return RtdcResource(original, condensed, events, self._derived)
 
-    def _described(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
+    def _described(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
         from the file (which opens it)."""
-        source = self._source(basin, size, etag)
-        key = f"rtdc-features:v1:{source.remote.obj.identity.hex()}"
-        value = self._memo.get(key, lambda d: describe(source.scan(d)), max_age=FOREVER)
+        source = self._source(kind, key, size, etag)
+        remembered_as = f"rtdc-features:v1:{source.remote.obj.identity.hex()}"
+        value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
         source.features = described(value, source.kind)
         return source
 
-    def _source(self, basin: Basin, size: int | None, etag: str | None) -> RtdcSource:
-        """A source of the object in `basin`, opened when first needed (its features may be
-        remembered): then the places where HDF5 keeps its structure are fetched in parallel
-        first, instead of as a chain of small misses while h5py walks the file (a small file
-        whole: what h5py reads of it is most of it anyway)."""
-        whole = WHOLE.get(basin.kind, WHOLE["resource"])
-        obj = self._identify(basin.key, size, etag, head=whole)
+    def _source(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
+        """A source of the `kind` object at `key`, opened when first needed (its features
+        may be remembered): then the places where HDF5 keeps its structure are fetched in
+        parallel first, instead of as a chain of small misses while h5py walks the file (a
+        small file whole: what h5py reads of it is most of it anyway)."""
+        whole = WHOLE.get(kind, WHOLE["resource"])
+        obj = self._identify(key, size, etag, head=whole)
         ranges = metadata_ranges(obj.size, whole)
 
         def prepare(deadline: float) -> None:
             self._cache.ensure(obj, ranges, deadline=deadline)
 
         first_read = None
-        if basin.kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
+        if kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
             # once one scalar feature is read, fetch them all in the background
             first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
-        return RtdcSource(remote, kind=basin.kind, prepare=prepare, first_read=first_read)
+        return RtdcSource(remote, kind=kind, prepare=prepare, first_read=first_read)
 
     def warm_scalars(self, resource: RtdcResource) -> None:
         """Bring the values of every scalar feature of `resource` into memory in the
@@ -207,6 +280,38 @@ class Resources:
             self._derived.ensure(obj, [(0, obj.size)], deadline=self._deadline())
         except DcorfsError as exc:
             log.debug("warming %s: %s", obj.key, exc)
+
+    def texts(self, dataset: Dataset, resource: Resource) -> Texts:
+        """Metadata, logs and tables of an RT-DC resource: dcserv's answers, or without DCOR's
+        API made from its files (once; remembered with the original object's identity)."""
+        if self._catalog is not None:
+            rid = resource.id
+            return Texts(
+                metadata=self._catalog.dcserv(rid, "metadata"),
+                logs=self._catalog.dcserv(rid, "logs") or {},
+                tables=self._catalog.dcserv(rid, "tables") or {},
+            )
+        opened = self.rtdc(dataset, resource)
+        original = opened.source("resource")
+        assert original is not None
+        obj = original.remote.obj
+        made = self.remembered(
+            f"file-texts:{obj.key}:{obj.etag}",
+            lambda deadline: file_texts(opened, deadline=deadline),
+        )
+        return Texts(metadata=made["metadata"], logs=made["logs"], tables=made["tables"])
+
+    def is_hdf5(self, dataset: Dataset, resource: Resource) -> bool:
+        """Whether the resource's object starts like an HDF5 file (an .rtdc) — for resources
+        found in buckets, which carry no file name."""
+        key = resource_key(resource.circle_id, resource.id)
+        if self._direct(dataset) and not self._locator.known(key):
+            self._place(key)
+        obj = self._identify(key, resource.size, resource.etag)
+        if obj.size < len(HDF5_SIGNATURE):
+            return False
+        head = self._cache.read(obj, 0, len(HDF5_SIGNATURE), deadline=self._deadline())
+        return head == HDF5_SIGNATURE
 
     def _prefetch(self, obj: ObjectId) -> None:
         try:
@@ -232,15 +337,18 @@ class Resources:
     # -- other resources ------------------------------------------------------------------------
 
     def plain(self, dataset: Dataset, resource: Resource) -> ObjectId:
-        """A non-RT-DC resource as an object: the public S3 URL, or DCOR's download route."""
+        """A non-RT-DC resource as an object: from the object store (see `_direct`), the
+        public S3 URL, or DCOR's download route."""
         key = resource_key(resource.circle_id, resource.id)
         if not self._locator.known(key):
-            if resource.s3_url and not dataset.private:
+            if self._direct(dataset):
+                self._place(key)
+            elif resource.s3_url and not dataset.private:
                 self._locator.register(key, resource.s3_url, lifetime=None)
             else:
 
                 def renew(deadline: float) -> tuple[str, float | None]:
-                    url = self._api.download_url(
+                    url = self._dcor().download_url(
                         dataset.id, resource.id, resource.name, deadline=deadline
                     )
                     return url, ROUTE_LIFETIME
@@ -267,6 +375,16 @@ def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
     if size <= whole:
         return [(0, size)]
     return [(0, HEAD), (max(HEAD, size - TAIL), size)]
+
+
+def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
+    """The `experiment` section of the original file's own metadata (root attributes)."""
+    attrs = original.attrs("/", deadline=deadline)
+    return {
+        name.split(":", 1)[1]: value
+        for name, value in attrs.items()
+        if name.startswith("experiment:")
+    }
 
 
 def _event_count(metadata: Any, original: RtdcSource) -> int:

@@ -471,6 +471,10 @@ class RtdcResource:
         """The derived object holding the values of feature `name` (see the class note)."""
         return self._objects[name]
 
+    def source(self, kind: str) -> RtdcSource | None:
+        """The opened file of one kind ("resource" or "condensed"), if the resource has it."""
+        return self._sources.get(kind)
+
     def scalar_features(self) -> list[Feature]:
         return [f for f in self.features.values() if f.scalar]
 

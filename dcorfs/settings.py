@@ -1,4 +1,5 @@
-"""Every knob of a mount and its default, in one frozen dataclass; plus the secret token type.
+"""Every knob of a mount and its default, in one frozen dataclass; plus the secret types
+(DCOR's API token, S3 credentials) and where they are read from.
 
 `cli` builds a `MountSettings`; `mount` (the composition root) passes its fields on as explicit
 parameters. Nothing below `mount` sees this module's dataclass.
@@ -6,6 +7,8 @@ parameters. Nothing below `mount` sees this module's dataclass.
 
 from __future__ import annotations
 
+import configparser
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -76,6 +79,111 @@ def parse_host(text: str) -> str:
     return f"{parts.scheme}://{netloc}"
 
 
+def parse_endpoint(text: str) -> str:
+    """The base URL of an S3 endpoint (`--s3-endpoint`): scheme, host and port, no path."""
+    text = text.strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"not an S3 endpoint: {text!r} (expected e.g. https://host:port)")
+    if parts.path or parts.query or parts.username:
+        raise ConfigError(f"--s3-endpoint takes scheme, host and port only: {text!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"bad port in --s3-endpoint {text!r}") from None
+    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
+
+
+_CIRCLE = re.compile(r"^[0-9a-z][0-9a-z-]{0,62}$")
+
+
+def parse_circle(text: str) -> str:
+    """A circle (CKAN organization) id for `--circle`: it names the bucket `circle-<id>`."""
+    if not _CIRCLE.match(text):
+        raise ConfigError(f"not a circle id: {text!r} (expected the circle's id, a UUID)")
+    return text
+
+
+class S3Credentials:
+    """An S3 access key pair. The secret never shows in `repr`/`str`; the access key id
+    shows only as a fingerprint (it names the metadata scope of an --s3-only mount)."""
+
+    __slots__ = ("_key_id", "_secret")
+
+    def __init__(self, access_key_id: str, secret_access_key: str) -> None:
+        key_id, secret = access_key_id.strip(), secret_access_key.strip()
+        for value in (key_id, secret):
+            if not value or any(c.isspace() for c in value):
+                raise ConfigError("an S3 access key id or secret is empty or contains whitespace")
+        self._key_id = key_id
+        self._secret = secret
+
+    def reveal(self) -> tuple[str, str]:
+        """(access key id, secret): only for botocore's signer (`s3.ObjectStore`)."""
+        return self._key_id, self._secret
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(self._key_id.encode(), digest_size=8).hexdigest()
+
+    def __repr__(self) -> str:
+        return "S3Credentials(<hidden>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, S3Credentials) and other.reveal() == self.reveal()
+
+    def __hash__(self) -> int:
+        return hash(self.reveal())
+
+
+S3_KEY_ID_ENV = "DCORFS_S3_ACCESS_KEY_ID"
+S3_SECRET_ENV = "DCORFS_S3_SECRET_ACCESS_KEY"
+_FILE_KEYS = (
+    ("aws_access_key_id", "aws_secret_access_key"),
+    ("access_key_id", "secret_access_key"),
+)
+
+
+def read_s3_credentials(
+    credentials_file: Path | None, environ: dict[str, str] | None = None
+) -> S3Credentials | None:
+    """S3 credentials from `--s3-credentials-file` (an INI file as ~/.aws/credentials: the
+    `[default]` section or the only one) or else from $DCORFS_S3_ACCESS_KEY_ID and
+    $DCORFS_S3_SECRET_ACCESS_KEY; None for anonymous access. Errors never quote a value."""
+    env = os.environ if environ is None else environ
+    if credentials_file is not None:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read_string(credentials_file.read_text(), source=str(credentials_file))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read S3 credentials file {credentials_file}: {exc.strerror}"
+            ) from None
+        except configparser.Error:
+            raise ConfigError(
+                f"S3 credentials file {credentials_file} is not an INI file"
+            ) from None
+        sections = parser.sections()
+        name = "default" if "default" in sections else sections[0] if len(sections) == 1 else None
+        if name is not None:
+            section = parser[name]
+            for key_id, secret in _FILE_KEYS:
+                if section.get(key_id) and section.get(secret):
+                    return S3Credentials(section[key_id], section[secret])
+        raise ConfigError(
+            f"S3 credentials file {credentials_file}: expected a [default] section with "
+            "aws_access_key_id and aws_secret_access_key"
+        )
+    key_id, secret = env.get(S3_KEY_ID_ENV, "").strip(), env.get(S3_SECRET_ENV, "").strip()
+    if not key_id and not secret:
+        return None
+    if not (key_id and secret):
+        raise ConfigError(f"set both {S3_KEY_ID_ENV} and {S3_SECRET_ENV}, or neither")
+    return S3Credentials(key_id, secret)
+
+
 def parse_size(text: str) -> int:
     """'10G', '512M', '1.5GiB', '1000000' → bytes (binary multiples)."""
     match = _SIZE.match(text)
@@ -115,3 +223,21 @@ class MountSettings:
     kernel_tuning: bool = False  # root only: raise read_ahead_kb and max_background
     read_ahead_kb: int = 1024
     max_background: int = 64
+    # the S3 bypass: objects from this endpoint instead of dcserv's URLs; with `s3_only`, no
+    # DCOR host at all (the tree is `circles/<id>/<resource id>/` of the given circles)
+    s3_endpoint: str | None = None
+    s3_credentials: S3Credentials | None = field(default=None, repr=False)
+    s3_only: bool = False
+    circles: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """What is mounted: the DCOR host, or the S3 endpoint of an --s3-only mount."""
+        return self.s3_endpoint if self.s3_only and self.s3_endpoint else self.host
+
+    def secrets(self) -> list[str]:
+        """Every secret the daemon knows, for the log filter."""
+        found = [self.token.reveal()] if self.token else []
+        if self.s3_credentials is not None:
+            found += list(self.s3_credentials.reveal())
+        return found

@@ -247,19 +247,18 @@ class StaticDir(Dir):
 
 
 class Context:
-    """What the nodes need from below: the catalog and the opened resources."""
+    """What every node may need from below: the opened resources and the cache. (Listings
+    come from a catalog given to the nodes that list: CKAN's here, buckets' in `s3tree`.)"""
 
-    def __init__(
-        self, *, catalog: Catalog, resources: Resources, cache: BlockCache, dir_cache_time: float
-    ) -> None:
-        self.catalog = catalog
+    def __init__(self, *, resources: Resources, cache: BlockCache, dir_cache_time: float) -> None:
         self.resources = resources
         self.cache = cache
         self.dir_cache_time = dir_cache_time
 
 
-def build_root(ctx: Context, status: Callable[[], bytes], *, mtime: float) -> Dir:
-    dcorfs_dir = StaticDir(
+def status_dir(status: Callable[[], bytes], mtime: float) -> StaticDir:
+    """.dcorfs/ with status.json, made anew on every open."""
+    return StaticDir(
         "/.dcorfs",
         {
             "status.json": File(
@@ -272,23 +271,30 @@ def build_root(ctx: Context, status: Callable[[], bytes], *, mtime: float) -> Di
         },
         mtime=mtime,
     )
+
+
+def build_root(ctx: Context, catalog: Catalog, status: Callable[[], bytes], *, mtime: float) -> Dir:
     children: dict[str, Node] = {
         "README.txt": static_file("/README.txt", README.encode(), mtime),
-        "by-id": ByIdDir("/by-id", ctx, mtime=mtime),
-        "datasets": DatasetsDir("/datasets", ctx, mtime=mtime),
-        "circles": GroupsDir("/circles", ctx, circles=True, mtime=mtime),
-        "collections": GroupsDir("/collections", ctx, circles=False, mtime=mtime),
-        ".dcorfs": dcorfs_dir,
+        "by-id": ByIdDir("/by-id", ctx, catalog.resource, mtime=mtime),
+        "datasets": DatasetsDir("/datasets", ctx, catalog, mtime=mtime),
+        "circles": GroupsDir("/circles", ctx, catalog, circles=True, mtime=mtime),
+        "collections": GroupsDir("/collections", ctx, catalog, circles=False, mtime=mtime),
+        ".dcorfs": status_dir(status, mtime),
     }
     return StaticDir("/", children, mtime=mtime)
+
+
+Resolve = Callable[[str], tuple[Dataset, Resource]]  # resource id -> (dataset, resource)
 
 
 class ByIdDir(Dir):
     """Any resource id resolves on lookup; the listing shows the ids resolved so far."""
 
-    def __init__(self, path: str, ctx: Context, *, mtime: float) -> None:
+    def __init__(self, path: str, ctx: Context, resolve: Resolve, *, mtime: float) -> None:
         super().__init__(path, mtime=mtime)
         self._ctx = ctx
+        self._resolve = resolve
         self._resolved: dict[str, Node] = {}
 
     def _load(self) -> dict[str, Node]:
@@ -302,28 +308,31 @@ class ByIdDir(Dir):
             return self._resolved[name]
         if not UUID.match(name):
             raise NotFound(f"{name} is not a resource id")
-        dataset, resource = self._ctx.catalog.resource(name)
-        node: Node
-        if resource.is_rtdc:
-            node = ResourceDir(self.child_path(name), self._ctx, dataset, resource)
-        else:
-            file_name = sanitize(resource.name)
-            path = self.child_path(name)
-            plain = PlainFile(f"{path}/{file_name}", self._ctx, dataset, resource)
-            node = StaticDir(path, {file_name: plain.node}, mtime=resource.mtime)
+        dataset, resource = self._resolve(name)
+        node = self._node(self.child_path(name), dataset, resource)
         with self._lock:
             self._resolved.setdefault(name, node)
             return self._resolved[name]
 
+    def _node(self, path: str, dataset: Dataset, resource: Resource) -> Node:
+        if resource.is_rtdc:
+            return ResourceDir(path, self._ctx, dataset, resource)
+        file_name = sanitize(resource.name)
+        plain = PlainFile(f"{path}/{file_name}", self._ctx, dataset, resource)
+        return StaticDir(path, {file_name: plain.node}, mtime=resource.mtime)
+
 
 class DatasetsDir(Dir):
-    def __init__(self, path: str, ctx: Context, *, mtime: float, fq: str = "") -> None:
+    def __init__(
+        self, path: str, ctx: Context, catalog: Catalog, *, mtime: float, fq: str = ""
+    ) -> None:
         super().__init__(path, mtime=mtime, max_age=ctx.dir_cache_time)
         self._ctx = ctx
+        self._catalog = catalog
         self._fq = fq
 
     def _load(self) -> dict[str, Node]:
-        datasets = self._ctx.catalog.datasets(self._fq)
+        datasets = self._catalog.datasets(self._fq)
         named = unique((ds.name, ds.id, ds) for ds in datasets)
         return {n: DatasetDir(self.child_path(n), self._ctx, ds) for n, ds in named.items()}
 
@@ -332,25 +341,30 @@ class DatasetsDir(Dir):
         if node is not None:
             return node
         if not self._fq:  # datasets/: any dataset resolves by name, also unlisted ones
-            dataset = self._ctx.catalog.dataset(name)
+            dataset = self._catalog.dataset(name)
             if sanitize(dataset.name) == name:
                 return DatasetDir(self.child_path(name), self._ctx, dataset)
         raise NotFound(f"{self.child_path(name)} does not exist")
 
 
 class GroupsDir(Dir):
-    def __init__(self, path: str, ctx: Context, *, circles: bool, mtime: float) -> None:
+    def __init__(
+        self, path: str, ctx: Context, catalog: Catalog, *, circles: bool, mtime: float
+    ) -> None:
         super().__init__(path, mtime=mtime, max_age=ctx.dir_cache_time)
         self._ctx = ctx
+        self._catalog = catalog
         self._circles = circles
 
     def _load(self) -> dict[str, Node]:
-        catalog = self._ctx.catalog
+        catalog = self._catalog
         groups = catalog.circles() if self._circles else catalog.collections()
         field = "organization" if self._circles else "groups"
         named = unique((g.name, g.id, g) for g in groups)
         return {
-            n: DatasetsDir(self.child_path(n), self._ctx, mtime=self.mtime, fq=f"{field}:{g.name}")
+            n: DatasetsDir(
+                self.child_path(n), self._ctx, catalog, mtime=self.mtime, fq=f"{field}:{g.name}"
+            )
             for n, g in named.items()
         }
 
@@ -465,20 +479,18 @@ class ResourceDir(Dir):
         files["features.tsv"] = content_file(
             self.child_path("features.tsv"), tsv_content(opened), mtime, warm
         )
-        metadata = ctx.catalog.dcserv(rid, "metadata")
+        texts = ctx.resources.texts(self.dataset, self.resource)
         files["metadata.json"] = static_file(
-            self.child_path("metadata.json"), json_bytes(metadata), mtime
+            self.child_path("metadata.json"), json_bytes(texts.metadata), mtime
         )
-        logs = ctx.catalog.dcserv(rid, "logs") or {}
         files["logs"] = text_dir(
             self.child_path("logs"),
-            unique((f"{k}.txt", k, log_bytes(v)) for k, v in sorted(logs.items())),
+            unique((f"{k}.txt", k, log_bytes(v)) for k, v in sorted(texts.logs.items())),
             mtime,
         )
-        tables = ctx.catalog.dcserv(rid, "tables") or {}
         files["tables"] = text_dir(
             self.child_path("tables"),
-            unique((f"{k}.csv", k, table_bytes(v)) for k, v in sorted(tables.items())),
+            unique((f"{k}.csv", k, table_bytes(v)) for k, v in sorted(texts.tables.items())),
             mtime,
         )
         return files

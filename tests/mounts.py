@@ -38,11 +38,40 @@ def dcorfs(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def _daemon_pid(mountpoint: Path) -> int | None:
+def daemon_pid(mnt: Path) -> int:
+    return int(json.loads((mnt / ".dcorfs" / "status.json").read_text())["pid"])
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
     try:
-        return int(json.loads((mountpoint / ".dcorfs" / "status.json").read_text())["pid"])
-    except (OSError, ValueError, KeyError):
-        return None
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def drop_page_cache(fd: int) -> None:
+    """Make the next read of this file reach the daemon (the mount keeps the page cache)."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_file(path: Path) -> bytes:
+    """The whole file, from the daemon rather than the kernel's page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_page_cache(fd)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def log_lines(cache: Path, *needles: str) -> list[str]:
+    text = (cache / "dcorfs.log").read_text(errors="replace")
+    return [line for line in text.splitlines() if any(n in line for n in needles)]
 
 
 def _wait_gone(pid: int, seconds: float = 30.0) -> None:
@@ -84,19 +113,26 @@ def unmount(mountpoint: Path, pid: int | None) -> None:
 @contextmanager
 def mounted(
     mountpoint: Path,
-    host: str,
+    host: str | None,
     cache_dir: Path,
     *extra: str,
     token: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Path]:
-    """Mount (waits until ready), yield the mount point, unmount and wait for the daemon."""
+    """Mount (waits until ready), yield the mount point, unmount and wait for the daemon.
+    `host` None: no --host (for --s3-only); `env`: more environment (S3 credentials), which
+    is otherwise cleared of them."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    env = {"DCOR_API_KEY": token} if token else {"DCOR_API_KEY": ""}
+    env = {
+        "DCOR_API_KEY": token or "",
+        "DCORFS_S3_ACCESS_KEY_ID": "",
+        "DCORFS_S3_SECRET_ACCESS_KEY": "",
+        **(env or {}),
+    }
     result = dcorfs(
         "mount",
         str(mountpoint),
-        "--host",
-        host,
+        *(["--host", host] if host is not None else []),
         "--cache-dir",
         str(cache_dir),
         "--log-level",
@@ -108,7 +144,10 @@ def mounted(
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         raise AssertionError(f"mount failed ({result.returncode}): {result.stderr.strip()}")
-    pid = _daemon_pid(mountpoint)
+    try:
+        pid: int | None = daemon_pid(mountpoint)
+    except (OSError, ValueError, KeyError):
+        pid = None
     try:
         yield mountpoint
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -11,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dcorfs import cachedir
 from dcorfs.blockcache import BlockCache, ObjectId
-from dcorfs.diskstore import DiskStore, read_inventory
+from dcorfs.diskstore import CacheDamaged, DiskStore, damage_of, read_inventory
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
+from dcorfs.metastore import MetaStore
 
 BLOCK = 1024
 DATA = os.urandom(10 * BLOCK + 123)
@@ -298,3 +301,60 @@ def test_inventory_of_a_cache_from_before_the_objects_table(tmp_path: Path) -> N
     (found,) = read_inventory(tmp_path / "cache")
     assert (found.key, found.blocks, found.nbytes) == (None, 1, BLOCK)
     assert read_inventory(tmp_path / "nowhere") == []
+
+
+def garbage(path: Path) -> bytes:
+    """Overwrite a SQLite database (and drop its journal files): no longer a database."""
+    for journal in path.parent.glob(f"{path.name}-*"):
+        journal.unlink()
+    data = b"not a database at all" * 100
+    path.write_bytes(data)
+    return data
+
+
+def test_damage_is_told_apart_from_trouble() -> None:
+    assert cachedir.is_damaged(sqlite3.DatabaseError("file is not a database"))
+    for other in (sqlite3.OperationalError, sqlite3.IntegrityError, sqlite3.ProgrammingError):
+        assert not cachedir.is_damaged(other("locked, busy, a constraint, a misuse"))
+
+
+def test_a_damaged_index_is_renewed_and_keeps_the_valid_blocks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
+    store.put_many(OBJ, {i: DATA[i * BLOCK : (i + 1) * BLOCK] for i in range(4)})
+    store.close()
+    assert damage_of(cache / cachedir.INDEX) is None
+    garbage(cache / cachedir.INDEX)
+    meta = garbage(cache / cachedir.META)
+    bad = cache / "blocks" / DiskStore.name(OBJ, 2)
+    bad.write_bytes(bad.read_bytes()[:-1] + b"!")
+    assert damage_of(cache / cachedir.INDEX) is not None
+    assert MetaStore(cache / cachedir.META, scope="").get("x") is None  # unusable: in memory
+    assert (cache / cachedir.META).read_bytes() == meta  # … and never deleted by it
+    renewed = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
+    try:
+        assert [renewed.get(OBJ, i) is not None for i in range(4)] == [True, True, False, True]
+        assert renewed.get(OBJ, 0) == DATA[:BLOCK]
+        assert renewed.usage()[1] == 3 and not bad.exists()
+        assert (
+            damage_of(cache / cachedir.META) is None and damage_of(cache / cachedir.INDEX) is None
+        )
+    finally:
+        renewed.close()
+    assert "replaced by a new one" in caplog.text and "3 cached blocks kept" in caplog.text
+
+
+def test_a_damaged_index_in_use_by_another_store_is_left_alone(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    holder = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
+    try:
+        data = garbage(cache / cachedir.INDEX)
+        with pytest.raises(CacheDamaged, match="in use by another mount"):
+            DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
+        assert (cache / cachedir.INDEX).read_bytes() == data
+    finally:
+        holder.close()
+    DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK).close()  # alone: renewed
+    assert damage_of(cache / cachedir.INDEX) is None

@@ -136,7 +136,10 @@ def test_faults_admin_endpoint_and_counters(fresh_devserver: DevServer) -> None:
     requests.delete(f"{base}/_devserver/stats", timeout=30)
     url, data = object_and_bytes(fresh_devserver)
     for start in (0, 500, 1000):
-        requests.get(url, headers={"Range": f"bytes={start}-{start + 99}"}, timeout=30)
+        headers = {"Range": f"bytes={start}-{start + 99}"}
+        if start == 500:
+            headers["Authorization"] = "a token where it does not belong"
+        requests.get(url, headers=headers, timeout=30)
     stats = requests.get(f"{base}/_devserver/stats", params={"log": "1"}, timeout=30).json()
     (entry,) = stats["objects"].values()
     assert entry == {
@@ -144,8 +147,11 @@ def test_faults_admin_endpoint_and_counters(fresh_devserver: DevServer) -> None:
         "artifact": "resource",
         "requests": 3,
         "bytes": 300,
+        "authorized": 1,
     }
     assert stats["object_requests"] == 3 and stats["object_bytes"] == 300
+    assert stats["object_requests_authorized"] == 1
+    assert {e["host"] for e in stats["log"] if "object" in e} == {base.split("//")[1]}
     assert [e["range"] for e in stats["log"] if "object" in e] == [
         [0, 100],
         [500, 600],

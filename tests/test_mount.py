@@ -389,4 +389,28 @@ def test_bad_command_lines_give_one_line_errors(tmp_path: Path) -> None:
     assert len(unreachable.stderr.strip().splitlines()) == 1
     bad_host = dcorfs("mount", str(tmp_path / "mnt"), "--host", "ftp://x", *args)
     assert bad_host.returncode == 2 and "not a DCOR host" in bad_host.stderr
+    unknown = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://no-such-host.invalid", *args)
+    assert unknown.returncode != 0  # or, on a machine without DNS: "name lookup failed (DNS)"
+    assert "(unknown host)" in unknown.stderr or "(name lookup failed" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
     assert not os.path.ismount(tmp_path / "mnt")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "data.txt").write_text("mine\n")
+    occupied = dcorfs("mount", str(tmp_path / "full"), "--host", "http://127.0.0.1:9", *args)
+    assert occupied.returncode == 2 and "is not empty" in occupied.stderr
+    if os.geteuid() != 0:
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path / "mnt")], check=True)
+    try:
+        busy = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://127.0.0.1:9", *args)
+        assert busy.returncode == 2 and "busy" in busy.stderr
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], check=True)
+    no_fuse = subprocess.run(  # a mount namespace of its own whose /dev lacks fuse
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /dev && exec "$@"', "sh"]
+        + [sys.executable, "-m", "dcorfs", "mount", str(tmp_path / "mnt"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert no_fuse.returncode == 2 and "/dev/fuse is missing" in no_fuse.stderr

@@ -37,7 +37,16 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
 from .conftest import TOKENS, ServerProcess, info
-from .mounts import dcorfs, mounted, needs_fuse
+from .mounts import (
+    alive,
+    daemon_pid,
+    dcorfs,
+    drop_page_cache,
+    log_lines,
+    mounted,
+    needs_fuse,
+    read_file,
+)
 
 pytestmark = [
     needs_fuse,
@@ -91,10 +100,6 @@ def set_faults(server: ServerProcess, changes: dict[str, Any]) -> None:
     answer.raise_for_status()
 
 
-def daemon_pid(mnt: Path) -> int:
-    return int(json.loads((mnt / ".dcorfs" / "status.json").read_text())["pid"])
-
-
 def proc_kib(pid: int, name: str) -> int:
     """A `kB` line of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -121,33 +126,6 @@ def threads(pid: int) -> int:
     return sum(1 for _ in Path(f"/proc/{pid}/task").iterdir())
 
 
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
-def drop_page_cache(fd: int) -> None:
-    """Make the next read of this file reach the daemon (the mount keeps the page cache)."""
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def read_file(path: Path) -> bytes:
-    """The whole file, from the daemon rather than the kernel's page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        drop_page_cache(fd)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def files_of(mnt: Path, datasets: list[str]) -> list[str]:
     """Every file of these datasets (feature files, features.tsv, the synthesized .rtdc,
     metadata and text views, plain resources), relative to the mount."""
@@ -157,11 +135,6 @@ def files_of(mnt: Path, datasets: list[str]) -> list[str]:
             if path.is_file():
                 found.append(str(path.relative_to(mnt)))
     return found
-
-
-def log_lines(cache: Path, *needles: str) -> list[str]:
-    text = (cache / "dcorfs.log").read_text(errors="replace")
-    return [line for line in text.splitlines() if any(n in line for n in needles)]
 
 
 def free_port() -> int:

@@ -171,7 +171,7 @@ class CkanApi:
             if ds.private:
                 time_request = time.time()
                 url, expires = self.site.presigner.url(
-                    self.site.url, bucket, key, self._url_lifetime(), now=time_request
+                    self.site.objects_url, bucket, key, self._url_lifetime(), now=time_request
                 )
                 basin.update(
                     perishable=True,

@@ -252,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"__type": "Internal Server Error", "message": "Internal Server Error"}
             payload = {"help": help_url, "success": False, "error": error}
         data = json.dumps(payload).encode()
-        app.stats.record_api(action, status, fault.value)
+        app.stats.record_api(action, status, fault.value, str(params.get("query", "")))
         self.send_response(status)
         self.send_header("Content-Type", "application/json;charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -292,7 +292,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._html(404, "Resource not found", "Resource not found")
                 return
         lifetime = LIFETIME_DOWNLOAD_PRIVATE if ds.private else LIFETIME_DOWNLOAD_PUBLIC
-        location, _ = site.presigner.url(site.url, obj.bucket, obj.key, lifetime, filename=filename)
+        location, _ = site.presigner.url(
+            site.objects_url, obj.bucket, obj.key, lifetime, filename=filename
+        )
         body = f'<a href="{location}">Redirecting</a>'.encode()
         self.send_response(302)
         self.send_header("Location", location)
@@ -407,6 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
             status=status,
             sent=sent,
             fault=fault.value,
+            host=self.headers.get("Host", ""),
+            authorized=bool(self._user_token()),
         )
 
     def _s3_error(self, exc: S3Error, request_id: str, method: str, size: int | None) -> None:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import condense, kernel, repository
 from .objects import Presigner, StoredObject, bucket_name, object_key
@@ -29,6 +30,18 @@ class SiteOptions:
     trace_list_quirk: bool = True
     # off: no condensed objects (as right after an upload, before DCOR's job ran)
     condensed: bool = True
+    # the host name in object URLs (basins, downloads, s3_url), e.g. "localhost" while the site
+    # is 127.0.0.1: objects then live on "another host", as DCOR's object store does
+    object_host: str = ""
+
+
+def objects_url(site_url: str, object_host: str) -> str:
+    """The object store's base URL: the site's, or the same port under another host name."""
+    if not object_host:
+        return site_url
+    parts = urlsplit(site_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{object_host}{port}"
 
 
 class Site:
@@ -44,6 +57,7 @@ class Site:
     ) -> None:
         self.repo = repo
         self.url = url
+        self.objects_url = objects_url(url, options.object_host)
         self.objects = objects
         self.kernels = kernels
         self.presigner = presigner
@@ -108,7 +122,7 @@ class Site:
         return self.objects.get((bucket, object_key(artifact, resource_id)))
 
     def object_url(self, bucket: str, key: str) -> str:
-        return f"{self.url}/{bucket}/{key}"
+        return f"{self.objects_url}/{bucket}/{key}"
 
 
 def _prepare(
@@ -131,7 +145,8 @@ def _prepare(
                 state_dir,
                 resource_id=res.id,
                 site_url=url,
-                object_url=f"{url}/{bucket}/{object_key('resource', res.id)}",
+                object_url=f"{objects_url(url, options.object_host)}/{bucket}/"
+                f"{object_key('resource', res.id)}",
             )
         except Exception as exc:
             log.warning("cannot condense %s (%s): %s", res.name, res.id, exc)
