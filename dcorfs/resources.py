@@ -29,7 +29,7 @@ from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
 from .derived import DerivedCache
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
-from .filetexts import file_texts
+from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
 from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
@@ -229,8 +229,13 @@ class Resources:
                     raise
                 # anonymous S3 answers 403 for a key that does not exist (yet)
                 log.info("resource %s: condensed file not readable (%s)", resource.id, exc)
-        if metadata is None:
-            metadata = {"experiment": _experiment(original, self._deadline())}
+        if metadata is None:  # without dcserv: the file's own, remembered like its features
+            obj = original.remote.obj
+            experiment = self.remembered(
+                f"rtdc-experiment:v1:{obj.identity.hex()}",
+                functools.partial(_experiment, original),
+            )
+            metadata = {"experiment": experiment}
         events = _event_count(metadata, original)
         return RtdcResource(original, condensed, events, self._derived)
 
@@ -378,10 +383,11 @@ def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
 
 
 def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
-    """The `experiment` section of the original file's own metadata (root attributes)."""
+    """The `experiment` section of the original file's own metadata (root attributes), as
+    JSON (opens the file)."""
     attrs = original.attrs("/", deadline=deadline)
     return {
-        name.split(":", 1)[1]: value
+        name.split(":", 1)[1]: json_value(value)
         for name, value in attrs.items()
         if name.startswith("experiment:")
     }

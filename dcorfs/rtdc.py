@@ -214,6 +214,11 @@ class RtdcSource:
         self._layouts: dict[str, _Layout | None] = {}
         self._lock = threading.Lock()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the HDF5 file was opened (`open`)."""
+        return self._h5 is not None
+
     def open(self, deadline: float) -> h5py.File:
         """The HDF5 file, opened on the first call (blocking: network)."""
         with self._opening:
