@@ -168,3 +168,30 @@ def test_unregistered_objects_are_an_error_not_bytes(tmp_path: Path) -> None:
             cache.read(values_id(), 0, 10, deadline=deadline())
     finally:
         cache.close()
+
+
+def test_a_renewed_index_adopts_the_decoded_values(tmp_path: Path) -> None:
+    """Decoded values live in block files of their own block size, named like any block: a
+    damaged index is renewed with them kept, and a warm read makes nothing."""
+    from dcorfs import cachedir
+
+    from .test_blockcache import garbage
+
+    obj = values_id()
+    disk = store(tmp_path / "cache")
+    cache = derived(disk, Maker(), obj)
+    try:
+        assert cache.read(obj, 0, len(TRUTH), deadline=deadline()) == TRUTH
+    finally:
+        cache.close()
+        disk.close()
+    garbage(tmp_path / "cache" / cachedir.INDEX)
+    disk, maker = store(tmp_path / "cache"), Maker()
+    cache = derived(disk, maker, obj)
+    try:
+        assert disk.usage()[1] == -(-len(TRUTH) // BLOCK)
+        assert cache.read(obj, 0, len(TRUTH), deadline=deadline()) == TRUTH
+        assert maker.calls == [] and cache.stats().errors == 0
+    finally:
+        cache.close()
+        disk.close()
