@@ -225,7 +225,9 @@ class RtdcSource:
             if self._h5 is None:
                 if self._prepare is not None:
                     self._prepare(deadline)
-                with self._reading("the HDF5 structure", deadline):
+                with self._reading(
+                    "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
+                ):
                     self._h5 = h5py.File(self.remote, "r", locking=False)
                 self._fetch_headers(self._h5, deadline)
             return self._h5
@@ -278,15 +280,17 @@ class RtdcSource:
         return self.open(deadline)["events/" + name]
 
     @contextmanager
-    def _reading(self, what: str, deadline: float) -> Iterator[None]:
-        """Reads by h5py under `deadline`; our own errors (network) come out as they are."""
+    def _reading(self, what: str, deadline: float, *, failure: str = "") -> Iterator[None]:
+        """Reads by h5py under `deadline`; our own errors (network) come out as they are,
+        h5py's as a ProtocolError: `<key>: cannot read <what>`, or `<key> <failure>`."""
         with self.remote.deadline(deadline):
             try:
                 yield
             except H5PY_ERRORS as exc:
                 if isinstance(exc.__context__, DcorfsError):
                     raise exc.__context__ from None
-                raise ProtocolError(f"{self.remote.obj.key}: cannot read {what}: {exc}") from None
+                said = f" {failure}" if failure else f": cannot read {what}"
+                raise ProtocolError(f"{self.remote.obj.key}{said}: {exc}") from None
 
     def attrs(self, path: str, *, deadline: float) -> dict[str, Any]:
         """The attributes of an object; those h5py cannot read are left out (with a warning)."""
