@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -178,25 +179,40 @@ class BlockCache:
 
     # -- the miss path ---------------------------------------------------------------------------
 
+    def _store_get(self, obj: ObjectId, index: int) -> bytes | None:
+        if self._store is None:
+            return None
+        return self._store.get(obj, index, block_size=self.block_size)
+
+    def _stored(self, obj: ObjectId, indices: list[int]) -> list[bytes | None]:
+        """The blocks from the disk store (None where missing), several read in parallel."""
+        if self._store is None:
+            return [None] * len(indices)
+        if len(indices) <= 1 or self._parallel <= 1:
+            return [self._store_get(obj, index) for index in indices]
+        return list(self._pool.map(functools.partial(self._store_get, obj), indices))
+
     def _blocks(
         self, obj: ObjectId, indices: Sequence[int], deadline: float, *, keep: bool = True
     ) -> list[bytes]:
         found: dict[int, bytes] = {}
         waits: dict[int, _Flight] = {}
         missing: list[int] = []
+        not_in_memory: list[int] = []
         for index in indices:
             data = self._recall((obj, index))
             if data is not None:
                 self._counts["memory_hits"] += 1
                 found[index] = data
-                continue
-            data = self._store.get(obj, index) if self._store is not None else None
+            else:
+                not_in_memory.append(index)
+        for index, data in zip(not_in_memory, self._stored(obj, not_in_memory), strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1
                 self._remember((obj, index), data)
                 found[index] = data
-                continue
-            missing.append(index)
+            else:
+                missing.append(index)
         owned: list[int] = []
         with self._lock:
             for index in missing:

@@ -1,5 +1,8 @@
 """`dcorfs cache info|clear`: what a cache dir holds, per resource; emptying it safely.
 
+Blocks of the resources' files and of their decoded feature values (derived objects, see
+`derived`) are counted together, per resource; the decoded part is also shown apart.
+
 Works on the directory alone (no mount, no network). `info` only reads (its databases opened
 read-only), so it is safe beside running mounts. `clear` takes the directory's lock
 exclusively, so it refuses while a mount uses it unless forced; forced, it empties the
@@ -17,6 +20,7 @@ from typing import Any, TextIO
 
 from . import cachedir
 from .dcserv import parse_resource_key
+from .derived import is_derived, source_key
 from .diskstore import CacheInUse, DiskStore, StoredObject, in_use, read_inventory
 from .errors import ConfigError
 from .metastore import MetaStore, read_answers
@@ -28,7 +32,8 @@ class ResourceUse:
     resource_id: str
     name: str
     nbytes: int = 0
-    object_bytes: int = 0  # the objects' full sizes, where known
+    object_bytes: int = 0  # the remote objects' full sizes, where known
+    decoded_bytes: int = 0  # of it: decoded feature values (derived objects)
     objects: list[StoredObject] = field(default_factory=list)
 
 
@@ -52,11 +57,14 @@ def _names(answers: list[object]) -> dict[str, str]:
 def _by_resource(objects: list[StoredObject], names: dict[str, str]) -> list[ResourceUse]:
     groups: dict[str, ResourceUse] = {}
     for obj in objects:
-        parsed = parse_resource_key(obj.key) if obj.key else None
+        parsed = parse_resource_key(source_key(obj.key)) if obj.key else None
         rid = parsed[0] if parsed else (obj.key or "(stored by an older dcorfs)")
         use = groups.setdefault(rid, ResourceUse(rid, names.get(rid, "") if parsed else ""))
         use.nbytes += obj.nbytes
-        use.object_bytes += obj.size or 0
+        if obj.key and is_derived(obj.key):
+            use.decoded_bytes += obj.nbytes
+        else:
+            use.object_bytes += obj.size or 0
         use.objects.append(obj)
     return sorted(groups.values(), key=lambda use: use.nbytes, reverse=True)
 
@@ -87,6 +95,7 @@ def inventory(cache_dir: Path) -> dict[str, Any]:
         "cache_dir": str(cache_dir),
         "in_use": busy,
         "bytes": sum(obj.nbytes for obj in objects),
+        "decoded_bytes": sum(use.decoded_bytes for use in resources),
         "blocks": sum(obj.blocks for obj in objects),
         "objects": len(objects),
         "answers": answers,
@@ -98,8 +107,15 @@ def inventory(cache_dir: Path) -> dict[str, Any]:
                 "name": use.name,
                 "bytes": use.nbytes,
                 "object_bytes": use.object_bytes,
+                "decoded_bytes": use.decoded_bytes,
                 "objects": [
-                    {"key": o.key, "etag": o.etag, "size": o.size, "bytes": o.nbytes}
+                    {
+                        "key": o.key,
+                        "etag": o.etag,
+                        "size": o.size,
+                        "bytes": o.nbytes,
+                        "decoded": bool(o.key and is_derived(o.key)),
+                    }
                     for o in use.objects
                 ],
             }
@@ -113,7 +129,7 @@ def _print_info(report: dict[str, Any], out: TextIO) -> None:
     out.write(f"cache dir  {report['cache_dir']}{state}\n")
     out.write(
         f"blocks     {size(report['bytes'])} in {report['blocks']} blocks "
-        f"of {report['objects']} objects\n"
+        f"of {report['objects']} objects ({size(report['decoded_bytes'])} decoded values)\n"
     )
     out.write(
         f"answers    {report['answers']} remembered API answers ({size(report['answers_bytes'])})\n"

@@ -107,16 +107,17 @@ class PartsContent:
             pos = end
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
-        out = bytearray()
-        for at, n, part in self._pieces(offset, length):
-            out += bytes(n) if part is None else part.read(at, n, deadline=deadline)
-        return bytes(out)
+        pieces = [
+            bytes(n) if part is None else part.read(at, n, deadline=deadline)
+            for at, n, part in self._pieces(offset, length)
+        ]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def peek(self, offset: int, length: int) -> bytes | None:
-        out = bytearray()
+        pieces = []
         for at, n, part in self._pieces(offset, length):
             data = bytes(n) if part is None else part.peek(at, n)
             if data is None:
                 return None
-            out += data
-        return bytes(out)
+            pieces.append(data)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)

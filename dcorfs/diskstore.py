@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ HEADER = struct.Struct("<8s32sQQI")  # magic, identity, index, length, crc32
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 RETRY_FULL = 30.0
 TOUCH_EVERY = 5.0
+TOUCH_BATCH = 64  # marks of use written together
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,32 @@ def _take_lock(directory: Path, how: int, *, create: bool) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _read_block(path: Path, length: int) -> tuple[bytes, bytes]:
+    """Header and data of a block file whose data should be `length` bytes, the data read
+    into a buffer of its own (no copy); a file of another size reads as nothing (and fails)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != HEADER.size + length:
+            return b"", b""
+        return os.pread(fd, HEADER.size, 0), os.pread(fd, length, HEADER.size)
+    finally:
+        os.close(fd)
+
+
+def _valid(header: bytes, data: bytes, obj: ObjectId, index: int, length: int) -> bool:
+    """Whether a block file's header names this block of this object and its data's CRC."""
+    if len(header) != HEADER.size or len(data) != length:
+        return False
+    magic, identity, stored_index, stored_length, crc = HEADER.unpack(header)
+    return bool(
+        magic == MAGIC
+        and identity == obj.identity
+        and stored_index == index
+        and stored_length == length
+        and zlib.crc32(data) == crc
+    )
 
 
 def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
@@ -182,9 +210,13 @@ class DiskStore:
         self.limit = limit_bytes
         self.block_size = block_size
         self._blocks = directory / cachedir.BLOCKS
-        self._local = threading.local()
+        self._conn: sqlite3.Connection | None = None  # see `_sql`
+        self._sql_lock = threading.RLock()
         self._full_until = 0.0
         self._touched: dict[str, float] = {}
+        self._pending: dict[str, float] = {}  # marks of use not written yet
+        self._touch_lock = threading.Lock()
+        self._flushed = time.time()
         self.errors = 0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._blocks.mkdir(mode=0o700, exist_ok=True)
@@ -240,23 +272,24 @@ class DiskStore:
         rows without files are dropped, files without rows removed, or (`adopt`, for a new
         index under the exclusive lock) the valid files are taken in."""
         os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT, 0o600))
-        db = self._db()
-        for _ in range(100):  # two processes opening a fresh cache at once: one wins, one waits
-            try:
-                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    db.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                time.sleep(0.1)
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per put
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
-        )
-        db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS objects"
-            " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
-        )
+        with self._sql() as db:
+            for _ in range(100):  # two processes opening a fresh cache at once: one waits
+                try:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    time.sleep(0.1)
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS blocks"
+                " (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS objects"
+                " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
+            )
         if adopt:
             self._adopt()
         self._reconcile()
@@ -277,7 +310,8 @@ class DiskStore:
                 rows.append((name, len(raw), used))
             else:
                 path.unlink(missing_ok=True)
-        self._db().executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", rows)
+        with self._sql() as db:
+            db.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", rows)
         log.warning("renewed cache index: %d cached blocks kept", len(rows))
 
     def _lock_directory(self, exclusive: bool) -> int:
@@ -288,14 +322,32 @@ class DiskStore:
             raise CacheInUse(f"the cache dir {self.directory} is in use by a mount")
         return fd
 
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self._db_path, timeout=10.0, isolation_level=None)
-            db.execute("PRAGMA busy_timeout=10000")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+    @contextmanager
+    def _sql(self) -> Iterator[sqlite3.Connection]:
+        """The index's one connection, for one statement or transaction at a time. (Not one
+        per thread: a connection outlives the thread that made it until the cycle collector
+        frees it, and the daemon runs that sparingly, so short-lived threads left open files.)"""
+        with self._sql_lock:
+            if self._conn is None:
+                db = sqlite3.connect(
+                    self._db_path, timeout=10.0, isolation_level=None, check_same_thread=False
+                )
+                db.execute("PRAGMA busy_timeout=10000")
+                db.execute("PRAGMA synchronous=NORMAL")
+                self._conn = db
+            yield self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """`_sql` inside BEGIN IMMEDIATE … COMMIT (ROLLBACK on any error)."""
+        with self._sql() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     @staticmethod
     def name(obj: ObjectId, index: int) -> str:
@@ -323,61 +375,66 @@ class DiskStore:
                             path.unlink()
                     continue
                 seen.add(f"{sub.name}/{path.name}")
-        db = self._db()
-        rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
-        settled = {  # rows of blocks another process may be writing right now are left alone
-            name for (name,) in db.execute("SELECT name FROM blocks WHERE used < ?", (now - 60,))
-        }
-        for name in seen - rows:  # unaccounted (its row was evicted): it must go
-            self._path(name).unlink(missing_ok=True)
-        missing = (rows & settled) - seen
-        if missing:
-            db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
+        with self._sql() as db:
+            rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
+            settled = {  # rows of blocks another process may be writing now are left alone
+                name
+                for (name,) in db.execute("SELECT name FROM blocks WHERE used < ?", (now - 60,))
+            }
+            for name in seen - rows:  # unaccounted (its row was evicted): it must go
+                self._path(name).unlink(missing_ok=True)
+            missing = (rows & settled) - seen
+            if missing:
+                db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
 
-    def get(self, obj: ObjectId, index: int) -> bytes | None:
+    def get(self, obj: ObjectId, index: int, *, block_size: int | None = None) -> bytes | None:
+        """Block `index` of `obj` (blocks of `block_size`, by default the store's), or None."""
         name = self.name(obj, index)
+        block = block_size or self.block_size
+        expected = min(block, obj.size - index * block)
         try:
-            raw = self._path(name).read_bytes()
+            header, data = _read_block(self._path(name), expected)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("cache block %s unreadable: %s", name, exc)
             return None
-        data = self._verify(raw, obj, index)
-        if data is None:
+        if not _valid(header, data, obj, index, expected):
             self.errors += 1
             log.warning("cache block %s failed its integrity check: removed", name)
             self._drop(name)
             return None
-        now = time.time()
-        if now - self._touched.get(name, 0.0) > TOUCH_EVERY:
-            self._touched[name] = now
-            with contextlib.suppress(sqlite3.Error):
-                self._db().execute("UPDATE blocks SET used=? WHERE name=?", (now, name))
+        self._touch(name)
         return data
 
-    def _verify(self, raw: bytes, obj: ObjectId, index: int) -> bytes | None:
-        if len(raw) < HEADER.size:
-            return None
-        magic, identity, stored_index, length, crc = HEADER.unpack_from(raw)
-        data = raw[HEADER.size :]
-        expected = min(self.block_size, obj.size - index * self.block_size)
-        if (
-            magic != MAGIC
-            or identity != obj.identity
-            or stored_index != index
-            or length != len(data)
-            or length != expected
-            or zlib.crc32(data) != crc
-        ):
-            return None
-        return data
+    def _touch(self, name: str) -> None:
+        """Mark a block used: at most every TOUCH_EVERY seconds per block, written in batches
+        (and before any eviction by this process, so that its LRU order is exact)."""
+        now = time.time()
+        if now - self._touched.get(name, 0.0) <= TOUCH_EVERY:
+            return
+        self._touched[name] = now
+        with self._touch_lock:
+            self._pending[name] = now
+            if len(self._pending) < TOUCH_BATCH and now - self._flushed < TOUCH_EVERY:
+                return
+        with contextlib.suppress(sqlite3.Error), self._transaction() as db:
+            self._write_touches(db)
+
+    def _write_touches(self, db: sqlite3.Connection) -> None:
+        """Write the pending marks of use (inside the caller's transaction)."""
+        with self._touch_lock:
+            pending, self._pending = self._pending, {}
+            self._flushed = time.time()
+        db.executemany(
+            "UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in pending.items()]
+        )
 
     def _drop(self, name: str) -> None:
         with contextlib.suppress(OSError):
             self._path(name).unlink()
-        with contextlib.suppress(sqlite3.Error):
-            self._db().execute("DELETE FROM blocks WHERE name=?", (name,))
+        with contextlib.suppress(sqlite3.Error), self._sql() as db:
+            db.execute("DELETE FROM blocks WHERE name=?", (name,))
 
     def put(self, obj: ObjectId, index: int, data: bytes) -> bool:
         return self.put_many(obj, {index: data}) == 1
@@ -435,9 +492,8 @@ class DiskStore:
         """Record blocks and evict LRU blocks so that the total stays within the limit."""
         size = sum(nbytes for _, nbytes in entries)
         names = [(name,) for name, _ in entries]
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
+            self._write_touches(db)
             db.executemany("DELETE FROM blocks WHERE name=?", names)
             (used,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()
             victims = []
@@ -453,10 +509,6 @@ class DiskStore:
                 "INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)",
                 (obj.identity.hex(), obj.key, obj.etag, obj.size),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         # after the commit: a writer that still saw a victim's row is now bound to see it gone
         for victim in victims:
             self._path(victim).unlink(missing_ok=True)
@@ -464,20 +516,21 @@ class DiskStore:
     def _drop_evicted(self, names: list[str]) -> None:
         """Another process may have evicted a block between its admission and our rename:
         a file without its row would escape the size bound, so it goes."""
-        db = self._db()
-        for name in names:
-            if db.execute("SELECT 1 FROM blocks WHERE name=?", (name,)).fetchone() is None:
-                self._path(name).unlink(missing_ok=True)
+        with self._sql() as db:
+            for name in names:
+                if db.execute("SELECT 1 FROM blocks WHERE name=?", (name,)).fetchone() is None:
+                    self._path(name).unlink(missing_ok=True)
 
     def _unadmit(self, name: str) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._db().execute("DELETE FROM blocks WHERE name=?", (name,))
+        with contextlib.suppress(sqlite3.Error), self._sql() as db:
+            db.execute("DELETE FROM blocks WHERE name=?", (name,))
 
     def usage(self) -> tuple[int, int]:
         """(bytes, blocks) stored by all processes; (0, 0) if the accounting is unreadable."""
         try:
-            row = self._db().execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks")
-            total, count = row.fetchone()
+            with self._sql() as db:
+                row = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks")
+                total, count = row.fetchone()
         except sqlite3.Error as exc:
             log.warning("cache accounting unreadable: %s", exc)
             return 0, 0
@@ -485,31 +538,30 @@ class DiskStore:
 
     def clear(self) -> tuple[int, int]:
         """Remove every block (of all processes); returns (bytes, blocks) removed."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             nbytes, count = db.execute(
                 "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks"
             ).fetchone()
             db.execute("DELETE FROM blocks")
             db.execute("DELETE FROM objects")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         for sub in self._blocks.iterdir():  # rows are gone: any file left would be unaccounted
             if sub.is_dir():
                 for path in sub.iterdir():
                     if ".tmp" not in path.name:  # a writer's rename must not fail; its
                         path.unlink(missing_ok=True)  # block goes once it sees its row gone
         self._touched.clear()
+        with self._touch_lock:
+            self._pending.clear()
         return int(nbytes), int(count)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        with self._sql_lock:
+            db, self._conn = self._conn, None
+            if db is not None:
+                if self._pending:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._write_touches(db)
+                db.close()
         if self._hold >= 0:
             os.close(self._hold)  # releases the lock
             self._hold = -1

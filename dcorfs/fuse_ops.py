@@ -80,6 +80,11 @@ class Activity:
         self.recent_errors.append({"time": time.time(), "operation": operation, "error": str(exc)})
 
 
+def _settle_all(nodes: list[Node]) -> None:
+    for node in nodes:
+        node.settle()
+
+
 async def _refuse(*args: Any) -> Any:
     """Every call that would change the filesystem: it is read-only."""
     raise pyfuse3.FUSEError(errno.EROFS)
@@ -155,6 +160,12 @@ class Operations(pyfuse3.Operations):
                 fn, *args, limiter=self._limiter, abandon_on_cancel=True
             )
 
+    async def _settle(self, nodes: list[Node]) -> None:
+        """Make the attributes of these nodes known (in a worker thread, if any must wait)."""
+        waiting = [node for node in nodes if not node.settled]
+        if waiting:
+            await self._blocking(_settle_all, waiting)
+
     def _attributes(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
@@ -204,6 +215,7 @@ class Operations(pyfuse3.Operations):
                 negative.st_ino = 0
                 negative.entry_timeout = self._negative_time
                 return negative
+        await self._settle([node])
         ino = self._inode(node, parent_inode)
         self._lookups[ino] += 1
         return self._attributes(node, ino)
@@ -223,7 +235,9 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attributes(self._node(inode), inode)
+        node = self._node(inode)
+        await self._settle([node])
+        return self._attributes(node, inode)
 
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -231,6 +245,8 @@ class Operations(pyfuse3.Operations):
         children = directory.ready_children()
         if children is None:
             children = await self._blocking(directory.children)
+        directory.listed(children)
+        await self._settle(list(children.values()))
         fh = self._next_fh
         self._next_fh += 1
         self._dirs[fh] = sorted(children.items())
@@ -266,7 +282,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        content = await self._blocking(node.content)
+        content = await self._blocking(node.content) if node.blocking else node.content()
         if self._prefetcher is not None and not isinstance(content, StaticContent):
             content = self._prefetcher.wrap(content)  # lazy bytes: read-ahead for streams
         fh = self._next_fh

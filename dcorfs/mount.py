@@ -32,6 +32,7 @@ from .blockcache import BlockCache
 from .buckets import BucketCatalog
 from .catalog import Catalog
 from .dcserv import DcorApi, Locator, make_fetch
+from .derived import DerivedCache
 from .diskstore import DiskStore
 from .errors import (
     AccessDenied,
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 PREFLIGHT_SECONDS = 15.0
 STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
 REJECTED_CREDENTIALS = ("SignatureDoesNotMatch", "InvalidAccessKeyId")
+DECODED_BLOCK = 1 << 20  # blocks of decoded feature values: large, they are read in streams
 
 
 def _scope(settings: MountSettings) -> str:
@@ -354,11 +356,19 @@ def _build(
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
         catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
     locator = Locator()
+    decoded_memory = settings.memory_cache // 8  # of the memory cache: decoded values
     cache = BlockCache(
         fetch=make_fetch(http, locator),
         store=disk,
         block_size=settings.block_size,
-        memory_bytes=settings.memory_cache,
+        memory_bytes=settings.memory_cache - decoded_memory,
+    )
+    derived = DerivedCache(  # decoded feature values, in the same store and size bound
+        store=disk,
+        block_size=DECODED_BLOCK,
+        memory_bytes=decoded_memory,
+        max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
+        parallel=4,
     )
     resources = Resources(
         api=api,
@@ -367,6 +377,7 @@ def _build(
         http=http,
         locator=locator,
         cache=cache,
+        derived=derived,
         timeout=settings.timeout,
         store=objects,
         listed=buckets.listed if buckets is not None else None,
@@ -390,6 +401,7 @@ def _build(
             "pid": os.getpid(),
             "started": started,
             "cache": dataclasses.asdict(cache.stats()),
+            "decoded": dataclasses.asdict(derived.stats()),
             "requests": http.request_counts(),
             "fuse": dict(activity.counters),
             "prefetch": {
@@ -424,6 +436,7 @@ def _build(
     def close() -> None:
         prefetcher.close()
         resources.close()
+        derived.close()
         cache.close()
         http.close()
         store.close()

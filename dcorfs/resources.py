@@ -22,24 +22,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
+from .derived import DerivedCache
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
-from .filetexts import file_texts
+from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
-from .rtdc import RemoteFile, RtdcResource, RtdcSource
+from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
 from .s3 import ObjectStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
 TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers at its end
 # objects up to this size are fetched whole on open: uploaded files (mostly event data) …
 WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
+SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
@@ -66,6 +69,7 @@ class Resources:
         http: Http,
         locator: Locator,
         cache: BlockCache,
+        derived: DerivedCache,
         timeout: float,
         store: ObjectStore | None = None,
         listed: Listed | None = None,
@@ -82,12 +86,17 @@ class Resources:
         self._http = http
         self._locator = locator
         self._cache = cache
+        self._derived = derived
         self._timeout = timeout
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
+        self._warmed: set[int] = set()  # resources whose scalar values were warmed
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
+        self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
+        # CPU work (building synthesized files) apart, so it never queues behind network work
+        self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -150,9 +159,11 @@ class Resources:
 
         return renew
 
-    def _identify(self, key: str, size: int | None, etag: str | None) -> ObjectId:
+    def _identify(
+        self, key: str, size: int | None, etag: str | None, *, head: int = HEAD
+    ) -> ObjectId:
         """Identity of an object: from CKAN's record or a bucket listing when they have size
-        and ETag, else probed (the probe brings the object's first `HEAD` bytes into the
+        and ETag, else probed (the probe brings the object's first `head` bytes into the
         cache as well)."""
         if (size is None or etag is None) and self._listed is not None:
             size, etag = self._listed(key) or (None, None)
@@ -162,10 +173,10 @@ class Resources:
         def ask(deadline: float) -> Any:
             url = self._locator.url(key, deadline=deadline)
             try:
-                info = self._http.probe(url, head=HEAD, deadline=deadline)
+                info = self._http.probe(url, head=head, deadline=deadline)
             except AccessDenied:
                 url = self._locator.renew(key, deadline=deadline)
-                info = self._http.probe(url, head=HEAD, deadline=deadline)
+                info = self._http.probe(url, head=head, deadline=deadline)
             self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
 
@@ -201,11 +212,16 @@ class Resources:
         keys = located.result()
         if "resource" not in keys:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
-        original = self._source("resource", keys["resource"], resource.size, resource.etag)
+        condensed_made = None
+        if "condensed" in keys:  # side by side with the original
+            condensed_made = self._ask.submit(
+                self._described, "condensed", keys["condensed"], None, None
+            )
+        original = self._described("resource", keys["resource"], resource.size, resource.etag)
         condensed = None
-        if "condensed" in keys:
+        if condensed_made is not None:
             try:
-                condensed = self._source("condensed", keys["condensed"], None, None)
+                condensed = condensed_made.result()
             except (NotFound, ProtocolError) as exc:
                 log.info("resource %s: no usable condensed file (%s)", resource.id, exc)
             except AccessDenied as exc:
@@ -213,25 +229,62 @@ class Resources:
                     raise
                 # anonymous S3 answers 403 for a key that does not exist (yet)
                 log.info("resource %s: condensed file not readable (%s)", resource.id, exc)
-        if metadata is None:
-            metadata = {"experiment": _experiment(original, self._deadline())}
+        if metadata is None:  # without dcserv: the file's own, remembered like its features
+            obj = original.remote.obj
+            experiment = self.remembered(
+                f"rtdc-experiment:v1:{obj.identity.hex()}",
+                functools.partial(_experiment, original),
+            )
+            metadata = {"experiment": experiment}
         events = _event_count(metadata, original)
-        return RtdcResource(original, condensed, events)
+        return RtdcResource(original, condensed, events, self._derived)
+
+    def _described(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
+        """A source with its features: remembered for this version of its object, or read
+        from the file (which opens it)."""
+        source = self._source(kind, key, size, etag)
+        remembered_as = f"rtdc-features:v1:{source.remote.obj.identity.hex()}"
+        value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
+        source.features = described(value, source.kind)
+        return source
 
     def _source(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
-        obj = self._identify(key, size, etag)
-        deadline = self._deadline()
-        # HDF5 metadata lies at the front and, in files written incrementally, at the end:
-        # fetched in parallel on open instead of as a chain of small misses while h5py walks
-        # the structure (a small file whole: what it reads of it is most of it anyway)
+        """A source of the `kind` object at `key`, opened when first needed (its features
+        may be remembered): then the places where HDF5 keeps its structure are fetched in
+        parallel first, instead of as a chain of small misses while h5py walks the file (a
+        small file whole: what h5py reads of it is most of it anyway)."""
         whole = WHOLE.get(kind, WHOLE["resource"])
-        self._cache.ensure(obj, metadata_ranges(obj.size, whole), deadline=deadline)
+        obj = self._identify(key, size, etag, head=whole)
+        ranges = metadata_ranges(obj.size, whole)
+
+        def prepare(deadline: float) -> None:
+            self._cache.ensure(obj, ranges, deadline=deadline)
+
         first_read = None
         if kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
             # once one scalar feature is read, fetch them all in the background
             first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
-        return RtdcSource(remote, kind=kind, deadline=deadline, first_read=first_read)
+        return RtdcSource(remote, kind=kind, prepare=prepare, first_read=first_read)
+
+    def warm_scalars(self, resource: RtdcResource) -> None:
+        """Bring the values of every scalar feature of `resource` into memory in the
+        background (from the disk cache, or decoded), once, when they are small enough."""
+        with self._lock:
+            if id(resource) in self._warmed:
+                return
+            self._warmed.add(id(resource))
+        objects = [resource.rows_object(f.name) for f in resource.scalar_features()]
+        if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
+            return
+        for obj in objects:
+            self._warm.submit(self._ensure_values, obj)
+
+    def _ensure_values(self, obj: ObjectId) -> None:
+        try:
+            self._derived.ensure(obj, [(0, obj.size)], deadline=self._deadline())
+        except DcorfsError as exc:
+            log.debug("warming %s: %s", obj.key, exc)
 
     def texts(self, dataset: Dataset, resource: Resource) -> Texts:
         """Metadata, logs and tables of an RT-DC resource: dcserv's answers, or without DCOR's
@@ -271,6 +324,16 @@ class Resources:
         except DcorfsError as exc:
             log.debug("prefetch of %s: %s", obj.key, exc)
 
+    def prepare(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` (opening resources ahead of readers) in a worker of the mount's pool for
+        that; it must not wait for other work of this pool."""
+        return self._prepare.submit(fn)
+
+    def build(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` (making a synthesized file) in a worker of the mount's pool for that; it
+        must not wait for other work of this pool."""
+        return self._build.submit(fn)
+
     def remembered(self, key: str, make: Callable[[float], Any]) -> Any:
         """A JSON value derived from immutable resource data: made once (`make(deadline)`),
         then kept with the API answers (also for later mounts and offline use)."""
@@ -301,6 +364,8 @@ class Resources:
     def close(self) -> None:
         self._warm.shutdown(wait=False, cancel_futures=True)
         self._ask.shutdown(wait=False, cancel_futures=True)
+        self._prepare.shutdown(wait=False, cancel_futures=True)
+        self._build.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
         for resource in opened.values():
@@ -318,10 +383,11 @@ def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
 
 
 def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
-    """The `experiment` section of the original file's own metadata (root attributes)."""
+    """The `experiment` section of the original file's own metadata (root attributes), as
+    JSON (opens the file)."""
     attrs = original.attrs("/", deadline=deadline)
     return {
-        name.split(":", 1)[1]: value
+        name.split(":", 1)[1]: json_value(value)
         for name, value in attrs.items()
         if name.startswith("experiment:")
     }

@@ -16,6 +16,8 @@ lock is not held across network waits for event data.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -31,12 +33,17 @@ import numpy as np
 from h5py._objects import phil
 
 from .blockcache import BlockCache, ObjectId
+from .derived import DerivedCache, derived_id
 from .errors import DcorfsError, ProtocolError
 from .fileobj import SeekableFile
 
 log = logging.getLogger(__name__)
 
 TRACE_PREFIX = "trace/"
+# groups whose members a reader looks at when it opens an .rtdc file, by level (parents first)
+STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
+H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
+HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
 
 
 class CycleCollector:
@@ -76,9 +83,22 @@ class CycleCollector:
 
 
 def collect_cycles() -> int:
-    """`gc.collect()` with h5py's global lock held (see `CycleCollector`)."""
+    """`gc.collect()` of the generations that are due, as the automatic collector would
+    choose them, with h5py's global lock held (see `CycleCollector`). A full collection
+    every time would hold that lock for long in a daemon with many objects: measured a third
+    of the time h5py could work while `ls -lR` opened resources."""
+    generation = _due_generation()
+    if generation is None:
+        return 0
     with phil:
-        return gc.collect()
+        return gc.collect(generation)
+
+
+def _due_generation() -> int | None:
+    """The oldest generation whose collection is due (gc's own thresholds), or None."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    due = [g for g in range(3) if thresholds[g] and counts[g] > thresholds[g]]
+    return max(due) if due else None
 
 
 class RemoteFile(SeekableFile):
@@ -170,32 +190,75 @@ class _Layout:
 
 
 class RtdcSource:
-    """One opened remote .rtdc file: its features and how to read event slices of them."""
+    """One remote .rtdc file: its features and how to read event slices of them.
+
+    The HDF5 file is opened on first need (`open`): a source whose features are known already
+    (remembered from an earlier mount, see `Resources`) may never open it at all, when every
+    byte asked for is in the cache of decoded data."""
 
     def __init__(
         self,
         remote: RemoteFile,
         *,
         kind: str,
-        deadline: float,
+        prepare: Callable[[float], object] | None = None,
         first_read: Callable[[], object] | None = None,
     ) -> None:
         self.remote = remote
         self.kind = kind
+        self.features: dict[str, Feature] = {}  # set by `scan` or by whoever remembers them
+        self._prepare = prepare  # fetches what HDF5 reads on open, before it does (blocking)
         self._first_read = first_read  # called once, before the first read of event data
+        self._h5: h5py.File | None = None
+        self._opening = threading.Lock()
         self._layouts: dict[str, _Layout | None] = {}
         self._lock = threading.Lock()
-        with remote.deadline(deadline):
-            try:
-                self.h5 = h5py.File(remote, "r", locking=False)
-            except OSError as exc:
-                raise ProtocolError(
-                    f"{remote.obj.key} is not a readable HDF5 file: {exc}"
-                ) from None
-            self.features = self._scan()
 
-    def _scan(self) -> dict[str, Feature]:
-        events = self.h5.get("events")
+    @property
+    def is_open(self) -> bool:
+        """Whether the HDF5 file was opened (`open`)."""
+        return self._h5 is not None
+
+    def open(self, deadline: float) -> h5py.File:
+        """The HDF5 file, opened on the first call (blocking: network)."""
+        with self._opening:
+            if self._h5 is None:
+                if self._prepare is not None:
+                    self._prepare(deadline)
+                with self._reading(
+                    "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
+                ):
+                    self._h5 = h5py.File(self.remote, "r", locking=False)
+                self._fetch_headers(self._h5, deadline)
+            return self._h5
+
+    def _fetch_headers(self, h5: h5py.File, deadline: float) -> None:
+        """Have the object headers of what an .rtdc reader walks (features, logs, tables) in
+        the cache: one parallel batch per level of groups (their addresses are in the links
+        of the level above), instead of h5py's chain of one miss per object."""
+        for level in STRUCTURE:
+            ranges = []
+            with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
+                for path in level:  # (a hint: what fails here fails again, reported, later)
+                    group = h5.get(path)
+                    if not isinstance(group, h5py.Group):
+                        continue
+                    names: list[bytes] = []
+                    group.id.links.iterate(names.append)
+                    for name in names:
+                        info = group.id.links.get_info(name)
+                        if info.type == h5py.h5l.TYPE_HARD:
+                            ranges.append((info.u, info.u + HEADER_GUESS))
+            self.remote.ensure(ranges, deadline=deadline)
+
+    def scan(self, deadline: float) -> dict[str, Feature]:
+        """The features as the file describes them (opens it)."""
+        h5 = self.open(deadline)
+        with self._reading("the features", deadline):
+            return self._scan(h5)
+
+    def _scan(self, h5: h5py.File) -> dict[str, Feature]:
+        events = h5.get("events")
         if not isinstance(events, h5py.Group):
             raise ProtocolError(f"{self.remote.obj.key} has no /events group (not an .rtdc file)")
         found: dict[str, Feature] = {}
@@ -213,24 +276,27 @@ class RtdcSource:
         dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
         return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=self.kind)
 
-    def dataset(self, name: str) -> h5py.Dataset:
-        return self.h5["events/" + name]
+    def dataset(self, name: str, deadline: float) -> h5py.Dataset:
+        return self.open(deadline)["events/" + name]
 
     @contextmanager
-    def _reading(self, what: str, deadline: float) -> Iterator[None]:
-        """Reads by h5py under `deadline`; our own errors (network) come out as they are."""
+    def _reading(self, what: str, deadline: float, *, failure: str = "") -> Iterator[None]:
+        """Reads by h5py under `deadline`; our own errors (network) come out as they are,
+        h5py's as a ProtocolError: `<key>: cannot read <what>`, or `<key> <failure>`."""
         with self.remote.deadline(deadline):
             try:
                 yield
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except H5PY_ERRORS as exc:
                 if isinstance(exc.__context__, DcorfsError):
                     raise exc.__context__ from None
-                raise ProtocolError(f"{self.remote.obj.key}: cannot read {what}: {exc}") from None
+                said = f" {failure}" if failure else f": cannot read {what}"
+                raise ProtocolError(f"{self.remote.obj.key}{said}: {exc}") from None
 
     def attrs(self, path: str, *, deadline: float) -> dict[str, Any]:
         """The attributes of an object; those h5py cannot read are left out (with a warning)."""
+        h5 = self.open(deadline)
         with self._reading(f"attributes of {path}", deadline):
-            attrs = self.h5[path].attrs
+            attrs = h5[path].attrs
             names = list(attrs.keys())
         found: dict[str, Any] = {}
         for name in names:
@@ -244,8 +310,9 @@ class RtdcSource:
     def arrays(self, group: str, *, deadline: float) -> dict[str, Array] | None:
         """The datasets of a group (`logs`, `tables`) with their attributes, read whole;
         None when there is no such group."""
+        h5 = self.open(deadline)
         with self._reading(group, deadline):
-            members = self.h5.get(group)
+            members = h5.get(group)
             if not isinstance(members, h5py.Group):
                 return None
             names = list(members.keys())
@@ -254,7 +321,7 @@ class RtdcSource:
             path = f"{group}/{name}"
             try:
                 with self._reading(path, deadline):
-                    item = self.h5[path]
+                    item = h5[path]
                     if not isinstance(item, h5py.Dataset):
                         continue
                     data = np.asarray(item[()])
@@ -263,36 +330,38 @@ class RtdcSource:
                 log.warning("%s (left out)", exc)
         return found
 
-    def _layout(self, name: str) -> _Layout | None:
+    def fetch_arrays(self, groups: tuple[str, ...], *, deadline: float) -> None:
+        """Have the data of the datasets of these groups in the cache, in one parallel batch
+        (rather than one miss after another while they are read)."""
+        h5 = self.open(deadline)
+        ranges = []
+        with self.remote.deadline(deadline):
+            for path in groups:
+                group = h5.get(path)
+                if isinstance(group, h5py.Group):
+                    ranges += _data_ranges(group)
+        self.remote.ensure(ranges, deadline=deadline)
+
+    def _layout(self, name: str, deadline: float) -> _Layout | None:
         with self._lock:
             if name in self._layouts:
                 return self._layouts[name]
-        data = self.dataset(name)
+        data = self.dataset(name, deadline)
         row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
-        layout: _Layout | None
-        if data.chunks is None:
-            offset = data.id.get_offset()
-            layout = (
-                None
-                if offset is None
-                else _Layout([0], [(offset, data.id.get_storage_size())], 0, row_bytes)
-            )
-        else:
-            chunks: list[tuple[int, int, int]] = []
-            data.id.chunk_iter(
-                lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
-            )
-            chunks.sort()
-            layout = _Layout(
-                [c[0] for c in chunks], [(c[1], c[2]) for c in chunks], data.chunks[0], row_bytes
-            )
+        pieces = _storage(data)
+        layout = None
+        if pieces:
+            rows = 0 if data.chunks is None else data.chunks[0]
+            layout = _Layout([p[0] for p in pieces], [p[1:] for p in pieces], rows, row_bytes)
         with self._lock:
             self._layouts[name] = layout
         return layout
 
-    def raw_ranges(self, name: str, start: int, stop: int) -> list[tuple[int, int]]:
+    def raw_ranges(
+        self, name: str, start: int, stop: int, *, deadline: float
+    ) -> list[tuple[int, int]]:
         """The byte ranges of the stored data that hold events [start, stop) of `name`."""
-        layout = self._layout(name)
+        layout = self._layout(name, deadline)
         if layout is None:
             return []
         if layout.rows == 0:  # contiguous
@@ -309,21 +378,71 @@ class RtdcSource:
         if hook is not None:
             hook()
         with self._reading(name, deadline):
-            ranges = self.raw_ranges(name, start, stop)
+            ranges = self.raw_ranges(name, start, stop, deadline=deadline)
         self.remote.ensure(ranges, deadline=deadline)
         with self._reading(name, deadline):
-            values = self.dataset(name)[start:stop]
+            values = self.dataset(name, deadline)[start:stop]
         return np.ascontiguousarray(values, dtype=feature.dtype)
 
     def close(self) -> None:
-        self.h5.close()
+        with self._opening:
+            if self._h5 is not None:
+                self._h5.close()
+
+
+def describe(features: dict[str, Feature]) -> dict[str, list[Any]]:
+    """Features as JSON (to be remembered): name → [dtype, shape]."""
+    return {name: [f.dtype.str, list(f.shape)] for name, f in features.items()}
+
+
+def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
+    """The features `describe` gave, of a source of `kind`."""
+    return {
+        name: Feature(name=name, dtype=np.dtype(dtype), shape=tuple(shape), source=kind)
+        for name, (dtype, shape) in value.items()
+    }
+
+
+def _storage(data: h5py.Dataset) -> list[tuple[int, int, int]]:
+    """Where a dataset's data lie: (first event, offset, size) of each chunk, sorted, or of
+    its contiguous storage; [] when nothing is stored."""
+    if data.chunks is None:
+        offset = data.id.get_offset()
+        return [] if offset is None else [(0, offset, data.id.get_storage_size())]
+    chunks: list[tuple[int, int, int]] = []
+    data.id.chunk_iter(
+        lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
+    )
+    return sorted(chunks)
+
+
+def _data_ranges(group: h5py.Group) -> list[tuple[int, int]]:
+    """Where the data of a group's datasets lie, as far as h5py can tell (a prefetch hint:
+    members it cannot read are left to the reads that follow, which report them)."""
+    ranges: list[tuple[int, int]] = []
+    with contextlib.suppress(*H5PY_ERRORS):
+        for item in group.values():
+            if isinstance(item, h5py.Dataset):
+                ranges += [(offset, offset + size) for _, offset, size in _storage(item)]
+    return ranges
 
 
 class RtdcResource:
-    """A resource's features: the union of its original file and its condensed file."""
+    """A resource's features: the union of its original file and its condensed file.
 
-    def __init__(self, original: RtdcSource, condensed: RtdcSource | None, events: int) -> None:
+    The values of each feature are a derived object (`rows_object`): its events as C-order
+    bytes in the feature's dtype, decoded from the source file once and kept in the
+    `DerivedCache` (on disk, like the blocks of the files themselves)."""
+
+    def __init__(
+        self,
+        original: RtdcSource,
+        condensed: RtdcSource | None,
+        events: int,
+        derived: DerivedCache,
+    ) -> None:
         self.events = events
+        self.derived = derived
         self._sources = {"resource": original}
         merged = dict(original.features)
         if condensed is not None:
@@ -336,6 +455,30 @@ class RtdcResource:
             for name, f in sorted(merged.items())
             if f.shape[0] == events and name != "contour"
         }
+        self._objects = {name: self._register(f) for name, f in self.features.items()}
+
+    def _register(self, feature: Feature) -> ObjectId:
+        source = self._sources[feature.source].remote.obj
+        obj = derived_id(
+            source,
+            f"rows/{feature.name}",
+            feature.row_bytes * feature.shape[0],
+            facts=(feature.dtype.str, feature.shape),
+            block_size=self.derived.block_size,
+        )
+        self.derived.register(obj, functools.partial(self._make_rows, feature))
+        return obj
+
+    def _make_rows(self, feature: Feature, start: int, stop: int, deadline: float) -> bytes:
+        """Bytes [start, stop) of a feature's values, decoded from its source file."""
+        row = feature.row_bytes
+        first, last = start // row, -(-stop // row)
+        values = self._sources[feature.source].read(feature.name, first, last, deadline=deadline)
+        return bytes(values.data.cast("B")[start - first * row : stop - first * row])
+
+    def rows_object(self, name: str) -> ObjectId:
+        """The derived object holding the values of feature `name` (see the class note)."""
+        return self._objects[name]
 
     def source(self, kind: str) -> RtdcSource | None:
         """The opened file of one kind ("resource" or "condensed"), if the resource has it."""
@@ -345,13 +488,20 @@ class RtdcResource:
         return [f for f in self.features.values() if f.scalar]
 
     def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
+        """Events [start, stop) of a feature, in the dtype `features[name]` states."""
         feature = self.features[name]
-        return self._sources[feature.source].read(name, start, stop, deadline=deadline)
+        stop = min(stop, feature.shape[0])
+        start = min(start, stop)
+        row = feature.row_bytes
+        data = self.derived.read(self._objects[name], start * row, stop * row, deadline=deadline)
+        values = np.frombuffer(data, dtype=feature.dtype)
+        return values.reshape((stop - start, *feature.shape[1:]))
 
     def outline(self, *, deadline: float) -> Outline:
         """Root attributes, feature attributes, logs and tables as the original file has them
         (a feature's attributes from the file its values come from)."""
         original = self._sources["resource"]
+        original.fetch_arrays(("logs", "tables"), deadline=deadline)
         feature_attrs = {
             name: self._sources[f.source].attrs("events/" + name, deadline=deadline)
             for name, f in self.features.items()

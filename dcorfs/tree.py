@@ -9,16 +9,18 @@ blocks: it answers from what is loaded, or None.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from .blockcache import BlockCache
 from .catalog import Catalog, Dataset, Resource
 from .content import FileContent, StaticContent
-from .errors import NotFound
+from .errors import DcorfsError, NotFound
 from .names import sanitize, unique
 from .producers.npy import npy_content
 from .producers.passthrough import ObjectContent
@@ -26,7 +28,7 @@ from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
 from .producers.tsv import tsv_content
 from .resources import Resources
-from .rtdc import TRACE_PREFIX, RtdcResource
+from .rtdc import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,14 @@ class Node:
 
     is_dir = False
 
+    @property
+    def settled(self) -> bool:
+        """Whether the node's attributes (its size) are known; else call `settle` first."""
+        return True
+
+    def settle(self) -> None:
+        """Blocking: make the attributes known (see `LazyFile`)."""
+
     def child_path(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}"
 
@@ -78,24 +88,79 @@ class File(Node):
         make: Callable[[], FileContent],
         mtime: float = 0.0,
         dynamic: bool = False,
+        blocking: bool = True,
     ) -> None:
         super().__init__(path, mtime=mtime)
         self._size = size
         self._make = make
         self.dynamic = dynamic  # contents change: size 0 (as in /proc), read with direct_io
+        self.blocking = blocking  # False: `content()` returns at once (called inline)
 
     @property
     def size(self) -> int:
         return self._size
 
     def content(self) -> FileContent:
-        """Blocking: may open a resource (network)."""
+        """Blocking unless `blocking` is False: may open a resource (network)."""
         return self._make()
 
 
-def content_file(path: str, content: FileContent, mtime: float = 0.0) -> File:
-    """A file whose content is made already (its size is known)."""
-    return File(path, size=content.size, make=lambda: content, mtime=mtime)
+class LazyFile(File):
+    """A file whose content, and so its size, is made in the background, started at once
+    (e.g. the synthesized .rtdc: its HDF5 structure is built while other files are read).
+    `settle()` waits for it; if making it failed, the error is raised and the next `settle()`
+    tries again."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        make: Callable[[], FileContent],
+        start: Callable[[Callable[[], FileContent]], Future[FileContent]],
+        mtime: float = 0.0,
+    ) -> None:
+        super().__init__(path, size=0, make=make, mtime=mtime)
+        self._start = start
+        self._lock = threading.Lock()
+        self._future = start(make)
+
+    @property
+    def settled(self) -> bool:
+        return self._future.done() and self._future.exception() is None
+
+    def settle(self) -> None:
+        future = self._future
+        try:
+            future.result()
+        except BaseException:
+            with self._lock:
+                if self._future is future:
+                    self._future = self._start(self._make)
+            raise
+
+    @property
+    def size(self) -> int:
+        if not self.settled:
+            raise RuntimeError(f"{self.path}: size asked before settle()")
+        return self._future.result().size
+
+    def content(self) -> FileContent:
+        self.settle()
+        return self._future.result()
+
+
+def content_file(
+    path: str, content: FileContent, mtime: float = 0.0, on_open: Callable[[], None] | None = None
+) -> File:
+    """A file whose content is made already (its size is known); `on_open` (which must not
+    block) is called whenever it is opened."""
+
+    def make() -> FileContent:
+        if on_open is not None:
+            on_open()
+        return content
+
+    return File(path, size=content.size, make=make, mtime=mtime, blocking=False)
 
 
 def static_file(path: str, data: bytes, mtime: float = 0.0) -> File:
@@ -154,6 +219,10 @@ class Dir(Node):
         if node is None:
             raise NotFound(f"{self.child_path(name)} does not exist")
         return node
+
+    def listed(self, children: dict[str, Node]) -> None:
+        """Called (on the event loop: must not block) when the directory is opened for a
+        listing: a chance to prepare its children in the background."""
 
     def _load(self) -> dict[str, Node]:
         raise NotImplementedError
@@ -341,6 +410,13 @@ class DatasetDir(Dir):
             self.dataset = dataset
             self._loaded = 0.0  # reload children on next need
 
+    def listed(self, children: dict[str, Node]) -> None:
+        """Whoever lists a dataset is likely to look into its resources (`ls -lR`, a file
+        manager): they are opened in the background, side by side."""
+        for child in children.values():
+            if isinstance(child, ResourceDir) and child.ready_children() is None:
+                self._ctx.resources.prepare(child.prepare)
+
     def _load(self) -> dict[str, Node]:
         dataset = self.dataset
         wanted: list[tuple[str, str, Resource | None]] = [("dataset.json", "", None)]
@@ -366,28 +442,42 @@ class ResourceDir(Dir):
         self.dataset = dataset
         self.resource = resource
 
+    def prepare(self) -> None:
+        """Load the listing now (in the background): errors are left to the next reader."""
+        try:
+            self.children()
+        except DcorfsError as exc:
+            log.debug("preparing %s: %s", self.path, exc)
+
     def _load(self) -> dict[str, Node]:
         ctx, rid, mtime = self._ctx, self.resource.id, self.mtime
         opened = ctx.resources.rtdc(self.dataset, self.resource)
+        # whoever reads one scalar feature is likely to read more: all of them are brought
+        # into memory in the background (decoded, or from the disk cache) on first open
+        warm = functools.partial(ctx.resources.warm_scalars, opened)
         files: dict[str, Node] = {}
         traces: dict[str, Node] = {}
-        for name in opened.features:
+        for name, feature in opened.features.items():
+            on_open = warm if feature.scalar else None
             if name.startswith(TRACE_PREFIX):
                 trace = sanitize(name[len(TRACE_PREFIX) :] + ".npy")
-                traces[trace] = _npy_file(f"{self.path}/trace/{trace}", opened, name, mtime)
+                path = f"{self.path}/trace/{trace}"
+                traces[trace] = content_file(path, npy_content(opened, feature), mtime, on_open)
             else:
                 file_name = sanitize(name + ".npy")
-                files[file_name] = _npy_file(self.child_path(file_name), opened, name, mtime)
+                path = self.child_path(file_name)
+                files[file_name] = content_file(path, npy_content(opened, feature), mtime, on_open)
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
         synthesized = sanitize(_stem(self.resource.name) + ".rtdc")
-        files[synthesized] = content_file(
+        files[synthesized] = LazyFile(
             self.child_path(synthesized),
-            rtdc_content(rid, opened, ctx.resources.remembered),
-            mtime,
+            make=lambda: rtdc_content(rid, opened, ctx.resources.remembered),
+            start=ctx.resources.build,
+            mtime=mtime,
         )
         files["features.tsv"] = content_file(
-            self.child_path("features.tsv"), tsv_content(opened), mtime
+            self.child_path("features.tsv"), tsv_content(opened), mtime, warm
         )
         texts = ctx.resources.texts(self.dataset, self.resource)
         files["metadata.json"] = static_file(
@@ -404,7 +494,3 @@ class ResourceDir(Dir):
             mtime,
         )
         return files
-
-
-def _npy_file(path: str, opened: RtdcResource, feature: str, mtime: float) -> File:
-    return content_file(path, npy_content(opened, opened.features[feature]), mtime)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -19,7 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dcorfs.blockcache import ObjectId
+from dcorfs.derived import is_derived
 from dcorfs.devserver.server import DevServer
+from dcorfs.diskstore import read_inventory
 
 from .conftest import TOKENS, api, info, resource_dir, rtdc_entries
 from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
@@ -251,6 +255,45 @@ def test_remount_reads_everything_from_the_cache_even_offline(
     assert len(first) > 40
 
 
+def decoded_block_files(cache: Path) -> list[Path]:
+    """The block files of decoded values (derived objects) in a cache dir."""
+    found = []
+    for stored in read_inventory(cache):
+        if stored.key and is_derived(stored.key):
+            assert stored.etag is not None and stored.size is not None
+            identity = ObjectId(stored.key, stored.etag, stored.size).identity.hex()
+            found += sorted((cache / "blocks" / identity[:2]).glob(f"{identity}-*"))
+    return found
+
+
+def test_decoded_values_are_kept_checked_and_made_again(data_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+
+    def status(mnt: Path) -> Any:
+        return json.loads((mnt / ".dcorfs" / "status.json").read_text())
+
+    with DevServer(data_dir) as server:
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            first = read_everything(mnt)
+        damaged = decoded_block_files(cache)
+        assert len(damaged) > 20
+        server.stats.reset()
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:  # warm: nothing decoded
+            assert read_everything(mnt) == first
+            decoded = status(mnt)["decoded"]
+            assert decoded["fetches"] == 0 and decoded["disk_hits"] > 0, decoded
+        for path in damaged:  # a flipped byte in every file of decoded values
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            path.write_bytes(bytes(raw))
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            assert read_everything(mnt) == first
+            decoded = status(mnt)["decoded"]
+            assert decoded["errors"] >= len(damaged) and decoded["fetches"] > 0, decoded
+        # decoded again from the cached blocks of the files: still no object request
+        assert server.stats.snapshot()["object_requests"] == 0
+
+
 def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> None:
     entry = rtdc_entries(devserver, private=True)[0]
     cache = tmp_path / "cache"
@@ -282,6 +325,16 @@ def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> N
     assert cache.stat().st_mode & 0o777 == 0o700
 
 
+def stored_bytes(cache: Path) -> int:
+    """The size of the files in a cache dir's blocks/ now (the daemon may be writing: a
+    temporary file seen may be renamed before it is looked at)."""
+    total = 0
+    for path in (cache / "blocks").rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
 def test_cache_stays_within_its_size(devserver: DevServer, tmp_path: Path) -> None:
     entry = next(e for e in rtdc_entries(devserver) if e["name"] == "M001_data.rtdc")
     cache = tmp_path / "cache"
@@ -293,7 +346,7 @@ def test_cache_stays_within_its_size(devserver: DevServer, tmp_path: Path) -> No
             with dclab.new_dataset(entry["path"]) as ds:
                 assert np.array_equal(np.load(directory / f"{name}.npy"), truth(ds, name))
             total += (directory / f"{name}.npy").stat().st_size
-            stored = sum(p.stat().st_size for p in (cache / "blocks").rglob("*") if p.is_file())
+            stored = stored_bytes(cache)
             assert stored <= limit + (1 << 20) + 4096, stored
         assert total > 2 * limit
 

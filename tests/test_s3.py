@@ -11,17 +11,24 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from dcorfs.dcserv import resource_key
+from dcorfs.blockcache import BlockCache
+from dcorfs.buckets import BucketCatalog
+from dcorfs.dcserv import Locator, make_fetch, resource_key
+from dcorfs.derived import DerivedCache
 from dcorfs.devserver.server import DevServer
+from dcorfs.diskstore import DiskStore
 from dcorfs.errors import AccessDenied, ConfigError, NotFound, ProtocolError
 from dcorfs.http import Http, RetryPolicy
 from dcorfs.logs import configure
+from dcorfs.metastore import Memo, MetaStore
+from dcorfs.resources import Resources
 from dcorfs.s3 import URL_LIFETIME, ObjectStore, object_url, parse_listing, sigv4_presigner
 from dcorfs.settings import (
     MountSettings,
@@ -32,7 +39,7 @@ from dcorfs.settings import (
     read_s3_credentials,
 )
 
-from .conftest import info
+from .conftest import api, info
 from .mounts import dcorfs
 from .s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFS
 
@@ -361,6 +368,79 @@ def test_seaweedfs_signed_and_anonymous(
         signed.list("circle-no-such-circle", "resource/", deadline=deadline())
     assert_no_credentials(caplog, ACCESS_KEY_ID, SECRET_ACCESS_KEY)
     web.close()
+
+
+# -- opening resources without DCOR's API ------------------------------------------------------
+
+
+@contextmanager
+def s3_only_resources(cache: Path, endpoint: str, circle_id: str) -> Iterator[Any]:
+    """`Resources` wired as an --s3-only mount wires them (see `mount._build`)."""
+    web = Http(policy=FAST)
+    disk = DiskStore(cache, limit_bytes=1 << 30, block_size=64 << 10)
+    meta = MetaStore(cache / "meta.sqlite3", scope="s3-test")
+    memo = Memo(meta, timeout=30)
+    objects = ObjectStore(
+        http=web,
+        endpoint=endpoint,
+        sign=sigv4_presigner(S3Credentials(ACCESS_KEY_ID, SECRET_ACCESS_KEY)),
+    )
+    buckets = BucketCatalog(store=objects, memo=memo, circles=[circle_id], dir_cache_time=60)
+    locator = Locator()
+    cache_ = BlockCache(fetch=make_fetch(web, locator), store=disk, block_size=64 << 10)
+    derived = DerivedCache(store=disk)
+    resources = Resources(
+        api=None,
+        catalog=None,
+        memo=memo,
+        http=web,
+        locator=locator,
+        cache=cache_,
+        derived=derived,
+        timeout=30,
+        store=objects,
+        listed=buckets.listed,
+    )
+    try:
+        yield buckets, resources, web
+    finally:
+        for closing in (resources, derived, cache_, web, meta, disk):
+            closing.close()
+
+
+def test_s3_only_opens_no_hdf5_file_once_its_features_are_known(
+    seaweedfs: SeaweedFS, devserver: DevServer, tmp_path: Path
+) -> None:
+    """Without dcserv the event count comes from the file: remembered per object version
+    like the features, so a warm open (and every read of decoded values) opens no HDF5 file
+    and asks the store nothing but the listing."""
+    entry = next(e for e in info(devserver) if e["name"] == "M001_data.rtdc")
+    _, body = api(devserver, "organization_list", all_fields="true")
+    circle_id = next(c["id"] for c in body["result"] if c["name"] == entry["circle"])
+    first: dict[str, bytes] = {}
+    for round_ in ("cold", "warm"):
+        with s3_only_resources(tmp_path / "cache", seaweedfs.url, circle_id) as (
+            buckets,
+            resources,
+            web,
+        ):
+            dataset = buckets.dataset(circle_id)
+            resource = buckets.resource(circle_id, entry["id"])
+            opened = resources.rtdc(dataset, resource)
+            sources = [opened.source(kind) for kind in ("resource", "condensed")]
+            assert all(source is not None for source in sources)
+            assert opened.events > 0 and len(opened.features) > 5
+            values = {
+                name: opened.read(name, 0, opened.events, deadline=deadline()).tobytes()
+                for name in opened.features
+            }
+            if round_ == "cold":
+                first = values
+                continue
+            assert values == first
+            assert not any(source.is_open for source in sources if source is not None)
+            counts = web.request_counts()
+            assert counts.get("range", 0) == counts.get("probe", 0) == 0, counts
 
 
 # -- the command line ------------------------------------------------------------------------------

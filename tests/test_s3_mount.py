@@ -214,7 +214,8 @@ def test_objects_come_from_the_endpoint_not_from_dcserv_urls(
     seaweedfs: SeaweedFS, fresh_devserver: DevServer, tmp_path: Path
 ) -> None:
     """With DCOR's API for the tree and a token for private datasets, every object byte
-    comes from the S3 endpoint, signed: the devserver serves no object and no basins."""
+    comes from the S3 endpoint, signed, also when resources are opened in the background
+    (a dataset listed): the devserver serves no object and no basins."""
     server = fresh_devserver
     options = ("--s3-endpoint", seaweedfs.url)
     with mounted(
@@ -226,6 +227,8 @@ def test_objects_come_from_the_endpoint_not_from_dcserv_urls(
         env=CREDENTIALS_ENV,
     ) as mnt:
         server.stats.reset()
+        for dataset in (mnt / "datasets").iterdir():  # opens its resources in the background
+            assert list(dataset.iterdir())
         checked = 0
         for entry in rtdc_entries(server) + rtdc_entries(server, private=True):
             checked += assert_features_equal_the_truth(resource_dir(mnt, entry), entry)
@@ -280,6 +283,7 @@ def test_switching_between_dcserv_and_the_devserver_store_reuses_the_cache(
         with mounted(tmp_path / "mnt", devserver.url, cache, *then, token=token) as mnt:
             assert read_resources(mnt, entries) == truth_
             assert status(mnt)["requests"].get("range", 0) == 0
+            assert status(mnt)["decoded"]["fetches"] == 0  # nor decoded again
         assert object_requests(devserver) == before
     assert len(truth_) > 20
     assert devserver.stats.snapshot()["object_requests_authorized"] == authorized
@@ -288,8 +292,9 @@ def test_switching_between_dcserv_and_the_devserver_store_reuses_the_cache(
 def test_switching_between_dcserv_and_s3_only_reuses_the_cache(
     seaweedfs: SeaweedFS, devserver: DevServer, tmp_path: Path
 ) -> None:
-    """Blocks cached through dcserv's URLs serve an --s3-only mount of SeaweedFS (same
-    bucket/key and ETag): no object request; the other way round, the dcserv path only probes
+    """Blocks and decoded values cached through dcserv's URLs serve an --s3-only mount of
+    SeaweedFS (same bucket/key and ETag): no object request, nothing decoded again; the other
+    way round, the dcserv path only probes
     each condensed file once (CKAN's records carry no condensed ETag)."""
     entries = [e for e in info(devserver) if e["dataset"] == "generated" and e["rtdc"]]
     only = s3_only(devserver, seaweedfs.url, "public-lab")
@@ -327,6 +332,8 @@ def test_switching_between_dcserv_and_s3_only_reuses_the_cache(
         requests = status(mnt)["requests"]
         assert requests.get("range", 0) == 0 and requests.get("probe", 0) == 0, requests
         assert requests["document"] > 0  # the listing
+        decoded = status(mnt)["decoded"]  # the same decoded values: none decoded again
+        assert decoded["fetches"] == 0 and decoded["disk_hits"] > 0, decoded
     cache = tmp_path / "cache-s3-first"
     with mounted(tmp_path / "mnt", None, cache, *only, env=CREDENTIALS_ENV) as mnt:
         assert read_s3(mnt) == via_dcor
@@ -335,6 +342,7 @@ def test_switching_between_dcserv_and_s3_only_reuses_the_cache(
     with mounted(tmp_path / "mnt", devserver.url, cache) as mnt:
         assert read_dcor(mnt) == via_dcor
         assert status(mnt)["requests"].get("range", 0) == 0
+        assert status(mnt)["decoded"]["fetches"] == 0
     made = [e for e in devserver.stats.snapshot(with_log=True)["log"][start:] if "object" in e]
     assert all("/condensed/" in e["object"] and e["range"][0] == 0 for e in made), made
     assert len(made) <= len(entries)

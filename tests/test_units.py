@@ -27,7 +27,7 @@ from dcorfs.producers.npy import npy_header
 from dcorfs.producers.text import table_bytes
 from dcorfs.producers.tsv import _format
 from dcorfs.settings import Token, parse_host, parse_size
-from dcorfs.tree import File, StaticDir
+from dcorfs.tree import File, LazyFile, StaticDir
 
 
 def test_names_are_safe_and_unique() -> None:
@@ -197,6 +197,40 @@ async def test_fuse_ops_called_directly() -> None:
     await ops.forget([(entry.st_ino, 2)])
     with pytest.raises(pyfuse3.FUSEError):
         await ops.getattr(entry.st_ino, ctx)
+
+
+async def test_lazy_files_settle_before_their_attributes_and_retry_failures() -> None:
+    import concurrent.futures
+
+    attempts: list[int] = []
+
+    def make() -> StaticContent:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TransientError("the first build fails")
+        return StaticContent(b"synthesized")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        lazy = LazyFile("/lazy.rtdc", make=make, start=pool.submit)
+        root = StaticDir("/", {"lazy.rtdc": lazy})
+        ops = Operations(
+            root=root,
+            timeout=5,
+            attr_time=3600,
+            listing_time=300,
+            negative_time=7,
+            limiter=trio.CapacityLimiter(4),
+        )
+        ctx: Any = None
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.lookup(pyfuse3.ROOT_INODE, b"lazy.rtdc", ctx)
+        assert caught.value.errno == errno.EIO  # the failure is reported ...
+        entry = await ops.lookup(pyfuse3.ROOT_INODE, b"lazy.rtdc", ctx)  # ... and tried again
+        assert entry.st_size == len(b"synthesized") and len(attempts) == 2
+        fh = await ops.opendir(pyfuse3.ROOT_INODE, ctx)
+        assert ops._dirs[fh][0][1].settled
+        info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
+        assert await ops.read(info.fh, 0, 100) == b"synthesized"
 
 
 def test_metadata_ranges_on_open() -> None:

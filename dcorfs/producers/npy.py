@@ -1,19 +1,21 @@
 """`<feature>.npy`: NumPy format 1.0 header + the feature's events in C order, read lazily.
 
 The header depends only on dtype and shape, so the file's size is known before any event is
-fetched; a read of bytes [a, b) decodes only the events those bytes cover.
+fetched. The events are the feature's derived object (`RtdcResource.rows_object`): a read of
+bytes [a, b) makes only the blocks of decoded values those bytes cover, and serves blocks
+made before (by any file of the feature, in this mount or an earlier one) from the cache.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 
 import numpy as np
 from numpy.lib import format as npformat
 
-from ..content import RowContent
+from ..content import PartsContent, StaticContent
 from ..rtdc import Feature, RtdcResource
+from .passthrough import ObjectContent
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -24,20 +26,15 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-def event_rows(resource: RtdcResource, feature: Feature) -> Callable[[int, int, float], bytes]:
-    """Events [first, last) of a feature as bytes (C order, little-endian)."""
-
-    def rows(first: int, last: int, deadline: float) -> bytes:
-        return resource.read(feature.name, first, last, deadline=deadline).tobytes()
-
-    return rows
+def feature_values(resource: RtdcResource, feature: Feature) -> ObjectContent:
+    """The values of a feature (C order, little-endian) as lazy content."""
+    return ObjectContent(resource.derived, resource.rows_object(feature.name))
 
 
-def npy_content(resource: RtdcResource, feature: Feature) -> RowContent:
-    """The .npy file of one feature: one row per event."""
-    return RowContent(
-        npy_header(feature.dtype, feature.shape),
-        row_bytes=feature.row_bytes,
-        count=feature.shape[0],
-        rows=event_rows(resource, feature),
+def npy_content(resource: RtdcResource, feature: Feature) -> PartsContent:
+    """The .npy file of one feature: its header, then its values."""
+    header = npy_header(feature.dtype, feature.shape)
+    values = feature_values(resource, feature)
+    return PartsContent(
+        len(header) + values.size, [(0, StaticContent(header)), (len(header), values)]
     )

@@ -6,7 +6,8 @@ features of the condensed file included), each with the attributes of the datase
 from, plus `/events/trace/<name>`. `contour` and basins are left out (dclab derives contours
 from `mask`; every feature is in the file itself). Event data are contiguous and uncompressed:
 the HDF5 structure (`skeleton.build`) is made once per resource, without any event data, and
-every byte range of a feature's extent is served by the same lazy reads as its `.npy` file.
+every byte range of a feature's extent is served by the same lazy reads (and cached decoded
+values) as its `.npy` file.
 `mask` is stored as uint8 0/255, as RT-DC writers store it.
 
 Datasets are ordered scalars, traces, image-like; a hole separates scalars from the rest.
@@ -20,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..content import FileContent, PartsContent, RowContent, StaticContent
+from ..content import FileContent, PartsContent, StaticContent
 from ..errors import ProtocolError
 from ..rtdc import TRACE_PREFIX, Feature, Outline, RtdcResource
 from ..skeleton import Skeleton, Spec, build
-from .npy import event_rows
+from .npy import feature_values
 
 Remake = Callable[[float], Any]  # make(deadline) -> a JSON value
 LAYOUT_VERSION = 1  # part of the cache key of skeletons: bump when the layout changes
@@ -34,18 +35,30 @@ def _stored_dtype(feature: Feature) -> np.dtype:
     return np.dtype(np.uint8) if feature.name == "mask" else feature.dtype
 
 
-def _stored_rows(resource: RtdcResource, feature: Feature) -> Callable[[int, int, float], bytes]:
-    """Events as stored in the file: as in the .npy file, except `mask` (bool → uint8 0/255,
-    the same size)."""
-    if feature.name != "mask":
-        return event_rows(resource, feature)
+class _StoredMask:
+    """A mask's values as the file stores them: bool bytes (0/1) as uint8 0/255, same size."""
 
-    def mask_rows(first: int, last: int, deadline: float) -> bytes:
-        values = resource.read(feature.name, first, last, deadline=deadline)
-        stored: np.ndarray = values.view(np.uint8) * np.uint8(255)
+    def __init__(self, values: FileContent) -> None:
+        self._values = values
+        self.size = values.size
+
+    @staticmethod
+    def _stored(data: bytes) -> bytes:
+        stored: np.ndarray = np.frombuffer(data, np.uint8) * np.uint8(255)
         return stored.tobytes()
 
-    return mask_rows
+    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+        return self._stored(self._values.read(offset, length, deadline=deadline))
+
+    def peek(self, offset: int, length: int) -> bytes | None:
+        data = self._values.peek(offset, length)
+        return None if data is None else self._stored(data)
+
+
+def _stored_values(resource: RtdcResource, feature: Feature) -> FileContent:
+    """Events as stored in the file: as in the .npy file, except `mask`."""
+    values = feature_values(resource, feature)
+    return _StoredMask(values) if feature.name == "mask" else values
 
 
 def _order(feature: Feature) -> tuple[int, str]:
@@ -120,11 +133,5 @@ def rtdc_content(
         offset, length = extent
         if feature.row_bytes * feature.shape[0] != length:
             raise ProtocolError(f"skeleton does not fit feature {name} ({length} bytes)")
-        rows = _stored_rows(resource, feature)
-        parts.append(
-            (
-                offset,
-                RowContent(b"", row_bytes=feature.row_bytes, count=feature.shape[0], rows=rows),
-            )
-        )
+        parts.append((offset, _stored_values(resource, feature)))
     return PartsContent(skeleton.size, parts)
