@@ -78,31 +78,28 @@ def parse_host(text: str) -> str:
     text = text.strip().rstrip("/")
     if "://" not in text:
         text = "https://" + text
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"not a DCOR host: {text!r} (expected e.g. dcor.mpl.mpg.de)")
-    if parts.path or parts.query or parts.username:
-        raise ConfigError(f"--host takes a host (and port), not a URL path: {text!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"bad port in --host {text!r}") from None
-    netloc = parts.hostname + (f":{port}" if port else "")
-    return f"{parts.scheme}://{netloc}"
+    return _origin(text, "--host", f"not a DCOR host: {text!r} (expected e.g. dcor.mpl.mpg.de)")
 
 
 def parse_endpoint(text: str) -> str:
     """The base URL of an S3 endpoint (`--s3-endpoint`): scheme, host and port, no path."""
     text = text.strip().rstrip("/")
+    return _origin(
+        text, "--s3-endpoint", f"not an S3 endpoint: {text!r} (expected e.g. https://host:port)"
+    )
+
+
+def _origin(text: str, option: str, not_a_url: str) -> str:
+    """`scheme://host[:port]` of an http(s) URL that has nothing more, else ConfigError."""
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"not an S3 endpoint: {text!r} (expected e.g. https://host:port)")
+        raise ConfigError(not_a_url)
     if parts.path or parts.query or parts.username:
-        raise ConfigError(f"--s3-endpoint takes scheme, host and port only: {text!r}")
+        raise ConfigError(f"{option} takes scheme, host and port only, not a URL path: {text!r}")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"bad port in --s3-endpoint {text!r}") from None
+        raise ConfigError(f"bad port in {option} {text!r}") from None
     return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
 
 

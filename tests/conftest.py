@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import requests
 
+from dcorfs.demo import terminate
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
@@ -132,12 +135,7 @@ class ServerProcess:
         self.stats = RemoteStats(self.url)
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, grace=30)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
@@ -188,6 +186,19 @@ def rtdc_entries(
     server: DevServer | ServerProcess, *, private: bool = False
 ) -> list[dict[str, Any]]:
     return [e for e in info(server) if e["rtdc"] and e["private"] == private]
+
+
+def assert_tables(directory: Path, tables: dict[str, Any]) -> None:
+    """`tables/<name>.csv` of a resource directory hold dcserv's `tables` answer."""
+    assert sorted(p.name for p in (directory / "tables").iterdir()) == sorted(
+        f"{name}.csv" for name in tables
+    )
+    for name, (columns, rows) in tables.items():
+        table = pd.read_csv(directory / "tables" / f"{name}.csv")
+        if columns:
+            assert list(table.columns) == columns
+        flat = np.asarray(rows, dtype=float).reshape(len(rows), -1)
+        assert np.array_equal(table.to_numpy(dtype=float), flat, equal_nan=True)
 
 
 def resource_dir(mnt: Path, entry: dict[str, Any]) -> Path:

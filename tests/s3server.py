@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from dcorfs.demo import die_with_parent
+from dcorfs.demo import die_with_parent, terminate
 
 ACCESS_KEY_ID = "dcorfs-test-key-id"
 SECRET_ACCESS_KEY = "dcorfs-test-secret-0123456789abcdef"
@@ -203,13 +203,7 @@ class SeaweedFS:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            terminate(self.process)
             self.process = None
         if self.base:
             ports = [self.base + i for i in range(PORTS)] + [

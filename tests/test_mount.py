@@ -25,7 +25,7 @@ from dcorfs.derived import is_derived
 from dcorfs.devserver.server import DevServer
 from dcorfs.diskstore import read_inventory
 
-from .conftest import TOKENS, api, info, resource_dir, rtdc_entries
+from .conftest import TOKENS, api, assert_tables, info, resource_dir, rtdc_entries
 from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [
@@ -204,12 +204,7 @@ def test_text_views_equal_dcserv(public_mount: Path, devserver: DevServer) -> No
         )
         for name, lines in logs.items():
             assert (directory / "logs" / f"{name}.txt").read_text().splitlines() == lines
-        for name, (columns, rows) in dcserv("tables").items():
-            table = pd.read_csv(directory / "tables" / f"{name}.csv")
-            if columns:
-                assert list(table.columns) == columns
-            flat = np.asarray(rows, dtype=float).reshape(len(rows), -1)
-            assert np.array_equal(table.to_numpy(dtype=float), flat, equal_nan=True)
+        assert_tables(directory, dcserv("tables"))
 
 
 def test_one_scalar_of_an_image_resource_moves_a_small_fraction(

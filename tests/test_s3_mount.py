@@ -14,12 +14,11 @@ from typing import Any
 
 import dclab
 import numpy as np
-import pandas as pd
 import pytest
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, info, resource_dir, rtdc_entries, weed_or_skip
+from .conftest import TOKENS, api, assert_tables, info, resource_dir, rtdc_entries, weed_or_skip
 from .mounts import dcorfs, is_mounted, mounted, needs_fuse, unmount
 from .s3server import (
     ACCESS_KEY_ID,
@@ -359,15 +358,7 @@ def test_text_views_of_s3_only_are_well_formed(
         directory = mnt / "circles" / ids["public-lab"] / entry["id"]
         _, body = api(devserver, "dcserv", id=entry["id"], query="tables", version="2")
         tables = body["result"]
-        assert sorted(p.name for p in (directory / "tables").iterdir()) == sorted(
-            f"{name}.csv" for name in tables
-        )
-        for name, (columns, rows) in tables.items():
-            table = pd.read_csv(directory / "tables" / f"{name}.csv")
-            if columns:
-                assert list(table.columns) == columns
-            flat = np.asarray(rows, dtype=float).reshape(len(rows), -1)
-            assert np.array_equal(table.to_numpy(dtype=float), flat, equal_nan=True)
+        assert_tables(directory, tables)
 
 
 def test_s3_only_serves_the_cache_when_the_store_is_gone(

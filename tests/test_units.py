@@ -154,10 +154,7 @@ class Broken(File):
         raise RuntimeError("a bug below the FUSE layer")
 
 
-def make_ops() -> Operations:
-    readme = File("/README.txt", size=5, make=lambda: StaticContent(b"hello"))
-    broken = Broken("/broken", size=1, make=lambda: StaticContent(b"x"))
-    root = StaticDir("/", {"README.txt": readme, "broken": broken, "sub": StaticDir("/sub", {})})
+def operations(root: StaticDir) -> Operations:
     return Operations(
         root=root,
         timeout=5,
@@ -166,6 +163,13 @@ def make_ops() -> Operations:
         negative_time=7,
         limiter=trio.CapacityLimiter(4),
     )
+
+
+def make_ops() -> Operations:
+    readme = File("/README.txt", size=5, make=lambda: StaticContent(b"hello"))
+    broken = Broken("/broken", size=1, make=lambda: StaticContent(b"x"))
+    root = StaticDir("/", {"README.txt": readme, "broken": broken, "sub": StaticDir("/sub", {})})
+    return operations(root)
 
 
 async def test_fuse_ops_called_directly() -> None:
@@ -213,14 +217,7 @@ async def test_lazy_files_settle_before_their_attributes_and_retry_failures() ->
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         lazy = LazyFile("/lazy.rtdc", make=make, start=pool.submit)
         root = StaticDir("/", {"lazy.rtdc": lazy})
-        ops = Operations(
-            root=root,
-            timeout=5,
-            attr_time=3600,
-            listing_time=300,
-            negative_time=7,
-            limiter=trio.CapacityLimiter(4),
-        )
+        ops = operations(root)
         ctx: Any = None
         with pytest.raises(pyfuse3.FUSEError) as caught:
             await ops.lookup(pyfuse3.ROOT_INODE, b"lazy.rtdc", ctx)
