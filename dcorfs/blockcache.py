@@ -143,6 +143,28 @@ class BlockCache:
         wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
         self._blocks(obj, wanted, deadline, keep=False)
 
+    def recall_stored(self, objects: Sequence[ObjectId]) -> list[ObjectId]:
+        """Bring the blocks of these whole objects that the disk store has into memory, read
+        in parallel, fetching (or computing) none; returns the objects still incomplete."""
+        absent = [
+            (obj, index)
+            for obj in objects
+            for index in self._indices(obj, 0, obj.size)
+            if self._recall((obj, index)) is None
+        ]
+        if self._store is None or len(absent) <= 1 or self._parallel <= 1:
+            stored = [self._store_get(obj, index) for obj, index in absent]
+        else:
+            stored = list(self._pool.map(lambda block: self._store_get(*block), absent))
+        incomplete: dict[ObjectId, None] = {}
+        for block, data in zip(absent, stored, strict=True):
+            if data is None:
+                incomplete[block[0]] = None
+            else:
+                self._counts["disk_hits"] += 1
+                self._remember(block, data)
+        return list(incomplete)
+
     def admit(self, obj: ObjectId, data: bytes) -> None:
         """Keep the object's first bytes, fetched by someone else (e.g. with its size probe):
         every whole block of them, and a last partial block at the object's end."""

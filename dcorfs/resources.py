@@ -269,7 +269,8 @@ class Resources:
 
     def warm_scalars(self, resource: RtdcResource) -> None:
         """Bring the values of every scalar feature of `resource` into memory in the
-        background (from the disk cache, or decoded), once, when they are small enough."""
+        background, once, when they are small enough: what the disk cache holds read in
+        parallel, in one task, the others decoded side by side."""
         with self._lock:
             if id(resource) in self._warmed:
                 return
@@ -277,7 +278,10 @@ class Resources:
         objects = [resource.rows_object(f.name) for f in resource.scalar_features()]
         if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
             return
-        for obj in objects:
+        self._warm.submit(self._warm_values, objects)
+
+    def _warm_values(self, objects: list[ObjectId]) -> None:
+        for obj in self._derived.recall_stored(objects):
             self._warm.submit(self._ensure_values, obj)
 
     def _ensure_values(self, obj: ObjectId) -> None:

@@ -106,8 +106,9 @@ class File(Node):
 
 
 class LazyFile(File):
-    """A file whose content, and so its size, is made in the background, started at once
-    (e.g. the synthesized .rtdc: its HDF5 structure is built while other files are read).
+    """A file whose content, and so its size, is made in the background, started when its
+    attributes are first asked (`settle()`, e.g. on lookup): the synthesized .rtdc, whose
+    HDF5 structure is built only for whoever looks at it, not for readers of other files.
     `settle()` waits for it; if making it failed, the error is raised and the next `settle()`
     tries again."""
 
@@ -122,31 +123,44 @@ class LazyFile(File):
         super().__init__(path, size=0, make=make, mtime=mtime)
         self._start = start
         self._lock = threading.Lock()
-        self._future = start(make)
+        self._future: Future[FileContent] | None = None
+
+    def _made(self) -> FileContent | None:
+        future = self._future
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
 
     @property
     def settled(self) -> bool:
-        return self._future.done() and self._future.exception() is None
+        return self._made() is not None
 
     def settle(self) -> None:
-        future = self._future
+        with self._lock:
+            if self._future is None:
+                self._future = self._start(self._make)
+            future = self._future
         try:
             future.result()
         except BaseException:
             with self._lock:
                 if self._future is future:
-                    self._future = self._start(self._make)
+                    self._future = None
             raise
 
     @property
     def size(self) -> int:
-        if not self.settled:
+        made = self._made()
+        if made is None:
             raise RuntimeError(f"{self.path}: size asked before settle()")
-        return self._future.result().size
+        return made.size
 
     def content(self) -> FileContent:
         self.settle()
-        return self._future.result()
+        made = self._made()
+        if made is None:  # made, then forgotten by a failed retry meanwhile: cannot happen
+            raise RuntimeError(f"{self.path}: content lost after settle()")
+        return made
 
 
 def content_file(

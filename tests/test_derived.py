@@ -161,6 +161,28 @@ def test_one_size_bound_for_remote_and_decoded_blocks(tmp_path: Path) -> None:
         disk.close()
 
 
+def test_recalling_stored_values_reads_the_disk_and_makes_nothing(tmp_path: Path) -> None:
+    obj, other = values_id(), values_id(what="rows/area_um")
+    disk, maker = store(tmp_path / "cache"), Maker()
+    cache = derived(disk, maker, obj)
+    cache.read(obj, 0, 3 * BLOCK, deadline=deadline())  # 3 of 13 blocks on disk
+    cache.close()
+    disk.close()
+    disk, maker = store(tmp_path / "cache"), Maker()
+    cache = DerivedCache(store=disk, block_size=BLOCK, memory_bytes=len(TRUTH), parallel=3)
+    cache.register(obj, maker)
+    try:
+        assert cache.recall_stored([other, obj, obj]) == [other, obj]  # not all stored
+        assert maker.calls == []
+        assert cache.peek(obj, 0, 3 * BLOCK) == TRUTH[: 3 * BLOCK]  # now in memory
+        assert cache.peek(obj, 0, 4 * BLOCK) is None
+        cache.read(obj, 0, len(TRUTH), deadline=deadline())
+        assert cache.recall_stored([obj]) == [] and cache.peek(obj, 0, len(TRUTH)) == TRUTH
+    finally:
+        cache.close()
+        disk.close()
+
+
 def test_unregistered_objects_are_an_error_not_bytes(tmp_path: Path) -> None:
     cache = DerivedCache(store=None, block_size=BLOCK)
     try:

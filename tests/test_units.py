@@ -203,7 +203,7 @@ async def test_fuse_ops_called_directly() -> None:
         await ops.getattr(entry.st_ino, ctx)
 
 
-async def test_lazy_files_settle_before_their_attributes_and_retry_failures() -> None:
+async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
     import concurrent.futures
 
     attempts: list[int] = []
@@ -219,6 +219,7 @@ async def test_lazy_files_settle_before_their_attributes_and_retry_failures() ->
         root = StaticDir("/", {"lazy.rtdc": lazy})
         ops = operations(root)
         ctx: Any = None
+        assert attempts == [] and not lazy.settled  # made only once it is looked at
         with pytest.raises(pyfuse3.FUSEError) as caught:
             await ops.lookup(pyfuse3.ROOT_INODE, b"lazy.rtdc", ctx)
         assert caught.value.errno == errno.EIO  # the failure is reported ...
