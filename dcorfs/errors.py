@@ -41,9 +41,16 @@ class NotFound(DcorfsError):
 
 
 class AccessDenied(DcorfsError):
-    """Private data without a valid token, or an object URL that is not (or no longer) valid."""
+    """Private data without a valid token, or an object URL that is not (or no longer) valid.
+
+    `code`: the S3 store's error code when it gave one (`AccessDenied`,
+    `SignatureDoesNotMatch`, `InvalidAccessKeyId` …), else ""."""
 
     errno = _errno.EACCES
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TransientError(DcorfsError):

@@ -106,7 +106,7 @@ def _raise_if_busy(response: requests.Response, url: str) -> None:
 
 
 def _s3_code(response: requests.Response) -> str:
-    """The `<Code>` of an S3 error body (" (AccessDenied)"), or "" when there is none."""
+    """The `<Code>` of an S3 error body ("AccessDenied"), or "" when there is none."""
     if "xml" not in response.headers.get("Content-Type", ""):
         return ""
     try:
@@ -114,15 +114,17 @@ def _s3_code(response: requests.Response) -> str:
     except NETWORK_ERRORS:
         return ""
     match = _S3_CODE.search(head or b"")
-    return f" ({match[1].decode()})" if match else ""
+    return match[1].decode() if match else ""
 
 
 def _check_status(response: requests.Response, url: str) -> None:
     status = response.status_code
-    if status == 403:
-        raise AccessDenied(f"HTTP 403{_s3_code(response)} for {redact_url(url)}")
-    if status == 404:
-        raise NotFound(f"HTTP 404{_s3_code(response)} for {redact_url(url)}")
+    if status in (403, 404):
+        code = _s3_code(response)
+        message = f"HTTP {status}{f' ({code})' if code else ''} for {redact_url(url)}"
+        if status == 403:
+            raise AccessDenied(message, code=code)
+        raise NotFound(message)
     _raise_if_busy(response, url)
     if status == 416:
         raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")

@@ -149,11 +149,10 @@ def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
             try:
                 objects.list(bucket, "resource/", max_keys=1, pages=1, deadline=deadline)
             except AccessDenied as exc:  # there, but not listable with these credentials
-                rejected = [c for c in REJECTED_CREDENTIALS if c in str(exc)]
-                if rejected:
+                if exc.code in REJECTED_CREDENTIALS:
                     print(
                         f"dcorfs: warning: {settings.s3_endpoint} rejects these S3 credentials "
-                        f"({rejected[0]}): their reads will fail with EACCES",
+                        f"({exc.code}): their reads will fail with EACCES",
                         file=sys.stderr,
                     )
             except NotFound:

@@ -188,6 +188,14 @@ def rtdc_entries(
     return [e for e in info(server) if e["rtdc"] and e["private"] == private]
 
 
+def innate_features(ds: Any) -> set[str]:
+    """The features a resource directory must offer as files (traces as `trace/<name>`)."""
+    innate = {f for f in ds.features_innate if f not in ("contour", "trace")}
+    if "trace" in ds.features_innate:
+        innate |= {f"trace/{t}" for t in ds["trace"]}
+    return innate
+
+
 def assert_tables(directory: Path, tables: dict[str, Any]) -> None:
     """`tables/<name>.csv` of a resource directory hold dcserv's `tables` answer."""
     assert sorted(p.name for p in (directory / "tables").iterdir()) == sorted(

@@ -25,7 +25,7 @@ from dcorfs.derived import is_derived
 from dcorfs.devserver.server import DevServer
 from dcorfs.diskstore import read_inventory
 
-from .conftest import TOKENS, api, assert_tables, info, resource_dir, rtdc_entries
+from .conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
 from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [
@@ -145,9 +145,7 @@ def test_every_feature_equals_dclab_bit_for_bit(public_mount: Path, devserver: D
         directory = resource_dir(public_mount, entry)
         files = feature_files(directory)
         with dclab.new_dataset(entry["path"]) as ds:
-            innate = {f for f in ds.features_innate if f not in ("contour", "trace")}
-            if "trace" in ds.features_innate:
-                innate |= {f"trace/{t}" for t in ds["trace"]}
+            innate = innate_features(ds)
             assert innate <= set(files), f"{entry['name']}: missing {innate - set(files)}"
             for name, path in files.items():
                 expected = truth(ds, name)

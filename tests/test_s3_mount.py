@@ -18,7 +18,16 @@ import pytest
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, assert_tables, info, resource_dir, rtdc_entries, weed_or_skip
+from .conftest import (
+    TOKENS,
+    api,
+    assert_tables,
+    info,
+    innate_features,
+    resource_dir,
+    rtdc_entries,
+    weed_or_skip,
+)
 from .mounts import dcorfs, is_mounted, mounted, needs_fuse, unmount
 from .s3server import (
     ACCESS_KEY_ID,
@@ -58,9 +67,7 @@ def status(mnt: Path) -> dict[str, Any]:
 def assert_features_equal_the_truth(directory: Path, entry: dict[str, Any]) -> int:
     files = feature_files(directory)
     with dclab.new_dataset(entry["path"]) as ds:
-        innate = {f for f in ds.features_innate if f not in ("contour", "trace")}
-        if "trace" in ds.features_innate:
-            innate |= {f"trace/{t}" for t in ds["trace"]}
+        innate = innate_features(ds)
         assert innate <= set(files), f"{entry['name']}: missing {innate - set(files)}"
         for name, path in files.items():
             loaded = np.load(path)
