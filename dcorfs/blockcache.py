@@ -138,6 +138,21 @@ class BlockCache:
         self._counts["served_bytes"] += stop - start
         return self._slice(blocks, start, stop)
 
+    def read_pieces(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> list[bytes]:
+        """`read` as the blocks themselves (the first and last cut to the range), not joined."""
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return [b""]
+        blocks = self._blocks(obj, self._indices(obj, start, stop), deadline)
+        self._counts["served_bytes"] += stop - start
+        first = (start // self.block_size) * self.block_size
+        last = first + (len(blocks) - 1) * self.block_size
+        if len(blocks) == 1:
+            return [blocks[0][start - first : stop - first]]
+        head = blocks[0][start - first :] if start > first else blocks[0]
+        tail = blocks[-1][: stop - last] if stop - last < len(blocks[-1]) else blocks[-1]
+        return [head, *blocks[1:-1], tail]
+
     def ensure(self, obj: ObjectId, ranges: Sequence[tuple[int, int]], *, deadline: float) -> None:
         """Have the blocks of these ranges in the cache: missing runs fetched in parallel."""
         wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
@@ -260,9 +275,16 @@ class BlockCache:
         """Fetch runs of blocks, up to `parallel` at once; the first error is raised after
         all have ended (every run resolves its own flights either way)."""
         if len(runs) <= 1 or self._parallel <= 1:
-            return {i: b for run in runs for i, b in self._fetch_run(obj, run, deadline).items()}
+            found: dict[int, bytes] = {}
+            for n, run in enumerate(runs):
+                try:
+                    found.update(self._fetch_run(obj, run, deadline))
+                except BaseException as exc:
+                    self._abandon(obj, runs[n + 1 :], exc)  # their waiters must not hang
+                    raise
+            return found
         others = [self._pool.submit(self._fetch_run, obj, run, deadline) for run in runs[1:]]
-        found: dict[int, bytes] = {}
+        found = {}
         error: BaseException | None = None
         try:
             found.update(self._fetch_run(obj, runs[0], deadline))
@@ -276,6 +298,14 @@ class BlockCache:
         if error is not None:
             raise error
         return found
+
+    def _abandon(self, obj: ObjectId, runs: list[list[int]], error: BaseException) -> None:
+        """Runs this thread owns but will not fetch: their flights end with `error`."""
+        with self._lock:
+            flights = [self._flights.pop((obj, index)) for run in runs for index in run]
+        for flight in flights:
+            flight.error = error
+            flight.done.set()
 
     def _fetch_run(self, obj: ObjectId, run: list[int], deadline: float) -> dict[int, bytes]:
         start = run[0] * self.block_size
