@@ -138,10 +138,45 @@ class BlockCache:
         self._counts["served_bytes"] += stop - start
         return self._slice(blocks, start, stop)
 
-    def ensure(self, obj: ObjectId, ranges: Sequence[tuple[int, int]], *, deadline: float) -> None:
-        """Have the blocks of these ranges in the cache: missing runs fetched in parallel."""
+    def read_pieces(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> list[bytes]:
+        """`read` as the blocks themselves (the first and last cut to the range), not joined."""
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return [b""]
+        blocks = self._blocks(obj, self._indices(obj, start, stop), deadline)
+        self._counts["served_bytes"] += stop - start
+        first = (start // self.block_size) * self.block_size
+        last = first + (len(blocks) - 1) * self.block_size
+        if len(blocks) == 1:
+            return [blocks[0][start - first : stop - first]]
+        head = blocks[0][start - first :] if start > first else blocks[0]
+        tail = blocks[-1][: stop - last] if stop - last < len(blocks[-1]) else blocks[-1]
+        return [head, *blocks[1:-1], tail]
+
+    def ensure(
+        self,
+        obj: ObjectId,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        deadline: float,
+        disk: bool = True,
+    ) -> None:
+        """Have the blocks of these ranges in the cache: missing runs fetched in parallel.
+        `disk=False`: in memory only, neither looked up in nor written to the disk store (for
+        bytes read once to be turned into something else that is kept instead)."""
         wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
-        self._blocks(obj, wanted, deadline, keep=False)
+        self._blocks(obj, wanted, deadline, keep=False, disk=disk)
+
+    def forget(self, obj: ObjectId, ranges: Sequence[tuple[int, int]]) -> None:
+        """Drop from memory the blocks that lie wholly inside these ranges (bytes read once and
+        not needed again: they would only push out blocks that are)."""
+        with self._lock:
+            for a, b in ranges:
+                first = -(-a // self.block_size)
+                for index in range(first, min(b, obj.size) // self.block_size):
+                    data = self._memory.pop((obj, index), None)
+                    if data is not None:
+                        self._memory_used -= len(data)
 
     def recall_stored(self, objects: Sequence[ObjectId]) -> list[ObjectId]:
         """Bring the blocks of these whole objects that the disk store has into memory, read
@@ -215,7 +250,13 @@ class BlockCache:
         return list(self._pool.map(functools.partial(self._store_get, obj), indices))
 
     def _blocks(
-        self, obj: ObjectId, indices: Sequence[int], deadline: float, *, keep: bool = True
+        self,
+        obj: ObjectId,
+        indices: Sequence[int],
+        deadline: float,
+        *,
+        keep: bool = True,
+        disk: bool = True,
     ) -> list[bytes]:
         found: dict[int, bytes] = {}
         waits: dict[int, _Flight] = {}
@@ -228,7 +269,8 @@ class BlockCache:
                 found[index] = data
             else:
                 not_in_memory.append(index)
-        for index, data in zip(not_in_memory, self._stored(obj, not_in_memory), strict=True):
+        stored = self._stored(obj, not_in_memory) if disk else [None] * len(not_in_memory)
+        for index, data in zip(not_in_memory, stored, strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1
                 self._remember((obj, index), data)
@@ -244,7 +286,7 @@ class BlockCache:
                     owned.append(index)
                 else:
                     waits[index] = flight
-        found.update(self._fetch_runs(obj, _runs(owned, self._max_blocks), deadline))
+        found.update(self._fetch_runs(obj, _runs(owned, self._max_blocks), deadline, disk))
         for index, flight in waits.items():
             if not flight.done.wait(max(0.0, deadline - time.monotonic())):
                 raise DeadlineExceeded(f"{obj.key}: block {index} still in flight at deadline")
@@ -255,17 +297,24 @@ class BlockCache:
         return [found[i] for i in indices] if keep else []
 
     def _fetch_runs(
-        self, obj: ObjectId, runs: list[list[int]], deadline: float
+        self, obj: ObjectId, runs: list[list[int]], deadline: float, disk: bool
     ) -> dict[int, bytes]:
         """Fetch runs of blocks, up to `parallel` at once; the first error is raised after
         all have ended (every run resolves its own flights either way)."""
         if len(runs) <= 1 or self._parallel <= 1:
-            return {i: b for run in runs for i, b in self._fetch_run(obj, run, deadline).items()}
-        others = [self._pool.submit(self._fetch_run, obj, run, deadline) for run in runs[1:]]
-        found: dict[int, bytes] = {}
+            found: dict[int, bytes] = {}
+            for n, run in enumerate(runs):
+                try:
+                    found.update(self._fetch_run(obj, run, deadline, disk))
+                except BaseException as exc:
+                    self._abandon(obj, runs[n + 1 :], exc)  # their waiters must not hang
+                    raise
+            return found
+        others = [self._pool.submit(self._fetch_run, obj, run, deadline, disk) for run in runs[1:]]
+        found = {}
         error: BaseException | None = None
         try:
-            found.update(self._fetch_run(obj, runs[0], deadline))
+            found.update(self._fetch_run(obj, runs[0], deadline, disk))
         except BaseException as exc:
             error = exc
         for future in others:
@@ -277,7 +326,17 @@ class BlockCache:
             raise error
         return found
 
-    def _fetch_run(self, obj: ObjectId, run: list[int], deadline: float) -> dict[int, bytes]:
+    def _abandon(self, obj: ObjectId, runs: list[list[int]], error: BaseException) -> None:
+        """Runs this thread owns but will not fetch: their flights end with `error`."""
+        with self._lock:
+            flights = [self._flights.pop((obj, index)) for run in runs for index in run]
+        for flight in flights:
+            flight.error = error
+            flight.done.set()
+
+    def _fetch_run(
+        self, obj: ObjectId, run: list[int], deadline: float, disk: bool = True
+    ) -> dict[int, bytes]:
         start = run[0] * self.block_size
         stop = min((run[-1] + 1) * self.block_size, obj.size)
         flights = {index: self._flights[(obj, index)] for index in run}
@@ -294,7 +353,7 @@ class BlockCache:
                 block = bytes(data[offset : offset + self.block_size])
                 blocks[index] = block
                 self._remember((obj, index), block)
-            if self._store is not None:
+            if self._store is not None and disk:
                 self._store.put_many(obj, blocks)
             for index, flight in flights.items():
                 flight.data = blocks[index]

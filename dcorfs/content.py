@@ -2,13 +2,16 @@
 
 `FileContent.read` may block (network, decoding) and runs in a worker thread; `peek` must not
 block and returns the bytes only when they are at hand (served on the trio thread).
+`read_pieces` is `read` for large ranges (read-ahead windows): the same bytes as a list of
+pieces, for contents that can give them without joining them first (`Pieced`; one large
+join copies more bytes than fit in the CPU's caches, measured 2.5 GB/s for 16 MiB here).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class FileContent(Protocol):
@@ -18,6 +21,18 @@ class FileContent(Protocol):
     def read(self, offset: int, length: int, *, deadline: float) -> bytes: ...
 
     def peek(self, offset: int, length: int) -> bytes | None: ...
+
+
+@runtime_checkable
+class Pieced(Protocol):
+    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[bytes]: ...
+
+
+def read_pieces(content: FileContent, offset: int, length: int, *, deadline: float) -> list[bytes]:
+    """`content.read(offset, length)` as pieces that, joined, are the same bytes."""
+    if isinstance(content, Pieced):
+        return content.read_pieces(offset, length, deadline=deadline)
+    return [content.read(offset, length, deadline=deadline)]
 
 
 class StaticContent:
@@ -107,11 +122,17 @@ class PartsContent:
             pos = end
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
-        pieces = [
-            bytes(n) if part is None else part.read(at, n, deadline=deadline)
-            for at, n, part in self._pieces(offset, length)
-        ]
+        pieces = self.read_pieces(offset, length, deadline=deadline)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[bytes]:
+        pieces: list[bytes] = []
+        for at, n, part in self._pieces(offset, length):
+            if part is None:
+                pieces.append(bytes(n))
+            else:
+                pieces += read_pieces(part, at, n, deadline=deadline)
+        return pieces or [b""]
 
     def peek(self, offset: int, length: int) -> bytes | None:
         pieces = []

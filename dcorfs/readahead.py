@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .content import FileContent
+from .content import FileContent, read_pieces
 from .errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
@@ -70,16 +70,21 @@ class Budget:
 
 
 class _Window:
-    def __init__(self, start: int, stop: int, future: concurrent.futures.Future[bytes]) -> None:
+    """Bytes [start, stop) of the content, made as pieces (not joined: see `read_pieces`)."""
+
+    def __init__(
+        self, start: int, stop: int, future: concurrent.futures.Future[list[bytes]]
+    ) -> None:
         self.start = start
         self.stop = stop
         self.future = future
+        self._starts: list[int] = []
 
-    def made(self, timeout: float) -> bytes | None:
-        """The bytes once made (waiting up to `timeout` seconds); None if making them failed
+    def made(self, timeout: float) -> list[bytes] | None:
+        """The pieces once made (waiting up to `timeout` seconds); None if making them failed
         (the reader then reads on its own)."""
         try:
-            return self.future.result(timeout=timeout)
+            pieces = self.future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             raise DeadlineExceeded(
                 f"read-ahead of [{self.start}, {self.stop}) not done at the deadline"
@@ -89,6 +94,28 @@ class _Window:
         except Exception as exc:
             log.debug("read-ahead window [%d, %d) failed: %s", self.start, self.stop, exc)
             return None
+        if not self._starts:
+            at = self.start
+            for piece in pieces:
+                self._starts.append(at)
+                at += len(piece)
+        return pieces
+
+    def cut(self, pieces: list[bytes], offset: int, stop: int) -> bytes:
+        """Bytes [offset, stop) of the window, from the pieces `made` returned (copying only
+        those bytes; a whole piece is served as it is)."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        piece, at = pieces[i], self._starts[i]
+        if stop <= at + len(piece):  # within one piece
+            whole = offset == at and stop == at + len(piece)
+            return piece if whole else piece[offset - at : stop - at]
+        out = []
+        while offset < stop:
+            piece, at = pieces[i], self._starts[i]
+            end = min(stop, at + len(piece))
+            out.append(memoryview(piece)[offset - at : end - at])  # copied once, by the join
+            offset, i = end, i + 1
+        return b"".join(out)
 
 
 class Prefetcher:
@@ -122,7 +149,7 @@ class Prefetcher:
 
     def submit(self, content: FileContent, start: int, stop: int) -> _Window:
         deadline = time.monotonic() + self.timeout
-        future = self._pool.submit(content.read, start, stop - start, deadline=deadline)
+        future = self._pool.submit(read_pieces, content, start, stop - start, deadline=deadline)
         self.counters["windows"] += 1
         self.counters["window_bytes"] += stop - start
         return _Window(start, stop, future)
@@ -160,11 +187,11 @@ class ReadAhead:
         with self._lock:
             window = self._covering(offset, stop)
             done = window is not None and window.future.done()
-            data = window.made(0) if window is not None and done else None
-            if data is not None and window is not None:
+            pieces = window.made(0) if window is not None and done else None
+            if pieces is not None and window is not None:
                 self._pf.counters["hits"] += 1
                 self._advance(offset, stop)
-                return data[offset - window.start : stop - window.start]
+                return window.cut(pieces, offset, stop)
         data = self._content.peek(offset, length)
         if data is not None:
             with self._lock:
@@ -185,16 +212,16 @@ class ReadAhead:
                 with self._lock:
                     self._pf.counters["hits"] += 1
                     self._advance(offset, stop)
-                return made[offset - window.start : stop - window.start]
+                return window.cut(made, offset, stop)
         self._pf.counters["misses"] += 1
         if ahead > stop - offset:
             # a stream: read a whole window now and keep what the reader has not asked yet
             big = min(self.size, offset + ahead)
-            data = self._content.read(offset, big - offset, deadline=deadline)
+            pieces = read_pieces(self._content, offset, big - offset, deadline=deadline)
             with self._lock:
-                self._keep(offset, big, data)
+                kept = self._keep(offset, big, pieces)
                 self._advance(offset, stop)
-            return data[: stop - offset]
+            return kept.cut(pieces, offset, stop)
         data = self._content.read(offset, stop - offset, deadline=deadline)
         with self._lock:
             self._advance(offset, stop)
@@ -208,15 +235,18 @@ class ReadAhead:
     def _window_size(self) -> int:
         return min(self._pf.cap, max(self._pf.initial, self._streak))
 
-    def _keep(self, start: int, stop: int, data: bytes) -> None:
-        """A window made by a reader's own read (counted against the budget if it fits)."""
+    def _keep(self, start: int, stop: int, pieces: list[bytes]) -> _Window:
+        """A window made by a reader's own read, kept if it fits the budget (returned either
+        way, to cut the reader's bytes from)."""
+        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        future.set_result(pieces)
+        window = _Window(start, stop, future)
+        window.made(0)
         if self._closed or self._covering(start, stop) is not None:
-            return
-        if not self._pf.budget.try_take(stop - start):
-            return
-        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-        future.set_result(data)
-        self._insert(_Window(start, stop, future))
+            return window
+        if self._pf.budget.try_take(stop - start):
+            self._insert(window)
+        return window
 
     def _insert(self, window: _Window) -> None:
         starts = [w.start for w in self._windows]

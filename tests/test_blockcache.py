@@ -107,6 +107,39 @@ def test_failure_reaches_waiters_and_is_not_cached(tmp_path: Path) -> None:
     assert cache.read(OBJ, 0, 100, deadline=later()) == DATA[:100]
 
 
+@pytest.mark.parametrize("parallel", [1, 8])
+def test_a_failed_run_leaves_no_block_in_flight(tmp_path: Path, parallel: int) -> None:
+    """Runs after a failed one (fetched one by one without parallel workers) end too: else
+    the next reader of their blocks would wait for a fetch nobody makes, until its deadline."""
+    source = Source()
+    cache = make(tmp_path, source, parallel=parallel)
+    cache.read(OBJ, 4 * BLOCK, 5 * BLOCK, deadline=later())  # splits [0, 8) into two runs
+    source.fail = 1
+    with pytest.raises(TransientError):
+        cache.read(OBJ, 0, 8 * BLOCK, deadline=later())
+    assert cache.stats().in_flight == 0
+    assert cache.read(OBJ, 0, 8 * BLOCK, deadline=time.monotonic() + 5) == DATA[: 8 * BLOCK]
+
+
+def test_forgotten_ranges_leave_memory_but_not_their_neighbours(tmp_path: Path) -> None:
+    source = Source()
+    cache = make(tmp_path, source)
+    cache.ensure(OBJ, [(0, len(DATA))], deadline=later(), disk=False)
+    assert cache.stats().disk_bytes == 0  # disk=False: memory only
+    cache.forget(OBJ, [(BLOCK + 10, 5 * BLOCK)])  # blocks 2, 3, 4 lie wholly inside
+    assert [cache.peek(OBJ, i * BLOCK, i * BLOCK + 1) is not None for i in range(7)] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert cache.stats().memory_bytes == len(DATA) - 3 * BLOCK
+    assert cache.read(OBJ, 0, len(DATA), deadline=later()) == DATA  # fetched again
+
+
 def test_wrong_length_and_waiter_deadline(tmp_path: Path) -> None:
     cache = make(tmp_path, Source(data=DATA[:-5]))
     with pytest.raises(ProtocolError):

@@ -283,8 +283,9 @@ def test_decoded_values_are_kept_checked_and_made_again(data_dir: Path, tmp_path
             assert read_everything(mnt) == first
             decoded = status(mnt)["decoded"]
             assert decoded["errors"] >= len(damaged) and decoded["fetches"] > 0, decoded
-        # decoded again from the cached blocks of the files: still no object request
-        assert server.stats.snapshot()["object_requests"] == 0
+        # decoded again from the network: compressed event data are kept in memory only (their
+        # decoded values are what the disk keeps), the files' metadata came from the disk
+        assert server.stats.snapshot()["object_requests"] > 0
 
 
 def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> None:

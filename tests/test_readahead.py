@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs.content import RowContent
+from dcorfs.blockcache import BlockCache, ObjectId
+from dcorfs.content import FileContent, PartsContent, RowContent, StaticContent
 from dcorfs.errors import TransientError
+from dcorfs.producers.passthrough import ObjectContent
 from dcorfs.readahead import Prefetcher
 
 KIB = 1 << 10
@@ -41,8 +43,21 @@ class Rows:
         return TRUTH[first * ROW : last * ROW]
 
 
-def content(rows: Rows) -> RowContent:
-    return RowContent(b"HEAD" * 16, row_bytes=ROW, count=(len(TRUTH) - 64) // ROW, rows=rows)
+def content(rows: Rows, *, pieced: bool = False) -> FileContent:
+    """The header and TRUTH's rows; `pieced`: as a header part and an object of small blocks
+    (windows are then made as many pieces, see `read_pieces`), else as one `RowContent`."""
+    count = (len(TRUTH) - 64) // ROW
+    if not pieced:
+        return RowContent(b"HEAD" * 16, row_bytes=ROW, count=count, rows=rows)
+    obj = ObjectId(key="truth", etag="1", size=count * ROW)
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        return rows(0, 0, deadline) + TRUTH[start:stop]  # rows: delays and failures
+
+    blocks = BlockCache(fetch=fetch, store=None, block_size=3 * KIB + 5, parallel=1)
+    return PartsContent(
+        64 + obj.size, [(0, StaticContent(b"HEAD" * 16)), (64, ObjectContent(blocks, obj))]
+    )
 
 
 def expected(offset: int, length: int, size: int) -> bytes:
@@ -90,10 +105,12 @@ def walk(steps: list[tuple[str, int, int]]) -> Iterator[tuple[int, int]]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(pattern(), st.booleans())
-def test_reads_and_peeks_return_the_truth(steps: list[tuple[str, int, int]], peek: bool) -> None:
+@given(pattern(), st.booleans(), st.booleans())
+def test_reads_and_peeks_return_the_truth(
+    steps: list[tuple[str, int, int]], peek: bool, pieced: bool
+) -> None:
     with prefetcher() as pf:
-        reader = pf.wrap(content(Rows()))
+        reader = pf.wrap(content(Rows(), pieced=pieced))
         for offset, length in walk(steps):
             want = expected(offset, length, reader.size)
             if peek:
@@ -107,10 +124,12 @@ def test_reads_and_peeks_return_the_truth(steps: list[tuple[str, int, int]], pee
 
 
 @settings(max_examples=30, deadline=None)
-@given(pattern(), st.integers(0, 1000))
-def test_failures_never_give_wrong_bytes(steps: list[tuple[str, int, int]], seed: int) -> None:
+@given(pattern(), st.integers(0, 1000), st.booleans())
+def test_failures_never_give_wrong_bytes(
+    steps: list[tuple[str, int, int]], seed: int, pieced: bool
+) -> None:
     with prefetcher() as pf:
-        reader = pf.wrap(content(Rows(fail_rate=0.3, seed=seed)))
+        reader = pf.wrap(content(Rows(fail_rate=0.3, seed=seed), pieced=pieced))
         for offset, length in walk(steps):
             try:
                 got = reader.read(offset, length, deadline=time.monotonic() + 30)

@@ -17,6 +17,12 @@ class ObjectContent:
             return b""
         return self._cache.read(self._obj, offset, stop, deadline=deadline)
 
+    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[bytes]:
+        stop = min(offset + length, self.size)
+        if offset >= stop:
+            return [b""]
+        return self._cache.read_pieces(self._obj, offset, stop, deadline=deadline)
+
     def peek(self, offset: int, length: int) -> bytes | None:
         stop = min(offset + length, self.size)
         if offset >= stop:
