@@ -181,6 +181,9 @@ async def test_fuse_ops_called_directly() -> None:
     assert make_ops()._inode(ops._nodes[entry.st_ino], 1) == entry.st_ino  # stable numbers
     info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
     assert info.keep_cache and await ops.read(info.fh, 1, 3) == b"ell"
+    with pytest.raises(pyfuse3.FUSEError) as caught:  # ENOSYS: the kernel stops sending FLUSH
+        await ops.flush(info.fh)
+    assert caught.value.errno == errno.ENOSYS and not ops.activity.counters["errors"]
     await ops.release(info.fh)
     negative = await ops.lookup(pyfuse3.ROOT_INODE, b"missing", ctx)
     assert negative.st_ino == 0 and negative.entry_timeout == 7
