@@ -32,7 +32,15 @@ from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
 from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
-from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
+from .rtdc import (
+    RemoteFile,
+    RtdcResource,
+    RtdcSource,
+    condensed_features,
+    describe,
+    described,
+    register_rows,
+)
 from .s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,7 @@ class Resources:
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
         self._warmed: set[int] = set()  # resources whose scalar values were warmed
+        self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
         self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
@@ -217,6 +226,10 @@ class Resources:
             condensed_made = self._ask.submit(
                 self._described, "condensed", keys["condensed"], None, None
             )
+            stated = _stated_events(metadata)
+            if stated:
+                warm = functools.partial(self._warm_condensed, events=stated)
+                condensed_made.add_done_callback(warm)
         original = self._described("resource", keys["resource"], resource.size, resource.etag)
         condensed = None
         if condensed_made is not None:
@@ -275,10 +288,31 @@ class Resources:
             if id(resource) in self._warmed:
                 return
             self._warmed.add(id(resource))
-        objects = [resource.rows_object(f.name) for f in resource.scalar_features()]
+        self._warm_objects([resource.rows_object(f.name) for f in resource.scalar_features()])
+
+    def _warm_condensed(self, made: concurrent.futures.Future[RtdcSource], *, events: int) -> None:
+        """As soon as the condensed file is described (called when that is done, in any
+        thread), the values of the features it serves are warmed like `warm_scalars`: side by
+        side with describing the original, which a resource directory waits for (its listing
+        names the original's features too), so that its scalar files are read from memory."""
+        if made.cancelled() or made.exception() is not None:
+            return  # reported by whoever waits for it
+        source = made.result()
+        features = condensed_features(source, events)
+        self._warm_objects([register_rows(self._derived, source, f) for f in features])
+
+    def _warm_objects(self, objects: list[ObjectId]) -> None:
         if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
             return
-        self._warm.submit(self._warm_values, objects)
+        with self._lock:  # each once (a resource's scalars are warmed from two places)
+            objects = [obj for obj in objects if obj not in self._warming]
+            self._warming.update(objects)
+        if not objects:
+            return
+        try:
+            self._warm.submit(self._warm_values, objects)
+        except RuntimeError:  # shut down: the mount is closing
+            log.debug("not warming %d objects: closing", len(objects))
 
     def _warm_values(self, objects: list[ObjectId]) -> None:
         for obj in self._derived.recall_stored(objects):
@@ -397,11 +431,16 @@ def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
     }
 
 
-def _event_count(metadata: Any, original: RtdcSource) -> int:
+def _stated_events(metadata: Any) -> int:
+    """The event count dcserv's metadata states, or 0."""
     try:
-        count = int(metadata["experiment"]["event count"])
+        return max(0, int(metadata["experiment"]["event count"]))
     except (KeyError, TypeError, ValueError):
-        count = 0
+        return 0
+
+
+def _event_count(metadata: Any, original: RtdcSource) -> int:
+    count = _stated_events(metadata)
     if count > 0:
         return count
     lengths = [f.shape[0] for f in original.features.values()]
