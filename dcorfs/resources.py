@@ -33,6 +33,7 @@ from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
 from .rtdc import (
+    Feature,
     RemoteFile,
     RtdcResource,
     RtdcSource,
@@ -54,6 +55,7 @@ SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: 
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
+Served = dict[str, tuple[Feature, ObjectId]]  # feature name -> (feature, its values)
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,17 @@ class Resources:
         self._opened: dict[str, RtdcResource] = {}
         self._warmed: set[int] = set()  # resources whose scalar values were warmed
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
+        self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
         self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
         # CPU work (building synthesized files) apart, so it never queues behind network work
         self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
+
+    @property
+    def derived(self) -> DerivedCache:
+        """The cache of decoded values (feature values are objects in it)."""
+        return self._derived
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -203,10 +211,37 @@ class Resources:
             with self._lock:
                 if resource.id in self._opened:
                     return self._opened[resource.id]
-            opened = self._open_rtdc(dataset, resource)
+            try:
+                opened = self._open_rtdc(dataset, resource)
+            except BaseException:
+                with self._lock:  # what the next attempt finds early is its own
+                    self._early.pop(resource.id, None)
+                raise
             with self._lock:
                 self._opened[resource.id] = opened
             return opened
+
+    def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:
+        with self._lock:
+            return self._early.setdefault(resource_id, concurrent.futures.Future())
+
+    def _publish_early(self, resource_id: str, served: Served | None) -> None:
+        future = self._early_future(resource_id)
+        with self._lock:
+            if not future.done():
+                future.set_result(served)
+
+    def served_early(
+        self, resource_id: str, loading: concurrent.futures.Future[Any]
+    ) -> Served | None:
+        """Blocking, while `loading` (whatever opens the resource) runs: the features its
+        condensed file serves, with their value objects, as soon as that file is described
+        (before the original is); None when `loading` ends first or nothing is served early."""
+        early = self._early_future(resource_id)
+        concurrent.futures.wait([early, loading], return_when=concurrent.futures.FIRST_COMPLETED)
+        if loading.done() or not early.done():
+            return None
+        return early.result()
 
     def _open_rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
         # the API answers a resource directory needs, asked side by side rather than one round
@@ -228,7 +263,7 @@ class Resources:
             )
             stated = _stated_events(metadata)
             if stated:
-                warm = functools.partial(self._warm_condensed, events=stated)
+                warm = functools.partial(self._warm_condensed, resource.id, events=stated)
                 condensed_made.add_done_callback(warm)
         original = self._described("resource", keys["resource"], resource.size, resource.etag)
         condensed = None
@@ -290,16 +325,23 @@ class Resources:
             self._warmed.add(id(resource))
         self._warm_objects([resource.rows_object(f.name) for f in resource.scalar_features()])
 
-    def _warm_condensed(self, made: concurrent.futures.Future[RtdcSource], *, events: int) -> None:
+    def _warm_condensed(
+        self, resource_id: str, made: concurrent.futures.Future[RtdcSource], *, events: int
+    ) -> None:
         """As soon as the condensed file is described (called when that is done, in any
-        thread), the values of the features it serves are warmed like `warm_scalars`: side by
-        side with describing the original, which a resource directory waits for (its listing
-        names the original's features too), so that its scalar files are read from memory."""
+        thread), the features it serves are known (`served_early`) and their values warmed
+        like `warm_scalars`: side by side with describing the original, which the listing of
+        a resource directory waits for (it names the original's features too)."""
         if made.cancelled() or made.exception() is not None:
+            self._publish_early(resource_id, None)
             return  # reported by whoever waits for it
         source = made.result()
-        features = condensed_features(source, events)
-        self._warm_objects([register_rows(self._derived, source, f) for f in features])
+        served = {
+            f.name: (f, register_rows(self._derived, source, f))
+            for f in condensed_features(source, events)
+        }
+        self._publish_early(resource_id, served)
+        self._warm_objects([obj for _, obj in served.values()])
 
     def _warm_objects(self, objects: list[ObjectId]) -> None:
         if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
