@@ -212,7 +212,6 @@ class RtdcSource:
         self._h5: h5py.File | None = None
         self._opening = threading.Lock()
         self._layouts: dict[str, _Layout | None] = {}
-        self._datasets: dict[str, h5py.Dataset] = {}
         self._lock = threading.Lock()
 
     @property
@@ -278,15 +277,7 @@ class RtdcSource:
         return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=self.kind)
 
     def dataset(self, name: str, deadline: float) -> h5py.Dataset:
-        """The dataset of feature `name`, opened once (a lookup by name in the events group
-        reads object headers through the file object: more than decoding a small feature)."""
-        with self._lock:
-            data = self._datasets.get(name)
-        if data is None:
-            data = self.open(deadline)["events/" + name]
-            with self._lock:
-                data = self._datasets.setdefault(name, data)
-        return data
+        return self.open(deadline)["events/" + name]
 
     @contextmanager
     def _reading(self, what: str, deadline: float, *, failure: str = "") -> Iterator[None]:
@@ -396,8 +387,6 @@ class RtdcSource:
     def close(self) -> None:
         with self._opening:
             if self._h5 is not None:
-                with self._lock:
-                    self._datasets.clear()
                 self._h5.close()
 
 
