@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TypeVar
 
 from .blockcache import BlockCache
 from .catalog import Catalog, Dataset, Resource
@@ -31,6 +32,7 @@ from .resources import Resources
 from .rtdc import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 README = """\
@@ -405,6 +407,23 @@ class PlainFile:
         return ObjectContent(self._ctx.cache, obj)
 
 
+def _in_thread(fn: Callable[[], T]) -> Future[T]:
+    """`fn` run in a thread of its own, its result or error in the future returned (not in a
+    pool, where it could queue behind the preparation of every resource of a listed dataset)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="listing", daemon=True).start()
+    return future
+
+
 def _stem(name: str) -> str:
     lower = name.lower()
     for suffix in (".rtdc", ".dc"):
@@ -476,7 +495,7 @@ class ResourceDir(Dir):
         with self._early_lock:
             loading = self._loading
             if loading is None or loading.done():
-                loading = self._loading = self._ctx.resources.prepare(self.children)
+                loading = self._loading = _in_thread(self.children)
         served = self._ctx.resources.served_early(self.resource.id, loading)
         found = None if served is None else served.get(name[: -len(".npy")])
         if found is None or sanitize(name) != name:

@@ -260,10 +260,6 @@ class HeldResources(Resources):
         self._early = {}
         self._derived = derived
         self.release = threading.Event()
-        self.pool = concurrent.futures.ThreadPoolExecutor(2)
-
-    def prepare(self, fn: Any) -> Any:
-        return self.pool.submit(fn)
 
     def rtdc(self, dataset: Any, resource: Any) -> Any:
         assert self.release.wait(30)
@@ -300,4 +296,3 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
                 directory.lookup(name)
     finally:
         resources.release.set()
-        resources.pool.shutdown()
