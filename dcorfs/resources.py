@@ -32,7 +32,16 @@ from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
 from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
-from .rtdc import RemoteFile, RtdcResource, RtdcSource, describe, described
+from .rtdc import (
+    Feature,
+    RemoteFile,
+    RtdcResource,
+    RtdcSource,
+    condensed_features,
+    describe,
+    described,
+    register_rows,
+)
 from .s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,7 @@ SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: 
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
+Served = dict[str, tuple[Feature, ObjectId]]  # feature name -> (feature, its values)
 
 
 @dataclass(frozen=True)
@@ -92,11 +102,18 @@ class Resources:
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
         self._warmed: set[int] = set()  # resources whose scalar values were warmed
+        self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
+        self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
         self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
         # CPU work (building synthesized files) apart, so it never queues behind network work
         self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
+
+    @property
+    def derived(self) -> DerivedCache:
+        """The cache of decoded values (feature values are objects in it)."""
+        return self._derived
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -194,10 +211,37 @@ class Resources:
             with self._lock:
                 if resource.id in self._opened:
                     return self._opened[resource.id]
-            opened = self._open_rtdc(dataset, resource)
+            try:
+                opened = self._open_rtdc(dataset, resource)
+            except BaseException:
+                with self._lock:  # what the next attempt finds early is its own
+                    self._early.pop(resource.id, None)
+                raise
             with self._lock:
                 self._opened[resource.id] = opened
             return opened
+
+    def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:
+        with self._lock:
+            return self._early.setdefault(resource_id, concurrent.futures.Future())
+
+    def _publish_early(self, resource_id: str, served: Served | None) -> None:
+        future = self._early_future(resource_id)
+        with self._lock:
+            if not future.done():
+                future.set_result(served)
+
+    def served_early(
+        self, resource_id: str, loading: concurrent.futures.Future[Any]
+    ) -> Served | None:
+        """Blocking, while `loading` (whatever opens the resource) runs: the features its
+        condensed file serves, with their value objects, as soon as that file is described
+        (before the original is); None when `loading` ends first or nothing is served early."""
+        early = self._early_future(resource_id)
+        concurrent.futures.wait([early, loading], return_when=concurrent.futures.FIRST_COMPLETED)
+        if loading.done() or not early.done():
+            return None
+        return early.result()
 
     def _open_rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
         # the API answers a resource directory needs, asked side by side rather than one round
@@ -217,6 +261,10 @@ class Resources:
             condensed_made = self._ask.submit(
                 self._described, "condensed", keys["condensed"], None, None
             )
+            stated = _stated_events(metadata)
+            if stated:
+                warm = functools.partial(self._warm_condensed, resource.id, events=stated)
+                condensed_made.add_done_callback(warm)
         original = self._described("resource", keys["resource"], resource.size, resource.etag)
         condensed = None
         if condensed_made is not None:
@@ -275,10 +323,38 @@ class Resources:
             if id(resource) in self._warmed:
                 return
             self._warmed.add(id(resource))
-        objects = [resource.rows_object(f.name) for f in resource.scalar_features()]
+        self._warm_objects([resource.rows_object(f.name) for f in resource.scalar_features()])
+
+    def _warm_condensed(
+        self, resource_id: str, made: concurrent.futures.Future[RtdcSource], *, events: int
+    ) -> None:
+        """As soon as the condensed file is described (called when that is done, in any
+        thread), the features it serves are known (`served_early`) and their values warmed
+        like `warm_scalars`: side by side with describing the original, which the listing of
+        a resource directory waits for (it names the original's features too)."""
+        if made.cancelled() or made.exception() is not None:
+            self._publish_early(resource_id, None)
+            return  # reported by whoever waits for it
+        source = made.result()
+        served = {
+            f.name: (f, register_rows(self._derived, source, f))
+            for f in condensed_features(source, events)
+        }
+        self._publish_early(resource_id, served)
+        self._warm_objects([obj for _, obj in served.values()])
+
+    def _warm_objects(self, objects: list[ObjectId]) -> None:
         if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
             return
-        self._warm.submit(self._warm_values, objects)
+        with self._lock:  # each once (a resource's scalars are warmed from two places)
+            objects = [obj for obj in objects if obj not in self._warming]
+            self._warming.update(objects)
+        if not objects:
+            return
+        try:
+            self._warm.submit(self._warm_values, objects)
+        except RuntimeError:  # shut down: the mount is closing
+            log.debug("not warming %d objects: closing", len(objects))
 
     def _warm_values(self, objects: list[ObjectId]) -> None:
         for obj in self._derived.recall_stored(objects):
@@ -397,11 +473,16 @@ def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
     }
 
 
-def _event_count(metadata: Any, original: RtdcSource) -> int:
+def _stated_events(metadata: Any) -> int:
+    """The event count dcserv's metadata states, or 0."""
     try:
-        count = int(metadata["experiment"]["event count"])
+        return max(0, int(metadata["experiment"]["event count"]))
     except (KeyError, TypeError, ValueError):
-        count = 0
+        return 0
+
+
+def _event_count(metadata: Any, original: RtdcSource) -> int:
+    count = _stated_events(metadata)
     if count > 0:
         return count
     lengths = [f.shape[0] for f in original.features.values()]

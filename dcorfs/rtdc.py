@@ -401,6 +401,40 @@ class RtdcSource:
                 self._h5.close()
 
 
+def condensed_features(condensed: RtdcSource, events: int) -> list[Feature]:
+    """The features of a resource of `events` events whose values come from its condensed
+    file: the condensed file's scalar features of that length (see `RtdcResource`)."""
+    return [
+        f
+        for f in condensed.features.values()
+        if f.scalar and f.shape[0] == events and f.name != "contour"
+    ]
+
+
+def register_rows(derived: DerivedCache, source: RtdcSource, feature: Feature) -> ObjectId:
+    """The derived object holding the values of `feature` of `source` (see `RtdcResource`),
+    registered with what decodes them: the same object whoever registers it first."""
+    obj = derived_id(
+        source.remote.obj,
+        f"rows/{feature.name}",
+        feature.row_bytes * feature.shape[0],
+        facts=(feature.dtype.str, feature.shape),
+        block_size=derived.block_size,
+    )
+    derived.register(obj, functools.partial(_make_rows, source, feature))
+    return obj
+
+
+def _make_rows(
+    source: RtdcSource, feature: Feature, start: int, stop: int, deadline: float
+) -> bytes:
+    """Bytes [start, stop) of a feature's values, decoded from its source file."""
+    row = feature.row_bytes
+    first, last = start // row, -(-stop // row)
+    values = source.read(feature.name, first, last, deadline=deadline)
+    return bytes(values.data.cast("B")[start - first * row : stop - first * row])
+
+
 def describe(features: dict[str, Feature]) -> dict[str, list[Any]]:
     """Features as JSON (to be remembered): name → [dtype, shape]."""
     return {name: [f.dtype.str, list(f.shape)] for name, f in features.items()}
@@ -458,9 +492,7 @@ class RtdcResource:
         merged = dict(original.features)
         if condensed is not None:
             self._sources["condensed"] = condensed
-            for name, feature in condensed.features.items():
-                if feature.scalar and feature.shape[0] == events:
-                    merged[name] = feature
+            merged.update((f.name, f) for f in condensed_features(condensed, events))
         self.features = {
             name: f
             for name, f in sorted(merged.items())
@@ -469,23 +501,7 @@ class RtdcResource:
         self._objects = {name: self._register(f) for name, f in self.features.items()}
 
     def _register(self, feature: Feature) -> ObjectId:
-        source = self._sources[feature.source].remote.obj
-        obj = derived_id(
-            source,
-            f"rows/{feature.name}",
-            feature.row_bytes * feature.shape[0],
-            facts=(feature.dtype.str, feature.shape),
-            block_size=self.derived.block_size,
-        )
-        self.derived.register(obj, functools.partial(self._make_rows, feature))
-        return obj
-
-    def _make_rows(self, feature: Feature, start: int, stop: int, deadline: float) -> bytes:
-        """Bytes [start, stop) of a feature's values, decoded from its source file."""
-        row = feature.row_bytes
-        first, last = start // row, -(-stop // row)
-        values = self._sources[feature.source].read(feature.name, first, last, deadline=deadline)
-        return bytes(values.data.cast("B")[start - first * row : stop - first * row])
+        return register_rows(self.derived, self._sources[feature.source], feature)
 
     def rows_object(self, name: str) -> ObjectId:
         """The derived object holding the values of feature `name` (see the class note)."""

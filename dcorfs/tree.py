@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TypeVar
 
 from .blockcache import BlockCache
 from .catalog import Catalog, Dataset, Resource
 from .content import FileContent, StaticContent
 from .errors import DcorfsError, NotFound
 from .names import sanitize, unique
-from .producers.npy import npy_content
+from .producers.npy import npy_content, npy_of
 from .producers.passthrough import ObjectContent
 from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
@@ -31,6 +32,7 @@ from .resources import Resources
 from .rtdc import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 README = """\
@@ -405,6 +407,23 @@ class PlainFile:
         return ObjectContent(self._ctx.cache, obj)
 
 
+def _in_thread(fn: Callable[[], T]) -> Future[T]:
+    """`fn` run in a thread of its own, its result or error in the future returned (not in a
+    pool, where it could queue behind the preparation of every resource of a listed dataset)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="listing", daemon=True).start()
+    return future
+
+
 def _stem(name: str) -> str:
     lower = name.lower()
     for suffix in (".rtdc", ".dc"):
@@ -448,13 +467,42 @@ class DatasetDir(Dir):
 
 
 class ResourceDir(Dir):
-    """An RT-DC resource: feature files, features.tsv, metadata, logs, tables."""
+    """An RT-DC resource: feature files, features.tsv, metadata, logs, tables.
+
+    Its listing waits for the original file to be described; the .npy files of the features
+    the condensed file serves (the scalars) are found as soon as that smaller file is
+    described, while the listing is still being made (`_early`)."""
 
     def __init__(self, path: str, ctx: Context, dataset: Dataset, resource: Resource) -> None:
         super().__init__(path, mtime=resource.mtime)
         self._ctx = ctx
         self.dataset = dataset
         self.resource = resource
+        self._early_lock = threading.Lock()
+        self._loading: Future[dict[str, Node]] | None = None
+
+    def lookup(self, name: str) -> Node:
+        if self.ready_children() is None and name.endswith(".npy"):
+            node = self._early(name)
+            if node is not None:
+                return node
+        return super().lookup(name)
+
+    def _early(self, name: str) -> Node | None:
+        """Blocking: the .npy file `name` of a feature the condensed file serves, once it is
+        described, if that comes before the listing (which is made in the background);
+        else None. The listing then has the same file (same bytes, same path)."""
+        with self._early_lock:
+            loading = self._loading
+            if loading is None or loading.done():
+                loading = self._loading = _in_thread(self.children)
+        served = self._ctx.resources.served_early(self.resource.id, loading)
+        found = None if served is None else served.get(name[: -len(".npy")])
+        if found is None or sanitize(name) != name:
+            return None
+        feature, values = found
+        content = npy_of(feature, ObjectContent(self._ctx.resources.derived, values))
+        return content_file(self.child_path(name), content, self.mtime)
 
     def prepare(self) -> None:
         """Load the listing now (in the background): errors are left to the next reader."""

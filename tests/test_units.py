@@ -3,11 +3,14 @@ metastore, tree and fuse_ops."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import io
 import os
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyfuse3
@@ -17,8 +20,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from dcorfs.blockcache import ObjectId
+from dcorfs.catalog import Resource
 from dcorfs.content import StaticContent
 from dcorfs.dcserv import Locator, object_key, parse_basin
+from dcorfs.derived import DerivedCache
 from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
 from dcorfs.fuse_ops import Operations
 from dcorfs.metastore import Memo, MetaStore
@@ -26,8 +32,10 @@ from dcorfs.names import sanitize, unique
 from dcorfs.producers.npy import npy_header
 from dcorfs.producers.text import table_bytes
 from dcorfs.producers.tsv import _format
+from dcorfs.resources import Resources
+from dcorfs.rtdc import Feature
 from dcorfs.settings import Token, parse_host, parse_size
-from dcorfs.tree import File, LazyFile, StaticDir
+from dcorfs.tree import Context, File, LazyFile, ResourceDir, StaticDir
 
 
 def test_names_are_safe_and_unique() -> None:
@@ -181,6 +189,9 @@ async def test_fuse_ops_called_directly() -> None:
     assert make_ops()._inode(ops._nodes[entry.st_ino], 1) == entry.st_ino  # stable numbers
     info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
     assert info.keep_cache and await ops.read(info.fh, 1, 3) == b"ell"
+    with pytest.raises(pyfuse3.FUSEError) as caught:  # ENOSYS: the kernel stops sending FLUSH
+        await ops.flush(info.fh)
+    assert caught.value.errno == errno.ENOSYS and not ops.activity.counters["errors"]
     await ops.release(info.fh)
     negative = await ops.lookup(pyfuse3.ROOT_INODE, b"missing", ctx)
     assert negative.st_ino == 0 and negative.entry_timeout == 7
@@ -238,3 +249,50 @@ def test_metadata_ranges_on_open() -> None:
     size = 50 << 20
     assert metadata_ranges(size, whole=1 << 20) == [(0, HEAD), (size - TAIL, size)]
     assert metadata_ranges(HEAD + 10, whole=0) == [(0, HEAD), (HEAD, HEAD + 10)]
+
+
+class HeldResources(Resources):
+    """`Resources` whose opening of a resource waits for `release` and then fails; what the
+    condensed file serves is published by the test (real `served_early` and publishing)."""
+
+    def __init__(self, derived: DerivedCache) -> None:
+        self._lock = threading.Lock()
+        self._early = {}
+        self._derived = derived
+        self.release = threading.Event()
+
+    def rtdc(self, dataset: Any, resource: Any) -> Any:
+        assert self.release.wait(30)
+        raise NotFound("the original file is gone")
+
+
+def test_scalar_files_are_found_before_the_listing_is_made() -> None:
+    """A resource directory finds the .npy file of a feature the condensed file serves as soon
+    as that is described, while its listing (waiting for the original) is still being made;
+    other names wait for the listing, and share its fate."""
+    derived = DerivedCache(store=None)
+    feature = Feature(name="deform", dtype=np.dtype("<f4"), shape=(3,), source="condensed")
+    values = np.array([0.5, 1.5, 2.5], dtype="<f4")
+    obj = ObjectId(key="k#rows/deform", etag="e", size=values.nbytes)
+    derived.register(obj, lambda start, stop, deadline: values.tobytes()[start:stop])
+    resources = HeldResources(derived)
+    ctx = Context(resources=resources, cache=derived, dir_cache_time=60)
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            early = pool.submit(directory.lookup, "deform.npy")
+            with pytest.raises(concurrent.futures.TimeoutError):  # nothing published yet
+                early.result(timeout=0.2)
+            resources._publish_early("r1", {"deform": (feature, obj)})
+            node = early.result(timeout=30)
+        assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
+        buffer = io.BytesIO(node.content().read(0, node.size, deadline=time.monotonic() + 9))
+        assert np.array_equal(np.load(buffer), values)
+        assert directory.ready_children() is None  # the listing is still being made
+        resources.release.set()
+        for name in ("image.npy", "area_um.npy", "deform.npy~"):
+            with pytest.raises(NotFound):
+                directory.lookup(name)
+    finally:
+        resources.release.set()

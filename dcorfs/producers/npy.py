@@ -33,8 +33,12 @@ def feature_values(resource: RtdcResource, feature: Feature) -> ObjectContent:
 
 def npy_content(resource: RtdcResource, feature: Feature) -> PartsContent:
     """The .npy file of one feature: its header, then its values."""
+    return npy_of(feature, feature_values(resource, feature))
+
+
+def npy_of(feature: Feature, values: ObjectContent) -> PartsContent:
+    """The .npy file of `feature` whose values are `values`."""
     header = npy_header(feature.dtype, feature.shape)
-    values = feature_values(resource, feature)
     return PartsContent(
         len(header) + values.size, [(0, StaticContent(header)), (len(header), values)]
     )
