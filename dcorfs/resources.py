@@ -265,7 +265,9 @@ class Resources:
             # once one scalar feature is read, fetch them all in the background
             first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
-        return RtdcSource(remote, kind=kind, prepare=prepare, first_read=first_read)
+        return RtdcSource(
+            remote, kind=kind, prepare=prepare, first_read=first_read, whole=obj.size <= whole
+        )
 
     def warm_scalars(self, resource: RtdcResource) -> None:
         """Bring the values of every scalar feature of `resource` into memory in the
@@ -389,7 +391,7 @@ def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
 def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
     """The `experiment` section of the original file's own metadata (root attributes), as
     JSON (opens the file)."""
-    attrs = original.attrs("/", deadline=deadline)
+    attrs = original.attrs(["/"], deadline=deadline)["/"]
     return {
         name.split(":", 1)[1]: json_value(value)
         for name, value in attrs.items()
