@@ -144,8 +144,12 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
             _WRITE.put(key, made)
         htype, mtype = made
         space = h5s.create_simple(data.shape)
-        attr = h5a.create(_holder(obj.id), name.encode("utf-8"), htype, space)
+        holder, encoded = _holder(obj.id), name.encode("utf-8")
+        attr = h5a.create(holder, encoded, htype, space)
         try:
             attr.write(data, mtype=mtype)
-        finally:
+        except BaseException:
             attr.close()
+            h5a.delete(holder, encoded)
+            raise
+        attr.close()

@@ -262,7 +262,8 @@ class RtdcSource:
                     key = self.remote.obj.key
                     raise ProtocolError(f"{key} is not a readable HDF5 file: {exc}") from None
                 try:
-                    yield fid
+                    with phil:  # no network inside: h5py's lock taken once, not per call
+                        yield fid
                 finally:
                     fid.close()
         else:

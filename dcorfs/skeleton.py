@@ -26,6 +26,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py._objects import phil
 
 from . import h5attrs
 from .fileobj import SeekableFile
@@ -196,7 +197,8 @@ def build(attrs: dict[str, Any], specs: list[Spec], groups: list[str] | None = N
     """The skeleton of a file with root attributes `attrs`, the datasets `specs` and
     `groups` (made even when empty)."""
     buffer = _SparseBuffer()
-    extents = _write(buffer, attrs, specs, groups or [])
+    with phil:  # all in memory: h5py's lock taken once, not per call
+        extents = _write(buffer, attrs, specs, groups or [])
     return Skeleton(buffer.size, _runs(buffer, sorted(extents.values())), extents)
 
 
