@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ProtocolError
-from .rtdc import Array, RtdcResource
+from .rtdc import RtdcResource
+from .structure import GROUPS, Array
 
 
 def json_value(value: Any) -> Any:
@@ -58,17 +59,16 @@ def file_texts(resource: RtdcResource, *, deadline: float) -> dict[str, Any]:
     original = resource.source("resource")
     if original is None:
         raise ProtocolError("resource without its original file")
-    logs = {
-        name: log_lines(log)
-        for name, log in (original.arrays("logs", deadline=deadline) or {}).items()
-    }
+    arrays = original.arrays(GROUPS, deadline=deadline)
+    logs = {name: log_lines(log) for name, log in (arrays["logs"] or {}).items()}
     condensed = resource.source("condensed")
     if condensed is not None:
-        for name, log in (condensed.arrays("logs", deadline=deadline) or {}).items():
+        condensed_logs = condensed.arrays(["logs"], deadline=deadline)["logs"]
+        for name, log in (condensed_logs or {}).items():
             logs.setdefault(name, log_lines(log))
-    tables = original.arrays("tables", deadline=deadline) or {}
+    attrs = original.attrs(["/"], deadline=deadline)["/"]
     return {
-        "metadata": metadata(original.attrs("/", deadline=deadline), resource.events),
+        "metadata": metadata(attrs, resource.events),
         "logs": logs,
-        "tables": {name: table(stored) for name, stored in tables.items()},
+        "tables": {name: table(stored) for name, stored in (arrays["tables"] or {}).items()},
     }

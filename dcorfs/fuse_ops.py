@@ -334,13 +334,15 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        self._node(inode)
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        """No extended attributes: ENOSYS, after which the kernel answers every later
+        getxattr itself (EOPNOTSUPP). `ls -l` asks twice per entry (ACLs, SELinux): each one
+        a round trip through this daemon otherwise."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self._node(inode)
-        return []
+        """As `getxattr`: the kernel stops asking (and lists none)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
 
 READ_ONLY = [

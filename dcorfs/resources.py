@@ -33,7 +33,6 @@ from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
 from .rtdc import (
-    Feature,
     RemoteFile,
     RtdcResource,
     RtdcSource,
@@ -43,6 +42,7 @@ from .rtdc import (
     register_rows,
 )
 from .s3 import ObjectStore
+from .structure import Feature
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -313,7 +313,9 @@ class Resources:
             # once one scalar feature is read, fetch them all in the background
             first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
-        return RtdcSource(remote, kind=kind, prepare=prepare, first_read=first_read)
+        return RtdcSource(
+            remote, kind=kind, prepare=prepare, first_read=first_read, whole=obj.size <= whole
+        )
 
     def warm_scalars(self, resource: RtdcResource) -> None:
         """Bring the values of every scalar feature of `resource` into memory in the
@@ -465,7 +467,7 @@ def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
 def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
     """The `experiment` section of the original file's own metadata (root attributes), as
     JSON (opens the file)."""
-    attrs = original.attrs("/", deadline=deadline)
+    attrs = original.attrs(["/"], deadline=deadline)["/"]
     return {
         name.split(":", 1)[1]: json_value(value)
         for name, value in attrs.items()

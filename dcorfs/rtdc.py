@@ -24,9 +24,9 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import h5py
@@ -36,15 +36,24 @@ from h5py._objects import phil
 
 from .blockcache import BlockCache, ObjectId
 from .derived import DerivedCache, derived_id
-from .errors import DcorfsError, ProtocolError
+from .errors import ProtocolError
 from .fileobj import SeekableFile
+from .structure import (
+    GROUPS,
+    H5PY_ERRORS,
+    Array,
+    Feature,
+    file_image,
+    h5py_failure,
+    read_arrays,
+    read_attributes,
+    read_features,
+)
 
 log = logging.getLogger(__name__)
 
-TRACE_PREFIX = "trace/"
 # groups whose members a reader looks at when it opens an .rtdc file, by level (parents first)
 STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
-H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
 HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
 
 
@@ -139,6 +148,10 @@ class RemoteFile(SeekableFile):
     def end(self) -> int:
         return self.obj.size
 
+    def read_all(self, deadline: float) -> bytes:
+        """The whole object (blocking: network)."""
+        return self._cache.read(self.obj, 0, self.obj.size, deadline=deadline)
+
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         stop = min(self._pos + len(buffer), self.obj.size)
         if stop <= self._pos:
@@ -148,32 +161,6 @@ class RemoteFile(SeekableFile):
         memoryview(buffer).cast("B")[:n] = data
         self._pos += n
         return n
-
-
-@dataclass(frozen=True)
-class Feature:
-    """One feature as the mount shows it: `deform`, `image`, `trace/fl1_raw` …"""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]  # (N,) or (N, ...)
-    source: str  # "resource" or "condensed"
-
-    @property
-    def scalar(self) -> bool:
-        return len(self.shape) == 1
-
-    @property
-    def row_bytes(self) -> int:
-        return int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
-
-
-@dataclass
-class Array:
-    """A small dataset read whole (a log, a table) with its attributes."""
-
-    data: np.ndarray
-    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,12 +197,14 @@ class RtdcSource:
         kind: str,
         prepare: Callable[[float], object] | None = None,
         first_read: Callable[[], object] | None = None,
+        whole: bool = False,
     ) -> None:
         self.remote = remote
         self.kind = kind
         self.features: dict[str, Feature] = {}  # set by `scan` or by whoever remembers them
         self._prepare = prepare  # fetches what HDF5 reads on open, before it does (blocking)
         self._first_read = first_read  # called once, before the first read of event data
+        self._whole = whole  # small, fetched whole on open: its structure read from memory
         self._h5: h5py.File | None = None
         self._opening = threading.Lock()
         self._layouts: dict[str, _Layout | None] = {}
@@ -258,30 +247,59 @@ class RtdcSource:
                             ranges.append((info.u, info.u + HEADER_GUESS))
             self.remote.ensure(ranges, deadline=deadline)
 
+    @property
+    def _in_memory(self) -> bool:
+        """Whether its structure is read from an in-memory copy (see `_file`)."""
+        return self._whole and not self.is_open
+
+    @contextmanager
+    def _file(self, what: str, deadline: float) -> Iterator[h5py.h5f.FileID]:
+        """The file, to read its structure (features, attributes, logs, tables) under
+        `_reading(what)`: a small file (`whole`) not opened yet from an in-memory copy of
+        its bytes, closed again afterwards (listing it never opens it through the cache);
+        any other one opened (`open`), for good."""
+        if self._in_memory:
+            if self._prepare is not None:
+                self._prepare(deadline)
+            data = self.remote.read_all(deadline)
+            with self._reading(what, deadline):
+                try:
+                    fid = file_image(data)
+                except H5PY_ERRORS as exc:
+                    key = self.remote.obj.key
+                    raise ProtocolError(f"{key} is not a readable HDF5 file: {exc}") from None
+                try:
+                    with phil:  # no network inside: h5py's lock taken once, not per call
+                        yield fid
+                finally:
+                    fid.close()
+        else:
+            h5 = self.open(deadline)
+            with self._reading(what, deadline):
+                yield h5.id
+
     def scan(self, deadline: float) -> dict[str, Feature]:
-        """The features as the file describes them (opens it)."""
-        h5 = self.open(deadline)
-        with self._reading("the features", deadline):
-            return self._scan(h5)
+        """The features as the file describes them."""
+        with self._file("the features", deadline) as fid:
+            return read_features(fid, kind=self.kind, where=self.remote.obj.key)
 
-    def _scan(self, h5: h5py.File) -> dict[str, Feature]:
-        events = h5.get("events")
-        if not isinstance(events, h5py.Group):
-            raise ProtocolError(f"{self.remote.obj.key} has no /events group (not an .rtdc file)")
-        found: dict[str, Feature] = {}
-        for name, item in events.items():
-            if isinstance(item, h5py.Dataset) and item.ndim >= 1:
-                found[name] = self._feature(name, item)
-            elif name == "trace" and isinstance(item, h5py.Group):
-                for trace, data in item.items():
-                    if isinstance(data, h5py.Dataset) and data.ndim == 2:
-                        path = TRACE_PREFIX + trace
-                        found[path] = self._feature(path, data)
-        return found
+    def attrs(self, paths: Sequence[str], *, deadline: float) -> dict[str, dict[str, Any]]:
+        """The attributes of objects ("/", "events/deform" …) by path; those h5py cannot
+        read are left out (with a warning)."""
+        where = self.remote.obj.key
+        with self._file("attributes", deadline) as fid:
+            return {path: read_attributes(fid, path, where=where) for path in paths}
 
-    def _feature(self, name: str, data: h5py.Dataset) -> Feature:
-        dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
-        return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=self.kind)
+    def arrays(
+        self, groups: Sequence[str], *, deadline: float
+    ) -> dict[str, dict[str, Array] | None]:
+        """The datasets of groups (`logs`, `tables`) with their attributes, read whole; None
+        for a group the file does not have."""
+        if not self._in_memory:
+            self._fetch_arrays(groups, deadline=deadline)
+        where = self.remote.obj.key
+        with self._file(", ".join(groups), deadline) as fid:
+            return {group: read_arrays(fid, group, where=where) for group in groups}
 
     def dataset(self, name: str, deadline: float) -> h5py.Dataset:
         return self.open(deadline)["events/" + name]
@@ -294,50 +312,10 @@ class RtdcSource:
             try:
                 yield
             except H5PY_ERRORS as exc:
-                if isinstance(exc.__context__, DcorfsError):
-                    raise exc.__context__ from None
                 said = f" {failure}" if failure else f": cannot read {what}"
-                raise ProtocolError(f"{self.remote.obj.key}{said}: {exc}") from None
+                raise h5py_failure(exc, f"{self.remote.obj.key}{said}") from None
 
-    def attrs(self, path: str, *, deadline: float) -> dict[str, Any]:
-        """The attributes of an object; those h5py cannot read are left out (with a warning)."""
-        h5 = self.open(deadline)
-        with self._reading(f"attributes of {path}", deadline):
-            attrs = h5[path].attrs
-            names = list(attrs.keys())
-        found: dict[str, Any] = {}
-        for name in names:
-            try:
-                with self._reading(f"attribute {name!r} of {path}", deadline):
-                    found[name] = attrs[name]
-            except ProtocolError as exc:
-                log.warning("%s", exc)
-        return found
-
-    def arrays(self, group: str, *, deadline: float) -> dict[str, Array] | None:
-        """The datasets of a group (`logs`, `tables`) with their attributes, read whole;
-        None when there is no such group."""
-        h5 = self.open(deadline)
-        with self._reading(group, deadline):
-            members = h5.get(group)
-            if not isinstance(members, h5py.Group):
-                return None
-            names = list(members.keys())
-        found: dict[str, Array] = {}
-        for name in names:
-            path = f"{group}/{name}"
-            try:
-                with self._reading(path, deadline):
-                    item = h5[path]
-                    if not isinstance(item, h5py.Dataset):
-                        continue
-                    data = np.asarray(item[()])
-                found[name] = Array(data, self.attrs(path, deadline=deadline))
-            except ProtocolError as exc:
-                log.warning("%s (left out)", exc)
-        return found
-
-    def fetch_arrays(self, groups: tuple[str, ...], *, deadline: float) -> None:
+    def _fetch_arrays(self, groups: Sequence[str], *, deadline: float) -> None:
         """Have the data of the datasets of these groups in the cache, in one parallel batch
         (rather than one miss after another while they are read)."""
         h5 = self.open(deadline)
@@ -526,18 +504,22 @@ class RtdcResource:
 
     def outline(self, *, deadline: float) -> Outline:
         """Root attributes, feature attributes, logs and tables as the original file has them
-        (a feature's attributes from the file its values come from)."""
+        (a feature's attributes from the file its values come from: only those are read)."""
         original = self._sources["resource"]
-        original.fetch_arrays(("logs", "tables"), deadline=deadline)
-        feature_attrs = {
-            name: self._sources[f.source].attrs("events/" + name, deadline=deadline)
-            for name, f in self.features.items()
-        }
+        paths: dict[str, list[str]] = {kind: [] for kind in self._sources}
+        for name, feature in self.features.items():
+            paths[feature.source].append("events/" + name)
+        paths["resource"].append("/")
+        attrs: dict[str, dict[str, Any]] = {}
+        for kind, wanted in paths.items():
+            if wanted:
+                attrs.update(self._sources[kind].attrs(wanted, deadline=deadline))
+        arrays = original.arrays(GROUPS, deadline=deadline)
         return Outline(
-            attrs=original.attrs("/", deadline=deadline),
-            feature_attrs=feature_attrs,
-            logs=original.arrays("logs", deadline=deadline),
-            tables=original.arrays("tables", deadline=deadline),
+            attrs=attrs["/"],
+            feature_attrs={name: attrs["events/" + name] for name in self.features},
+            logs=arrays["logs"],
+            tables=arrays["tables"],
         )
 
     def close(self) -> None:

@@ -26,7 +26,9 @@ from typing import Any
 
 import h5py
 import numpy as np
+from h5py._objects import phil
 
+from . import h5attrs
 from .fileobj import SeekableFile
 
 PAGE = 4096
@@ -133,33 +135,45 @@ def _lazy_dcpl() -> h5py.h5p.PropDCID:
 
 
 def _allocate(dataset: h5py.Dataset) -> None:
-    """Make HDF5 allocate a lazy dataset's storage now (by writing its first element)."""
+    """Make HDF5 allocate a lazy dataset's storage now (by writing its first element: a zero,
+    through the low-level API, as `dataset[0, …] = 0` would)."""
     if dataset.size:
-        dataset[(0,) * dataset.ndim] = np.zeros((), dataset.dtype)
+        one = (1,) * dataset.ndim
+        space = dataset.id.get_space()
+        space.select_hyperslab((0,) * dataset.ndim, one)
+        zero = np.zeros(one, dataset.dtype)
+        dataset.id.write(h5py.h5s.create_simple(one), space, zero)
 
 
 def _set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
     for name, value in attrs.items():
-        obj.attrs[name] = value
+        h5attrs.write(obj, name, value)
 
 
 def _write(
     buffer: _SparseBuffer, attrs: dict[str, Any], specs: list[Spec], groups: list[str]
-) -> None:
+) -> dict[str, tuple[int, int]]:
+    """Write the file; returns the extent (offset, length) of each allocated lazy dataset."""
     with h5py.File(buffer, "w", libver=LIBVER, locking=False) as out:
         _set_attrs(out, attrs)
-        for group in groups:
-            out.require_group(group)
+        made_groups: dict[str, h5py.Group] = {"": out}
+
+        def group(path: str) -> h5py.Group:
+            if path not in made_groups:
+                made_groups[path] = out.require_group(path)
+            return made_groups[path]
+
+        for path in groups:
+            group(path)
         lazy: list[tuple[Spec, h5py.Dataset]] = []
         for spec in specs:
-            parent, _, _ = spec.path.rpartition("/")
-            if parent:
-                out.require_group(parent)
+            parent, _, name = spec.path.rpartition("/")
+            where = group(parent)
             if spec.data is not None:
-                made = out.create_dataset(spec.path, data=spec.data)
+                made = where.create_dataset(name, data=spec.data)
             else:
-                made = out.create_dataset(
-                    spec.path, shape=spec.shape, dtype=spec.dtype, dcpl=_lazy_dcpl()
+                made = where.create_dataset(
+                    name, shape=spec.shape, dtype=spec.dtype, dcpl=_lazy_dcpl()
                 )
                 lazy.append((spec, made))
             _set_attrs(made, spec.attrs)
@@ -170,23 +184,21 @@ def _write(
                 _allocate(gap)
                 gap_made = True
             _allocate(made)
+        extents = {}
+        for spec, made in lazy:
+            offset = made.id.get_offset()
+            if offset is not None:
+                extents[spec.path] = (int(offset), int(made.id.get_storage_size()))
         del out[_GAP_NAME]  # its storage stays a hole; no object refers to it
+    return extents
 
 
 def build(attrs: dict[str, Any], specs: list[Spec], groups: list[str] | None = None) -> Skeleton:
     """The skeleton of a file with root attributes `attrs`, the datasets `specs` and
     `groups` (made even when empty)."""
     buffer = _SparseBuffer()
-    _write(buffer, attrs, specs, groups or [])
-    buffer.seek(0)
-    extents: dict[str, tuple[int, int]] = {}
-    with h5py.File(buffer, "r", locking=False) as done:
-        for spec in specs:
-            if spec.data is None:
-                dataset = done[spec.path]
-                offset = dataset.id.get_offset()
-                if offset is not None:
-                    extents[spec.path] = (int(offset), int(dataset.id.get_storage_size()))
+    with phil:  # all in memory: h5py's lock taken once, not per call
+        extents = _write(buffer, attrs, specs, groups or [])
     return Skeleton(buffer.size, _runs(buffer, sorted(extents.values())), extents)
 
 

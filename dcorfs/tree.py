@@ -29,7 +29,7 @@ from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
 from .producers.tsv import tsv_content
 from .resources import Resources
-from .rtdc import TRACE_PREFIX
+from .structure import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

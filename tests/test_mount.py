@@ -139,6 +139,19 @@ def test_read_only(public_mount: Path) -> None:
         assert caught.value.errno == errno.EROFS
 
 
+def test_no_extended_attributes(public_mount: Path) -> None:
+    """The daemon says once that it has none: the kernel answers every later ask itself
+    (`ls -l` asks for ACLs of every entry), and there is never one to find."""
+    target = public_mount / "datasets" / "generated" / "notes.txt"
+    for _ in range(2):
+        with pytest.raises(OSError) as caught:
+            os.getxattr(target, "user.comment")
+        assert caught.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(OSError) as caught:
+            os.listxattr(target)
+        assert caught.value.errno == errno.EOPNOTSUPP
+
+
 def test_every_feature_equals_dclab_bit_for_bit(public_mount: Path, devserver: DevServer) -> None:
     checked = 0
     for entry in rtdc_entries(devserver):

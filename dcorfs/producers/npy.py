@@ -14,7 +14,8 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from ..content import PartsContent, StaticContent
-from ..rtdc import Feature, RtdcResource
+from ..rtdc import RtdcResource
+from ..structure import Feature
 from .passthrough import ObjectContent
 
 

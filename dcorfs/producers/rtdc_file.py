@@ -23,8 +23,9 @@ import numpy as np
 
 from ..content import FileContent, PartsContent, StaticContent
 from ..errors import ProtocolError
-from ..rtdc import TRACE_PREFIX, Feature, Outline, RtdcResource
+from ..rtdc import Outline, RtdcResource
 from ..skeleton import Skeleton, Spec, build
+from ..structure import TRACE_PREFIX, Feature
 from .npy import feature_values
 
 Remake = Callable[[float], Any]  # make(deadline) -> a JSON value

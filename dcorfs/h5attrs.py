@@ -1,0 +1,155 @@
+"""HDF5 attributes read and written through h5py's low-level API, as its high-level API would.
+
+h5py's `obj.attrs[name]` and `obj.attrs[name] = value` make the HDF5 datatypes of every value
+anew (a numpy dtype from the file's type, a memory type from that dtype: ~30 µs), and more
+besides; an .rtdc file has a few hundred attributes (metadata, each feature's min/max/mean),
+and listing a resource reads them all and writes them again into the synthesized file. Here
+the types are made once per kind of value and kept; everything else is what h5py does
+(`h5py._hl.attrs.AttributeManager.__getitem__` and `.create`), step by step, so values read
+are equal and files written byte for byte the same (tests compare both with h5py's own).
+Values of uncommon kinds (empty, array-typed) go through h5py's high-level API.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import h5py
+import numpy as np
+from h5py import h5a, h5p, h5s, h5t
+from h5py._hl.base import array_for_new_object
+from h5py._objects import phil
+
+KEPT_TYPES = 256  # kinds of values whose types are kept (cleared when more appear)
+
+
+class _Types:
+    """Made types by key, bounded (a hostile file may have a type per attribute)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._made: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> Any:
+        return self._made.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            if len(self._made) >= KEPT_TYPES:
+                self._made.clear()
+            self._made[key] = value
+
+
+_READ = _Types()  # encoded file type -> (dtype, memory type, is vlen text)
+_WRITE = _Types()  # numpy dtype key -> (file type, memory type)
+
+
+def _read_types(attr: h5a.AttrID) -> tuple[np.dtype, h5t.TypeID, bool]:
+    tid = attr.get_type()
+    key = tid.encode()
+    made = _READ.get(key)
+    if made is None:
+        dtype = tid.dtype
+        text = h5t.check_string_dtype(dtype)
+        made = (dtype, h5t.py_create(dtype), bool(text and text.length is None))
+        _READ.put(key, made)
+    dtype, htype, vlen_text = made
+    return dtype, htype, vlen_text
+
+
+def value(attr: h5a.AttrID) -> Any:
+    """The value of an opened attribute, as `obj.attrs[name]` gives it."""
+    with phil:
+        dtype, htype, vlen_text = _read_types(attr)
+        shape = attr.shape
+        if shape is None:
+            return h5py.Empty(dtype)
+        if 0 in shape:
+            return np.zeros(shape, dtype=dtype)
+        if dtype.subdtype is not None:
+            subdtype, subshape = dtype.subdtype
+            shape, dtype = shape + subshape, subdtype
+        arr = np.zeros(shape, dtype=dtype, order="C")
+        attr.read(arr, mtype=htype)
+    if vlen_text:
+        arr = np.array(
+            [b.decode("utf-8", "surrogateescape") for b in arr.flat], dtype=dtype
+        ).reshape(arr.shape)
+    if arr.ndim == 0:
+        return arr[()]
+    return arr
+
+
+def _holder(oid: Any) -> Any:
+    """The object whose attributes these are: a file's are its root group's (whose creation
+    properties, not the file's, say whether their order is tracked)."""
+    return h5py.h5o.open(oid, b"/") if isinstance(oid, h5py.h5f.FileID) else oid
+
+
+def names(oid: Any) -> list[bytes]:
+    """The attribute names of an object, in h5py's order (creation order where the object
+    tracks it, else by name)."""
+    with phil:
+        oid = _holder(oid)
+        plist = oid.get_create_plist()
+        try:
+            tracked = plist.get_attr_creation_order() & h5p.CRT_ORDER_TRACKED
+        finally:
+            plist.close()
+        found: list[bytes] = []
+
+        def note(name: bytes, *_: Any) -> None:
+            found.append(name)
+
+        index = h5py.h5.INDEX_CRT_ORDER if tracked else h5py.h5.INDEX_NAME
+        h5a.iterate(oid, note, index_type=index)
+        return found
+
+
+def read(oid: Any, name: bytes) -> Any:
+    """The value of attribute `name` of an object (h5py's errors for a bad one)."""
+    with phil:
+        attr = h5a.open(_holder(oid), name)
+        try:
+            return value(attr)
+        finally:
+            attr.close()
+
+
+def _write_key(dtype: np.dtype) -> Any:
+    """What identifies the types of a value of `dtype`, or None (not kept): plain numbers
+    and byte strings by their dtype, text (h5py's vlen str) as such."""
+    if dtype.fields is not None or dtype.subdtype is not None:
+        return None
+    if dtype.kind != "O":
+        return dtype.str
+    text = h5t.check_string_dtype(dtype)
+    if text is not None and text.length is None:
+        return ("vlen", text.encoding)
+    return None
+
+
+def write(obj: h5py.HLObject, name: str, given: Any) -> None:
+    """`obj.attrs[name] = given` for an attribute `obj` does not have yet."""
+    data = array_for_new_object(given)
+    key = _write_key(data.dtype)
+    if key is None or isinstance(given, h5py.Empty):
+        obj.attrs[name] = given
+        return
+    with phil:
+        made = _WRITE.get(key)
+        if made is None:
+            made = (h5t.py_create(data.dtype, logical=True), h5t.py_create(data.dtype))
+            _WRITE.put(key, made)
+        htype, mtype = made
+        space = h5s.create_simple(data.shape)
+        holder, encoded = _holder(obj.id), name.encode("utf-8")
+        attr = h5a.create(holder, encoded, htype, space)
+        try:
+            attr.write(data, mtype=mtype)
+        except BaseException:
+            attr.close()
+            h5a.delete(holder, encoded)
+            raise
+        attr.close()
