@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dcorfs import cachedir
 from dcorfs.blockcache import BlockCache, ObjectId
-from dcorfs.diskstore import CacheDamaged, DiskStore, damage_of, read_inventory
+from dcorfs.diskstore import HEADER, CacheDamaged, DiskStore, damage_of, read_inventory
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 from dcorfs.metastore import MetaStore
 
@@ -391,3 +391,46 @@ def test_a_damaged_index_in_use_by_another_store_is_left_alone(tmp_path: Path) -
         holder.close()
     DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK).close()  # alone: renewed
     assert damage_of(cache / cachedir.INDEX) is None
+
+
+def stored_total(cache: Path) -> tuple[int, int]:
+    """(the kept total, the sum of the rows) of a cache dir's index."""
+    with sqlite3.connect(cache / "index.sqlite3") as db:
+        (kept,) = db.execute("SELECT bytes FROM total").fetchone()
+        (summed,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()
+    return kept, summed
+
+
+def test_the_kept_total_follows_admissions_evictions_and_clear(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=4 * (BLOCK + 64), block_size=BLOCK)
+    for n in range(6):  # more than the limit holds: evictions
+        obj = ObjectId(key=f"k{n}", etag="e", size=len(DATA))
+        assert store.put_many(obj, {i: DATA[i * BLOCK : (i + 1) * BLOCK] for i in range(2)}) == 2
+        kept, summed = stored_total(cache)
+        assert kept == summed > 0
+        assert kept <= store.limit
+    store.put(OBJ, 0, DATA[:BLOCK])  # the same block again: its row replaced
+    store.put(OBJ, 0, DATA[:BLOCK])
+    assert stored_total(cache)[0] == stored_total(cache)[1]
+    store.clear()
+    assert stored_total(cache) == (0, 0)
+    store.close()
+
+
+def test_an_index_from_before_the_kept_total_gets_it(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
+    assert store.put_many(OBJ, {0: DATA[:BLOCK], 1: DATA[BLOCK : 2 * BLOCK]}) == 2
+    store.close()
+    with sqlite3.connect(cache / "index.sqlite3") as db:
+        for trigger in ("total_in", "total_out", "total_change"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("DROP TABLE total")
+    store = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
+    two = 2 * (HEADER.size + BLOCK)
+    assert stored_total(cache) == (two, two)
+    assert store.put(OBJ, 2, DATA[2 * BLOCK : 3 * BLOCK])
+    kept, summed = stored_total(cache)
+    assert kept == summed == store.usage()[0]
+    store.close()
