@@ -162,8 +162,9 @@ class BlockCache:
         disk: bool = True,
     ) -> None:
         """Have the blocks of these ranges in the cache: missing runs fetched in parallel.
-        `disk=False`: in memory only, neither looked up in nor written to the disk store (for
-        bytes read once to be turned into something else that is kept instead)."""
+        `disk=False`: what is fetched is kept in memory only, not written to the disk store
+        (bytes read once to be turned into something else that is kept instead); blocks the
+        store already has are still used (looked up one after another: mostly misses)."""
         wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
         self._blocks(obj, wanted, deadline, keep=False, disk=disk)
 
@@ -241,11 +242,14 @@ class BlockCache:
             return None
         return self._store.get(obj, index, block_size=self.block_size)
 
-    def _stored(self, obj: ObjectId, indices: list[int]) -> list[bytes | None]:
-        """The blocks from the disk store (None where missing), several read in parallel."""
+    def _stored(
+        self, obj: ObjectId, indices: list[int], *, parallel: bool = True
+    ) -> list[bytes | None]:
+        """The blocks from the disk store (None where missing), several read in parallel
+        unless `parallel` is False (when misses are expected: a miss is one failed open)."""
         if self._store is None:
             return [None] * len(indices)
-        if len(indices) <= 1 or self._parallel <= 1:
+        if len(indices) <= 1 or self._parallel <= 1 or not parallel:
             return [self._store_get(obj, index) for index in indices]
         return list(self._pool.map(functools.partial(self._store_get, obj), indices))
 
@@ -269,7 +273,7 @@ class BlockCache:
                 found[index] = data
             else:
                 not_in_memory.append(index)
-        stored = self._stored(obj, not_in_memory) if disk else [None] * len(not_in_memory)
+        stored = self._stored(obj, not_in_memory, parallel=disk)
         for index, data in zip(not_in_memory, stored, strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1

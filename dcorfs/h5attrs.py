@@ -7,7 +7,8 @@ and listing a resource reads them all and writes them again into the synthesized
 the types are made once per kind of value and kept; everything else is what h5py does
 (`h5py._hl.attrs.AttributeManager.__getitem__` and `.create`), step by step, so values read
 are equal and files written byte for byte the same (tests compare both with h5py's own).
-Values of uncommon kinds (empty, array-typed) go through h5py's high-level API.
+Values of uncommon kinds (empty, array-typed, compound) are written through h5py's
+high-level API.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def value(attr: h5a.AttrID) -> Any:
             return h5py.Empty(dtype)
         if 0 in shape:
             return np.zeros(shape, dtype=dtype)
-        if dtype.subdtype is not None:
+        if dtype.subdtype is not None:  # an array type: its elements decide (as in h5py)
             subdtype, subshape = dtype.subdtype
             shape, dtype = shape + subshape, subdtype
+            text = h5t.check_string_dtype(dtype)
+            vlen_text = bool(text and text.length is None)
         arr = np.zeros(shape, dtype=dtype, order="C")
         attr.read(arr, mtype=htype)
     if vlen_text:
@@ -144,7 +147,7 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
             _WRITE.put(key, made)
         htype, mtype = made
         space = h5s.create_simple(data.shape)
-        holder, encoded = _holder(obj.id), name.encode("utf-8")
+        holder, encoded = _holder(obj.id), name.encode("utf-8", "surrogateescape")
         attr = h5a.create(holder, encoded, htype, space)
         try:
             attr.write(data, mtype=mtype)

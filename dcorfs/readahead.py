@@ -94,11 +94,12 @@ class _Window:
         except Exception as exc:
             log.debug("read-ahead window [%d, %d) failed: %s", self.start, self.stop, exc)
             return None
-        if not self._starts:
-            at = self.start
+        if not self._starts:  # made whole, then published: readers may call this at once
+            starts, at = [], self.start
             for piece in pieces:
-                self._starts.append(at)
+                starts.append(at)
                 at += len(piece)
+            self._starts = starts
         return pieces
 
     def cut(self, pieces: list[bytes], offset: int, stop: int) -> bytes:

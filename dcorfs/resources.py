@@ -16,6 +16,7 @@ and tables are read from the files themselves (`filetexts`).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -109,6 +110,8 @@ class Resources:
         self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
         # CPU work (building synthesized files) apart, so it never queues behind network work
         self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
+        # listings a reader waits for, apart from those made ahead of readers (`prepare`)
+        self._listing = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="listing")
 
     @property
     def derived(self) -> DerivedCache:
@@ -212,11 +215,10 @@ class Resources:
                 if resource.id in self._opened:
                     return self._opened[resource.id]
             try:
-                opened = self._open_rtdc(dataset, resource)
-            except BaseException:
-                with self._lock:  # what the next attempt finds early is its own
+                opened = self._open_rtdc(dataset, resource, self._early_future(resource.id))
+            finally:
+                with self._lock:  # what a next attempt finds early is its own
                     self._early.pop(resource.id, None)
-                raise
             with self._lock:
                 self._opened[resource.id] = opened
             return opened
@@ -224,12 +226,6 @@ class Resources:
     def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:
         with self._lock:
             return self._early.setdefault(resource_id, concurrent.futures.Future())
-
-    def _publish_early(self, resource_id: str, served: Served | None) -> None:
-        future = self._early_future(resource_id)
-        with self._lock:
-            if not future.done():
-                future.set_result(served)
 
     def served_early(
         self, resource_id: str, loading: concurrent.futures.Future[Any]
@@ -243,7 +239,14 @@ class Resources:
             return None
         return early.result()
 
-    def _open_rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
+    def _open_rtdc(
+        self,
+        dataset: Dataset,
+        resource: Resource,
+        early: concurrent.futures.Future[Served | None],
+    ) -> RtdcResource:
+        """Open an RT-DC resource; `early` is given what its condensed file serves as soon as
+        that is known (see `served_early`)."""
         # the API answers a resource directory needs, asked side by side rather than one round
         # trip after another: logs and tables are remembered (single-flight) for the tree
         catalog = self._catalog
@@ -263,7 +266,7 @@ class Resources:
             )
             stated = _stated_events(metadata)
             if stated:
-                warm = functools.partial(self._warm_condensed, resource.id, events=stated)
+                warm = functools.partial(self._warm_condensed, early, events=stated)
                 condensed_made.add_done_callback(warm)
         original = self._described("resource", keys["resource"], resource.size, resource.etag)
         condensed = None
@@ -328,21 +331,25 @@ class Resources:
         self._warm_objects([resource.rows_object(f.name) for f in resource.scalar_features()])
 
     def _warm_condensed(
-        self, resource_id: str, made: concurrent.futures.Future[RtdcSource], *, events: int
+        self,
+        early: concurrent.futures.Future[Served | None],
+        made: concurrent.futures.Future[RtdcSource],
+        *,
+        events: int,
     ) -> None:
         """As soon as the condensed file is described (called when that is done, in any
         thread), the features it serves are known (`served_early`) and their values warmed
         like `warm_scalars`: side by side with describing the original, which the listing of
         a resource directory waits for (it names the original's features too)."""
         if made.cancelled() or made.exception() is not None:
-            self._publish_early(resource_id, None)
+            _publish(early, None)
             return  # reported by whoever waits for it
         source = made.result()
         served = {
             f.name: (f, register_rows(self._derived, source, f))
             for f in condensed_features(source, events)
         }
-        self._publish_early(resource_id, served)
+        _publish(early, served)
         self._warm_objects([obj for _, obj in served.values()])
 
     def _warm_objects(self, objects: list[ObjectId]) -> None:
@@ -411,6 +418,12 @@ class Resources:
         that; it must not wait for other work of this pool."""
         return self._prepare.submit(fn)
 
+    def listing(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run `fn` (listing a resource directory a reader waits for) in a worker of the
+        mount's pool for that: not behind the resources opened ahead of readers (`prepare`);
+        it must not wait for other work of this pool."""
+        return self._listing.submit(fn)
+
     def build(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run `fn` (making a synthesized file) in a worker of the mount's pool for that; it
         must not wait for other work of this pool."""
@@ -448,6 +461,7 @@ class Resources:
         self._ask.shutdown(wait=False, cancel_futures=True)
         self._prepare.shutdown(wait=False, cancel_futures=True)
         self._build.shutdown(wait=False, cancel_futures=True)
+        self._listing.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
         for resource in opened.values():
@@ -455,6 +469,12 @@ class Resources:
                 resource.close()
             except (DcorfsError, OSError) as exc:
                 log.debug("closing a resource: %s", exc)
+
+
+def _publish(early: concurrent.futures.Future[Served | None], served: Served | None) -> None:
+    """Give an opening attempt's `early` future its answer (once; a later attempt has its own)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        early.set_result(served)
 
 
 def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
 
 from .blockcache import BlockCache
 from .catalog import Catalog, Dataset, Resource
@@ -32,7 +31,6 @@ from .resources import Resources
 from .structure import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 README = """\
@@ -407,23 +405,6 @@ class PlainFile:
         return ObjectContent(self._ctx.cache, obj)
 
 
-def _in_thread(fn: Callable[[], T]) -> Future[T]:
-    """`fn` run in a thread of its own, its result or error in the future returned (not in a
-    pool, where it could queue behind the preparation of every resource of a listed dataset)."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="listing", daemon=True).start()
-    return future
-
-
 def _stem(name: str) -> str:
     lower = name.lower()
     for suffix in (".rtdc", ".dc"):
@@ -495,8 +476,12 @@ class ResourceDir(Dir):
         with self._early_lock:
             loading = self._loading
             if loading is None or loading.done():
-                loading = self._loading = _in_thread(self.children)
+                loading = self._loading = self._ctx.resources.listing(self.children)
         served = self._ctx.resources.served_early(self.resource.id, loading)
+        if served is None and loading.done():
+            error = loading.exception()
+            if error is not None:
+                raise error  # the listing's own error, rather than a second attempt
         found = None if served is None else served.get(name[: -len(".npy")])
         if found is None or sanitize(name) != name:
             return None

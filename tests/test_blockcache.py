@@ -140,6 +140,19 @@ def test_forgotten_ranges_leave_memory_but_not_their_neighbours(tmp_path: Path) 
     assert cache.read(OBJ, 0, len(DATA), deadline=later()) == DATA  # fetched again
 
 
+def test_memory_only_ensure_still_uses_what_the_disk_has(tmp_path: Path) -> None:
+    """`disk=False` writes nothing, but blocks already stored (e.g. a small file fetched
+    whole, or offline) are read from the disk, not fetched again."""
+    first = make(tmp_path, Source())
+    first.read(OBJ, 0, 3 * BLOCK, deadline=later())  # blocks 0-2 stored
+    stored = first.stats().disk_bytes
+    source = Source()  # the same disk store, an empty memory
+    again = BlockCache(fetch=source, store=first._store, block_size=BLOCK)
+    again.ensure(OBJ, [(0, len(DATA))], deadline=later(), disk=False)
+    assert source.calls == [(3 * BLOCK, len(DATA))]
+    assert again.stats().disk_bytes == stored  # nothing written
+
+
 def test_wrong_length_and_waiter_deadline(tmp_path: Path) -> None:
     cache = make(tmp_path, Source(data=DATA[:-5]))
     with pytest.raises(ProtocolError):

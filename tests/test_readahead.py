@@ -212,3 +212,44 @@ def test_tiny_files(size: int) -> None:
         reader = pf.wrap(RowContent(b"x" * size, row_bytes=1, count=0, rows=Rows()))
         assert reader.read(0, 100, deadline=time.monotonic() + 1) == b"x" * size
         assert reader.peek(0, 100) == b"x" * size
+
+
+def test_a_window_made_is_cut_right_by_readers_at_once() -> None:
+    """Kernel read-ahead requests of one window arrive in parallel: each reader's first look
+    at the made window must see its piece offsets whole (they were once filled in place, and
+    a reader could cut with half of them: IndexError, EIO)."""
+    import concurrent.futures
+    import sys
+
+    from dcorfs.readahead import _Window
+
+    pieces = [bytes([i % 256]) * 10 for i in range(2000)]
+    truth = b"".join(pieces)
+    errors: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            made: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+            made.set_result(pieces)
+            window = _Window(1000, 1000 + len(truth), made)
+            barrier = threading.Barrier(4)
+
+            def read(window: _Window = window, barrier: threading.Barrier = barrier) -> None:
+                try:
+                    barrier.wait()
+                    got = window.made(1.0)
+                    assert got is not None
+                    offset = 1000 + len(truth) - 150
+                    assert window.cut(got, offset, offset + 120) == truth[-150:-30]
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=read) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []

@@ -121,6 +121,29 @@ def test_attributes_read_as_h5py_reads_them() -> None:
         fid.close()
 
 
+def test_uncommon_names_and_array_types_as_h5py_has_them() -> None:
+    """An attribute name that is not UTF-8 (kept as its bytes) and an array type of text."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        kind = np.dtype((h5py.string_dtype(), (2,)))
+        h5.attrs.create("pairs", data=np.array([["a", "b"]], dtype=object), dtype=kind)
+        h5.attrs[b"\xffname"] = 3
+    with h5py.File(io.BytesIO(buffer.getvalue()), "r") as h5:
+        for name in h5attrs.names(h5.id):
+            ours, theirs = h5attrs.read(h5.id, name), h5.attrs[name]
+            assert same(ours, theirs), (name, ours, theirs)
+    made = []
+    for fast in (True, False):
+        out = io.BytesIO()
+        with h5py.File(out, "w") as h5:
+            if fast:
+                h5attrs.write(h5, b"\xffname".decode("utf-8", "surrogateescape"), 3)
+            else:
+                h5.attrs[b"\xffname"] = 3
+        made.append(out.getvalue())
+    assert made[0] == made[1]
+
+
 def test_an_rtdc_file_reads_the_same_from_memory_and_through_a_file_object(
     tmp_path: Path,
 ) -> None:

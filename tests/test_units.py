@@ -259,9 +259,12 @@ class HeldResources(Resources):
         self._lock = threading.Lock()
         self._early = {}
         self._derived = derived
+        self._listing = concurrent.futures.ThreadPoolExecutor(4)
         self.release = threading.Event()
+        self.attempts = 0
 
     def rtdc(self, dataset: Any, resource: Any) -> Any:
+        self.attempts += 1
         assert self.release.wait(30)
         raise NotFound("the original file is gone")
 
@@ -284,7 +287,7 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
             early = pool.submit(directory.lookup, "deform.npy")
             with pytest.raises(concurrent.futures.TimeoutError):  # nothing published yet
                 early.result(timeout=0.2)
-            resources._publish_early("r1", {"deform": (feature, obj)})
+            resources._early_future("r1").set_result({"deform": (feature, obj)})
             node = early.result(timeout=30)
         assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
         buffer = io.BytesIO(node.content().read(0, node.size, deadline=time.monotonic() + 9))
@@ -296,3 +299,20 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
                 directory.lookup(name)
     finally:
         resources.release.set()
+        resources._listing.shutdown()
+
+
+def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
+    """A lookup whose background listing fails gets that error, without opening the
+    resource a second time itself (a slow failure would otherwise take twice as long)."""
+    resources = HeldResources(DerivedCache(store=None))
+    resources.release.set()
+    ctx = Context(resources=resources, cache=resources._derived, dir_cache_time=60)
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
+    try:
+        with pytest.raises(NotFound, match="gone"):
+            directory.lookup("area_um.npy")
+        assert resources.attempts == 1
+    finally:
+        resources._listing.shutdown()
