@@ -17,6 +17,7 @@ and dropped once decoded (what is kept of event data are their decoded values, s
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import functools
@@ -24,6 +25,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +57,11 @@ log = logging.getLogger(__name__)
 # groups whose members a reader looks at when it opens an .rtdc file, by level (parents first)
 STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
 HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
+# files opened on our file objects and not closed yet: closed at exit, while Python still runs
+# (libhdf5 closes what is left open when the process ends, and its close of a file on a Python
+# file object calls into an interpreter that is gone: a crash at exit, e.g. when a resource's
+# opening finished in the background after the mount closed its resources)
+_OPEN: weakref.WeakSet[RtdcSource] = weakref.WeakSet()
 
 
 class CycleCollector:
@@ -225,6 +232,7 @@ class RtdcSource:
                     "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
                 ):
                     self._h5 = h5py.File(self.remote, "r", locking=False)
+                _OPEN.add(self)
                 self._fetch_headers(self._h5, deadline)
             return self._h5
 
@@ -377,6 +385,15 @@ class RtdcSource:
         with self._opening:
             if self._h5 is not None:
                 self._h5.close()
+            _OPEN.discard(self)
+
+
+@atexit.register
+def _close_left_open() -> None:
+    """Close the files still open (run at exit, after the worker pools were joined)."""
+    for source in list(_OPEN):
+        with contextlib.suppress(Exception):
+            source.close()
 
 
 def condensed_features(condensed: RtdcSource, events: int) -> list[Feature]:
