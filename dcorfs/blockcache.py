@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[ObjectId, int, int, float], bytes]
 BlockKey = tuple[ObjectId, int]
+PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class BlockCache:
         self._lock = threading.Lock()
         self._memory: collections.OrderedDict[BlockKey, bytes] = collections.OrderedDict()
         self._memory_used = 0
+        # passing blocks (fetched for `ensure(disk=False)`: read once, turned into something
+        # kept elsewhere) in the order they came, their bytes bounded on their own, so that a
+        # stream of them never fills the memory tier (nor the daemon's RSS)
+        self._passing: collections.OrderedDict[BlockKey, int] = collections.OrderedDict()
+        self._passing_used = 0
+        self._passing_limit = memory_bytes // PASSING_SHARE
         self._flights: dict[BlockKey, _Flight] = {}
         self._counts: collections.Counter[str] = collections.Counter()
         self._parallel = parallel  # this thread and parallel - 1 workers
@@ -84,16 +91,29 @@ class BlockCache:
 
     # -- memory tier ---------------------------------------------------------------------------
 
-    def _remember(self, key: BlockKey, data: bytes) -> None:
+    def _remember(self, key: BlockKey, data: bytes, *, passing: bool = False) -> None:
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
+                if not passing:  # wanted for good after all
+                    self._passing_used -= self._passing.pop(key, 0)
                 return
             self._memory[key] = data
             self._memory_used += len(data)
+            if passing:
+                self._passing[key] = len(data)
+                self._passing_used += len(data)
+                while self._passing_used > self._passing_limit and len(self._passing) > 1:
+                    self._drop(next(iter(self._passing)))
             while self._memory_used > self._memory_limit and len(self._memory) > 1:
-                _, old = self._memory.popitem(last=False)
-                self._memory_used -= len(old)
+                self._drop(next(iter(self._memory)))
+
+    def _drop(self, key: BlockKey) -> None:
+        """Remove a block from memory (holding the lock)."""
+        data = self._memory.pop(key, None)
+        if data is not None:
+            self._memory_used -= len(data)
+        self._passing_used -= self._passing.pop(key, 0)
 
     def _recall(self, key: BlockKey) -> bytes | None:
         with self._lock:
@@ -175,9 +195,7 @@ class BlockCache:
             for a, b in ranges:
                 first = -(-a // self.block_size)
                 for index in range(first, min(b, obj.size) // self.block_size):
-                    data = self._memory.pop((obj, index), None)
-                    if data is not None:
-                        self._memory_used -= len(data)
+                    self._drop((obj, index))
 
     def recall_stored(self, objects: Sequence[ObjectId]) -> list[ObjectId]:
         """Bring the blocks of these whole objects that the disk store has into memory, read
@@ -277,7 +295,7 @@ class BlockCache:
         for index, data in zip(not_in_memory, stored, strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1
-                self._remember((obj, index), data)
+                self._remember((obj, index), data, passing=not disk)
                 found[index] = data
             else:
                 missing.append(index)
@@ -356,7 +374,7 @@ class BlockCache:
                 offset = index * self.block_size - start
                 block = bytes(data[offset : offset + self.block_size])
                 blocks[index] = block
-                self._remember((obj, index), block)
+                self._remember((obj, index), block, passing=not disk)
             if self._store is not None and disk:
                 self._store.put_many(obj, blocks)
             for index, flight in flights.items():

@@ -447,3 +447,25 @@ def test_an_index_from_before_the_kept_total_gets_it(tmp_path: Path) -> None:
     kept, summed = stored_total(cache)
     assert kept == summed == store.usage()[0]
     store.close()
+
+
+def test_passing_blocks_are_bounded_apart_and_push_out_no_others(tmp_path: Path) -> None:
+    """Blocks fetched for `ensure(disk=False)` (a stream decoded once) hold at most a share of
+    the memory tier: a long stream of them pushes out neither the blocks read for good nor
+    the memory's bound, and a block read for good later is kept like any other."""
+    memory = 8 * BLOCK
+    source = Source()
+    cache = make(tmp_path, source, memory=memory)
+    kept = ObjectId(key="kept", etag="e", size=len(DATA))
+    assert cache.read(kept, 0, 2 * BLOCK, deadline=later()) == DATA[: 2 * BLOCK]
+    for n in range(5):  # 5 streams of 10 blocks each
+        obj = ObjectId(key=f"stream{n}", etag="e", size=len(DATA))
+        cache.ensure(obj, [(0, len(DATA))], deadline=later(), disk=False)
+        assert cache.stats().memory_bytes <= 2 * BLOCK + memory // 4
+    calls = len(source.calls)
+    assert cache.peek(kept, 0, 2 * BLOCK) == DATA[: 2 * BLOCK]  # still in memory
+    assert len(source.calls) == calls
+    last = ObjectId(key="stream4", etag="e", size=len(DATA))
+    end = len(DATA) - 123
+    assert cache.peek(last, end - BLOCK, end) is not None  # the newest passing blocks stay
+    assert cache.read(last, end - BLOCK, end, deadline=later()) == DATA[end - BLOCK : end]
