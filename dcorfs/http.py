@@ -233,6 +233,15 @@ class Http:
         log.warning("%s", message)
         raise TransientError(message)
 
+    def _stream(
+        self, url: str, headers: Mapping[str, str] | None, timeout: tuple[float, float]
+    ) -> requests.Response:
+        """A GET whose body is read as needed; redirects are not followed (a presigned query
+        must not travel to another host)."""
+        return self._session().get(
+            url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+        )
+
     def get_json(
         self,
         url: str,
@@ -269,9 +278,7 @@ class Http:
         """The body of a GET answered with 200 (an S3 listing); 403/404 as for objects."""
 
         def attempt(timeout: tuple[float, float]) -> bytes:
-            response = self._session().get(
-                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
-            )
+            response = self._stream(url, headers, timeout)
             with response:
                 _check_status(response, url)
                 if response.status_code != 200:
@@ -299,9 +306,7 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> bytes:
             wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
-            response = self._session().get(
-                url, headers=wanted, timeout=timeout, allow_redirects=False, stream=True
-            )
+            response = self._stream(url, wanted, timeout)
             with response:
                 _check_object_status(response, url)
                 if response.status_code != 206:
@@ -333,9 +338,7 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> ObjectInfo:
             wanted = {**(headers or {}), "Range": f"bytes=0-{head - 1}"}
-            response = self._session().get(
-                url, headers=wanted, timeout=timeout, allow_redirects=False, stream=True
-            )
+            response = self._stream(url, wanted, timeout)
             with response:
                 _check_object_status(response, url)
                 data = b""
@@ -362,9 +365,7 @@ class Http:
         """Where a download route points (the presigned object URL)."""
 
         def attempt(timeout: tuple[float, float]) -> str:
-            response = self._session().get(
-                url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
-            )
+            response = self._stream(url, headers, timeout)
             with response:
                 _check_status(response, url)
                 if response.status_code in (301, 302, 303, 307, 308):
