@@ -102,7 +102,6 @@ class Resources:
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
-        self._warmed: set[int] = set()  # resources whose scalar values were warmed
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
@@ -112,6 +111,7 @@ class Resources:
         self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
         # listings a reader waits for, apart from those made ahead of readers (`prepare`)
         self._listing = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="listing")
+        self._pools = (self._warm, self._ask, self._prepare, self._build, self._listing)
 
     @property
     def derived(self) -> DerivedCache:
@@ -233,6 +233,9 @@ class Resources:
         """Blocking, while `loading` (whatever opens the resource) runs: the features its
         condensed file serves, with their value objects, as soon as that file is described
         (before the original is); None when `loading` ends first or nothing is served early."""
+        with self._lock:
+            if resource_id in self._opened:  # nothing to wait for (and nothing to leave)
+                return None
         early = self._early_future(resource_id)
         concurrent.futures.wait([early, loading], return_when=concurrent.futures.FIRST_COMPLETED)
         if loading.done() or not early.done():
@@ -324,10 +327,6 @@ class Resources:
         """Bring the values of every scalar feature of `resource` into memory in the
         background, once, when they are small enough: what the disk cache holds read in
         parallel, in one task, the others decoded side by side."""
-        with self._lock:
-            if id(resource) in self._warmed:
-                return
-            self._warmed.add(id(resource))
         self._warm_objects([resource.rows_object(f.name) for f in resource.scalar_features()])
 
     def _warm_condensed(
@@ -457,11 +456,8 @@ class Resources:
         return self._identify(key, resource.size, resource.etag)
 
     def close(self) -> None:
-        self._warm.shutdown(wait=False, cancel_futures=True)
-        self._ask.shutdown(wait=False, cancel_futures=True)
-        self._prepare.shutdown(wait=False, cancel_futures=True)
-        self._build.shutdown(wait=False, cancel_futures=True)
-        self._listing.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
         for resource in opened.values():

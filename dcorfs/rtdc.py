@@ -38,7 +38,6 @@ from h5py._objects import phil
 
 from .blockcache import BlockCache, ObjectId
 from .derived import DerivedCache, derived_id
-from .errors import ProtocolError
 from .fileobj import SeekableFile
 from .structure import (
     GROUPS,
@@ -270,12 +269,11 @@ class RtdcSource:
             if self._prepare is not None:
                 self._prepare(deadline)
             data = self.remote.read_all(deadline)
+            with self._reading(
+                "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
+            ):
+                fid = file_image(data)
             with self._reading(what, deadline):
-                try:
-                    fid = file_image(data)
-                except H5PY_ERRORS as exc:
-                    key = self.remote.obj.key
-                    raise ProtocolError(f"{key} is not a readable HDF5 file: {exc}") from None
                 try:
                     with phil:  # no network inside: h5py's lock taken once, not per call
                         yield fid

@@ -136,12 +136,16 @@ class LazyFile(File):
         return self._made() is not None
 
     def settle(self) -> None:
+        self._settled()
+
+    def _settled(self) -> FileContent:
+        """Blocking: the content, made once (a failed making is tried again next time)."""
         with self._lock:
             if self._future is None:
                 self._future = self._start(self._make)
             future = self._future
         try:
-            future.result()
+            return future.result()
         except BaseException:
             with self._lock:
                 if self._future is future:
@@ -156,11 +160,7 @@ class LazyFile(File):
         return made.size
 
     def content(self) -> FileContent:
-        self.settle()
-        made = self._made()
-        if made is None:  # made, then forgotten by a failed retry meanwhile: cannot happen
-            raise RuntimeError(f"{self.path}: content lost after settle()")
-        return made
+        return self._settled()
 
 
 def content_file(

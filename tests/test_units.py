@@ -258,6 +258,7 @@ class HeldResources(Resources):
     def __init__(self, derived: DerivedCache) -> None:
         self._lock = threading.Lock()
         self._early = {}
+        self._opened = {}
         self._derived = derived
         self._listing = concurrent.futures.ThreadPoolExecutor(4)
         self.release = threading.Event()
