@@ -189,13 +189,15 @@ class BlockCache:
         self._blocks(obj, wanted, deadline, keep=False, disk=disk)
 
     def forget(self, obj: ObjectId, ranges: Sequence[tuple[int, int]]) -> None:
-        """Drop from memory the blocks that lie wholly inside these ranges (bytes read once and
-        not needed again: they would only push out blocks that are)."""
+        """Drop from memory the passing blocks (see `ensure`) that lie wholly inside these
+        ranges (read once and not needed again: they would only push out blocks that are);
+        blocks another reader fetched to keep stay."""
         with self._lock:
             for a, b in ranges:
                 first = -(-a // self.block_size)
                 for index in range(first, min(b, obj.size) // self.block_size):
-                    self._drop((obj, index))
+                    if (obj, index) in self._passing:
+                        self._drop((obj, index))
 
     def recall_stored(self, objects: Sequence[ObjectId]) -> list[ObjectId]:
         """Bring the blocks of these whole objects that the disk store has into memory, read

@@ -197,11 +197,11 @@ def in_use(directory: Path) -> bool:
     return False
 
 
-TOTAL_TRIGGERS = {  # see `DiskStore._keep_total`
-    "total_in": "AFTER INSERT ON blocks BEGIN UPDATE total SET bytes = bytes + NEW.bytes; END",
-    "total_out": "AFTER DELETE ON blocks BEGIN UPDATE total SET bytes = bytes - OLD.bytes; END",
-    "total_change": "AFTER UPDATE OF bytes ON blocks BEGIN"
-    " UPDATE total SET bytes = bytes - OLD.bytes + NEW.bytes; END",
+TOTAL_TRIGGERS = {  # see `DiskStore._keep_total` (a block's row is never updated in place)
+    "total_in": "AFTER INSERT ON blocks BEGIN"
+    " UPDATE total SET bytes = bytes + NEW.bytes, blocks = blocks + 1; END",
+    "total_out": "AFTER DELETE ON blocks BEGIN"
+    " UPDATE total SET bytes = bytes - OLD.bytes, blocks = blocks - 1; END",
 }
 
 
@@ -236,14 +236,15 @@ class DiskStore:
         self._hold = self._lock_directory(exclusive)
         self._db_path = directory / cachedir.INDEX
         try:
-            self._renew_damaged(exclusive)
-            self._open_index()
+            if not self._renew_damaged(exclusive):
+                self._open_index()
         except BaseException:
             self.close()
             raise
 
-    def _renew_damaged(self, exclusive: bool) -> None:
-        """Replace the cache dir's damaged databases, under the exclusive lock.
+    def _renew_damaged(self, exclusive: bool) -> bool:
+        """Replace the cache dir's damaged databases, under the exclusive lock; True if the
+        index was renewed (and so opened).
 
         Only while no other store holds the directory: another mount may be using the file.
         A shared hold is given up to ask for the exclusive one (flock converts by unlocking
@@ -251,7 +252,7 @@ class DiskStore:
         databases = (self._db_path, self.directory / cachedir.META)
         damaged = [(path, exc) for path in databases if (exc := damage_of(path)) is not None]
         if not damaged:
-            return
+            return False
         if not exclusive:
             try:
                 fcntl.flock(self._hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -263,7 +264,7 @@ class DiskStore:
                         f"{', '.join(still)} damaged and in use by another mount: unmount the "
                         f"mounts of {self.directory}, then mount again (it is renewed then)"
                     ) from None
-                return
+                return False
         try:
             for path, exc in damaged:
                 if damage_of(path) is None:  # renewed by another process meanwhile
@@ -272,6 +273,8 @@ class DiskStore:
                 cachedir.discard_database(path)
             if not self._db_path.exists():
                 self._open_index(adopt=True)
+                return True
+            return False
         finally:
             if not exclusive:
                 fcntl.flock(self._hold, fcntl.LOCK_SH)
@@ -305,18 +308,22 @@ class DiskStore:
         self._reconcile()
 
     def _keep_total(self) -> None:
-        """The bytes of all blocks, kept in a one-row table by triggers (every process's
-        inserts and deletes keep it, whatever its version), so that admitting blocks does not
-        sum the whole table each time (~6 ms at 100,000 blocks). An index from before it gets
-        the table with the sum of its rows, in the same transaction as the triggers."""
+        """The bytes and number of all blocks, kept in a one-row table by triggers (every
+        process's inserts and deletes keep it, whatever its version), so that admitting blocks
+        or reporting usage does not sum the whole table each time (~6 ms at 100,000 blocks).
+        An index from before it gets the table from its rows, in the same transaction as the
+        triggers."""
         with self._transaction() as db:
             db.execute(
-                "CREATE TABLE IF NOT EXISTS total"
-                " (one INTEGER PRIMARY KEY CHECK (one = 1), bytes INTEGER NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS total (one INTEGER PRIMARY KEY CHECK (one = 1),"
+                " bytes INTEGER NOT NULL, blocks INTEGER NOT NULL)"
             )
             for name, change in TOTAL_TRIGGERS.items():
                 db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {change}")
-            db.execute("INSERT OR IGNORE INTO total SELECT 1, COALESCE(SUM(bytes), 0) FROM blocks")
+            db.execute(
+                "INSERT OR IGNORE INTO total"
+                " SELECT 1, COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks"
+            )
 
     def _adopt(self) -> None:
         """Rows for the valid block files found (after the index was renewed); bad files go."""
@@ -553,8 +560,7 @@ class DiskStore:
         """(bytes, blocks) stored by all processes; (0, 0) if the accounting is unreadable."""
         try:
             with self._sql() as db:
-                row = db.execute("SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks")
-                total, count = row.fetchone()
+                total, count = db.execute("SELECT bytes, blocks FROM total").fetchone()
         except sqlite3.Error as exc:
             log.warning("cache accounting unreadable: %s", exc)
             return 0, 0
@@ -563,9 +569,7 @@ class DiskStore:
     def clear(self) -> tuple[int, int]:
         """Remove every block (of all processes); returns (bytes, blocks) removed."""
         with self._transaction() as db:
-            nbytes, count = db.execute(
-                "SELECT COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks"
-            ).fetchone()
+            nbytes, count = db.execute("SELECT bytes, blocks FROM total").fetchone()
             db.execute("DELETE FROM blocks")
             db.execute("DELETE FROM objects")
         for sub in self._blocks.iterdir():  # rows are gone: any file left would be unaccounted

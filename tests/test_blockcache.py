@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from dcorfs import cachedir
 from dcorfs.blockcache import BlockCache, ObjectId
-from dcorfs.diskstore import HEADER, CacheDamaged, DiskStore, damage_of, read_inventory
+from dcorfs.diskstore import (
+    HEADER,
+    TOTAL_TRIGGERS,
+    CacheDamaged,
+    DiskStore,
+    damage_of,
+    read_inventory,
+)
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 from dcorfs.metastore import MetaStore
 
@@ -437,7 +444,7 @@ def test_an_index_from_before_the_kept_total_gets_it(tmp_path: Path) -> None:
     assert store.put_many(OBJ, {0: DATA[:BLOCK], 1: DATA[BLOCK : 2 * BLOCK]}) == 2
     store.close()
     with sqlite3.connect(cache / "index.sqlite3") as db:
-        for trigger in ("total_in", "total_out", "total_change"):
+        for trigger in TOTAL_TRIGGERS:
             db.execute(f"DROP TRIGGER {trigger}")
         db.execute("DROP TABLE total")
     store = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
