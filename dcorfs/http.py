@@ -39,6 +39,7 @@ from .errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DOCUMENT_LIMIT = 64 << 20  # bytes of a document (an S3 listing page) at most
 _QUERY = re.compile(r"\?[^\s'\")]*")
 _S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 NETWORK_ERRORS = (
@@ -267,25 +268,20 @@ class Http:
 
         return self._retry(url, deadline, attempt, "api")
 
-    def get_document(
-        self,
-        url: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        limit: int = 64 << 20,
-        deadline: float,
-    ) -> bytes:
+    def get_document(self, url: str, *, deadline: float) -> bytes:
         """The body of a GET answered with 200 (an S3 listing); 403/404 as for objects."""
 
         def attempt(timeout: tuple[float, float]) -> bytes:
-            response = self._stream(url, headers, timeout)
+            response = self._stream(url, None, timeout)
             with response:
                 _check_status(response, url)
                 if response.status_code != 200:
                     raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
-                data: bytes = response.raw.read(limit + 1, decode_content=True)
-                if len(data) > limit:
-                    raise ProtocolError(f"{redact_url(url)}: answer larger than {limit} bytes")
+                data: bytes = response.raw.read(DOCUMENT_LIMIT + 1, decode_content=True)
+                if len(data) > DOCUMENT_LIMIT:
+                    raise ProtocolError(
+                        f"{redact_url(url)}: answer larger than {DOCUMENT_LIMIT} bytes"
+                    )
                 return data
 
         return self._retry(url, deadline, attempt, "document")

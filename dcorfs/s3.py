@@ -56,7 +56,7 @@ class Listed:
 Sign = Callable[[str], str]  # unsigned URL -> presigned URL
 
 
-def sigv4_presigner(credentials: S3Credentials, *, region: str = REGION) -> Sign:
+def sigv4_presigner(credentials: S3Credentials) -> Sign:
     """A function presigning GET URLs with botocore's SigV4 query signer."""
     try:
         from botocore.auth import S3SigV4QueryAuth
@@ -71,7 +71,7 @@ def sigv4_presigner(credentials: S3Credentials, *, region: str = REGION) -> Sign
 
     def presign(url: str) -> str:  # a signer of its own per URL: it keeps state on itself
         request = AWSRequest(method="GET", url=url)
-        S3SigV4QueryAuth(signing, "s3", region, expires=URL_LIFETIME).add_auth(request)
+        S3SigV4QueryAuth(signing, "s3", REGION, expires=URL_LIFETIME).add_auth(request)
         return str(request.url)
 
     return presign
