@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import logging
 import threading
 import time
@@ -151,12 +150,8 @@ class BlockCache:
         return joined[start - first : stop - first]
 
     def read(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> bytes:
-        stop = min(stop, obj.size)
-        if stop <= start:
-            return b""
-        blocks = self._blocks(obj, self._indices(obj, start, stop), deadline)
-        self._counts["served_bytes"] += stop - start
-        return self._slice(blocks, start, stop)
+        pieces = self.read_pieces(obj, start, stop, deadline=deadline)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read_pieces(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> list[bytes]:
         """`read` as the blocks themselves (the first and last cut to the range), not joined."""
@@ -169,9 +164,8 @@ class BlockCache:
         last = first + (len(blocks) - 1) * self.block_size
         if len(blocks) == 1:
             return [blocks[0][start - first : stop - first]]
-        head = blocks[0][start - first :] if start > first else blocks[0]
-        tail = blocks[-1][: stop - last] if stop - last < len(blocks[-1]) else blocks[-1]
-        return [head, *blocks[1:-1], tail]
+        # (a slice of the whole of a bytes object is that object: no copy)
+        return [blocks[0][start - first :], *blocks[1:-1], blocks[-1][: stop - last]]
 
     def ensure(
         self,
@@ -208,10 +202,7 @@ class BlockCache:
             for index in self._indices(obj, 0, obj.size)
             if self._recall((obj, index)) is None
         ]
-        if self._store is None or len(absent) <= 1 or self._parallel <= 1:
-            stored = [self._store_get(obj, index) for obj, index in absent]
-        else:
-            stored = list(self._pool.map(lambda block: self._store_get(*block), absent))
+        stored = self._stored(absent)
         incomplete: dict[ObjectId, None] = {}
         for block, data in zip(absent, stored, strict=True):
             if data is None:
@@ -257,21 +248,19 @@ class BlockCache:
 
     # -- the miss path ---------------------------------------------------------------------------
 
-    def _store_get(self, obj: ObjectId, index: int) -> bytes | None:
+    def _store_get(self, key: BlockKey) -> bytes | None:
         if self._store is None:
             return None
-        return self._store.get(obj, index, block_size=self.block_size)
+        return self._store.get(*key, block_size=self.block_size)
 
-    def _stored(
-        self, obj: ObjectId, indices: list[int], *, parallel: bool = True
-    ) -> list[bytes | None]:
+    def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[bytes | None]:
         """The blocks from the disk store (None where missing), several read in parallel
         unless `parallel` is False (when misses are expected: a miss is one failed open)."""
         if self._store is None:
-            return [None] * len(indices)
-        if len(indices) <= 1 or self._parallel <= 1 or not parallel:
-            return [self._store_get(obj, index) for index in indices]
-        return list(self._pool.map(functools.partial(self._store_get, obj), indices))
+            return [None] * len(keys)
+        if len(keys) <= 1 or self._parallel <= 1 or not parallel:
+            return [self._store_get(key) for key in keys]
+        return list(self._pool.map(self._store_get, keys))
 
     def _blocks(
         self,
@@ -293,7 +282,7 @@ class BlockCache:
                 found[index] = data
             else:
                 not_in_memory.append(index)
-        stored = self._stored(obj, not_in_memory, parallel=disk)
+        stored = self._stored([(obj, i) for i in not_in_memory], parallel=disk)
         for index, data in zip(not_in_memory, stored, strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1

@@ -108,14 +108,15 @@ def _read_block(path: Path, length: int) -> tuple[bytes, bytes]:
         os.close(fd)
 
 
-def _valid(header: bytes, data: bytes, obj: ObjectId, index: int, length: int) -> bool:
-    """Whether a block file's header names this block of this object and its data's CRC."""
+def _valid(header: bytes, data: bytes, identity: bytes, index: int, length: int) -> bool:
+    """Whether a block file's header names this block (of the object with this identity),
+    its length and its data's CRC."""
     if len(header) != HEADER.size or len(data) != length:
         return False
-    magic, identity, stored_index, stored_length, crc = HEADER.unpack(header)
+    magic, stored_identity, stored_index, stored_length, crc = HEADER.unpack(header)
     return bool(
         magic == MAGIC
-        and identity == obj.identity
+        and stored_identity == identity
         and stored_index == index
         and stored_length == length
         and zlib.crc32(data) == crc
@@ -171,16 +172,13 @@ def damage_of(path: Path) -> sqlite3.DatabaseError | None:
 
 def _intact(raw: bytes, file_name: str) -> bool:
     """A block file whose header matches its name and whose data matches its CRC."""
-    if len(raw) < HEADER.size:
+    identity, _, index = file_name.partition("-")
+    try:
+        named = bytes.fromhex(identity), int(index)
+    except ValueError:
         return False
-    magic, identity, index, length, crc = HEADER.unpack_from(raw)
-    data = raw[HEADER.size :]
-    return (
-        magic == MAGIC
-        and file_name == f"{identity.hex()}-{index}"
-        and length == len(data)
-        and zlib.crc32(data) == crc
-    )
+    header, data = raw[: HEADER.size], raw[HEADER.size :]
+    return _valid(header, data, *named, len(data))
 
 
 def in_use(directory: Path) -> bool:
@@ -430,7 +428,7 @@ class DiskStore:
         except OSError as exc:
             log.warning("cache block %s unreadable: %s", name, exc)
             return None
-        if not _valid(header, data, obj, index, expected):
+        if not _valid(header, data, obj.identity, index, expected):
             self.errors += 1
             log.warning("cache block %s failed its integrity check: removed", name)
             self._drop(name)
