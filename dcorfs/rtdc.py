@@ -397,11 +397,13 @@ def _close_left_open() -> None:
 def condensed_features(condensed: RtdcSource, events: int) -> list[Feature]:
     """The features of a resource of `events` events whose values come from its condensed
     file: the condensed file's scalar features of that length (see `RtdcResource`)."""
-    return [
-        f
-        for f in condensed.features.values()
-        if f.scalar and f.shape[0] == events and f.name != "contour"
-    ]
+    return [f for f in condensed.features.values() if f.scalar and _shown(f, events)]
+
+
+def _shown(feature: Feature, events: int) -> bool:
+    """Whether a resource of `events` events has a file for `feature`: one value per event
+    (not `contour`, whose rows are of different lengths)."""
+    return feature.shape[0] == events and feature.name != "contour"
 
 
 def register_rows(derived: DerivedCache, source: RtdcSource, feature: Feature) -> ObjectId:
@@ -482,15 +484,11 @@ class RtdcResource:
         self.events = events
         self.derived = derived
         self._sources = {"resource": original}
-        merged = dict(original.features)
+        merged = {name: f for name, f in original.features.items() if _shown(f, events)}
         if condensed is not None:
             self._sources["condensed"] = condensed
             merged.update((f.name, f) for f in condensed_features(condensed, events))
-        self.features = {
-            name: f
-            for name, f in sorted(merged.items())
-            if f.shape[0] == events and name != "contour"
-        }
+        self.features = dict(sorted(merged.items()))
         self._objects = {name: self._register(f) for name, f in self.features.items()}
 
     def _register(self, feature: Feature) -> ObjectId:
