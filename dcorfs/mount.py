@@ -117,30 +117,45 @@ def check_cache_dir(path: Path) -> None:
         raise ConfigError(f"cache dir {path} is not writable")
 
 
-def check_host(settings: MountSettings, store: MetaStore) -> None:
-    """The host must answer like CKAN; unreachable is fine only when answers are stored."""
+def _preflight(
+    origin: str, like: str, marker: str, store: MetaStore, ask: Callable[[Http], None]
+) -> None:
+    """`ask` the origin what only a working `like` server answers (a ConfigError from it goes
+    out as it is); unreachable is fine only when answers are stored: `marker`, kept in the
+    store after a success."""
     http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
-    api = DcorApi(http=http, base_url=settings.host, token=settings.token)
     try:
-        api.action("status_show", {}, deadline=time.monotonic() + PREFLIGHT_SECONDS)
+        ask(http)
+    except ConfigError:
+        raise
     except DcorfsError as exc:
         if not (exc.transient or isinstance(exc, DeadlineExceeded)):
-            raise ConfigError(f"{settings.host} does not answer like DCOR: {exc}") from None
-        if store.get("status_show") is None:
-            raise ConfigError(f"cannot reach {settings.host}: {exc}") from None
-        print(f"dcorfs: {settings.host} unreachable; serving what is cached", file=sys.stderr)
+            raise ConfigError(f"{origin} does not answer like {like}: {exc}") from None
+        if store.get(marker) is None:
+            raise ConfigError(f"cannot reach {origin}: {exc}") from None
+        print(f"dcorfs: {origin} unreachable; serving what is cached", file=sys.stderr)
     else:
-        store.put("status_show", {"checked": time.time()})
+        store.put(marker, {"checked": time.time()})
     finally:
         http.close()
+
+
+def check_host(settings: MountSettings, store: MetaStore) -> None:
+    """The host must answer like CKAN; unreachable is fine only when answers are stored."""
+
+    def ask(http: Http) -> None:
+        api = DcorApi(http=http, base_url=settings.host, token=settings.token)
+        api.action("status_show", {}, deadline=time.monotonic() + PREFLIGHT_SECONDS)
+
+    _preflight(settings.host, "DCOR", "status_show", store, ask)
 
 
 def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
     """The S3 endpoint must answer (a refusal to list is an answer) unless answers are stored,
     each circle must have a bucket there, and signing must be possible (botocore installed)
     when there are credentials."""
-    http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
-    try:
+
+    def ask(http: Http) -> None:
         objects = object_store(settings, http)
         assert objects is not None
         for circle_id in settings.circles:
@@ -157,20 +172,9 @@ def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
                     )
             except NotFound:
                 raise ConfigError(f"{settings.s3_endpoint} has no bucket {bucket}") from None
-    except ConfigError:
-        raise
-    except DcorfsError as exc:
-        if not (exc.transient or isinstance(exc, DeadlineExceeded)):
-            raise ConfigError(f"{settings.s3_endpoint} does not answer like S3: {exc}") from None
-        if store.get("s3_checked") is None:
-            raise ConfigError(f"cannot reach {settings.s3_endpoint}: {exc}") from None
-        print(
-            f"dcorfs: {settings.s3_endpoint} unreachable; serving what is cached", file=sys.stderr
-        )
-    else:
-        store.put("s3_checked", {"checked": time.time()})
-    finally:
-        http.close()
+
+    assert settings.s3_endpoint is not None
+    _preflight(settings.s3_endpoint, "S3", "s3_checked", store, ask)
 
 
 def mount(settings: MountSettings, *, on_ready: Callable[[], None] | None = None) -> int:
