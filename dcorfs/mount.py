@@ -21,6 +21,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -335,11 +336,27 @@ async def _keep_systemd_informed(
         await trio.sleep(period)
 
 
-def _build(
-    settings: MountSettings,
-) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
-    """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
-    http = Http(pool_size=settings.network_threads)
+@dataclass
+class Layers:
+    """The layers below the tree, wired (see `build_layers`)."""
+
+    http: Http
+    disk: DiskStore
+    store: MetaStore
+    buckets: BucketCatalog | None  # --s3-only
+    catalog: Catalog | None  # with DCOR's API
+    cache: BlockCache
+    derived: DerivedCache
+    resources: Resources
+
+    def close(self) -> None:
+        for part in (self.resources, self.derived, self.cache, self.http, self.store, self.disk):
+            part.close()
+
+
+def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
+    """Wire the layers from HTTP up to `Resources` (imports and data flow one way)."""
+    http = http or Http(pool_size=settings.network_threads)
     disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
     )
@@ -385,6 +402,16 @@ def _build(
         store=objects,
         listed=buckets.listed if buckets is not None else None,
     )
+    return Layers(http, disk, store, buckets, catalog, cache, derived, resources)
+
+
+def _build(
+    settings: MountSettings,
+) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
+    """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
+    layers = build_layers(settings)
+    http, cache, derived, resources = layers.http, layers.cache, layers.derived, layers.resources
+    buckets, catalog = layers.buckets, layers.catalog
     ctx = Context(resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time)
     started = time.time()
     activity = Activity()
@@ -438,11 +465,6 @@ def _build(
 
     def close() -> None:
         prefetcher.close()
-        resources.close()
-        derived.close()
-        cache.close()
-        http.close()
-        store.close()
-        disk.close()
+        layers.close()
 
     return ops, report, close

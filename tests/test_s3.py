@@ -18,17 +18,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from dcorfs.blockcache import BlockCache
-from dcorfs.buckets import BucketCatalog
-from dcorfs.dcserv import Locator, make_fetch, resource_key
-from dcorfs.derived import DerivedCache
+from dcorfs.dcserv import resource_key
 from dcorfs.devserver.server import DevServer
-from dcorfs.diskstore import DiskStore
 from dcorfs.errors import AccessDenied, ConfigError, NotFound, ProtocolError
 from dcorfs.http import Http, RetryPolicy
 from dcorfs.logs import configure
-from dcorfs.metastore import Memo, MetaStore
-from dcorfs.resources import Resources
+from dcorfs.mount import build_layers
 from dcorfs.s3 import URL_LIFETIME, ObjectStore, object_url, parse_listing, sigv4_presigner
 from dcorfs.settings import (
     MountSettings,
@@ -375,37 +370,22 @@ def test_seaweedfs_signed_and_anonymous(
 
 @contextmanager
 def s3_only_resources(cache: Path, endpoint: str, circle_id: str) -> Iterator[Any]:
-    """`Resources` wired as an --s3-only mount wires them (see `mount._build`)."""
-    web = Http(policy=FAST)
-    disk = DiskStore(cache, limit_bytes=1 << 30, block_size=64 << 10)
-    meta = MetaStore(cache / "meta.sqlite3", scope="s3-test")
-    memo = Memo(meta, timeout=30)
-    objects = ObjectStore(
-        http=web,
-        endpoint=endpoint,
-        sign=sigv4_presigner(S3Credentials(ACCESS_KEY_ID, SECRET_ACCESS_KEY)),
-    )
-    buckets = BucketCatalog(store=objects, memo=memo, circles=[circle_id], dir_cache_time=60)
-    locator = Locator()
-    cache_ = BlockCache(fetch=make_fetch(web, locator), store=disk, block_size=64 << 10)
-    derived = DerivedCache(store=disk)
-    resources = Resources(
-        api=None,
-        catalog=None,
-        memo=memo,
-        http=web,
-        locator=locator,
-        cache=cache_,
-        derived=derived,
+    """`Resources` wired by the mount's own wiring for an --s3-only mount."""
+    settings = MountSettings(
+        mountpoint=cache,
+        cache_dir=cache,
+        cache_size=1 << 30,
         timeout=30,
-        store=objects,
-        listed=buckets.listed,
+        s3_endpoint=endpoint,
+        s3_credentials=S3Credentials(ACCESS_KEY_ID, SECRET_ACCESS_KEY),
+        s3_only=True,
+        circles=(circle_id,),
     )
+    layers = build_layers(settings, Http(policy=FAST))
     try:
-        yield buckets, resources, web
+        yield layers.buckets, layers.resources, layers.http
     finally:
-        for closing in (resources, derived, cache_, web, meta, disk):
-            closing.close()
+        layers.close()
 
 
 def test_s3_only_opens_no_hdf5_file_once_its_features_are_known(
