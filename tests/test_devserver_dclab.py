@@ -16,7 +16,7 @@ from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import FIXTURE_FILES, TOKENS, api, needs_fixtures, resource
+from .conftest import FIXTURE_FILES, TOKENS, ServerProcess, api, needs_fixtures, resource
 
 pytestmark = [
     # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure
@@ -246,3 +246,25 @@ def test_dclab_with_late_fields_and_public_tag(data_dir: Path, devserver: DevSer
         assert record["result"]["etag"] and record["result"]["size"] == entry["size"]
         with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
             np.testing.assert_array_equal(remote["image"][5], local["image"][5])
+
+
+def test_the_lags_combine_on_the_command_line(data_dir: Path, devserver: DevServer) -> None:
+    """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once, then neither."""
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    server = ServerProcess(data_dir, "--condensed-lag", "6", "--fields-lag", "6")
+    try:
+        base = f"{server.url}/api/3/action"
+        params = {"id": entry["id"], "query": "basins", "version": "2"}
+        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
+        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
+        assert "features" not in basins[0] and "etag" not in record.json()["result"]
+        assert requests.get(basins[1]["urls"][0], timeout=10).status_code == 403
+        time.sleep(6.5)
+        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
+        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
+        assert "volume" in basins[0]["features"] and record.json()["result"]["etag"]
+        for basin in basins:
+            answer = requests.get(basin["urls"][0], headers={"Range": "bytes=0-7"}, timeout=10)
+            assert answer.status_code == 206
+    finally:
+        server.close()
