@@ -223,10 +223,14 @@ class Catalog:
                 return dataset, resource
         return dataset, parse_resource(record, dataset.circle_id)
 
-    def dcserv(self, resource_id: str, query: str) -> Any:
-        """An immutable dcserv answer (metadata, logs, tables), asked once and remembered."""
+    def dcserv(self, resource_id: str, query: str, *, settled: bool = True) -> Any:
+        """A dcserv answer (metadata, logs, tables), asked once and remembered for good when
+        `settled`; else (`logs` while the condensed file does not exist: they grow once it
+        does, doc/DCOR.md §7) kept apart and asked again after `dir_cache_time`."""
 
         def ask(deadline: float) -> Any:
             return self._api.dcserv(resource_id, query, deadline=deadline)
 
-        return self._ask(f"dcserv:{query}:{resource_id}", ask, FOREVER)
+        if settled:
+            return self._ask(f"dcserv:{query}:{resource_id}", ask, FOREVER)
+        return self._ask(f"dcserv:{query}:{resource_id}:unsettled", ask, self._listing_age)

@@ -99,7 +99,24 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     dcor.add_argument(
         "--no-condensed",
         action="store_true",
-        help="no condensed files (as before DCOR's condensing job ran)",
+        help="condensed files never appear (DCOR's condensing job off or failed): listed "
+        "in basins without features, anonymous GET 403, no condensing logs",
+    )
+    dcor.add_argument(
+        "--condensed-lag",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="condensed files (their basin features, the condensing logs) appear this long "
+        "after the server starts, as DCOR's background job lags uploads",
+    )
+    dcor.add_argument(
+        "--fields-lag",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="resource records lack etag, sha256, s3_*, dc:*, size and url_type, and public "
+        "originals their public tag (anonymous GET 403), this long after the server starts",
     )
     dcor.add_argument(
         "--object-host",
@@ -136,6 +153,8 @@ def _run_devserver(args: argparse.Namespace) -> int:
         intra_basin_features=not args.no_intra_basin_features,
         trace_list_quirk=not args.no_trace_list_quirk,
         condensed=not args.no_condensed,
+        condensed_lag=args.condensed_lag,
+        fields_lag=args.fields_lag,
         object_host=args.object_host,
     )
     return serve(

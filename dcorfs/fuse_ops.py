@@ -187,6 +187,8 @@ class Operations(pyfuse3.Operations):
             attr.st_size = node.size
             if node.dynamic:
                 timeout = 1.0
+            elif node.volatile:
+                timeout = min(timeout, self._listing_time)
         attr.st_blocks = -(-attr.st_size // 512)
         attr.entry_timeout = attr.attr_timeout = timeout
         return attr
@@ -289,7 +291,8 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = content
         self.activity.counters["opens"] += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not node.dynamic, direct_io=node.dynamic)
+        keep = not (node.dynamic or node.volatile)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=node.dynamic)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -4,7 +4,8 @@
 given with a token are stored under a private scope that is only read when a token is set
 again, so private metadata never leaks into an anonymous mount. No token is ever stored.
 
-`Memo.get` returns a value younger than `max_age` without asking the server; otherwise it
+`Memo.get` returns a value younger than `max_age` (a number, or one computed from the stored
+value: answers that may still grow are kept for less time) without asking the server; otherwise it
 asks, and if the server cannot be reached (transient error, deadline) it falls back to the
 stored value however old, logging that it did so once per key.
 """
@@ -151,16 +152,24 @@ class Memo:
         key: str,
         ask: Callable[[float], Any],
         *,
-        max_age: float,
+        max_age: float | Callable[[Any], float],
     ) -> Any:
+        def young(hit: tuple[Any, float] | None) -> bool:
+            if hit is None:
+                return False
+            limit = max_age(hit[0]) if callable(max_age) else max_age
+            return time.time() - hit[1] < limit
+
         stored = self._store.get(key)
-        if stored is not None and time.time() - stored[1] < max_age:
+        if young(stored):
+            assert stored is not None
             return stored[0]
         with self._lock:
             flight = self._flights.setdefault(key, threading.Lock())
         with flight:  # one question per key at a time; followers reuse the answer
             fresh = self._store.get(key)  # another thread may have asked meanwhile
-            if fresh is not None and time.time() - fresh[1] < max_age:
+            if young(fresh):
+                assert fresh is not None
                 return fresh[0]
             wait = STALE_ATTEMPT if stored is not None else self._timeout
             deadline = self._clock() + wait

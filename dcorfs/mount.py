@@ -401,6 +401,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         timeout=settings.timeout,
         store=objects,
         listed=buckets.listed if buckets is not None else None,
+        recheck=settings.dir_cache_time,
     )
     return Layers(http, disk, store, buckets, catalog, cache, derived, resources)
 

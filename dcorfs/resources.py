@@ -11,6 +11,11 @@ anonymously for public datasets and signed with S3 credentials for any; a privat
 without S3 credentials keeps dcserv's presigned URLs. Either way an object has the same
 identity, so cached blocks serve both paths. Without DCOR's API (`--s3-only`) metadata, logs
 and tables are read from the files themselves (`filetexts`).
+
+A resource whose condensed file does not exist (yet: DCOR makes it in a background job that
+lags uploads and may fail for good, doc/DCOR.md §1) opens from its original alone; nothing about
+that absence is kept for good: such a resource is opened again, dcserv's basins and logs asked
+again, once `recheck` seconds have passed, so the condensed file is used once it appears.
 """
 
 from __future__ import annotations
@@ -84,9 +89,12 @@ class Resources:
         timeout: float,
         store: ObjectStore | None = None,
         listed: Listed | None = None,
+        recheck: float = 300.0,
     ) -> None:
         """`api` and `catalog`: DCOR's API, None without it (then `store` is needed);
-        `store`: objects read directly; `listed`: sizes and ETags known from bucket listings."""
+        `store`: objects read directly; `listed`: sizes and ETags known from bucket listings;
+        `recheck`: seconds after which what may still change (a condensed file that did not
+        exist) is looked at again."""
         if (api is None or catalog is None) and store is None:
             raise ValueError("without DCOR's API, resources need an object store")
         self._api = api
@@ -102,6 +110,10 @@ class Resources:
         self._lock = threading.Lock()
         self._opening: dict[str, threading.Lock] = {}
         self._opened: dict[str, RtdcResource] = {}
+        self._recheck = recheck
+        # resources opened without their condensed file: when (monotonic), to look again
+        self._unsettled: dict[str, float] = {}
+        self._retired: list[RtdcResource] = []  # replaced by a later opening (readers may hold)
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
@@ -159,7 +171,7 @@ class Resources:
             answer = self._dcor().dcserv(resource_id, "basins", deadline=deadline)
             return {"asked": time.time(), "basins": answer}
 
-        answer = self._memo.get(f"basins:{resource_id}", ask, max_age=FOREVER)
+        answer = self._memo.get(f"basins:{resource_id}", ask, max_age=self._basins_age)
         age = time.time() - float(answer["asked"])  # presigned URLs age while stored
         found = {}
         for basin in parse_basins(answer["basins"]):
@@ -169,6 +181,16 @@ class Resources:
                 basin.key, basin.url, lifetime=lifetime, renew=self._renew(resource_id, basin.kind)
             )
         return found
+
+    def _basins_age(self, answer: Any) -> float:
+        """How long dcserv's basins answer is kept: for good, unless its condensed basin has
+        no `features` (its object does not exist yet; they come once it does, doc/DCOR.md §7)."""
+        try:
+            basins = parse_basins(answer["basins"])
+        except (ProtocolError, KeyError, TypeError):
+            return self._recheck
+        growing = any(b.kind == "condensed" and b.features is None for b in basins)
+        return self._recheck if growing else FOREVER
 
     def _renew(self, resource_id: str, kind: str) -> Renew:
         def renew(deadline: float) -> tuple[str, float | None]:
@@ -206,22 +228,55 @@ class Resources:
     # -- RT-DC resources ----------------------------------------------------------------------
 
     def rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
+        """The opened resource: kept for the life of the mount once it has its condensed
+        file; without, opened again after `recheck` seconds (see the module's docstring)."""
+        rid = resource.id
         with self._lock:
-            if resource.id in self._opened:
-                return self._opened[resource.id]
-            gate = self._opening.setdefault(resource.id, threading.Lock())
+            ready = self._ready(rid)
+            if ready is not None:
+                return ready
+            gate = self._opening.setdefault(rid, threading.Lock())
         with gate:
             with self._lock:
-                if resource.id in self._opened:
-                    return self._opened[resource.id]
+                ready = self._ready(rid)
+                if ready is not None:
+                    return ready
+                earlier = self._opened.get(rid)
             try:
-                opened = self._open_rtdc(dataset, resource, self._early_future(resource.id))
+                opened = self._open_rtdc(dataset, resource, self._early_future(rid))
+            except DcorfsError as exc:
+                if earlier is None:
+                    raise
+                log.info("resource %s: looking again for its condensed file: %s", rid, exc)
+                opened = earlier  # served as it was; looked at again after `recheck`
             finally:
                 with self._lock:  # what a next attempt finds early is its own
-                    self._early.pop(resource.id, None)
+                    self._early.pop(rid, None)
+            if earlier is not None and opened is not earlier and opened.source("condensed") is None:
+                _close(opened)  # nothing new: readers keep the one they have
+                opened = earlier
             with self._lock:
-                self._opened[resource.id] = opened
+                if earlier is not None and earlier is not opened:
+                    self._retired.append(earlier)
+                self._opened[rid] = opened
+                if opened.source("condensed") is None:
+                    self._unsettled[rid] = time.monotonic()
+                else:
+                    self._unsettled.pop(rid, None)
             return opened
+
+    def _ready(self, resource_id: str) -> RtdcResource | None:
+        """The opened resource unless it is to be opened (again); call with the lock held."""
+        opened = self._opened.get(resource_id)
+        since = self._unsettled.get(resource_id)
+        if since is not None and time.monotonic() - since >= self._recheck:
+            return None
+        return opened
+
+    def settled(self, resource_id: str) -> bool:
+        """Whether the resource is open with its condensed file (nothing more to come)."""
+        with self._lock:
+            return resource_id in self._opened and resource_id not in self._unsettled
 
     def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:
         with self._lock:
@@ -256,8 +311,7 @@ class Resources:
         metadata = None
         located = self._ask.submit(self._locate, dataset, resource)
         if catalog is not None:
-            for query in ("logs", "tables"):
-                self._ask.submit(catalog.dcserv, resource.id, query)
+            self._ask.submit(catalog.dcserv, resource.id, "tables")
             metadata = catalog.dcserv(resource.id, "metadata")
         keys = located.result()
         if "resource" not in keys:
@@ -267,22 +321,44 @@ class Resources:
             condensed_made = self._ask.submit(
                 self._described, "condensed", keys["condensed"], None, None
             )
+            if catalog is not None:  # logs are final once the condensed file exists (§7)
+                ask_logs = functools.partial(self._ask_logs, catalog, resource.id)
+                condensed_made.add_done_callback(ask_logs)
             stated = _stated_events(metadata)
             if stated:
                 warm = functools.partial(self._warm_condensed, early, events=stated)
                 condensed_made.add_done_callback(warm)
-        original = self._described("resource", keys["resource"], resource.size, resource.etag)
+        try:
+            original = self._described("resource", keys["resource"], resource.size, resource.etag)
+        except AccessDenied as exc:
+            if dataset.private:
+                raise
+            # DCOR tags an upload public=true in a background job (doc/DCOR.md §2): until then
+            # the store refuses anonymous reads; nothing is remembered, the next access retries
+            log.warning(
+                "resource %s of public dataset %s: the object store refuses its file for now "
+                "(not yet made public by DCOR?); trying again on the next access: %s",
+                resource.id,
+                dataset.name,
+                exc,
+            )
+            raise AccessDenied(
+                f"resource {resource.id}: the object store refuses its file for now"
+            ) from exc
         condensed = None
         if condensed_made is not None:
             try:
                 condensed = condensed_made.result()
-            except (NotFound, ProtocolError) as exc:
-                log.info("resource %s: no usable condensed file (%s)", resource.id, exc)
-            except AccessDenied as exc:
-                if not self._direct(dataset):
-                    raise
-                # anonymous S3 answers 403 for a key that does not exist (yet)
-                log.info("resource %s: condensed file not readable (%s)", resource.id, exc)
+            except (NotFound, ProtocolError, AccessDenied) as exc:
+                # not made yet or never (anonymous S3 answers 403 for a key that does not
+                # exist, presigned 404: doc/DCOR.md §1): the original alone, looked at again
+                log.info(
+                    "resource %s: no condensed file (yet), serving the original's features, "
+                    "looking again in %.0f s: %s",
+                    resource.id,
+                    self._recheck,
+                    exc,
+                )
         if metadata is None:  # without dcserv: the file's own, remembered like its features
             obj = original.remote.obj
             experiment = self.remembered(
@@ -292,6 +368,15 @@ class Resources:
             metadata = {"experiment": experiment}
         events = _event_count(metadata, original)
         return RtdcResource(original, condensed, events, self._derived)
+
+    def _ask_logs(
+        self, catalog: Catalog, resource_id: str, made: concurrent.futures.Future[RtdcSource]
+    ) -> None:
+        """Once the condensed file is described: dcserv's logs, final now (in the background)."""
+        if made.cancelled() or made.exception() is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # shut down: the mount is closing
+            self._ask.submit(catalog.dcserv, resource_id, "logs")
 
     def _described(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
@@ -381,7 +466,7 @@ class Resources:
             rid = resource.id
             return Texts(
                 metadata=self._catalog.dcserv(rid, "metadata"),
-                logs=self._catalog.dcserv(rid, "logs") or {},
+                logs=self._catalog.dcserv(rid, "logs", settled=self.settled(rid)) or {},
                 tables=self._catalog.dcserv(rid, "tables") or {},
             )
         opened = self.rtdc(dataset, resource)
@@ -460,11 +545,16 @@ class Resources:
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             opened, self._opened = dict(self._opened), {}
-        for resource in opened.values():
-            try:
-                resource.close()
-            except (DcorfsError, OSError) as exc:
-                log.debug("closing a resource: %s", exc)
+            retired, self._retired = self._retired, []
+        for resource in [*opened.values(), *retired]:
+            _close(resource)
+
+
+def _close(resource: RtdcResource) -> None:
+    try:
+        resource.close()
+    except (DcorfsError, OSError) as exc:
+        log.debug("closing a resource: %s", exc)
 
 
 def _publish(early: concurrent.futures.Future[Served | None], served: Served | None) -> None:

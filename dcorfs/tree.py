@@ -2,9 +2,10 @@
 
 A node is a directory or a file with a canonical path (its inode number is derived from it).
 Directory children are loaded on first need by a blocking call (run in a worker thread by
-`fuse_ops`) and kept: forever for a resource's own directory (resources are immutable), for
-`dir_cache_time` for listings of datasets, circles and collections. `ready_children()` never
-blocks: it answers from what is loaded, or None.
+`fuse_ops`) and kept: forever for a resource's own directory (resources are immutable) once
+its condensed file is there, else (and for listings of datasets, circles and collections) for
+`dir_cache_time` (doc/DCOR.md §1). `ready_children()` never blocks: it answers from what is
+loaded, or None.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class File(Node):
         self._size = size
         self._make = make
         self.dynamic = dynamic  # contents change: size 0 (as in /proc), read with direct_io
+        # may be replaced on the next listing (a resource without its condensed file yet):
+        # attributes kept only for `dir_cache_time`, pages not kept from one open to the next
+        self.volatile = False
         self.blocking = blocking  # False: `content()` returns at once (called inline)
 
     @property
@@ -223,7 +227,7 @@ class Dir(Node):
                 return ready
             fresh = self._load()
             old = self._children or {}
-            merged = {name: _keep(old.get(name), node) for name, node in fresh.items()}
+            merged = {name: self._merged(old.get(name), node) for name, node in fresh.items()}
             self._children, self._loaded = merged, time.monotonic()
             return merged
 
@@ -241,6 +245,10 @@ class Dir(Node):
     def _load(self) -> dict[str, Node]:
         raise NotImplementedError
 
+    def _merged(self, old: Node | None, new: Node) -> Node:
+        """The child kept when a listing is made again: by default the loaded one."""
+        return _keep(old, new)
+
 
 def _keep(old: Node | None, new: Node) -> Node:
     """Keep the loaded node when a refresh describes the same thing (same path and kind)."""
@@ -249,6 +257,16 @@ def _keep(old: Node | None, new: Node) -> Node:
             old.update(new.dataset)
         return old
     return new
+
+
+def _unsettle(node: Node, max_age: float) -> None:
+    """Mark a node (a file, or a directory of them) as replaced on the next listing."""
+    if isinstance(node, File):
+        node.volatile = True
+    elif isinstance(node, StaticDir):
+        node._max_age = max_age
+        for child in node._static.values():
+            _unsettle(child, max_age)
 
 
 class StaticDir(Dir):
@@ -489,6 +507,9 @@ class ResourceDir(Dir):
         content = npy_of(feature, ObjectContent(self._ctx.resources.derived, values))
         return content_file(self.child_path(name), content, self.mtime)
 
+    def _merged(self, old: Node | None, new: Node) -> Node:
+        return new  # made again: the resource was opened again (its condensed file came)
+
     def prepare(self) -> None:
         """Load the listing now (in the background): errors are left to the next reader."""
         try:
@@ -540,4 +561,10 @@ class ResourceDir(Dir):
             unique((f"{k}.csv", k, table_bytes(v)) for k, v in sorted(texts.tables.items())),
             mtime,
         )
+        # without its condensed file (yet) the listing is made again after `dir_cache_time`:
+        # the resource is opened again then, with the condensed file once it exists
+        self._max_age = float("inf") if ctx.resources.settled(rid) else ctx.dir_cache_time
+        if self.volatile:
+            for node in files.values():
+                _unsettle(node, ctx.dir_cache_time)
         return files

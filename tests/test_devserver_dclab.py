@@ -16,7 +16,7 @@ from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import FIXTURE_FILES, TOKENS, needs_fixtures, resource
+from .conftest import FIXTURE_FILES, TOKENS, ServerProcess, api, needs_fixtures, resource
 
 pytestmark = [
     # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure
@@ -151,3 +151,120 @@ def test_dclab_with_intra_basin_features_off(data_dir: Path, tmp_path: Path) -> 
             remote = open_remote(server, entry["id"], TOKENS["alice"])
             with remote, dclab.new_dataset(entry["path"]) as local:
                 assert_same_as_local(remote, local, events=[3, 99])
+
+
+# -- DCOR in motion (doc/DCOR.md §1, §2, §7): dclab against each mode ------------------------
+
+LAG = 3600.0  # a lag the tests end rather than wait for
+
+
+def _lag_over(server: DevServer) -> None:
+    """What the server's lags stand for has happened now (DCOR's background jobs ran)."""
+    assert server.site is not None
+    server.site.started -= LAG
+
+
+def _basin(remote: Any, kind: str) -> Any:
+    return next(b for b in remote.basins if b.name.startswith(kind))
+
+
+def test_dclab_with_the_condensed_file_missing(data_dir: Path, devserver: DevServer) -> None:
+    """The condensed basin is listed without `features`; its object answers an anonymous GET
+    with 403 (a presigned one with 404); dclab marks it unavailable and reads every feature
+    from the resource basin. `volume` is no basin's then: dclab computes it from `contour`
+    (an ancillary feature), a mount of stored features has none."""
+    from dcorfs.devserver.site import SiteOptions
+
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    private = resource(devserver, "secret-study", "M001_data.rtdc")
+    with DevServer(data_dir, options=SiteOptions(condensed=False)) as server:
+        status, basins = api(server, "dcserv", id=entry["id"], query="basins", version="2")
+        assert status == 200
+        condensed, original = basins["result"]
+        assert condensed["name"].startswith("condensed") and "features" not in condensed
+        assert "features" in original
+        answer = requests.get(condensed["urls"][0], timeout=10)
+        assert answer.status_code == 403 and b"<Code>AccessDenied</Code>" in answer.content
+        status, basins = api(
+            server, "dcserv", TOKENS["alice"], id=private["id"], query="basins", version="2"
+        )
+        answer = requests.get(basins["result"][0]["urls"][0], timeout=10)
+        assert answer.status_code == 404 and b"<Code>NoSuchKey</Code>" in answer.content
+        with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
+            assert not _basin(remote, "condensed").is_available()
+            assert _basin(remote, "resource").is_available()
+            assert "dclab-condense" not in remote.logs
+            assert "volume" not in remote.features_basin
+            assert "volume" in remote.features_ancillary
+            for feat in local.features_innate:
+                if dclab.dfn.scalar_feature_exists(feat):
+                    np.testing.assert_array_equal(remote[feat][:], local[feat][:], err_msg=feat)
+            np.testing.assert_array_equal(remote["image"][5], local["image"][5])
+
+
+def test_dclab_sees_a_condensed_file_that_appears(data_dir: Path, devserver: DevServer) -> None:
+    """Before condensing has run, as with the file missing; after, a new client finds the
+    condensed basin's `features`, its object and the condensing logs."""
+    from dcorfs.devserver.site import SiteOptions
+
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with DevServer(data_dir, options=SiteOptions(condensed_lag=LAG)) as server:
+        with open_remote(server, entry["id"]) as remote:
+            assert not _basin(remote, "condensed").is_available()
+            assert "dclab-condense" not in remote.logs
+        _lag_over(server)
+        with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
+            assert _basin(remote, "condensed").is_available()
+            assert "volume" in remote.features_basin
+            assert "dclab-condense" in remote.logs
+            np.testing.assert_allclose(remote["volume"], local["volume"])
+
+
+@pytest.mark.filterwarnings("ignore:Removed unavailable basin:UserWarning")
+@pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.core.FeatureShouldExistButNotFoundWarning")
+def test_dclab_with_late_fields_and_public_tag(data_dir: Path, devserver: DevServer) -> None:
+    """Until DCOR's jobs ran, records lack the fields they fill and the original is not
+    tagged public: dclab finds the resource basin unavailable (403) and serves the scalar
+    features of the condensed file only; afterwards everything."""
+    from dcorfs.devserver.site import SiteOptions
+
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with DevServer(data_dir, options=SiteOptions(fields_lag=LAG)) as server:
+        status, record = api(server, "resource_show", id=entry["id"])
+        assert status == 200
+        fields = record["result"]
+        assert fields["size"] is None and fields["url_type"] is None
+        late = ("etag", "sha256", "s3_available", "s3_url")
+        assert not [n for n in fields if n in late or n.startswith("dc:")]
+        with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
+            assert not _basin(remote, "resource").is_available()
+            np.testing.assert_array_equal(remote["deform"][:], local["deform"][:])
+            with pytest.raises(KeyError):
+                remote["image"][0]
+        _lag_over(server)
+        status, record = api(server, "resource_show", id=entry["id"])
+        assert record["result"]["etag"] and record["result"]["size"] == entry["size"]
+        with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
+            np.testing.assert_array_equal(remote["image"][5], local["image"][5])
+
+
+def test_the_lags_combine_on_the_command_line(data_dir: Path, devserver: DevServer) -> None:
+    """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once, then neither."""
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    server = ServerProcess(data_dir, "--condensed-lag", "6", "--fields-lag", "6")
+    try:
+        base = f"{server.url}/api/3/action"
+        params = {"id": entry["id"], "query": "basins", "version": "2"}
+        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
+        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
+        assert "features" not in basins[0] and "etag" not in record.json()["result"]
+        assert requests.get(basins[1]["urls"][0], timeout=10).status_code == 403
+        time.sleep(6.5)
+        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
+        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
+        assert "volume" in basins[0]["features"] and record.json()["result"]["etag"]
+        for basin in basins:
+            answer = requests.get(basin["urls"][0], headers={"Range": "bytes=0-7"}, timeout=10)
+            assert answer.status_code == 206
+    finally:
+        server.close()

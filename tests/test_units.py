@@ -157,6 +157,23 @@ def test_memo_serves_stored_answers_offline(tmp_path: Path) -> None:
         again.get("new", lambda d: (_ for _ in ()).throw(DeadlineExceeded("slow")), max_age=0)
 
 
+def test_memo_keeps_answers_that_may_grow_for_less_time(tmp_path: Path) -> None:
+    """An answer's own content says how long it is kept (doc/DCOR.md §7): basins whose
+    condensed entry has no `features` yet are asked again, complete ones never."""
+    answers = iter([{"features": None}, {"features": ["deform"]}, {"features": []}])
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+
+    def age(value: Any) -> float:
+        return float("inf") if value["features"] is not None else 0.0
+
+    def ask(deadline: float) -> Any:
+        return next(answers)
+
+    assert memo.get("k", ask, max_age=age) == {"features": None}
+    assert memo.get("k", ask, max_age=age) == {"features": ["deform"]}
+    assert memo.get("k", ask, max_age=age) == {"features": ["deform"]}
+
+
 class Broken(File):
     def content(self) -> Any:
         raise RuntimeError("a bug below the FUSE layer")

@@ -39,6 +39,8 @@ LICENSES = {
     "none": ("License not specified", ""),
 }
 CREATOR_ID = repository.make_id("user", "devserver-admin")
+# resource fields DCOR's jobs fill after an upload (dcor_schemas `jobs.py`; doc/DCOR.md §2)
+LATE_FIELDS = ("etag", "sha256", "s3_available", "s3_url")
 
 
 class ActionError(Exception):
@@ -145,8 +147,8 @@ class CkanApi:
             return kern.metadata
         if query == "size":
             return kern.metadata["experiment"]["event count"]
-        if query == "logs":
-            return kern.logs
+        if query == "logs":  # the condensing logs once the condensed object exists
+            return kern.logs if self.site.condensed_ready() else kern.resource_logs
         if query == "tables":
             return kern.tables
         if query == "trace_list":
@@ -186,7 +188,11 @@ class CkanApi:
                     key=f"dcor-{artifact}-{res.id}",
                     urls=[self.site.object_url(bucket, key)],
                 )
-            features = kern.resource_features if artifact == "resource" else kern.condensed_features
+            # listed even while the condensed object does not exist, then without `features`
+            # (dc_serve `serve.py` ~140-145, ~250-270; doc/DCOR.md §1)
+            features: list[str] | None = kern.resource_features
+            if artifact == "condensed":
+                features = kern.condensed_features if self.site.condensed_ready() else None
             if features is not None:
                 basin["features"] = list(features)
             basins.append(basin)
@@ -344,6 +350,12 @@ class CkanApi:
         }
         if kern is not None:
             result.update(_dc_fields(kern.metadata))
+        if not self.site.fields_ready():
+            # filled by DCOR's background jobs after an upload (doc/DCOR.md §2); `size` and
+            # `url_type` are CKAN core columns, null meanwhile
+            for name in [n for n in result if n in LATE_FIELDS or n.startswith("dc:")]:
+                del result[name]
+            result.update(size=None, url_type=None)
         return result
 
     # -- circles and collections ----------------------------------------------------------

@@ -3,7 +3,8 @@
 DCOR's `get_resource_kernel` opens the resource with dclab and caches its metadata
 (`config.as_dict(pop_filtering=True)`, with `experiment:event count` filled in), logs, tables
 (column names + rows, NaN sent as null), trace names and innate features; the condensed file
-adds its logs (those not already present) and its features. With
+adds its logs (those not already present) and its features, once it exists (`resource_logs`:
+the answer before; doc/DCOR.md §7). With
 `ckanext.dc_serve.enable_intra_dataset_basins` (the production default) the condensed basin also
 advertises every feature listed by the basins stored inside the condensed file, i.e. `image`,
 `mask`, `trace`, … although the condensed file holds scalar features only.
@@ -23,7 +24,8 @@ import numpy as np
 @dataclass(frozen=True)
 class Kernel:
     metadata: dict[str, dict[str, Any]]
-    logs: dict[str, list[str]]
+    logs: dict[str, list[str]]  # with the condensed file's logs
+    resource_logs: dict[str, list[str]]  # the original's only (no condensed file yet)
     tables: dict[str, tuple[list[str] | None, list[Any]]]
     trace_list: list[str] | None  # None: the file has no traces (dcserv then fails, see dcserv)
     resource_features: list[str]
@@ -42,6 +44,7 @@ def compute(resource: Path, condensed: Path | None, intra_basin_features: bool) 
         tables = {name: _table(ds.tables[name]) for name in ds.tables}
         logs = {name: list(ds.logs[name]) for name in ds.logs}
         resource_features = sorted(ds.features_innate)
+    resource_logs = {name: list(lines) for name, lines in logs.items()}
     condensed_features = None
     if condensed is not None:
         with warnings.catch_warnings():
@@ -58,6 +61,7 @@ def compute(resource: Path, condensed: Path | None, intra_basin_features: bool) 
     return Kernel(
         metadata=metadata,
         logs=logs,
+        resource_logs=resource_logs,
         tables=tables,
         trace_list=trace_list,
         resource_features=resource_features,

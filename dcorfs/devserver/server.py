@@ -313,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
             if method not in ("GET", "HEAD"):
                 raise S3Error(403, "AccessDenied", "Access Denied", resource)
             signed = app.site.presigner.check(method, bucket, key, query)
-            obj = app.site.objects.get((bucket, key))
+            obj = app.site.stored_object(bucket, key)
             if obj is None:
                 if signed:  # DCOR's credentials may list the bucket: 404
                     raise S3Error(404, "NoSuchKey", "The specified key does not exist.", resource)

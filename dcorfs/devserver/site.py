@@ -8,8 +8,10 @@ they would on DCOR.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +30,19 @@ class SiteOptions:
     intra_basin_features: bool = True
     # dc_serve 1.0.9 answers `trace_list` for files without traces with a 500
     trace_list_quirk: bool = True
-    # off: no condensed objects (as right after an upload, before DCOR's job ran)
+    # off: the condensed objects never appear (DCOR's condensing job switched off or failed
+    # for good: dc_serve `jobs.py` ~37-40, ~97-98); see doc/DCOR.md §1
     condensed: bool = True
+    # the condensed objects, their basins' `features` and the condensing logs appear this many
+    # seconds after the server started (condensing is a background job that lags uploads:
+    # dc_serve `jobs.py` ~30-101, `serve.py` ~199-217, ~275-299); doc/DCOR.md §1, §7
+    condensed_lag: float = 0.0
+    # resource records lack `etag`, `sha256`, `s3_available`, `s3_url`, `url_type`, `dc:*` and
+    # have `size: null`, and originals of public datasets lack their `public=true` tag (anonymous
+    # GET → 403), until this many seconds after the server started: DCOR's background jobs fill
+    # them after an upload (dcor_schemas `jobs.py` ~110-157, ~159-192, ~220-253, ~256-274,
+    # ~277-297); doc/DCOR.md §2
+    fields_lag: float = 0.0
     # the host name in object URLs (basins, downloads, s3_url), e.g. "localhost" while the site
     # is 127.0.0.1: objects then live on "another host", as DCOR's object store does
     object_host: str = ""
@@ -62,6 +75,29 @@ class Site:
         self.kernels = kernels
         self.presigner = presigner
         self.options = options
+        self.started = time.monotonic()  # the lags of `options` count from here
+
+    def condensed_ready(self) -> bool:
+        """Whether DCOR's condensing job has run (its object, features and logs exist)."""
+        options = self.options
+        return options.condensed and time.monotonic() - self.started >= options.condensed_lag
+
+    def fields_ready(self) -> bool:
+        """Whether DCOR's jobs have filled the resource records and tagged the objects."""
+        return time.monotonic() - self.started >= self.options.fields_lag
+
+    def stored_object(self, bucket: str, key: str) -> StoredObject | None:
+        """The object at bucket/key as the store holds it now: a condensed object only once
+        condensing has run, an original of a public dataset readable anonymously only once
+        its `public=true` tag is set (doc/DCOR.md §1, §2)."""
+        obj = self.objects.get((bucket, key))
+        if obj is None:
+            return None
+        if obj.artifact == "condensed" and not self.condensed_ready():
+            return None
+        if obj.artifact == "resource" and obj.public and not self.fields_ready():
+            return dataclasses.replace(obj, public=False)
+        return obj
 
     @classmethod
     def build(
@@ -119,7 +155,7 @@ class Site:
         if found is None:
             return None
         bucket = bucket_name(found[0].circle.id)
-        return self.objects.get((bucket, object_key(artifact, resource_id)))
+        return self.stored_object(bucket, object_key(artifact, resource_id))
 
     def object_url(self, bucket: str, key: str) -> str:
         return f"{self.objects_url}/{bucket}/{key}"
