@@ -205,8 +205,9 @@ def raw_index(processed: Path) -> np.ndarray:
         ("dcnum-pairs", "R001_data_dcn.rtdc", ""),
         ("dcnum-pairs", "R002_data_dcn.rtdc", ""),
         ("secret-pairs", "R001_data_dcn.rtdc", TOKENS["alice"]),
+        ("secret-pairs", "R002_data_dcn.rtdc", TOKENS["alice"]),
     ],
-    ids=["same", "mapped", "private"],
+    ids=["same", "mapped", "private", "private-mapped"],
 )
 # what dclab says about the basins DCOR writes into a processed file's condensed file: its
 # dcnum file basin (not followed remotely), the S3 basins of a private resource (unavailable),
@@ -233,7 +234,7 @@ def test_intra_dataset_basin_followed_by_dclab(
     upstream = by_name[f"DCOR intra-dataset for {raw['name']}"]
     assert upstream["urls"] == [f"{server.url}/api/3/action/dcserv?id={raw['id']}"]
     assert {"image", "mask", "deform", "volume"} <= set(upstream["features"])
-    assert ("trace" in upstream["features"]) is not mapped  # the mapped pair has no traces
+    assert "trace" in upstream["features"] or (mapped and dataset == "dcnum-pairs")
     assert upstream["mapping"] == ("basinmap0" if mapped else "same")
     # ... with mapping `same` the processed file names itself too (same run identifier)
     assert (f"DCOR self-reference {name}" in by_name) is not mapped

@@ -81,12 +81,17 @@ def test_processed_resource_shows_the_raw_resources_features(
 def test_private_upstream_is_read_with_the_token(
     devserver: DevServer, devserver_process: ServerProcess, tmp_path: Path
 ) -> None:
-    raw, processed = pair(devserver, "secret-pairs", "R001_data_dcn.rtdc")
+    """Also traces through a mapped basin, which dclab 0.73 cannot index."""
     server = devserver_process
-    with (
-        mounted(tmp_path / "mnt", server.url, tmp_path / "cache", token=TOKENS["alice"]) as mnt,
-        dclab.new_dataset(raw["path"]) as local,
-    ):
-        processed_dir = resource_dir(mnt, processed)
-        for feature in ("image", "mask"):
-            assert np.array_equal(np.load(processed_dir / f"{feature}.npy"), local[feature][:])
+    with mounted(tmp_path / "mnt", server.url, tmp_path / "cache", token=TOKENS["alice"]) as mnt:
+        for name in ("R001_data_dcn.rtdc", "R002_data_dcn.rtdc"):
+            raw, processed = pair(devserver, "secret-pairs", name)
+            index = raw_index(processed)
+            processed_dir = resource_dir(mnt, processed)
+            with dclab.new_dataset(raw["path"]) as local:
+                for feature in ("image", "mask"):
+                    shown = np.load(processed_dir / f"{feature}.npy")
+                    assert np.array_equal(shown, local[feature][:][index]), (name, feature)
+                for trace in local["trace"]:
+                    shown = np.load(processed_dir / "trace" / f"{trace}.npy")
+                    assert np.array_equal(shown, local["trace"][trace][:][index]), (name, trace)

@@ -120,18 +120,20 @@ def flat_data(root: Path, count: int, spec: SampleSpec) -> list[Path]:
     ]
 
 
-def write_dcnum_pairs(folder: Path, *, events: int, seed: int, mapped: bool = True) -> list[Path]:
+def write_dcnum_pairs(
+    folder: Path, *, events: int, seed: int, mapped: bool = True, mapped_traces: bool = False
+) -> list[Path]:
     """Raw measurements and their dcnum-processed `_dcn.rtdc` files in one dataset folder:
     `R001_data.rtdc` processed with identical segmentation (mapping `same`) and, if `mapped`,
     `R002_data.rtdc` re-segmented (a subset of its events, reordered and one repeated:
-    mapped through `basinmap0`; without traces, which dclab 0.73 cannot index through a
-    mapped basin). See `sample.write_processed` and doc/DCOR.md §3."""
+    mapped through `basinmap0`; with traces only if `mapped_traces`: dclab 0.73 cannot index
+    them through a mapped basin). See `sample.write_processed` and doc/DCOR.md §3."""
     raw1 = write_rtdc(folder / "R001_data.rtdc", SampleSpec(events=events, seed=seed))
     written = [raw1, write_processed(raw1, folder / "R001_data_dcn.rtdc", seed=seed)]
     if mapped:
         raw2 = write_rtdc(
             folder / "R002_data.rtdc",
-            SampleSpec(events=events, seed=seed + 1, run_index=2, traces=False),
+            SampleSpec(events=events, seed=seed + 1, run_index=2, traces=mapped_traces),
         )
         rng = np.random.default_rng(seed)
         keep = rng.permutation(events)[: max(2, events * 2 // 3)]
