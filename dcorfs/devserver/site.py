@@ -210,7 +210,14 @@ class _Upstream:
 
     def _all_features(self, res: repository.Resource) -> list[str]:
         if res.id not in self._features:
-            core, remote = condense.condensed_core(res.path, res.digests.sha256, self._state_dir)
+            try:
+                core: Path | None
+                core, remote = condense.condensed_core(
+                    res.path, res.digests.sha256, self._state_dir
+                )
+            except Exception as exc:  # as dc_serve: the resource's features only (jobs.py ~253)
+                log.warning("condensed %s not accessible for a basin: %s", res.name, exc)
+                core, remote = None, []
             self._features[res.id] = intra.all_features(res.path, core, remote)
         return self._features[res.id]
 
