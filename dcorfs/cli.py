@@ -87,8 +87,9 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "--no-intra-basin-features",
         action="store_true",
         help=(
-            "condensed basin lists only its own features "
-            "(ckanext.dc_serve default: it also lists image, mask, …)"
+            "enable_intra_dataset_basins off: no intra-dataset basins in condensed files, and "
+            "the condensed basin lists only its own features (ckanext.dc_serve default: "
+            "dcnum-processed files read image, mask, … from their raw resource; doc/DCOR.md §3)"
         ),
     )
     dcor.add_argument(

@@ -29,7 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+from . import upstream
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
@@ -114,6 +116,7 @@ class Resources:
         # resources opened without their condensed file: when (monotonic), to look again
         self._unsettled: dict[str, float] = {}
         self._retired: list[RtdcResource] = []  # replaced by a later opening (readers may hold)
+        self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
@@ -228,8 +231,13 @@ class Resources:
     # -- RT-DC resources ----------------------------------------------------------------------
 
     def rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
-        """The opened resource: kept for the life of the mount once it has its condensed
-        file; without, opened again after `recheck` seconds (see the module's docstring)."""
+        """An opened RT-DC resource, with the features its intra-dataset basins offer."""
+        return self._with_upstream(resource, self._own_rtdc(dataset, resource))
+
+    def _own_rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource:
+        """An opened RT-DC resource, its own files' features (single-flight): kept for the
+        life of the mount once it has its condensed file; without, opened again after
+        `recheck` seconds (see the module's docstring)."""
         rid = resource.id
         with self._lock:
             ready = self._ready(rid)
@@ -277,6 +285,44 @@ class Resources:
         """Whether the resource is open with its condensed file (nothing more to come)."""
         with self._lock:
             return resource_id in self._opened and resource_id not in self._unsettled
+
+    def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
+        """`own` joined with the resources its condensed file's intra-dataset basins name
+        (doc/DCOR.md §3): each opened as itself (its own files only, so basins that name each
+        other are no cycle), private ones with the token. Kept once every upstream opened;
+        an upstream that cannot be opened now is left out of this answer only."""
+        condensed = own.source("condensed")
+        if condensed is None or self._catalog is None or self._api is None:
+            return own
+        with self._lock:
+            joined = self._joined.get(resource.id)
+            if joined is not None and joined[0] is own:
+                return joined[1]
+        obj = condensed.remote.obj
+        host = urlsplit(self._api.base_url).netloc
+        basins = upstream.parsed(
+            self.remembered(
+                f"rtdc-intra-basins:v1:{obj.identity.hex()}",
+                lambda deadline: upstream.intra_basins(
+                    condensed.arrays(["basins"], deadline=deadline)["basins"],
+                    own_id=resource.id,
+                    host=host,
+                ),
+            )
+        )
+        found, complete = [], True
+        for basin in basins:
+            try:
+                up_dataset, up_resource = self._catalog.resource(basin.resource_id)
+                found.append((basin, self._own_rtdc(up_dataset, up_resource)))
+            except DcorfsError as exc:
+                log.info("resource %s: basin %s not usable: %s", resource.id, basin, exc)
+                complete = False
+        made = own.with_upstream(found) if found else own
+        if complete:
+            with self._lock:
+                self._joined[resource.id] = (own, made)
+        return made
 
     def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:
         with self._lock:

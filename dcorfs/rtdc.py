@@ -5,7 +5,9 @@ only the blocks HDF5 touches cross the network. `RtdcSource` describes one opene
 features with dtype and shape, and where each feature's chunks lie). `RtdcResource` is the
 union of a resource's original file and DCOR's condensed file: scalar features come from the
 condensed file when it has them (it is small, and it holds what dclab computes, e.g. a float64
-`time` where the original's is defective), everything else from the original.
+`time` where the original's is defective), everything else from the original; with
+`with_upstream`, also the features another resource of its dataset offers through an
+intra-dataset basin (doc/DCOR.md §3).
 
 Values equal what dclab reads: `mask` is boolean, everything else keeps its stored dtype
 (little-endian). h5py serializes all HDF5 calls behind one lock; before decoding a slice we
@@ -20,6 +22,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
+import copy
 import functools
 import gc
 import logging
@@ -28,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h5py
@@ -38,6 +41,7 @@ from h5py._objects import phil
 
 from .blockcache import BlockCache, ObjectId
 from .derived import DerivedCache, derived_id
+from .errors import ProtocolError
 from .fileobj import SeekableFile
 from .structure import (
     GROUPS,
@@ -50,10 +54,12 @@ from .structure import (
     read_attributes,
     read_features,
 )
+from .upstream import UpstreamBasin
 
 log = logging.getLogger(__name__)
 
 # groups whose members a reader looks at when it opens an .rtdc file, by level (parents first)
+OWN_SOURCES = ("resource", "condensed")  # the kinds of a resource's own files
 STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
 HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
 # files opened on our file objects and not closed yet: closed at exit, while Python still runs
@@ -491,6 +497,39 @@ class RtdcResource:
         self.features = dict(sorted(merged.items()))
         self._objects = {name: self._register(f) for name, f in self.features.items()}
 
+    def with_upstream(self, upstream: Sequence[tuple[UpstreamBasin, RtdcResource]]) -> RtdcResource:
+        """This resource with the features its intra-dataset basins offer besides its own
+        (doc/DCOR.md §3), each read from the upstream resource: mapping `same`, the very
+        value object of the upstream's own feature (one cache identity); mapped, a derived
+        object of the upstream's rows picked through this resource's mapping feature."""
+        joined = copy.copy(self)
+        joined.features = dict(self.features)
+        joined._objects = dict(self._objects)
+        joined._sources = dict(self._sources)
+        for basin, other in upstream:
+            for name, feature in other.features.items():
+                if name in joined.features or not basin.offers(name):
+                    continue
+                kind = f"upstream/{basin.resource_id}/{feature.source}"
+                source = other.source(feature.source)
+                assert source is not None
+                if basin.mapping == "same":
+                    if feature.shape[0] != self.events:
+                        log.warning("basin %s: %s has other events", basin.resource_id, name)
+                        continue
+                    obj = other.rows_object(name)
+                    shown = replace(feature, source=kind)
+                elif basin.mapping in self.features:
+                    shown = replace(feature, shape=(self.events, *feature.shape[1:]), source=kind)
+                    obj = _register_mapped(self, basin.mapping, other, feature, shown)
+                else:
+                    continue
+                joined._sources[kind] = source
+                joined.features[name] = shown
+                joined._objects[name] = obj
+        joined.features = dict(sorted(joined.features.items()))
+        return joined
+
     def _register(self, feature: Feature) -> ObjectId:
         return register_rows(self.derived, self._sources[feature.source], feature)
 
@@ -536,5 +575,58 @@ class RtdcResource:
         )
 
     def close(self) -> None:
-        for source in self._sources.values():
-            source.close()
+        for kind in OWN_SOURCES:  # not those of upstream resources (they close their own)
+            source = self._sources.get(kind)
+            if source is not None:
+                source.close()
+
+
+def _register_mapped(
+    resource: RtdcResource, mapping: str, upstream: RtdcResource, feature: Feature, shown: Feature
+) -> ObjectId:
+    """The derived object of `shown`: the rows of the upstream's `feature` at the indices
+    this resource's `mapping` feature (`basinmap0`) holds, registered with what picks them."""
+    derived = resource.derived
+    obj = derived_id(
+        upstream.rows_object(feature.name),
+        f"mapped/{mapping}",
+        shown.row_bytes * shown.shape[0],
+        facts=(resource.rows_object(mapping).etag, shown.dtype.str, shown.shape),
+        block_size=derived.block_size,
+    )
+    derived.register(obj, _Mapped(resource, mapping, upstream, feature))
+    return obj
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """Makes bytes [start, stop) of a mapped feature: the upstream's rows read in runs of
+    consecutive indices."""
+
+    resource: RtdcResource
+    mapping: str
+    upstream: RtdcResource
+    feature: Feature
+
+    def __call__(self, start: int, stop: int, deadline: float) -> bytes:
+        resource, mapping, feature = self.resource, self.mapping, self.feature
+        row = feature.row_bytes
+        first, last = start // row, -(-stop // row)
+        index = resource.read(mapping, first, last, deadline=deadline).astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= feature.shape[0]):
+            raise ProtocolError(f"{mapping} points outside the upstream's {feature.name}")
+        # a few blocks per read: each is fetched (made) in this thread, never waiting for a
+        # worker of the cache's pool, which may be running this very function
+        step = max(1, 4 * resource.derived.block_size // max(1, row))
+        parts = []
+        run_start = 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or index[i] != index[i - 1] + 1 or i - run_start >= step:
+                a, b = int(index[run_start]), int(index[i - 1]) + 1
+                parts.append(self.upstream.read(feature.name, a, b, deadline=deadline))
+                run_start = i
+        values = (
+            np.concatenate(parts) if parts else np.empty((0, *feature.shape[1:]), feature.dtype)
+        )
+        data = np.ascontiguousarray(values).data.cast("B")
+        return bytes(data[start - first * row : stop - first * row])

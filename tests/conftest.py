@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from dcorfs.demo import terminate
-from dcorfs.devserver.datadir import write_json
+from dcorfs.devserver.datadir import write_dcnum_pairs, write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
@@ -71,6 +71,14 @@ def make_data_dir(root: Path) -> Path:
     private = root / "private-lab" / "secret-study"
     write_json(private / "dataset.json", {"title": "Secret", "private": True})
     write_rtdc(private / "M001_data.rtdc", SampleSpec(events=150, seed=13, sample="blood"))
+    pairs = root / "public-lab" / "dcnum-pairs"
+    write_json(pairs / "dataset.json", {"title": "Raw and dcnum-processed"})
+    write_dcnum_pairs(pairs, events=90, seed=31)
+    private_pairs = root / "private-lab" / "secret-pairs"
+    write_json(private_pairs / "dataset.json", {"title": "Secret pairs", "private": True})
+    # its mapped pair has traces (dclab 0.73 cannot index them through the basin; generic tests
+    # comparing with dclab read public resources)
+    write_dcnum_pairs(private_pairs, events=60, seed=41, mapped_traces=True)
     if FIXTURE_FILES:
         field = root / "public-lab" / "field-fixtures"
         field.mkdir(parents=True)

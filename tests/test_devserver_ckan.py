@@ -265,10 +265,10 @@ def test_organization_and_group_show(devserver: DevServer) -> None:
     assert circle["type"] == "organization" and circle["package_count"] >= 1
     assert ok(api(devserver, "organization_show", id=circle["id"]))["name"] == "public-lab"
     private = ok(api(devserver, "organization_show", id="private-lab"))
-    assert private["package_count"] == 0  # the private dataset is not visible anonymously
+    assert private["package_count"] == 0  # the private datasets are not visible anonymously
     assert (
         ok(api(devserver, "organization_show", TOKENS["alice"], id="private-lab"))["package_count"]
-        == 1
+        == 2
     )
     group = ok(api(devserver, "group_show", id="showcase", include_datasets="true"))
     assert group["type"] == "group" and [p["name"] for p in group["packages"]] == ["generated"]

@@ -268,3 +268,127 @@ def test_the_lags_combine_on_the_command_line(data_dir: Path, devserver: DevServ
             assert answer.status_code == 206
     finally:
         server.close()
+
+
+# -- intra-dataset basins (doc/DCOR.md §3) -------------------------------------------------------
+
+DOTTED_HOST = "127.0.0.83"  # unusual, so as not to meet other tests binding port 80
+
+
+@pytest.fixture(scope="module")
+def dotted_devserver(data_dir: Path) -> Iterator[DevServer]:
+    """A devserver whose URLs dclab takes for full DCOR URLs (a dotted host, no port: dclab
+    `fmt_dcor/basin.py` REGEXP_FULL_DCOR_URL), so that it follows `dcor` basins."""
+    try:
+        server = DevServer(data_dir, bind=DOTTED_HOST, port=80)
+    except PermissionError:
+        pytest.skip("binding port 80 needs root")
+    with server:
+        yield server
+
+
+def condensed_basins(server: DevServer, rid: str) -> list[dict[str, Any]]:
+    assert server.site is not None
+    stored = server.site.resource_object(rid, "condensed")
+    assert stored is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with dclab.new_dataset(stored.path, enable_basins=False) as dc:
+            return list(dc.basins_get_dicts())
+
+
+def dcserv_basins(server: DevServer, rid: str, token: str = "") -> dict[str, Any]:
+    answer = requests.get(
+        f"{server.url}/api/3/action/dcserv",
+        params={"id": rid, "query": "basins"},
+        headers={"Authorization": token},
+        timeout=30,
+    ).json()["result"]
+    return {b["name"].split("-")[0]: b for b in answer}
+
+
+def raw_index(processed: Path) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with dclab.new_dataset(processed, enable_basins=False) as dc:
+            if "basinmap0" in dc.features_innate:
+                return np.asarray(dc["basinmap0"][:])
+            return np.arange(len(dc))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name", "token"),
+    [
+        ("dcnum-pairs", "R001_data_dcn.rtdc", ""),
+        ("dcnum-pairs", "R002_data_dcn.rtdc", ""),
+        ("secret-pairs", "R001_data_dcn.rtdc", TOKENS["alice"]),
+        ("secret-pairs", "R002_data_dcn.rtdc", TOKENS["alice"]),
+    ],
+    ids=["same", "mapped", "private", "private-mapped"],
+)
+# what dclab says about the basins DCOR writes into a processed file's condensed file: its
+# dcnum file basin (not followed remotely), the S3 basins of a private resource (unavailable),
+# the self-reference (a cycle) and what it then cannot read through those
+@pytest.mark.filterwarnings("ignore:Ignored basin of format 'hdf5':UserWarning")
+@pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.core.LocalBasinForbiddenWarning")
+@pytest.mark.filterwarnings("ignore:Removed unavailable basin:UserWarning")
+@pytest.mark.filterwarnings(
+    "ignore::dclab.rtdc_dataset.feat_basin.basin_common.CyclicBasinDependencyFoundWarning"
+)
+@pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.core.FeatureShouldExistButNotFoundWarning")
+def test_intra_dataset_basin_followed_by_dclab(
+    dotted_devserver: DevServer, dataset: str, name: str, token: str
+) -> None:
+    """A dcnum-processed file's upstream features (`image`, `mask`, …), as DCOR's condense
+    job and dcserv offer them, are what dclab's own client shows, equal to the raw file's."""
+    server = dotted_devserver
+    processed = resource(server, dataset, name)
+    raw = resource(server, dataset, name.replace("_dcn", ""))
+    mapped = name.startswith("R002")
+    # the condense job wrote the intra-dataset basin (dc_serve jobs.py ~264-283) ...
+    intra = [b for b in condensed_basins(server, processed["id"]) if b["format"] == "dcor"]
+    by_name = {b["name"]: b for b in intra}
+    upstream = by_name[f"DCOR intra-dataset for {raw['name']}"]
+    assert upstream["urls"] == [f"{server.url}/api/3/action/dcserv?id={raw['id']}"]
+    assert {"image", "mask", "deform", "volume"} <= set(upstream["features"])
+    assert "trace" in upstream["features"] or (mapped and dataset == "dcnum-pairs")
+    assert upstream["mapping"] == ("basinmap0" if mapped else "same")
+    # ... with mapping `same` the processed file names itself too (same run identifier)
+    assert (f"DCOR self-reference {name}" in by_name) is not mapped
+    # dcserv lists the upstream features for the condensed basin, not for the resource
+    basins = dcserv_basins(server, processed["id"], token)
+    assert {"image", "mask"} <= set(basins["condensed"]["features"])
+    assert not {"image", "mask", "trace"} & set(basins["resource"]["features"])
+    # dclab's client follows it (the upstream with the tokens dclab remembers)
+    index = raw_index(Path(processed["path"]))
+    if token:
+        APIHandler.add_api_key(token)
+    with (
+        open_remote(server, processed["id"], token) as remote,
+        dclab.new_dataset(raw["path"]) as local,
+    ):
+        assert len(remote) == len(index)
+        for feat in ("image", "mask"):
+            for i in (0, 1, len(remote) - 1):
+                np.testing.assert_array_equal(
+                    remote[feat][i], local[feat][int(index[i])], err_msg=f"{feat}[{i}]"
+                )
+        if not mapped:  # (dclab 0.73 fails indexing `trace` through a mapped basin)
+            np.testing.assert_array_equal(
+                remote["trace"]["fl2_raw"][3], local["trace"]["fl2_raw"][3]
+            )
+
+
+def test_no_intra_dataset_basins_with_the_option_off(data_dir: Path, tmp_path: Path) -> None:
+    """`enable_intra_dataset_basins` off: no such basin, the processed file shows no images."""
+    from dcorfs.devserver.site import SiteOptions
+
+    options = SiteOptions(intra_basin_features=False)
+    with DevServer(data_dir, state_dir=tmp_path / "state", options=options) as server:
+        processed = resource(server, "dcnum-pairs", "R001_data_dcn.rtdc")
+        assert not [
+            b
+            for b in condensed_basins(server, processed["id"])
+            if b["format"] == "dcor" and b["name"].startswith("DCOR intra")
+        ]
+        assert "image" not in dcserv_basins(server, processed["id"])["condensed"]["features"]

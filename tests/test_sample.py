@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from dclab.rtdc_dataset.check import IntegrityChecker
 
-from dcorfs.devserver.sample import PIXEL_SIZE, SampleSpec, write_rtdc
+from dcorfs.devserver.sample import PIXEL_SIZE, SampleSpec, write_processed, write_rtdc
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,31 @@ def test_same_spec_same_data(tmp_path: Path) -> None:
         for feat in ("deform", "area_um", "image", "image_bg"):
             np.testing.assert_array_equal(a[feat][:], b[feat][:])
     assert not (tmp_path / "a.rtdc.part").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Ignored basin of format 'hdf5':UserWarning")
+@pytest.mark.parametrize("mapped", [False, True], ids=["same", "mapped"])
+def test_processed_file_is_written_as_dcnum_writes_it(
+    sample: Path, tmp_path: Path, mapped: bool
+) -> None:
+    keep = np.array([7, 3, 3, 0, 42]) if mapped else None
+    path = write_processed(sample, tmp_path / "M001_data_dcn.rtdc", keep=keep)
+    with dclab.new_dataset(sample) as raw, dclab.new_dataset(path, enable_basins=False) as dc:
+        (basin,) = dc.basins_get_dicts()
+        assert basin["type"] == "file" and basin["format"] == "hdf5"
+        assert basin["paths"] == [str(sample.resolve()), f"../{sample.parent.name}/{sample.name}"]
+        assert basin["identifier"] == raw.get_measurement_identifier()
+        assert {"image", "mask", "trace"} <= set(basin["features"])
+        assert all(dclab.dfn.scalar_feature_exists(f) for f in dc.features_innate)
+        own = dc.get_measurement_identifier()
+        if mapped:
+            assert basin["mapping"] == "basinmap0" and len(dc) == 5
+            assert own.startswith(f"{raw.get_measurement_identifier()}_dcn-")
+            assert np.array_equal(dc["basinmap0"][:], keep)
+            assert np.array_equal(dc["frame"][:], raw["frame"][:][keep])
+        else:
+            assert "mapping" not in basin or basin["mapping"] == "same"
+            assert own == raw.get_measurement_identifier() and len(dc) == len(raw)
+    with dclab.new_dataset(path) as followed, dclab.new_dataset(sample) as raw:
+        index = keep if mapped else np.arange(len(raw))
+        assert np.array_equal(followed["image"][1], raw["image"][int(index[1])])

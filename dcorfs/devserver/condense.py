@@ -21,6 +21,9 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
+
+from . import intra
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +36,20 @@ def condensed_path(
     resource_id: str,
     site_url: str,
     object_url: str,
+    upstream: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Return the condensed file for `source`, making it if needed (cached in `state_dir`).
 
-    `object_url` is the original resource's object-store URL (for the S3/HTTP basins).
+    `object_url` is the original resource's object-store URL (for the S3/HTTP basins);
+    `upstream`: intra-dataset basins (`store_basin` arguments, see `intra`).
     """
-    cache = state_dir / "condensed"
-    cache.mkdir(parents=True, exist_ok=True)
-    core = cache / f"{source_sha256}.core.rtdc"
-    missing_json = cache / f"{source_sha256}.features.json"
-    if not (core.exists() and missing_json.exists()):
-        missing = _condense(source, core)
-        _write_atomic(missing_json, json.dumps(missing).encode())
-    site_key = hashlib.sha1(f"{site_url}|{object_url}".encode()).hexdigest()[:12]
-    final = cache / f"{resource_id}-{site_key}.rtdc"
+    upstream = upstream or []
+    core, missing = condensed_core(source, source_sha256, state_dir)
+    site_key = hashlib.sha1(
+        f"{site_url}|{object_url}|{intra.digest(upstream)}".encode()
+    ).hexdigest()[:12]
+    final = core.with_name(f"{resource_id}-{site_key}.rtdc")
     if not final.exists():
-        missing = json.loads(missing_json.read_text())
         _with_dcor_basins(
             core,
             final,
@@ -56,8 +57,24 @@ def condensed_path(
             site_url=site_url,
             object_url=object_url,
             missing=missing,
+            upstream=upstream,
         )
     return final
+
+
+def condensed_core(source: Path, source_sha256: str, state_dir: Path) -> tuple[Path, list[str]]:
+    """The condensed file without DCOR's basins (made once per content) and the original's
+    features it lacks (those its remote basins list)."""
+    cache = state_dir / "condensed"
+    cache.mkdir(parents=True, exist_ok=True)
+    core = cache / f"{source_sha256}.core.rtdc"
+    missing_json = cache / f"{source_sha256}.features.json"
+    if not (core.exists() and missing_json.exists()):
+        missing = _condense(source, core)
+        _write_atomic(missing_json, json.dumps(missing).encode())
+        return core, missing
+    missing = json.loads(missing_json.read_text())
+    return core, missing
 
 
 def _condense(source: Path, core: Path) -> list[str]:
@@ -71,7 +88,7 @@ def _condense(source: Path, core: Path) -> list[str]:
     # condense_dataset prints what it computes; that must not reach the devserver's stdout
     with (
         contextlib.redirect_stdout(io.StringIO()),
-        dclab.new_dataset(source) as ds,
+        dclab.new_dataset(source, enable_basins=False) as ds,
         h5py.File(tmp, "w") as h5_cond,
     ):
         with warnings.catch_warnings(record=True) as caught:
@@ -96,6 +113,7 @@ def _with_dcor_basins(
     site_url: str,
     object_url: str,
     missing: list[str],
+    upstream: list[dict[str, Any]],
 ) -> None:
     import dclab
 
@@ -118,6 +136,8 @@ def _with_dcor_basins(
                 basin_feats=missing,
                 verify=False,
             )
+        for basin in upstream:
+            hw.store_basin(verify=False, **basin)
     tmp.replace(final)
 
 

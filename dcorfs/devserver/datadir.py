@@ -9,7 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .sample import SampleSpec, write_rtdc
+import numpy as np
+
+from .sample import SampleSpec, write_processed, write_rtdc
 
 DEMO_USER = "alice"
 
@@ -89,6 +91,18 @@ def write_demo_data(
         if progress is not None:
             progress(f"generating sample measurement {number}/{len(specs)}: {path.name}")
         write_rtdc(path, spec)
+    pairs = lab / "hl60-dcnum"
+    write_json(
+        pairs / "dataset.json",
+        {
+            "title": "HL60 raw and dcnum-processed (synthetic)",
+            "notes": "Raw uploads and the _dcn.rtdc files dcnum made of them: the processed "
+            "files hold scalar features and read images from the raw ones (basins).",
+        },
+    )
+    if progress is not None:
+        progress("generating raw and dcnum-processed sample measurements")
+    write_dcnum_pairs(pairs, events=max(10, events // 5), seed=5)
     (hl60 / "protocol.txt").write_text(
         "Measurement protocol\n1. Suspend cells in CellCarrierB.\n2. Measure at 0.06 µl/s.\n"
     )
@@ -104,3 +118,26 @@ def flat_data(root: Path, count: int, spec: SampleSpec) -> list[Path]:
         )
         for i in range(count)
     ]
+
+
+def write_dcnum_pairs(
+    folder: Path, *, events: int, seed: int, mapped: bool = True, mapped_traces: bool = False
+) -> list[Path]:
+    """Raw measurements and their dcnum-processed `_dcn.rtdc` files in one dataset folder:
+    `R001_data.rtdc` processed with identical segmentation (mapping `same`) and, if `mapped`,
+    `R002_data.rtdc` re-segmented (a subset of its events, reordered and one repeated:
+    mapped through `basinmap0`; with traces only if `mapped_traces`: dclab 0.73 cannot index
+    them through a mapped basin). See `sample.write_processed` and doc/DCOR.md §3."""
+    raw1 = write_rtdc(folder / "R001_data.rtdc", SampleSpec(events=events, seed=seed))
+    written = [raw1, write_processed(raw1, folder / "R001_data_dcn.rtdc", seed=seed)]
+    if mapped:
+        raw2 = write_rtdc(
+            folder / "R002_data.rtdc",
+            SampleSpec(events=events, seed=seed + 1, run_index=2, traces=mapped_traces),
+        )
+        rng = np.random.default_rng(seed)
+        keep = rng.permutation(events)[: max(2, events * 2 // 3)]
+        keep = np.concatenate([keep[:1], keep])  # re-segmentation may find an event twice
+        processed = write_processed(raw2, folder / "R002_data_dcn.rtdc", keep=keep, seed=seed)
+        written += [raw2, processed]
+    return written

@@ -35,7 +35,11 @@ class Kernel:
 def compute(resource: Path, condensed: Path | None, intra_basin_features: bool) -> Kernel:
     import dclab
 
-    with dclab.new_dataset(resource) as ds:
+    # opened with basins disabled, as DCOR opens resources (dcor_shared s3cc.py ~191-218)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Ignored basin …": intended
+        ds = dclab.new_dataset(resource, enable_basins=False)
+    with ds:
         metadata = jsonable(ds.config.as_dict(pop_filtering=True))
         metadata.setdefault("experiment", {})
         if not metadata["experiment"].get("event count"):

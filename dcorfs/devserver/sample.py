@@ -14,6 +14,7 @@ batches, so that 100,000 events with images stay within a few hundred MB of memo
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -407,3 +408,96 @@ def _monitor_table(spec: SampleSpec, rng: np.random.Generator) -> np.ndarray:
     table["pressure_sample"] = 1200 + rng.normal(0, 5, rows)
     table["pressure_sheath"] = 1250 + rng.normal(0, 5, rows)
     return table
+
+
+def write_processed(
+    raw: str | Path, path: str | Path, *, keep: np.ndarray | None = None, seed: int = 0
+) -> Path:
+    """Write `path` the way dcnum writes its output `X_dcn.rtdc` for the raw input `raw`
+    (basin strategy "tap"): scalar features only, plus an HDF5 *file* basin to `raw` (its
+    absolute and relative path, its run identifier) for the raw file's other features.
+
+    `keep`: None for identical segmentation (mapping `same`, the output keeps the raw file's
+    run identifier); else the raw event of each output event (a subset, reordered or
+    repeated: re-segmentation), stored as `basinmap0`, and the run identifier becomes
+    `<raw id>_dcn-<hash>`. See dcnum `logic/ctrl.py` ~446-461, 516-576, 655-670 and
+    `write/writer.py` `store_basin`; doc/DCOR.md §3.
+    """
+    import dclab
+    import h5py
+
+    raw, path = Path(raw), Path(path)
+    rng = np.random.default_rng(seed)
+    with h5py.File(raw, "r") as h5_raw:
+        attrs = dict(h5_raw.attrs)
+        events = h5_raw["events"]
+        size_raw = int(attrs.get("experiment:event count") or len(events["deform"]))
+        index = np.arange(size_raw) if keep is None else np.asarray(keep, dtype=np.uint64)
+        scalars = {
+            name: events[name][:][index]
+            for name in events
+            if isinstance(events[name], h5py.Dataset) and events[name].ndim == 1
+        }
+        others = sorted(name for name in events if name not in scalars)
+        logs = {name: [_text(line) for line in h5_raw["logs"][name]] for name in h5_raw["logs"]}
+        tables = {name: h5_raw["tables"][name][:] for name in h5_raw.get("tables", {})}
+    # "recomputed" by the pipeline: what dcnum's feature extraction yields differs a little
+    for name in ("deform", "area_um", "bright_avg"):
+        if name in scalars:
+            noise = rng.normal(1.0, 0.001, len(index))
+            scalars[name] = (scalars[name] * noise).astype(scalars[name].dtype)
+    run_id = str(attrs["experiment:run identifier"])
+    if keep is not None:
+        run_id = f"{run_id}_dcn-{int(rng.integers(2**28)):07x}"
+    tmp = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with dclab.RTDCWriter(tmp, mode="reset") as hw:
+        for name, values in sorted(scalars.items()):
+            hw.store_feature(name, values)
+        if keep is not None:
+            hw.store_feature("basinmap0", index)
+        for name, lines in logs.items():
+            hw.store_log(name, lines)
+        hw.store_log("dcnum-log", ["[dcnum] basin strategy: tap", f"[dcnum] input: {raw.name}"])
+        for name, table in tables.items():
+            hw.store_table(name, table)
+        h5 = hw.h5file
+        # dcnum copies the raw file's metadata (`copy_metadata`), then sets its own
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        h5.attrs["experiment:event count"] = len(index)
+        h5.attrs["experiment:run identifier"] = run_id
+        _store_file_basin(
+            h5,
+            {
+                "description": "Created with dcnum 0.25.0 (dcorfs sample)",
+                "name": "dcnum basin",
+                "format": "hdf5",
+                "paths": [str(raw.resolve()), os.path.relpath(raw.resolve(), path.parent)],
+                "type": "file",
+                "identifier": str(attrs["experiment:run identifier"]),
+                "features": others,
+                **({} if keep is None else {"mapping": "basinmap0"}),
+            },
+        )
+    tmp.replace(path)
+    return path
+
+
+def _store_file_basin(h5: Any, basin: dict[str, Any]) -> None:
+    """A basin as dcnum's `HDF5Writer.store_basin` stores it: JSON lines in `basins/<md5>`."""
+    import hashlib
+
+    text = json.dumps(basin, indent=2)
+    lines = text.split("\n")
+    h5.require_group("basins").create_dataset(
+        hashlib.md5(text.encode("utf-8")).hexdigest(),
+        data=lines,
+        shape=(len(lines),),
+        dtype=f"S{max(len(line) for line in lines)}",
+        chunks=True,
+    )
+
+
+def _text(line: Any) -> str:
+    return line.decode("utf-8") if isinstance(line, bytes) else str(line)

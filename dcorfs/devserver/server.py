@@ -74,7 +74,9 @@ class DevServer:
         self._httpd = _HTTPServer((bind, port), _Handler)
         host, real_port = self._httpd.server_address[:2]
         assert isinstance(host, str)
-        self.url = f"http://{host}:{real_port}"
+        # on port 80 without it, as on DCOR: dclab follows a `dcor` basin only to a URL with a
+        # dotted host and no port (doc/DCOR.md §3)
+        self.url = f"http://{host}" if real_port == 80 else f"http://{host}:{real_port}"
         self._thread: threading.Thread | None = None
         self.site: Site | None = None
 

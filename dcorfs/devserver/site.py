@@ -16,9 +16,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from . import condense, kernel, repository
+from . import condense, intra, kernel, repository
 from .objects import Presigner, StoredObject, bucket_name, object_key
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteOptions:
-    # ckanext.dc_serve.enable_intra_dataset_basins (production default: on)
+    # ckanext.dc_serve.enable_intra_dataset_basins (production default: on): the condense job
+    # writes intra-dataset basins (dc_serve jobs.py ~149-154, 199-201, 210-345) and dcserv's
+    # condensed basin lists the features of all basins in the condensed file (serve.py
+    # ~288-298); see doc/DCOR.md §3
     intra_basin_features: bool = True
     # dc_serve 1.0.9 answers `trace_list` for files without traces with a 500
     trace_list_quirk: bool = True
@@ -116,6 +120,7 @@ class Site:
         objects: dict[tuple[str, str], StoredObject] = {}
         kernels: dict[str, kernel.Kernel | None] = {}
         rtdc = [(ds, res) for ds, res in repo.iter_resources() if res.is_rtdc]
+        upstream = _Upstream(url, state_dir, options)
         for number, (ds, res) in enumerate(rtdc, start=1):
             if progress is not None and len(rtdc) > 3:
                 progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
@@ -123,7 +128,13 @@ class Site:
                 # dclab's warnings about old files are logged, whatever the caller's filters
                 warnings.simplefilter("always")
                 prepared = _prepare(
-                    ds, res, url=url, state_dir=state_dir, options=options, digests=digests
+                    ds,
+                    res,
+                    url=url,
+                    state_dir=state_dir,
+                    options=options,
+                    digests=digests,
+                    upstream=upstream,
                 )
             for warning in caught:
                 log.info("%s: %s", res.name, warning.message)
@@ -169,6 +180,7 @@ def _prepare(
     state_dir: Path,
     options: SiteOptions,
     digests: repository.DigestCache,
+    upstream: _Upstream,
 ) -> tuple[kernel.Kernel | None, StoredObject | None]:
     """Condense one RT-DC resource and compute its dcserv kernel; failures are logged."""
     bucket = bucket_name(ds.circle.id)
@@ -183,6 +195,7 @@ def _prepare(
                 site_url=url,
                 object_url=f"{objects_url(url, options.object_host)}/{bucket}/"
                 f"{object_key('resource', res.id)}",
+                upstream=upstream.basins(ds, res),
             )
         except Exception as exc:
             log.warning("cannot condense %s (%s): %s", res.name, res.id, exc)
@@ -202,6 +215,47 @@ def _prepare(
         log.warning("dcserv cannot open %s (%s): %s", res.name, res.id, exc)
         kern = None
     return kern, condensed
+
+
+class _Upstream:
+    """Intra-dataset basins of the resources of this site (see `intra`), with what they need
+    of other resources (run identifiers, features) worked out once per resource."""
+
+    def __init__(self, url: str, state_dir: Path, options: SiteOptions) -> None:
+        self._url = url
+        self._state_dir = state_dir
+        self._options = options
+        self._ids: dict[str, str] = {}
+        self._features: dict[str, list[str]] = {}
+
+    def basins(self, ds: repository.Dataset, res: repository.Resource) -> list[dict[str, Any]]:
+        if not self._options.intra_basin_features:
+            return []
+        return intra.upstream_basins(
+            ds, res, site_url=self._url, identifiers=self._identifier, features=self._all_features
+        )
+
+    def _identifier(self, res: repository.Resource) -> str:
+        if res.id not in self._ids:
+            try:
+                self._ids[res.id] = intra.run_identifier(res.path)
+            except Exception as exc:  # not readable: no basin of anything (logged)
+                log.info("no run identifier for %s: %s", res.name, exc)
+                self._ids[res.id] = ""
+        return self._ids[res.id]
+
+    def _all_features(self, res: repository.Resource) -> list[str]:
+        if res.id not in self._features:
+            try:
+                core: Path | None
+                core, remote = condense.condensed_core(
+                    res.path, res.digests.sha256, self._state_dir
+                )
+            except Exception as exc:  # as dc_serve: the resource's features only (jobs.py ~253)
+                log.warning("condensed %s not accessible for a basin: %s", res.name, exc)
+                core, remote = None, []
+            self._features[res.id] = intra.all_features(res.path, core, remote)
+        return self._features[res.id]
 
 
 def _stored(
