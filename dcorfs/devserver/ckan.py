@@ -8,6 +8,7 @@ dcserv, exactly as on DCOR).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -221,6 +222,8 @@ class CkanApi:
         return self.package_dict(ds)
 
     def package_search(self, params: dict[str, Any], user: User | None) -> Any:
+        if self.site.options.search_latency:
+            time.sleep(self.site.options.search_latency)
         rows = min(_integer(params, "rows", 10), ROWS_MAX)
         start = _integer(params, "start", 0)
         include_private = asbool(params.get("include_private", False))
@@ -237,7 +240,8 @@ class CkanApi:
         hits = [
             ds
             for ds in self.repo.datasets.values()
-            if (not ds.private or (include_private and self.repo.can_read(ds, user)))
+            if ds.state == "active"  # drafts and deleted datasets are never found (§11)
+            and (not ds.private or (include_private and self.repo.can_read(ds, user)))
             and all(p(self._search_document(ds)) for p in predicates)
         ]
         sort = str(params.get("sort") or "score desc, metadata_modified desc")
@@ -266,7 +270,7 @@ class CkanApi:
             "res_id": [r.id for r in ds.resources],
             "res_format": [_resource_format(r, None) for r in ds.resources],
             "private": [str(ds.private).lower()],
-            "state": ["active"],
+            "state": [ds.state],
             "license_id": [ds.license_id],
             "metadata_created": [ds.created],
             "metadata_modified": [ds.modified],
@@ -287,7 +291,7 @@ class CkanApi:
             "license_url": license_url,
             "isopen": ds.license_id.startswith("CC"),
             "private": ds.private,
-            "state": "active",
+            "state": ds.state,
             "type": "dataset",
             "owner_org": ds.circle.id,
             "organization": self._group_dict(ds.circle, organization=True, count=None),
@@ -360,9 +364,15 @@ class CkanApi:
         limit = min(_integer(params, "limit", cap), cap)
         offset = _integer(params, "offset", 0)
         groups = self._groups(organization)
-        sort = str(params.get("sort") or "title asc")
+        sort = str(params.get("sort") or "title asc")  # ckan.default_group_sort
         field, _, direction = sort.partition(" ")
-        key = (lambda g: g.name) if field == "name" else (lambda g: (g.title.lower(), g.name))
+        if field == "name":
+            key: Callable[[Any], Any] = lambda g: g.name  # noqa: E731
+        elif self.site.options.title_ties_unordered:
+            random.shuffle(groups)  # no tie-breaker: equal titles in any order (§5)
+            key = lambda g: g.title.lower()  # noqa: E731
+        else:
+            key = lambda g: (g.title.lower(), g.name)  # noqa: E731
         ordered = sorted(groups, key=key, reverse=direction.strip().lower() == "desc")
         page = ordered[offset : offset + limit]
         if not all_fields:
@@ -407,7 +417,9 @@ class CkanApi:
             else (lambda ds: group.name in ds.collections)
         )
         return [
-            ds for ds in self.repo.datasets.values() if member(ds) and self.repo.can_read(ds, user)
+            ds
+            for ds in self.repo.datasets.values()
+            if ds.state == "active" and member(ds) and self.repo.can_read(ds, user)
         ]
 
     @staticmethod
