@@ -3,8 +3,10 @@
 A node is a directory or a file with a canonical path (its inode number is derived from it).
 Directory children are loaded on first need by a blocking call (run in a worker thread by
 `fuse_ops`) and kept: forever for a resource's own directory (resources are immutable), for
-`dir_cache_time` for listings of datasets, circles and collections. `ready_children()` never
-blocks: it answers from what is loaded, or None.
+`dir_cache_time` for listings of datasets, circles and collections, counted from when the
+server was asked for them. A stale listing is loaded again, which answers at once with the
+older listing while the catalog refreshes it in the background (doc/DCOR.md §4).
+`ready_children()` never blocks: it answers from what is loaded, or None.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TypeVar
 
 from .blockcache import BlockCache
-from .catalog import Catalog, Dataset, Resource
+from .catalog import Catalog, Dataset, Listing, Resource
 from .content import FileContent, StaticContent
 from .errors import DcorfsError, NotFound
 from .names import sanitize, unique
@@ -32,6 +35,7 @@ from .structure import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 README = """\
 dcorfs: DCOR as a read-only filesystem
@@ -224,8 +228,12 @@ class Dir(Node):
             fresh = self._load()
             old = self._children or {}
             merged = {name: _keep(old.get(name), node) for name, node in fresh.items()}
-            self._children, self._loaded = merged, time.monotonic()
+            self._children, self._loaded = merged, time.monotonic() - self._age()
             return merged
+
+    def _age(self) -> float:
+        """How old what `_load` returned is (seconds): 0 unless it came from a listing."""
+        return 0.0
 
     def lookup(self, name: str) -> Node:
         """Blocking: the child `name`, or NotFound."""
@@ -336,7 +344,22 @@ class ByIdDir(Dir):
         return StaticDir(path, {file_name: plain.node}, mtime=resource.mtime)
 
 
-class DatasetsDir(Dir):
+class ListingDir(Dir):
+    """A directory listing what the catalog lists: as old as the listing (`Listing.asked`)."""
+
+    def __init__(self, path: str, *, mtime: float, max_age: float) -> None:
+        super().__init__(path, mtime=mtime, max_age=max_age)
+        self._asked = time.time()
+
+    def _listed(self, listing: Listing[T]) -> list[T]:
+        self._asked = listing.asked
+        return listing.entries
+
+    def _age(self) -> float:
+        return max(0.0, time.time() - self._asked)
+
+
+class DatasetsDir(ListingDir):
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, mtime: float, fq: str = ""
     ) -> None:
@@ -346,7 +369,7 @@ class DatasetsDir(Dir):
         self._fq = fq
 
     def _load(self) -> dict[str, Node]:
-        datasets = self._catalog.datasets(self._fq)
+        datasets = self._listed(self._catalog.datasets(self._fq))
         named = unique((ds.name, ds.id, ds) for ds in datasets)
         return {n: DatasetDir(self.child_path(n), self._ctx, ds) for n, ds in named.items()}
 
@@ -361,7 +384,7 @@ class DatasetsDir(Dir):
         raise NotFound(f"{self.child_path(name)} does not exist")
 
 
-class GroupsDir(Dir):
+class GroupsDir(ListingDir):
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, circles: bool, mtime: float
     ) -> None:
@@ -372,9 +395,9 @@ class GroupsDir(Dir):
 
     def _load(self) -> dict[str, Node]:
         catalog = self._catalog
-        groups = catalog.circles() if self._circles else catalog.collections()
+        groups = self._listed(catalog.circles() if self._circles else catalog.collections())
         field = "organization" if self._circles else "groups"
-        named = unique((g.name, g.id, g) for g in groups)
+        named = unique((g.name, g.name, g) for g in groups)
         return {
             n: DatasetsDir(
                 self.child_path(n), self._ctx, catalog, mtime=self.mtime, fq=f"{field}:{g.name}"
