@@ -33,8 +33,9 @@ class SiteOptions:
     # the host name in object URLs (basins, downloads, s3_url), e.g. "localhost" while the site
     # is 127.0.0.1: objects then live on "another host", as DCOR's object store does
     object_host: str = ""
-    # seconds each package_search call takes, as pages of 1000 datasets carrying every
-    # resource's dc:* fields take on DCOR (doc/DCOR.md §4)
+    # seconds each package_search call takes, as pages of up to 1000 datasets (ckan
+    # `logic/schema.py` ~683) carrying every resource's dc:* fields (dcor_schemas `plugin.py`
+    # ~269-284) take on DCOR (doc/DCOR.md §4)
     search_latency: float = 0.0
     # organization_list/group_list sort by title with no tie-breaker (ckan
     # `logic/action/get.py` ~403-417): groups of equal title come in any order, differing
