@@ -32,9 +32,10 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Listing(Generic[T]):
-    """Entries of a listing and the wall time the server was asked for them."""
+    """Entries of a listing and the wall time the server was asked for them; the same
+    answer gives the same `entries` (identical: a directory built from them is kept)."""
 
-    entries: list[T]
+    entries: tuple[T, ...]
     asked: float
 
 
@@ -167,7 +168,7 @@ class Catalog:
         self._memo = memo
         self._listing_age = dir_cache_time
         self._lock = threading.Lock()
-        self._parsed: dict[str, tuple[Any, list[Any]]] = {}  # key -> (records, parsed)
+        self._parsed: dict[str, tuple[Any, tuple[Any, ...]]] = {}  # key -> (records, parsed)
 
     def _ask(self, key: str, ask: Callable[[float], Any], max_age: float) -> Any:
         return self._memo.get(key, ask, max_age=max_age)
@@ -184,10 +185,10 @@ class Catalog:
         with self._lock:
             parsed = self._parsed.get(key)
         if parsed is None or parsed[0] is not records:
-            parsed = (records, _parse_all(records, parse, what))
+            parsed = (records, tuple(_parse_all(records, parse, what)))
             with self._lock:
                 self._parsed[key] = parsed
-        return Listing(list(parsed[1]), asked)
+        return Listing(parsed[1], asked)
 
     def _groups(self, action: str, what: str) -> Listing[Group]:
         """Names only, by name (unique: pages neither repeat nor skip), until an empty page

@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any
 
 from .blockcache import BlockCache
-from .catalog import Catalog, Dataset, Listing, Resource
+from .catalog import Catalog, Dataset, Group, Listing, Resource
 from .content import FileContent, StaticContent
 from .errors import DcorfsError, NotFound
 from .names import sanitize, unique
@@ -35,7 +35,6 @@ from .structure import TRACE_PREFIX
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 README = """\
 dcorfs: DCOR as a read-only filesystem
@@ -345,15 +344,28 @@ class ByIdDir(Dir):
 
 
 class ListingDir(Dir):
-    """A directory listing what the catalog lists: as old as the listing (`Listing.asked`)."""
+    """A directory listing what the catalog lists: as old as the listing (`Listing.asked`).
+    While a stale listing is refreshed it is loaded again on every look; its nodes are made
+    anew only when the catalog answers anew."""
 
     def __init__(self, path: str, *, mtime: float, max_age: float) -> None:
         super().__init__(path, mtime=mtime, max_age=max_age)
         self._asked = time.time()
+        self._source: tuple[Any, ...] | None = None
+        self._made: dict[str, Node] = {}
 
-    def _listed(self, listing: Listing[T]) -> list[T]:
+    def _listing(self) -> Listing[Any]:
+        raise NotImplementedError
+
+    def _make(self, entries: tuple[Any, ...]) -> dict[str, Node]:
+        raise NotImplementedError
+
+    def _load(self) -> dict[str, Node]:
+        listing = self._listing()
         self._asked = listing.asked
-        return listing.entries
+        if listing.entries is not self._source:
+            self._made, self._source = self._make(listing.entries), listing.entries
+        return self._made
 
     def _age(self) -> float:
         return max(0.0, time.time() - self._asked)
@@ -368,9 +380,11 @@ class DatasetsDir(ListingDir):
         self._catalog = catalog
         self._fq = fq
 
-    def _load(self) -> dict[str, Node]:
-        datasets = self._listed(self._catalog.datasets(self._fq))
-        named = unique((ds.name, ds.id, ds) for ds in datasets)
+    def _listing(self) -> Listing[Dataset]:
+        return self._catalog.datasets(self._fq)
+
+    def _make(self, entries: tuple[Dataset, ...]) -> dict[str, Node]:
+        named = unique((ds.name, ds.id, ds) for ds in entries)
         return {n: DatasetDir(self.child_path(n), self._ctx, ds) for n, ds in named.items()}
 
     def lookup(self, name: str) -> Node:
@@ -393,11 +407,13 @@ class GroupsDir(ListingDir):
         self._catalog = catalog
         self._circles = circles
 
-    def _load(self) -> dict[str, Node]:
+    def _listing(self) -> Listing[Group]:
+        return self._catalog.circles() if self._circles else self._catalog.collections()
+
+    def _make(self, entries: tuple[Group, ...]) -> dict[str, Node]:
         catalog = self._catalog
-        groups = self._listed(catalog.circles() if self._circles else catalog.collections())
         field = "organization" if self._circles else "groups"
-        named = unique((g.name, g.name, g) for g in groups)
+        named = unique((g.name, g.name, g) for g in entries)
         return {
             n: DatasetsDir(
                 self.child_path(n), self._ctx, catalog, mtime=self.mtime, fq=f"{field}:{g.name}"
