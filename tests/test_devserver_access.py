@@ -105,6 +105,14 @@ def test_search_finds_active_datasets_only(access_site: DevServer) -> None:
         "open-study",
         "shared-secret",
     ]
+    # as CKAN: asked for, drafts are found by those who may read them
+    assert searched(access_site, ACCESS_TOKENS["erin"], include_drafts="true") == [
+        "draft-study",
+        "lab-secret",
+        "open-study",
+        "shared-secret",
+    ]
+    assert searched(access_site, ACCESS_TOKENS["dave"], fq="+state:deleted") == []
     group = ok(api(access_site, "group_show", ACCESS_TOKENS["carol"], id="shared-work"))
     assert group["package_count"] == 2  # the draft is not counted
 

@@ -237,11 +237,18 @@ class CkanApi:
         except search.QueryError as exc:
             message = f"Search Query is invalid: {exc}"
             raise ActionError(400, {"__type": "Search Query Error", "message": message}) from exc
+        # active datasets only, unless asked otherwise (ckan `logic/action/get.py` ~1888-1900)
+        states = {"active"}
+        if "+state" in str(params.get("fq") or ""):
+            states = set(repository.STATES)  # the query says which
+        states |= {"draft"} if asbool(params.get("include_drafts", False)) else set()
+        states |= {"deleted"} if asbool(params.get("include_deleted", False)) else set()
         hits = [
             ds
             for ds in self.repo.datasets.values()
-            if ds.state == "active"  # drafts and deleted datasets are never found (§11)
-            and (not ds.private or (include_private and self.repo.can_read(ds, user)))
+            if ds.state in states
+            and (include_private or not ds.private)  # "+capacity:public"
+            and self.repo.can_read(ds, user)  # the permission labels, always
             and all(p(self._search_document(ds)) for p in predicates)
         ]
         sort = str(params.get("sort") or "score desc, metadata_modified desc")
