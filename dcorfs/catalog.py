@@ -1,37 +1,50 @@
 """What exists on a DCOR host, as typed records: circles, collections, datasets, resources.
 
-Answers come through `Memo`: listings are asked again after `dir_cache_time`, records of
-datasets after the same time (resources may be added), a resource's own record never (DCOR
-resources are immutable). Malformed entries from the server are skipped with one log line;
+Answers come through `Memo`: listings are asked again after `dir_cache_time`, in the
+background while the older listing is served (`Memo.listing`, doc/DCOR.md §4), every page with
+a deadline of its own; records of datasets after the same time (resources may be added), a
+resource's own record never (DCOR resources are immutable). Circles and collections are listed
+by name only (doc/DCOR.md §5). Malformed entries from the server are skipped with one log line;
 they never break a listing.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .dcserv import DcorApi
-from .errors import ProtocolError
+from .errors import NotFound, ProtocolError
 from .metastore import FOREVER, Memo
 
 log = logging.getLogger(__name__)
 
 RTDC_SUFFIXES = (".rtdc", ".dc")
-GROUP_PAGE = 25  # CKAN caps organization_list/group_list with all_fields at 25
+GROUP_PAGE = 1000  # CKAN caps organization_list/group_list of names at 1000 (§5)
 SEARCH_PAGE = 1000  # and package_search rows at 1000
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Listing(Generic[T]):
+    """Entries of a listing and the wall time the server was asked for them; the same
+    answer gives the same `entries` (identical: a directory built from them is kept)."""
+
+    entries: tuple[T, ...]
+    asked: float
 
 
 @dataclass(frozen=True)
 class Group:
-    """A circle (CKAN organization) or a collection (CKAN group)."""
+    """A circle (CKAN organization) or a collection (CKAN group), by its unique name: all
+    the tree needs (doc/DCOR.md §5)."""
 
-    id: str
     name: str
-    title: str
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Dataset:
     mtime: float
     resources: tuple[Resource, ...]
     record: dict[str, Any]
+    state: str = "active"  # CKAN's; "draft" or "deleted" ones are not shown (§11)
 
 
 MAX_SIZE = (1 << 63) - 1  # what a file size can be (st_size); larger ones are probed
@@ -126,6 +140,7 @@ def parse_dataset(record: dict[str, Any]) -> Dataset:
         mtime=_timestamp(record.get("metadata_modified") or record.get("metadata_created")),
         resources=tuple(resources),
         record=record,
+        state=str(record.get("state") or "active"),
     )
 
 
@@ -139,10 +154,10 @@ def _parse_all(records: list[Any], parse: Callable[[Any], Any], what: str) -> li
     return parsed
 
 
-def _group(record: Any) -> Group:
-    return Group(
-        id=_text(record, "id"), name=_text(record, "name"), title=str(record.get("title") or "")
-    )
+def _group(name: Any) -> Group:
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"bad name {name!r}")
+    return Group(name)
 
 
 class Catalog:
@@ -152,37 +167,57 @@ class Catalog:
         self._api = api
         self._memo = memo
         self._listing_age = dir_cache_time
+        self._lock = threading.Lock()
+        self._parsed: dict[str, tuple[Any, tuple[Any, ...]]] = {}  # key -> (records, parsed)
 
     def _ask(self, key: str, ask: Callable[[float], Any], max_age: float) -> Any:
         return self._memo.get(key, ask, max_age=max_age)
 
-    def _groups(self, action: str) -> list[Any]:
-        def ask(deadline: float) -> list[Any]:
-            records: list[Any] = []
+    def _listing(
+        self,
+        key: str,
+        ask: Callable[[Callable[[], float]], list[Any]],
+        parse: Callable[[Any], T],
+        what: str,
+    ) -> Listing[T]:
+        """The listing `key` through `Memo.listing`, parsed once per answer."""
+        records, asked = self._memo.listing(key, ask, max_age=self._listing_age)
+        with self._lock:
+            parsed = self._parsed.get(key)
+        if parsed is None or parsed[0] is not records:
+            parsed = (records, tuple(_parse_all(records, parse, what)))
+            with self._lock:
+                self._parsed[key] = parsed
+        return Listing(parsed[1], asked)
+
+    def _groups(self, action: str, what: str) -> Listing[Group]:
+        """Names only, by name (unique: pages neither repeat nor skip), until an empty page
+        (ckan `logic/action/get.py` ~316-440; doc/DCOR.md §5)."""
+
+        def ask(deadline: Callable[[], float]) -> list[Any]:
+            names: list[Any] = []
             while True:
-                page = self._api.action(
-                    action,
-                    {"all_fields": "true", "limit": str(GROUP_PAGE), "offset": str(len(records))},
-                    deadline=deadline,
-                )
+                params = {"all_fields": "false", "sort": "name asc", "limit": str(GROUP_PAGE)}
+                params["offset"] = str(len(names))
+                page = self._api.action(action, params, deadline=deadline())
                 if not isinstance(page, list):
                     raise ProtocolError(f"{action}: expected a list")
-                records.extend(page)
-                if len(page) < GROUP_PAGE:
-                    return records
+                if not page:
+                    return names
+                names.extend(page)
 
-        return self._ask(action, ask, self._listing_age)  # type: ignore[no-any-return]
+        return self._listing(f"{action}:names", ask, _group, what)
 
-    def circles(self) -> list[Group]:
-        return _parse_all(self._groups("organization_list"), _group, "circle")
+    def circles(self) -> Listing[Group]:
+        return self._groups("organization_list", "circle")
 
-    def collections(self) -> list[Group]:
-        return _parse_all(self._groups("group_list"), _group, "collection")
+    def collections(self) -> Listing[Group]:
+        return self._groups("group_list", "collection")
 
-    def datasets(self, fq: str = "") -> list[Dataset]:
+    def datasets(self, fq: str = "") -> Listing[Dataset]:
         """All datasets the caller may see, optionally filtered (`organization:x`, `groups:y`)."""
 
-        def ask(deadline: float) -> list[Any]:
+        def ask(deadline: Callable[[], float]) -> list[Any]:
             records: list[Any] = []
             while True:
                 params = {"q": "*:*", "rows": str(SEARCH_PAGE), "start": str(len(records))}
@@ -191,7 +226,7 @@ class Catalog:
                     params["fq"] = fq
                 if self._api.authenticated:
                     params["include_private"] = "true"
-                page = self._api.action("package_search", params, deadline=deadline)
+                page = self._api.action("package_search", params, deadline=deadline())
                 results = page.get("results") if isinstance(page, dict) else None
                 if not isinstance(results, list):
                     raise ProtocolError("package_search: no results list")
@@ -199,15 +234,20 @@ class Catalog:
                 if not results or len(records) >= int(page.get("count", 0)):
                     return records
 
-        records = self._ask(f"package_search:{fq}", ask, self._listing_age)
-        return _parse_all(records, parse_dataset, "dataset")
+        return self._listing(f"package_search:{fq}", ask, parse_dataset, "dataset")
 
     def dataset(self, name_or_id: str) -> Dataset:
+        """A dataset by name or id; a draft or deleted one, which CKAN shows to members of
+        its circle and collections, is not found, as it is never listed (doc/DCOR.md §11)."""
+
         def ask(deadline: float) -> Any:
             return self._api.action("package_show", {"id": name_or_id}, deadline=deadline)
 
         record = self._ask(f"package_show:{name_or_id}", ask, self._listing_age)
-        return parse_dataset(record)
+        dataset = parse_dataset(record)
+        if dataset.state != "active":
+            raise NotFound(f"dataset {dataset.name} is {dataset.state}")
+        return dataset
 
     def resource(self, resource_id: str) -> tuple[Dataset, Resource]:
         """A resource by id, with its dataset (for the circle, and for the download route)."""

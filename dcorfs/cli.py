@@ -126,6 +126,19 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="host name in object URLs, e.g. localhost while binding 127.0.0.1: the object "
         "store then is another host, as on DCOR",
     )
+    dcor.add_argument(
+        "--search-latency",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds each package_search call takes (DCOR's pages of 1000 datasets are slow)",
+    )
+    dcor.add_argument(
+        "--title-ties-unordered",
+        action="store_true",
+        help="organization_list/group_list order equal titles differently on every call, "
+        "as CKAN's title sort without tie-breaker may",
+    )
     parser.set_defaults(run=_run_devserver, console_log=logging.WARNING)  # its progress
 
 
@@ -157,6 +170,8 @@ def _run_devserver(args: argparse.Namespace) -> int:
         condensed_lag=args.condensed_lag,
         fields_lag=args.fields_lag,
         object_host=args.object_host,
+        search_latency=args.search_latency,
+        title_ties_unordered=args.title_ties_unordered,
     )
     return serve(
         args.data,

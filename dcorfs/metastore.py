@@ -8,6 +8,11 @@ again, so private metadata never leaks into an anonymous mount. No token is ever
 value: answers that may still grow are kept for less time) without asking the server; otherwise it
 asks, and if the server cannot be reached (transient error, deadline) it falls back to the
 stored value however old, logging that it did so once per key.
+
+`Memo.listing` is for listings, which on a real-size DCOR take long to ask (doc/DCOR.md §4):
+a stored listing is returned at once however old, and one that is older than `max_age` is asked
+again in the background; the new one replaces it only once complete, a failed refresh keeps
+it and is tried again after `REFRESH_RETRY`. Only a caller with nothing stored waits.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FOREVER = float("inf")
 STALE_ATTEMPT = 5.0  # seconds spent asking the server when a stored answer exists
+REFRESH_RETRY = 30.0  # seconds before a failed background refresh of a listing is retried
 
 
 def read_answers(path: Path, prefixes: tuple[str, ...]) -> tuple[int, list[Any]]:
@@ -146,6 +152,64 @@ class Memo:
         self._lock = threading.Lock()
         self._flights: dict[str, threading.Lock] = {}
         self._warned: set[str] = set()
+        self._refreshing: set[str] = set()
+        self._failed: dict[str, float] = {}  # key -> when its last refresh failed (clock)
+
+    def _deadline(self) -> float:
+        """A deadline for one question (one page of a listing)."""
+        return self._clock() + self._timeout
+
+    def listing(
+        self, key: str, ask: Callable[[Callable[[], float]], Any], *, max_age: float
+    ) -> tuple[Any, float]:
+        """(value, wall time it was asked): stored at once, however old (a refresh is
+        started when it is older than `max_age`); with nothing stored, asked now.
+        `ask(deadline)` calls `deadline()` for each question it asks: each gets the
+        timeout of its own."""
+        stored = self._store.get(key)
+        if stored is None:
+            with self._lock:
+                flight = self._flights.setdefault(key, threading.Lock())
+            with flight:  # the first listing: one question at a time, followers reuse it
+                stored = self._store.get(key)
+                if stored is None:
+                    self._store.put(key, ask(self._deadline))
+                    stored = self._store.get(key)
+                    assert stored is not None
+            return stored
+        if time.time() - stored[1] >= max_age:
+            self._refresh(key, ask)
+        return stored
+
+    def _refresh(self, key: str, ask: Callable[[Callable[[], float]], Any]) -> None:
+        """Ask for `key` again in a thread of its own, unless that is under way or failed
+        less than `REFRESH_RETRY` ago."""
+        with self._lock:
+            failed = self._failed.get(key)
+            if key in self._refreshing or (
+                failed is not None and self._clock() - failed < REFRESH_RETRY
+            ):
+                return
+            self._refreshing.add(key)
+
+        def refresh() -> None:
+            try:
+                value = ask(self._deadline)
+            except Exception as exc:  # a thread of its own: nothing above to catch it
+                with self._lock:
+                    self._failed[key] = self._clock()
+                level = logging.WARNING if isinstance(exc, DcorfsError) else logging.ERROR
+                log.log(level, "refreshing %s failed (%s); showing the older listing", key, exc)
+            else:
+                self._store.put(key, value)
+                with self._lock:
+                    self._failed.pop(key, None)
+                log.debug("refreshed %s", key)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(key)
+
+        threading.Thread(target=refresh, name=f"refresh {key}", daemon=True).start()
 
     def get(
         self,

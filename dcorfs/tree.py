@@ -3,9 +3,11 @@
 A node is a directory or a file with a canonical path (its inode number is derived from it).
 Directory children are loaded on first need by a blocking call (run in a worker thread by
 `fuse_ops`) and kept: forever for a resource's own directory (resources are immutable) once
-its condensed file is there, else (and for listings of datasets, circles and collections) for
-`dir_cache_time` (doc/DCOR.md §1). `ready_children()` never blocks: it answers from what is
-loaded, or None.
+its condensed file is there, else for `dir_cache_time` (doc/DCOR.md §1); for `dir_cache_time`
+for listings of datasets, circles and collections, counted from when the server was asked for
+them. A stale listing is loaded again, which answers at once with the older listing while the
+catalog refreshes it in the background (doc/DCOR.md §4).
+`ready_children()` never blocks: it answers from what is loaded, or None.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from .blockcache import BlockCache
-from .catalog import Catalog, Dataset, Resource
+from .catalog import Catalog, Dataset, Group, Listing, Resource
 from .content import FileContent, StaticContent
 from .errors import DcorfsError, NotFound
 from .names import sanitize, unique
@@ -228,8 +231,12 @@ class Dir(Node):
             fresh = self._load()
             old = self._children or {}
             merged = {name: self._merged(old.get(name), node) for name, node in fresh.items()}
-            self._children, self._loaded = merged, time.monotonic()
+            self._children, self._loaded = merged, time.monotonic() - self._age()
             return merged
+
+    def _age(self) -> float:
+        """How old what `_load` returned is (seconds): 0 unless it came from a listing."""
+        return 0.0
 
     def lookup(self, name: str) -> Node:
         """Blocking: the child `name`, or NotFound."""
@@ -354,7 +361,35 @@ class ByIdDir(Dir):
         return StaticDir(path, {file_name: plain.node}, mtime=resource.mtime)
 
 
-class DatasetsDir(Dir):
+class ListingDir(Dir):
+    """A directory listing what the catalog lists: as old as the listing (`Listing.asked`).
+    While a stale listing is refreshed it is loaded again on every look; its nodes are made
+    anew only when the catalog answers anew."""
+
+    def __init__(self, path: str, *, mtime: float, max_age: float) -> None:
+        super().__init__(path, mtime=mtime, max_age=max_age)
+        self._asked = time.time()
+        self._source: tuple[Any, ...] | None = None
+        self._made: dict[str, Node] = {}
+
+    def _listing(self) -> Listing[Any]:
+        raise NotImplementedError
+
+    def _make(self, entries: tuple[Any, ...]) -> dict[str, Node]:
+        raise NotImplementedError
+
+    def _load(self) -> dict[str, Node]:
+        listing = self._listing()
+        self._asked = listing.asked
+        if listing.entries is not self._source:
+            self._made, self._source = self._make(listing.entries), listing.entries
+        return self._made
+
+    def _age(self) -> float:
+        return max(0.0, time.time() - self._asked)
+
+
+class DatasetsDir(ListingDir):
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, mtime: float, fq: str = ""
     ) -> None:
@@ -363,9 +398,11 @@ class DatasetsDir(Dir):
         self._catalog = catalog
         self._fq = fq
 
-    def _load(self) -> dict[str, Node]:
-        datasets = self._catalog.datasets(self._fq)
-        named = unique((ds.name, ds.id, ds) for ds in datasets)
+    def _listing(self) -> Listing[Dataset]:
+        return self._catalog.datasets(self._fq)
+
+    def _make(self, entries: tuple[Dataset, ...]) -> dict[str, Node]:
+        named = unique((ds.name, ds.id, ds) for ds in entries)
         return {n: DatasetDir(self.child_path(n), self._ctx, ds) for n, ds in named.items()}
 
     def lookup(self, name: str) -> Node:
@@ -379,7 +416,7 @@ class DatasetsDir(Dir):
         raise NotFound(f"{self.child_path(name)} does not exist")
 
 
-class GroupsDir(Dir):
+class GroupsDir(ListingDir):
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, circles: bool, mtime: float
     ) -> None:
@@ -388,11 +425,13 @@ class GroupsDir(Dir):
         self._catalog = catalog
         self._circles = circles
 
-    def _load(self) -> dict[str, Node]:
+    def _listing(self) -> Listing[Group]:
+        return self._catalog.circles() if self._circles else self._catalog.collections()
+
+    def _make(self, entries: tuple[Group, ...]) -> dict[str, Node]:
         catalog = self._catalog
-        groups = catalog.circles() if self._circles else catalog.collections()
         field = "organization" if self._circles else "groups"
-        named = unique((g.name, g.id, g) for g in groups)
+        named = unique((g.name, g.name, g) for g in entries)
         return {
             n: DatasetsDir(
                 self.child_path(n), self._ctx, catalog, mtime=self.mtime, fq=f"{field}:{g.name}"

@@ -174,6 +174,55 @@ def test_memo_keeps_answers_that_may_grow_for_less_time(tmp_path: Path) -> None:
     assert memo.get("k", ask, max_age=age) == {"features": ["deform"]}
 
 
+def test_memo_refreshes_listings_in_the_background(tmp_path: Path) -> None:
+    """doc/DCOR.md §4: a stale listing is returned at once; one refresh at a time asks for
+    it again, each page with a deadline of its own; a failed one keeps the listing and is
+    retried after REFRESH_RETRY."""
+    now = [0.0]
+    memo = Memo(MetaStore(None, scope="h|public"), timeout=7.0, clock=lambda: now[0])
+    held = threading.Event()
+    deadlines: list[float] = []
+    answers: list[Any] = [["a"]]
+
+    def ask(deadline: Any) -> Any:
+        deadlines.extend([deadline(), deadline()])  # two pages
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        held.wait(10)
+        return answer
+
+    held.set()
+    first, asked = memo.listing("k", ask, max_age=0.0)  # nothing stored: waited for
+    assert first == ["a"] and deadlines == [7.0, 7.0] and asked <= time.time()
+    held.clear()
+    answers.append(["a", "b"])
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a"]  # at once; a refresh is held
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a"]  # no second refresh meanwhile
+    held.set()
+    until = time.monotonic() + 10
+    while memo.listing("k", ask, max_age=1000.0)[0] != ["a", "b"]:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+    assert answers == []
+    answers.append(TransientError("connection refused"))
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a", "b"]  # the refresh fails
+    until = time.monotonic() + 10
+    while answers:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+    time.sleep(0.1)
+    answers.append(["c"])
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a", "b"]  # not retried so soon
+    assert answers == [["c"]]
+    now[0] += 31.0
+    memo.listing("k", ask, max_age=0.0)  # retried later
+    until = time.monotonic() + 10
+    while memo.listing("k", ask, max_age=1000.0)[0] != ["c"]:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+
+
 class Broken(File):
     def content(self) -> Any:
         raise RuntimeError("a bug below the FUSE layer")

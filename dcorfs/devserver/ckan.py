@@ -8,6 +8,7 @@ dcserv, exactly as on DCOR).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -227,6 +228,8 @@ class CkanApi:
         return self.package_dict(ds)
 
     def package_search(self, params: dict[str, Any], user: User | None) -> Any:
+        if self.site.options.search_latency:
+            time.sleep(self.site.options.search_latency)
         rows = min(_integer(params, "rows", 10), ROWS_MAX)
         start = _integer(params, "start", 0)
         include_private = asbool(params.get("include_private", False))
@@ -240,10 +243,18 @@ class CkanApi:
         except search.QueryError as exc:
             message = f"Search Query is invalid: {exc}"
             raise ActionError(400, {"__type": "Search Query Error", "message": message}) from exc
+        # active datasets only, unless asked otherwise (ckan `logic/action/get.py` ~1888-1900)
+        states = {"active"}
+        if "+state" in str(params.get("fq") or ""):
+            states = set(repository.STATES)  # the query says which
+        states |= {"draft"} if asbool(params.get("include_drafts", False)) else set()
+        states |= {"deleted"} if asbool(params.get("include_deleted", False)) else set()
         hits = [
             ds
             for ds in self.repo.datasets.values()
-            if (not ds.private or (include_private and self.repo.can_read(ds, user)))
+            if ds.state in states
+            and (include_private or not ds.private)  # "+capacity:public"
+            and self.repo.can_read(ds, user)  # the permission labels, always
             and all(p(self._search_document(ds)) for p in predicates)
         ]
         sort = str(params.get("sort") or "score desc, metadata_modified desc")
@@ -272,7 +283,7 @@ class CkanApi:
             "res_id": [r.id for r in ds.resources],
             "res_format": [_resource_format(r, None) for r in ds.resources],
             "private": [str(ds.private).lower()],
-            "state": ["active"],
+            "state": [ds.state],
             "license_id": [ds.license_id],
             "metadata_created": [ds.created],
             "metadata_modified": [ds.modified],
@@ -293,7 +304,7 @@ class CkanApi:
             "license_url": license_url,
             "isopen": ds.license_id.startswith("CC"),
             "private": ds.private,
-            "state": "active",
+            "state": ds.state,
             "type": "dataset",
             "owner_org": ds.circle.id,
             "organization": self._group_dict(ds.circle, organization=True, count=None),
@@ -372,9 +383,15 @@ class CkanApi:
         limit = min(_integer(params, "limit", cap), cap)
         offset = _integer(params, "offset", 0)
         groups = self._groups(organization)
-        sort = str(params.get("sort") or "title asc")
+        sort = str(params.get("sort") or "title asc")  # ckan.default_group_sort
         field, _, direction = sort.partition(" ")
-        key = (lambda g: g.name) if field == "name" else (lambda g: (g.title.lower(), g.name))
+        if field == "name":
+            key: Callable[[Any], Any] = lambda g: g.name  # noqa: E731
+        elif self.site.options.title_ties_unordered:
+            random.shuffle(groups)  # no tie-breaker: equal titles in any order (§5)
+            key = lambda g: g.title.lower()  # noqa: E731
+        else:
+            key = lambda g: (g.title.lower(), g.name)  # noqa: E731
         ordered = sorted(groups, key=key, reverse=direction.strip().lower() == "desc")
         page = ordered[offset : offset + limit]
         if not all_fields:
@@ -419,7 +436,9 @@ class CkanApi:
             else (lambda ds: group.name in ds.collections)
         )
         return [
-            ds for ds in self.repo.datasets.values() if member(ds) and self.repo.can_read(ds, user)
+            ds
+            for ds in self.repo.datasets.values()
+            if ds.state == "active" and member(ds) and self.repo.can_read(ds, user)
         ]
 
     @staticmethod

@@ -3,12 +3,13 @@
 Data directory layout (documented in the README, "The devserver"):
 
     DATA/
-      dcor.json                   optional: users (API tokens), collections, site title
+      dcor.json                   optional: users (API tokens, circles and collections they
+                                  are members of), collections, site title
       <circle>/                   a circle (CKAN organization); the folder name is its name
         circle.json               optional: {"title", "description"}
         <dataset>/                a dataset (CKAN package); the folder name is its name
           dataset.json            optional: {"title", "notes", "authors", "license_id",
-                                  "private", "collections", "tags", "doi", "references",
+                                  "private", "state", "collections", "tags", "doi", "references",
                                   "resources": {<file name>: {"name", "id", "description"}}}
           <file> ...              its resources, in name order; .rtdc/.dc files are RT-DC data
       <file>.rtdc ...             flat mode: files directly in DATA become the resources of one
@@ -31,7 +32,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ RTDC_SUFFIXES = (".rtdc", ".dc")
 FLAT_CIRCLE = "devserver"
 MULTIPART_THRESHOLD = 2**30  # DCOR-Aid uploads files above 1 GiB in 1 GiB parts
 CONFIG_FILES = ("dcor.json", "circle.json", "dataset.json")
+STATES = ("active", "draft", "deleted")  # of a CKAN dataset (doc/DCOR.md §11)
 
 
 class DataDirError(Exception):
@@ -54,6 +56,7 @@ class User:
     token: str
     circles: frozenset[str]
     sysadmin: bool = False
+    collections: frozenset[str] = frozenset()  # as a "member" (doc/DCOR.md §11)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class Dataset:
     license_id: str = "CC-BY-4.0"
     doi: str = ""
     references: str = ""
+    state: str = "active"  # "draft" (upload unfinished) or "deleted": never searched
 
 
 @dataclass
@@ -151,10 +155,34 @@ class Repository:
         return _find(self.collections, name_or_id)
 
     def can_read(self, dataset: Dataset, user: User | None) -> bool:
-        """CKAN semantics: public datasets for everyone, private ones for circle members."""
-        if not dataset.private:
+        """CKAN's permission labels with DCOR's (doc/DCOR.md §11): an active public dataset
+        for everyone; else (private, draft or deleted) for members of its circle and of any
+        of its collections (ckan `lib/plugins.py` ~651-686, dcor_schemas `plugin.py`
+        ~413-445, ckan `logic/auth/get.py` ~105-138)."""
+        if dataset.state == "active" and not dataset.private:
             return True
-        return user is not None and (user.sysadmin or dataset.circle.name in user.circles)
+        if user is None:
+            return False
+        return (
+            user.sysadmin
+            or dataset.circle.name in user.circles
+            or any(name in user.collections for name in dataset.collections)
+        )
+
+    def set_state(self, name_or_id: str, state: str) -> Dataset:
+        """Change a dataset's state while serving (a draft's upload finishes, a dataset is
+        deleted): the devserver's test hook `/_devserver/state`."""
+        found = self.dataset(name_or_id)
+        if found is None:
+            raise KeyError(name_or_id)
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}")
+        changed = replace(found, state=state)
+        self.datasets[changed.name] = changed
+        self._dataset_ids[changed.id] = changed
+        for res in changed.resources:
+            self._resources[res.id] = (changed, res)
+        return changed
 
     def iter_resources(self) -> Iterable[tuple[Dataset, Resource]]:
         return self._resources.values()
@@ -210,7 +238,7 @@ def load(
     digests.save()
 
     collections = _collections(config.get("collections", {}), datasets.values())
-    users = _users(config.get("users", {}), circles)
+    users = _users(config.get("users", {}), circles, collections)
     repo = Repository(
         circles=circles,
         collections=collections,
@@ -292,6 +320,9 @@ def _dataset(
             )
         )
     mtimes = [file.stat().st_mtime for file in files]
+    state = str(meta.get("state", "active"))
+    if state not in STATES:
+        raise DataDirError(f"dataset {name!r}: state must be one of {STATES}")
     return Dataset(
         id=str(meta.get("id") or make_id("dataset", name)),
         name=name,
@@ -308,6 +339,7 @@ def _dataset(
         license_id=str(meta.get("license_id", "CC-BY-4.0")),
         doi=str(meta.get("doi", "")),
         references=str(meta.get("references", "")),
+        state=state,
     )
 
 
@@ -329,7 +361,9 @@ def _collections(config: dict[str, Any], datasets: Iterable[Dataset]) -> dict[st
     return result
 
 
-def _users(config: dict[str, Any], circles: dict[str, Circle]) -> dict[str, User]:
+def _users(
+    config: dict[str, Any], circles: dict[str, Circle], collections: dict[str, Collection]
+) -> dict[str, User]:
     users = {}
     tokens = set()
     for name, meta in config.items():
@@ -343,7 +377,13 @@ def _users(config: dict[str, Any], circles: dict[str, Circle]) -> dict[str, User
         unknown = member_of - set(circles)
         if unknown:
             raise DataDirError(f"user {name!r} is a member of unknown circles {sorted(unknown)}")
-        users[name] = User(name, token, member_of, bool(meta.get("sysadmin", False)))
+        in_collections = frozenset(slugify(c) for c in meta.get("collections", []))
+        unknown = in_collections - set(collections)
+        if unknown:
+            raise DataDirError(f"user {name!r} is in unknown collections {sorted(unknown)}")
+        users[name] = User(
+            name, token, member_of, bool(meta.get("sysadmin", False)), in_collections
+        )
     return users
 
 

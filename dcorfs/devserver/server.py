@@ -6,7 +6,7 @@ Routes:
     /dataset/<pkg>/resource/<rid>/download/<name>   302 to a presigned resource URL
     /dataset/<pkg>/resource/<rid>/condensed.rtdc    302 to a presigned condensed URL
     /circle-<org-id>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>   objects (GET/HEAD, Range)
-    /_devserver/{stats,faults,info}                 test hooks, loopback clients only
+    /_devserver/{stats,faults,info,state}           test hooks, loopback clients only
 
 Sockets use TCP_NODELAY (otherwise every small response waits ~40 ms for a delayed ACK) and
 files are streamed with sendfile, never read into memory.
@@ -320,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if signed:  # DCOR's credentials may list the bucket: 404
                     raise S3Error(404, "NoSuchKey", "The specified key does not exist.", resource)
                 raise S3Error(403, "AccessDenied", "Access Denied", resource)
-            if not signed and not obj.public:
+            if not signed and not app.site.is_public(obj):
                 raise S3Error(403, "AccessDenied", "Access Denied", resource)
         except S3Error as exc:
             self._s3_error(exc, request_id, method, size=None)
@@ -486,6 +486,13 @@ class _Handler(BaseHTTPRequestHandler):
                 changes = json.loads(body or b"{}")
                 self._json(200, app.faults.update(changes).as_dict())
             except (ValueError, TypeError) as exc:
+                self._json(400, {"error": str(exc)})
+        elif path == "/_devserver/state" and method in ("PUT", "POST"):
+            try:
+                change = json.loads(body or b"{}")
+                ds = app.site.repo.set_state(str(change["dataset"]), str(change["state"]))
+                self._json(200, {"dataset": ds.name, "state": ds.state})
+            except (ValueError, TypeError, KeyError) as exc:
                 self._json(400, {"error": str(exc)})
         elif path == "/_devserver/info" and method == "GET":
             self._json(200, _info(app.site))

@@ -50,6 +50,15 @@ class SiteOptions:
     # the host name in object URLs (basins, downloads, s3_url), e.g. "localhost" while the site
     # is 127.0.0.1: objects then live on "another host", as DCOR's object store does
     object_host: str = ""
+    # seconds each package_search call takes, as pages of up to 1000 datasets (ckan
+    # `logic/schema.py` ~683) carrying every resource's dc:* fields (dcor_schemas `plugin.py`
+    # ~269-284) take on DCOR (doc/DCOR.md §4)
+    search_latency: float = 0.0
+    # organization_list/group_list sort by title with no tie-breaker (ckan
+    # `logic/action/get.py` ~403-417): groups of equal title come in any order, differing
+    # between calls, so offset pages may repeat or skip groups (doc/DCOR.md §5).
+    # Off: ties broken by name (a deterministic order, unlike the real server)
+    title_ties_unordered: bool = False
 
 
 def objects_url(site_url: str, object_host: str) -> str:
@@ -167,6 +176,15 @@ class Site:
             return None
         bucket = bucket_name(found[0].circle.id)
         return self.stored_object(bucket, object_key(artifact, resource_id))
+
+    def is_public(self, obj: StoredObject) -> bool:
+        """Whether the object is tagged `public=true`: its dataset is public and active
+        (dcor_schemas `plugin.py` ~395-411 tags it once the dataset is active; only drafts
+        may be deleted, dcor_schemas `auth.py` ~141-162, so a deleted one never was; §11)."""
+        found = self.repo.resource(obj.resource_id)
+        if found is None:
+            return obj.public
+        return obj.public and found[0].state == "active"
 
     def object_url(self, bucket: str, key: str) -> str:
         return f"{self.objects_url}/{bucket}/{key}"
