@@ -82,6 +82,13 @@ def _text(record: dict[str, Any], key: str) -> str:
     return value
 
 
+def is_dc_resource(name: str, mimetype: str) -> bool:
+    """Whether dcserv serves the resource (dc_serve `serve.py` `is_dc_resource`): its mimetype
+    or its suffix, case-sensitively — dcserv refuses an `X.RTDC` (409), which is then shown
+    as a plain file (doc/DCOR.md §8)."""
+    return mimetype in ("RT-DC", "DC") or ("." in name and name.rsplit(".", 1)[1] in ("rtdc", "dc"))
+
+
 def parse_resource(record: dict[str, Any], circle_id: str) -> Resource:
     name = _text(record, "name")
     size = record.get("size")
@@ -97,7 +104,7 @@ def parse_resource(record: dict[str, Any], circle_id: str) -> Resource:
         else None,
         etag=etag if isinstance(etag, str) and etag else None,
         mtime=_timestamp(record.get("last_modified") or record.get("created")),
-        is_rtdc=name.lower().endswith(RTDC_SUFFIXES) or mimetype in ("RT-DC", "DC"),
+        is_rtdc=is_dc_resource(name, mimetype),
         s3_url=record["s3_url"] if isinstance(record.get("s3_url"), str) else None,
     )
 

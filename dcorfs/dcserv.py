@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, redact_url
+from .errors import (
+    AccessDenied,
+    DcorfsError,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    redact_url,
+)
 from .http import Http
 from .settings import Token
 
@@ -95,6 +102,8 @@ class DcorApi:
             raise NotFound(f"{what}: {message}")
         if status == 409 and "must be an .rtdc dataset" in message:
             raise NotFound(f"{what}: {message}")
+        if status == 500:
+            raise ServerError(f"{what}: HTTP 500: {message}")
         raise ProtocolError(f"{what}: HTTP {status}: {message}")
 
     def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:

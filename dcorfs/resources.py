@@ -29,7 +29,8 @@ from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
 from .derived import DerivedCache
-from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
+from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, ServerError
+from .failures import Failures
 from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
@@ -104,6 +105,7 @@ class Resources:
         self._opened: dict[str, RtdcResource] = {}
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
+        self._failures = Failures()  # resources the server fails on (doc/DCOR.md §8)
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
         self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
@@ -210,12 +212,17 @@ class Resources:
             if resource.id in self._opened:
                 return self._opened[resource.id]
             gate = self._opening.setdefault(resource.id, threading.Lock())
+        self._failures.check(resource.id)
         with gate:
             with self._lock:
                 if resource.id in self._opened:
                     return self._opened[resource.id]
+            self._failures.check(resource.id)  # while this one waited, another failed
             try:
                 opened = self._open_rtdc(dataset, resource, self._early_future(resource.id))
+            except ServerError as exc:
+                self._failures.remember(resource.id, exc)
+                raise
             finally:
                 with self._lock:  # what a next attempt finds early is its own
                     self._early.pop(resource.id, None)

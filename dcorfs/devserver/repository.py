@@ -38,7 +38,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.UUID("6c3b2d6e-8f59-4a7e-9d0f-2f0c6f3f7d1a")
-RTDC_SUFFIXES = (".rtdc", ".dc")
+DC_MIME_TYPES = {"RT-DC": ".rtdc", "DC": ".dc"}  # dcor_shared (as in dc_serve `serve.py`)
 FLAT_CIRCLE = "devserver"
 MULTIPART_THRESHOLD = 2**30  # DCOR-Aid uploads files above 1 GiB in 1 GiB parts
 CONFIG_FILES = ("dcor.json", "circle.json", "dataset.json")
@@ -91,7 +91,10 @@ class Resource:
 
     @property
     def is_rtdc(self) -> bool:
-        return self.name.lower().endswith(RTDC_SUFFIXES)
+        """dcserv's test (dc_serve `serve.py` ~156-168): the mimetype, which dcor_schemas sets
+        from the suffix as written (`jobs.py` `get_base_metadata`), or the suffix itself; both
+        case-sensitive, so an `X.RTDC` upload is no RT-DC resource to DCOR (doc/DCOR.md §8)."""
+        return guess_mimetype(self.name) in DC_MIME_TYPES
 
     @property
     def size(self) -> int:
@@ -357,9 +360,15 @@ def _check_unique_resource_ids(datasets: Iterable[Dataset]) -> None:
 
 
 def guess_mimetype(name: str) -> str | None:
-    if name.lower().endswith(RTDC_SUFFIXES):
-        return "RT-DC"
-    return mimetypes.guess_type(name)[0]
+    """The resource's mimetype as DCOR sets it: from the suffix as written (dcor_schemas
+    `jobs.py` `get_base_metadata`), else CKAN's guess (without DCOR's types: for a suffix
+    in another case dcor_schemas sets none)."""
+    suffix = name.rsplit(".", 1)[-1] if "." in name else ""
+    for mimetype, wanted in DC_MIME_TYPES.items():
+        if f".{suffix}" == wanted:
+            return mimetype
+    guessed = mimetypes.guess_type(name)[0]
+    return None if guessed in DC_MIME_TYPES else guessed
 
 
 class DigestCache:
