@@ -106,6 +106,20 @@ class DcorApi:
             raise ServerError(f"{what}: HTTP 500: {message}")
         raise ProtocolError(f"{what}: HTTP {status}: {message}")
 
+    def token_user(self, *, deadline: float) -> str | None:
+        """The name of the token's user, None when the host takes the token for anonymous:
+        CKAN treats a wrong or expired token so, silently, and `user_show` without an id is
+        what anonymous callers are refused (404, or 403 without public user details) while
+        any logged-in user gets their own account (doc/DCOR.md §9)."""
+        try:
+            result = self.action("user_show", {}, deadline=deadline)
+        except (NotFound, AccessDenied):
+            return None
+        name = result.get("name") if isinstance(result, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ProtocolError("user_show: an account without a name")
+        return name
+
     def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:
         return self.action(
             "dcserv", {"id": resource_id, "query": query, "version": "2"}, deadline=deadline

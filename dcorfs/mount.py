@@ -119,11 +119,17 @@ def check_cache_dir(path: Path) -> None:
 
 
 def _preflight(
-    origin: str, like: str, marker: str, store: MetaStore, ask: Callable[[Http], None]
+    origin: str,
+    like: str,
+    marker: str,
+    store: MetaStore,
+    ask: Callable[[Http], None],
+    *,
+    unchecked: str = "",
 ) -> None:
     """`ask` the origin what only a working `like` server answers (a ConfigError from it goes
     out as it is); unreachable is fine only when answers are stored: `marker`, kept in the
-    store after a success."""
+    store after a success (then the warning says what was left `unchecked`)."""
     http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
     try:
         ask(http)
@@ -134,7 +140,7 @@ def _preflight(
             raise ConfigError(f"{origin} does not answer like {like}: {exc}") from None
         if store.get(marker) is None:
             raise ConfigError(f"cannot reach {origin}: {exc}") from None
-        print(f"dcorfs: {origin} unreachable; serving what is cached", file=sys.stderr)
+        print(f"dcorfs: {origin} unreachable; serving what is cached{unchecked}", file=sys.stderr)
     else:
         store.put(marker, {"checked": time.time()})
     finally:
@@ -142,13 +148,24 @@ def _preflight(
 
 
 def check_host(settings: MountSettings, store: MetaStore) -> None:
-    """The host must answer like CKAN; unreachable is fine only when answers are stored."""
+    """The host must answer like CKAN, and take a token for a user (it would silently treat
+    a wrong or expired one as anonymous: doc/DCOR.md §9); unreachable is fine only when
+    answers are stored."""
 
     def ask(http: Http) -> None:
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
         api.action("status_show", {}, deadline=time.monotonic() + PREFLIGHT_SECONDS)
+        if (
+            api.authenticated
+            and api.token_user(deadline=time.monotonic() + PREFLIGHT_SECONDS) is None
+        ):
+            raise ConfigError(
+                f"{settings.host} rejects the API token (wrong or expired; it would read "
+                "as anonymous): check --api-key-file or DCOR_API_KEY"
+            )
 
-    _preflight(settings.host, "DCOR", "status_show", store, ask)
+    unchecked = " (the API token was not checked)" if settings.token else ""
+    _preflight(settings.host, "DCOR", "status_show", store, ask, unchecked=unchecked)
 
 
 def check_endpoint(settings: MountSettings, store: MetaStore) -> None:

@@ -4,6 +4,7 @@ own client agrees), and the mount copes."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
 from .conftest import TOKENS, api, resource
-from .mounts import log_lines, mounted
+from .mounts import dcorfs, is_mounted, log_lines, mounted
 
 pytestmark = [pytest.mark.filterwarnings("ignore::dclab.http_utils.ConnectionTimeoutWarning")]
 EDGES = "edges"
@@ -136,3 +137,65 @@ def test_an_upper_case_rtdc_is_a_plain_file(edges: DevServer, tmp_path: Path) ->
         dataset = mnt / "datasets" / EDGES
         assert "UPPER.RTDC" in [p.name for p in dataset.iterdir()]
         assert (dataset / "UPPER.RTDC").read_bytes() == local.read_bytes()
+
+
+# -- §9 a wrong or expired token is anonymous to CKAN ----------------------------------------------
+
+
+def test_devserver_user_show_tells_a_token_from_anonymous(edges: DevServer) -> None:
+    status, body = api(edges, "user_show", token=TOKENS["alice"])
+    assert status == 200 and body["result"]["name"] == "alice"
+    for token in ("", "not-a-token"):
+        status, body = api(edges, "user_show", token=token)
+        assert status == 404, token
+        assert body["error"] == {"__type": "Not Found Error", "message": "Not found"}
+    status, body = api(edges, "user_show", id="alice")
+    assert status == 200 and "token" not in body["result"]
+
+
+def test_dclab_with_a_wrong_token_reads_as_anonymous(edges: DevServer) -> None:
+    public = resource(edges, EDGES, "good.rtdc")["id"]
+    with open_remote(edges, public, "not-a-token") as remote:
+        assert len(remote) == 40
+    private = resource(edges, "secret", "M001.rtdc")["id"]
+    with pytest.raises(DCORAccessError, match="not authorized to read resource"):
+        open_remote(edges, private, "not-a-token")
+
+
+def mount_command(
+    mnt: Path, host: str, cache: Path, token: str
+) -> subprocess.CompletedProcess[str]:
+    mnt.mkdir(parents=True, exist_ok=True)
+    return dcorfs(
+        "mount", str(mnt), "--host", host, "--cache-dir", str(cache), env={"DCOR_API_KEY": token}
+    )
+
+
+def test_a_rejected_token_stops_the_mount_with_one_line(edges: DevServer, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    result = mount_command(mnt, edges.url, tmp_path / "cache", "not-a-token")
+    if is_mounted(mnt):  # before the check: mounted as anonymous
+        dcorfs("umount", str(mnt))
+        pytest.fail("mounted with a token the host rejects")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert edges.url in lines[0] and "rejects the API token" in lines[0]
+    assert "not-a-token" not in result.stderr
+
+
+def test_a_valid_token_mounts_and_offline_starts_warn(edges_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with DevServer(edges_dir, state_dir=edges_dir / ".devserver") as server:
+        url = server.url
+        with mounted(tmp_path / "mnt", url, cache, token=TOKENS["alice"]) as mnt:
+            assert (mnt / "datasets" / "secret" / "M001" / "deform.npy").stat().st_size > 0
+        assert server.stats.snapshot()["api"].get("user_show") == 1
+    # the server is gone: the cache serves, and the token could not be checked
+    result = mount_command(tmp_path / "mnt", url, cache, TOKENS["alice"])
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "unreachable" in result.stderr and "token was not checked" in result.stderr
+    finally:
+        if is_mounted(tmp_path / "mnt"):
+            dcorfs("umount", str(tmp_path / "mnt"))

@@ -104,6 +104,7 @@ class CkanApi:
             "group_list": self.group_list,
             "group_show": self.group_show,
             "status_show": self.status_show,
+            "user_show": self.user_show,
         }
 
     def call(self, action: str, params: dict[str, Any], user: User | None) -> Any:
@@ -431,6 +432,28 @@ class CkanApi:
             result["num_followers"] = 0
         return result
 
+    def user_show(self, params: dict[str, Any], user: User | None) -> Any:
+        """CKAN 2.11 (`logic/action/get.py` ~1397-1446): without `id`, the caller's own account
+        (`id` defaults to the caller's name, "" for anonymous ones, who get 404 "Not found");
+        a wrong or expired token is anonymous (`views/__init__.py` ~125-137). So it tells a
+        valid token from a rejected one (doc/DCOR.md §9)."""
+        ident = str(params.get("id") or (user.name if user else ""))
+        found = self.repo.users.get(ident) or next(
+            (u for u in self.repo.users.values() if _user_id(u) == ident), None
+        )
+        if found is None:
+            raise not_found()
+        return {
+            "id": _user_id(found),
+            "name": found.name,
+            "fullname": found.name,
+            "display_name": found.name,
+            "state": "active",
+            "sysadmin": found.sysadmin,
+            "created": "2020-01-01T00:00:00.000000",
+            "number_created_packages": 0,
+        }
+
     def status_show(self, params: dict[str, Any], user: User | None) -> Any:
         return {
             "site_title": self.repo.site_title,
@@ -441,6 +464,10 @@ class CkanApi:
             "locale_default": "en",
             "extensions": ["dcor_depot", "dcor_schemas", "dc_serve", "dc_view", "dc_log_view"],
         }
+
+
+def _user_id(user: User) -> str:
+    return repository.make_id("user", user.name)
 
 
 def _resource_format(res: Resource, kern: Kernel | None) -> str:
