@@ -108,6 +108,13 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="host name in object URLs, e.g. localhost while binding 127.0.0.1: the object "
         "store then is another host, as on DCOR",
     )
+    dcor.add_argument(
+        "--external-host",
+        default="",
+        metavar="ADDR",
+        help='serve link resources (storage "link" in dataset.json) from a second web '
+        "server on this address, e.g. 127.0.0.62",
+    )
     parser.set_defaults(run=_run_devserver, console_log=logging.WARNING)  # its progress
 
 
@@ -137,6 +144,7 @@ def _run_devserver(args: argparse.Namespace) -> int:
         trace_list_quirk=not args.no_trace_list_quirk,
         condensed=not args.no_condensed,
         object_host=args.object_host,
+        external_host=args.external_host,
     )
     return serve(
         args.data,

@@ -128,9 +128,13 @@ class DcorApi:
     def basins(self, resource_id: str, *, deadline: float) -> list[Basin]:
         return parse_basins(self.dcserv(resource_id, "basins", deadline=deadline))
 
+    def route(self, dataset_id: str, resource_id: str, name: str) -> str:
+        """DCOR's download route of a resource."""
+        return f"{self.base_url}/dataset/{dataset_id}/resource/{resource_id}/download/{name}"
+
     def download_url(self, dataset_id: str, resource_id: str, name: str, *, deadline: float) -> str:
         """Follow DCOR's download route (with the token) to the presigned object URL."""
-        route = f"{self.base_url}/dataset/{dataset_id}/resource/{resource_id}/download/{name}"
+        route = self.route(dataset_id, resource_id, name)
         return self._http.redirect(route, headers=self.auth_headers(), deadline=deadline)
 
 
@@ -187,6 +191,7 @@ class _Entry:
     url: str
     valid_until: float | None
     renew: Renew | None
+    headers: Mapping[str, str] | None = None
 
 
 class Locator:
@@ -202,13 +207,26 @@ class Locator:
         self._entries: dict[str, _Entry] = {}
 
     def register(
-        self, key: str, url: str, *, lifetime: float | None, renew: Renew | None = None
+        self,
+        key: str,
+        url: str,
+        *,
+        lifetime: float | None,
+        renew: Renew | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`headers`: sent with every request to `url` — the token, for URLs on the DCOR host
+        only (its download route serving a file itself: doc/DCOR.md §6)."""
         valid = None
         if lifetime is not None:  # renew a quarter of the life early, at most RENEW_MARGIN
             valid = self._clock() + lifetime - min(RENEW_MARGIN, max(lifetime, 0.0) / 4)
         with self._lock:
-            self._entries[key] = _Entry(url, valid, renew)
+            self._entries[key] = _Entry(url, valid, renew, headers)
+
+    def headers(self, key: str) -> Mapping[str, str] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        return entry.headers if entry is not None else None
 
     def known(self, key: str) -> bool:
         with self._lock:
@@ -230,7 +248,7 @@ class Locator:
             raise AccessDenied(f"object {key} is not accessible (URL cannot be renewed)")
         url, lifetime = entry.renew(deadline)
         log.debug("renewed the URL of %s", key)
-        self.register(key, url, lifetime=lifetime, renew=entry.renew)
+        self.register(key, url, lifetime=lifetime, renew=entry.renew, headers=entry.headers)
         return url
 
 
@@ -250,15 +268,28 @@ def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, f
 
     def fetch(obj: ObjectRef, start: int, stop: int, deadline: float) -> bytes:
         url = locator.url(obj.key, deadline=deadline)
+        headers = locator.headers(obj.key)
         try:
             return http.get_range(
-                url, start, stop, expect_etag=obj.etag, expect_size=obj.size, deadline=deadline
+                url,
+                start,
+                stop,
+                expect_etag=obj.etag,
+                expect_size=obj.size,
+                headers=headers,
+                deadline=deadline,
             )
         except AccessDenied:
             url = locator.renew(obj.key, deadline=deadline)
         try:
             return http.get_range(
-                url, start, stop, expect_etag=obj.etag, expect_size=obj.size, deadline=deadline
+                url,
+                start,
+                stop,
+                expect_etag=obj.etag,
+                expect_size=obj.size,
+                headers=headers,
+                deadline=deadline,
             )
         except DcorfsError as exc:
             raise type(exc)(f"{obj.key} [{start}, {stop}): {exc}") from None

@@ -54,6 +54,7 @@ TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers 
 WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
 SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
+LINK_AGE = 300.0  # seconds a link's size and ETag are trusted (the other site may change it)
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
@@ -182,7 +183,13 @@ class Resources:
         return renew
 
     def _identify(
-        self, key: str, size: int | None, etag: str | None, *, head: int = HEAD
+        self,
+        key: str,
+        size: int | None,
+        etag: str | None,
+        *,
+        head: int = HEAD,
+        max_age: float = FOREVER,
     ) -> ObjectId:
         """Identity of an object: from CKAN's record or a bucket listing when they have size
         and ETag, else probed (the probe brings the object's first `head` bytes into the
@@ -194,15 +201,16 @@ class Resources:
 
         def ask(deadline: float) -> Any:
             url = self._locator.url(key, deadline=deadline)
+            headers = self._locator.headers(key)
             try:
-                info = self._http.probe(url, head=head, deadline=deadline)
+                info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
             except AccessDenied:
                 url = self._locator.renew(key, deadline=deadline)
-                info = self._http.probe(url, head=head, deadline=deadline)
+                info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
             self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
 
-        info = self._memo.get(f"object:{key}", ask, max_age=FOREVER)
+        info = self._memo.get(f"object:{key}", ask, max_age=max_age)
         return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
 
     # -- RT-DC resources ----------------------------------------------------------------------
@@ -443,8 +451,22 @@ class Resources:
     # -- other resources ------------------------------------------------------------------------
 
     def plain(self, dataset: Dataset, resource: Resource) -> ObjectId:
-        """A non-RT-DC resource as an object: from the object store (see `_direct`), the
-        public S3 URL, or DCOR's download route."""
+        """A non-RT-DC resource as an object: a link's external URL (its identity, asked
+        without the token, looked at again after LINK_AGE: it may change), a file on the
+        site's disk through DCOR's download route (with the token: that is the DCOR host),
+        or the S3 object from the object store (see `_direct`), the public S3 URL or the
+        download route's redirect (doc/DCOR.md §6)."""
+        link = resource.link
+        if link is not None:
+            if not self._locator.known(link):
+                self._locator.register(link, link, lifetime=None)
+            return self._identify(link, None, None, max_age=LINK_AGE)
+        if resource.on_site_disk:
+            api = self._dcor()
+            route = api.route(dataset.id, resource.id, resource.name)
+            if not self._locator.known(route):
+                self._locator.register(route, route, lifetime=None, headers=api.auth_headers())
+            return self._identify(route, resource.size, None)
         key = resource_key(resource.circle_id, resource.id)
         if not self._locator.known(key):
             if self._direct(dataset):

@@ -1,6 +1,7 @@
-"""DCOR's edges (doc/DCOR.md §8, §9): files the server cannot open, resources dcserv refuses as
-not RT-DC, tokens the host takes for anonymous. Each: the devserver behaves like DCOR (dclab's
-own client agrees), and the mount copes."""
+"""DCOR's edges (doc/DCOR.md §6, §8, §9): resources not on S3 and links, files the server cannot
+open, resources dcserv refuses as not RT-DC, tokens the host takes for anonymous. Each: the
+devserver behaves like DCOR (dclab's own client agrees where it is involved), and the mount
+copes."""
 
 from __future__ import annotations
 
@@ -12,17 +13,20 @@ from typing import Any
 import dclab
 import numpy as np
 import pytest
+import requests
 from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
+from dcorfs.devserver.site import SiteOptions
 
 from .conftest import TOKENS, api, resource
 from .mounts import dcorfs, is_mounted, log_lines, mounted
 
 pytestmark = [pytest.mark.filterwarnings("ignore::dclab.http_utils.ConnectionTimeoutWarning")]
 EDGES = "edges"
+EXTERNAL = "127.0.0.62"  # where link resources point
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +39,42 @@ def edges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"users": {"alice": {"token": TOKENS["alice"], "circles": ["private-lab"]}}},
     )
     edges = root / "public-lab" / EDGES
-    write_json(edges / "dataset.json", {"title": "Edges"})
     spec = SampleSpec(events=40, seed=21, images=False, traces=False)
     write_rtdc(edges / "good.rtdc", spec)
     write_rtdc(edges / "broken.rtdc", spec)
     with (edges / "broken.rtdc").open("r+b") as handle:
         handle.truncate((edges / "broken.rtdc").stat().st_size // 2)
     write_rtdc(edges / "UPPER.RTDC", spec)
+    (edges / "disk.txt").write_bytes(bytes(range(256)) * 40)
+    (edges / "table.csv").write_text("a,b\n" + "".join(f"{i},{i * i}\n" for i in range(2000)))
+    write_json(
+        edges / "dataset.json",
+        {
+            "title": "Edges",
+            "resources": {"disk.txt": {"storage": "upload"}, "table.csv": {"storage": "link"}},
+        },
+    )
+    too = root / "public-lab" / "edges-too"
+    (too / "same-table.csv").parent.mkdir(parents=True)
+    (too / "same-table.csv").write_text("a placeholder: the link points elsewhere\n")
+    link_to = f"public-lab/{EDGES}/table.csv"
+    write_json(
+        too / "dataset.json",
+        {"resources": {"same-table.csv": {"storage": "link", "link_to": link_to}}},
+    )
     secret = root / "private-lab" / "secret"
-    write_json(secret / "dataset.json", {"title": "Secret", "private": True})
+    write_json(
+        secret / "dataset.json",
+        {"title": "Secret", "private": True, "resources": {"notes.txt": {"storage": "upload"}}},
+    )
     write_rtdc(secret / "M001.rtdc", spec)
+    (secret / "notes.txt").write_text("private notes, not on S3\n" * 100)
     return root
 
 
 @pytest.fixture(scope="module")
 def edges(edges_dir: Path) -> Iterator[DevServer]:
-    with DevServer(edges_dir) as server:
+    with DevServer(edges_dir, options=SiteOptions(external_host=EXTERNAL)) as server:
         yield server
 
 
@@ -186,7 +210,8 @@ def test_a_rejected_token_stops_the_mount_with_one_line(edges: DevServer, tmp_pa
 
 def test_a_valid_token_mounts_and_offline_starts_warn(edges_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    with DevServer(edges_dir, state_dir=edges_dir / ".devserver") as server:
+    options = SiteOptions(external_host=EXTERNAL)
+    with DevServer(edges_dir, state_dir=edges_dir / ".devserver", options=options) as server:
         url = server.url
         with mounted(tmp_path / "mnt", url, cache, token=TOKENS["alice"]) as mnt:
             assert (mnt / "datasets" / "secret" / "M001" / "deform.npy").stat().st_size > 0
@@ -199,3 +224,71 @@ def test_a_valid_token_mounts_and_offline_starts_warn(edges_dir: Path, tmp_path:
     finally:
         if is_mounted(tmp_path / "mnt"):
             dcorfs("umount", str(tmp_path / "mnt"))
+
+
+# -- §6 resources not on S3, and links -------------------------------------------------------------
+
+
+def route(server: DevServer, entry: dict[str, Any], token: str = "", **headers: str) -> Any:
+    url = f"{server.url}/dataset/{entry['dataset_id']}/resource/{entry['id']}/download/x"
+    return requests.get(
+        url, headers={"Authorization": token, **headers}, allow_redirects=False, timeout=30
+    )
+
+
+def test_devserver_serves_files_not_on_s3_itself_and_redirects_links(edges: DevServer) -> None:
+    """dc_serve's download route: not `s3_available` → the file itself (Range honoured, as
+    flask's send_file); a link (no `url_type`) → a redirect to its `url`. dclab reads through
+    dcserv's S3 basins only, so it has no say here: the route and the records are the test."""
+    disk = resource(edges, EDGES, "disk.txt")
+    _, shown = api(edges, "resource_show", id=disk["id"])
+    record = shown["result"]
+    assert record["s3_available"] is False and record["url_type"] == "upload"
+    assert "s3_url" not in record and record["etag"] is None
+    data = (edges.data_dir / "public-lab" / EDGES / "disk.txt").read_bytes()
+    answer = route(edges, disk, Range="bytes=10-99")
+    assert answer.status_code == 206 and answer.content == data[10:100]
+    assert answer.headers["Content-Range"] == f"bytes 10-99/{len(data)}" and answer.headers["ETag"]
+    assert route(edges, disk).content == data
+    notes = resource(edges, "secret", "notes.txt")
+    assert route(edges, notes).status_code == 404
+    assert route(edges, notes, "not-a-token").status_code == 404
+    assert route(edges, notes, TOKENS["alice"]).status_code == 200
+
+    link = resource(edges, EDGES, "table.csv")
+    _, shown = api(edges, "resource_show", id=link["id"])
+    record = shown["result"]
+    assert record["url_type"] is None and record["url"].startswith(f"http://{EXTERNAL}:")
+    assert record["size"] is None and "s3_url" not in record
+    answer = route(edges, link)
+    assert answer.status_code == 302 and answer.headers["Location"] == record["url"]
+    table = (edges.data_dir / "public-lab" / EDGES / "table.csv").read_bytes()
+    external = requests.get(record["url"], headers={"Range": "bytes=0-9"}, timeout=30)
+    assert external.status_code == 206 and external.content == table[:10]
+    _, shown = api(edges, "resource_show", id=resource(edges, "edges-too", "same-table.csv")["id"])
+    assert shown["result"]["url"] == record["url"]
+
+
+def test_files_not_on_s3_and_links_read_with_the_token_on_the_dcor_host_only(
+    edges: DevServer, tmp_path: Path
+) -> None:
+    """A file on the site's disk comes from the download route (private ones with the token);
+    a link from its URL, without the token, cached by that URL: two links to one file are
+    fetched once."""
+    assert edges.external is not None
+    edges.external.reset()
+    edges.stats.reset()
+    public = edges.data_dir / "public-lab" / EDGES
+    with mounted(tmp_path / "mnt", edges.url, tmp_path / "cache", token=TOKENS["alice"]) as mnt:
+        datasets = mnt / "datasets"
+        assert (datasets / EDGES / "disk.txt").read_bytes() == (public / "disk.txt").read_bytes()
+        table = (public / "table.csv").read_bytes()
+        assert (datasets / EDGES / "table.csv").read_bytes() == table
+        assert (datasets / "edges-too" / "same-table.csv").read_bytes() == table
+        counters = edges.external.counters
+        assert counters["authorized"] == 0 and counters["requests"] > 0
+        assert counters["bytes"] == len(table)  # one identity, the URL: fetched once
+        secret = edges.data_dir / "private-lab" / "secret" / "notes.txt"
+        assert (datasets / "secret" / "notes.txt").read_bytes() == secret.read_bytes()
+    assert edges.external.counters["authorized"] == 0
+    assert edges.stats.snapshot()["object_requests_authorized"] == 0

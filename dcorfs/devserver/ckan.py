@@ -343,6 +343,13 @@ class CkanApi:
             "cache_url": None,
             "cache_last_updated": None,
         }
+        if res.storage != "s3":  # dcor_schemas' S3 jobs never ran (doc/DCOR.md §6)
+            result.update(etag=None, sha256=None, s3_available=False)
+            del result["s3_url"]
+            if res.storage == "link":  # CKAN knows a link's URL, not its size
+                result.update(url=self.site.link_url(res), url_type=None, size=None)
+            else:
+                result.update(url_type="upload")
         if kern is not None:
             result.update(_dc_fields(kern.metadata))
         return result

@@ -32,7 +32,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import __version__
 from .ckan import ActionError, CkanApi
+from .external import ExternalServer
 from .faults import Fault, FaultConfig, Faults
+from .files import send_file
 from .objects import RangeNotSatisfiable, S3Error, StoredObject, parse_range
 from .site import Site, SiteOptions
 from .stats import Stats
@@ -77,6 +79,7 @@ class DevServer:
         self.url = f"http://{host}:{real_port}"
         self._thread: threading.Thread | None = None
         self.site: Site | None = None
+        self.external: ExternalServer | None = None  # where link resources point
 
     def start(self) -> str:
         """Build the site (condensing what is new) and serve in a background thread."""
@@ -87,6 +90,10 @@ class DevServer:
         except BaseException:
             self._httpd.server_close()
             raise
+        if self._options.external_host:
+            self.external = ExternalServer(self.data_dir, bind=self._options.external_host)
+            self.site.external = self.external
+            self.external.start()
         self._httpd.app = _App(
             self.site, CkanApi(self.site, lambda: self.faults.config.url_lifetime), self
         )
@@ -105,6 +112,9 @@ class DevServer:
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
+        if self.external is not None:
+            self.external.stop()
+            self.external = None
 
     def __enter__(self) -> DevServer:
         self.start()
@@ -285,6 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
             if obj is None:
                 self._html(404, "Not Found", "Condensed resource not found")
                 return
+        elif res.storage != "s3":  # dc_serve `route_funcs.py` ~138-148 (doc/DCOR.md §6)
+            if res.storage == "upload":  # the file from the site's disk, as flask sends it
+                send_file(self, res.path, filename=res.name)
+            else:
+                self._redirect(site.link_url(res))
+            return
         else:
             obj = site.resource_object(res.id, "resource")
             filename = res.name
@@ -295,6 +311,9 @@ class _Handler(BaseHTTPRequestHandler):
         location, _ = site.presigner.url(
             site.objects_url, obj.bucket, obj.key, lifetime, filename=filename
         )
+        self._redirect(location)
+
+    def _redirect(self, location: str) -> None:
         body = f'<a href="{location}">Redirecting</a>'.encode()
         self.send_response(302)
         self.send_header("Location", location)
@@ -516,7 +535,14 @@ def _info(site: Site) -> dict[str, Any]:
                 "path": str(res.path),
                 "size": res.size,
                 "rtdc": res.is_rtdc,
+                "storage": res.storage,
                 "condensed": site.resource_object(res.id, "condensed") is not None,
             }
         )
-    return {"url": site.url, "resources": resources, "users": sorted(site.repo.users)}
+    external = site.external.url if site.external is not None else None
+    return {
+        "url": site.url,
+        "external": external,
+        "resources": resources,
+        "users": sorted(site.repo.users),
+    }

@@ -14,9 +14,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from . import condense, kernel, repository
+from .external import ExternalServer
 from .objects import Presigner, StoredObject, bucket_name, object_key
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class SiteOptions:
     # the host name in object URLs (basins, downloads, s3_url), e.g. "localhost" while the site
     # is 127.0.0.1: objects then live on "another host", as DCOR's object store does
     object_host: str = ""
+    # the address of a second web server where link resources point (their external `url`),
+    # e.g. 127.0.0.62; they redirect nowhere without it. dc_serve `route_funcs.py` ~82-148:
+    # the download route redirects to a link's `url` (doc/DCOR.md §6)
+    external_host: str = ""
 
 
 def objects_url(site_url: str, object_host: str) -> str:
@@ -62,6 +67,7 @@ class Site:
         self.kernels = kernels
         self.presigner = presigner
         self.options = options
+        self.external: ExternalServer | None = None  # where link resources point, if any
 
     @classmethod
     def build(
@@ -79,7 +85,10 @@ class Site:
         digests = repository.DigestCache(state_dir / "digests.json", progress)
         objects: dict[tuple[str, str], StoredObject] = {}
         kernels: dict[str, kernel.Kernel | None] = {}
-        rtdc = [(ds, res) for ds, res in repo.iter_resources() if res.is_rtdc]
+        # files not on S3 are neither condensed nor opened by dcserv (it reads S3 objects)
+        rtdc = [
+            (ds, res) for ds, res in repo.iter_resources() if res.is_rtdc and res.storage == "s3"
+        ]
         for number, (ds, res) in enumerate(rtdc, start=1):
             if progress is not None and len(rtdc) > 3:
                 progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
@@ -96,6 +105,8 @@ class Site:
                 objects[(condensed.bucket, condensed.key)] = condensed
         digests.save()
         for ds, res in repo.iter_resources():
+            if res.storage != "s3":
+                continue
             obj = _stored(
                 bucket_name(ds.circle.id),
                 "resource",
@@ -123,6 +134,12 @@ class Site:
 
     def object_url(self, bucket: str, key: str) -> str:
         return f"{self.objects_url}/{bucket}/{key}"
+
+    def link_url(self, res: repository.Resource) -> str:
+        """The external `url` of a link resource: its file on the external server."""
+        if self.external is None:
+            return f"http://external.invalid/{quote(res.name)}"
+        return self.external.url_of(self.external.root / res.link_to if res.link_to else res.path)
 
 
 def _prepare(
