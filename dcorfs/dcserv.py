@@ -52,19 +52,41 @@ def object_key(url: str) -> str:
     return path
 
 
-def resource_key(circle_id: str, resource_id: str, artifact: str = "resource") -> str:
-    """DCOR's object layout: circle-<org>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>."""
+BUCKET_TEMPLATE = "circle-{organization_id}"  # DCOR's production `dcor_object_store.bucket_name`
+
+
+def bucket_name(circle_id: str, template: str = BUCKET_TEMPLATE) -> str:
+    """A circle's bucket: the server's template (dcor_shared `s3cc.py` ~184-188, dcor_schemas
+    `plugin.py` ~176-179) filled with the circle (organization) id (doc/DCOR.md §10)."""
+    return template.format(organization_id=circle_id)
+
+
+def bucket_circle(bucket: str, template: str = BUCKET_TEMPLATE) -> str | None:
+    """The circle id a bucket name was made from with `template`; None for other names."""
+    prefix, _, suffix = template.partition("{organization_id}")
+    if len(bucket) <= len(prefix) + len(suffix) or not bucket.startswith(prefix):
+        return None
+    if not bucket.endswith(suffix):
+        return None
+    return bucket[len(prefix) : len(bucket) - len(suffix)]
+
+
+def resource_key(
+    circle_id: str, resource_id: str, artifact: str = "resource", template: str = BUCKET_TEMPLATE
+) -> str:
+    """DCOR's object layout: <bucket>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>."""
     rid = resource_id
-    return f"circle-{circle_id}/{artifact}/{rid[:3]}/{rid[3:6]}/{rid[6:]}"
+    return f"{bucket_name(circle_id, template)}/{artifact}/{rid[:3]}/{rid[3:6]}/{rid[6:]}"
 
 
 _RESOURCE_KEY = re.compile(
-    r"^circle-[^/]+/(?P<artifact>[^/]+)/(?P<a>[^/]{3})/(?P<b>[^/]{3})/(?P<c>[^/]+)$"
+    r"^[^/:]+/(?P<artifact>resource|condensed|preview)/(?P<a>[^/]{3})/(?P<b>[^/]{3})/(?P<c>[^/]+)$"
 )
 
 
 def parse_resource_key(key: str) -> tuple[str, str] | None:
-    """(resource id, artifact) of a key in DCOR's object layout; None for other keys."""
+    """(resource id, artifact) of a key in DCOR's object layout, in any bucket; None for
+    other keys."""
     match = _RESOURCE_KEY.match(key)
     if match is None:
         return None

@@ -32,7 +32,7 @@ from . import __version__, cachedir
 from .blockcache import BlockCache
 from .buckets import BucketCatalog
 from .catalog import Catalog
-from .dcserv import DcorApi, Locator, make_fetch
+from .dcserv import DcorApi, Locator, bucket_name, make_fetch
 from .derived import DerivedCache
 from .diskstore import DiskStore
 from .errors import (
@@ -52,7 +52,7 @@ from .readahead import Prefetcher
 from .report import one_line
 from .resources import Resources
 from .rtdc import CycleCollector
-from .s3 import ObjectStore, bucket_name, sigv4_presigner
+from .s3 import ObjectStore, sigv4_presigner
 from .s3tree import build_s3_root
 from .settings import MountSettings
 from .tree import Context, Dir, build_root
@@ -177,7 +177,7 @@ def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
         objects = object_store(settings, http)
         assert objects is not None
         for circle_id in settings.circles:
-            bucket = bucket_name(circle_id)
+            bucket = bucket_name(circle_id, settings.s3_bucket_template)
             deadline = time.monotonic() + PREFLIGHT_SECONDS
             try:
                 objects.list(bucket, "resource/", max_keys=1, pages=1, deadline=deadline)
@@ -388,6 +388,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
             memo=memo,
             circles=settings.circles,
             dir_cache_time=settings.dir_cache_time,
+            bucket_template=settings.s3_bucket_template,
         )
     else:
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
@@ -418,6 +419,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         timeout=settings.timeout,
         store=objects,
         listed=buckets.listed if buckets is not None else None,
+        bucket_template=settings.s3_bucket_template,
     )
     return Layers(http, disk, store, buckets, catalog, cache, derived, resources)
 

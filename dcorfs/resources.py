@@ -27,7 +27,15 @@ from typing import Any, TypeVar
 
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
-from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
+from .dcserv import (
+    BUCKET_TEMPLATE,
+    Basin,
+    DcorApi,
+    Locator,
+    Renew,
+    parse_basins,
+    resource_key,
+)
 from .derived import DerivedCache
 from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, ServerError
 from .failures import Failures
@@ -86,15 +94,18 @@ class Resources:
         timeout: float,
         store: ObjectStore | None = None,
         listed: Listed | None = None,
+        bucket_template: str = BUCKET_TEMPLATE,
     ) -> None:
         """`api` and `catalog`: DCOR's API, None without it (then `store` is needed);
-        `store`: objects read directly; `listed`: sizes and ETags known from bucket listings."""
+        `store`: objects read directly; `listed`: sizes and ETags known from bucket listings;
+        `bucket_template`: how the server names a circle's bucket (doc/DCOR.md §10)."""
         if (api is None or catalog is None) and store is None:
             raise ValueError("without DCOR's API, resources need an object store")
         self._api = api
         self._catalog = catalog
         self._store = store
         self._listed = listed
+        self._template = bucket_template
         self._memo = memo
         self._http = http
         self._locator = locator
@@ -133,6 +144,10 @@ class Resources:
         store = self._store
         return store is not None and (store.signed or self._api is None or not dataset.private)
 
+    def _key(self, resource: Resource, artifact: str = "resource") -> str:
+        """The bucket/key of a resource's object (its identity)."""
+        return resource_key(resource.circle_id, resource.id, artifact, self._template)
+
     def _place(self, key: str) -> str:
         """Register the object store's URL of `key` (renewed by signing it again)."""
         store = self._store
@@ -145,8 +160,7 @@ class Resources:
         """The keys of the resource's objects by kind, their URLs registered."""
         if self._direct(dataset):
             return {
-                kind: self._place(resource_key(resource.circle_id, resource.id, kind))
-                for kind in ("resource", "condensed")
+                kind: self._place(self._key(resource, kind)) for kind in ("resource", "condensed")
             }
         return {kind: basin.key for kind, basin in self._basins(resource.id).items()}
 
@@ -412,7 +426,7 @@ class Resources:
     def is_hdf5(self, dataset: Dataset, resource: Resource) -> bool:
         """Whether the resource's object starts like an HDF5 file (an .rtdc) — for resources
         found in buckets, which carry no file name."""
-        key = resource_key(resource.circle_id, resource.id)
+        key = self._key(resource)
         if self._direct(dataset) and not self._locator.known(key):
             self._place(key)
         obj = self._identify(key, resource.size, resource.etag)
@@ -467,7 +481,7 @@ class Resources:
             if not self._locator.known(route):
                 self._locator.register(route, route, lifetime=None, headers=api.auth_headers())
             return self._identify(route, resource.size, None)
-        key = resource_key(resource.circle_id, resource.id)
+        key = self._key(resource)
         if not self._locator.known(key):
             if self._direct(dataset):
                 self._place(key)

@@ -21,8 +21,9 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
-from .conftest import TOKENS, api, resource
+from .conftest import TOKENS, api, resource, weed_or_skip
 from .mounts import dcorfs, is_mounted, log_lines, mounted
+from .s3server import CREDENTIALS_ENV, SeaweedFS
 
 pytestmark = [pytest.mark.filterwarnings("ignore::dclab.http_utils.ConnectionTimeoutWarning")]
 EDGES = "edges"
@@ -292,3 +293,83 @@ def test_files_not_on_s3_and_links_read_with_the_token_on_the_dcor_host_only(
         assert (datasets / "secret" / "notes.txt").read_bytes() == secret.read_bytes()
     assert edges.external.counters["authorized"] == 0
     assert edges.stats.snapshot()["object_requests_authorized"] == 0
+
+
+# -- §10 bucket names from the server's template --------------------------------------------------
+
+TEMPLATE = "dcor-objects-{organization_id}"
+
+
+@pytest.fixture(scope="module")
+def templated(edges_dir: Path) -> Iterator[DevServer]:
+    """The same site with buckets named by another template (`--bucket-template`)."""
+    options = SiteOptions(bucket_template=TEMPLATE, external_host=EXTERNAL)
+    with DevServer(edges_dir, state_dir=edges_dir / ".devserver", options=options) as server:
+        yield server
+
+
+def public_circle(server: DevServer) -> str:
+    _, body = api(server, "organization_show", id="public-lab")
+    return str(body["result"]["id"])
+
+
+def test_devserver_names_buckets_by_its_template_and_dclab_follows(templated: DevServer) -> None:
+    bucket = TEMPLATE.format(organization_id=public_circle(templated))
+    entry = resource(templated, EDGES, "good.rtdc")
+    _, body = api(templated, "dcserv", id=entry["id"], query="basins")
+    assert all(f"/{bucket}/" in basin["urls"][0] for basin in body["result"])
+    _, shown = api(templated, "resource_show", id=entry["id"])
+    assert f"/{bucket}/resource/" in shown["result"]["s3_url"]
+    with open_remote(templated, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
+        assert np.array_equal(remote["deform"][:], local["deform"][:])
+
+
+@pytest.fixture(scope="module")
+def templated_s3(templated: DevServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server (SeaweedFS) holding the templated site's objects, in its buckets."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs-templated"), weed_or_skip())
+    try:
+        server.start()
+        assert templated.site is not None
+        server.populate(templated.site.objects.values())
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_s3_only_reads_buckets_named_by_the_template(
+    templated: DevServer, templated_s3: str, tmp_path: Path
+) -> None:
+    circle = public_circle(templated)
+    entry = resource(templated, EDGES, "good.rtdc")
+    common = ("--s3-only", "--s3-endpoint", templated_s3, "--circle", circle)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = ("--cache-dir", str(tmp_path / "c0"))
+    default = dcorfs("mount", str(mnt), *cache, *common, env=CREDENTIALS_ENV)
+    if is_mounted(mnt):
+        dcorfs("umount", str(mnt))
+    assert default.returncode != 0 and f"has no bucket circle-{circle}" in default.stderr
+    options = (*common, "--s3-bucket-template", TEMPLATE)
+    with (
+        mounted(mnt, None, tmp_path / "cache", *options, env=CREDENTIALS_ENV) as mounted_at,
+        dclab.new_dataset(entry["path"]) as local,
+    ):
+        listed = [p.name for p in (mounted_at / "circles" / circle).iterdir()]
+        assert entry["id"] in listed
+        directory = mounted_at / "circles" / circle / entry["id"]
+        assert np.array_equal(np.load(directory / "deform.npy"), local["deform"][:])
+
+
+def test_s3_endpoint_beside_the_api_uses_the_template(templated: DevServer, tmp_path: Path) -> None:
+    """With --s3-endpoint the objects come from the store, under the template's buckets."""
+    entry = resource(templated, EDGES, "good.rtdc")
+    basins = templated.stats.snapshot()["dcserv_queries"].get("basins", 0)
+    options = ("--s3-endpoint", templated.url, "--s3-bucket-template", TEMPLATE)
+    with (
+        mounted(tmp_path / "mnt", templated.url, tmp_path / "cache", *options) as mnt,
+        dclab.new_dataset(entry["path"]) as local,
+    ):
+        deform = np.load(mnt / "datasets" / EDGES / "good" / "deform.npy")
+        assert np.array_equal(deform, local["deform"][:])
+    assert templated.stats.snapshot()["dcserv_queries"].get("basins", 0) == basins

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import repository, search
 from .kernel import Kernel
-from .objects import bucket_name, object_key
+from .objects import object_key
 from .repository import Dataset, Resource, User
 from .site import Site
 
@@ -159,7 +159,7 @@ class CkanApi:
         return self._basins(ds, res, kern)
 
     def _basins(self, ds: Dataset, res: Resource, kern: Kernel) -> list[dict[str, Any]]:
-        bucket = bucket_name(ds.circle.id)
+        bucket = self.site.bucket(ds.circle.id)
         basins = []
         for artifact in ("condensed", "resource"):
             key = object_key(artifact, res.id)
@@ -318,7 +318,7 @@ class CkanApi:
 
     def resource_dict(self, ds: Dataset, res: Resource) -> dict[str, Any]:
         kern = self.site.kernels.get(res.id)
-        bucket = bucket_name(ds.circle.id)
+        bucket = self.site.bucket(ds.circle.id)
         result: dict[str, Any] = {
             "id": res.id,
             "package_id": ds.id,

@@ -5,7 +5,8 @@ Routes:
     /api/3/action/<action>                          CKAN actions incl. dcserv (GET or POST)
     /dataset/<pkg>/resource/<rid>/download/<name>   302 to a presigned resource URL
     /dataset/<pkg>/resource/<rid>/condensed.rtdc    302 to a presigned condensed URL
-    /circle-<org-id>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>   objects (GET/HEAD, Range)
+    /<bucket>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>   objects (GET/HEAD, Range); buckets
+                                                    `circle-<org-id>` (--bucket-template)
     /_devserver/{stats,faults,info}                 test hooks, loopback clients only
 
 Sockets use TCP_NODELAY (otherwise every small response waits ~40 ms for a delayed ACK) and
@@ -46,7 +47,7 @@ DOWNLOAD_PATH = re.compile(
     r"^/dataset/(?P<pkg>[^/]+)/resource/(?P<rid>[^/]+)/"
     r"(?:download/(?P<name>[^/]*)|(?P<artifact>condensed\.rtdc|preview\.jpg))$"
 )
-OBJECT_PATH = re.compile(r"^/(?P<bucket>circle-[^/]+)/(?P<key>.+)$")
+OBJECT_PATH = re.compile(r"^/(?P<bucket>[a-z0-9][a-z0-9.-]+)/(?P<key>.+)$")  # after the others
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 LIFETIME_DOWNLOAD_PUBLIC = 86400
 LIFETIME_DOWNLOAD_PRIVATE = 3600

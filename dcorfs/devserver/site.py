@@ -18,7 +18,7 @@ from urllib.parse import quote, urlsplit
 
 from . import condense, kernel, repository
 from .external import ExternalServer
-from .objects import Presigner, StoredObject, bucket_name, object_key
+from .objects import BUCKET_TEMPLATE, Presigner, StoredObject, bucket_name, object_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class SiteOptions:
     # e.g. 127.0.0.62; they redirect nowhere without it. dc_serve `route_funcs.py` ~82-148:
     # the download route redirects to a link's `url` (doc/DCOR.md §6)
     external_host: str = ""
+    # how circles' buckets are named: `dcor_object_store.bucket_name` (dcor_shared `s3cc.py`
+    # ~184-188, dcor_schemas `plugin.py` ~176-179), DCOR's production value (doc/DCOR.md §10)
+    bucket_template: str = BUCKET_TEMPLATE
 
 
 def objects_url(site_url: str, object_host: str) -> str:
@@ -108,7 +111,7 @@ class Site:
             if res.storage != "s3":
                 continue
             obj = _stored(
-                bucket_name(ds.circle.id),
+                bucket_name(ds.circle.id, options.bucket_template),
                 "resource",
                 resource_id=res.id,
                 path=res.path,
@@ -129,8 +132,11 @@ class Site:
         found = self.repo.resource(resource_id)
         if found is None:
             return None
-        bucket = bucket_name(found[0].circle.id)
+        bucket = self.bucket(found[0].circle.id)
         return self.objects.get((bucket, object_key(artifact, resource_id)))
+
+    def bucket(self, circle_id: str) -> str:
+        return bucket_name(circle_id, self.options.bucket_template)
 
     def object_url(self, bucket: str, key: str) -> str:
         return f"{self.objects_url}/{bucket}/{key}"
@@ -152,7 +158,7 @@ def _prepare(
     digests: repository.DigestCache,
 ) -> tuple[kernel.Kernel | None, StoredObject | None]:
     """Condense one RT-DC resource and compute its dcserv kernel; failures are logged."""
-    bucket = bucket_name(ds.circle.id)
+    bucket = bucket_name(ds.circle.id, options.bucket_template)
     condensed_file = condensed = None
     if options.condensed:
         try:
