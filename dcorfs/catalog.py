@@ -23,7 +23,6 @@ from .metastore import FOREVER, Memo
 
 log = logging.getLogger(__name__)
 
-RTDC_SUFFIXES = (".rtdc", ".dc")
 GROUP_PAGE = 25  # CKAN caps organization_list/group_list with all_fields at 25
 SEARCH_PAGE = 1000  # and package_search rows at 1000
 DOWNLOAD_ROUTE = re.compile(r"/dataset/[^/]+/resource/[^/]+/download/")
