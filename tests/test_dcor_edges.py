@@ -6,6 +6,7 @@ copes."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,15 @@ import pytest
 import requests
 from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
+from dcorfs.dcserv import DcorApi, bucket_circle, bucket_name, parse_resource_key, resource_key
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
+from dcorfs.errors import ConfigError, ServerError, TransientError
+from dcorfs.failures import Failures
+from dcorfs.http import Http, RetryPolicy
+from dcorfs.settings import parse_bucket_template
 
 from .conftest import TOKENS, api, resource, weed_or_skip
 from .mounts import dcorfs, is_mounted, log_lines, mounted
@@ -373,3 +379,63 @@ def test_s3_endpoint_beside_the_api_uses_the_template(templated: DevServer, tmp_
         deform = np.load(mnt / "datasets" / EDGES / "good" / "deform.npy")
         assert np.array_equal(deform, local["deform"][:])
     assert templated.stats.snapshot()["dcserv_queries"].get("basins", 0) == basins
+
+
+# -- units -----------------------------------------------------------------------------------------
+
+
+def test_failures_are_remembered_for_a_while_and_bounded() -> None:
+    now = [0.0]
+    failures = Failures(hold=60.0, limit=2, clock=lambda: now[0])
+    failures.check("a")
+    failures.remember("a", ServerError("dcserv(id=a): HTTP 500"))
+    with pytest.raises(ServerError, match="HTTP 500 .remembered"):
+        failures.check("a")
+    now[0] = 61.0
+    failures.check("a")  # expired: the server is asked again
+    for key in ("b", "c", "d"):
+        failures.remember(key, ServerError(key))
+    with pytest.raises(ServerError):
+        failures.check("d")
+    failures.check("b")  # the oldest made room
+
+
+def test_bucket_templates_build_and_parse_bucket_names() -> None:
+    assert bucket_name("abc") == "circle-abc"
+    assert bucket_circle("circle-abc") == "abc"
+    assert bucket_name("abc", TEMPLATE) == "dcor-objects-abc"
+    assert bucket_circle("dcor-objects-abc", TEMPLATE) == "abc"
+    assert bucket_circle("circle-abc", TEMPLATE) is None
+    assert bucket_circle("x-abc-y", "x-{organization_id}-y") == "abc"
+    key = resource_key("abc", "0123456789", "condensed", TEMPLATE)
+    assert key == "dcor-objects-abc/condensed/012/345/6789"
+    assert parse_resource_key(key) == ("0123456789", "condensed")
+    assert parse_resource_key("http://h:1/a/resource/012/345/6789") is None
+    assert parse_bucket_template(TEMPLATE) == TEMPLATE
+    for bad in (
+        "circle",
+        "circle-{id}",
+        "{organization_id}-{organization_id}",
+        "C-{organization_id}",
+    ):
+        with pytest.raises(ConfigError):
+            parse_bucket_template(bad)
+
+
+def test_ckan_internal_server_error_is_not_retried_but_other_5xx_are(edges: DevServer) -> None:
+    http = Http(policy=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02))
+    dcor = DcorApi(http=http, base_url=edges.url, token=None)
+    rid = resource(edges, EDGES, "broken.rtdc")["id"]
+    try:
+        with pytest.raises(ServerError, match="HTTP 500: Internal Server Error"):
+            dcor.dcserv(rid, "metadata", deadline=time.monotonic() + 30)
+        assert http.request_counts()["api"] == 1
+        edges.faults.update({"error_rate": 1.0, "api_faults": True})
+        try:
+            with pytest.raises(TransientError):  # a busy site (503): retried
+                dcor.dcserv(rid, "metadata", deadline=time.monotonic() + 30)
+        finally:
+            edges.faults.update({"error_rate": 0.0, "api_faults": False})
+        assert http.request_counts()["api"] == 4
+    finally:
+        http.close()
