@@ -53,12 +53,17 @@ def edges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         handle.truncate((edges / "broken.rtdc").stat().st_size // 2)
     write_rtdc(edges / "UPPER.RTDC", spec)
     (edges / "disk.txt").write_bytes(bytes(range(256)) * 40)
+    write_rtdc(edges / "ondisk.rtdc", spec)
     (edges / "table.csv").write_text("a,b\n" + "".join(f"{i},{i * i}\n" for i in range(2000)))
     write_json(
         edges / "dataset.json",
         {
             "title": "Edges",
-            "resources": {"disk.txt": {"storage": "upload"}, "table.csv": {"storage": "link"}},
+            "resources": {
+                "disk.txt": {"storage": "upload"},
+                "ondisk.rtdc": {"storage": "upload"},
+                "table.csv": {"storage": "link"},
+            },
         },
     )
     too = root / "public-lab" / "edges-too"
@@ -276,6 +281,14 @@ def test_devserver_serves_files_not_on_s3_itself_and_redirects_links(edges: DevS
     assert shown["result"]["url"] == record["url"]
 
 
+def test_dclab_cannot_open_an_rtdc_file_not_on_s3(edges: DevServer) -> None:
+    """dcserv opens S3 objects only: for a file on the site's disk it fails (500), and dclab
+    with it; the mount shows such a file as it is."""
+    rid = resource(edges, EDGES, "ondisk.rtdc")["id"]
+    with pytest.raises(DCORAccessError, match="Internal Server Error"):
+        open_remote(edges, rid)
+
+
 def test_files_not_on_s3_and_links_read_with_the_token_on_the_dcor_host_only(
     edges: DevServer, tmp_path: Path
 ) -> None:
@@ -289,6 +302,8 @@ def test_files_not_on_s3_and_links_read_with_the_token_on_the_dcor_host_only(
     with mounted(tmp_path / "mnt", edges.url, tmp_path / "cache", token=TOKENS["alice"]) as mnt:
         datasets = mnt / "datasets"
         assert (datasets / EDGES / "disk.txt").read_bytes() == (public / "disk.txt").read_bytes()
+        ondisk = (public / "ondisk.rtdc").read_bytes()
+        assert (datasets / EDGES / "ondisk.rtdc").read_bytes() == ondisk
         table = (public / "table.csv").read_bytes()
         assert (datasets / EDGES / "table.csv").read_bytes() == table
         assert (datasets / "edges-too" / "same-table.csv").read_bytes() == table
