@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .catalog import Dataset, Resource
-from .dcserv import parse_resource_key, resource_key
+from .dcserv import BUCKET_TEMPLATE, bucket_circle, bucket_name, parse_resource_key, resource_key
 from .errors import AccessDenied, DcorfsError, NotFound
 from .metastore import FOREVER, Memo
-from .s3 import ObjectStore, bucket_name
+from .s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 PREFIXES = ("resource/", "condensed/")
@@ -35,19 +35,22 @@ class BucketCatalog:
         memo: Memo,
         circles: Sequence[str],
         dir_cache_time: float,
+        bucket_template: str = BUCKET_TEMPLATE,
     ) -> None:
+        """`bucket_template`: how the server names a circle's bucket (doc/DCOR.md §10)."""
         self._store = store
         self._memo = memo
         self.circles = tuple(circles)
         self._listing_age = dir_cache_time
         self._denied: dict[str, float] = {}  # circle -> when listing it was refused
+        self._template = bucket_template
 
     def _listing(self, circle_id: str) -> dict[str, Any]:
         """bucket/key -> {size, etag, mtime} of the circle's resource and condensed objects."""
         refused = self._denied.get(circle_id)
         if refused is not None and time.monotonic() - refused < self._listing_age:
             raise AccessDenied(f"listing the bucket of circle {circle_id} is not allowed")
-        bucket = bucket_name(circle_id)
+        bucket = bucket_name(circle_id, self._template)
 
         def ask(deadline: float) -> dict[str, Any]:
             return {
@@ -65,7 +68,7 @@ class BucketCatalog:
     def dataset(self, circle_id: str) -> Dataset:
         """The record a circle stands in with, where the tree expects a dataset."""
         return Dataset(
-            id=bucket_name(circle_id),
+            id=bucket_name(circle_id, self._template),
             circle_id=circle_id,
             name=circle_id,
             title="",
@@ -80,7 +83,7 @@ class BucketCatalog:
         return Resource(
             id=resource_id,
             name=f"{resource_id}.rtdc",
-            dataset_id=bucket_name(circle_id),
+            dataset_id=bucket_name(circle_id, self._template),
             circle_id=circle_id,
             size=int(entry["size"]),
             etag=str(entry["etag"]),
@@ -100,7 +103,7 @@ class BucketCatalog:
 
     def resource(self, circle_id: str, resource_id: str) -> Resource:
         """One resource by id: from the listing, or else (not allowed to list) probed."""
-        key = resource_key(circle_id, resource_id)
+        key = resource_key(circle_id, resource_id, template=self._template)
         try:
             listing = self._listing(circle_id)
         except AccessDenied:
@@ -137,7 +140,7 @@ class BucketCatalog:
         """(size, ETag) of an object from its bucket's listing; None when there is no listing
         (`Resources` probes the object then); NotFound when the listing lacks the object."""
         parsed = parse_resource_key(key)
-        circle_id = key.split("/", 1)[0].removeprefix("circle-")
+        circle_id = bucket_circle(key.split("/", 1)[0], self._template)
         if parsed is None or circle_id not in self.circles:
             return None
         try:

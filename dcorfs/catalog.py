@@ -10,12 +10,15 @@ they never break a listing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 from .dcserv import DcorApi
 from .errors import NotFound, ProtocolError
@@ -23,9 +26,9 @@ from .metastore import FOREVER, Memo
 
 log = logging.getLogger(__name__)
 
-RTDC_SUFFIXES = (".rtdc", ".dc")
 GROUP_PAGE = 1000  # CKAN caps organization_list/group_list of names at 1000 (§5)
 SEARCH_PAGE = 1000  # and package_search rows at 1000
+DOWNLOAD_ROUTE = re.compile(r"/dataset/[^/]+/resource/[^/]+/download/")
 
 T = TypeVar("T")
 
@@ -58,6 +61,27 @@ class Resource:
     mtime: float
     is_rtdc: bool
     s3_url: str | None
+    s3_available: bool | None = None  # None: not (yet) stated
+    url_type: str | None = None  # "s3_upload", "upload", or none for a link
+    url: str | None = None
+
+    @property
+    def link(self) -> str | None:
+        """The external URL of a link resource (no `url_type`, a `url` that is not DCOR's own
+        download route, which a fresh upload has before its `url_type` is set); None for
+        uploads (doc/DCOR.md §6)."""
+        url = self.url
+        if self.url_type or not url or not url.startswith(("http://", "https://")):
+            return None
+        return None if DOWNLOAD_ROUTE.search(urlsplit(url).path) else url
+
+    @property
+    def on_site_disk(self) -> bool:
+        """Kept on the site's own disk, not on S3: the download route answers with the file
+        itself (dc_serve `route_funcs.py` ~138-146; doc/DCOR.md §6)."""
+        return self.link is None and (
+            self.s3_available is False or (self.url_type == "upload" and not self.s3_available)
+        )
 
 
 @dataclass(frozen=True)
@@ -96,12 +120,21 @@ def _text(record: dict[str, Any], key: str) -> str:
     return value
 
 
+def is_dc_resource(name: str, mimetype: str) -> bool:
+    """Whether dcserv serves the resource (dc_serve `serve.py` `is_dc_resource`): its mimetype
+    or its suffix, case-sensitively — dcserv refuses an `X.RTDC` (409), which is then shown
+    as a plain file (doc/DCOR.md §8)."""
+    return mimetype in ("RT-DC", "DC") or ("." in name and name.rsplit(".", 1)[1] in ("rtdc", "dc"))
+
+
 def parse_resource(record: dict[str, Any], circle_id: str) -> Resource:
     name = _text(record, "name")
     size = record.get("size")
     etag = record.get("etag")
     mimetype = str(record.get("mimetype") or "")
-    return Resource(
+    s3_available = record.get("s3_available")
+    url_type, url = record.get("url_type"), record.get("url")
+    resource = Resource(
         id=_text(record, "id"),
         name=name,
         dataset_id=_text(record, "package_id"),
@@ -111,9 +144,16 @@ def parse_resource(record: dict[str, Any], circle_id: str) -> Resource:
         else None,
         etag=etag if isinstance(etag, str) and etag else None,
         mtime=_timestamp(record.get("last_modified") or record.get("created")),
-        is_rtdc=name.lower().endswith(RTDC_SUFFIXES) or mimetype in ("RT-DC", "DC"),
+        is_rtdc=is_dc_resource(name, mimetype),
         s3_url=record["s3_url"] if isinstance(record.get("s3_url"), str) else None,
+        s3_available=s3_available if isinstance(s3_available, bool) else None,
+        url_type=url_type if isinstance(url_type, str) and url_type else None,
+        url=url if isinstance(url, str) and url else None,
     )
+    if resource.is_rtdc and (resource.link or resource.on_site_disk):
+        # dcserv reads S3 objects only: such a file is served as it is
+        resource = dataclasses.replace(resource, is_rtdc=False)
+    return resource
 
 
 def parse_dataset(record: dict[str, Any]) -> Dataset:

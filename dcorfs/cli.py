@@ -16,6 +16,7 @@ from .settings import (
     S3_SECRET_ENV,
     MountSettings,
     default_cache_dir,
+    parse_bucket_template,
     parse_circle,
     parse_endpoint,
     parse_host,
@@ -139,6 +140,19 @@ def _add_devserver(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         help="organization_list/group_list order equal titles differently on every call, "
         "as CKAN's title sort without tie-breaker may",
     )
+    dcor.add_argument(
+        "--external-host",
+        default="",
+        metavar="ADDR",
+        help='serve link resources (storage "link" in dataset.json) from a second web '
+        "server on this address, e.g. 127.0.0.62",
+    )
+    dcor.add_argument(
+        "--bucket-template",
+        default="circle-{organization_id}",
+        metavar="TEMPLATE",
+        help="how circles' buckets are named (dcor_object_store.bucket_name; DCOR: %(default)s)",
+    )
     parser.set_defaults(run=_run_devserver, console_log=logging.WARNING)  # its progress
 
 
@@ -172,6 +186,8 @@ def _run_devserver(args: argparse.Namespace) -> int:
         object_host=args.object_host,
         search_latency=args.search_latency,
         title_ties_unordered=args.title_ties_unordered,
+        external_host=args.external_host,
+        bucket_template=args.bucket_template,
     )
     return serve(
         args.data,
@@ -257,6 +273,12 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="ID",
         help="with --s3-only: a circle (organization) id whose bucket to mount; repeatable",
     )
+    s3.add_argument(
+        "--s3-bucket-template",
+        default="circle-{organization_id}",
+        metavar="TEMPLATE",
+        help="how the server names a circle's bucket (DCOR: %(default)s; doc/DCOR.md §10)",
+    )
     parser.set_defaults(run=_run_mount)
 
 
@@ -280,6 +302,8 @@ def _check_s3_options(args: argparse.Namespace) -> None:
         raise ConfigError("--circle goes with --s3-only")
     if args.s3_credentials_file is not None and args.s3_endpoint is None:
         raise ConfigError("--s3-credentials-file goes with --s3-endpoint")
+    if args.s3_bucket_template != "circle-{organization_id}" and args.s3_endpoint is None:
+        raise ConfigError("--s3-bucket-template goes with --s3-endpoint")
 
 
 def _run_mount(args: argparse.Namespace) -> int:
@@ -295,6 +319,7 @@ def _run_mount(args: argparse.Namespace) -> int:
         s3_credentials=read_s3_credentials(args.s3_credentials_file) if endpoint else None,
         s3_only=args.s3_only,
         circles=tuple(dict.fromkeys(parse_circle(c) for c in args.circle)),
+        s3_bucket_template=parse_bucket_template(args.s3_bucket_template),
         cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
         cache_size=parse_size(args.cache_size),
         timeout=_positive(args.timeout, "--timeout"),

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, redact_url
+from .errors import (
+    AccessDenied,
+    DcorfsError,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    redact_url,
+)
 from .http import Http
 from .settings import Token
 
@@ -45,19 +52,41 @@ def object_key(url: str) -> str:
     return path
 
 
-def resource_key(circle_id: str, resource_id: str, artifact: str = "resource") -> str:
-    """DCOR's object layout: circle-<org>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>."""
+BUCKET_TEMPLATE = "circle-{organization_id}"  # DCOR's production `dcor_object_store.bucket_name`
+
+
+def bucket_name(circle_id: str, template: str = BUCKET_TEMPLATE) -> str:
+    """A circle's bucket: the server's template (dcor_shared `s3cc.py` ~184-188, dcor_schemas
+    `plugin.py` ~176-179) filled with the circle (organization) id (doc/DCOR.md §10)."""
+    return template.format(organization_id=circle_id)
+
+
+def bucket_circle(bucket: str, template: str = BUCKET_TEMPLATE) -> str | None:
+    """The circle id a bucket name was made from with `template`; None for other names."""
+    prefix, _, suffix = template.partition("{organization_id}")
+    if len(bucket) <= len(prefix) + len(suffix) or not bucket.startswith(prefix):
+        return None
+    if not bucket.endswith(suffix):
+        return None
+    return bucket[len(prefix) : len(bucket) - len(suffix)]
+
+
+def resource_key(
+    circle_id: str, resource_id: str, artifact: str = "resource", template: str = BUCKET_TEMPLATE
+) -> str:
+    """DCOR's object layout: <bucket>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>."""
     rid = resource_id
-    return f"circle-{circle_id}/{artifact}/{rid[:3]}/{rid[3:6]}/{rid[6:]}"
+    return f"{bucket_name(circle_id, template)}/{artifact}/{rid[:3]}/{rid[3:6]}/{rid[6:]}"
 
 
 _RESOURCE_KEY = re.compile(
-    r"^circle-[^/]+/(?P<artifact>[^/]+)/(?P<a>[^/]{3})/(?P<b>[^/]{3})/(?P<c>[^/]+)$"
+    r"^[^/:]+/(?P<artifact>resource|condensed|preview)/(?P<a>[^/]{3})/(?P<b>[^/]{3})/(?P<c>[^/]+)$"
 )
 
 
 def parse_resource_key(key: str) -> tuple[str, str] | None:
-    """(resource id, artifact) of a key in DCOR's object layout; None for other keys."""
+    """(resource id, artifact) of a key in DCOR's object layout, in any bucket; None for
+    other keys."""
     match = _RESOURCE_KEY.match(key)
     if match is None:
         return None
@@ -95,7 +124,23 @@ class DcorApi:
             raise NotFound(f"{what}: {message}")
         if status == 409 and "must be an .rtdc dataset" in message:
             raise NotFound(f"{what}: {message}")
+        if status == 500:
+            raise ServerError(f"{what}: HTTP 500: {message}")
         raise ProtocolError(f"{what}: HTTP {status}: {message}")
+
+    def token_user(self, *, deadline: float) -> str | None:
+        """The name of the token's user, None when the host takes the token for anonymous:
+        CKAN treats a wrong or expired token so, silently, and `user_show` without an id is
+        what anonymous callers are refused (404, or 403 without public user details) while
+        any logged-in user gets their own account (doc/DCOR.md §9)."""
+        try:
+            result = self.action("user_show", {}, deadline=deadline)
+        except (NotFound, AccessDenied):
+            return None
+        name = result.get("name") if isinstance(result, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ProtocolError("user_show: an account without a name")
+        return name
 
     def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:
         return self.action(
@@ -105,9 +150,13 @@ class DcorApi:
     def basins(self, resource_id: str, *, deadline: float) -> list[Basin]:
         return parse_basins(self.dcserv(resource_id, "basins", deadline=deadline))
 
+    def route(self, dataset_id: str, resource_id: str, name: str) -> str:
+        """DCOR's download route of a resource."""
+        return f"{self.base_url}/dataset/{dataset_id}/resource/{resource_id}/download/{name}"
+
     def download_url(self, dataset_id: str, resource_id: str, name: str, *, deadline: float) -> str:
         """Follow DCOR's download route (with the token) to the presigned object URL."""
-        route = f"{self.base_url}/dataset/{dataset_id}/resource/{resource_id}/download/{name}"
+        route = self.route(dataset_id, resource_id, name)
         return self._http.redirect(route, headers=self.auth_headers(), deadline=deadline)
 
 
@@ -164,6 +213,7 @@ class _Entry:
     url: str
     valid_until: float | None
     renew: Renew | None
+    headers: Mapping[str, str] | None = None
 
 
 class Locator:
@@ -179,13 +229,26 @@ class Locator:
         self._entries: dict[str, _Entry] = {}
 
     def register(
-        self, key: str, url: str, *, lifetime: float | None, renew: Renew | None = None
+        self,
+        key: str,
+        url: str,
+        *,
+        lifetime: float | None,
+        renew: Renew | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
+        """`headers`: sent with every request to `url` — the token, for URLs on the DCOR host
+        only (its download route serving a file itself: doc/DCOR.md §6)."""
         valid = None
         if lifetime is not None:  # renew a quarter of the life early, at most RENEW_MARGIN
             valid = self._clock() + lifetime - min(RENEW_MARGIN, max(lifetime, 0.0) / 4)
         with self._lock:
-            self._entries[key] = _Entry(url, valid, renew)
+            self._entries[key] = _Entry(url, valid, renew, headers)
+
+    def headers(self, key: str) -> Mapping[str, str] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+        return entry.headers if entry is not None else None
 
     def known(self, key: str) -> bool:
         with self._lock:
@@ -207,7 +270,7 @@ class Locator:
             raise AccessDenied(f"object {key} is not accessible (URL cannot be renewed)")
         url, lifetime = entry.renew(deadline)
         log.debug("renewed the URL of %s", key)
-        self.register(key, url, lifetime=lifetime, renew=entry.renew)
+        self.register(key, url, lifetime=lifetime, renew=entry.renew, headers=entry.headers)
         return url
 
 
@@ -227,15 +290,28 @@ def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, f
 
     def fetch(obj: ObjectRef, start: int, stop: int, deadline: float) -> bytes:
         url = locator.url(obj.key, deadline=deadline)
+        headers = locator.headers(obj.key)
         try:
             return http.get_range(
-                url, start, stop, expect_etag=obj.etag, expect_size=obj.size, deadline=deadline
+                url,
+                start,
+                stop,
+                expect_etag=obj.etag,
+                expect_size=obj.size,
+                headers=headers,
+                deadline=deadline,
             )
         except AccessDenied:
             url = locator.renew(obj.key, deadline=deadline)
         try:
             return http.get_range(
-                url, start, stop, expect_etag=obj.etag, expect_size=obj.size, deadline=deadline
+                url,
+                start,
+                stop,
+                expect_etag=obj.etag,
+                expect_size=obj.size,
+                headers=headers,
+                deadline=deadline,
             )
         except DcorfsError as exc:
             raise type(exc)(f"{obj.key} [{start}, {stop}): {exc}") from None

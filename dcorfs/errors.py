@@ -74,6 +74,12 @@ class ProtocolError(DcorfsError):
     """The server answered something that cannot be right and will not change on retry."""
 
 
+class ServerError(DcorfsError):
+    """The server failed on a request in its own code (CKAN's "Internal Server Error", e.g.
+    dcserv on a file it cannot open): asking again at once gives the same answer, so it is
+    not retried in a loop but remembered for a while (doc/DCOR.md §8)."""
+
+
 class ObjectChanged(DcorfsError):
     """An object's ETag or size differs from the one its cached blocks belong to."""
 

@@ -106,6 +106,18 @@ def _raise_if_busy(response: requests.Response, url: str) -> None:
         )
 
 
+def _internal_error(response: requests.Response) -> bool:
+    """Whether a 500 is CKAN's answer to an action that raised (`views/api.py`: error type
+    "Internal Server Error"), which a retry at once does not cure (doc/DCOR.md §8); other 500s
+    (a proxy, the search index unreachable) stay transient."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("__type") == "Internal Server Error"
+
+
 def _s3_code(response: requests.Response) -> str:
     """The `<Code>` of an S3 error body ("AccessDenied"), or "" when there is none."""
     if "xml" not in response.headers.get("Content-Type", ""):
@@ -256,6 +268,8 @@ class Http:
                 url, params=params, headers=headers, timeout=timeout, allow_redirects=False
             )
             with response:
+                if response.status_code == 500 and _internal_error(response):
+                    return 500, response.json()  # not busy: the action itself failed
                 _raise_if_busy(response, url)
                 try:
                     return response.status_code, response.json()

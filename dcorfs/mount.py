@@ -32,7 +32,7 @@ from . import __version__, cachedir
 from .blockcache import BlockCache
 from .buckets import BucketCatalog
 from .catalog import Catalog
-from .dcserv import DcorApi, Locator, make_fetch
+from .dcserv import DcorApi, Locator, bucket_name, make_fetch
 from .derived import DerivedCache
 from .diskstore import DiskStore
 from .errors import (
@@ -52,7 +52,7 @@ from .readahead import Prefetcher
 from .report import one_line
 from .resources import Resources
 from .rtdc import CycleCollector
-from .s3 import ObjectStore, bucket_name, sigv4_presigner
+from .s3 import ObjectStore, sigv4_presigner
 from .s3tree import build_s3_root
 from .settings import MountSettings
 from .tree import Context, Dir, build_root
@@ -119,11 +119,17 @@ def check_cache_dir(path: Path) -> None:
 
 
 def _preflight(
-    origin: str, like: str, marker: str, store: MetaStore, ask: Callable[[Http], None]
+    origin: str,
+    like: str,
+    marker: str,
+    store: MetaStore,
+    ask: Callable[[Http], None],
+    *,
+    unchecked: str = "",
 ) -> None:
     """`ask` the origin what only a working `like` server answers (a ConfigError from it goes
     out as it is); unreachable is fine only when answers are stored: `marker`, kept in the
-    store after a success."""
+    store after a success (then the warning says what was left `unchecked`)."""
     http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
     try:
         ask(http)
@@ -134,7 +140,7 @@ def _preflight(
             raise ConfigError(f"{origin} does not answer like {like}: {exc}") from None
         if store.get(marker) is None:
             raise ConfigError(f"cannot reach {origin}: {exc}") from None
-        print(f"dcorfs: {origin} unreachable; serving what is cached", file=sys.stderr)
+        print(f"dcorfs: {origin} unreachable; serving what is cached{unchecked}", file=sys.stderr)
     else:
         store.put(marker, {"checked": time.time()})
     finally:
@@ -142,13 +148,24 @@ def _preflight(
 
 
 def check_host(settings: MountSettings, store: MetaStore) -> None:
-    """The host must answer like CKAN; unreachable is fine only when answers are stored."""
+    """The host must answer like CKAN, and take a token for a user (it would silently treat
+    a wrong or expired one as anonymous: doc/DCOR.md §9); unreachable is fine only when
+    answers are stored."""
 
     def ask(http: Http) -> None:
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
         api.action("status_show", {}, deadline=time.monotonic() + PREFLIGHT_SECONDS)
+        if (
+            api.authenticated
+            and api.token_user(deadline=time.monotonic() + PREFLIGHT_SECONDS) is None
+        ):
+            raise ConfigError(
+                f"{settings.host} rejects the API token (wrong or expired; it would read "
+                "as anonymous): check --api-key-file or DCOR_API_KEY"
+            )
 
-    _preflight(settings.host, "DCOR", "status_show", store, ask)
+    unchecked = " (the API token was not checked)" if settings.token else ""
+    _preflight(settings.host, "DCOR", "status_show", store, ask, unchecked=unchecked)
 
 
 def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
@@ -160,7 +177,7 @@ def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
         objects = object_store(settings, http)
         assert objects is not None
         for circle_id in settings.circles:
-            bucket = bucket_name(circle_id)
+            bucket = bucket_name(circle_id, settings.s3_bucket_template)
             deadline = time.monotonic() + PREFLIGHT_SECONDS
             try:
                 objects.list(bucket, "resource/", max_keys=1, pages=1, deadline=deadline)
@@ -371,6 +388,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
             memo=memo,
             circles=settings.circles,
             dir_cache_time=settings.dir_cache_time,
+            bucket_template=settings.s3_bucket_template,
         )
     else:
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
@@ -402,6 +420,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         store=objects,
         listed=buckets.listed if buckets is not None else None,
         recheck=settings.dir_cache_time,
+        bucket_template=settings.s3_bucket_template,
     )
     return Layers(http, disk, store, buckets, catalog, cache, derived, resources)
 

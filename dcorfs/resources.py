@@ -34,9 +34,18 @@ from urllib.parse import urlsplit
 from . import upstream
 from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
-from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
+from .dcserv import (
+    BUCKET_TEMPLATE,
+    Basin,
+    DcorApi,
+    Locator,
+    Renew,
+    parse_basins,
+    resource_key,
+)
 from .derived import DerivedCache
-from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
+from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, ServerError
+from .failures import Failures
 from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
@@ -60,6 +69,7 @@ TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers 
 WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
 SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
+LINK_AGE = 300.0  # seconds a link's size and ETag are trusted (the other site may change it)
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
@@ -92,17 +102,20 @@ class Resources:
         store: ObjectStore | None = None,
         listed: Listed | None = None,
         recheck: float = 300.0,
+        bucket_template: str = BUCKET_TEMPLATE,
     ) -> None:
         """`api` and `catalog`: DCOR's API, None without it (then `store` is needed);
         `store`: objects read directly; `listed`: sizes and ETags known from bucket listings;
         `recheck`: seconds after which what may still change (a condensed file that did not
-        exist) is looked at again."""
+        exist) is looked at again; `bucket_template`: how the server names a circle's bucket
+        (doc/DCOR.md §10)."""
         if (api is None or catalog is None) and store is None:
             raise ValueError("without DCOR's API, resources need an object store")
         self._api = api
         self._catalog = catalog
         self._store = store
         self._listed = listed
+        self._template = bucket_template
         self._memo = memo
         self._http = http
         self._locator = locator
@@ -119,6 +132,7 @@ class Resources:
         self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
+        self._failures = Failures()  # resources the server fails on (doc/DCOR.md §8)
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
         self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
         self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
@@ -145,6 +159,10 @@ class Resources:
         store = self._store
         return store is not None and (store.signed or self._api is None or not dataset.private)
 
+    def _key(self, resource: Resource, artifact: str = "resource") -> str:
+        """The bucket/key of a resource's object (its identity)."""
+        return resource_key(resource.circle_id, resource.id, artifact, self._template)
+
     def _place(self, key: str) -> str:
         """Register the object store's URL of `key` (renewed by signing it again)."""
         store = self._store
@@ -157,8 +175,7 @@ class Resources:
         """The keys of the resource's objects by kind, their URLs registered."""
         if self._direct(dataset):
             return {
-                kind: self._place(resource_key(resource.circle_id, resource.id, kind))
-                for kind in ("resource", "condensed")
+                kind: self._place(self._key(resource, kind)) for kind in ("resource", "condensed")
             }
         return {kind: basin.key for kind, basin in self._basins(resource.id).items()}
 
@@ -205,7 +222,13 @@ class Resources:
         return renew
 
     def _identify(
-        self, key: str, size: int | None, etag: str | None, *, head: int = HEAD
+        self,
+        key: str,
+        size: int | None,
+        etag: str | None,
+        *,
+        head: int = HEAD,
+        max_age: float = FOREVER,
     ) -> ObjectId:
         """Identity of an object: from CKAN's record or a bucket listing when they have size
         and ETag, else probed (the probe brings the object's first `head` bytes into the
@@ -217,15 +240,16 @@ class Resources:
 
         def ask(deadline: float) -> Any:
             url = self._locator.url(key, deadline=deadline)
+            headers = self._locator.headers(key)
             try:
-                info = self._http.probe(url, head=head, deadline=deadline)
+                info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
             except AccessDenied:
                 url = self._locator.renew(key, deadline=deadline)
-                info = self._http.probe(url, head=head, deadline=deadline)
+                info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
             self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
 
-        info = self._memo.get(f"object:{key}", ask, max_age=FOREVER)
+        info = self._memo.get(f"object:{key}", ask, max_age=max_age)
         return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
 
     # -- RT-DC resources ----------------------------------------------------------------------
@@ -244,15 +268,22 @@ class Resources:
             if ready is not None:
                 return ready
             gate = self._opening.setdefault(rid, threading.Lock())
+            earlier = self._opened.get(rid)
+        if earlier is None:
+            self._failures.check(rid)
         with gate:
             with self._lock:
                 ready = self._ready(rid)
                 if ready is not None:
                     return ready
                 earlier = self._opened.get(rid)
+            if earlier is None:
+                self._failures.check(rid)  # while this one waited, another failed
             try:
                 opened = self._open_rtdc(dataset, resource, self._early_future(rid))
             except DcorfsError as exc:
+                if isinstance(exc, ServerError):
+                    self._failures.remember(rid, exc)
                 if earlier is None:
                     raise
                 log.info("resource %s: looking again for its condensed file: %s", rid, exc)
@@ -528,7 +559,7 @@ class Resources:
     def is_hdf5(self, dataset: Dataset, resource: Resource) -> bool:
         """Whether the resource's object starts like an HDF5 file (an .rtdc) — for resources
         found in buckets, which carry no file name."""
-        key = resource_key(resource.circle_id, resource.id)
+        key = self._key(resource)
         if self._direct(dataset) and not self._locator.known(key):
             self._place(key)
         obj = self._identify(key, resource.size, resource.etag)
@@ -567,9 +598,23 @@ class Resources:
     # -- other resources ------------------------------------------------------------------------
 
     def plain(self, dataset: Dataset, resource: Resource) -> ObjectId:
-        """A non-RT-DC resource as an object: from the object store (see `_direct`), the
-        public S3 URL, or DCOR's download route."""
-        key = resource_key(resource.circle_id, resource.id)
+        """A non-RT-DC resource as an object: a link's external URL (its identity, asked
+        without the token, looked at again after LINK_AGE: it may change), a file on the
+        site's disk through DCOR's download route (with the token: that is the DCOR host),
+        or the S3 object from the object store (see `_direct`), the public S3 URL or the
+        download route's redirect (doc/DCOR.md §6)."""
+        link = resource.link
+        if link is not None:
+            if not self._locator.known(link):
+                self._locator.register(link, link, lifetime=None)
+            return self._identify(link, None, None, max_age=LINK_AGE)
+        if resource.on_site_disk:
+            api = self._dcor()
+            route = api.route(dataset.id, resource.id, resource.name)
+            if not self._locator.known(route):
+                self._locator.register(route, route, lifetime=None, headers=api.auth_headers())
+            return self._identify(route, resource.size, None)
+        key = self._key(resource)
         if not self._locator.known(key):
             if self._direct(dataset):
                 self._place(key)

@@ -1,7 +1,8 @@
 """DCOR's S3 object store, read directly (the bypass of dcserv): addresses, signing, listing.
 
 DCOR keeps every artifact of a resource in the bucket of its circle, path-style:
-`{endpoint}/circle-<org-id>/{resource,condensed}/<rid[:3]>/<rid[3:6]>/<rid[6:]>`
+`{endpoint}/<bucket>/{resource,condensed}/<rid[:3]>/<rid[3:6]>/<rid[6:]>`, the bucket named by
+the server's template (`circle-<org-id>` on DCOR: `dcserv.bucket_name`)
 (`dcserv.resource_key`). The object's identity in the cache is that bucket/key and its ETag,
 the same as on the dcserv path: blocks cached through either path serve the other.
 
@@ -31,10 +32,6 @@ from .settings import S3Credentials
 REGION = "us-east-1"  # what S3-compatible stores (DCOR's among them) accept for SigV4
 URL_LIFETIME = 3600  # seconds a presigned URL made here is valid (renewed before it ends)
 _SAFE = "-_.~"  # RFC 3986 unreserved characters: never percent-encoded
-
-
-def bucket_name(circle_id: str) -> str:
-    return f"circle-{circle_id}"
 
 
 def object_url(endpoint: str, key: str) -> str:

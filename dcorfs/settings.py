@@ -106,8 +106,24 @@ def _origin(text: str, option: str, not_a_url: str) -> str:
 _CIRCLE = re.compile(r"^[0-9a-z][0-9a-z-]{0,62}$")
 
 
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+
+
+def parse_bucket_template(text: str) -> str:
+    """`--s3-bucket-template`: a bucket name with `{organization_id}` once, nothing else in
+    braces (as DCOR's `dcor_object_store.bucket_name`; doc/DCOR.md §10)."""
+    field_name = "{organization_id}"
+    filled = text.replace(field_name, "x")
+    if text.count(field_name) != 1 or not BUCKET_NAME.match(filled) or not 3 <= len(filled) <= 63:
+        raise ConfigError(
+            f"not a bucket template: {text!r} (expected a bucket name holding "
+            f"{field_name} once, e.g. circle-{field_name})"
+        )
+    return text
+
+
 def parse_circle(text: str) -> str:
-    """A circle (CKAN organization) id for `--circle`: it names the bucket `circle-<id>`."""
+    """A circle (CKAN organization) id for `--circle`: it names the bucket (`circle-<id>`)."""
     if not _CIRCLE.match(text):
         raise ConfigError(f"not a circle id: {text!r} (expected the circle's id, a UUID)")
     return text
@@ -238,6 +254,8 @@ class MountSettings:
     s3_credentials: S3Credentials | None = field(default=None, repr=False)
     s3_only: bool = False
     circles: tuple[str, ...] = ()
+    # how the server names a circle's bucket (doc/DCOR.md §10)
+    s3_bucket_template: str = "circle-{organization_id}"
 
     @property
     def source(self) -> str:

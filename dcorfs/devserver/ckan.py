@@ -16,7 +16,7 @@ from typing import Any
 
 from . import repository, search
 from .kernel import Kernel
-from .objects import bucket_name, object_key
+from .objects import object_key
 from .repository import Dataset, Resource, User
 from .site import Site
 
@@ -107,6 +107,7 @@ class CkanApi:
             "group_list": self.group_list,
             "group_show": self.group_show,
             "status_show": self.status_show,
+            "user_show": self.user_show,
         }
 
     def call(self, action: str, params: dict[str, Any], user: User | None) -> Any:
@@ -161,7 +162,7 @@ class CkanApi:
         return self._basins(ds, res, kern)
 
     def _basins(self, ds: Dataset, res: Resource, kern: Kernel) -> list[dict[str, Any]]:
-        bucket = bucket_name(ds.circle.id)
+        bucket = self.site.bucket(ds.circle.id)
         basins = []
         for artifact in ("condensed", "resource"):
             key = object_key(artifact, res.id)
@@ -334,7 +335,7 @@ class CkanApi:
 
     def resource_dict(self, ds: Dataset, res: Resource) -> dict[str, Any]:
         kern = self.site.kernels.get(res.id)
-        bucket = bucket_name(ds.circle.id)
+        bucket = self.site.bucket(ds.circle.id)
         result: dict[str, Any] = {
             "id": res.id,
             "package_id": ds.id,
@@ -359,6 +360,13 @@ class CkanApi:
             "cache_url": None,
             "cache_last_updated": None,
         }
+        if res.storage != "s3":  # dcor_schemas' S3 jobs never ran (doc/DCOR.md §6)
+            result.update(etag=None, sha256=None, s3_available=False)
+            del result["s3_url"]
+            if res.storage == "link":  # CKAN knows a link's URL, not its size
+                result.update(url=self.site.link_url(res), url_type=None, size=None)
+            else:
+                result.update(url_type="upload")
         if kern is not None:
             result.update(_dc_fields(kern.metadata))
         if not self.site.fields_ready():
@@ -462,6 +470,28 @@ class CkanApi:
             result["num_followers"] = 0
         return result
 
+    def user_show(self, params: dict[str, Any], user: User | None) -> Any:
+        """CKAN 2.11 (`logic/action/get.py` ~1397-1446): without `id`, the caller's own account
+        (`id` defaults to the caller's name, "" for anonymous ones, who get 404 "Not found");
+        a wrong or expired token is anonymous (`views/__init__.py` ~125-137). So it tells a
+        valid token from a rejected one (doc/DCOR.md §9)."""
+        ident = str(params.get("id") or (user.name if user else ""))
+        found = self.repo.users.get(ident) or next(
+            (u for u in self.repo.users.values() if _user_id(u) == ident), None
+        )
+        if found is None:
+            raise not_found()
+        return {
+            "id": _user_id(found),
+            "name": found.name,
+            "fullname": found.name,
+            "display_name": found.name,
+            "state": "active",
+            "sysadmin": found.sysadmin,
+            "created": "2020-01-01T00:00:00.000000",
+            "number_created_packages": 0,
+        }
+
     def status_show(self, params: dict[str, Any], user: User | None) -> Any:
         return {
             "site_title": self.repo.site_title,
@@ -472,6 +502,10 @@ class CkanApi:
             "locale_default": "en",
             "extensions": ["dcor_depot", "dcor_schemas", "dc_serve", "dc_view", "dc_log_view"],
         }
+
+
+def _user_id(user: User) -> str:
+    return repository.make_id("user", user.name)
 
 
 def _resource_format(res: Resource, kern: Kernel | None) -> str:

@@ -1,6 +1,7 @@
 """The object store part of the devserver: addressing, presigned URLs, ranges, S3 errors.
 
-DCOR keeps every artifact of a resource in the bucket of its circle, path-style:
+DCOR keeps every artifact of a resource in the bucket of its circle (named by a configured
+template, `circle-<org-id>` in production; doc/DCOR.md §10), path-style:
 `/circle-<org-id>/{resource,condensed,preview}/<rid[:3]>/<rid[3:6]>/<rid[6:]>`. Objects of public
 datasets are readable anonymously; the others only through presigned URLs. DCOR creates those
 with boto3 against a custom endpoint, which gives SigV2 query strings
@@ -23,8 +24,12 @@ ARTIFACTS = ("resource", "condensed", "preview")
 ACCESS_KEY_ID = "DCORDEVSERVER"
 
 
-def bucket_name(circle_id: str) -> str:
-    return f"circle-{circle_id}"
+BUCKET_TEMPLATE = "circle-{organization_id}"  # DCOR's `dcor_object_store.bucket_name`
+
+
+def bucket_name(circle_id: str, template: str = BUCKET_TEMPLATE) -> str:
+    """dcor_shared `s3cc.py` ~184-188: the configured template with the circle's id."""
+    return template.format(organization_id=circle_id)
 
 
 def object_key(artifact: str, resource_id: str) -> str:

@@ -10,7 +10,11 @@ Data directory layout (documented in the README, "The devserver"):
         <dataset>/                a dataset (CKAN package); the folder name is its name
           dataset.json            optional: {"title", "notes", "authors", "license_id",
                                   "private", "state", "collections", "tags", "doi", "references",
-                                  "resources": {<file name>: {"name", "id", "description"}}}
+                                  "resources": {<file name>: {"name", "id", "description",
+                                  "storage", "link_to"}}}; storage: "s3" (default), "upload"
+                                  (on the site's own disk, not on S3) or "link" (an external
+                                  URL: the file, or `link_to`, a path in DATA, on the external
+                                  server)
           <file> ...              its resources, in name order; .rtdc/.dc files are RT-DC data
       <file>.rtdc ...             flat mode: files directly in DATA become the resources of one
                                   public dataset (named after DATA) in the circle "devserver"
@@ -39,7 +43,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 NAMESPACE = uuid.UUID("6c3b2d6e-8f59-4a7e-9d0f-2f0c6f3f7d1a")
-RTDC_SUFFIXES = (".rtdc", ".dc")
+DC_MIME_TYPES = {"RT-DC": ".rtdc", "DC": ".dc"}
+STORAGES = ("s3", "upload", "link")  # dcor_shared (as in dc_serve `serve.py`)
 FLAT_CIRCLE = "devserver"
 MULTIPART_THRESHOLD = 2**30  # DCOR-Aid uploads files above 1 GiB in 1 GiB parts
 CONFIG_FILES = ("dcor.json", "circle.json", "dataset.json")
@@ -91,10 +96,17 @@ class Resource:
     digests: Digests
     created: str
     description: str = ""
+    # "s3": uploaded to the object store (DCOR's way); "upload": kept on the site's own disk
+    # (`s3_available` false); "link": the resource is an external URL (doc/DCOR.md §6)
+    storage: str = "s3"
+    link_to: str = ""  # a link's file on the external server, by its path in the data dir
 
     @property
     def is_rtdc(self) -> bool:
-        return self.name.lower().endswith(RTDC_SUFFIXES)
+        """dcserv's test (dc_serve `serve.py` ~156-168): the mimetype, which dcor_schemas sets
+        from the suffix as written (`jobs.py` `get_base_metadata`), or the suffix itself; both
+        case-sensitive, so an `X.RTDC` upload is no RT-DC resource to DCOR (doc/DCOR.md §8)."""
+        return guess_mimetype(self.name) in DC_MIME_TYPES
 
     @property
     def size(self) -> int:
@@ -317,6 +329,8 @@ def _dataset(
                 digests=digest,
                 created=_iso(file.stat().st_mtime),
                 description=str(override.get("description", "")),
+                storage=_storage(override, file),
+                link_to=str(override.get("link_to", "")),
             )
         )
     mtimes = [file.stat().st_mtime for file in files]
@@ -396,10 +410,23 @@ def _check_unique_resource_ids(datasets: Iterable[Dataset]) -> None:
             seen[res.id] = res.path
 
 
+def _storage(override: dict[str, Any], file: Path) -> str:
+    storage = str(override.get("storage", "s3"))
+    if storage not in STORAGES:
+        raise DataDirError(f"{file}: storage {storage!r} is none of {', '.join(STORAGES)}")
+    return storage
+
+
 def guess_mimetype(name: str) -> str | None:
-    if name.lower().endswith(RTDC_SUFFIXES):
-        return "RT-DC"
-    return mimetypes.guess_type(name)[0]
+    """The resource's mimetype as DCOR sets it: from the suffix as written (dcor_schemas
+    `jobs.py` `get_base_metadata`), else CKAN's guess (without DCOR's types: for a suffix
+    in another case dcor_schemas sets none)."""
+    suffix = name.rsplit(".", 1)[-1] if "." in name else ""
+    for mimetype, wanted in DC_MIME_TYPES.items():
+        if f".{suffix}" == wanted:
+            return mimetype
+    guessed = mimetypes.guess_type(name)[0]
+    return None if guessed in DC_MIME_TYPES else guessed
 
 
 class DigestCache:

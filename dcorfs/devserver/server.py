@@ -5,7 +5,8 @@ Routes:
     /api/3/action/<action>                          CKAN actions incl. dcserv (GET or POST)
     /dataset/<pkg>/resource/<rid>/download/<name>   302 to a presigned resource URL
     /dataset/<pkg>/resource/<rid>/condensed.rtdc    302 to a presigned condensed URL
-    /circle-<org-id>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>   objects (GET/HEAD, Range)
+    /<bucket>/<artifact>/<rid[:3]>/<rid[3:6]>/<rid[6:]>   objects (GET/HEAD, Range); buckets
+                                                    `circle-<org-id>` (--bucket-template)
     /_devserver/{stats,faults,info,state}           test hooks, loopback clients only
 
 Sockets use TCP_NODELAY (otherwise every small response waits ~40 ms for a delayed ACK) and
@@ -32,7 +33,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import __version__
 from .ckan import ActionError, CkanApi
+from .external import ExternalServer
 from .faults import Fault, FaultConfig, Faults
+from .files import send_file
 from .objects import RangeNotSatisfiable, S3Error, StoredObject, parse_range
 from .site import Site, SiteOptions
 from .stats import Stats
@@ -44,7 +47,7 @@ DOWNLOAD_PATH = re.compile(
     r"^/dataset/(?P<pkg>[^/]+)/resource/(?P<rid>[^/]+)/"
     r"(?:download/(?P<name>[^/]*)|(?P<artifact>condensed\.rtdc|preview\.jpg))$"
 )
-OBJECT_PATH = re.compile(r"^/(?P<bucket>circle-[^/]+)/(?P<key>.+)$")
+OBJECT_PATH = re.compile(r"^/(?P<bucket>[a-z0-9][a-z0-9.-]+)/(?P<key>.+)$")  # after the others
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 LIFETIME_DOWNLOAD_PUBLIC = 86400
 LIFETIME_DOWNLOAD_PRIVATE = 3600
@@ -79,6 +82,7 @@ class DevServer:
         self.url = f"http://{host}" if real_port == 80 else f"http://{host}:{real_port}"
         self._thread: threading.Thread | None = None
         self.site: Site | None = None
+        self.external: ExternalServer | None = None  # where link resources point
 
     def start(self) -> str:
         """Build the site (condensing what is new) and serve in a background thread."""
@@ -89,6 +93,10 @@ class DevServer:
         except BaseException:
             self._httpd.server_close()
             raise
+        if self._options.external_host:
+            self.external = ExternalServer(self.data_dir, bind=self._options.external_host)
+            self.site.external = self.external
+            self.external.start()
         self._httpd.app = _App(
             self.site, CkanApi(self.site, lambda: self.faults.config.url_lifetime), self
         )
@@ -107,6 +115,9 @@ class DevServer:
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
+        if self.external is not None:
+            self.external.stop()
+            self.external = None
 
     def __enter__(self) -> DevServer:
         self.start()
@@ -287,6 +298,12 @@ class _Handler(BaseHTTPRequestHandler):
             if obj is None:
                 self._html(404, "Not Found", "Condensed resource not found")
                 return
+        elif res.storage != "s3":  # dc_serve `route_funcs.py` ~138-148 (doc/DCOR.md §6)
+            if res.storage == "upload":  # the file from the site's disk, as flask sends it
+                send_file(self, res.path, filename=res.name)
+            else:
+                self._redirect(site.link_url(res))
+            return
         else:
             obj = site.resource_object(res.id, "resource")
             filename = res.name
@@ -297,6 +314,9 @@ class _Handler(BaseHTTPRequestHandler):
         location, _ = site.presigner.url(
             site.objects_url, obj.bucket, obj.key, lifetime, filename=filename
         )
+        self._redirect(location)
+
+    def _redirect(self, location: str) -> None:
         body = f'<a href="{location}">Redirecting</a>'.encode()
         self.send_response(302)
         self.send_header("Location", location)
@@ -525,7 +545,14 @@ def _info(site: Site) -> dict[str, Any]:
                 "path": str(res.path),
                 "size": res.size,
                 "rtdc": res.is_rtdc,
+                "storage": res.storage,
                 "condensed": site.resource_object(res.id, "condensed") is not None,
             }
         )
-    return {"url": site.url, "resources": resources, "users": sorted(site.repo.users)}
+    external = site.external.url if site.external is not None else None
+    return {
+        "url": site.url,
+        "external": external,
+        "resources": resources,
+        "users": sorted(site.repo.users),
+    }

@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from . import condense, intra, kernel, repository
-from .objects import Presigner, StoredObject, bucket_name, object_key
+from .external import ExternalServer
+from .objects import BUCKET_TEMPLATE, Presigner, StoredObject, bucket_name, object_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,13 @@ class SiteOptions:
     # between calls, so offset pages may repeat or skip groups (doc/DCOR.md §5).
     # Off: ties broken by name (a deterministic order, unlike the real server)
     title_ties_unordered: bool = False
+    # the address of a second web server where link resources point (their external `url`),
+    # e.g. 127.0.0.62; they redirect nowhere without it. dc_serve `route_funcs.py` ~82-148:
+    # the download route redirects to a link's `url` (doc/DCOR.md §6)
+    external_host: str = ""
+    # how circles' buckets are named: `dcor_object_store.bucket_name` (dcor_shared `s3cc.py`
+    # ~184-188, dcor_schemas `plugin.py` ~176-179), DCOR's production value (doc/DCOR.md §10)
+    bucket_template: str = BUCKET_TEMPLATE
 
 
 def objects_url(site_url: str, object_host: str) -> str:
@@ -89,6 +97,7 @@ class Site:
         self.presigner = presigner
         self.options = options
         self.started = time.monotonic()  # the lags of `options` count from here
+        self.external: ExternalServer | None = None  # where link resources point, if any
 
     def condensed_ready(self) -> bool:
         """Whether DCOR's condensing job has run (its object, features and logs exist)."""
@@ -128,7 +137,10 @@ class Site:
         digests = repository.DigestCache(state_dir / "digests.json", progress)
         objects: dict[tuple[str, str], StoredObject] = {}
         kernels: dict[str, kernel.Kernel | None] = {}
-        rtdc = [(ds, res) for ds, res in repo.iter_resources() if res.is_rtdc]
+        # files not on S3 are neither condensed nor opened by dcserv (it reads S3 objects)
+        rtdc = [
+            (ds, res) for ds, res in repo.iter_resources() if res.is_rtdc and res.storage == "s3"
+        ]
         upstream = _Upstream(url, state_dir, options)
         for number, (ds, res) in enumerate(rtdc, start=1):
             if progress is not None and len(rtdc) > 3:
@@ -152,8 +164,10 @@ class Site:
                 objects[(condensed.bucket, condensed.key)] = condensed
         digests.save()
         for ds, res in repo.iter_resources():
+            if res.storage != "s3":
+                continue
             obj = _stored(
-                bucket_name(ds.circle.id),
+                bucket_name(ds.circle.id, options.bucket_template),
                 "resource",
                 resource_id=res.id,
                 path=res.path,
@@ -174,7 +188,7 @@ class Site:
         found = self.repo.resource(resource_id)
         if found is None:
             return None
-        bucket = bucket_name(found[0].circle.id)
+        bucket = self.bucket(found[0].circle.id)
         return self.stored_object(bucket, object_key(artifact, resource_id))
 
     def is_public(self, obj: StoredObject) -> bool:
@@ -186,8 +200,17 @@ class Site:
             return obj.public
         return obj.public and found[0].state == "active"
 
+    def bucket(self, circle_id: str) -> str:
+        return bucket_name(circle_id, self.options.bucket_template)
+
     def object_url(self, bucket: str, key: str) -> str:
         return f"{self.objects_url}/{bucket}/{key}"
+
+    def link_url(self, res: repository.Resource) -> str:
+        """The external `url` of a link resource: its file on the external server."""
+        if self.external is None:
+            return f"http://external.invalid/{quote(res.name)}"
+        return self.external.url_of(self.external.root / res.link_to if res.link_to else res.path)
 
 
 def _prepare(
@@ -201,7 +224,7 @@ def _prepare(
     upstream: _Upstream,
 ) -> tuple[kernel.Kernel | None, StoredObject | None]:
     """Condense one RT-DC resource and compute its dcserv kernel; failures are logged."""
-    bucket = bucket_name(ds.circle.id)
+    bucket = bucket_name(ds.circle.id, options.bucket_template)
     condensed_file = condensed = None
     if options.condensed:
         try:
