@@ -231,6 +231,7 @@ class Catalog:
         def ask(deadline: float) -> Any:
             return self._api.dcserv(resource_id, query, deadline=deadline)
 
-        if settled:
-            return self._ask(f"dcserv:{query}:{resource_id}", ask, FOREVER)
+        if settled:  # logs:v2: earlier versions kept logs for good without the condensed file
+            name = "logs:v2" if query == "logs" else query
+            return self._ask(f"dcserv:{name}:{resource_id}", ask, FOREVER)
         return self._ask(f"dcserv:{query}:{resource_id}:unsettled", ask, self._listing_age)

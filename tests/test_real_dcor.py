@@ -14,8 +14,12 @@ import dclab
 import numpy as np
 import pytest
 
+from dcorfs.catalog import Catalog
+from dcorfs.dcserv import DcorApi
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
+from dcorfs.http import Http
+from dcorfs.metastore import FOREVER, Memo, MetaStore
 
 from .conftest import TOKENS, innate_features, resource, resource_dir, rtdc_entries
 from .mounts import log_lines, mounted, needs_fuse
@@ -168,3 +172,17 @@ def test_a_public_file_refused_for_now_is_read_later_without_remount(
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("image", "deform"):
                 assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
+
+
+def test_logs_kept_by_earlier_versions_are_not_taken_for_final(
+    devserver: DevServer, tmp_path: Path
+) -> None:
+    # caches before doc/DCOR.md §7 kept `dcserv:logs:<id>` for good, also an answer from
+    # before condensing: the final logs are kept under another key
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+    stale = {"before-condensing": ["the original's log only"]}
+    memo.get(f"dcserv:logs:{entry['id']}", lambda deadline: stale, max_age=FOREVER)
+    api = DcorApi(http=Http(), base_url=devserver.url, token=None)
+    catalog = Catalog(api=api, memo=memo, dir_cache_time=60)
+    assert "dclab-condense" in catalog.dcserv(entry["id"], "logs")
