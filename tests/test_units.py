@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dcorfs.blockcache import ObjectId
-from dcorfs.catalog import Resource
+from dcorfs.catalog import Catalog, Resource
 from dcorfs.content import StaticContent
-from dcorfs.dcserv import Locator, object_key, parse_basin
+from dcorfs.dcserv import DcorApi, Locator, object_key, parse_basin
 from dcorfs.derived import DerivedCache
 from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
 from dcorfs.fuse_ops import Operations
@@ -334,3 +334,19 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
         assert resources.attempts == 1
     finally:
         resources._listing.shutdown()
+
+
+def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
+    """dc_serve answers the logs without the condensed file's when it cannot add them
+    (doc/DCOR.md §7): such an answer is asked again after `dir_cache_time`."""
+    answers = iter([{"original": ["a"]}, {"original": ["a"], "dclab-condense": ["b"]}, {}])
+
+    class Api:  # the transport boundary: dcserv's answers in turn
+        def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:
+            return next(answers)
+
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+    catalog = Catalog(api=cast(DcorApi, Api()), memo=memo, dir_cache_time=0.0)
+    assert "dclab-condense" not in catalog.dcserv("r", "logs")
+    assert "dclab-condense" in catalog.dcserv("r", "logs")
+    assert "dclab-condense" in catalog.dcserv("r", "logs")  # final: not asked again
