@@ -507,7 +507,8 @@ class Resources:
 
     def texts(self, dataset: Dataset, resource: Resource) -> Texts:
         """Metadata, logs and tables of an RT-DC resource: dcserv's answers, or without DCOR's
-        API made from its files (once; remembered with the original object's identity)."""
+        API made from its files (once; remembered with the identities of the original and of
+        the condensed file, whose logs come once it exists: doc/DCOR.md §7)."""
         if self._catalog is not None:
             rid = resource.id
             return Texts(
@@ -519,8 +520,10 @@ class Resources:
         original = opened.source("resource")
         assert original is not None
         obj = original.remote.obj
+        condensed = opened.source("condensed")
+        made_from = "-" if condensed is None else condensed.remote.obj.etag
         made = self.remembered(
-            f"file-texts:{obj.key}:{obj.etag}",
+            f"file-texts:{obj.key}:{obj.etag}:{made_from}",
             lambda deadline: file_texts(opened, deadline=deadline),
         )
         return Texts(metadata=made["metadata"], logs=made["logs"], tables=made["tables"])
