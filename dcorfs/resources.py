@@ -252,7 +252,7 @@ class Resources:
                 earlier = self._opened.get(rid)
             try:
                 opened = self._open_rtdc(dataset, resource, self._early_future(rid))
-            except DcorfsError as exc:
+            except Exception as exc:  # also OSError, h5py's: whatever fails, `earlier` serves
                 if earlier is None:
                     raise
                 log.info("resource %s: looking again for its condensed file: %s", rid, exc)

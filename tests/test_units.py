@@ -350,3 +350,54 @@ def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
     assert "dclab-condense" not in catalog.dcserv("r", "logs")
     assert "dclab-condense" in catalog.dcserv("r", "logs")
     assert "dclab-condense" in catalog.dcserv("r", "logs")  # final: not asked again
+
+
+class Reopened:
+    """An opened resource without its condensed file (what `_own_rtdc` keeps)."""
+
+    def source(self, kind: str) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class FailingReopen(Resources):
+    """`Resources` whose first opening of a resource succeeds (without the condensed file)
+    and whose later ones fail with an error that is not dcorfs' own (h5py's OSError)."""
+
+    def __init__(self) -> None:
+        none = cast(Any, None)
+        super().__init__(
+            api=none,
+            catalog=none,
+            memo=none,
+            http=none,
+            locator=none,
+            cache=none,
+            derived=none,
+            timeout=9,
+            store=cast(Any, object()),
+            recheck=3600,
+        )
+        self.attempts = 0
+        self.first = Reopened()
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.attempts += 1
+        if self.attempts == 1:
+            return self.first
+        raise OSError("Unable to synchronously open file (truncated file)")
+
+
+def test_a_failed_reopening_serves_the_earlier_one_and_waits_for_the_next_recheck() -> None:
+    resources = FailingReopen()
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    try:
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        resources._unsettled["r1"] -= 3600  # `recheck` has passed
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        assert resources.attempts == 2  # not again until `recheck` has passed once more
+    finally:
+        resources.close()
