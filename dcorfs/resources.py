@@ -289,8 +289,9 @@ class Resources:
     def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
         """`own` joined with the resources its condensed file's intra-dataset basins name
         (doc/DCOR.md §3): each opened as itself (its own files only, so basins that name each
-        other are no cycle), private ones with the token. Kept once every upstream opened;
-        an upstream that cannot be opened now is left out of this answer only."""
+        other are no cycle), private ones with the token. Kept once every upstream opened with
+        its condensed file; an upstream that cannot be opened now is left out of this answer
+        only."""
         condensed = own.source("condensed")
         if condensed is None or self._catalog is None or self._api is None:
             return own
@@ -319,7 +320,8 @@ class Resources:
                 log.info("resource %s: basin %s not usable: %s", resource.id, basin, exc)
                 complete = False
         made = own.with_upstream(found) if found else own
-        if complete:
+        # kept only when no upstream may be opened again (one without its condensed file is)
+        if complete and all(up.source("condensed") is not None for _, up in found):
             with self._lock:
                 self._joined[resource.id] = (own, made)
         return made
