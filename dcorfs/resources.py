@@ -3,7 +3,9 @@
 For every object (a resource's file, its condensed file) this finds a stable identity
 (bucket/key, ETag, size), registers a URL that works with the `Locator` (with a way to renew
 it), and remembers identity and URLs in the metadata store, so a later mount can serve cached
-bytes with the server gone. Opened resources are kept for the life of the mount.
+bytes with the server gone. Opened resources are kept for the life of the mount once they
+have their condensed file (see below); one opened again is retired, never closed before the
+mount ends (readers may still hold it).
 
 Where the objects are: the URLs dcserv's `basins` hand out, or, with an S3 `ObjectStore`
 (`--s3-endpoint`), DCOR's object layout on that endpoint, read directly. Directly means
@@ -172,7 +174,7 @@ class Resources:
 
         def ask(deadline: float) -> Any:
             answer = self._dcor().dcserv(resource_id, "basins", deadline=deadline)
-            return {"asked": time.time(), "basins": answer}
+            return {"asked": time.time(), "basins": answer, "growing": _growing(answer)}
 
         answer = self._memo.get(f"basins:{resource_id}", ask, max_age=self._basins_age)
         age = time.time() - float(answer["asked"])  # presigned URLs age while stored
@@ -187,12 +189,14 @@ class Resources:
 
     def _basins_age(self, answer: Any) -> float:
         """How long dcserv's basins answer is kept: for good, unless its condensed basin has
-        no `features` (its object does not exist yet; they come once it does, doc/DCOR.md §7)."""
+        no `features` (its object does not exist yet; they come once it does, doc/DCOR.md §7):
+        judged when asked (this is called on every use of the remembered answer)."""
         try:
-            basins = parse_basins(answer["basins"])
-        except (ProtocolError, KeyError, TypeError):
+            growing = answer["growing"]
+            if not isinstance(growing, bool):  # remembered before it was judged when asked
+                growing = _growing(answer["basins"])
+        except (KeyError, TypeError):
             return self._recheck
-        growing = any(b.kind == "condensed" and b.features is None for b in basins)
         return self._recheck if growing else FOREVER
 
     def _renew(self, resource_id: str, kind: str) -> Renew:
@@ -281,7 +285,7 @@ class Resources:
             return None
         return opened
 
-    def settled(self, resource_id: str) -> bool:
+    def has_condensed(self, resource_id: str) -> bool:
         """Whether the resource is open with its condensed file (nothing more to come)."""
         with self._lock:
             return resource_id in self._opened and resource_id not in self._unsettled
@@ -515,7 +519,7 @@ class Resources:
             rid = resource.id
             return Texts(
                 metadata=self._catalog.dcserv(rid, "metadata"),
-                logs=self._catalog.dcserv(rid, "logs", settled=self.settled(rid)) or {},
+                logs=self._catalog.dcserv(rid, "logs", settled=self.has_condensed(rid)) or {},
                 tables=self._catalog.dcserv(rid, "tables") or {},
             )
         opened = self.rtdc(dataset, resource)
@@ -599,6 +603,15 @@ class Resources:
             retired, self._retired = self._retired, []
         for resource in [*opened.values(), *retired]:
             _close(resource)
+
+
+def _growing(basins: Any) -> bool:
+    """Whether dcserv's basins answer will grow: its condensed basin has no `features`."""
+    try:
+        parsed = parse_basins(basins)
+    except (ProtocolError, KeyError, TypeError):
+        return True
+    return any(b.kind == "condensed" and b.features is None for b in parsed)
 
 
 def _close(resource: RtdcResource) -> None:

@@ -264,9 +264,7 @@ def _unsettle(node: Node, max_age: float) -> None:
     if isinstance(node, File):
         node.volatile = True
     elif isinstance(node, StaticDir):
-        node._max_age = max_age
-        for child in node._static.values():
-            _unsettle(child, max_age)
+        node.unsettle(max_age)
 
 
 class StaticDir(Dir):
@@ -276,6 +274,12 @@ class StaticDir(Dir):
 
     def _load(self) -> dict[str, Node]:
         return dict(self._static)
+
+    def unsettle(self, max_age: float) -> None:
+        """Mark the directory and its files as replaced on a listing after `max_age`."""
+        self._max_age = max_age
+        for child in self._static.values():
+            _unsettle(child, max_age)
 
 
 class Context:
@@ -563,7 +567,7 @@ class ResourceDir(Dir):
         )
         # without its condensed file (yet) the listing is made again after `dir_cache_time`:
         # the resource is opened again then, with the condensed file once it exists
-        self._max_age = float("inf") if ctx.resources.settled(rid) else ctx.dir_cache_time
+        self._max_age = float("inf") if ctx.resources.has_condensed(rid) else ctx.dir_cache_time
         if self.volatile:
             for node in files.values():
                 _unsettle(node, ctx.dir_cache_time)

@@ -16,7 +16,16 @@ from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import FIXTURE_FILES, TOKENS, ServerProcess, api, needs_fixtures, resource
+from .conftest import (
+    FIXTURE_FILES,
+    LAG,
+    TOKENS,
+    ServerProcess,
+    api,
+    lag_over,
+    needs_fixtures,
+    resource,
+)
 
 pytestmark = [
     # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure
@@ -155,14 +164,6 @@ def test_dclab_with_intra_basin_features_off(data_dir: Path, tmp_path: Path) -> 
 
 # -- DCOR in motion (doc/DCOR.md §1, §2, §7): dclab against each mode ------------------------
 
-LAG = 3600.0  # a lag the tests end rather than wait for
-
-
-def _lag_over(server: DevServer) -> None:
-    """What the server's lags stand for has happened now (DCOR's background jobs ran)."""
-    assert server.site is not None
-    server.site.started -= LAG
-
 
 def _basin(remote: Any, kind: str) -> Any:
     return next(b for b in remote.basins if b.name.startswith(kind))
@@ -212,7 +213,7 @@ def test_dclab_sees_a_condensed_file_that_appears(data_dir: Path, devserver: Dev
         with open_remote(server, entry["id"]) as remote:
             assert not _basin(remote, "condensed").is_available()
             assert "dclab-condense" not in remote.logs
-        _lag_over(server)
+        lag_over(server)
         with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
             assert _basin(remote, "condensed").is_available()
             assert "volume" in remote.features_basin
@@ -241,7 +242,7 @@ def test_dclab_with_late_fields_and_public_tag(data_dir: Path, devserver: DevSer
             np.testing.assert_array_equal(remote["deform"][:], local["deform"][:])
             with pytest.raises(KeyError):
                 remote["image"][0]
-        _lag_over(server)
+        lag_over(server)
         status, record = api(server, "resource_show", id=entry["id"])
         assert record["result"]["etag"] and record["result"]["size"] == entry["size"]
         with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:

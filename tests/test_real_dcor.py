@@ -21,7 +21,15 @@ from dcorfs.devserver.site import SiteOptions
 from dcorfs.http import Http
 from dcorfs.metastore import FOREVER, Memo, MetaStore
 
-from .conftest import TOKENS, innate_features, resource, resource_dir, rtdc_entries
+from .conftest import (
+    LAG,
+    TOKENS,
+    innate_features,
+    lag_over,
+    resource,
+    resource_dir,
+    rtdc_entries,
+)
 from .mounts import log_lines, mounted, needs_fuse
 
 pytestmark = [
@@ -30,7 +38,6 @@ pytestmark = [
     # a field fixture stores `roi position x` as a float; dclab says so when opening it
     pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.config.WrongConfigurationTypeWarning"),
 ]
-LAG = 3600.0  # a lag the tests end (`_lag_over`) rather than wait for
 REFRESH = "2"  # --dir-cache-time of the mounts that watch things appear
 
 
@@ -40,12 +47,6 @@ def serving(data_dir: Path, devserver: DevServer, **options: Any) -> Iterator[De
     assert devserver.site is not None
     with DevServer(data_dir, options=SiteOptions(**options)) as server:
         yield server
-
-
-def _lag_over(server: DevServer) -> None:
-    """What the server's lags stand for has happened now (DCOR's background jobs ran)."""
-    assert server.site is not None
-    server.site.started -= LAG
 
 
 def feature_files(directory: Path) -> dict[str, Path]:
@@ -122,7 +123,7 @@ def test_a_condensed_file_that_appears_is_used_after_the_refresh(
         directory = resource_dir(mnt, entry)
         assert_original_alone(directory, entry["path"])
         assert "volume" not in tsv_columns(directory)
-        _lag_over(server)  # DCOR's condensing job has run
+        lag_over(server)  # DCOR's condensing job has run
         eventually((directory / "volume.npy").exists)
         with dclab.new_dataset(entry["path"]) as ds:
             assert np.array_equal(np.load(directory / "volume.npy"), ds["volume"][:])
@@ -168,7 +169,7 @@ def test_a_public_file_refused_for_now_is_read_later_without_remount(
             (directory / "image.npy").stat()
         assert refused.value.errno == errno.EACCES
         assert log_lines(tmp_path / "cache", "refuses its file for now")
-        _lag_over(server)  # the tag is set
+        lag_over(server)  # the tag is set
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("image", "deform"):
                 assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
