@@ -249,26 +249,38 @@ def test_dclab_with_late_fields_and_public_tag(data_dir: Path, devserver: DevSer
             np.testing.assert_array_equal(remote["image"][5], local["image"][5])
 
 
-def test_the_lags_combine_on_the_command_line(data_dir: Path, devserver: DevServer) -> None:
-    """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once, then neither."""
-    entry = resource(devserver, "generated", "M001_data.rtdc")
-    server = ServerProcess(data_dir, "--condensed-lag", "6", "--fields-lag", "6")
-    try:
-        base = f"{server.url}/api/3/action"
-        params = {"id": entry["id"], "query": "basins", "version": "2"}
-        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
-        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
-        assert "features" not in basins[0] and "etag" not in record.json()["result"]
+def assert_lagging(url: str, rid: str, lagging: bool) -> None:
+    """Whether both lags are in effect (condensed file and fields) or neither."""
+    base = f"{url}/api/3/action"
+    params = {"id": rid, "query": "basins", "version": "2"}
+    basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
+    record = requests.get(f"{base}/resource_show", params={"id": rid}, timeout=10).json()
+    if lagging:
+        assert "features" not in basins[0] and "etag" not in record["result"]
         assert requests.get(basins[1]["urls"][0], timeout=10).status_code == 403
-        time.sleep(6.5)
-        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
-        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
-        assert "volume" in basins[0]["features"] and record.json()["result"]["etag"]
-        for basin in basins:
-            answer = requests.get(basin["urls"][0], headers={"Range": "bytes=0-7"}, timeout=10)
-            assert answer.status_code == 206
+        return
+    assert "volume" in basins[0]["features"] and record["result"]["etag"]
+    for basin in basins:
+        answer = requests.get(basin["urls"][0], headers={"Range": "bytes=0-7"}, timeout=10)
+        assert answer.status_code == 206
+
+
+def test_the_lags_combine(data_dir: Path, devserver: DevServer) -> None:
+    """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once (lags far longer than
+    the test, so no race with the server's start-up), then neither once they are over."""
+    from dcorfs.devserver.site import SiteOptions
+
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    lag = str(int(LAG))
+    server = ServerProcess(data_dir, "--condensed-lag", lag, "--fields-lag", lag)
+    try:
+        assert_lagging(server.url, entry["id"], lagging=True)
     finally:
         server.close()
+    with DevServer(data_dir, options=SiteOptions(condensed_lag=LAG, fields_lag=LAG)) as inside:
+        assert_lagging(inside.url, entry["id"], lagging=True)
+        lag_over(inside)
+        assert_lagging(inside.url, entry["id"], lagging=False)
 
 
 # -- intra-dataset basins (doc/DCOR.md §3) -------------------------------------------------------
