@@ -483,6 +483,10 @@ class ResourceDir(Dir):
         self.resource = resource
         self._early_lock = threading.Lock()
         self._loading: Future[dict[str, Node]] | None = None
+        # the opened resource the listing was made from, and whether the last listing was
+        # made from another one (then its files whose bytes may differ are new nodes)
+        self._made_from: object = None
+        self._reopened = False
 
     def lookup(self, name: str) -> Node:
         if self.ready_children() is None and name.endswith(".npy"):
@@ -512,7 +516,11 @@ class ResourceDir(Dir):
         return content_file(self.child_path(name), content, self.mtime)
 
     def _merged(self, old: Node | None, new: Node) -> Node:
-        return new  # made again: the resource was opened again (its condensed file came)
+        """A new node only for a file (or directory) whose bytes may have changed: the
+        resource was opened again (its condensed file came) and it was volatile."""
+        if self._reopened and isinstance(old, (File, Dir)) and old.volatile:
+            return new
+        return _keep(old, new)
 
     def prepare(self) -> None:
         """Load the listing now (in the background): errors are left to the next reader."""
@@ -524,6 +532,8 @@ class ResourceDir(Dir):
     def _load(self) -> dict[str, Node]:
         ctx, rid, mtime = self._ctx, self.resource.id, self.mtime
         opened = ctx.resources.rtdc(self.dataset, self.resource)
+        self._reopened = self._made_from is not None and opened is not self._made_from
+        self._made_from = opened
         # whoever reads one scalar feature is likely to read more: all of them are brought
         # into memory in the background (decoded, or from the disk cache) on first open
         warm = functools.partial(ctx.resources.warm_scalars, opened)
@@ -566,9 +576,14 @@ class ResourceDir(Dir):
             mtime,
         )
         # without its condensed file (yet) the listing is made again after `dir_cache_time`:
-        # the resource is opened again then, with the condensed file once it exists
+        # the resource is opened again then, with the condensed file once it exists; what
+        # may change then (the files made from the condensed file: scalar features, the
+        # table, the synthesized file, logs) is marked so
         self._max_age = float("inf") if ctx.resources.has_condensed(rid) else ctx.dir_cache_time
         if self.volatile:
-            for node in files.values():
-                _unsettle(node, ctx.dir_cache_time)
+            changing = [synthesized, "features.tsv", "logs"]
+            changing += [sanitize(f.name + ".npy") for f in opened.scalar_features()]
+            for name in changing:
+                if name in files:
+                    _unsettle(files[name], ctx.dir_cache_time)
         return files

@@ -4,6 +4,7 @@ condensed files missing or appearing late, resource fields and the public tag se
 from __future__ import annotations
 
 import errno
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -187,3 +188,32 @@ def test_logs_kept_by_earlier_versions_are_not_taken_for_final(
     api = DcorApi(http=Http(), base_url=devserver.url, token=None)
     catalog = Catalog(api=api, memo=memo, dir_cache_time=60)
     assert "dclab-condense" in catalog.dcserv(entry["id"], "logs")
+
+
+def test_files_the_condensed_file_does_not_change_keep_their_page_cache(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # without the condensed file only what it would change is made anew after the refresh:
+    # image data (the original's alone) stay in the kernel's page cache from one open to
+    # the next, also across refreshes of a resource whose condensing failed for good
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with (
+        serving(data_dir, devserver, condensed=False) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        directory = resource_dir(mnt, entry)
+        image = (directory / "image.npy").read_bytes()
+        for _ in range(2):
+            time.sleep(float(REFRESH) + 0.5)  # the listing is made again
+            assert {p.name for p in directory.iterdir()} >= {"image.npy", "deform.npy"}
+            served = served_bytes(mnt)
+            assert (directory / "image.npy").read_bytes() == image
+            # from the page cache (what the daemon served since: status.json itself)
+            assert served_bytes(mnt) - served < len(image) // 100
+
+
+def served_bytes(mnt: Path) -> int:
+    report = json.loads((mnt / ".dcorfs" / "status.json").read_text())
+    return int(report["fuse"]["bytes_served"])
