@@ -95,8 +95,9 @@ class File(Node):
         self._size = size
         self._make = make
         self.dynamic = dynamic  # contents change: size 0 (as in /proc), read with direct_io
-        # may be replaced on the next listing (a resource without its condensed file yet):
-        # attributes kept only for `dir_cache_time`, pages not kept from one open to the next
+        # may be replaced on the next listing by a file with other bytes (a resource without
+        # its condensed file yet): attributes kept only for `dir_cache_time`, and the
+        # replacement has an inode of its own (`fuse_ops.Operations._inode`)
         self.volatile = False
         self.blocking = blocking  # False: `content()` returns at once (called inline)
 

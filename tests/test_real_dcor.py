@@ -217,3 +217,31 @@ def test_files_the_condensed_file_does_not_change_keep_their_page_cache(
 def served_bytes(mnt: Path) -> int:
     report = json.loads((mnt / ".dcorfs" / "status.json").read_text())
     return int(report["fuse"]["bytes_served"])
+
+
+def test_a_file_open_across_the_switch_to_the_condensed_file_keeps_its_bytes(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # features.tsv is made anew once the condensed file exists (more columns): a handle open
+    # before reads the old file to its end, never pages of the new one; a new open the new
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with (
+        serving(data_dir, devserver, condensed_lag=LAG) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        directory = resource_dir(mnt, entry)
+        tsv = directory / "features.tsv"
+        before = tsv.read_bytes()
+        assert len(before) > 4 * 4096 * 8  # beyond the kernel's read-ahead of a first read
+        with tsv.open("rb", buffering=0) as held:
+            head = held.read(4096)
+            lag_over(server)  # DCOR's condensing job has run
+            eventually(lambda: "volume" in tsv_columns(directory))
+            after = tsv.read_bytes()
+            assert after != before
+            rest = held.read()
+        assert head + rest == before
+        with tsv.open("rb") as again:
+            assert again.read() == after
