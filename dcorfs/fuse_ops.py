@@ -90,6 +90,18 @@ def _settle_all(nodes: list[Node]) -> None:
         node.settle()
 
 
+def _settle_each(nodes: list[Node]) -> list[Node]:
+    """Settle every node; those whose settling failed (with dcorfs' own error)."""
+    failed = []
+    for node in nodes:
+        try:
+            node.settle()
+        except DcorfsError as exc:
+            log.info("%s left out of its directory's listing for now: %s", node.path, exc)
+            failed.append(node)
+    return failed
+
+
 async def _refuse(*args: Any) -> Any:
     """Every call that would change the filesystem: it is read-only."""
     raise pyfuse3.FUSEError(errno.EROFS)
@@ -191,6 +203,16 @@ class Operations(pyfuse3.Operations):
         if waiting:
             await self._blocking(_settle_all, waiting)
 
+    async def _settle_listed(self, nodes: list[Node]) -> set[int]:
+        """As `_settle`, for the entries of a listing: one whose attributes cannot be known
+        now is left out of it (its own lookup says why), the others are listed. The id()s
+        of those left out."""
+        waiting = [node for node in nodes if not node.settled]
+        if not waiting:
+            return set()
+        failed = await self._blocking(_settle_each, waiting)
+        return {id(node) for node in failed}
+
     def _attributes(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
@@ -276,10 +298,10 @@ class Operations(pyfuse3.Operations):
         if children is None:
             children = await self._blocking(directory.children)
         directory.listed(children)
-        await self._settle(list(children.values()))
+        failed = await self._settle_listed(list(children.values()))
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = sorted(children.items())
+        self._dirs[fh] = sorted((n, c) for n, c in children.items() if id(c) not in failed)
         self._dirs_parent[fh] = inode
         return fh
 

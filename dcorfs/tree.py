@@ -406,22 +406,54 @@ class GroupsDir(Dir):
         }
 
 
+class ProbedFile(File):
+    """A file whose size is asked of its object when its attributes are first needed
+    (`settle()`, in a worker thread): a failure is this file's alone (a public file the
+    store refuses for now, doc/DCOR.md §2), not its directory's, and tried again next time."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        probe: Callable[[], int],
+        make: Callable[[], FileContent],
+        mtime: float = 0.0,
+    ) -> None:
+        super().__init__(path, size=0, make=make, mtime=mtime)
+        self._probe = probe
+        self._probed: int | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self._probed is not None
+
+    def settle(self) -> None:
+        if self._probed is None:
+            self._probed = self._probe()
+
+    @property
+    def size(self) -> int:
+        if self._probed is None:
+            raise RuntimeError(f"{self.path}: size asked before settle()")
+        return self._probed
+
+
 class PlainFile:
-    """A non-RT-DC resource as a lazy file."""
+    """A non-RT-DC resource as a lazy file (sized when first looked at if its record has
+    no size: DCOR fills it in a background job, doc/DCOR.md §2)."""
 
     def __init__(self, path: str, ctx: Context, dataset: Dataset, resource: Resource) -> None:
         self._ctx = ctx
         self._dataset = dataset
         self._resource = resource
-        size = resource.size
-        if size is None:
-            size = ctx.resources.plain(dataset, resource).size
-        self.node = File(
-            path,
-            size=size,
-            make=self._content,
-            mtime=resource.mtime,
-        )
+        self.node: File
+        if resource.size is None:
+            self.node = ProbedFile(path, probe=self._size, make=self._content, mtime=resource.mtime)
+        else:
+            self.node = File(path, size=resource.size, make=self._content, mtime=resource.mtime)
+
+    def _size(self) -> int:
+        return self._ctx.resources.plain(self._dataset, self._resource).size
 
     def _content(self) -> FileContent:
         obj = self._ctx.resources.plain(self._dataset, self._resource)

@@ -245,3 +245,35 @@ def test_a_file_open_across_the_switch_to_the_condensed_file_keeps_its_bytes(
         assert head + rest == before
         with tsv.open("rb") as again:
             assert again.read() == after
+
+
+def test_a_plain_file_refused_for_now_fails_alone_not_its_dataset(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # objects read anonymously from the store (--s3-endpoint) while DCOR's jobs have not run:
+    # a plain resource's record has no size and its object is refused (not tagged public);
+    # the dataset directory lists and its RT-DC resources open, the plain file fails alone
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with (
+        serving(data_dir, devserver, fields_lag=LAG) as server,
+        mounted(
+            tmp_path / "mnt",
+            server.url,
+            tmp_path / "cache",
+            "--s3-endpoint",
+            server.url,
+            "--dir-cache-time",
+            REFRESH,
+        ) as mnt,
+    ):
+        dataset = mnt / "datasets" / "generated"
+        listed = {p.name for p in dataset.iterdir()}
+        assert {"dataset.json", "M001_data"} <= listed and "notes.txt" not in listed
+        with pytest.raises(OSError) as refused:
+            (dataset / "notes.txt").stat()
+        assert refused.value.errno == errno.EACCES
+        lag_over(server)  # the tag is set
+        assert (dataset / "notes.txt").read_text() == "a plain text resource\n"
+        eventually(lambda: "notes.txt" in {p.name for p in dataset.iterdir()})
+        with dclab.new_dataset(entry["path"]) as ds:
+            assert np.array_equal(np.load(resource_dir(mnt, entry) / "deform.npy"), ds["deform"])
