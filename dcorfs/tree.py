@@ -204,26 +204,57 @@ class Dir(Node):
         self._lock = threading.Lock()
         self._children: dict[str, Node] | None = None
         self._loaded = 0.0
+        # set: once loaded, the listing is made again with this (in the background) while
+        # the loaded one is still served
+        self._background: Callable[[Callable[[], None]], object] | None = None
+        self._refreshing = False
+        self._refresh_lock = threading.Lock()
 
     @property
     def volatile(self) -> bool:
         """True for listings that are refreshed (datasets, circles, collections)."""
         return self._max_age != float("inf")
 
-    def ready_children(self) -> dict[str, Node] | None:
-        """The children if loaded and fresh; never blocks on the network."""
+    def _fresh(self) -> dict[str, Node] | None:
         children = self._children
         if children is None or time.monotonic() - self._loaded > self._max_age:
             return None
         return children
+
+    def ready_children(self) -> dict[str, Node] | None:
+        """The children if loaded and fresh (or, with `_background`, loaded: then made again
+        there); never blocks on the network."""
+        fresh = self._fresh()
+        if fresh is not None or self._background is None or self._children is None:
+            return fresh
+        with self._refresh_lock:  # never held for long (`_lock` is, while loading)
+            start, self._refreshing = not self._refreshing, True
+        if start:
+            try:
+                self._background(self._refresh)
+            except RuntimeError:  # shut down: the mount is closing
+                self._refreshing = False
+        return self._children
+
+    def _refresh(self) -> None:
+        """Make the listing again (in the background): errors are left to a next attempt."""
+        try:
+            self._reload()
+        except DcorfsError as exc:
+            log.debug("refreshing %s: %s", self.path, exc)
+        finally:
+            self._refreshing = False
 
     def children(self) -> dict[str, Node]:
         """Blocking: loads (or refreshes) the listing. Existing child nodes are kept."""
         ready = self.ready_children()
         if ready is not None:
             return ready
+        return self._reload()
+
+    def _reload(self) -> dict[str, Node]:
         with self._lock:
-            ready = self.ready_children()
+            ready = self._fresh()
             if ready is not None:
                 return ready
             fresh = self._load()
@@ -514,6 +545,9 @@ class ResourceDir(Dir):
         self._ctx = ctx
         self.dataset = dataset
         self.resource = resource
+        # once listed, a reader is served that listing while the resource is opened again
+        # (looking for its condensed file, doc/DCOR.md §1)
+        self._background = ctx.resources.prepare
         self._early_lock = threading.Lock()
         self._loading: Future[dict[str, Node]] | None = None
         # the opened resource the listing was made from, and whether the last listing was

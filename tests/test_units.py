@@ -35,7 +35,7 @@ from dcorfs.producers.tsv import _format
 from dcorfs.resources import Resources
 from dcorfs.rtdc import Feature
 from dcorfs.settings import Token, parse_host, parse_size
-from dcorfs.tree import Context, File, LazyFile, ResourceDir, StaticDir
+from dcorfs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
 
 
 def test_names_are_safe_and_unique() -> None:
@@ -401,3 +401,37 @@ def test_a_failed_reopening_serves_the_earlier_one_and_waits_for_the_next_rechec
         assert resources.attempts == 2  # not again until `recheck` has passed once more
     finally:
         resources.close()
+
+
+class Relisted(Dir):
+    """A directory refreshed in the background whose second listing waits for `release`."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        super().__init__("/d", max_age=3600)
+        self._background = pool.submit
+        self.release = threading.Event()
+        self.loads = 0
+
+    def _load(self) -> dict[str, Node]:
+        self.loads += 1
+        if self.loads > 1:
+            assert self.release.wait(30)
+        return {f"v{self.loads}": static_file(f"/d/v{self.loads}", b"")}
+
+
+def test_a_stale_listing_is_served_while_it_is_made_again() -> None:
+    """A resource directory's readers are not kept waiting while the resource is opened
+    again (doc/DCOR.md §1): the loaded listing is served meanwhile."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    directory = Relisted(pool)
+    try:
+        assert set(directory.children()) == {"v1"}
+        directory._loaded -= 3600  # `max_age` has passed
+        assert set(cast(dict[str, Node], directory.ready_children())) == {"v1"}
+        assert directory.lookup("v1").path == "/d/v1"  # not waiting for the new listing
+        directory.release.set()
+    finally:
+        directory.release.set()
+        pool.shutdown(wait=True)
+    assert set(cast(dict[str, Node], directory.ready_children())) == {"v2"}
+    assert directory.loads == 2
