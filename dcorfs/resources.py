@@ -38,7 +38,7 @@ from .blockcache import BlockCache, ObjectId
 from .catalog import Catalog, Dataset, Resource
 from .dcserv import Basin, DcorApi, Locator, Renew, parse_basins, resource_key
 from .derived import DerivedCache
-from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError
+from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, TransientError
 from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
@@ -117,7 +117,11 @@ class Resources:
         self._recheck = recheck
         # resources opened without their condensed file: when (monotonic), to look again
         self._unsettled: dict[str, float] = {}
-        self._retired: list[RtdcResource] = []  # replaced by a later opening (readers may hold)
+        # replaced by a later opening: never closed before the mount ends (`close`), as
+        # readers may hold them, and the values they registered with `DerivedCache` (which
+        # keeps the first maker of an object) are still decoded through their sources
+        self._retired: list[RtdcResource] = []
+        self._closed = False  # `close` called: an opening that ends later closes its own
         self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
@@ -268,13 +272,19 @@ class Resources:
                 _close(opened)  # nothing new: readers keep the one they have
                 opened = earlier
             with self._lock:
-                if earlier is not None and earlier is not opened:
-                    self._retired.append(earlier)
-                self._opened[rid] = opened
-                if opened.source("condensed") is None:
-                    self._unsettled[rid] = time.monotonic()
-                else:
-                    self._unsettled.pop(rid, None)
+                closed = self._closed
+                if not closed:
+                    if earlier is not None and earlier is not opened:
+                        self._retired.append(earlier)
+                    self._opened[rid] = opened
+                    if opened.source("condensed") is None:
+                        self._unsettled[rid] = time.monotonic()
+                    else:
+                        self._unsettled.pop(rid, None)
+            if closed:  # the mount closed while this was opened: nothing would close it
+                if opened is not earlier:
+                    _close(opened)
+                raise TransientError(f"resource {rid}: the mount is closing")
             return opened
 
     def _ready(self, resource_id: str) -> RtdcResource | None:
@@ -599,6 +609,7 @@ class Resources:
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
+            self._closed = True
             opened, self._opened = dict(self._opened), {}
             retired, self._retired = self._retired, []
         for resource in [*opened.values(), *retired]:

@@ -355,11 +355,13 @@ def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
 class Reopened:
     """An opened resource without its condensed file (what `_own_rtdc` keeps)."""
 
+    closed = False
+
     def source(self, kind: str) -> None:
         return None
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 class FailingReopen(Resources):
@@ -435,3 +437,20 @@ def test_a_stale_listing_is_served_while_it_is_made_again() -> None:
         pool.shutdown(wait=True)
     assert set(cast(dict[str, Node], directory.ready_children())) == {"v2"}
     assert directory.loads == 2
+
+
+class ClosedMeanwhile(FailingReopen):
+    """`Resources` closed (the mount ends) while a resource is being opened."""
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.close()
+        return self.first
+
+
+def test_a_resource_opened_while_the_mount_closes_is_closed_too() -> None:
+    resources = ClosedMeanwhile()
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    with pytest.raises(TransientError, match="closing"):
+        resources._own_rtdc(cast(Any, None), resource)
+    assert resources.first.closed  # not left open in `_opened`
+    assert not resources._opened
