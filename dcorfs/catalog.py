@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 GROUP_PAGE = 1000  # CKAN caps organization_list/group_list of names at 1000 (§5)
 SEARCH_PAGE = 1000  # and package_search rows at 1000
 DOWNLOAD_ROUTE = re.compile(r"/dataset/[^/]+/resource/[^/]+/download/")
+CONDENSING_LOG = "dclab-condense"  # the logs DCOR's condensing adds (doc/DCOR.md §7)
 
 T = TypeVar("T")
 
@@ -210,7 +211,9 @@ class Catalog:
         self._lock = threading.Lock()
         self._parsed: dict[str, tuple[Any, tuple[Any, ...]]] = {}  # key -> (records, parsed)
 
-    def _ask(self, key: str, ask: Callable[[float], Any], max_age: float) -> Any:
+    def _ask(
+        self, key: str, ask: Callable[[float], Any], max_age: float | Callable[[Any], float]
+    ) -> Any:
         return self._memo.get(key, ask, max_age=max_age)
 
     def _listing(
@@ -306,11 +309,22 @@ class Catalog:
     def dcserv(self, resource_id: str, query: str, *, settled: bool = True) -> Any:
         """A dcserv answer (metadata, logs, tables), asked once and remembered for good when
         `settled`; else (`logs` while the condensed file does not exist: they grow once it
-        does, doc/DCOR.md §7) kept apart and asked again after `dir_cache_time`."""
+        does, doc/DCOR.md §7) kept apart and asked again after `dir_cache_time`. Logs are
+        final only once they hold the condensing logs (dc_serve answers without them when
+        it cannot add them), else asked again after `dir_cache_time` too."""
 
         def ask(deadline: float) -> Any:
             return self._api.dcserv(resource_id, query, deadline=deadline)
 
-        if settled:
+        if settled:  # logs:v2: earlier versions kept logs for good without the condensed file
+            if query == "logs":
+                return self._ask(f"dcserv:logs:v2:{resource_id}", ask, self._logs_age)
             return self._ask(f"dcserv:{query}:{resource_id}", ask, FOREVER)
         return self._ask(f"dcserv:{query}:{resource_id}:unsettled", ask, self._listing_age)
+
+    def _logs_age(self, logs: Any) -> float:
+        """How long logs are kept: for good once they hold the condensing logs."""
+        condensed = isinstance(logs, dict) and any(
+            str(name).startswith(CONDENSING_LOG) for name in logs
+        )
+        return FOREVER if condensed else self._listing_age

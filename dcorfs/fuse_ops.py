@@ -6,7 +6,8 @@ listings, bytes in the memory cache) are served inline on the trio thread. Every
 wrapped: `DcorfsError` becomes its errno, anything else is logged with its traceback and
 becomes EIO, so no handler can end `pyfuse3.main()` and leave a dead mount.
 
-Inode numbers are a hash of the node's canonical path, so they are the same on every mount.
+Inode numbers are a hash of the node's canonical path, so they are the same on every mount
+(a volatile file replaced by another has a number of its own: see `Operations._inode`).
 """
 
 from __future__ import annotations
@@ -80,9 +81,25 @@ class Activity:
         self.recent_errors.append({"time": time.time(), "operation": operation, "error": str(exc)})
 
 
+def _volatile(node: Node | None) -> bool:
+    return isinstance(node, File) and node.volatile
+
+
 def _settle_all(nodes: list[Node]) -> None:
     for node in nodes:
         node.settle()
+
+
+def _settle_each(nodes: list[Node]) -> list[Node]:
+    """Settle every node; those whose settling failed (with dcorfs' own error)."""
+    failed = []
+    for node in nodes:
+        try:
+            node.settle()
+        except DcorfsError as exc:
+            log.info("%s left out of its directory's listing for now: %s", node.path, exc)
+            failed.append(node)
+    return failed
 
 
 async def _refuse(*args: Any) -> Any:
@@ -116,6 +133,8 @@ class Operations(pyfuse3.Operations):
         self._inodes: dict[str, int] = {root.path: pyfuse3.ROOT_INODE}
         self._parents: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
         self._lookups: collections.Counter[int] = collections.Counter()
+        self._volatile: dict[int, int] = {}  # id() of a volatile file node -> its inode
+        self._generations: collections.Counter[str] = collections.Counter()  # per path
         self._files: dict[int, FileContent] = {}
         self._dirs: dict[int, list[tuple[str, Node]]] = {}
         self._dirs_parent: dict[int, int] = {}
@@ -129,17 +148,35 @@ class Operations(pyfuse3.Operations):
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _inode(self, node: Node, parent: int) -> int:
+        """The node's inode number: its path's, shared by the nodes that replace one another
+        at that path with the same bytes; a volatile file (whose replacement may have other
+        bytes, see `tree.File.volatile`) and its replacement each have their own, so the
+        kernel never mixes their pages, nor their sizes, and a handle open across the switch
+        reads the bytes it opened."""
+        own = self._volatile.get(id(node))
+        if own is not None and self._nodes.get(own) is node:
+            return own  # also when listed before it was replaced (a listing's entries)
         known = self._inodes.get(node.path)
+        generation = 0
         if known is not None:
-            self._nodes[known] = node
-            return known
-        digest = hashlib.blake2b(node.path.encode("utf-8", "surrogateescape"), digest_size=8)
+            current = self._nodes[known]
+            if current is node:
+                return known
+            if not (_volatile(current) or _volatile(node)):
+                self._nodes[known] = node
+                return known
+            self._generations[node.path] += 1
+            generation = self._generations[node.path]
+        name = node.path if generation == 0 else f"{node.path}\0{generation}"
+        digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8)
         ino = max(int.from_bytes(digest.digest(), "little") >> 1, pyfuse3.ROOT_INODE + 1)
-        while ino in self._nodes and self._nodes[ino].path != node.path:
+        while ino in self._nodes and (generation or self._nodes[ino].path != node.path):
             ino += 1  # a hash collision: the later path takes the next free number
         self._nodes[ino] = node
         self._inodes[node.path] = ino
         self._parents[ino] = parent
+        if _volatile(node):
+            self._volatile[id(node)] = ino
         return ino
 
     def _node(self, ino: int) -> Node:
@@ -165,6 +202,16 @@ class Operations(pyfuse3.Operations):
         waiting = [node for node in nodes if not node.settled]
         if waiting:
             await self._blocking(_settle_all, waiting)
+
+    async def _settle_listed(self, nodes: list[Node]) -> set[int]:
+        """As `_settle`, for the entries of a listing: one whose attributes cannot be known
+        now is left out of it (its own lookup says why), the others are listed. The id()s
+        of those left out."""
+        waiting = [node for node in nodes if not node.settled]
+        if not waiting:
+            return set()
+        failed = await self._blocking(_settle_each, waiting)
+        return {id(node) for node in failed}
 
     def _attributes(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -232,7 +279,10 @@ class Operations(pyfuse3.Operations):
             if ino != pyfuse3.ROOT_INODE:
                 node = self._nodes.pop(ino, None)
                 if node is not None:
-                    self._inodes.pop(node.path, None)
+                    if self._inodes.get(node.path) == ino:
+                        self._inodes.pop(node.path)
+                    if self._volatile.get(id(node)) == ino:
+                        self._volatile.pop(id(node))
                 self._parents.pop(ino, None)
 
     @_handler
@@ -248,10 +298,10 @@ class Operations(pyfuse3.Operations):
         if children is None:
             children = await self._blocking(directory.children)
         directory.listed(children)
-        await self._settle(list(children.values()))
+        failed = await self._settle_listed(list(children.values()))
         fh = self._next_fh
         self._next_fh += 1
-        self._dirs[fh] = sorted(children.items())
+        self._dirs[fh] = sorted((n, c) for n, c in children.items() if id(c) not in failed)
         self._dirs_parent[fh] = inode
         return fh
 
@@ -291,7 +341,8 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         self._files[fh] = content
         self.activity.counters["opens"] += 1
-        keep = not (node.dynamic or node.volatile)
+        # a volatile file's bytes never change either: its replacement has its own inode
+        keep = not node.dynamic
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=node.dynamic)
 
     @_handler

@@ -3,7 +3,9 @@
 For every object (a resource's file, its condensed file) this finds a stable identity
 (bucket/key, ETag, size), registers a URL that works with the `Locator` (with a way to renew
 it), and remembers identity and URLs in the metadata store, so a later mount can serve cached
-bytes with the server gone. Opened resources are kept for the life of the mount.
+bytes with the server gone. Opened resources are kept for the life of the mount once they
+have their condensed file (see below); one opened again is retired, never closed before the
+mount ends (readers may still hold it).
 
 Where the objects are: the URLs dcserv's `basins` hand out, or, with an S3 `ObjectStore`
 (`--s3-endpoint`), DCOR's object layout on that endpoint, read directly. Directly means
@@ -44,7 +46,14 @@ from .dcserv import (
     resource_key,
 )
 from .derived import DerivedCache
-from .errors import AccessDenied, DcorfsError, NotFound, ProtocolError, ServerError
+from .errors import (
+    AccessDenied,
+    DcorfsError,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    TransientError,
+)
 from .failures import Failures
 from .filetexts import file_texts, json_value
 from .http import Http
@@ -128,7 +137,11 @@ class Resources:
         self._recheck = recheck
         # resources opened without their condensed file: when (monotonic), to look again
         self._unsettled: dict[str, float] = {}
-        self._retired: list[RtdcResource] = []  # replaced by a later opening (readers may hold)
+        # replaced by a later opening: never closed before the mount ends (`close`), as
+        # readers may hold them, and the values they registered with `DerivedCache` (which
+        # keeps the first maker of an object) are still decoded through their sources
+        self._retired: list[RtdcResource] = []
+        self._closed = False  # `close` called: an opening that ends later closes its own
         self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
@@ -189,7 +202,7 @@ class Resources:
 
         def ask(deadline: float) -> Any:
             answer = self._dcor().dcserv(resource_id, "basins", deadline=deadline)
-            return {"asked": time.time(), "basins": answer}
+            return {"asked": time.time(), "basins": answer, "growing": _growing(answer)}
 
         answer = self._memo.get(f"basins:{resource_id}", ask, max_age=self._basins_age)
         age = time.time() - float(answer["asked"])  # presigned URLs age while stored
@@ -204,12 +217,14 @@ class Resources:
 
     def _basins_age(self, answer: Any) -> float:
         """How long dcserv's basins answer is kept: for good, unless its condensed basin has
-        no `features` (its object does not exist yet; they come once it does, doc/DCOR.md §7)."""
+        no `features` (its object does not exist yet; they come once it does, doc/DCOR.md §7):
+        judged when asked (this is called on every use of the remembered answer)."""
         try:
-            basins = parse_basins(answer["basins"])
-        except (ProtocolError, KeyError, TypeError):
+            growing = answer["growing"]
+            if not isinstance(growing, bool):  # remembered before it was judged when asked
+                growing = _growing(answer["basins"])
+        except (KeyError, TypeError):
             return self._recheck
-        growing = any(b.kind == "condensed" and b.features is None for b in basins)
         return self._recheck if growing else FOREVER
 
     def _renew(self, resource_id: str, kind: str) -> Renew:
@@ -281,7 +296,7 @@ class Resources:
                 self._failures.check(rid)  # while this one waited, another failed
             try:
                 opened = self._open_rtdc(dataset, resource, self._early_future(rid))
-            except DcorfsError as exc:
+            except Exception as exc:  # also OSError, h5py's: whatever fails, `earlier` serves
                 if isinstance(exc, ServerError):
                     self._failures.remember(rid, exc)
                 if earlier is None:
@@ -295,13 +310,19 @@ class Resources:
                 _close(opened)  # nothing new: readers keep the one they have
                 opened = earlier
             with self._lock:
-                if earlier is not None and earlier is not opened:
-                    self._retired.append(earlier)
-                self._opened[rid] = opened
-                if opened.source("condensed") is None:
-                    self._unsettled[rid] = time.monotonic()
-                else:
-                    self._unsettled.pop(rid, None)
+                closed = self._closed
+                if not closed:
+                    if earlier is not None and earlier is not opened:
+                        self._retired.append(earlier)
+                    self._opened[rid] = opened
+                    if opened.source("condensed") is None:
+                        self._unsettled[rid] = time.monotonic()
+                    else:
+                        self._unsettled.pop(rid, None)
+            if closed:  # the mount closed while this was opened: nothing would close it
+                if opened is not earlier:
+                    _close(opened)
+                raise TransientError(f"resource {rid}: the mount is closing")
             return opened
 
     def _ready(self, resource_id: str) -> RtdcResource | None:
@@ -312,7 +333,7 @@ class Resources:
             return None
         return opened
 
-    def settled(self, resource_id: str) -> bool:
+    def has_condensed(self, resource_id: str) -> bool:
         """Whether the resource is open with its condensed file (nothing more to come)."""
         with self._lock:
             return resource_id in self._opened and resource_id not in self._unsettled
@@ -320,8 +341,9 @@ class Resources:
     def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
         """`own` joined with the resources its condensed file's intra-dataset basins name
         (doc/DCOR.md §3): each opened as itself (its own files only, so basins that name each
-        other are no cycle), private ones with the token. Kept once every upstream opened;
-        an upstream that cannot be opened now is left out of this answer only."""
+        other are no cycle), private ones with the token. Kept once every upstream opened with
+        its condensed file; an upstream that cannot be opened now is left out of this answer
+        only."""
         condensed = own.source("condensed")
         if condensed is None or self._catalog is None or self._api is None:
             return own
@@ -350,7 +372,8 @@ class Resources:
                 log.info("resource %s: basin %s not usable: %s", resource.id, basin, exc)
                 complete = False
         made = own.with_upstream(found) if found else own
-        if complete:
+        # kept only when no upstream may be opened again (one without its condensed file is)
+        if complete and all(up.source("condensed") is not None for _, up in found):
             with self._lock:
                 self._joined[resource.id] = (own, made)
         return made
@@ -538,20 +561,23 @@ class Resources:
 
     def texts(self, dataset: Dataset, resource: Resource) -> Texts:
         """Metadata, logs and tables of an RT-DC resource: dcserv's answers, or without DCOR's
-        API made from its files (once; remembered with the original object's identity)."""
+        API made from its files (once; remembered with the identities of the original and of
+        the condensed file, whose logs come once it exists: doc/DCOR.md §7)."""
         if self._catalog is not None:
             rid = resource.id
             return Texts(
                 metadata=self._catalog.dcserv(rid, "metadata"),
-                logs=self._catalog.dcserv(rid, "logs", settled=self.settled(rid)) or {},
+                logs=self._catalog.dcserv(rid, "logs", settled=self.has_condensed(rid)) or {},
                 tables=self._catalog.dcserv(rid, "tables") or {},
             )
         opened = self.rtdc(dataset, resource)
         original = opened.source("resource")
         assert original is not None
         obj = original.remote.obj
+        condensed = opened.source("condensed")
+        made_from = "-" if condensed is None else condensed.remote.obj.etag
         made = self.remembered(
-            f"file-texts:{obj.key}:{obj.etag}",
+            f"file-texts:{obj.key}:{obj.etag}:{made_from}",
             lambda deadline: file_texts(opened, deadline=deadline),
         )
         return Texts(metadata=made["metadata"], logs=made["logs"], tables=made["tables"])
@@ -635,10 +661,20 @@ class Resources:
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
+            self._closed = True
             opened, self._opened = dict(self._opened), {}
             retired, self._retired = self._retired, []
         for resource in [*opened.values(), *retired]:
             _close(resource)
+
+
+def _growing(basins: Any) -> bool:
+    """Whether dcserv's basins answer will grow: its condensed basin has no `features`."""
+    try:
+        parsed = parse_basins(basins)
+    except (ProtocolError, KeyError, TypeError):
+        return True
+    return any(b.kind == "condensed" and b.features is None for b in parsed)
 
 
 def _close(resource: RtdcResource) -> None:

@@ -98,8 +98,9 @@ class File(Node):
         self._size = size
         self._make = make
         self.dynamic = dynamic  # contents change: size 0 (as in /proc), read with direct_io
-        # may be replaced on the next listing (a resource without its condensed file yet):
-        # attributes kept only for `dir_cache_time`, pages not kept from one open to the next
+        # may be replaced on the next listing by a file with other bytes (a resource without
+        # its condensed file yet): attributes kept only for `dir_cache_time`, and the
+        # replacement has an inode of its own (`fuse_ops.Operations._inode`)
         self.volatile = False
         self.blocking = blocking  # False: `content()` returns at once (called inline)
 
@@ -206,26 +207,57 @@ class Dir(Node):
         self._lock = threading.Lock()
         self._children: dict[str, Node] | None = None
         self._loaded = 0.0
+        # set: once loaded, the listing is made again with this (in the background) while
+        # the loaded one is still served
+        self._background: Callable[[Callable[[], None]], object] | None = None
+        self._refreshing = False
+        self._refresh_lock = threading.Lock()
 
     @property
     def volatile(self) -> bool:
         """True for listings that are refreshed (datasets, circles, collections)."""
         return self._max_age != float("inf")
 
-    def ready_children(self) -> dict[str, Node] | None:
-        """The children if loaded and fresh; never blocks on the network."""
+    def _fresh(self) -> dict[str, Node] | None:
         children = self._children
         if children is None or time.monotonic() - self._loaded > self._max_age:
             return None
         return children
+
+    def ready_children(self) -> dict[str, Node] | None:
+        """The children if loaded and fresh (or, with `_background`, loaded: then made again
+        there); never blocks on the network."""
+        fresh = self._fresh()
+        if fresh is not None or self._background is None or self._children is None:
+            return fresh
+        with self._refresh_lock:  # never held for long (`_lock` is, while loading)
+            start, self._refreshing = not self._refreshing, True
+        if start:
+            try:
+                self._background(self._refresh)
+            except RuntimeError:  # shut down: the mount is closing
+                self._refreshing = False
+        return self._children
+
+    def _refresh(self) -> None:
+        """Make the listing again (in the background): errors are left to a next attempt."""
+        try:
+            self._reload()
+        except DcorfsError as exc:
+            log.debug("refreshing %s: %s", self.path, exc)
+        finally:
+            self._refreshing = False
 
     def children(self) -> dict[str, Node]:
         """Blocking: loads (or refreshes) the listing. Existing child nodes are kept."""
         ready = self.ready_children()
         if ready is not None:
             return ready
+        return self._reload()
+
+    def _reload(self) -> dict[str, Node]:
         with self._lock:
-            ready = self.ready_children()
+            ready = self._fresh()
             if ready is not None:
                 return ready
             fresh = self._load()
@@ -271,9 +303,7 @@ def _unsettle(node: Node, max_age: float) -> None:
     if isinstance(node, File):
         node.volatile = True
     elif isinstance(node, StaticDir):
-        node._max_age = max_age
-        for child in node._static.values():
-            _unsettle(child, max_age)
+        node.unsettle(max_age)
 
 
 class StaticDir(Dir):
@@ -283,6 +313,12 @@ class StaticDir(Dir):
 
     def _load(self) -> dict[str, Node]:
         return dict(self._static)
+
+    def unsettle(self, max_age: float) -> None:
+        """Mark the directory and its files as replaced on a listing after `max_age`."""
+        self._max_age = max_age
+        for child in self._static.values():
+            _unsettle(child, max_age)
 
 
 class Context:
@@ -440,22 +476,54 @@ class GroupsDir(ListingDir):
         }
 
 
+class ProbedFile(File):
+    """A file whose size is asked of its object when its attributes are first needed
+    (`settle()`, in a worker thread): a failure is this file's alone (a public file the
+    store refuses for now, doc/DCOR.md §2), not its directory's, and tried again next time."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        probe: Callable[[], int],
+        make: Callable[[], FileContent],
+        mtime: float = 0.0,
+    ) -> None:
+        super().__init__(path, size=0, make=make, mtime=mtime)
+        self._probe = probe
+        self._probed: int | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self._probed is not None
+
+    def settle(self) -> None:
+        if self._probed is None:
+            self._probed = self._probe()
+
+    @property
+    def size(self) -> int:
+        if self._probed is None:
+            raise RuntimeError(f"{self.path}: size asked before settle()")
+        return self._probed
+
+
 class PlainFile:
-    """A non-RT-DC resource as a lazy file."""
+    """A non-RT-DC resource as a lazy file (sized when first looked at if its record has
+    no size: DCOR fills it in a background job, doc/DCOR.md §2)."""
 
     def __init__(self, path: str, ctx: Context, dataset: Dataset, resource: Resource) -> None:
         self._ctx = ctx
         self._dataset = dataset
         self._resource = resource
-        size = resource.size
-        if size is None:
-            size = ctx.resources.plain(dataset, resource).size
-        self.node = File(
-            path,
-            size=size,
-            make=self._content,
-            mtime=resource.mtime,
-        )
+        self.node: File
+        if resource.size is None:
+            self.node = ProbedFile(path, probe=self._size, make=self._content, mtime=resource.mtime)
+        else:
+            self.node = File(path, size=resource.size, make=self._content, mtime=resource.mtime)
+
+    def _size(self) -> int:
+        return self._ctx.resources.plain(self._dataset, self._resource).size
 
     def _content(self) -> FileContent:
         obj = self._ctx.resources.plain(self._dataset, self._resource)
@@ -516,8 +584,15 @@ class ResourceDir(Dir):
         self._ctx = ctx
         self.dataset = dataset
         self.resource = resource
+        # once listed, a reader is served that listing while the resource is opened again
+        # (looking for its condensed file, doc/DCOR.md §1)
+        self._background = ctx.resources.prepare
         self._early_lock = threading.Lock()
         self._loading: Future[dict[str, Node]] | None = None
+        # the opened resource the listing was made from, and whether the last listing was
+        # made from another one (then its files whose bytes may differ are new nodes)
+        self._made_from: object = None
+        self._reopened = False
 
     def lookup(self, name: str) -> Node:
         if self.ready_children() is None and name.endswith(".npy"):
@@ -547,7 +622,11 @@ class ResourceDir(Dir):
         return content_file(self.child_path(name), content, self.mtime)
 
     def _merged(self, old: Node | None, new: Node) -> Node:
-        return new  # made again: the resource was opened again (its condensed file came)
+        """A new node only for a file (or directory) whose bytes may have changed: the
+        resource was opened again (its condensed file came) and it was volatile."""
+        if self._reopened and isinstance(old, (File, Dir)) and old.volatile:
+            return new
+        return _keep(old, new)
 
     def prepare(self) -> None:
         """Load the listing now (in the background): errors are left to the next reader."""
@@ -559,6 +638,8 @@ class ResourceDir(Dir):
     def _load(self) -> dict[str, Node]:
         ctx, rid, mtime = self._ctx, self.resource.id, self.mtime
         opened = ctx.resources.rtdc(self.dataset, self.resource)
+        self._reopened = self._made_from is not None and opened is not self._made_from
+        self._made_from = opened
         # whoever reads one scalar feature is likely to read more: all of them are brought
         # into memory in the background (decoded, or from the disk cache) on first open
         warm = functools.partial(ctx.resources.warm_scalars, opened)
@@ -601,9 +682,14 @@ class ResourceDir(Dir):
             mtime,
         )
         # without its condensed file (yet) the listing is made again after `dir_cache_time`:
-        # the resource is opened again then, with the condensed file once it exists
-        self._max_age = float("inf") if ctx.resources.settled(rid) else ctx.dir_cache_time
+        # the resource is opened again then, with the condensed file once it exists; what
+        # may change then (the files made from the condensed file: scalar features, the
+        # table, the synthesized file, logs) is marked so
+        self._max_age = float("inf") if ctx.resources.has_condensed(rid) else ctx.dir_cache_time
         if self.volatile:
-            for node in files.values():
-                _unsettle(node, ctx.dir_cache_time)
+            changing = [synthesized, "features.tsv", "logs"]
+            changing += [sanitize(f.name + ".npy") for f in opened.scalar_features()]
+            for name in changing:
+                if name in files:
+                    _unsettle(files[name], ctx.dir_cache_time)
         return files

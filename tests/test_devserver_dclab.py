@@ -16,7 +16,16 @@ from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import FIXTURE_FILES, TOKENS, ServerProcess, api, needs_fixtures, resource
+from .conftest import (
+    FIXTURE_FILES,
+    LAG,
+    TOKENS,
+    ServerProcess,
+    api,
+    lag_over,
+    needs_fixtures,
+    resource,
+)
 
 pytestmark = [
     # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure
@@ -155,14 +164,6 @@ def test_dclab_with_intra_basin_features_off(data_dir: Path, tmp_path: Path) -> 
 
 # -- DCOR in motion (doc/DCOR.md §1, §2, §7): dclab against each mode ------------------------
 
-LAG = 3600.0  # a lag the tests end rather than wait for
-
-
-def _lag_over(server: DevServer) -> None:
-    """What the server's lags stand for has happened now (DCOR's background jobs ran)."""
-    assert server.site is not None
-    server.site.started -= LAG
-
 
 def _basin(remote: Any, kind: str) -> Any:
     return next(b for b in remote.basins if b.name.startswith(kind))
@@ -212,7 +213,7 @@ def test_dclab_sees_a_condensed_file_that_appears(data_dir: Path, devserver: Dev
         with open_remote(server, entry["id"]) as remote:
             assert not _basin(remote, "condensed").is_available()
             assert "dclab-condense" not in remote.logs
-        _lag_over(server)
+        lag_over(server)
         with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
             assert _basin(remote, "condensed").is_available()
             assert "volume" in remote.features_basin
@@ -241,33 +242,45 @@ def test_dclab_with_late_fields_and_public_tag(data_dir: Path, devserver: DevSer
             np.testing.assert_array_equal(remote["deform"][:], local["deform"][:])
             with pytest.raises(KeyError):
                 remote["image"][0]
-        _lag_over(server)
+        lag_over(server)
         status, record = api(server, "resource_show", id=entry["id"])
         assert record["result"]["etag"] and record["result"]["size"] == entry["size"]
         with open_remote(server, entry["id"]) as remote, dclab.new_dataset(entry["path"]) as local:
             np.testing.assert_array_equal(remote["image"][5], local["image"][5])
 
 
-def test_the_lags_combine_on_the_command_line(data_dir: Path, devserver: DevServer) -> None:
-    """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once, then neither."""
-    entry = resource(devserver, "generated", "M001_data.rtdc")
-    server = ServerProcess(data_dir, "--condensed-lag", "6", "--fields-lag", "6")
-    try:
-        base = f"{server.url}/api/3/action"
-        params = {"id": entry["id"], "query": "basins", "version": "2"}
-        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
-        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
-        assert "features" not in basins[0] and "etag" not in record.json()["result"]
+def assert_lagging(url: str, rid: str, lagging: bool) -> None:
+    """Whether both lags are in effect (condensed file and fields) or neither."""
+    base = f"{url}/api/3/action"
+    params = {"id": rid, "query": "basins", "version": "2"}
+    basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
+    record = requests.get(f"{base}/resource_show", params={"id": rid}, timeout=10).json()
+    if lagging:
+        assert "features" not in basins[0] and "etag" not in record["result"]
         assert requests.get(basins[1]["urls"][0], timeout=10).status_code == 403
-        time.sleep(6.5)
-        basins = requests.get(f"{base}/dcserv", params=params, timeout=10).json()["result"]
-        record = requests.get(f"{base}/resource_show", params={"id": entry["id"]}, timeout=10)
-        assert "volume" in basins[0]["features"] and record.json()["result"]["etag"]
-        for basin in basins:
-            answer = requests.get(basin["urls"][0], headers={"Range": "bytes=0-7"}, timeout=10)
-            assert answer.status_code == 206
+        return
+    assert "volume" in basins[0]["features"] and record["result"]["etag"]
+    for basin in basins:
+        answer = requests.get(basin["urls"][0], headers={"Range": "bytes=0-7"}, timeout=10)
+        assert answer.status_code == 206
+
+
+def test_the_lags_combine(data_dir: Path, devserver: DevServer) -> None:
+    """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once (lags far longer than
+    the test, so no race with the server's start-up), then neither once they are over."""
+    from dcorfs.devserver.site import SiteOptions
+
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    lag = str(int(LAG))
+    server = ServerProcess(data_dir, "--condensed-lag", lag, "--fields-lag", lag)
+    try:
+        assert_lagging(server.url, entry["id"], lagging=True)
     finally:
         server.close()
+    with DevServer(data_dir, options=SiteOptions(condensed_lag=LAG, fields_lag=LAG)) as inside:
+        assert_lagging(inside.url, entry["id"], lagging=True)
+        lag_over(inside)
+        assert_lagging(inside.url, entry["id"], lagging=False)
 
 
 # -- intra-dataset basins (doc/DCOR.md §3) -------------------------------------------------------

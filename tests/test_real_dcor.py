@@ -4,6 +4,7 @@ condensed files missing or appearing late, resource fields and the public tag se
 from __future__ import annotations
 
 import errno
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,10 +15,22 @@ import dclab
 import numpy as np
 import pytest
 
+from dcorfs.catalog import Catalog
+from dcorfs.dcserv import DcorApi
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
+from dcorfs.http import Http
+from dcorfs.metastore import FOREVER, Memo, MetaStore
 
-from .conftest import TOKENS, innate_features, resource, resource_dir, rtdc_entries
+from .conftest import (
+    LAG,
+    TOKENS,
+    innate_features,
+    lag_over,
+    resource,
+    resource_dir,
+    rtdc_entries,
+)
 from .mounts import log_lines, mounted, needs_fuse
 
 pytestmark = [
@@ -26,7 +39,6 @@ pytestmark = [
     # a field fixture stores `roi position x` as a float; dclab says so when opening it
     pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.config.WrongConfigurationTypeWarning"),
 ]
-LAG = 3600.0  # a lag the tests end (`_lag_over`) rather than wait for
 REFRESH = "2"  # --dir-cache-time of the mounts that watch things appear
 
 
@@ -36,12 +48,6 @@ def serving(data_dir: Path, devserver: DevServer, **options: Any) -> Iterator[De
     assert devserver.site is not None
     with DevServer(data_dir, options=SiteOptions(**options)) as server:
         yield server
-
-
-def _lag_over(server: DevServer) -> None:
-    """What the server's lags stand for has happened now (DCOR's background jobs ran)."""
-    assert server.site is not None
-    server.site.started -= LAG
 
 
 def feature_files(directory: Path) -> dict[str, Path]:
@@ -118,7 +124,7 @@ def test_a_condensed_file_that_appears_is_used_after_the_refresh(
         directory = resource_dir(mnt, entry)
         assert_original_alone(directory, entry["path"])
         assert "volume" not in tsv_columns(directory)
-        _lag_over(server)  # DCOR's condensing job has run
+        lag_over(server)  # DCOR's condensing job has run
         eventually((directory / "volume.npy").exists)
         with dclab.new_dataset(entry["path"]) as ds:
             assert np.array_equal(np.load(directory / "volume.npy"), ds["volume"][:])
@@ -164,7 +170,111 @@ def test_a_public_file_refused_for_now_is_read_later_without_remount(
             (directory / "image.npy").stat()
         assert refused.value.errno == errno.EACCES
         assert log_lines(tmp_path / "cache", "refuses its file for now")
-        _lag_over(server)  # the tag is set
+        lag_over(server)  # the tag is set
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("image", "deform"):
                 assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
+
+
+def test_logs_kept_by_earlier_versions_are_not_taken_for_final(
+    devserver: DevServer, tmp_path: Path
+) -> None:
+    # caches before doc/DCOR.md §7 kept `dcserv:logs:<id>` for good, also an answer from
+    # before condensing: the final logs are kept under another key
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+    stale = {"before-condensing": ["the original's log only"]}
+    memo.get(f"dcserv:logs:{entry['id']}", lambda deadline: stale, max_age=FOREVER)
+    api = DcorApi(http=Http(), base_url=devserver.url, token=None)
+    catalog = Catalog(api=api, memo=memo, dir_cache_time=60)
+    assert "dclab-condense" in catalog.dcserv(entry["id"], "logs")
+
+
+def test_files_the_condensed_file_does_not_change_keep_their_page_cache(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # without the condensed file only what it would change is made anew after the refresh:
+    # image data (the original's alone) stay in the kernel's page cache from one open to
+    # the next, also across refreshes of a resource whose condensing failed for good
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with (
+        serving(data_dir, devserver, condensed=False) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        directory = resource_dir(mnt, entry)
+        image = (directory / "image.npy").read_bytes()
+        for _ in range(2):
+            time.sleep(float(REFRESH) + 0.5)  # the listing is made again
+            assert {p.name for p in directory.iterdir()} >= {"image.npy", "deform.npy"}
+            served = served_bytes(mnt)
+            assert (directory / "image.npy").read_bytes() == image
+            # from the page cache, not read again (the kernel may have dropped some pages of
+            # it under memory pressure, and the daemon served status.json itself)
+            assert served_bytes(mnt) - served < len(image) // 2
+
+
+def served_bytes(mnt: Path) -> int:
+    report = json.loads((mnt / ".dcorfs" / "status.json").read_text())
+    return int(report["fuse"]["bytes_served"])
+
+
+def test_a_file_open_across_the_switch_to_the_condensed_file_keeps_its_bytes(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # features.tsv is made anew once the condensed file exists (more columns): a handle open
+    # before reads the old file to its end, never pages of the new one; a new open the new
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with (
+        serving(data_dir, devserver, condensed_lag=LAG) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        directory = resource_dir(mnt, entry)
+        tsv = directory / "features.tsv"
+        before = tsv.read_bytes()
+        assert len(before) > 4 * 4096 * 8  # beyond the kernel's read-ahead of a first read
+        with tsv.open("rb", buffering=0) as held:
+            head = held.read(4096)
+            lag_over(server)  # DCOR's condensing job has run
+            eventually(lambda: "volume" in tsv_columns(directory))
+            after = tsv.read_bytes()
+            assert after != before
+            rest = held.read()
+        assert head + rest == before
+        with tsv.open("rb") as again:
+            assert again.read() == after
+
+
+def test_a_plain_file_refused_for_now_fails_alone_not_its_dataset(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # objects read anonymously from the store (--s3-endpoint) while DCOR's jobs have not run:
+    # a plain resource's record has no size and its object is refused (not tagged public);
+    # the dataset directory lists and its RT-DC resources open, the plain file fails alone
+    entry = resource(devserver, "generated", "M001_data.rtdc")
+    with (
+        serving(data_dir, devserver, fields_lag=LAG) as server,
+        mounted(
+            tmp_path / "mnt",
+            server.url,
+            tmp_path / "cache",
+            "--s3-endpoint",
+            server.url,
+            "--dir-cache-time",
+            REFRESH,
+        ) as mnt,
+    ):
+        dataset = mnt / "datasets" / "generated"
+        listed = {p.name for p in dataset.iterdir()}
+        assert {"dataset.json", "M001_data"} <= listed and "notes.txt" not in listed
+        with pytest.raises(OSError) as refused:
+            (dataset / "notes.txt").stat()
+        assert refused.value.errno == errno.EACCES
+        lag_over(server)  # the tag is set
+        assert (dataset / "notes.txt").read_text() == "a plain text resource\n"
+        eventually(lambda: "notes.txt" in {p.name for p in dataset.iterdir()})
+        with dclab.new_dataset(entry["path"]) as ds:
+            assert np.array_equal(np.load(resource_dir(mnt, entry) / "deform.npy"), ds["deform"])

@@ -369,9 +369,12 @@ def test_seaweedfs_signed_and_anonymous(
 
 
 @contextmanager
-def s3_only_resources(cache: Path, endpoint: str, circle_id: str) -> Iterator[Any]:
+def s3_only_resources(
+    cache: Path, endpoint: str, circle_id: str, dir_cache_time: float = 300.0
+) -> Iterator[Any]:
     """`Resources` wired by the mount's own wiring for an --s3-only mount."""
     settings = MountSettings(
+        dir_cache_time=dir_cache_time,
         mountpoint=cache,
         cache_dir=cache,
         cache_size=1 << 30,
@@ -421,6 +424,41 @@ def test_s3_only_opens_no_hdf5_file_once_its_features_are_known(
             assert not any(source.is_open for source in sources if source is not None)
             counts = web.request_counts()
             assert counts.get("range", 0) == counts.get("probe", 0) == 0, counts
+
+
+def test_s3_only_texts_gain_the_condensing_logs_once_the_condensed_file_exists(
+    seaweedfs: SeaweedFS, devserver: DevServer, tmp_path: Path
+) -> None:
+    """Without dcserv the logs are read from the files: those made while the condensed file
+    did not exist are not kept once it does (doc/DCOR.md §7)."""
+    entry = next(e for e in info(devserver) if e["name"] == "M001_data.rtdc")
+    _, body = api(devserver, "organization_list", all_fields="true")
+    circle_id = next(c["id"] for c in body["result"] if c["name"] == entry["circle"])
+    assert devserver.site is not None
+    condensed = devserver.site.resource_object(entry["id"], "condensed")
+    assert condensed is not None
+    client = seaweedfs.client()
+
+    def restore() -> None:
+        client.put_object(
+            Bucket=condensed.bucket, Key=condensed.key, Body=condensed.path.read_bytes()
+        )
+
+    client.delete_object(Bucket=condensed.bucket, Key=condensed.key)
+    try:
+        with s3_only_resources(tmp_path / "cache", seaweedfs.url, circle_id, 1.0) as (
+            buckets,
+            resources,
+            _,
+        ):
+            dataset = buckets.dataset(circle_id)
+            resource = buckets.resource(circle_id, entry["id"])
+            assert "dclab-condense" not in resources.texts(dataset, resource).logs
+            restore()  # DCOR's condensing job has run
+            time.sleep(1.5)
+            assert "dclab-condense" in resources.texts(dataset, resource).logs
+    finally:
+        restore()
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dcorfs.blockcache import ObjectId
-from dcorfs.catalog import Resource
+from dcorfs.catalog import Catalog, Resource
 from dcorfs.content import StaticContent
-from dcorfs.dcserv import Locator, object_key, parse_basin
+from dcorfs.dcserv import DcorApi, Locator, object_key, parse_basin
 from dcorfs.derived import DerivedCache
 from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
 from dcorfs.fuse_ops import Operations
@@ -35,7 +35,7 @@ from dcorfs.producers.tsv import _format
 from dcorfs.resources import Resources
 from dcorfs.rtdc import Feature
 from dcorfs.settings import Token, parse_host, parse_size
-from dcorfs.tree import Context, File, LazyFile, ResourceDir, StaticDir
+from dcorfs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
 
 
 def test_names_are_safe_and_unique() -> None:
@@ -383,3 +383,123 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
         assert resources.attempts == 1
     finally:
         resources._listing.shutdown()
+
+
+def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
+    """dc_serve answers the logs without the condensed file's when it cannot add them
+    (doc/DCOR.md §7): such an answer is asked again after `dir_cache_time`."""
+    answers = iter([{"original": ["a"]}, {"original": ["a"], "dclab-condense": ["b"]}, {}])
+
+    class Api:  # the transport boundary: dcserv's answers in turn
+        def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:
+            return next(answers)
+
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+    catalog = Catalog(api=cast(DcorApi, Api()), memo=memo, dir_cache_time=0.0)
+    assert "dclab-condense" not in catalog.dcserv("r", "logs")
+    assert "dclab-condense" in catalog.dcserv("r", "logs")
+    assert "dclab-condense" in catalog.dcserv("r", "logs")  # final: not asked again
+
+
+class Reopened:
+    """An opened resource without its condensed file (what `_own_rtdc` keeps)."""
+
+    closed = False
+
+    def source(self, kind: str) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FailingReopen(Resources):
+    """`Resources` whose first opening of a resource succeeds (without the condensed file)
+    and whose later ones fail with an error that is not dcorfs' own (h5py's OSError)."""
+
+    def __init__(self) -> None:
+        none = cast(Any, None)
+        super().__init__(
+            api=none,
+            catalog=none,
+            memo=none,
+            http=none,
+            locator=none,
+            cache=none,
+            derived=none,
+            timeout=9,
+            store=cast(Any, object()),
+            recheck=3600,
+        )
+        self.attempts = 0
+        self.first = Reopened()
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.attempts += 1
+        if self.attempts == 1:
+            return self.first
+        raise OSError("Unable to synchronously open file (truncated file)")
+
+
+def test_a_failed_reopening_serves_the_earlier_one_and_waits_for_the_next_recheck() -> None:
+    resources = FailingReopen()
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    try:
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        resources._unsettled["r1"] -= 3600  # `recheck` has passed
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        assert resources.attempts == 2  # not again until `recheck` has passed once more
+    finally:
+        resources.close()
+
+
+class Relisted(Dir):
+    """A directory refreshed in the background whose second listing waits for `release`."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        super().__init__("/d", max_age=3600)
+        self._background = pool.submit
+        self.release = threading.Event()
+        self.loads = 0
+
+    def _load(self) -> dict[str, Node]:
+        self.loads += 1
+        if self.loads > 1:
+            assert self.release.wait(30)
+        return {f"v{self.loads}": static_file(f"/d/v{self.loads}", b"")}
+
+
+def test_a_stale_listing_is_served_while_it_is_made_again() -> None:
+    """A resource directory's readers are not kept waiting while the resource is opened
+    again (doc/DCOR.md §1): the loaded listing is served meanwhile."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    directory = Relisted(pool)
+    try:
+        assert set(directory.children()) == {"v1"}
+        directory._loaded -= 3600  # `max_age` has passed
+        assert set(cast(dict[str, Node], directory.ready_children())) == {"v1"}
+        assert directory.lookup("v1").path == "/d/v1"  # not waiting for the new listing
+        directory.release.set()
+    finally:
+        directory.release.set()
+        pool.shutdown(wait=True)
+    assert set(cast(dict[str, Node], directory.ready_children())) == {"v2"}
+    assert directory.loads == 2
+
+
+class ClosedMeanwhile(FailingReopen):
+    """`Resources` closed (the mount ends) while a resource is being opened."""
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.close()
+        return self.first
+
+
+def test_a_resource_opened_while_the_mount_closes_is_closed_too() -> None:
+    resources = ClosedMeanwhile()
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    with pytest.raises(TransientError, match="closing"):
+        resources._own_rtdc(cast(Any, None), resource)
+    assert resources.first.closed  # not left open in `_opened`
+    assert not resources._opened
