@@ -5,8 +5,10 @@ objects live on another host name, and one upload is truncated: DCOR cannot open
 answers 500) but still serves its object.
 
 Two mounts at once (anonymous, and a user who is a member of some private circles only) walk
-the whole tree and read every file, while the lags run and after they ended. Every error is
-collected by path and errno; the only ones allowed are named below, each with its reason."""
+the whole tree and read every file in three phases: condensing and the public tag both late;
+condensed files made, the tag still late (public resources show their condensed file's
+features); all done. Every error is collected by path and errno; the only ones allowed are
+named in `check_phase`, each with its reason."""
 
 from __future__ import annotations
 
@@ -237,16 +239,20 @@ def check_phase(
     # are read (below)
     expected = {stem(site.broken): errno.EIO}
     public = [e for e in site.good if not e["private"]]
-    if phase != "settled":
+    if phase == "lagging":
         # until DCOR's job tags an upload public=true the store refuses anonymous reads of it
         # (doc/DCOR.md §2), and the mount reads public datasets' objects by their public URLs
-        # with a token too. While condensing lags as well nothing of such a resource is
-        # readable (dclab's DCOR client fails too).
-        # KNOWN GAP ("condensed" phase): once the condensed file exists dclab's client serves
-        # its scalar features, while the mount still refuses the whole resource (EACCES) until
-        # the tag arrives; this asserts today's behaviour.
+        # with a token too; while condensing lags as well nothing of such a resource is
+        # readable (dclab's DCOR client fails too): refused for now
         expected |= {stem(e): errno.EACCES for e in public}
     assert by_resource(errors) == expected, where
+    if phase == "condensed":
+        # the originals still refused: the condensed file's scalar features, as dclab shows
+        for entry in public:
+            directory = str(resource_dir(mnt, entry).relative_to(mnt))
+            assert f"{directory}/deform.npy" in files, (where, entry["name"])
+            assert f"{directory}/image.npy" not in files, (where, entry["name"])
+        assert_values(mnt, site, "generated", "M001_data", ["deform", "volume"])
     for plain in ("datasets/generated/notes.txt", f"datasets/{BROKEN[0]}/readme.txt"):
         assert plain in files, (where, plain)
     if phase != "settled":
@@ -262,7 +268,10 @@ def check_phase(
         directory = str(resource_dir(mnt, entry).relative_to(mnt))
         with dclab.new_dataset(entry["path"]) as ds:  # computable, condensing stores it
             has_volume = "volume" in ds.features
+            # the original's (a processed resource's: its basin's, below), the tag is set
+            has_image = "image" in ds.features_innate or entry["name"].endswith("_dcn.rtdc")
         assert (f"{directory}/volume.npy" in files) == has_volume, (where, entry["name"])
+        assert (f"{directory}/image.npy" in files) == has_image, (where, entry["name"])
         if entry["name"].endswith("_dcn.rtdc"):  # through its intra-dataset basin
             for name in ("image.npy", "mask.npy"):
                 assert f"{directory}/{name}" in files, (where, entry["name"], name)
