@@ -31,7 +31,7 @@ from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
 from .conftest import TOKENS, info, resource_dir
-from .mounts import mounted, needs_fuse, read_file
+from .mounts import log_lines, mounted, needs_fuse, read_file
 
 pytestmark = [
     needs_fuse,
@@ -228,6 +228,8 @@ def test_a_site_in_motion_lists_and_reads_everything(
             walks = dict(zip(mounts, pool.map(walk, mounts.values()), strict=True))
             for user, (errors, files) in walks.items():
                 check_phase(phase, user, mnt=mounts[user], site=site, errors=errors, files=files)
+    for cache in (tmp_path / "c0", tmp_path / "c1"):  # no handler met the unexpected
+        assert not log_lines(cache, "unexpected error", "Traceback"), cache
 
 
 def check_phase(
