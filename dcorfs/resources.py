@@ -120,6 +120,7 @@ class Resources:
         self._unsettled: dict[str, float] = {}
         self._retired: list[RtdcResource] = []  # replaced by a later opening (readers may hold)
         self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
+        self._partial: set[str] = set()  # last joined without all its upstreams' originals
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
@@ -285,9 +286,14 @@ class Resources:
         return opened
 
     def settled(self, resource_id: str) -> bool:
-        """Whether the resource is open with its condensed file (nothing more to come)."""
+        """Whether the resource is open with its own files and joined with its upstreams'
+        (nothing more to come)."""
         with self._lock:
-            return resource_id in self._opened and resource_id not in self._unsettled
+            return (
+                resource_id in self._opened
+                and resource_id not in self._unsettled
+                and resource_id not in self._partial
+            )
 
     def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
         """`own` joined with the resources its condensed file's intra-dataset basins name
@@ -326,9 +332,12 @@ class Resources:
                 log.info("resource %s: basin %s not usable: %s", resource.id, basin, exc)
                 complete = False
         made = own.with_upstream(found) if found else own
-        if complete:
-            with self._lock:
+        with self._lock:
+            if complete:
                 self._joined[resource.id] = (own, made)
+                self._partial.discard(resource.id)
+            else:
+                self._partial.add(resource.id)
         return made
 
     def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:

@@ -3,6 +3,7 @@ condensed files missing or appearing late, resource fields and the public tag se
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,3 +176,34 @@ def test_a_public_file_refused_for_now_is_read_later_without_remount(
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("image", "deform"):
                 assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
+
+
+def test_a_processed_resource_gets_its_upstreams_features_once_the_upstream_is_tagged(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # DCOR's jobs tag each upload on its own: the processed file may be public while its raw
+    # upstream is not yet (doc/DCOR.md §2, §3). The upstream offers its condensed file's
+    # features meanwhile; its image and mask come once the tag is set, without remount
+    raw = resource(devserver, "dcnum-pairs", "R001_data.rtdc")
+    processed = resource(devserver, "dcnum-pairs", "R001_data_dcn.rtdc")
+    with (
+        serving(data_dir, devserver) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        assert server.site is not None
+        objects = server.site.objects
+        (key,) = [
+            k for k, o in objects.items() if o.resource_id == raw["id"] and o.artifact == "resource"
+        ]
+        tagged = objects[key]
+        objects[key] = dataclasses.replace(tagged, public=False)  # the raw upload: not yet
+        directory = resource_dir(mnt, processed)
+        assert (directory / "deform.npy").exists()
+        assert not (directory / "image.npy").exists()
+        assert log_lines(tmp_path / "cache", "refuses its file for now")
+        objects[key] = tagged  # DCOR's job tagged it
+        eventually((directory / "image.npy").exists)
+        with dclab.new_dataset(raw["path"]) as ds:
+            assert np.array_equal(np.load(directory / "image.npy"), ds["image"][:])
