@@ -18,6 +18,8 @@ A resource whose condensed file does not exist (yet: DCOR makes it in a backgrou
 lags uploads and may fail for good, doc/DCOR.md §1) opens from its original alone; nothing about
 that absence is kept for good: such a resource is opened again, dcserv's basins and logs asked
 again, once `recheck` seconds have passed, so the condensed file is used once it appears.
+Likewise a public resource whose original the store refuses for now (not yet tagged public,
+doc/DCOR.md §2) opens from its condensed file alone and is opened again after `recheck`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
 from .rtdc import (
+    OWN_SOURCES,
     RemoteFile,
     RtdcResource,
     RtdcSource,
@@ -143,6 +146,7 @@ class Resources:
         self._retired: list[RtdcResource] = []
         self._closed = False  # `close` called: an opening that ends later closes its own
         self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
+        self._partial: set[str] = set()  # last joined without all its upstreams' originals
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._failures = Failures()  # resources the server fails on (doc/DCOR.md §8)
@@ -306,7 +310,7 @@ class Resources:
             finally:
                 with self._lock:  # what a next attempt finds early is its own
                     self._early.pop(rid, None)
-            if earlier is not None and opened is not earlier and opened.source("condensed") is None:
+            if earlier is not None and opened is not earlier and not _more(opened, earlier):
                 _close(opened)  # nothing new: readers keep the one they have
                 opened = earlier
             with self._lock:
@@ -315,7 +319,7 @@ class Resources:
                     if earlier is not None and earlier is not opened:
                         self._retired.append(earlier)
                     self._opened[rid] = opened
-                    if opened.source("condensed") is None:
+                    if not opened.complete():
                         self._unsettled[rid] = time.monotonic()
                     else:
                         self._unsettled.pop(rid, None)
@@ -334,16 +338,28 @@ class Resources:
         return opened
 
     def has_condensed(self, resource_id: str) -> bool:
-        """Whether the resource is open with its condensed file (nothing more to come)."""
+        """Whether the resource is open with its condensed file and its original (its logs
+        are final: doc/DCOR.md §7)."""
         with self._lock:
             return resource_id in self._opened and resource_id not in self._unsettled
+
+    def settled(self, resource_id: str) -> bool:
+        """Whether the resource is open with its own files and joined with its upstreams'
+        (nothing more to come)."""
+        with self._lock:
+            return (
+                resource_id in self._opened
+                and resource_id not in self._unsettled
+                and resource_id not in self._partial
+            )
 
     def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
         """`own` joined with the resources its condensed file's intra-dataset basins name
         (doc/DCOR.md §3): each opened as itself (its own files only, so basins that name each
         other are no cycle), private ones with the token. Kept once every upstream opened with
-        its condensed file; an upstream that cannot be opened now is left out of this answer
-        only."""
+        its condensed file and its original; an upstream that cannot be opened now is left out
+        of this answer only, one whose original is refused for now (doc/DCOR.md §2) offers its
+        condensed file's."""
         condensed = own.source("condensed")
         if condensed is None or self._catalog is None or self._api is None:
             return own
@@ -367,15 +383,22 @@ class Resources:
         for basin in basins:
             try:
                 up_dataset, up_resource = self._catalog.resource(basin.resource_id)
-                found.append((basin, self._own_rtdc(up_dataset, up_resource)))
+                other = self._own_rtdc(up_dataset, up_resource)
+                found.append((basin, other))
+                # its original refused for now: its features from it are still to come
+                complete = complete and other.source("resource") is not None
             except DcorfsError as exc:
                 log.info("resource %s: basin %s not usable: %s", resource.id, basin, exc)
                 complete = False
         made = own.with_upstream(found) if found else own
         # kept only when no upstream may be opened again (one without its condensed file is)
-        if complete and all(up.source("condensed") is not None for _, up in found):
-            with self._lock:
+        complete = complete and all(up.source("condensed") is not None for _, up in found)
+        with self._lock:
+            if complete:
                 self._joined[resource.id] = (own, made)
+                self._partial.discard(resource.id)
+            else:
+                self._partial.add(resource.id)
         return made
 
     def _early_future(self, resource_id: str) -> concurrent.futures.Future[Served | None]:
@@ -428,23 +451,14 @@ class Resources:
             if stated:
                 warm = functools.partial(self._warm_condensed, early, events=stated)
                 condensed_made.add_done_callback(warm)
+        original: RtdcSource | None = None
+        refused: AccessDenied | None = None
         try:
             original = self._described("resource", keys["resource"], resource.size, resource.etag)
         except AccessDenied as exc:
             if dataset.private:
                 raise
-            # DCOR tags an upload public=true in a background job (doc/DCOR.md §2): until then
-            # the store refuses anonymous reads; nothing is remembered, the next access retries
-            log.warning(
-                "resource %s of public dataset %s: the object store refuses its file for now "
-                "(not yet made public by DCOR?); trying again on the next access: %s",
-                resource.id,
-                dataset.name,
-                exc,
-            )
-            raise AccessDenied(
-                f"resource {resource.id}: the object store refuses its file for now"
-            ) from exc
+            refused = exc
         condensed = None
         if condensed_made is not None:
             try:
@@ -459,14 +473,37 @@ class Resources:
                     self._recheck,
                     exc,
                 )
+        if refused is not None:
+            # DCOR tags an upload public=true in a background job (doc/DCOR.md §2): until then
+            # the store refuses anonymous reads. The condensed file alone serves meanwhile (as
+            # dclab's client does; with dcserv's metadata, logs and tables), nothing is
+            # remembered: opened again after `recheck`, without it on the next access
+            if catalog is None:
+                condensed = None
+            log.warning(
+                "resource %s of public dataset %s: the object store refuses its file for now "
+                "(not yet made public by DCOR?); %s: %s",
+                resource.id,
+                dataset.name,
+                f"its condensed file serves, looking again in {self._recheck:.0f} s"
+                if condensed is not None
+                else "trying again on the next access",
+                refused,
+            )
+            if condensed is None:
+                raise AccessDenied(
+                    f"resource {resource.id}: the object store refuses its file for now"
+                ) from refused
+        opened = original or condensed
+        assert opened is not None
         if metadata is None:  # without dcserv: the file's own, remembered like its features
-            obj = original.remote.obj
+            obj = opened.remote.obj
             experiment = self.remembered(
                 f"rtdc-experiment:v1:{obj.identity.hex()}",
-                functools.partial(_experiment, original),
+                functools.partial(_experiment, opened),
             )
             metadata = {"experiment": experiment}
-        events = _event_count(metadata, original)
+        events = _event_count(metadata, opened)
         return RtdcResource(original, condensed, events, self._derived)
 
     def _ask_logs(
@@ -677,6 +714,13 @@ def _growing(basins: Any) -> bool:
     return any(b.kind == "condensed" and b.features is None for b in parsed)
 
 
+def _more(opened: RtdcResource, earlier: RtdcResource) -> bool:
+    """Whether `opened` has an own file `earlier` lacks."""
+    return any(
+        opened.source(kind) is not None and earlier.source(kind) is None for kind in OWN_SOURCES
+    )
+
+
 def _close(resource: RtdcResource) -> None:
     try:
         resource.close()
@@ -716,11 +760,11 @@ def _stated_events(metadata: Any) -> int:
         return 0
 
 
-def _event_count(metadata: Any, original: RtdcSource) -> int:
+def _event_count(metadata: Any, source: RtdcSource) -> int:
     count = _stated_events(metadata)
     if count > 0:
         return count
-    lengths = [f.shape[0] for f in original.features.values()]
+    lengths = [f.shape[0] for f in source.features.values()]
     if not lengths:
         raise ProtocolError("resource has no features")
     return max(set(lengths), key=lengths.count)

@@ -482,15 +482,22 @@ class RtdcResource:
 
     def __init__(
         self,
-        original: RtdcSource,
+        original: RtdcSource | None,
         condensed: RtdcSource | None,
         events: int,
         derived: DerivedCache,
     ) -> None:
+        """One of `original` and `condensed` at least: a public resource's original may be
+        refused for now, its condensed file alone serving meanwhile (doc/DCOR.md §2)."""
+        if original is None and condensed is None:
+            raise ValueError("a resource needs its original or its condensed file")
         self.events = events
         self.derived = derived
-        self._sources = {"resource": original}
-        merged = {name: f for name, f in original.features.items() if _shown(f, events)}
+        self._sources: dict[str, RtdcSource] = {}
+        merged = {}
+        if original is not None:
+            self._sources["resource"] = original
+            merged = {name: f for name, f in original.features.items() if _shown(f, events)}
         if condensed is not None:
             self._sources["condensed"] = condensed
             merged.update((f.name, f) for f in condensed_features(condensed, events))
@@ -537,6 +544,10 @@ class RtdcResource:
         """The derived object holding the values of feature `name` (see the class note)."""
         return self._objects[name]
 
+    def complete(self) -> bool:
+        """Whether both its own files are open (nothing more of its own may come)."""
+        return all(kind in self._sources for kind in OWN_SOURCES)
+
     def source(self, kind: str) -> RtdcSource | None:
         """The opened file of one kind ("resource" or "condensed"), if the resource has it."""
         return self._sources.get(kind)
@@ -556,12 +567,14 @@ class RtdcResource:
 
     def outline(self, *, deadline: float) -> Outline:
         """Root attributes, feature attributes, logs and tables as the original file has them
-        (a feature's attributes from the file its values come from: only those are read)."""
-        original = self._sources["resource"]
+        (the condensed file while only it is open; a feature's attributes from the file its
+        values come from: only those are read)."""
+        root = "resource" if "resource" in self._sources else "condensed"
+        original = self._sources[root]
         paths: dict[str, list[str]] = {kind: [] for kind in self._sources}
         for name, feature in self.features.items():
             paths[feature.source].append("events/" + name)
-        paths["resource"].append("/")
+        paths[root].append("/")
         attrs: dict[str, dict[str, Any]] = {}
         for kind, wanted in paths.items():
             if wanted:

@@ -685,7 +685,7 @@ class ResourceDir(Dir):
         # the resource is opened again then, with the condensed file once it exists; what
         # may change then (the files made from the condensed file: scalar features, the
         # table, the synthesized file, logs) is marked so
-        self._max_age = float("inf") if ctx.resources.has_condensed(rid) else ctx.dir_cache_time
+        self._max_age = float("inf") if ctx.resources.settled(rid) else ctx.dir_cache_time
         if self.volatile:
             changing = [synthesized, "features.tsv", "logs"]
             changing += [sanitize(f.name + ".npy") for f in opened.scalar_features()]

@@ -3,6 +3,7 @@ condensed files missing or appearing late, resource fields and the public tag se
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import time
@@ -159,18 +160,26 @@ def test_resources_with_late_fields_open_and_read_right(
 def test_a_public_file_refused_for_now_is_read_later_without_remount(
     data_dir: Path, devserver: DevServer, tmp_path: Path
 ) -> None:
-    # until DCOR's job tags the upload public=true, anonymous reads of it get 403
+    # until DCOR's job tags the upload public=true, anonymous reads of it get 403; the
+    # resource opens from its condensed file meanwhile (its scalar features, as dclab's client
+    # shows them: test_devserver_dclab.py) instead of being refused as a whole (EACCES)
     entry = resource(devserver, "generated", "M001_data.rtdc")
     with (
         serving(data_dir, devserver, fields_lag=LAG) as server,
-        mounted(tmp_path / "mnt", server.url, tmp_path / "cache") as mnt,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
     ):
         directory = resource_dir(mnt, entry)
-        with pytest.raises(OSError) as refused:
-            (directory / "image.npy").stat()
-        assert refused.value.errno == errno.EACCES
+        with dclab.new_dataset(entry["path"]) as ds:
+            for name in ("deform", "volume"):
+                assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
+        assert not (directory / "image.npy").exists()  # only the original holds it
+        assert "image" not in tsv_columns(directory)
+        assert (directory / "M001_data.rtdc").stat().st_size > 0
         assert log_lines(tmp_path / "cache", "refuses its file for now")
         lag_over(server)  # the tag is set
+        eventually((directory / "image.npy").exists)
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("image", "deform"):
                 assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
@@ -278,3 +287,34 @@ def test_a_plain_file_refused_for_now_fails_alone_not_its_dataset(
         eventually(lambda: "notes.txt" in {p.name for p in dataset.iterdir()})
         with dclab.new_dataset(entry["path"]) as ds:
             assert np.array_equal(np.load(resource_dir(mnt, entry) / "deform.npy"), ds["deform"])
+
+
+def test_a_processed_resource_gets_its_upstreams_features_once_the_upstream_is_tagged(
+    data_dir: Path, devserver: DevServer, tmp_path: Path
+) -> None:
+    # DCOR's jobs tag each upload on its own: the processed file may be public while its raw
+    # upstream is not yet (doc/DCOR.md §2, §3). The upstream offers its condensed file's
+    # features meanwhile; its image and mask come once the tag is set, without remount
+    raw = resource(devserver, "dcnum-pairs", "R001_data.rtdc")
+    processed = resource(devserver, "dcnum-pairs", "R001_data_dcn.rtdc")
+    with (
+        serving(data_dir, devserver) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        assert server.site is not None
+        objects = server.site.objects
+        (key,) = [
+            k for k, o in objects.items() if o.resource_id == raw["id"] and o.artifact == "resource"
+        ]
+        tagged = objects[key]
+        objects[key] = dataclasses.replace(tagged, public=False)  # the raw upload: not yet
+        directory = resource_dir(mnt, processed)
+        assert (directory / "deform.npy").exists()
+        assert not (directory / "image.npy").exists()
+        assert log_lines(tmp_path / "cache", "refuses its file for now")
+        objects[key] = tagged  # DCOR's job tagged it
+        eventually((directory / "image.npy").exists)
+        with dclab.new_dataset(raw["path"]) as ds:
+            assert np.array_equal(np.load(directory / "image.npy"), ds["image"][:])
