@@ -194,9 +194,13 @@ def test_logs_kept_by_earlier_versions_are_not_taken_for_final(
     memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
     stale = {"before-condensing": ["the original's log only"]}
     memo.get(f"dcserv:logs:{entry['id']}", lambda deadline: stale, max_age=FOREVER)
-    api = DcorApi(http=Http(), base_url=devserver.url, token=None)
-    catalog = Catalog(api=api, memo=memo, dir_cache_time=60)
-    assert "dclab-condense" in catalog.dcserv(entry["id"], "logs")
+    http = Http()
+    try:
+        api = DcorApi(http=http, base_url=devserver.url, token=None)
+        catalog = Catalog(api=api, memo=memo, dir_cache_time=60)
+        assert "dclab-condense" in catalog.dcserv(entry["id"], "logs")
+    finally:
+        http.close()  # its sockets, not left to the collector (a ResourceWarning elsewhere)
 
 
 def test_files_the_condensed_file_does_not_change_keep_their_page_cache(
