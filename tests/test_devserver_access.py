@@ -233,3 +233,21 @@ def test_search_latency(tmp_path: Path) -> None:
         ).elapsed.total_seconds()
         assert elapsed >= 0.5
         assert requests.get(f"{server.url}/api/3/action/status_show", timeout=10).ok
+
+
+def test_dclab_reads_through_the_listing_modes(tmp_path: Path) -> None:
+    """doc/DCOR.md §4, §5: dclab's client does not list (it asks `resource_show` and dcserv
+    only), so slow search pages and title ties without tie-breaker must leave what it reads
+    as it is: run against both modes at once, public and through a collection."""
+    options = SiteOptions(search_latency=0.5, title_ties_unordered=True)
+    with DevServer(make_access_site(tmp_path / "data"), options=options) as server:
+        for dataset, token in (("open-study", ""), ("shared-secret", ACCESS_TOKENS["carol"])):
+            entry = resource(server, dataset, "M001_data.rtdc")
+            with (
+                open_remote(server, entry["id"], token) as remote,
+                dclab.new_dataset(entry["path"]) as local,
+            ):
+                np.testing.assert_array_equal(remote["deform"], local["deform"])
+                np.testing.assert_array_equal(remote["image"][7], local["image"][7])
+        stats = requests.get(f"{server.url}/_devserver/stats", timeout=10).json()
+        assert "package_search" not in stats.get("api", {}), stats
