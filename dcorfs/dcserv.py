@@ -289,9 +289,9 @@ def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, f
     """The block cache's fetcher: range GET of an object, renewing its URL once on 403."""
 
     def fetch(obj: ObjectRef, start: int, stop: int, deadline: float) -> bytes:
-        url = locator.url(obj.key, deadline=deadline)
         headers = locator.headers(obj.key)
-        try:
+
+        def get(url: str) -> bytes:
             return http.get_range(
                 url,
                 start,
@@ -301,18 +301,13 @@ def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, f
                 headers=headers,
                 deadline=deadline,
             )
+
+        try:
+            return get(locator.url(obj.key, deadline=deadline))
         except AccessDenied:
             url = locator.renew(obj.key, deadline=deadline)
         try:
-            return http.get_range(
-                url,
-                start,
-                stop,
-                expect_etag=obj.etag,
-                expect_size=obj.size,
-                headers=headers,
-                deadline=deadline,
-            )
+            return get(url)
         except DcorfsError as exc:
             raise type(exc)(f"{obj.key} [{start}, {stop}): {exc}") from None
 

@@ -15,7 +15,7 @@ import dclab
 import numpy as np
 import pytest
 import requests
-from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
+from dclab.rtdc_dataset.fmt_dcor.api import DCORAccessError
 
 from dcorfs.dcserv import DcorApi, bucket_circle, bucket_name, parse_resource_key, resource_key
 from dcorfs.devserver.datadir import write_json
@@ -28,6 +28,7 @@ from dcorfs.http import Http, RetryPolicy
 from dcorfs.settings import parse_bucket_template
 
 from .conftest import TOKENS, api, resource, weed_or_skip
+from .dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
 from .mounts import dcorfs, is_mounted, log_lines, mounted
 from .s3server import CREDENTIALS_ENV, SeaweedFS
 
@@ -88,19 +89,6 @@ def edges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def edges(edges_dir: Path) -> Iterator[DevServer]:
     with DevServer(edges_dir, options=SiteOptions(external_host=EXTERNAL)) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def forget_api_keys() -> Iterator[None]:
-    """dclab remembers tokens class-wide and tries them all; every test starts without."""
-    APIHandler.api_keys = []
-    yield
-    APIHandler.api_keys = []
-
-
-def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
-    host = server.url.split("://", 1)[1]
-    return dclab.new_dataset(rid, host=host, use_ssl=False, api_key=token, remember_api_key=False)
 
 
 def dcserv_count(server: DevServer) -> int:

@@ -12,7 +12,7 @@ import dclab
 import numpy as np
 import pytest
 import requests
-from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
+from dclab.rtdc_dataset.fmt_dcor.api import DCORAccessError
 
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
@@ -20,6 +20,7 @@ from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
 from .conftest import api, resource
+from .dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
 from .test_devserver_ckan import error, ok
 
 pytestmark = [
@@ -69,18 +70,6 @@ def make_access_site(root: Path) -> Path:
 def access_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
     with DevServer(make_access_site(tmp_path_factory.mktemp("access"))) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def forget_api_keys() -> Iterator[None]:
-    APIHandler.api_keys = []
-    yield
-    APIHandler.api_keys = []
-
-
-def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
-    host = server.url.split("://", 1)[1]
-    return dclab.new_dataset(rid, host=host, use_ssl=False, api_key=token, remember_api_key=False)
 
 
 def searched(server: DevServer, token: str = "", **params: Any) -> list[str]:

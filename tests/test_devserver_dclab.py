@@ -26,24 +26,12 @@ from .conftest import (
     needs_fixtures,
     resource,
 )
+from .dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
 
 pytestmark = [
     # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure
     pytest.mark.filterwarnings("ignore::dclab.http_utils.ConnectionTimeoutWarning"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def forget_api_keys() -> Iterator[None]:
-    """dclab remembers tokens class-wide and tries them all; every test starts without."""
-    APIHandler.api_keys = []
-    yield
-    APIHandler.api_keys = []
-
-
-def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
-    host = server.url.split("://", 1)[1]
-    return dclab.new_dataset(rid, host=host, use_ssl=False, api_key=token, remember_api_key=False)
 
 
 def assert_same_as_local(remote: Any, local: Any, events: list[int] | None = None) -> None:

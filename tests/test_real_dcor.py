@@ -51,6 +51,20 @@ def serving(data_dir: Path, devserver: DevServer, **options: Any) -> Iterator[De
         yield server
 
 
+@contextmanager
+def mounted_in_mode(
+    data_dir: Path, devserver: DevServer, tmp_path: Path, **options: Any
+) -> Iterator[tuple[DevServer, Path]]:
+    """`serving` a mode, mounted with listings made again after REFRESH seconds."""
+    with (
+        serving(data_dir, devserver, **options) as server,
+        mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
+        ) as mnt,
+    ):
+        yield server, mnt
+
+
 def feature_files(directory: Path) -> dict[str, Path]:
     files = {p.stem: p for p in directory.glob("*.npy")}
     files.update({f"trace/{p.stem}": p for p in (directory / "trace").glob("*.npy")})
@@ -116,12 +130,7 @@ def test_a_condensed_file_that_appears_is_used_after_the_refresh(
     data_dir: Path, devserver: DevServer, tmp_path: Path
 ) -> None:
     entry = resource(devserver, "generated", "M001_data.rtdc")
-    with (
-        serving(data_dir, devserver, condensed_lag=LAG) as server,
-        mounted(
-            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
-        ) as mnt,
-    ):
+    with mounted_in_mode(data_dir, devserver, tmp_path, condensed_lag=LAG) as (server, mnt):
         directory = resource_dir(mnt, entry)
         assert_original_alone(directory, entry["path"])
         assert "volume" not in tsv_columns(directory)
@@ -164,12 +173,7 @@ def test_a_public_file_refused_for_now_is_read_later_without_remount(
     # resource opens from its condensed file meanwhile (its scalar features, as dclab's client
     # shows them: test_devserver_dclab.py) instead of being refused as a whole (EACCES)
     entry = resource(devserver, "generated", "M001_data.rtdc")
-    with (
-        serving(data_dir, devserver, fields_lag=LAG) as server,
-        mounted(
-            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
-        ) as mnt,
-    ):
+    with mounted_in_mode(data_dir, devserver, tmp_path, fields_lag=LAG) as (server, mnt):
         directory = resource_dir(mnt, entry)
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("deform", "volume"):
@@ -210,12 +214,7 @@ def test_files_the_condensed_file_does_not_change_keep_their_page_cache(
     # image data (the original's alone) stay in the kernel's page cache from one open to
     # the next, also across refreshes of a resource whose condensing failed for good
     entry = resource(devserver, "generated", "M001_data.rtdc")
-    with (
-        serving(data_dir, devserver, condensed=False) as server,
-        mounted(
-            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
-        ) as mnt,
-    ):
+    with mounted_in_mode(data_dir, devserver, tmp_path, condensed=False) as (server, mnt):
         directory = resource_dir(mnt, entry)
         image = (directory / "image.npy").read_bytes()
         for _ in range(2):
@@ -239,12 +238,7 @@ def test_a_file_open_across_the_switch_to_the_condensed_file_keeps_its_bytes(
     # features.tsv is made anew once the condensed file exists (more columns): a handle open
     # before reads the old file to its end, never pages of the new one; a new open the new
     entry = resource(devserver, "generated", "M001_data.rtdc")
-    with (
-        serving(data_dir, devserver, condensed_lag=LAG) as server,
-        mounted(
-            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
-        ) as mnt,
-    ):
+    with mounted_in_mode(data_dir, devserver, tmp_path, condensed_lag=LAG) as (server, mnt):
         directory = resource_dir(mnt, entry)
         tsv = directory / "features.tsv"
         before = tsv.read_bytes()
@@ -301,12 +295,7 @@ def test_a_processed_resource_gets_its_upstreams_features_once_the_upstream_is_t
     # features meanwhile; its image and mask come once the tag is set, without remount
     raw = resource(devserver, "dcnum-pairs", "R001_data.rtdc")
     processed = resource(devserver, "dcnum-pairs", "R001_data_dcn.rtdc")
-    with (
-        serving(data_dir, devserver) as server,
-        mounted(
-            tmp_path / "mnt", server.url, tmp_path / "cache", "--dir-cache-time", REFRESH
-        ) as mnt,
-    ):
+    with mounted_in_mode(data_dir, devserver, tmp_path) as (server, mnt):
         assert server.site is not None
         objects = server.site.objects
         (key,) = [

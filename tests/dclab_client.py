@@ -1,0 +1,27 @@
+"""dclab's own DCOR client against a devserver: the proof that a devserver mode is faithful."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import dclab
+import pytest
+from dclab.rtdc_dataset.fmt_dcor.api import APIHandler
+
+from dcorfs.devserver.server import DevServer
+
+
+@pytest.fixture(autouse=True)
+def forget_api_keys() -> Iterator[None]:
+    """dclab remembers tokens class-wide and tries them all; every test starts without
+    (autouse in each module that imports it)."""
+    APIHandler.api_keys = []
+    yield
+    APIHandler.api_keys = []
+
+
+def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
+    """A resource of `server` opened with dclab's DCOR client (token only if given)."""
+    host = server.url.split("://", 1)[1]
+    return dclab.new_dataset(rid, host=host, use_ssl=False, api_key=token, remember_api_key=False)
