@@ -409,6 +409,9 @@ class Reopened:
     def source(self, kind: str) -> None:
         return None
 
+    def complete(self) -> bool:
+        return False  # no condensed file
+
     def close(self) -> None:
         self.closed = True
 
