@@ -183,10 +183,15 @@ def test_features_tsv_equals_the_features(public_mount: Path, devserver: DevServ
     for entry in rtdc_entries(devserver):
         directory = resource_dir(public_mount, entry)
         text = (directory / "features.tsv").read_bytes()
-        table = pd.read_csv(io.BytesIO(text), sep="\t", skipinitialspace=True)
-        table.columns = [c.strip() for c in table.columns]
+        # columns by their names as the readers give them, no stripping (the header is bare)
+        table = pd.read_csv(io.BytesIO(text), sep="\t")
+        named = np.genfromtxt(io.BytesIO(text), delimiter="\t", names=True, ndmin=1)
+        assert list(named.dtype.names) == list(table.columns)
+        assert all((directory / f"{column}.npy").exists() for column in table.columns)
         plain = np.loadtxt(io.BytesIO(text), skiprows=1, delimiter="\t", ndmin=2)
         assert plain.shape == (entry_events(directory), len(table.columns))
+        for column in table.columns:
+            assert np.allclose(named[column], table[column].to_numpy(), equal_nan=True)
         for column in table.columns:
             stored = np.load(directory / f"{column}.npy")
             assert np.array_equal(

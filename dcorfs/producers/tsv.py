@@ -1,9 +1,11 @@
 """`features.tsv`: every scalar feature of a resource as a fixed-width, tab-separated table.
 
-Each column has the width of the longest value its dtype can produce (float32 as `%.9g`,
-float64 as `%.17g`, integers in full), right-aligned, so every row has the same length: the
-file's size is known before any event is fetched and a read of bytes [a, b) decodes only the
-rows it covers. Values round-trip exactly to the stored dtype (`float32(parse(text)) == x`).
+The header is the bare feature names, tab-separated, so pandas, polars, R's `read.delim` and
+`numpy.genfromtxt(names=True)` find each column by its name. In the data rows each column has
+the width of the longest value its dtype can produce (float32 as `%.9g`, float64 as `%.17g`,
+integers in full), right-aligned, so every row has the same length: the file's size is known
+before any event is fetched and a read of bytes [a, b) decodes only the rows it covers.
+Values round-trip exactly to the stored dtype (`float32(parse(text)) == x`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def tsv_content(resource: RtdcResource) -> RowContent:
         return RowContent(b"", row_bytes=0, count=0, rows=lambda first, last, deadline: b"")
     formats = [_format(f.dtype) for f in columns]
     widths = [max(width, len(f.name)) for f, (_, width) in zip(columns, formats, strict=True)]
-    header = "\t".join(f.name.rjust(w) for f, w in zip(columns, widths, strict=True)) + "\n"
+    header = "\t".join(f.name for f in columns) + "\n"  # bare: readers find columns by name
 
     def rows(first: int, last: int, deadline: float) -> bytes:
         table = None
