@@ -145,7 +145,10 @@ class Resources:
         # keeps the first maker of an object) are still decoded through their sources
         self._retired: list[RtdcResource] = []
         self._closed = False  # `close` called: an opening that ends later closes its own
-        self._joined: dict[str, tuple[RtdcResource, RtdcResource]] = {}  # own, with upstream
+        # by resource: (own, the upstream openings joined, or None once kept for good, joined)
+        self._joined: dict[
+            str, tuple[RtdcResource, tuple[RtdcResource, ...] | None, RtdcResource]
+        ] = {}
         self._partial: set[str] = set()  # last joined without all its upstreams' originals
         self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
@@ -365,8 +368,8 @@ class Resources:
             return own
         with self._lock:
             joined = self._joined.get(resource.id)
-            if joined is not None and joined[0] is own:
-                return joined[1]
+            if joined is not None and joined[0] is own and joined[1] is None:
+                return joined[2]  # kept for good
         obj = condensed.remote.obj
         host = urlsplit(self._api.base_url).netloc
         basins = upstream.parsed(
@@ -390,12 +393,19 @@ class Resources:
             except DcorfsError as exc:
                 log.info("resource %s: basin %s not usable: %s", resource.id, basin, exc)
                 complete = False
-        made = own.with_upstream(found) if found else own
-        # kept only when no upstream may be opened again (one without its condensed file is)
+        # kept for good only when no upstream may be opened again (one without its condensed
+        # file is); until then the same join while its openings are the same (its files keep
+        # their inodes and page cache from one listing to the next)
         complete = complete and all(up.source("condensed") is not None for _, up in found)
+        ups = tuple(up for _, up in found)
+        made = None
+        if joined is not None and joined[0] is own and _same(joined[1], ups):
+            made = joined[2]
+        if made is None:
+            made = own.with_upstream(found) if found else own
         with self._lock:
+            self._joined[resource.id] = (own, None if complete else ups, made)
             if complete:
-                self._joined[resource.id] = (own, made)
                 self._partial.discard(resource.id)
             else:
                 self._partial.add(resource.id)
@@ -726,6 +736,13 @@ def _close(resource: RtdcResource) -> None:
         resource.close()
     except (DcorfsError, OSError) as exc:
         log.debug("closing a resource: %s", exc)
+
+
+def _same(kept: tuple[RtdcResource, ...] | None, ups: tuple[RtdcResource, ...]) -> bool:
+    """Whether a join kept for now was made of exactly these upstream openings."""
+    if kept is None or len(kept) != len(ups):
+        return False
+    return all(a is b for a, b in zip(kept, ups, strict=True))
 
 
 def _publish(early: concurrent.futures.Future[Served | None], served: Served | None) -> None:

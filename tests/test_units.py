@@ -506,3 +506,24 @@ def test_a_resource_opened_while_the_mount_closes_is_closed_too() -> None:
         resources._own_rtdc(cast(Any, None), resource)
     assert resources.first.closed  # not left open in `_opened`
     assert not resources._opened
+
+
+def test_a_skeleton_is_remembered_per_own_files_it_is_outlined_from() -> None:
+    """doc/DCOR.md §2: a resource opened from its condensed file alone (its original refused
+    for now) outlines its synthesized .rtdc from that file; once the original is read the
+    skeleton is made again (another key), not the condensed file's kept for good."""
+    from dcorfs.producers.rtdc_file import _skeleton_key
+
+    class Opened:
+        features: dict[str, Any] = {}
+
+        def __init__(self, *kinds: str) -> None:
+            self.kinds = kinds
+
+        def source(self, kind: str) -> object | None:
+            return object() if kind in self.kinds else None
+
+    both = _skeleton_key("r1", cast(Any, Opened("resource", "condensed")))
+    assert _skeleton_key("r1", cast(Any, Opened("condensed"))) != both
+    assert _skeleton_key("r1", cast(Any, Opened("resource"))) != both
+    assert _skeleton_key("r1", cast(Any, Opened("condensed", "resource"))) == both

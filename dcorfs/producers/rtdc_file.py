@@ -23,7 +23,7 @@ import numpy as np
 
 from ..content import FileContent, PartsContent, StaticContent
 from ..errors import ProtocolError
-from ..rtdc import Outline, RtdcResource
+from ..rtdc import OWN_SOURCES, Outline, RtdcResource
 from ..skeleton import Skeleton, Spec, build
 from ..structure import TRACE_PREFIX, Feature
 from .npy import feature_values
@@ -97,8 +97,13 @@ def specs(resource: RtdcResource, outline: Outline) -> list[Spec]:
 
 def _skeleton_key(resource_id: str, resource: RtdcResource) -> str:
     """The key a skeleton is remembered under: it changes with the features (for instance
-    when DCOR's condensed file appears after a first mount) and with the layout version."""
-    described = repr([(f.name, f.dtype.str, f.shape, f.source) for f in resource.features.values()])
+    when DCOR's condensed file appears after a first mount), with the own files the outline
+    (root attributes, logs, tables) is read from (the original, once the store no longer
+    refuses it: doc/DCOR.md §2) and with the layout version."""
+    sources = [kind for kind in OWN_SOURCES if resource.source(kind) is not None]
+    features = [(f.name, f.dtype.str, f.shape, f.source) for f in resource.features.values()]
+    # both files (the usual case): the key of earlier versions, whose skeletons stay valid
+    described = repr(features) if sources == list(OWN_SOURCES) else repr((sources, features))
     digest = hashlib.blake2b(described.encode(), digest_size=8).hexdigest()
     return f"rtdc-skeleton:v{LAYOUT_VERSION}:{resource_id}:{digest}"
 
