@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from .errors import (
     AccessDenied,
     DcorfsError,
+    Moved,
     NotFound,
     ProtocolError,
     ServerError,
@@ -263,10 +264,14 @@ class Locator:
             return self.renew(key, deadline=deadline)
         return entry.url
 
-    def renew(self, key: str, *, deadline: float) -> str:
+    def renew(self, key: str, *, deadline: float, cause: DcorfsError | None = None) -> str:
+        """A new URL for `key` (after `cause`, the error its URL met); `cause` again, or
+        AccessDenied, when the URL has no way to be renewed."""
         with self._lock:
             entry = self._entries.get(key)
         if entry is None or entry.renew is None:
+            if isinstance(cause, Moved):
+                raise cause
             raise AccessDenied(f"object {key} is not accessible (URL cannot be renewed)")
         url, lifetime = entry.renew(deadline)
         log.debug("renewed the URL of %s", key)
@@ -304,8 +309,8 @@ def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, f
 
         try:
             return get(locator.url(obj.key, deadline=deadline))
-        except AccessDenied:
-            url = locator.renew(obj.key, deadline=deadline)
+        except (AccessDenied, Moved) as exc:
+            url = locator.renew(obj.key, deadline=deadline, cause=exc)
         try:
             return get(url)
         except DcorfsError as exc:

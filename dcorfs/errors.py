@@ -74,6 +74,12 @@ class ProtocolError(DcorfsError):
     """The server answered something that cannot be right and will not change on retry."""
 
 
+class Moved(ProtocolError):
+    """An object URL answered with a redirect, which object reads do not follow (a presigned
+    query must not go elsewhere): where the URL has a way to be renewed (a link resource's
+    external URL, doc/DCOR.md §6), the renewal follows it."""
+
+
 class ServerError(DcorfsError):
     """The server failed on a request in its own code (CKAN's "Internal Server Error", e.g.
     dcserv on a file it cannot open): asking again at once gives the same answer, so it is

@@ -30,6 +30,7 @@ from .errors import (
     AccessDenied,
     DcorfsError,
     DeadlineExceeded,
+    Moved,
     NotFound,
     ObjectChanged,
     ProtocolError,
@@ -148,7 +149,7 @@ def _check_object_status(response: requests.Response, url: str) -> None:
     request that should stay on its host) somewhere else."""
     _check_status(response, url)
     if 300 <= response.status_code < 400:
-        raise ProtocolError(f"HTTP {response.status_code} (a redirect) for {redact_url(url)}")
+        raise Moved(f"HTTP {response.status_code} (a redirect) for {redact_url(url)}")
 
 
 class Http:

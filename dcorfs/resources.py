@@ -51,10 +51,12 @@ from .derived import DerivedCache
 from .errors import (
     AccessDenied,
     DcorfsError,
+    Moved,
     NotFound,
     ProtocolError,
     ServerError,
     TransientError,
+    redact_url,
 )
 from .failures import Failures
 from .filetexts import file_texts, json_value
@@ -81,6 +83,7 @@ TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers 
 WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
 CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
 SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
+MAX_REDIRECTS = 5  # hops followed from a link resource's URL to its file
 LINK_AGE = 300.0  # seconds a link's size and ETag are trusted (the other site may change it)
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -265,8 +268,8 @@ class Resources:
             headers = self._locator.headers(key)
             try:
                 info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
-            except AccessDenied:
-                url = self._locator.renew(key, deadline=deadline)
+            except (AccessDenied, Moved) as exc:
+                url = self._locator.renew(key, deadline=deadline, cause=exc)
                 info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
             self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
@@ -679,7 +682,7 @@ class Resources:
         link = resource.link
         if link is not None:
             if not self._locator.known(link):
-                self._locator.register(link, link, lifetime=None)
+                self._locator.register(link, link, lifetime=None, renew=self._follow(link))
             return self._identify(link, None, None, max_age=LINK_AGE)
         if resource.on_site_disk:
             api = self._dcor()
@@ -703,6 +706,22 @@ class Resources:
 
                 self._locator.register(key, "", lifetime=0.0, renew=renew)
         return self._identify(key, resource.size, resource.etag)
+
+    def _follow(self, link: str) -> Renew:
+        """Where a link resource's URL leads now: links often redirect (DOIs, repositories'
+        download URLs), and object reads do not follow redirects; without the token (the
+        link is not DCOR's host). Its identity stays the link's URL."""
+
+        def renew(deadline: float) -> tuple[str, float | None]:
+            url = link
+            for _ in range(MAX_REDIRECTS):
+                target = self._http.redirect(url, deadline=deadline)
+                if target == url:
+                    return url, ROUTE_LIFETIME
+                url = target
+            raise ProtocolError(f"link {redact_url(link)}: more than {MAX_REDIRECTS} redirects")
+
+        return renew
 
     def close(self) -> None:
         for pool in self._pools:

@@ -75,6 +75,13 @@ def edges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         too / "dataset.json",
         {"resources": {"same-table.csv": {"storage": "link", "link_to": link_to}}},
     )
+    moved = root / "public-lab" / "edges-moved"
+    (moved / "moved-table.csv").parent.mkdir(parents=True)
+    (moved / "moved-table.csv").write_text("a placeholder: the link redirects elsewhere\n")
+    write_json(
+        moved / "dataset.json",
+        {"resources": {"moved-table.csv": {"storage": "link", "link_to": f"_moved/{link_to}"}}},
+    )
     secret = root / "private-lab" / "secret"
     write_json(
         secret / "dataset.json",
@@ -298,6 +305,8 @@ def test_files_not_on_s3_and_links_read_with_the_token_on_the_dcor_host_only(
         counters = edges.external.counters
         assert counters["authorized"] == 0 and counters["requests"] > 0
         assert counters["bytes"] == len(table)  # one identity, the URL: fetched once
+        # a link that redirects first (DOIs, repositories) is followed, still without the token
+        assert (datasets / "edges-moved" / "moved-table.csv").read_bytes() == table
         secret = edges.data_dir / "private-lab" / "secret" / "notes.txt"
         assert (datasets / "secret" / "notes.txt").read_bytes() == secret.read_bytes()
     assert edges.external.counters["authorized"] == 0

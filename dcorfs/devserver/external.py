@@ -2,7 +2,8 @@
 of the data directory by their path in it, whole or a `Range`, with ETags; it counts requests,
 bytes and requests that carried an `Authorization` header (a token must never come here).
 
-Routes: /<path in the data dir>  (GET/HEAD);  /_stats (GET: counters, DELETE: reset).
+Routes: /<path in the data dir>  (GET/HEAD);  /_moved/<path>: a redirect (302) to /<path>, for
+a link that redirects first (a `link_to` of `_moved/…`);  /_stats (GET: counters, DELETE: reset).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 from .files import send_file
 
 log = logging.getLogger(__name__)
+MOVED = "/_moved/"  # paths below it redirect to the path without it
 
 
 class ExternalServer:
@@ -102,6 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "DELETE":
                 external.reset()
             self._json(external.counters)
+            return
+        if path.startswith(MOVED):  # a link that redirects first, as DOIs and repositories do
+            self.send_response(302)
+            self.send_header("Location", f"{external.url}/{quote(path[len(MOVED) :])}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            external.count(authorized=bool(self.headers.get("Authorization")), sent=0)
             return
         target = (external.root / path.lstrip("/")).resolve()
         if (
