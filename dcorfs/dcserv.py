@@ -95,7 +95,8 @@ def parse_resource_key(key: str) -> tuple[str, str] | None:
 
 
 class DcorApi:
-    """CKAN's action API of one DCOR host, with its envelope and errors (protocol notes §1.2)."""
+    """CKAN's action API of one DCOR host, with its envelope and errors (doc/DCOR.md, "The
+    calls")."""
 
     def __init__(self, *, http: Http, base_url: str, token: Token | None) -> None:
         self._http = http

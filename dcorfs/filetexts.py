@@ -1,7 +1,7 @@
 """What dcserv's `metadata`, `logs` and `tables` queries answer, made from a resource's files.
 
-For mounts without dcserv (`--s3-only`). The shapes are dcserv's (protocol notes §1.3), so the
-text views (`producers.text`) do not care where they came from: metadata `{section: {key:
+For mounts without dcserv (`--s3-only`). The shapes are dcserv's (doc/DCOR.md, "The calls"),
+so the text views (`producers.text`) do not care where they came from: metadata `{section: {key:
 value}}` from the root attributes `section:key` of the original file (no `filtering` section;
 `experiment:event count` filled in when missing); logs as lists of lines, those of the
 original file plus the ones of the condensed file that it lacks; tables as `[columns, rows]`.

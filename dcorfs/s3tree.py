@@ -8,7 +8,8 @@ MOUNT/
   .dcorfs/status.json
 ```
 Without CKAN there are no dataset or file names: a circle directory holds one directory per
-resource, named by its id, with what an RT-DC resource directory holds anywhere else (SPEC §3;
+resource, named by its id, with what an RT-DC resource directory holds anywhere else (README,
+"The tree";
 the synthesized file is `<resource-id>.rtdc`, metadata, logs and tables come from the file).
 A resource whose object is not an HDF5 file (DCOR also stores .csv, .pdf …) shows that object
 as one plain file, `resource`. Listing a circle needs the right to list its bucket (on DCOR:

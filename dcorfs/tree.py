@@ -1,4 +1,5 @@
-"""The namespace of the mount (SPEC §3): nodes, their names, lazy children, refresh times.
+"""The namespace of the mount (README, "The tree"): nodes, their names, lazy children,
+refresh times.
 
 A node is a directory or a file with a canonical path (its inode number is derived from it).
 Directory children are loaded on first need by a blocking call (run in a worker thread by

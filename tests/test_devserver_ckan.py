@@ -1,4 +1,4 @@
-"""CKAN action API shapes, pagination and dcserv errors, as in the protocol notes §1–§3."""
+"""CKAN action API shapes, pagination and dcserv errors, as in doc/DCOR.md, "The calls"."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The CKAN action API of the devserver, with DCOR's `dcserv` action.
 
 Results and errors follow CKAN 2.11 (`ckan/views/api.py`) and ckanext-dc_serve 1.0.9
-(`serve.py`); see ../shared/dcor-protocol.md §1–§3. Parameters arrive as strings from a GET
+(`serve.py`); see doc/DCOR.md, "The calls". Parameters arrive as strings from a GET
 query or typed from a JSON POST body, as in CKAN (so a JSON integer `version: 2` is rejected by
 dcserv, exactly as on DCOR).
 """

@@ -1,4 +1,5 @@
-"""The synthesized `.rtdc` of a resource (SPEC §4): one self-contained HDF5 file, read lazily.
+"""The synthesized `.rtdc` of a resource (README, "Formats"): one self-contained HDF5 file,
+read lazily.
 
 The file holds the original's root attributes (metadata; byte strings decoded to text), its
 logs and tables, and under `/events` every feature the resource directory shows (scalar
