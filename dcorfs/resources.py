@@ -59,6 +59,7 @@ from .errors import (
     redact_url,
 )
 from .failures import Failures
+from .featurerule import event_count
 from .filetexts import file_texts, json_value
 from .http import Http
 from .metastore import FOREVER, Memo
@@ -532,7 +533,7 @@ class Resources:
         """A source with its features: remembered for this version of its object, or read
         from the file (which opens it)."""
         source = self._source(kind, key, size, etag)
-        remembered_as = f"rtdc-features:v1:{source.remote.obj.identity.hex()}"
+        remembered_as = f"rtdc-features:v2:{source.remote.obj.identity.hex()}"
         value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
         source.features = described(value, source.kind)
         return source
@@ -797,10 +798,8 @@ def _stated_events(metadata: Any) -> int:
 
 
 def _event_count(metadata: Any, source: RtdcSource) -> int:
-    count = _stated_events(metadata)
-    if count > 0:
-        return count
-    lengths = [f.shape[0] for f in source.features.values()]
-    if not lengths:
-        raise ProtocolError("resource has no features")
-    return max(set(lengths), key=lengths.count)
+    """dclab's event count of a resource (`featurerule.event_count`)."""
+    count = event_count(_stated_events(metadata), source.features)
+    if count is None:
+        raise ProtocolError("resource has no events")
+    return count

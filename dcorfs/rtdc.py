@@ -42,6 +42,7 @@ from h5py._objects import phil
 from .blockcache import BlockCache, ObjectId
 from .derived import DerivedCache, derived_id
 from .errors import ProtocolError
+from .featurerule import checked, file_facts, innate, shown
 from .fileobj import SeekableFile
 from .structure import (
     GROUPS,
@@ -50,6 +51,7 @@ from .structure import (
     Feature,
     file_image,
     h5py_failure,
+    member_names,
     read_arrays,
     read_attributes,
     read_features,
@@ -291,9 +293,14 @@ class RtdcSource:
                 yield h5.id
 
     def scan(self, deadline: float) -> dict[str, Feature]:
-        """The features as the file describes them."""
+        """The features of the file that dclab shows (`featurerule.innate`)."""
+        where = self.remote.obj.key
         with self._file("the features", deadline) as fid:
-            return read_features(fid, kind=self.kind, where=self.remote.obj.key)
+            found = read_features(fid, kind=self.kind, where=where)
+            if not checked(found):
+                return found
+            facts = file_facts(read_attributes(fid, "/", where=where), member_names(fid, "logs"))
+        return innate(found, facts)
 
     def attrs(self, paths: Sequence[str], *, deadline: float) -> dict[str, dict[str, Any]]:
         """The attributes of objects ("/", "events/deform" …) by path; those h5py cannot
@@ -402,14 +409,8 @@ def _close_left_open() -> None:
 
 def condensed_features(condensed: RtdcSource, events: int) -> list[Feature]:
     """The features of a resource of `events` events whose values come from its condensed
-    file: the condensed file's scalar features of that length (see `RtdcResource`)."""
-    return [f for f in condensed.features.values() if f.scalar and _shown(f, events)]
-
-
-def _shown(feature: Feature, events: int) -> bool:
-    """Whether a resource of `events` events has a file for `feature`: one value per event
-    (not `contour`, whose rows are of different lengths)."""
-    return feature.shape[0] == events and feature.name != "contour"
+    file (`featurerule.shown`)."""
+    return list(shown({}, condensed.features, events).values())
 
 
 def register_rows(derived: DerivedCache, source: RtdcSource, feature: Feature) -> ObjectId:
@@ -494,14 +495,15 @@ class RtdcResource:
         self.events = events
         self.derived = derived
         self._sources: dict[str, RtdcSource] = {}
-        merged = {}
         if original is not None:
             self._sources["resource"] = original
-            merged = {name: f for name, f in original.features.items() if _shown(f, events)}
         if condensed is not None:
             self._sources["condensed"] = condensed
-            merged.update((f.name, f) for f in condensed_features(condensed, events))
-        self.features = dict(sorted(merged.items()))
+        self.features = shown(
+            original.features if original is not None else {},
+            condensed.features if condensed is not None else {},
+            events,
+        )
         self._objects = {name: self._register(f) for name, f in self.features.items()}
 
     def with_upstream(self, upstream: Sequence[tuple[UpstreamBasin, RtdcResource]]) -> RtdcResource:
@@ -554,6 +556,10 @@ class RtdcResource:
 
     def scalar_features(self) -> list[Feature]:
         return [f for f in self.features.values() if f.scalar]
+
+    def event_table(self) -> list[Feature]:
+        """The scalar features with a value for every event (`features.tsv`'s columns)."""
+        return [f for f in self.scalar_features() if f.shape[0] == self.events]
 
     def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
         """Events [start, stop) of a feature, in the dtype `features[name]` states."""

@@ -119,6 +119,17 @@ def _members(group: h5py.h5g.GroupID, where: str) -> list[tuple[str, Any]]:
     return found
 
 
+def member_names(fid: h5py.h5f.FileID, group: str) -> list[str]:
+    """The names of a group's members ([] when the file has no such group)."""
+    try:
+        members = h5py.h5o.open(fid, group.encode())
+    except KeyError:
+        return []
+    if not isinstance(members, h5py.h5g.GroupID):
+        return []
+    return [name.decode("utf-8", "surrogateescape") for name in members]
+
+
 def read_attributes(fid: h5py.h5f.FileID, path: str, *, where: str) -> dict[str, Any]:
     """The attributes of the object at `path` ("/", "events/deform" …) that h5py can read."""
     try:

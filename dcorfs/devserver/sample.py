@@ -7,8 +7,11 @@ actual pixels (area, deformation, brightness inside the mask, …), fluorescence
 Gaussian pulses whose peak features (`fl1_max`, `fl1_pos`, …) are derived from the stored
 traces. Files carry the metadata sections dclab and DCOR expect, logs and a compound table.
 
-Writing goes through `dclab.RTDCWriter` (Zstd level 5 + fletcher32, ~1 MiB chunks), in
-batches, so that 100,000 events with images stay within a few hundred MB of memory.
+Writing goes through `dclab.RTDCWriter` (Zstd level 5 + fletcher32, ~1 MiB chunks, or gzip, or
+no compression), in batches, so that 100,000 events with images stay within a few hundred MB of
+memory. Options reproduce files from the field the mount must serve as dclab does: image
+datasets stored longer than the event count (an early dclab writer), and a Shape-In 2.0.6 file
+whose `aspect` and float32 `time` dclab takes for defective (it hides them, and computes `time`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,28 @@ class SampleSpec:
     sample: str = "HL60 cells"
     run_index: int = 1
     batch: int = 512
+    # "zstd" (dclab's default: Zstd level 5), "gzip" or "none"; fletcher32 with either filter
+    compression: str = "zstd"
+    # image, image_bg and mask stored with this many frames more than the event count
+    overlong: int = 0
+    # written as Shape-In 2.0.6 did: its `aspect` defective (a wrong cast), `time` as float32
+    shapein_legacy: bool = False
+
+
+COMPRESSIONS = ("zstd", "gzip", "none")
+
+
+def _compression(name: str) -> dict[str, Any]:
+    """The writer's `compression_kwargs` for a `SampleSpec.compression`."""
+    import hdf5plugin
+
+    if name == "zstd":
+        return dict(hdf5plugin.Zstd(clevel=5))
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    if name == "none":
+        return {}
+    raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {name!r}")
 
 
 def write_rtdc(
@@ -65,7 +90,8 @@ def write_rtdc(
     rng = np.random.default_rng(spec.seed)
     synth = _Synthesizer(spec, rng)
     tmp = path.with_name(path.name + ".part")
-    with dclab.RTDCWriter(tmp, mode="reset") as hw:
+    compression = _compression(spec.compression)
+    with dclab.RTDCWriter(tmp, mode="reset", compression_kwargs=compression) as hw:
         hw.store_metadata(_metadata(spec))
         pending = _PendingFeatures(hw)
         done = 0
@@ -78,6 +104,11 @@ def write_rtdc(
             done += count
             if progress is not None:
                 progress(done, spec.events)
+        if spec.overlong and spec.images:
+            # more frames than events: what dclab shows is cut to the event count
+            _, _, extra = synth.batch(first=done, count=spec.overlong)
+            for name, data in extra.items():
+                hw.store_feature(name, data)
         pending.flush()
         hw.store_log("src_acquisition", _acquisition_log(spec))
         hw.store_log(
@@ -235,6 +266,8 @@ class _Synthesizer:
         # Shape-In stores scalar features as float32 (dclab makes the integer ones uint32/64)
         scalars = {name: values.astype(np.float32) for name, values in scalars.items()}
         scalars["frame"] = frames.astype(np.uint64)
+        if spec.shapein_legacy:  # Shape-In's low-precision time (dclab computes it anew)
+            scalars["time"] = ((frames - self.frame0) / FRAME_RATE).astype(np.float32)
         scalars["index_online"] = ((first + np.arange(count)) * 2 + 1).astype(np.uint32)
 
         traces: dict[str, np.ndarray] = {}
@@ -348,7 +381,7 @@ def _metadata(spec: SampleSpec) -> dict[str, dict[str, object]]:
             "identifier": "dcorfs-synthetic-setup",
             "medium": "CellCarrierB",
             "module composition": "AcCellerator",
-            "software version": "dcorfs-sample 1.0",
+            "software version": "ShapeIn 2.0.6" if spec.shapein_legacy else "dcorfs-sample 1.0",
             "temperature": 23.0,
         },
     }

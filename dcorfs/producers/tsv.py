@@ -32,7 +32,7 @@ def _format(dtype: np.dtype) -> tuple[str, int]:
 
 def tsv_content(resource: RtdcResource) -> RowContent:
     """features.tsv of a resource: a header line, then one fixed-width line per event."""
-    columns = [f for f in resource.scalar_features() if f.dtype.kind in "fbiu"]
+    columns = [f for f in resource.event_table() if f.dtype.kind in "fbiu"]
     if not columns:
         return RowContent(b"", row_bytes=0, count=0, rows=lambda first, last, deadline: b"")
     formats = [_format(f.dtype) for f in columns]
