@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 extras=${1:-test}
 
 need=(fuse3 libfuse3-dev pkg-config gcc make hdf5-tools)
-[ "$extras" = test ] && need+=(systemd)  # systemd-analyze verifies the units in systemd/
+# systemd-analyze verifies the units in systemd/; R reads features.tsv in the tests
+[ "$extras" = test ] && need+=(systemd r-base-core)
 py=${PYTHON:-python3}
 command -v "$py" >/dev/null || need+=(python3)
 "$py" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

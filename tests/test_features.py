@@ -11,6 +11,8 @@ and without them (`--no-condensed`: then a resource shows exactly dclab's `featu
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ import dclab
 import dclab.definitions as dfn
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
@@ -194,3 +197,39 @@ def test_features_tsv_columns_by_name_equal_dclabs_values(
                     parsed = table[name].to_numpy().astype(expected.dtype)
                     assert equal(parsed, expected), f"{entry['name']}: column {name}"
                     assert equal(named[name].astype(expected.dtype), expected), name
+
+
+R_SCRIPT = """
+args <- commandArgs(trailingOnly = TRUE)
+table <- read.delim(args[1])
+out <- file(args[2], "wb")
+for (name in strsplit(args[3], ",")[[1]]) writeBin(as.numeric(table[[name]]), out, size = 8)
+close(out)
+"""
+
+
+@pytest.mark.skipif(shutil.which("Rscript") is None, reason="R is not installed (r-base-core)")
+def test_features_tsv_is_read_by_column_name_in_r_and_polars(
+    with_condensed: tuple[Path, list[Any]], tmp_path: Path
+) -> None:
+    mnt, entries = with_condensed
+    for entry in entries:
+        directory = resource_dir(mnt, entry)
+        tsv = directory / "features.tsv"
+        with source(entry["path"]) as ds:
+            names = sorted(n for n in innate_features(ds) if dfn.scalar_feature_exists(n))
+            frame = pl.read_csv(tsv, separator="\t")
+            for name in names:
+                expected = values(ds, name)
+                assert equal(frame[name].to_numpy().astype(expected.dtype), expected), name
+            out = tmp_path / f"{entry['id']}.f64"
+            subprocess.run(
+                ["Rscript", "-e", R_SCRIPT, str(tsv), str(out), ",".join(names)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            read = np.fromfile(out, dtype="<f8").reshape(len(names), -1)
+            for name, column in zip(names, read, strict=True):
+                expected = values(ds, name)
+                assert equal(column.astype(expected.dtype), expected), f"R: {name}"
