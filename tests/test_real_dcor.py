@@ -78,19 +78,17 @@ def truth(ds: Any, name: str) -> np.ndarray:  # type: ignore[type-arg]
 
 
 def assert_original_alone(directory: Path, path: str) -> None:
-    """The directory offers exactly the features stored in the original, with its values:
-    dclab's, or for a feature dclab deems defective in the file (and computes anew, e.g. the
-    `time` of old files) the stored ones: DCOR's condensed file holds dclab's, not the
-    original, see doc/DCOR.md §1."""
+    """The directory offers exactly the features dclab shows of the original (its
+    `features_innate`: not those it deems defective in the file and computes anew, e.g. the
+    float32 `time` of old files, whose values DCOR's condensed file holds; README "Formats",
+    doc/DCOR.md §1), with dclab's values."""
     files = feature_files(directory)
     with dclab.new_dataset(path) as ds:
-        events = ds.h5file["events"]
-        stored = {n for n in events if n not in ("contour", "trace")}
         innate = innate_features(ds)
-        assert set(files) == innate | stored, (path, set(files) ^ (innate | stored))
+        assert set(files) == innate, (path, set(files) ^ innate)
         for name, file in files.items():
             loaded = np.load(file)
-            expected = truth(ds, name) if name in innate else events[name][:]
+            expected = truth(ds, name)
             assert loaded.dtype == expected.dtype, name
             assert np.array_equal(loaded, expected, equal_nan=loaded.dtype.kind == "f"), name
     assert "dclab-condense.txt" not in {p.name for p in (directory / "logs").iterdir()}
