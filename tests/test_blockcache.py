@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs import cachedir
-from dcorfs.blockcache import BlockCache, ObjectId
-from dcorfs.diskstore import (
+from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.diskstore import (
     HEADER,
     TOTAL_TRIGGERS,
     CacheDamaged,
@@ -22,8 +22,8 @@ from dcorfs.diskstore import (
     damage_of,
     read_inventory,
 )
+from dcorfs.cache.metastore import MetaStore
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
-from dcorfs.metastore import MetaStore
 
 BLOCK = 1024
 DATA = os.urandom(10 * BLOCK + 123)
@@ -328,7 +328,7 @@ def test_inventory_names_objects_and_clear_empties_the_store(tmp_path: Path) -> 
 
 
 def test_a_store_in_use_refuses_an_exclusive_hold(tmp_path: Path) -> None:
-    from dcorfs.diskstore import CacheInUse, in_use
+    from dcorfs.cache.diskstore import CacheInUse, in_use
 
     directory = tmp_path / "cache"
     assert not in_use(directory)

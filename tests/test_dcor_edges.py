@@ -17,14 +17,20 @@ import pytest
 import requests
 from dclab.rtdc_dataset.fmt_dcor.api import DCORAccessError
 
-from dcorfs.dcserv import DcorApi, bucket_circle, bucket_name, parse_resource_key, resource_key
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 from dcorfs.errors import ConfigError, ServerError, TransientError
-from dcorfs.failures import Failures
-from dcorfs.http import Http, RetryPolicy
+from dcorfs.remote.dcserv import (
+    DcorApi,
+    bucket_circle,
+    bucket_name,
+    parse_resource_key,
+    resource_key,
+)
+from dcorfs.remote.failures import Failures
+from dcorfs.remote.http import Http, RetryPolicy
 from dcorfs.settings import parse_bucket_template
 
 from .conftest import TOKENS, api, resource, weed_or_skip

@@ -1,4 +1,4 @@
-"""dclab's rule for the features a file shows (`dcorfs.featurerule`), held equal to dclab's own
+"""dclab's rule for the features a file shows (`dcorfs.hdf5.featurerule`), held equal to dclab's own
 on files made to trip each of its defect checks, and its event count."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from dclab.external.packaging import parse as dclab_version
 
-from dcorfs.featurerule import _version, at_most, event_count, file_facts, innate, shown
-from dcorfs.structure import Feature, member_names, read_attributes, read_features
+from dcorfs.hdf5.featurerule import _version, at_most, event_count, file_facts, innate, shown
+from dcorfs.hdf5.structure import Feature, member_names, read_attributes, read_features
 
 SOFTWARE = [
     "",

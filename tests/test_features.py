@@ -1,6 +1,6 @@
 """Every feature dclab shows, through a real mount, for every generated variant and every field
 file: the `.npy` files, the synthesized `.rtdc` and `features.tsv` equal dclab's values of the
-source file (README "Formats", `dcorfs.featurerule`).
+source file (README "Formats", `dcorfs.hdf5.featurerule`).
 
 Variants: Zstd (dclab's default), gzip and uncompressed files, image/mask stored longer than the
 event count (an early dclab writer), a Shape-In 2.0.6 file whose `aspect` and float32 `time`

@@ -11,7 +11,7 @@ import pytest
 
 from dcorfs.devserver.server import DevServer
 from dcorfs.errors import AccessDenied, DcorfsError, DeadlineExceeded, TransientError
-from dcorfs.http import Http, RetryPolicy
+from dcorfs.remote.http import Http, RetryPolicy
 
 from .conftest import TOKENS, api, resource
 

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcorfs.blockcache import ObjectId
-from dcorfs.derived import is_derived
+from dcorfs.cache.blockcache import ObjectId
+from dcorfs.cache.derived import is_derived
+from dcorfs.cache.diskstore import read_inventory
 from dcorfs.devserver.server import DevServer
-from dcorfs.diskstore import read_inventory
 
 from .conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
 from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse

@@ -264,7 +264,7 @@ def test_demo_mounts_reads_and_cleans_up(
 def test_as_root_kernel_tuning_raises_the_read_ahead_of_the_mount(
     devserver: DevServer, tmp_path: Path
 ) -> None:
-    from dcorfs.tuning import device_of
+    from dcorfs.daemon.tuning import device_of
 
     def read_ahead(mnt: Path) -> int:
         device = device_of(mnt, Path("/proc/self/mountinfo").read_text())

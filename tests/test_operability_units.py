@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dcorfs.dcserv import parse_resource_key, resource_key
-from dcorfs.notify import Notifier, watchdog_interval
-from dcorfs.report import duration, hit_ratio, one_line, size, summary
+from dcorfs.daemon.notify import Notifier, watchdog_interval
+from dcorfs.daemon.report import duration, hit_ratio, one_line, size, summary
+from dcorfs.remote.dcserv import parse_resource_key, resource_key
 
 from .conftest import REPO
 
@@ -79,7 +79,7 @@ def test_resource_keys_parse_back() -> None:
 
 
 def test_kernel_tuning_raises_never_lowers_and_finds_escaped_paths(tmp_path: Path) -> None:
-    from dcorfs.tuning import device_of, tune
+    from dcorfs.daemon.tuning import device_of, tune
 
     mountinfo = tmp_path / "mountinfo"
     mountinfo.write_text(
@@ -151,8 +151,8 @@ def test_cache_info_only_reads(tmp_path: Path) -> None:
     import io
 
     from dcorfs import cache_admin
-    from dcorfs.blockcache import ObjectId
-    from dcorfs.diskstore import DiskStore
+    from dcorfs.cache.blockcache import ObjectId
+    from dcorfs.cache.diskstore import DiskStore
 
     cache = tmp_path / "cache"
     store = DiskStore(cache, limit_bytes=1 << 20, block_size=1024)

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs.blockcache import BlockCache, ObjectId
-from dcorfs.content import FileContent, PartsContent, RowContent, StaticContent
+from dcorfs.cache.blockcache import BlockCache, ObjectId
 from dcorfs.errors import TransientError
-from dcorfs.producers.passthrough import ObjectContent
-from dcorfs.readahead import Prefetcher
+from dcorfs.fs.content import FileContent, PartsContent, RowContent, StaticContent
+from dcorfs.fs.producers.passthrough import ObjectContent
+from dcorfs.fs.readahead import Prefetcher
 
 KIB = 1 << 10
 TRUTH = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
@@ -221,7 +221,7 @@ def test_a_window_made_is_cut_right_by_readers_at_once() -> None:
     import concurrent.futures
     import sys
 
-    from dcorfs.readahead import _Window
+    from dcorfs.fs.readahead import _Window
 
     pieces = [bytes([i % 256]) * 10 for i in range(2000)]
     truth = b"".join(pieces)

@@ -16,12 +16,12 @@ import dclab
 import numpy as np
 import pytest
 
-from dcorfs.catalog import Catalog
-from dcorfs.dcserv import DcorApi
+from dcorfs.cache.metastore import FOREVER, Memo, MetaStore
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
-from dcorfs.http import Http
-from dcorfs.metastore import FOREVER, Memo, MetaStore
+from dcorfs.remote.catalog import Catalog
+from dcorfs.remote.dcserv import DcorApi
+from dcorfs.remote.http import Http
 
 from .conftest import (
     LAG,

@@ -18,13 +18,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from dcorfs.dcserv import resource_key
+from dcorfs.daemon.logs import configure
+from dcorfs.daemon.mount import build_layers
 from dcorfs.devserver.server import DevServer
 from dcorfs.errors import AccessDenied, ConfigError, NotFound, ProtocolError
-from dcorfs.http import Http, RetryPolicy
-from dcorfs.logs import configure
-from dcorfs.mount import build_layers
-from dcorfs.s3 import URL_LIFETIME, ObjectStore, object_url, parse_listing, sigv4_presigner
+from dcorfs.remote.dcserv import resource_key
+from dcorfs.remote.http import Http, RetryPolicy
+from dcorfs.remote.s3 import URL_LIFETIME, ObjectStore, object_url, parse_listing, sigv4_presigner
 from dcorfs.settings import (
     MountSettings,
     S3Credentials,

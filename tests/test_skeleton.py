@@ -12,8 +12,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcorfs.content import PartsContent, RowContent, StaticContent
-from dcorfs.skeleton import GAP, Skeleton, Spec, build
+from dcorfs.fs.content import PartsContent, RowContent, StaticContent
+from dcorfs.hdf5.skeleton import GAP, Skeleton, Spec, build
 
 H5DUMP = shutil.which("h5dump")
 

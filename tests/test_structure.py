@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dcorfs import h5attrs
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
-from dcorfs.structure import (
+from dcorfs.hdf5.structure import (
     file_image,
     read_arrays,
     read_attributes,

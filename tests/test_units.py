@@ -20,22 +20,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dcorfs.blockcache import ObjectId
-from dcorfs.catalog import Catalog, Resource
-from dcorfs.content import StaticContent
-from dcorfs.dcserv import DcorApi, Locator, object_key, parse_basin
-from dcorfs.derived import DerivedCache
+from dcorfs.cache.blockcache import ObjectId
+from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.metastore import Memo, MetaStore
 from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
-from dcorfs.fuse_ops import Operations
-from dcorfs.metastore import Memo, MetaStore
-from dcorfs.names import sanitize, unique
-from dcorfs.producers.npy import npy_header
-from dcorfs.producers.text import table_bytes
-from dcorfs.producers.tsv import _format
-from dcorfs.resources import Resources
-from dcorfs.rtdc import Feature
+from dcorfs.fs.content import StaticContent
+from dcorfs.fs.fuse_ops import Operations
+from dcorfs.fs.names import sanitize, unique
+from dcorfs.fs.producers.npy import npy_header
+from dcorfs.fs.producers.text import table_bytes
+from dcorfs.fs.producers.tsv import _format
+from dcorfs.fs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
+from dcorfs.hdf5.rtdc import Feature
+from dcorfs.opening.resources import Resources
+from dcorfs.remote.catalog import Catalog, Resource
+from dcorfs.remote.dcserv import DcorApi, Locator, object_key, parse_basin
 from dcorfs.settings import Token, parse_host, parse_size
-from dcorfs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
 
 
 def test_names_are_safe_and_unique() -> None:
@@ -309,7 +309,7 @@ async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
 
 
 def test_metadata_ranges_on_open() -> None:
-    from dcorfs.resources import HEAD, TAIL, metadata_ranges
+    from dcorfs.opening.resources import HEAD, TAIL, metadata_ranges
 
     assert metadata_ranges(1000, whole=1 << 20) == [(0, 1000)]
     size = 50 << 20
@@ -512,7 +512,7 @@ def test_a_skeleton_is_remembered_per_own_files_it_is_outlined_from() -> None:
     """doc/DCOR.md §2: a resource opened from its condensed file alone (its original refused
     for now) outlines its synthesized .rtdc from that file; once the original is read the
     skeleton is made again (another key), not the condensed file's kept for good."""
-    from dcorfs.producers.rtdc_file import _skeleton_key
+    from dcorfs.fs.producers.rtdc_file import _skeleton_key
 
     class Opened:
         features: dict[str, Any] = {}

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from dcorfs.structure import Array
-from dcorfs.upstream import UpstreamBasin, intra_basins, parsed
+from dcorfs.hdf5.structure import Array
+from dcorfs.hdf5.upstream import UpstreamBasin, intra_basins, parsed
 
 OWN = "3f1c2a70-1111-4c4c-8d8d-000000000001"
 RAW = "3f1c2a70-2222-4c4c-8d8d-000000000002"
