@@ -309,7 +309,7 @@ async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
 
 
 def test_metadata_ranges_on_open() -> None:
-    from dcorfs.opening.resources import HEAD, TAIL, metadata_ranges
+    from dcorfs.cache.prefetch import HEAD, TAIL, metadata_ranges
 
     assert metadata_ranges(1000, whole=1 << 20) == [(0, 1000)]
     size = 50 << 20

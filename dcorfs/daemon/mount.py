@@ -34,6 +34,7 @@ from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
 from ..cache.diskstore import DiskStore
 from ..cache.metastore import Memo, MetaStore
+from ..cache.prefetch import DECODED_BLOCK
 from ..errors import (
     AccessDenied,
     ConfigError,
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 PREFLIGHT_SECONDS = 15.0
 STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
 REJECTED_CREDENTIALS = ("SignatureDoesNotMatch", "InvalidAccessKeyId")
-DECODED_BLOCK = 1 << 20  # blocks of decoded feature values: large, they are read in streams
 
 
 def _scope(settings: MountSettings) -> str:

@@ -1,11 +1,14 @@
 """Adaptive read-ahead per open file: sequential readers find their bytes made in advance.
 
+The policy (when a reader is a stream, window sizes, how far ahead) is `cache.prefetch`'s;
+this module carries it out.
+
 Each open handle of a lazy file gets a `ReadAhead` over its `FileContent`. It watches the
 offsets the kernel asks for: a read that starts near where the last one ended (within
 `BACK` behind or `FORWARD` ahead, because the kernel's own read-ahead arrives slightly out of
 order) continues a sequential stream; anything else is random access and drops the stream.
 While a stream continues, the window (bytes made per step) grows with what was read, from
-`initial` up to `cap`, and windows are kept made up to two windows ahead of the reader —
+`initial` up to `cap`, and windows are kept made `WINDOWS_AHEAD` windows ahead of the reader —
 in a pool of worker threads, so the network requests and the decoding of window n+1 overlap
 the reader consuming window n. A window is one `content.read` (for a feature: the events
 those bytes cover, their HDF5 chunks fetched as parallel range requests, each chunk decoded
@@ -28,14 +31,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..cache.prefetch import BACK, FORWARD, STREAM, WINDOW_CAP, WINDOW_INITIAL, WINDOWS_AHEAD
 from ..errors import DeadlineExceeded
 from .content import FileContent, read_pieces
 
 log = logging.getLogger(__name__)
-
-BACK = 1 << 20  # a read this far behind the stream's end still continues it
-FORWARD = 16 << 20  # ... and this far ahead
-STREAM = 512 << 10  # read-ahead starts after this many bytes read in sequence (4 kernel reads)
 
 
 class Budget:
@@ -127,8 +127,8 @@ class Prefetcher:
         *,
         budget_bytes: int = 64 << 20,
         workers: int = 4,
-        initial: int = 1 << 20,
-        cap: int = 16 << 20,
+        initial: int = WINDOW_INITIAL,
+        cap: int = WINDOW_CAP,
         stream: int = STREAM,
         back: int = BACK,
         forward: int = FORWARD,
@@ -267,7 +267,7 @@ class ReadAhead:
 
     def _schedule(self) -> None:
         size = self._window_size()
-        horizon = min(self.size, self._end + 2 * size)
+        horizon = min(self.size, self._end + WINDOWS_AHEAD * size)
         made = max([self._end] + [w.stop for w in self._windows if w.stop > self._end])
         while made < horizon and not self._closed:
             stop = min(self.size, made + size)

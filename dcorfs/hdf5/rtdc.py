@@ -41,6 +41,7 @@ from h5py._objects import phil
 
 from ..cache.blockcache import BlockCache, ObjectId
 from ..cache.derived import DerivedCache, derived_id
+from ..cache.prefetch import HEADER_GUESS, STRUCTURE
 from ..errors import ProtocolError
 from .featurerule import checked, file_facts, innate, shown
 from .fileobj import SeekableFile
@@ -60,10 +61,7 @@ from .upstream import UpstreamBasin
 
 log = logging.getLogger(__name__)
 
-# groups whose members a reader looks at when it opens an .rtdc file, by level (parents first)
 OWN_SOURCES = ("resource", "condensed")  # the kinds of a resource's own files
-STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
-HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
 # files opened on our file objects and not closed yet: closed at exit, while Python still runs
 # (libhdf5 closes what is left open when the process ends, and its close of a file on a Python
 # file object calls into an interpreter that is gone: a crash at exit, e.g. when a resource's

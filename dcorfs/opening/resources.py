@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from ..cache import prefetch
 from ..cache.blockcache import BlockCache, ObjectId
 from ..cache.derived import DerivedCache
 from ..cache.metastore import FOREVER, Memo
@@ -78,12 +79,6 @@ from .filetexts import file_texts, json_value
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
-TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers at its end
-# objects up to this size are fetched whole on open: uploaded files (mostly event data) …
-WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
-CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
-SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
 MAX_REDIRECTS = 5  # hops followed from a link resource's URL to its file
 LINK_AGE = 300.0  # seconds a link's size and ETag are trusted (the other site may change it)
 ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
@@ -253,7 +248,7 @@ class Resources:
         size: int | None,
         etag: str | None,
         *,
-        head: int = HEAD,
+        head: int = prefetch.HEAD,
         max_age: float = FOREVER,
     ) -> ObjectId:
         """Identity of an object: from CKAN's record or a bucket listing when they have size
@@ -543,15 +538,15 @@ class Resources:
         may be remembered): then the places where HDF5 keeps its structure are fetched in
         parallel first, instead of as a chain of small misses while h5py walks the file (a
         small file whole: what h5py reads of it is most of it anyway)."""
-        whole = WHOLE.get(kind, WHOLE["resource"])
+        whole = prefetch.whole_size(kind)
         obj = self._identify(key, size, etag, head=whole)
-        ranges = metadata_ranges(obj.size, whole)
+        ranges = prefetch.metadata_ranges(obj.size, whole)
 
         def prepare(deadline: float) -> None:
             self._cache.ensure(obj, ranges, deadline=deadline)
 
         first_read = None
-        if kind == "condensed" and obj.size <= CONDENSED_PREFETCH:
+        if prefetch.condensed_whole_on_first_read(kind, obj.size):
             # once one scalar feature is read, fetch them all in the background
             first_read = functools.partial(self._warm.submit, self._prefetch, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
@@ -588,7 +583,7 @@ class Resources:
         self._warm_objects([obj for _, obj in served.values()])
 
     def _warm_objects(self, objects: list[ObjectId]) -> None:
-        if sum(obj.size for obj in objects) > SCALARS_PREFETCH:
+        if not prefetch.warm_together(sum(obj.size for obj in objects)):
             return
         with self._lock:  # each once (a resource's scalars are warmed from two places)
             objects = [obj for obj in objects if obj not in self._warming]
@@ -769,13 +764,6 @@ def _publish(early: concurrent.futures.Future[Served | None], served: Served | N
     """Give an opening attempt's `early` future its answer (once; a later attempt has its own)."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         early.set_result(served)
-
-
-def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
-    """Byte ranges of an HDF5 object fetched when it is opened."""
-    if size <= whole:
-        return [(0, size)]
-    return [(0, HEAD), (max(HEAD, size - TAIL), size)]
 
 
 def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:
