@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..cache import cachedir
+from ..cache.answers import DATASET_RECORDS
 from ..cache.derived import is_derived, source_key
 from ..cache.diskstore import CacheInUse, DiskStore, StoredObject, in_use, read_inventory
 from ..cache.metastore import MetaStore, read_answers
@@ -83,9 +84,7 @@ def inventory(cache_dir: Path) -> dict[str, Any]:
         objects = read_inventory(cache_dir)
         answers, records = 0, list[Any]()
         if (cache_dir / cachedir.META).exists():
-            answers, records = read_answers(
-                cache_dir / cachedir.META, ("package_show:", "package_search:")
-            )
+            answers, records = read_answers(cache_dir / cachedir.META, DATASET_RECORDS)
     except sqlite3.Error as exc:
         hint = " (damaged: the next mount renews it)" if cachedir.is_damaged(exc) else ""
         raise ConfigError(f"cannot read the cache dir {cache_dir}: {exc}{hint}") from None

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..cache import prefetch
+from ..cache import answers, prefetch
 from ..cache.blockcache import BlockCache, ObjectId
 from ..cache.derived import DerivedCache
 from ..cache.metastore import FOREVER, Memo
@@ -210,7 +210,7 @@ class Resources:
             answer = self._dcor().dcserv(resource_id, "basins", deadline=deadline)
             return {"asked": time.time(), "basins": answer, "growing": _growing(answer)}
 
-        answer = self._memo.get(f"basins:{resource_id}", ask, max_age=self._basins_age)
+        answer = self._memo.get(answers.basins(resource_id), ask, max_age=self._basins_age)
         age = time.time() - float(answer["asked"])  # presigned URLs age while stored
         found = {}
         for basin in parse_basins(answer["basins"]):
@@ -270,7 +270,7 @@ class Resources:
             self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
             return {"size": info.size, "etag": info.etag}
 
-        info = self._memo.get(f"object:{key}", ask, max_age=max_age)
+        info = self._memo.get(answers.object_info(key), ask, max_age=max_age)
         return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
 
     # -- RT-DC resources ----------------------------------------------------------------------
@@ -373,7 +373,7 @@ class Resources:
         host = urlsplit(self._api.base_url).netloc
         basins = upstream.parsed(
             self.remembered(
-                f"rtdc-intra-basins:v1:{obj.identity.hex()}",
+                answers.intra_basins(obj.identity),
                 lambda deadline: upstream.intra_basins(
                     condensed.arrays(["basins"], deadline=deadline)["basins"],
                     own_id=resource.id,
@@ -508,7 +508,7 @@ class Resources:
         if metadata is None:  # without dcserv: the file's own, remembered like its features
             obj = opened.remote.obj
             experiment = self.remembered(
-                f"rtdc-experiment:v1:{obj.identity.hex()}",
+                answers.experiment(obj.identity),
                 functools.partial(_experiment, opened),
             )
             metadata = {"experiment": experiment}
@@ -528,7 +528,7 @@ class Resources:
         """A source with its features: remembered for this version of its object, or read
         from the file (which opens it)."""
         source = self._source(kind, key, size, etag)
-        remembered_as = f"rtdc-features:v2:{source.remote.obj.identity.hex()}"
+        remembered_as = answers.features(source.remote.obj.identity)
         value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
         source.features = described(value, source.kind)
         return source
@@ -623,7 +623,7 @@ class Resources:
         condensed = opened.source("condensed")
         made_from = "-" if condensed is None else condensed.remote.obj.etag
         made = self.remembered(
-            f"file-texts:{obj.key}:{obj.etag}:{made_from}",
+            answers.file_texts(obj.key, obj.etag, made_from),
             lambda deadline: file_texts(opened, deadline=deadline),
         )
         return Texts(metadata=made["metadata"], logs=made["logs"], tables=made["tables"])

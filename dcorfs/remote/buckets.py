@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..cache import answers
 from ..cache.metastore import FOREVER, Memo
 from ..errors import AccessDenied, DcorfsError, NotFound
 from .catalog import Dataset, Resource
@@ -60,7 +61,7 @@ class BucketCatalog:
             }
 
         try:
-            return self._memo.get(f"s3-listing:{bucket}", ask, max_age=self._listing_age)  # type: ignore[no-any-return]
+            return self._memo.get(answers.bucket_listing(bucket), ask, max_age=self._listing_age)  # type: ignore[no-any-return]
         except AccessDenied:
             self._denied[circle_id] = time.monotonic()
             raise
@@ -119,7 +120,7 @@ class BucketCatalog:
             return {"size": info.size, "etag": info.etag}
 
         # the key under which `Resources` remembers object identities too
-        entry = self._memo.get(f"object:{key}", ask, max_age=FOREVER)
+        entry = self._memo.get(answers.object_info(key), ask, max_age=FOREVER)
         return self._record(circle_id, resource_id, entry)
 
     def find(self, resource_id: str) -> tuple[Dataset, Resource]:

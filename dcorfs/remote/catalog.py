@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+from ..cache import answers
 from ..cache.metastore import FOREVER, Memo
 from ..errors import NotFound, ProtocolError
 from .dcserv import DcorApi
@@ -249,7 +250,7 @@ class Catalog:
                     return names
                 names.extend(page)
 
-        return self._listing(f"{action}:names", ask, _group, what)
+        return self._listing(answers.group_names(action), ask, _group, what)
 
     def circles(self) -> Listing[Group]:
         return self._groups("organization_list", "circle")
@@ -277,7 +278,7 @@ class Catalog:
                 if not results or len(records) >= int(page.get("count", 0)):
                     return records
 
-        return self._listing(f"package_search:{fq}", ask, parse_dataset, "dataset")
+        return self._listing(answers.dataset_search(fq), ask, parse_dataset, "dataset")
 
     def dataset(self, name_or_id: str) -> Dataset:
         """A dataset by name or id; a draft or deleted one, which CKAN shows to members of
@@ -286,7 +287,7 @@ class Catalog:
         def ask(deadline: float) -> Any:
             return self._api.action("package_show", {"id": name_or_id}, deadline=deadline)
 
-        record = self._ask(f"package_show:{name_or_id}", ask, self._listing_age)
+        record = self._ask(answers.dataset(name_or_id), ask, self._listing_age)
         dataset = parse_dataset(record)
         if dataset.state != "active":
             raise NotFound(f"dataset {dataset.name} is {dataset.state}")
@@ -298,7 +299,7 @@ class Catalog:
         def ask(deadline: float) -> Any:
             return self._api.action("resource_show", {"id": resource_id}, deadline=deadline)
 
-        record = self._ask(f"resource_show:{resource_id}", ask, FOREVER)
+        record = self._ask(answers.resource_record(resource_id), ask, FOREVER)
         dataset_id = _text(record, "package_id")
         dataset = self.dataset(dataset_id)
         for resource in dataset.resources:
@@ -316,11 +317,10 @@ class Catalog:
         def ask(deadline: float) -> Any:
             return self._api.dcserv(resource_id, query, deadline=deadline)
 
+        key = answers.dcserv(query, resource_id, settled=settled)
         if settled:  # logs:v2: earlier versions kept logs for good without the condensed file
-            if query == "logs":
-                return self._ask(f"dcserv:logs:v2:{resource_id}", ask, self._logs_age)
-            return self._ask(f"dcserv:{query}:{resource_id}", ask, FOREVER)
-        return self._ask(f"dcserv:{query}:{resource_id}:unsettled", ask, self._listing_age)
+            return self._ask(key, ask, self._logs_age if query == "logs" else FOREVER)
+        return self._ask(key, ask, self._listing_age)
 
     def _logs_age(self, logs: Any) -> float:
         """How long logs are kept: for good once they hold the condensing logs."""

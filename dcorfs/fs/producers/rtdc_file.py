@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ...cache import answers
 from ...errors import ProtocolError
 from ...hdf5.rtdc import OWN_SOURCES, Outline, RtdcResource
 from ...hdf5.skeleton import Skeleton, Spec, build
@@ -106,7 +107,7 @@ def _skeleton_key(resource_id: str, resource: RtdcResource) -> str:
     # both files (the usual case): the key of earlier versions, whose skeletons stay valid
     described = repr(features) if sources == list(OWN_SOURCES) else repr((sources, features))
     digest = hashlib.blake2b(described.encode(), digest_size=8).hexdigest()
-    return f"rtdc-skeleton:v{LAYOUT_VERSION}:{resource_id}:{digest}"
+    return answers.skeleton(resource_id, LAYOUT_VERSION, digest)
 
 
 def _build_skeleton(resource: RtdcResource, *, deadline: float) -> Skeleton:
