@@ -195,12 +195,44 @@ def in_use(directory: Path) -> bool:
     return False
 
 
-TOTAL_TRIGGERS = {  # see `DiskStore._keep_total` (a block's row is never updated in place)
-    "total_in": "AFTER INSERT ON blocks BEGIN"
-    " UPDATE total SET bytes = bytes + NEW.bytes, blocks = blocks + 1; END",
-    "total_out": "AFTER DELETE ON blocks BEGIN"
-    " UPDATE total SET bytes = bytes - OLD.bytes, blocks = blocks - 1; END",
-}
+TOTAL_TRIGGERS = ("total_in", "total_out")  # made by `create_schema`
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    """The index of a cache dir (`index.sqlite3`), made if missing, in one transaction: what
+    every process sharing the directory reads and keeps (the block files themselves are the
+    truth; the index is their accounting, reconciled with them on open)."""
+    # one row per block file: its name `<2 hex>/<identity hex>-<index>` under blocks/, its
+    # length in bytes and when it was last used (seconds since the epoch; eviction goes by it)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
+    # what each identity hash names: the object's bucket/key, ETag and size (`cache info`
+    # tells resources apart by it)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS objects"
+        " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
+    )
+    # the bytes and number of all blocks in one row, kept by triggers (every process's
+    # inserts and deletes keep it, whatever its version; a block's row is never updated in
+    # place), so admitting blocks or reporting usage does not sum the whole table each time
+    # (~6 ms at 100,000 blocks); an index from before it gets the row from its blocks
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS total (one INTEGER PRIMARY KEY CHECK (one = 1),"
+        " bytes INTEGER NOT NULL, blocks INTEGER NOT NULL)"
+    )
+    db.execute(
+        "CREATE TRIGGER IF NOT EXISTS total_in AFTER INSERT ON blocks BEGIN"
+        " UPDATE total SET bytes = bytes + NEW.bytes, blocks = blocks + 1; END"
+    )
+    db.execute(
+        "CREATE TRIGGER IF NOT EXISTS total_out AFTER DELETE ON blocks BEGIN"
+        " UPDATE total SET bytes = bytes - OLD.bytes, blocks = blocks - 1; END"
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO total SELECT 1, COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks"
+    )
 
 
 class DiskStore:
@@ -291,37 +323,11 @@ class DiskStore:
                 except sqlite3.OperationalError:
                     time.sleep(0.1)
             db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS blocks"
-                " (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
-            )
-            db.execute("CREATE INDEX IF NOT EXISTS blocks_used ON blocks (used)")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS objects"
-                " (identity TEXT PRIMARY KEY, key TEXT, etag TEXT, size INTEGER)"
-            )
-        self._keep_total()
+        with self._transaction() as db:
+            create_schema(db)
         if adopt:
             self._adopt()
         self._reconcile()
-
-    def _keep_total(self) -> None:
-        """The bytes and number of all blocks, kept in a one-row table by triggers (every
-        process's inserts and deletes keep it, whatever its version), so that admitting blocks
-        or reporting usage does not sum the whole table each time (~6 ms at 100,000 blocks).
-        An index from before it gets the table from its rows, in the same transaction as the
-        triggers."""
-        with self._transaction() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS total (one INTEGER PRIMARY KEY CHECK (one = 1),"
-                " bytes INTEGER NOT NULL, blocks INTEGER NOT NULL)"
-            )
-            for name, change in TOTAL_TRIGGERS.items():
-                db.execute(f"CREATE TRIGGER IF NOT EXISTS {name} {change}")
-            db.execute(
-                "INSERT OR IGNORE INTO total"
-                " SELECT 1, COALESCE(SUM(bytes), 0), COUNT(*) FROM blocks"
-            )
 
     def _adopt(self) -> None:
         """Rows for the valid block files found (after the index was renewed); bad files go."""
