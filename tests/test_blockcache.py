@@ -311,7 +311,7 @@ def test_inventory_names_objects_and_clear_empties_the_store(tmp_path: Path) -> 
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
     other = ObjectId(key="circle-x/condensed/abc/def/ghi", etag="e2", size=BLOCK)
     assert store.put_many(OBJ, {0: DATA[:BLOCK], 3: DATA[3 * BLOCK : 4 * BLOCK]}) == 2
-    assert store.put(other, 0, os.urandom(BLOCK))
+    assert store.put_many(other, {0: os.urandom(BLOCK)}) == 1
     found = {obj.key: obj for obj in read_inventory(tmp_path / "cache")}
     assert found[OBJ.key].blocks == 2
     assert found[OBJ.key].nbytes == 2 * BLOCK
@@ -347,7 +347,7 @@ def test_inventory_of_a_cache_from_before_the_objects_table(tmp_path: Path) -> N
     import sqlite3
 
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
-    assert store.put(OBJ, 0, DATA[:BLOCK])
+    assert store.put_many(OBJ, {0: DATA[:BLOCK]}) == 1
     store.close()
     with sqlite3.connect(tmp_path / "cache" / "index.sqlite3") as db:
         db.execute("DROP TABLE objects")
@@ -430,8 +430,8 @@ def test_the_kept_total_follows_admissions_evictions_and_clear(tmp_path: Path) -
         kept, summed = stored_total(cache)
         assert kept == summed > 0
         assert kept <= store.limit
-    store.put(OBJ, 0, DATA[:BLOCK])  # the same block again: its row replaced
-    store.put(OBJ, 0, DATA[:BLOCK])
+    store.put_many(OBJ, {0: DATA[:BLOCK]})  # the same block again: its row replaced
+    store.put_many(OBJ, {0: DATA[:BLOCK]})
     assert stored_total(cache)[0] == stored_total(cache)[1]
     store.clear()
     assert stored_total(cache) == (0, 0)
@@ -450,7 +450,7 @@ def test_an_index_from_before_the_kept_total_gets_it(tmp_path: Path) -> None:
     store = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
     two = 2 * (HEADER.size + BLOCK)
     assert stored_total(cache) == (two, two)
-    assert store.put(OBJ, 2, DATA[2 * BLOCK : 3 * BLOCK])
+    assert store.put_many(OBJ, {2: DATA[2 * BLOCK : 3 * BLOCK]}) == 1
     kept, summed = stored_total(cache)
     assert kept == summed == store.usage()[0]
     store.close()

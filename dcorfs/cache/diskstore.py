@@ -471,9 +471,6 @@ class DiskStore:
         with contextlib.suppress(sqlite3.Error), self._sql() as db:
             db.execute("DELETE FROM blocks WHERE name=?", (name,))
 
-    def put(self, obj: ObjectId, index: int, data: bytes) -> bool:
-        return self.put_many(obj, {index: data}) == 1
-
     def put_many(self, obj: ObjectId, blocks: dict[int, bytes]) -> int:
         """Store blocks of one object (one accounting transaction); returns how many."""
         now = time.time()

@@ -68,8 +68,6 @@ class Node:
         self.path = path
         self.mtime = mtime
 
-    is_dir = False
-
     @property
     def settled(self) -> bool:
         """Whether the node's attributes (its size) are known; else call `settle` first."""
@@ -200,8 +198,6 @@ def text_dir(path: str, files: dict[str, bytes], mtime: float) -> StaticDir:
 
 
 class Dir(Node):
-    is_dir = True
-
     def __init__(self, path: str, *, mtime: float = 0.0, max_age: float = float("inf")) -> None:
         super().__init__(path, mtime=mtime)
         self._max_age = max_age
