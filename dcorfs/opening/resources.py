@@ -453,7 +453,8 @@ class Resources:
             condensed_made = self._ask.submit(
                 self._described, "condensed", keys["condensed"], None, None
             )
-            if catalog is not None:  # logs are final once the condensed file exists (§7)
+            # logs are final once the condensed file exists (doc/DCOR.md §7)
+            if catalog is not None:
                 ask_logs = functools.partial(self._ask_logs, catalog, resource.id)
                 condensed_made.add_done_callback(ask_logs)
             stated = _stated_events(metadata)

@@ -27,7 +27,7 @@ from .dcserv import DcorApi
 
 log = logging.getLogger(__name__)
 
-GROUP_PAGE = 1000  # CKAN caps organization_list/group_list of names at 1000 (§5)
+GROUP_PAGE = 1000  # CKAN caps organization_list/group_list of names at 1000 (doc/DCOR.md §5)
 SEARCH_PAGE = 1000  # and package_search rows at 1000
 DOWNLOAD_ROUTE = re.compile(r"/dataset/[^/]+/resource/[^/]+/download/")
 CONDENSING_LOG = "dclab-condense"  # the logs DCOR's condensing adds (doc/DCOR.md §7)
@@ -97,7 +97,7 @@ class Dataset:
     mtime: float
     resources: tuple[Resource, ...]
     record: dict[str, Any]
-    state: str = "active"  # CKAN's; "draft" or "deleted" ones are not shown (§11)
+    state: str = "active"  # CKAN's; "draft" or "deleted" ones are not shown (doc/DCOR.md §11)
 
 
 MAX_SIZE = (1 << 63) - 1  # what a file size can be (st_size); larger ones are probed
