@@ -13,7 +13,7 @@ from dcorfs.devserver.server import DevServer
 from dcorfs.errors import AccessDenied, DcorfsError, DeadlineExceeded, TransientError
 from dcorfs.remote.http import Http, RetryPolicy
 
-from .conftest import TOKENS, api, resource
+from ..conftest import TOKENS, api, resource
 
 FAST = RetryPolicy(attempts=12, base_delay=0.001, max_delay=0.01, read_timeout=2.0)
 

@@ -12,8 +12,8 @@ import pytest
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, ServerProcess, resource, resource_dir
-from .mounts import mounted, needs_fuse
+from ..conftest import TOKENS, ServerProcess, resource, resource_dir
+from ..mounts import mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 

@@ -36,8 +36,8 @@ from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, ServerProcess, info
-from .mounts import (
+from ..conftest import TOKENS, ServerProcess, info
+from ..mounts import (
     alive,
     daemon_pid,
     dcorfs,

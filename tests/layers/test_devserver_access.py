@@ -19,8 +19,8 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
-from .conftest import api, resource
-from .dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
+from ..conftest import api, resource
+from ..dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
 from .test_devserver_ckan import error, ok
 
 pytestmark = [

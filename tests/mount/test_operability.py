@@ -21,7 +21,7 @@ import requests
 
 from dcorfs.devserver.server import DevServer
 
-from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
+from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 

@@ -24,9 +24,9 @@ import requests
 
 from dcorfs import cachedir
 
-from .conftest import TOKENS, ServerProcess, rtdc_entries
-from .hostile import HostileProxy
-from .mounts import (
+from ..conftest import TOKENS, ServerProcess, rtdc_entries
+from ..hostile import HostileProxy
+from ..mounts import (
     alive,
     daemon_pid,
     dcorfs,

@@ -16,8 +16,8 @@ import hdf5plugin  # noqa: F401  (the sources use the Zstd filter)
 import numpy as np
 import pytest
 
-from .conftest import ServerProcess, resource_dir, rtdc_entries
-from .mounts import mounted, needs_fuse
+from ..conftest import ServerProcess, resource_dir, rtdc_entries
+from ..mounts import mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,

@@ -25,8 +25,8 @@ from dcorfs.cache.derived import is_derived
 from dcorfs.cache.diskstore import read_inventory
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
-from .mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
+from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
+from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,

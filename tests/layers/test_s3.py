@@ -34,9 +34,9 @@ from dcorfs.settings import (
     read_s3_credentials,
 )
 
-from .conftest import api, info
-from .mounts import dcorfs
-from .s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFS
+from ..conftest import api, info
+from ..mounts import dcorfs
+from ..s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFS
 
 FAST = RetryPolicy(attempts=6, base_delay=0.001, max_delay=0.01, read_timeout=5.0)
 RID = "fb719fb2-bd9f-817a-7d70-f4002af916f0"

@@ -30,8 +30,8 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
-from .conftest import FIXTURE_FILES, info, innate_features, resource_dir, write_json
-from .mounts import mounted, needs_fuse
+from ..conftest import FIXTURE_FILES, info, innate_features, resource_dir, write_json
+from ..mounts import mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,

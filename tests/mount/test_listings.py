@@ -18,9 +18,9 @@ import requests
 
 from dcorfs.devserver.datadir import write_json
 
-from .conftest import ServerProcess, info
-from .mounts import mounted
-from .test_devserver_access import ACCESS_TOKENS, make_access_site
+from ..conftest import ServerProcess, info
+from ..layers.test_devserver_access import ACCESS_TOKENS, make_access_site
+from ..mounts import mounted
 
 VISIBLE = {  # what each user's mount lists of the access site
     "carol": ["open-study", "shared-secret"],

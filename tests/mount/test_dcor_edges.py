@@ -33,10 +33,10 @@ from dcorfs.remote.failures import Failures
 from dcorfs.remote.http import Http, RetryPolicy
 from dcorfs.settings import parse_bucket_template
 
-from .conftest import TOKENS, api, resource, weed_or_skip
-from .dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
-from .mounts import dcorfs, is_mounted, log_lines, mounted
-from .s3server import CREDENTIALS_ENV, SeaweedFS
+from ..conftest import TOKENS, api, resource, weed_or_skip
+from ..dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
+from ..mounts import dcorfs, is_mounted, log_lines, mounted
+from ..s3server import CREDENTIALS_ENV, SeaweedFS
 
 pytestmark = [pytest.mark.filterwarnings("ignore::dclab.http_utils.ConnectionTimeoutWarning")]
 EDGES = "edges"

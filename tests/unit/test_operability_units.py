@@ -16,7 +16,7 @@ from dcorfs.daemon.notify import Notifier, watchdog_interval
 from dcorfs.daemon.report import duration, hit_ratio, one_line, size, summary
 from dcorfs.remote.dcserv import parse_resource_key, resource_key
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def test_notifier_sends_datagrams_to_path_and_abstract_sockets(tmp_path: Path) -> None:

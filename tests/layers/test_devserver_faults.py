@@ -14,7 +14,7 @@ import requests
 from dcorfs.devserver.faults import Fault, FaultConfig, Faults
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, resource
+from ..conftest import TOKENS, api, resource
 
 
 def object_and_bytes(server: DevServer) -> tuple[str, bytes]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, DevServer
-from .mounts import mounted, needs_fuse
+from ..conftest import REPO, DevServer
+from ..mounts import mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 DOC = REPO / "doc" / "SEMANTICS.md"

@@ -16,7 +16,7 @@ from dclab.rtdc_dataset.fmt_dcor.api import APIHandler, DCORAccessError
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import (
+from ..conftest import (
     FIXTURE_FILES,
     LAG,
     TOKENS,
@@ -26,7 +26,7 @@ from .conftest import (
     needs_fixtures,
     resource,
 )
-from .dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
+from ..dclab_client import forget_api_keys, open_remote  # noqa: F401 (fixture)
 
 pytestmark = [
     # dclab retries its 0.5 s requests when the machine is busy and says so: not a failure

@@ -31,8 +31,8 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
-from .conftest import TOKENS, info, resource_dir
-from .mounts import log_lines, mounted, needs_fuse, read_file
+from ..conftest import TOKENS, info, resource_dir
+from ..mounts import log_lines, mounted, needs_fuse, read_file
 
 pytestmark = [
     needs_fuse,

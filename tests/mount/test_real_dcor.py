@@ -23,7 +23,7 @@ from dcorfs.remote.catalog import Catalog
 from dcorfs.remote.dcserv import DcorApi
 from dcorfs.remote.http import Http
 
-from .conftest import (
+from ..conftest import (
     LAG,
     TOKENS,
     innate_features,
@@ -32,7 +32,7 @@ from .conftest import (
     resource_dir,
     rtdc_entries,
 )
-from .mounts import log_lines, mounted, needs_fuse
+from ..mounts import log_lines, mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,

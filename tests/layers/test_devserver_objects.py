@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dcorfs.devserver.objects import RangeNotSatisfiable, parse_range
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, resource
+from ..conftest import TOKENS, api, resource
 
 
 def object_url(server: DevServer, dataset: str, name: str, artifact: str = "resource") -> str:

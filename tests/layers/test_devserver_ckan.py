@@ -12,7 +12,7 @@ import requests
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.server import DevServer
 
-from .conftest import TOKENS, api, resource
+from ..conftest import TOKENS, api, resource
 
 
 def ok(answer: tuple[int, Any]) -> Any:

@@ -18,7 +18,7 @@ import pytest
 
 from dcorfs.devserver.server import DevServer
 
-from .conftest import (
+from ..conftest import (
     TOKENS,
     api,
     assert_tables,
@@ -28,8 +28,8 @@ from .conftest import (
     rtdc_entries,
     weed_or_skip,
 )
-from .mounts import dcorfs, is_mounted, mounted, needs_fuse, unmount
-from .s3server import (
+from ..mounts import dcorfs, is_mounted, mounted, needs_fuse, unmount
+from ..s3server import (
     ACCESS_KEY_ID,
     CREDENTIALS_ENV,
     SECRET_ACCESS_KEY,
