@@ -1,16 +1,20 @@
 # The two commands a fresh Debian/Ubuntu machine needs (each sets up everything it uses):
 #   make demo   mount an offline sample DCOR (devserver + dcorfs) at /tmp/dcorfs-demo
 #   make test   lint, type-check and run the whole test suite
+#   make test-fast   the tiers without FUSE (tests/unit, tests/layers), for quick iterations
 VENV := .venv/bin
 
-.PHONY: demo test check bench clean
+.PHONY: demo test test-fast check bench clean
 
 demo:
 	@scripts/bootstrap.sh devserver
 	$(VENV)/dcorfs demo $${DEMO_MOUNT:-/tmp/dcorfs-demo}
 
 test: check
-	$(VENV)/pytest
+	$(VENV)/pytest --durations=15
+
+test-fast: check
+	$(VENV)/pytest tests/unit tests/layers -m "not fuse and not slow"
 
 check:
 	@scripts/bootstrap.sh test

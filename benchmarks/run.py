@@ -31,9 +31,9 @@ import hdf5plugin  # noqa: F401
 import numpy as np
 import requests
 
-from dcorfs.dcserv import parse_basins
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
+from dcorfs.remote.dcserv import parse_basins
 
 warnings.simplefilter("ignore")  # dclab's configuration warnings are not what is measured
 PY = sys.executable

@@ -307,7 +307,7 @@ def _check_s3_options(args: argparse.Namespace) -> None:
 
 
 def _run_mount(args: argparse.Namespace) -> int:
-    from .mount import mount
+    from .daemon.mount import mount
 
     _check_s3_options(args)
     endpoint = parse_endpoint(args.s3_endpoint) if args.s3_endpoint is not None else None
@@ -344,7 +344,7 @@ def _add_umount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_umount(args: argparse.Namespace) -> int:
-    from .unmount import unmount
+    from .admin.unmount import unmount
 
     return unmount(args.mountpoint.absolute())
 
@@ -361,7 +361,7 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from .status import show
+    from .admin.status import show
 
     return show(args.mountpoint.absolute(), as_json=args.json)
 
@@ -386,7 +386,7 @@ def _add_warmup(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
-    from .warmup import warmup
+    from .admin.warmup import warmup
 
     if args.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
@@ -411,7 +411,7 @@ def _add_cache(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from . import cache_admin
+    from .admin import cache_admin
 
     cache_dir = (args.cache_dir or default_cache_dir()).absolute()
     if args.action == "info":
@@ -437,7 +437,7 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import demo
+    from .admin.demo import demo
 
     if args.events < 10:
         raise ConfigError("--events must be at least 10")

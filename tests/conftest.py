@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import requests
 
-from dcorfs.demo import terminate
+from dcorfs.admin.demo import terminate
 from dcorfs.devserver.datadir import write_dcnum_pairs, write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer

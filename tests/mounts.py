@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dcorfs.tuning import device_of
+from dcorfs.daemon.tuning import device_of
 
 FUSE_MISSING = (
     "/dev/fuse is missing"

@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from dcorfs.demo import die_with_parent, terminate
+from dcorfs.admin.demo import die_with_parent, terminate
 
 ACCESS_KEY_ID = "dcorfs-test-key-id"
 SECRET_ACCESS_KEY = "dcorfs-test-secret-0123456789abcdef"

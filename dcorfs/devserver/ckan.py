@@ -396,7 +396,7 @@ class CkanApi:
         if field == "name":
             key: Callable[[Any], Any] = lambda g: g.name  # noqa: E731
         elif self.site.options.title_ties_unordered:
-            random.shuffle(groups)  # no tie-breaker: equal titles in any order (§5)
+            random.shuffle(groups)  # no tie-breaker: equal titles in any order (doc/DCOR.md §5)
             key = lambda g: g.title.lower()  # noqa: E731
         else:
             key = lambda g: (g.title.lower(), g.name)  # noqa: E731

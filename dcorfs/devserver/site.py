@@ -194,7 +194,8 @@ class Site:
     def is_public(self, obj: StoredObject) -> bool:
         """Whether the object is tagged `public=true`: its dataset is public and active
         (dcor_schemas `plugin.py` ~395-411 tags it once the dataset is active; only drafts
-        may be deleted, dcor_schemas `auth.py` ~141-162, so a deleted one never was; §11)."""
+        may be deleted, dcor_schemas `auth.py` ~141-162, so a deleted one never was;
+        doc/DCOR.md §11)."""
         found = self.repo.resource(obj.resource_id)
         if found is None:
             return obj.public

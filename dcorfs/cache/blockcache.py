@@ -1,0 +1,396 @@
+"""The block cache: (object identity + ETag, block index) → bytes, memory over disk.
+
+Objects are split into fixed blocks (1 MiB by default). `read` serves a byte range from the
+memory LRU, then the disk store, and fetches what is missing: adjacent missing blocks in one
+range request (up to `max_fetch_bytes`), separate runs as parallel requests (up to
+`parallel` at once). Concurrent misses on one block make one fetch.
+
+Design note (concurrency): one lock guards the LRU and the table of in-flight fetches and is
+never held during I/O. The thread that finds a block missing and not in flight becomes its
+owner: it registers a `_Flight` for every block of its run, fetches, stores, and then sets
+each flight's event. Other threads wanting those blocks wait on the event (bounded by their
+deadline) and read the result from the flight; an error is handed to the waiters but never
+stored, so the next read tries again.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
+from .diskstore import DiskStore, ObjectId
+
+__all__ = ["BlockCache", "CacheStats", "Fetch", "ObjectId"]
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[ObjectId, int, int, float], bytes]
+BlockKey = tuple[ObjectId, int]
+PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    memory_hits: int
+    disk_hits: int
+    misses: int
+    fetches: int
+    fetched_bytes: int
+    served_bytes: int
+    in_flight: int
+    memory_bytes: int
+    disk_bytes: int
+    disk_limit: int
+    errors: int
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class BlockCache:
+    def __init__(
+        self,
+        *,
+        fetch: Fetch,
+        store: DiskStore | None,
+        block_size: int = 1 << 20,
+        memory_bytes: int = 128 << 20,
+        max_fetch_bytes: int = 8 << 20,
+        parallel: int = 8,
+    ) -> None:
+        self._fetch = fetch
+        self._store = store
+        self.block_size = block_size
+        self._memory_limit = memory_bytes
+        self._max_blocks = max(1, max_fetch_bytes // block_size)
+        self._lock = threading.Lock()
+        self._memory: collections.OrderedDict[BlockKey, bytes] = collections.OrderedDict()
+        self._memory_used = 0
+        # passing blocks (fetched for `ensure(disk=False)`: read once, turned into something
+        # kept elsewhere) in the order they came, their bytes bounded on their own, so that a
+        # stream of them never fills the memory tier (nor the daemon's RSS)
+        self._passing: collections.OrderedDict[BlockKey, int] = collections.OrderedDict()
+        self._passing_used = 0
+        self._passing_limit = memory_bytes // PASSING_SHARE
+        self._flights: dict[BlockKey, _Flight] = {}
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._parallel = parallel  # this thread and parallel - 1 workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, parallel - 1), thread_name_prefix="fetch"
+        )
+
+    # -- memory tier ---------------------------------------------------------------------------
+
+    def _remember(self, key: BlockKey, data: bytes, *, passing: bool = False) -> None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                if not passing:  # wanted for good after all
+                    self._passing_used -= self._passing.pop(key, 0)
+                return
+            self._memory[key] = data
+            self._memory_used += len(data)
+            if passing:
+                self._passing[key] = len(data)
+                self._passing_used += len(data)
+                while self._passing_used > self._passing_limit and len(self._passing) > 1:
+                    self._drop(next(iter(self._passing)))
+            while self._memory_used > self._memory_limit and len(self._memory) > 1:
+                self._drop(next(iter(self._memory)))
+
+    def _drop(self, key: BlockKey) -> None:
+        """Remove a block from memory (holding the lock)."""
+        data = self._memory.pop(key, None)
+        if data is not None:
+            self._memory_used -= len(data)
+        self._passing_used -= self._passing.pop(key, 0)
+
+    def _recall(self, key: BlockKey) -> bytes | None:
+        with self._lock:
+            data = self._memory.get(key)
+            if data is not None:
+                self._memory.move_to_end(key)
+            return data
+
+    # -- public --------------------------------------------------------------------------------
+
+    def _indices(self, obj: ObjectId, start: int, stop: int) -> range:
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return range(0)
+        return range(start // self.block_size, (stop - 1) // self.block_size + 1)
+
+    def peek(self, obj: ObjectId, start: int, stop: int) -> bytes | None:
+        """The bytes if every block is in memory; never blocks."""
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return b""
+        parts = []
+        for index in self._indices(obj, start, stop):
+            data = self._recall((obj, index))
+            if data is None:
+                return None
+            parts.append(data)
+        self._counts["memory_hits"] += 1
+        self._counts["served_bytes"] += stop - start
+        return self._slice(parts, start, stop)
+
+    def _slice(self, parts: list[bytes], start: int, stop: int) -> bytes:
+        first = (start // self.block_size) * self.block_size
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        return joined[start - first : stop - first]
+
+    def read(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> bytes:
+        pieces = self.read_pieces(obj, start, stop, deadline=deadline)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_pieces(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> list[bytes]:
+        """`read` as the blocks themselves (the first and last cut to the range), not joined."""
+        stop = min(stop, obj.size)
+        if stop <= start:
+            return [b""]
+        blocks = self._blocks(obj, self._indices(obj, start, stop), deadline)
+        self._counts["served_bytes"] += stop - start
+        first = (start // self.block_size) * self.block_size
+        last = first + (len(blocks) - 1) * self.block_size
+        if len(blocks) == 1:
+            return [blocks[0][start - first : stop - first]]
+        # (a slice of the whole of a bytes object is that object: no copy)
+        return [blocks[0][start - first :], *blocks[1:-1], blocks[-1][: stop - last]]
+
+    def ensure(
+        self,
+        obj: ObjectId,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        deadline: float,
+        disk: bool = True,
+    ) -> None:
+        """Have the blocks of these ranges in the cache: missing runs fetched in parallel.
+        `disk=False`: what is fetched is kept in memory only, not written to the disk store
+        (bytes read once to be turned into something else that is kept instead); blocks the
+        store already has are still used (looked up one after another: mostly misses)."""
+        wanted = sorted({i for a, b in ranges for i in self._indices(obj, a, b)})
+        self._blocks(obj, wanted, deadline, keep=False, disk=disk)
+
+    def forget(self, obj: ObjectId, ranges: Sequence[tuple[int, int]]) -> None:
+        """Drop from memory the passing blocks (see `ensure`) that lie wholly inside these
+        ranges (read once and not needed again: they would only push out blocks that are);
+        blocks another reader fetched to keep stay."""
+        with self._lock:
+            for a, b in ranges:
+                first = -(-a // self.block_size)
+                for index in range(first, min(b, obj.size) // self.block_size):
+                    if (obj, index) in self._passing:
+                        self._drop((obj, index))
+
+    def recall_stored(self, objects: Sequence[ObjectId]) -> list[ObjectId]:
+        """Bring the blocks of these whole objects that the disk store has into memory, read
+        in parallel, fetching (or computing) none; returns the objects still incomplete."""
+        absent = [
+            (obj, index)
+            for obj in objects
+            for index in self._indices(obj, 0, obj.size)
+            if self._recall((obj, index)) is None
+        ]
+        stored = self._stored(absent)
+        incomplete: dict[ObjectId, None] = {}
+        for block, data in zip(absent, stored, strict=True):
+            if data is None:
+                incomplete[block[0]] = None
+            else:
+                self._counts["disk_hits"] += 1
+                self._remember(block, data)
+        return list(incomplete)
+
+    def admit(self, obj: ObjectId, data: bytes) -> None:
+        """Keep the object's first bytes, fetched by someone else (e.g. with its size probe):
+        every whole block of them, and a last partial block at the object's end."""
+        blocks: dict[int, bytes] = {}
+        for index in range(-(-len(data) // self.block_size)):
+            block = data[index * self.block_size : (index + 1) * self.block_size]
+            if len(block) == self.block_size or index * self.block_size + len(block) == obj.size:
+                blocks[index] = bytes(block)
+                self._remember((obj, index), blocks[index])
+        if blocks and self._store is not None:
+            self._store.put_many(obj, blocks)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> CacheStats:
+        disk_bytes = self._store.usage()[0] if self._store is not None else 0
+        with self._lock:
+            in_flight, memory = len(self._flights), self._memory_used
+        c = self._counts
+        return CacheStats(
+            memory_hits=c["memory_hits"],
+            disk_hits=c["disk_hits"],
+            misses=c["misses"],
+            fetches=c["fetches"],
+            fetched_bytes=c["fetched_bytes"],
+            served_bytes=c["served_bytes"],
+            in_flight=in_flight,
+            memory_bytes=memory,
+            disk_bytes=disk_bytes,
+            disk_limit=self._store.limit if self._store is not None else 0,
+            errors=c["errors"] + (self._store.errors if self._store is not None else 0),
+        )
+
+    # -- the miss path ---------------------------------------------------------------------------
+
+    def _store_get(self, key: BlockKey) -> bytes | None:
+        if self._store is None:
+            return None
+        return self._store.get(*key, block_size=self.block_size)
+
+    def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[bytes | None]:
+        """The blocks from the disk store (None where missing), several read in parallel
+        unless `parallel` is False (when misses are expected: a miss is one failed open)."""
+        if self._store is None:
+            return [None] * len(keys)
+        if len(keys) <= 1 or self._parallel <= 1 or not parallel:
+            return [self._store_get(key) for key in keys]
+        return list(self._pool.map(self._store_get, keys))
+
+    def _blocks(
+        self,
+        obj: ObjectId,
+        indices: Sequence[int],
+        deadline: float,
+        *,
+        keep: bool = True,
+        disk: bool = True,
+    ) -> list[bytes]:
+        found: dict[int, bytes] = {}
+        waits: dict[int, _Flight] = {}
+        missing: list[int] = []
+        not_in_memory: list[int] = []
+        for index in indices:
+            data = self._recall((obj, index))
+            if data is not None:
+                self._counts["memory_hits"] += 1
+                found[index] = data
+            else:
+                not_in_memory.append(index)
+        stored = self._stored([(obj, i) for i in not_in_memory], parallel=disk)
+        for index, data in zip(not_in_memory, stored, strict=True):
+            if data is not None:
+                self._counts["disk_hits"] += 1
+                self._remember((obj, index), data, passing=not disk)
+                found[index] = data
+            else:
+                missing.append(index)
+        owned: list[int] = []
+        with self._lock:
+            for index in missing:
+                flight = self._flights.get((obj, index))
+                if flight is None:
+                    self._flights[(obj, index)] = _Flight()
+                    owned.append(index)
+                else:
+                    waits[index] = flight
+        found.update(self._fetch_runs(obj, _runs(owned, self._max_blocks), deadline, disk))
+        for index, flight in waits.items():
+            if not flight.done.wait(max(0.0, deadline - time.monotonic())):
+                raise DeadlineExceeded(f"{obj.key}: block {index} still in flight at deadline")
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            found[index] = flight.data
+        return [found[i] for i in indices] if keep else []
+
+    def _fetch_runs(
+        self, obj: ObjectId, runs: list[list[int]], deadline: float, disk: bool
+    ) -> dict[int, bytes]:
+        """Fetch runs of blocks, up to `parallel` at once; the first error is raised after
+        all have ended (every run resolves its own flights either way)."""
+        if len(runs) <= 1 or self._parallel <= 1:
+            found: dict[int, bytes] = {}
+            for n, run in enumerate(runs):
+                try:
+                    found.update(self._fetch_run(obj, run, deadline, disk))
+                except BaseException as exc:
+                    self._abandon(obj, runs[n + 1 :], exc)  # their waiters must not hang
+                    raise
+            return found
+        others = [self._pool.submit(self._fetch_run, obj, run, deadline, disk) for run in runs[1:]]
+        found = {}
+        error: BaseException | None = None
+        try:
+            found.update(self._fetch_run(obj, runs[0], deadline, disk))
+        except BaseException as exc:
+            error = exc
+        for future in others:
+            try:
+                found.update(future.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return found
+
+    def _abandon(self, obj: ObjectId, runs: list[list[int]], error: BaseException) -> None:
+        """Runs this thread owns but will not fetch: their flights end with `error`."""
+        with self._lock:
+            flights = [self._flights.pop((obj, index)) for run in runs for index in run]
+        for flight in flights:
+            flight.error = error
+            flight.done.set()
+
+    def _fetch_run(
+        self, obj: ObjectId, run: list[int], deadline: float, disk: bool = True
+    ) -> dict[int, bytes]:
+        start = run[0] * self.block_size
+        stop = min((run[-1] + 1) * self.block_size, obj.size)
+        flights = {index: self._flights[(obj, index)] for index in run}
+        try:
+            self._counts["misses"] += len(run)
+            self._counts["fetches"] += 1
+            data = self._fetch(obj, start, stop, deadline)
+            if len(data) != stop - start:
+                raise ProtocolError(f"{obj.key}: fetched {len(data)} bytes for [{start}, {stop})")
+            self._counts["fetched_bytes"] += len(data)
+            blocks = {}
+            for index in run:
+                offset = index * self.block_size - start
+                block = bytes(data[offset : offset + self.block_size])
+                blocks[index] = block
+                self._remember((obj, index), block, passing=not disk)
+            if self._store is not None and disk:
+                self._store.put_many(obj, blocks)
+            for index, flight in flights.items():
+                flight.data = blocks[index]
+            return blocks
+        except BaseException as exc:
+            if isinstance(exc, DcorfsError | OSError):
+                self._counts["errors"] += 1
+            for flight in flights.values():
+                flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                for index in run:
+                    self._flights.pop((obj, index), None)
+            for flight in flights.values():
+                flight.done.set()
+
+
+def _runs(indices: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices grouped into runs of at most `limit`."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1 and len(runs[-1]) < limit:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs

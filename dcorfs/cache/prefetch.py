@@ -1,0 +1,91 @@
+"""The prefetch policy: what a mount fetches or makes before a reader asks for it, and how much.
+
+Every constant and decision of it is here; the mechanisms that carry them out live where the
+data are (`hdf5.rtdc`, `opening.resources`, `fs.readahead`, `fs.tree`). Measured effects are
+in README "Speed".
+
+Design note. Two costs dominate a remote HDF5 file: round trips (HDF5 keeps its structure in
+small objects scattered through the file, and h5py reads them one after another, each miss a
+round trip under h5py's global lock) and decoding (event data are compressed chunks). So the
+policy is: learn where the structure lies and fetch it in few parallel batches before h5py
+walks it; fetch the chunks of event data in parallel before h5py decodes them; decode once
+and keep the decoded values; and for readers that stream, make the next bytes before they
+are asked for, within a memory budget. In the order a resource meets them:
+
+1. Opening an `.rtdc` object. Its first `HEAD` and last `TAIL` bytes are fetched in parallel
+   (`metadata_ranges`): superblock and root group are at the start, and writers that grow a
+   file leave object headers at its end. An object up to `WHOLE[kind]` bytes is fetched whole,
+   in the request that also learns its size and ETag (`whole_size`): an upload that small is
+   mostly structure, a condensed file that small is all scalars (and is then read from an
+   in-memory copy, never through the cache).
+2. The object headers of what an RT-DC reader walks (`STRUCTURE`: the root; `events`, `logs`,
+   `tables`; `events/trace`), one parallel batch per level, `HEADER_GUESS` bytes at each
+   header's address (read from the links of the level above). Then the data of logs and
+   tables in one batch.
+3. Scalar features. Once the condensed file is described, the values of the scalar features it
+   serves are made in the background, when all together they are at most `SCALARS_PREFETCH`
+   bytes (`warm_together`); the first read of a scalar feature fetches a condensed file of up to
+   `CONDENSED_PREFETCH` bytes whole, in the background (`condensed_whole_on_first_read`).
+4. Event data. The chunks holding a slice are fetched in parallel before decoding, kept in
+   memory only, and dropped once decoded (except the first and last, which may hold events of
+   the next slice); the decoded values are kept, on disk too, in blocks of `DECODED_BLOCK`.
+5. Read-ahead per open file. A reader whose reads continue where the last one ended (within
+   `BACK` behind or `FORWARD` ahead: the kernel's own read-ahead arrives out of order) is a
+   stream once it has read `STREAM` bytes in sequence. Windows of `WINDOW_INITIAL` bytes,
+   growing with what was read up to `WINDOW_CAP` (at most a quarter of the budget), are made
+   up to `WINDOWS_AHEAD` windows ahead; all windows of all files share the budget
+   `MountSettings.prefetch_memory`. A jump elsewhere ends the stream; a failed window is not
+   used (prefetch never changes what a read returns).
+6. Listing a dataset opens its RT-DC resources in the background, side by side, so `ls -lR`
+   finds them ready (not an `--s3-only` circle: its resources are unrelated and may be many).
+"""
+
+from __future__ import annotations
+
+# 1. opening an .rtdc object
+HEAD = 256 << 10  # first bytes of every RT-DC object fetched on open (HDF5 metadata)
+TAIL = 1 << 20  # last bytes too: writers that grow a file leave object headers at its end
+# objects up to this size are fetched whole on open: uploaded files (mostly event data) …
+WHOLE = {"resource": 1 << 20, "condensed": 4 << 20}  # … and condensed ones (all scalars)
+
+# 2. object headers, level by level (parents first)
+STRUCTURE = (("/",), ("events", "logs", "tables"), ("events/trace",))
+HEADER_GUESS = 4096  # bytes fetched at an object header's address (the block around it, really)
+
+# 3. scalar features
+CONDENSED_PREFETCH = 64 << 20  # condensed files up to this size: fetched whole on first read
+SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: warmed together
+
+# 4. event data
+DECODED_BLOCK = 1 << 20  # blocks of decoded feature values: large, they are read in streams
+
+# 5. read-ahead per open file
+STREAM = 512 << 10  # read-ahead starts after this many bytes read in sequence (4 kernel reads)
+BACK = 1 << 20  # a read this far behind the stream's end still continues it
+FORWARD = 16 << 20  # ... and this far ahead
+WINDOW_INITIAL = 1 << 20  # the first window; then as large as what was read so far …
+WINDOW_CAP = 16 << 20  # … up to this (and a quarter of the budget)
+WINDOWS_AHEAD = 2  # windows made ahead of the reader
+
+
+def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:
+    """The byte ranges fetched before HDF5 opens an object of `size` bytes: all of it when it
+    is at most `whole` bytes, else its head and tail."""
+    if size <= whole:
+        return [(0, size)]
+    return [(0, HEAD), (max(HEAD, size - TAIL), size)]
+
+
+def whole_size(kind: str) -> int:
+    """Objects of `kind` ("resource", "condensed") up to this size are fetched whole on open."""
+    return WHOLE.get(kind, WHOLE["resource"])
+
+
+def condensed_whole_on_first_read(kind: str, size: int) -> bool:
+    """Whether the first read of a scalar feature fetches this object whole (background)."""
+    return kind == "condensed" and size <= CONDENSED_PREFETCH
+
+
+def warm_together(total: int) -> bool:
+    """Whether values of `total` bytes (a resource's scalar features) are made ahead."""
+    return total <= SCALARS_PREFETCH

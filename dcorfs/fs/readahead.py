@@ -1,0 +1,298 @@
+"""Adaptive read-ahead per open file: sequential readers find their bytes made in advance.
+
+The policy (when a reader is a stream, window sizes, how far ahead) is `cache.prefetch`'s;
+this module carries it out.
+
+Each open handle of a lazy file gets a `ReadAhead` over its `FileContent`. It watches the
+offsets the kernel asks for: a read that starts near where the last one ended (within
+`BACK` behind or `FORWARD` ahead, because the kernel's own read-ahead arrives slightly out of
+order) continues a sequential stream; anything else is random access and drops the stream.
+While a stream continues, the window (bytes made per step) grows with what was read, from
+`initial` up to `cap`, and windows are kept made `WINDOWS_AHEAD` windows ahead of the reader —
+in a pool of worker threads, so the network requests and the decoding of window n+1 overlap
+the reader consuming window n. A window is one `content.read` (for a feature: the events
+those bytes cover, their HDF5 chunks fetched as parallel range requests, each chunk decoded
+once per window).
+
+Made windows are served without blocking (`peek`, inline on the trio thread). All windows of
+all handles share one memory `Budget`: a window is only started when its bytes fit, and its
+bytes are given back when it is consumed, dropped or its handle closed. Prefetch never
+changes what a read returns: a window holds exactly `content.read` of its range, and a
+window that failed is simply not used (the read asks the content itself, and fails or not
+on its own).
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ..cache.prefetch import BACK, FORWARD, STREAM, WINDOW_CAP, WINDOW_INITIAL, WINDOWS_AHEAD
+from ..errors import DeadlineExceeded
+from .content import FileContent, read_pieces
+
+log = logging.getLogger(__name__)
+
+
+class Budget:
+    """Bytes that windows of all handles may hold at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._peak = 0
+        self._lock = threading.Lock()
+
+    def try_take(self, n: int) -> bool:
+        with self._lock:
+            if self._used + n > self.limit:
+                return False
+            self._used += n
+            self._peak = max(self._peak, self._used)
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._used -= n
+            assert self._used >= 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+
+class _Window:
+    """Bytes [start, stop) of the content, made as pieces (not joined: see `read_pieces`)."""
+
+    def __init__(
+        self, start: int, stop: int, future: concurrent.futures.Future[list[bytes]]
+    ) -> None:
+        self.start = start
+        self.stop = stop
+        self.future = future
+        self._starts: list[int] = []
+
+    def made(self, timeout: float) -> list[bytes] | None:
+        """The pieces once made (waiting up to `timeout` seconds); None if making them failed
+        (the reader then reads on its own)."""
+        try:
+            pieces = self.future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceeded(
+                f"read-ahead of [{self.start}, {self.stop}) not done at the deadline"
+            ) from None
+        except concurrent.futures.CancelledError:
+            return None
+        except Exception as exc:
+            log.debug("read-ahead window [%d, %d) failed: %s", self.start, self.stop, exc)
+            return None
+        if not self._starts:  # made whole, then published: readers may call this at once
+            starts, at = [], self.start
+            for piece in pieces:
+                starts.append(at)
+                at += len(piece)
+            self._starts = starts
+        return pieces
+
+    def cut(self, pieces: list[bytes], offset: int, stop: int) -> bytes:
+        """Bytes [offset, stop) of the window, from the pieces `made` returned (copying only
+        those bytes; a whole piece is served as it is)."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        piece, at = pieces[i], self._starts[i]
+        if stop <= at + len(piece):  # within one piece
+            whole = offset == at and stop == at + len(piece)
+            return piece if whole else piece[offset - at : stop - at]
+        out = []
+        while offset < stop:
+            piece, at = pieces[i], self._starts[i]
+            end = min(stop, at + len(piece))
+            out.append(memoryview(piece)[offset - at : end - at])  # copied once, by the join
+            offset, i = end, i + 1
+        return b"".join(out)
+
+
+class Prefetcher:
+    """The shared parts: worker threads, the memory budget and the window sizes."""
+
+    def __init__(
+        self,
+        *,
+        budget_bytes: int = 64 << 20,
+        workers: int = 4,
+        initial: int = WINDOW_INITIAL,
+        cap: int = WINDOW_CAP,
+        stream: int = STREAM,
+        back: int = BACK,
+        forward: int = FORWARD,
+        timeout: float = 60.0,
+    ) -> None:
+        self.back, self.forward = back, forward
+        self.budget = Budget(budget_bytes)
+        self.initial = initial
+        self.stream = stream
+        self.cap = max(initial, min(cap, budget_bytes // 4))
+        self.timeout = timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="prefetch"
+        )
+        self.counters = {"windows": 0, "window_bytes": 0, "hits": 0, "misses": 0}
+
+    def wrap(self, content: FileContent) -> ReadAhead:
+        return ReadAhead(content, self)
+
+    def submit(self, content: FileContent, start: int, stop: int) -> _Window:
+        deadline = time.monotonic() + self.timeout
+        future = self._pool.submit(read_pieces, content, start, stop - start, deadline=deadline)
+        self.counters["windows"] += 1
+        self.counters["window_bytes"] += stop - start
+        return _Window(start, stop, future)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ReadAhead:
+    """A `FileContent` for one open handle, with read-ahead for sequential readers."""
+
+    def __init__(self, content: FileContent, prefetcher: Prefetcher) -> None:
+        self._content = content
+        self._pf = prefetcher
+        self._lock = threading.Lock()
+        self._windows: list[_Window] = []  # sorted by start
+        self._end = 0  # where the stream's last read ended
+        self._streak = 0  # bytes read sequentially so far
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._content.size
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def _covering(self, offset: int, stop: int) -> _Window | None:
+        i = bisect.bisect_right([w.start for w in self._windows], offset) - 1
+        if i >= 0 and self._windows[i].stop >= stop:
+            return self._windows[i]
+        return None
+
+    def peek(self, offset: int, length: int) -> bytes | None:
+        stop = min(offset + length, self.size)
+        with self._lock:
+            window = self._covering(offset, stop)
+            done = window is not None and window.future.done()
+            pieces = window.made(0) if window is not None and done else None
+            if pieces is not None and window is not None:
+                self._pf.counters["hits"] += 1
+                self._advance(offset, stop)
+                return window.cut(pieces, offset, stop)
+        data = self._content.peek(offset, length)
+        if data is not None:
+            with self._lock:
+                self._advance(offset, stop)
+        return data
+
+    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+        stop = min(offset + length, self.size)
+        if stop <= offset:
+            return b""
+        with self._lock:
+            window = self._covering(offset, stop)
+            sequential = self._continues(offset)
+            ahead = self._window_size() if sequential and self._streak >= self._pf.stream else 0
+        if window is not None:
+            made = window.made(max(0.0, deadline - time.monotonic()))
+            if made is not None:
+                with self._lock:
+                    self._pf.counters["hits"] += 1
+                    self._advance(offset, stop)
+                return window.cut(made, offset, stop)
+        self._pf.counters["misses"] += 1
+        if ahead > stop - offset:
+            # a stream: read a whole window now and keep what the reader has not asked yet
+            big = min(self.size, offset + ahead)
+            pieces = read_pieces(self._content, offset, big - offset, deadline=deadline)
+            with self._lock:
+                kept = self._keep(offset, big, pieces)
+                self._advance(offset, stop)
+            return kept.cut(pieces, offset, stop)
+        data = self._content.read(offset, stop - offset, deadline=deadline)
+        with self._lock:
+            self._advance(offset, stop)
+        return data
+
+    # -- the stream (called with the lock held) ----------------------------------------------------
+
+    def _continues(self, offset: int) -> bool:
+        return self._end - self._pf.back <= offset <= self._end + self._pf.forward
+
+    def _window_size(self) -> int:
+        return min(self._pf.cap, max(self._pf.initial, self._streak))
+
+    def _keep(self, start: int, stop: int, pieces: list[bytes]) -> _Window:
+        """A window made by a reader's own read, kept if it fits the budget (returned either
+        way, to cut the reader's bytes from)."""
+        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        future.set_result(pieces)
+        window = _Window(start, stop, future)
+        window.made(0)
+        if self._closed or self._covering(start, stop) is not None:
+            return window
+        if self._pf.budget.try_take(stop - start):
+            self._insert(window)
+        return window
+
+    def _insert(self, window: _Window) -> None:
+        starts = [w.start for w in self._windows]
+        self._windows.insert(bisect.bisect_left(starts, window.start), window)
+
+    def _advance(self, offset: int, stop: int) -> None:
+        if self._continues(offset):
+            self._streak += stop - offset
+            self._end = max(self._end, stop)
+        else:  # random access: the stream ends here
+            self._drop(lambda w: True)
+            self._streak = 0
+            self._end = stop
+        self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed
+        if self._streak >= self._pf.stream:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        size = self._window_size()
+        horizon = min(self.size, self._end + WINDOWS_AHEAD * size)
+        made = max([self._end] + [w.stop for w in self._windows if w.stop > self._end])
+        while made < horizon and not self._closed:
+            stop = min(self.size, made + size)
+            if not self._pf.budget.try_take(stop - made):
+                break
+            self._insert(self._pf.submit(self._content, made, stop))
+            made = stop
+
+    def _drop(self, which: Callable[[_Window], bool]) -> None:
+        keep: list[_Window] = []
+        for window in self._windows:
+            if which(window):
+                self._release(window)
+            else:
+                keep.append(window)
+        self._windows = keep
+
+    def _release(self, window: _Window) -> None:
+        n = window.stop - window.start
+        if window.future.cancel() or window.future.done():
+            self._pf.budget.give(n)
+        else:  # still being made: its bytes are held until it finishes
+            window.future.add_done_callback(lambda _: self._pf.budget.give(n))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop(lambda w: True)

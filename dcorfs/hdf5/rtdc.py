@@ -1,0 +1,649 @@
+"""Reading remote .rtdc (HDF5) files through the block cache: features, layout, event slices.
+
+`RemoteFile` is the file object h5py reads through: every read becomes `BlockCache.read`, so
+only the blocks HDF5 touches cross the network. `RtdcSource` describes one opened file (its
+features with dtype and shape, and where each feature's chunks lie). `RtdcResource` is the
+union of a resource's original file and DCOR's condensed file: scalar features come from the
+condensed file when it has them (it is small, and it holds what dclab computes, e.g. a float64
+`time` where the original's is defective), everything else from the original; with
+`with_upstream`, also the features another resource of its dataset offers through an
+intra-dataset basin (doc/DCOR.md §3).
+
+Values equal what dclab reads: `mask` is boolean, everything else keeps its stored dtype
+(little-endian). h5py serializes all HDF5 calls behind one lock; before decoding a slice we
+make sure its raw chunks are in the cache (`BlockCache.ensure`, outside that lock), so the
+lock is not held across network waits for event data. Those chunks are kept in memory only
+and dropped once decoded (what is kept of event data are their decoded values, see
+`RtdcResource`): written to disk they cost half the CPU time of a cold sequential read.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import contextlib
+import copy
+import functools
+import gc
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Zstd filter of modern .rtdc files)
+import numpy as np
+from h5py._objects import phil
+
+from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.derived import DerivedCache, derived_id
+from ..cache.prefetch import HEADER_GUESS, STRUCTURE
+from ..errors import ProtocolError
+from .featurerule import checked, file_facts, innate, shown
+from .fileobj import SeekableFile
+from .structure import (
+    GROUPS,
+    H5PY_ERRORS,
+    Array,
+    Feature,
+    file_image,
+    h5py_failure,
+    member_names,
+    read_arrays,
+    read_attributes,
+    read_features,
+)
+from .upstream import UpstreamBasin
+
+log = logging.getLogger(__name__)
+
+OWN_SOURCES = ("resource", "condensed")  # the kinds of a resource's own files
+# files opened on our file objects and not closed yet: closed at exit, while Python still runs
+# (libhdf5 closes what is left open when the process ends, and its close of a file on a Python
+# file object calls into an interpreter that is gone: a crash at exit, e.g. when a resource's
+# opening finished in the background after the mount closed its resources)
+_OPEN: weakref.WeakSet[RtdcSource] = weakref.WeakSet()
+
+
+class CycleCollector:
+    """Collects reference cycles in one thread of its own, with h5py's global lock held.
+
+    Design note (a deadlock): h5py holds its global lock (`phil`) while it calls our file
+    object (`RemoteFile.readinto`), which takes the block cache's locks (and logging's). Python
+    runs the cycle collector in whichever thread allocates once a threshold is passed, and an
+    h5py object freed there takes `phil`. So a thread holding a block-cache lock may start
+    collecting, wait for `phil` and never get it, because the thread holding `phil` waits for
+    that block-cache lock: every worker of the mount hangs for good (h5py#2019). Failed reads
+    make such cycles all the time (exceptions whose tracebacks hold h5py objects). Hence the
+    daemon switches automatic collection off and collects here, every `interval` seconds,
+    taking `phil` first, in the same order as the readers (phil, then our locks).
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gc", daemon=True)
+        self._was_enabled = gc.isenabled()
+
+    def start(self) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No join: the thread may wait for `phil` held by a read that is still running."""
+        self._stop.set()
+        if self._was_enabled:
+            gc.enable()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            collect_cycles()
+
+
+def collect_cycles() -> int:
+    """`gc.collect()` of the generations that are due, as the automatic collector would
+    choose them, with h5py's global lock held (see `CycleCollector`). A full collection
+    every time would hold that lock for long in a daemon with many objects: measured a third
+    of the time h5py could work while `ls -lR` opened resources."""
+    generation = _due_generation()
+    if generation is None:
+        return 0
+    with phil:
+        return gc.collect(generation)
+
+
+def _due_generation() -> int | None:
+    """The oldest generation whose collection is due (gc's own thresholds), or None."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    due = [g for g in range(3) if thresholds[g] and counts[g] > thresholds[g]]
+    return max(due) if due else None
+
+
+class RemoteFile(SeekableFile):
+    """A read-only, seekable file object over a cached remote object."""
+
+    def __init__(self, cache: BlockCache, obj: ObjectId, *, timeout: float) -> None:
+        super().__init__()
+        self._cache = cache
+        self.obj = obj
+        self._timeout = timeout
+        self._local = threading.local()
+
+    @contextmanager
+    def deadline(self, deadline: float) -> Iterator[None]:
+        """Reads by this thread inside the block end at `deadline` (else `DeadlineExceeded`)."""
+        previous = getattr(self._local, "deadline", None)
+        self._local.deadline = deadline
+        try:
+            yield
+        finally:
+            self._local.deadline = previous
+
+    def _deadline(self) -> float:
+        value = getattr(self._local, "deadline", None)
+        return float(value) if value is not None else time.monotonic() + self._timeout
+
+    def ensure(self, ranges: list[tuple[int, int]], *, deadline: float, disk: bool = True) -> None:
+        """Have these byte ranges in the cache (fetched outside h5py's lock); `disk=False`: in
+        memory only (see `BlockCache.ensure`)."""
+        self._cache.ensure(self.obj, ranges, deadline=deadline, disk=disk)
+
+    def forget(self, ranges: list[tuple[int, int]]) -> None:
+        """Drop these byte ranges from the memory cache (see `BlockCache.forget`)."""
+        self._cache.forget(self.obj, ranges)
+
+    def end(self) -> int:
+        return self.obj.size
+
+    def read_all(self, deadline: float) -> bytes:
+        """The whole object (blocking: network)."""
+        return self._cache.read(self.obj, 0, self.obj.size, deadline=deadline)
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        stop = min(self._pos + len(buffer), self.obj.size)
+        if stop <= self._pos:
+            return 0
+        data = self._cache.read(self.obj, self._pos, stop, deadline=self._deadline())
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        self._pos += n
+        return n
+
+
+@dataclass
+class Outline:
+    """What a copy of a resource's file needs besides event data (see `RtdcResource.outline`)."""
+
+    attrs: dict[str, Any]  # root attributes (metadata)
+    feature_attrs: dict[str, dict[str, Any]]
+    logs: dict[str, Array] | None  # None: the file has no such group
+    tables: dict[str, Array] | None
+
+
+@dataclass
+class _Layout:
+    """Byte ranges of a dataset's storage by first event: chunk starts and (offset, size)."""
+
+    starts: list[int]
+    spans: list[tuple[int, int]]
+    rows: int  # events per chunk (contiguous: 0)
+    row_bytes: int
+
+
+class RtdcSource:
+    """One remote .rtdc file: its features and how to read event slices of them.
+
+    The HDF5 file is opened on first need (`open`): a source whose features are known already
+    (remembered from an earlier mount, see `Resources`) may never open it at all, when every
+    byte asked for is in the cache of decoded data."""
+
+    def __init__(
+        self,
+        remote: RemoteFile,
+        *,
+        kind: str,
+        prepare: Callable[[float], object] | None = None,
+        first_read: Callable[[], object] | None = None,
+        whole: bool = False,
+    ) -> None:
+        self.remote = remote
+        self.kind = kind
+        self.features: dict[str, Feature] = {}  # set by `scan` or by whoever remembers them
+        self._prepare = prepare  # fetches what HDF5 reads on open, before it does (blocking)
+        self._first_read = first_read  # called once, before the first read of event data
+        self._whole = whole  # small, fetched whole on open: its structure read from memory
+        self._h5: h5py.File | None = None
+        self._opening = threading.Lock()
+        self._layouts: dict[str, _Layout | None] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the HDF5 file was opened (`open`)."""
+        return self._h5 is not None
+
+    def open(self, deadline: float) -> h5py.File:
+        """The HDF5 file, opened on the first call (blocking: network)."""
+        with self._opening:
+            if self._h5 is None:
+                if self._prepare is not None:
+                    self._prepare(deadline)
+                with self._reading(
+                    "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
+                ):
+                    self._h5 = h5py.File(self.remote, "r", locking=False)
+                _OPEN.add(self)
+                self._fetch_headers(self._h5, deadline)
+            return self._h5
+
+    def _fetch_headers(self, h5: h5py.File, deadline: float) -> None:
+        """Have the object headers of what an .rtdc reader walks (features, logs, tables) in
+        the cache: one parallel batch per level of groups (their addresses are in the links
+        of the level above), instead of h5py's chain of one miss per object."""
+        for level in STRUCTURE:
+            ranges = []
+            with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
+                for path in level:  # (a hint: what fails here fails again, reported, later)
+                    group = h5.get(path)
+                    if not isinstance(group, h5py.Group):
+                        continue
+                    names: list[bytes] = []
+                    group.id.links.iterate(names.append)
+                    for name in names:
+                        info = group.id.links.get_info(name)
+                        if info.type == h5py.h5l.TYPE_HARD:
+                            ranges.append((info.u, info.u + HEADER_GUESS))
+            self.remote.ensure(ranges, deadline=deadline)
+
+    @property
+    def _in_memory(self) -> bool:
+        """Whether its structure is read from an in-memory copy (see `_file`)."""
+        return self._whole and not self.is_open
+
+    @contextmanager
+    def _file(self, what: str, deadline: float) -> Iterator[h5py.h5f.FileID]:
+        """The file, to read its structure (features, attributes, logs, tables) under
+        `_reading(what)`: a small file (`whole`) not opened yet from an in-memory copy of
+        its bytes, closed again afterwards (listing it never opens it through the cache);
+        any other one opened (`open`), for good."""
+        if self._in_memory:
+            if self._prepare is not None:
+                self._prepare(deadline)
+            data = self.remote.read_all(deadline)
+            with self._reading(
+                "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
+            ):
+                fid = file_image(data)
+            with self._reading(what, deadline):
+                try:
+                    with phil:  # no network inside: h5py's lock taken once, not per call
+                        yield fid
+                finally:
+                    fid.close()
+        else:
+            h5 = self.open(deadline)
+            with self._reading(what, deadline):
+                yield h5.id
+
+    def scan(self, deadline: float) -> dict[str, Feature]:
+        """The features of the file that dclab shows (`featurerule.innate`)."""
+        where = self.remote.obj.key
+        with self._file("the features", deadline) as fid:
+            found = read_features(fid, kind=self.kind, where=where)
+            if not checked(found):
+                return found
+            facts = file_facts(read_attributes(fid, "/", where=where), member_names(fid, "logs"))
+        return innate(found, facts)
+
+    def attrs(self, paths: Sequence[str], *, deadline: float) -> dict[str, dict[str, Any]]:
+        """The attributes of objects ("/", "events/deform" …) by path; those h5py cannot
+        read are left out (with a warning)."""
+        where = self.remote.obj.key
+        with self._file("attributes", deadline) as fid:
+            return {path: read_attributes(fid, path, where=where) for path in paths}
+
+    def arrays(
+        self, groups: Sequence[str], *, deadline: float
+    ) -> dict[str, dict[str, Array] | None]:
+        """The datasets of groups (`logs`, `tables`) with their attributes, read whole; None
+        for a group the file does not have."""
+        if not self._in_memory:
+            self._fetch_arrays(groups, deadline=deadline)
+        where = self.remote.obj.key
+        with self._file(", ".join(groups), deadline) as fid:
+            return {group: read_arrays(fid, group, where=where) for group in groups}
+
+    def dataset(self, name: str, deadline: float) -> h5py.Dataset:
+        return self.open(deadline)["events/" + name]
+
+    @contextmanager
+    def _reading(self, what: str, deadline: float, *, failure: str = "") -> Iterator[None]:
+        """Reads by h5py under `deadline`; our own errors (network) come out as they are,
+        h5py's as a ProtocolError: `<key>: cannot read <what>`, or `<key> <failure>`."""
+        with self.remote.deadline(deadline):
+            try:
+                yield
+            except H5PY_ERRORS as exc:
+                said = f" {failure}" if failure else f": cannot read {what}"
+                raise h5py_failure(exc, f"{self.remote.obj.key}{said}") from None
+
+    def _fetch_arrays(self, groups: Sequence[str], *, deadline: float) -> None:
+        """Have the data of the datasets of these groups in the cache, in one parallel batch
+        (rather than one miss after another while they are read)."""
+        h5 = self.open(deadline)
+        ranges = []
+        with self.remote.deadline(deadline):
+            for path in groups:
+                group = h5.get(path)
+                if isinstance(group, h5py.Group):
+                    ranges += _data_ranges(group)
+        self.remote.ensure(ranges, deadline=deadline)
+
+    def _layout(self, name: str, deadline: float) -> _Layout | None:
+        with self._lock:
+            if name in self._layouts:
+                return self._layouts[name]
+        data = self.dataset(name, deadline)
+        row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+        pieces = _storage(data)
+        layout = None
+        if pieces:
+            rows = 0 if data.chunks is None else data.chunks[0]
+            layout = _Layout([p[0] for p in pieces], [p[1:] for p in pieces], rows, row_bytes)
+        with self._lock:
+            self._layouts[name] = layout
+        return layout
+
+    def raw_ranges(
+        self, name: str, start: int, stop: int, *, deadline: float
+    ) -> list[tuple[int, int]]:
+        """The byte ranges of the stored data that hold events [start, stop) of `name`."""
+        layout = self._layout(name, deadline)
+        if layout is None:
+            return []
+        if layout.rows == 0:  # contiguous
+            offset = layout.spans[0][0]
+            return [(offset + start * layout.row_bytes, offset + stop * layout.row_bytes)]
+        first = max(0, bisect.bisect_right(layout.starts, start) - 1)
+        last = bisect.bisect_left(layout.starts, stop)
+        return [(off, off + size) for off, size in layout.spans[first:last]]
+
+    def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
+        """Events [start, stop) of a feature, decoded, in the dtype `features[name]` states."""
+        feature = self.features[name]
+        hook, self._first_read = self._first_read, None
+        if hook is not None:
+            hook()
+        with self._reading(name, deadline):
+            ranges = self.raw_ranges(name, start, stop, deadline=deadline)
+        # in memory only: what is kept of event data are their decoded values (derived blocks)
+        self.remote.ensure(ranges, deadline=deadline, disk=False)
+        with self._reading(name, deadline):
+            values = self.dataset(name, deadline)[start:stop]
+        # decoded: the chunks are not needed again, except the first and last (they may hold
+        # events of the next slices too)
+        self.remote.forget(ranges[1:-1])
+        return np.ascontiguousarray(values, dtype=feature.dtype)
+
+    def close(self) -> None:
+        with self._opening:
+            if self._h5 is not None:
+                self._h5.close()
+            _OPEN.discard(self)
+
+
+@atexit.register
+def _close_left_open() -> None:
+    """Close the files still open (run at exit, after the worker pools were joined)."""
+    for source in list(_OPEN):
+        with contextlib.suppress(Exception):
+            source.close()
+
+
+def condensed_features(condensed: RtdcSource, events: int) -> list[Feature]:
+    """The features of a resource of `events` events whose values come from its condensed
+    file (`featurerule.shown`)."""
+    return list(shown({}, condensed.features, events).values())
+
+
+def register_rows(derived: DerivedCache, source: RtdcSource, feature: Feature) -> ObjectId:
+    """The derived object holding the values of `feature` of `source` (see `RtdcResource`),
+    registered with what decodes them: the same object whoever registers it first."""
+    obj = derived_id(
+        source.remote.obj,
+        f"rows/{feature.name}",
+        feature.row_bytes * feature.shape[0],
+        facts=(feature.dtype.str, feature.shape),
+        block_size=derived.block_size,
+    )
+    derived.register(obj, functools.partial(_make_rows, source, feature))
+    return obj
+
+
+def _make_rows(
+    source: RtdcSource, feature: Feature, start: int, stop: int, deadline: float
+) -> bytes:
+    """Bytes [start, stop) of a feature's values, decoded from its source file."""
+    row = feature.row_bytes
+    first, last = start // row, -(-stop // row)
+    values = source.read(feature.name, first, last, deadline=deadline)
+    return bytes(values.data.cast("B")[start - first * row : stop - first * row])
+
+
+def describe(features: dict[str, Feature]) -> dict[str, list[Any]]:
+    """Features as JSON (to be remembered): name → [dtype, shape]."""
+    return {name: [f.dtype.str, list(f.shape)] for name, f in features.items()}
+
+
+def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
+    """The features `describe` gave, of a source of `kind`."""
+    return {
+        name: Feature(name=name, dtype=np.dtype(dtype), shape=tuple(shape), source=kind)
+        for name, (dtype, shape) in value.items()
+    }
+
+
+def _storage(data: h5py.Dataset) -> list[tuple[int, int, int]]:
+    """Where a dataset's data lie: (first event, offset, size) of each chunk, sorted, or of
+    its contiguous storage; [] when nothing is stored."""
+    if data.chunks is None:
+        offset = data.id.get_offset()
+        return [] if offset is None else [(0, offset, data.id.get_storage_size())]
+    chunks: list[tuple[int, int, int]] = []
+    data.id.chunk_iter(
+        lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
+    )
+    return sorted(chunks)
+
+
+def _data_ranges(group: h5py.Group) -> list[tuple[int, int]]:
+    """Where the data of a group's datasets lie, as far as h5py can tell (a prefetch hint:
+    members it cannot read are left to the reads that follow, which report them)."""
+    ranges: list[tuple[int, int]] = []
+    with contextlib.suppress(*H5PY_ERRORS):
+        for item in group.values():
+            if isinstance(item, h5py.Dataset):
+                ranges += [(offset, offset + size) for _, offset, size in _storage(item)]
+    return ranges
+
+
+class RtdcResource:
+    """A resource's features: the union of its original file and its condensed file.
+
+    The values of each feature are a derived object (`rows_object`): its events as C-order
+    bytes in the feature's dtype, decoded from the source file once and kept in the
+    `DerivedCache` (on disk, like the blocks of the files themselves)."""
+
+    def __init__(
+        self,
+        original: RtdcSource | None,
+        condensed: RtdcSource | None,
+        events: int,
+        derived: DerivedCache,
+    ) -> None:
+        """One of `original` and `condensed` at least: a public resource's original may be
+        refused for now, its condensed file alone serving meanwhile (doc/DCOR.md §2)."""
+        if original is None and condensed is None:
+            raise ValueError("a resource needs its original or its condensed file")
+        self.events = events
+        self.derived = derived
+        self._sources: dict[str, RtdcSource] = {}
+        if original is not None:
+            self._sources["resource"] = original
+        if condensed is not None:
+            self._sources["condensed"] = condensed
+        self.features = shown(
+            original.features if original is not None else {},
+            condensed.features if condensed is not None else {},
+            events,
+        )
+        self._objects = {name: self._register(f) for name, f in self.features.items()}
+
+    def with_upstream(self, upstream: Sequence[tuple[UpstreamBasin, RtdcResource]]) -> RtdcResource:
+        """This resource with the features its intra-dataset basins offer besides its own
+        (doc/DCOR.md §3), each read from the upstream resource: mapping `same`, the very
+        value object of the upstream's own feature (one cache identity); mapped, a derived
+        object of the upstream's rows picked through this resource's mapping feature."""
+        joined = copy.copy(self)
+        joined.features = dict(self.features)
+        joined._objects = dict(self._objects)
+        joined._sources = dict(self._sources)
+        for basin, other in upstream:
+            for name, feature in other.features.items():
+                if name in joined.features or not basin.offers(name):
+                    continue
+                kind = f"upstream/{basin.resource_id}/{feature.source}"
+                source = other.source(feature.source)
+                assert source is not None
+                if basin.mapping == "same":
+                    if feature.shape[0] != self.events:
+                        log.warning("basin %s: %s has other events", basin.resource_id, name)
+                        continue
+                    obj = other.rows_object(name)
+                    shown = replace(feature, source=kind)
+                elif basin.mapping in self.features:
+                    shown = replace(feature, shape=(self.events, *feature.shape[1:]), source=kind)
+                    obj = _register_mapped(self, basin.mapping, other, feature, shown)
+                else:
+                    continue
+                joined._sources[kind] = source
+                joined.features[name] = shown
+                joined._objects[name] = obj
+        joined.features = dict(sorted(joined.features.items()))
+        return joined
+
+    def _register(self, feature: Feature) -> ObjectId:
+        return register_rows(self.derived, self._sources[feature.source], feature)
+
+    def rows_object(self, name: str) -> ObjectId:
+        """The derived object holding the values of feature `name` (see the class note)."""
+        return self._objects[name]
+
+    def complete(self) -> bool:
+        """Whether both its own files are open (nothing more of its own may come)."""
+        return all(kind in self._sources for kind in OWN_SOURCES)
+
+    def source(self, kind: str) -> RtdcSource | None:
+        """The opened file of one kind ("resource" or "condensed"), if the resource has it."""
+        return self._sources.get(kind)
+
+    def scalar_features(self) -> list[Feature]:
+        return [f for f in self.features.values() if f.scalar]
+
+    def event_table(self) -> list[Feature]:
+        """The scalar features with a value for every event (`features.tsv`'s columns)."""
+        return [f for f in self.scalar_features() if f.shape[0] == self.events]
+
+    def read(self, name: str, start: int, stop: int, *, deadline: float) -> np.ndarray:
+        """Events [start, stop) of a feature, in the dtype `features[name]` states."""
+        feature = self.features[name]
+        stop = min(stop, feature.shape[0])
+        start = min(start, stop)
+        row = feature.row_bytes
+        data = self.derived.read(self._objects[name], start * row, stop * row, deadline=deadline)
+        values = np.frombuffer(data, dtype=feature.dtype)
+        return values.reshape((stop - start, *feature.shape[1:]))
+
+    def outline(self, *, deadline: float) -> Outline:
+        """Root attributes, feature attributes, logs and tables as the original file has them
+        (the condensed file while only it is open; a feature's attributes from the file its
+        values come from: only those are read)."""
+        root = "resource" if "resource" in self._sources else "condensed"
+        original = self._sources[root]
+        paths: dict[str, list[str]] = {kind: [] for kind in self._sources}
+        for name, feature in self.features.items():
+            paths[feature.source].append("events/" + name)
+        paths[root].append("/")
+        attrs: dict[str, dict[str, Any]] = {}
+        for kind, wanted in paths.items():
+            if wanted:
+                attrs.update(self._sources[kind].attrs(wanted, deadline=deadline))
+        arrays = original.arrays(GROUPS, deadline=deadline)
+        return Outline(
+            attrs=attrs["/"],
+            feature_attrs={name: attrs["events/" + name] for name in self.features},
+            logs=arrays["logs"],
+            tables=arrays["tables"],
+        )
+
+    def close(self) -> None:
+        for kind in OWN_SOURCES:  # not those of upstream resources (they close their own)
+            source = self._sources.get(kind)
+            if source is not None:
+                source.close()
+
+
+def _register_mapped(
+    resource: RtdcResource, mapping: str, upstream: RtdcResource, feature: Feature, shown: Feature
+) -> ObjectId:
+    """The derived object of `shown`: the rows of the upstream's `feature` at the indices
+    this resource's `mapping` feature (`basinmap0`) holds, registered with what picks them."""
+    derived = resource.derived
+    obj = derived_id(
+        upstream.rows_object(feature.name),
+        f"mapped/{mapping}",
+        shown.row_bytes * shown.shape[0],
+        facts=(resource.rows_object(mapping).etag, shown.dtype.str, shown.shape),
+        block_size=derived.block_size,
+    )
+    derived.register(obj, _Mapped(resource, mapping, upstream, feature))
+    return obj
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """Makes bytes [start, stop) of a mapped feature: the upstream's rows read in runs of
+    consecutive indices."""
+
+    resource: RtdcResource
+    mapping: str
+    upstream: RtdcResource
+    feature: Feature
+
+    def __call__(self, start: int, stop: int, deadline: float) -> bytes:
+        resource, mapping, feature = self.resource, self.mapping, self.feature
+        row = feature.row_bytes
+        first, last = start // row, -(-stop // row)
+        index = resource.read(mapping, first, last, deadline=deadline).astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= feature.shape[0]):
+            raise ProtocolError(f"{mapping} points outside the upstream's {feature.name}")
+        # a few blocks per read: each is fetched (made) in this thread, never waiting for a
+        # worker of the cache's pool, which may be running this very function
+        step = max(1, 4 * resource.derived.block_size // max(1, row))
+        parts = []
+        run_start = 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or index[i] != index[i - 1] + 1 or i - run_start >= step:
+                a, b = int(index[run_start]), int(index[i - 1]) + 1
+                parts.append(self.upstream.read(feature.name, a, b, deadline=deadline))
+                run_start = i
+        values = (
+            np.concatenate(parts) if parts else np.empty((0, *feature.shape[1:]), feature.dtype)
+        )
+        data = np.ascontiguousarray(values).data.cast("B")
+        return bytes(data[start - first * row : stop - first * row])

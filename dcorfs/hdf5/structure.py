@@ -1,0 +1,184 @@
+"""What an .rtdc file holds besides event data: features, attributes, logs and tables.
+
+The features (dtype and shape of every dataset under `/events` and `/events/trace`), the
+attributes of the root and of each feature, and the datasets of `/logs` and `/tables` read
+whole: all that listing a resource and building its synthesized file need. Read with h5py's
+low-level API (`h5attrs`), each object opened once; a small file can be read from an
+in-memory copy (`file_image`: HDF5's core driver) instead of through a Python file object.
+
+Errors: a file without `/events` is not an .rtdc file (`ProtocolError`); an attribute, log or
+table that cannot be read is left out with a warning; failing to list the features or the
+attributes of an object fails the call (h5py's error, or a `ProtocolError` naming the
+object). Failures of our own file object (network) come out as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (logs and tables may be Zstd-compressed)
+import numpy as np
+
+from ..errors import DcorfsError, ProtocolError
+from . import h5attrs
+
+log = logging.getLogger(__name__)
+
+TRACE_PREFIX = "trace/"
+H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
+GROUPS = ("logs", "tables")  # groups of small datasets an .rtdc file may have
+_images = itertools.count()
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature as the mount shows it: `deform`, `image`, `trace/fl1_raw` …"""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # (N,) or (N, ...)
+    source: str  # "resource" or "condensed"
+
+    @property
+    def scalar(self) -> bool:
+        return len(self.shape) == 1
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
+
+
+@dataclass
+class Array:
+    """A small dataset read whole (a log, a table) with its attributes."""
+
+    data: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def h5py_failure(exc: BaseException, message: str) -> DcorfsError:
+    """What an error of h5py means: our file object's own (network) error that h5py reports
+    as an OSError, or a ProtocolError with `message`."""
+    if isinstance(exc.__context__, DcorfsError):
+        return exc.__context__
+    return ProtocolError(f"{message}: {exc}")
+
+
+def file_image(data: bytes) -> h5py.h5f.FileID:
+    """An HDF5 file opened read-only from its bytes in memory (closed by the caller)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fapl_core(backing_store=False)
+    fapl.set_file_image(data)
+    # HDF5 takes files of the same name for the same file: each image has a name of its own
+    name = f"dcorfs-image-{next(_images)}".encode()
+    return h5py.h5f.open(name, h5py.h5f.ACC_RDONLY, fapl=fapl)
+
+
+def read_features(fid: h5py.h5f.FileID, *, kind: str, where: str) -> dict[str, Feature]:
+    """The features of an opened file; `kind` ("resource", "condensed") is their source,
+    `where` names the file in messages."""
+    try:
+        events = h5py.h5o.open(fid, b"events")
+    except KeyError:
+        events = None
+    if not isinstance(events, h5py.h5g.GroupID):
+        raise ProtocolError(f"{where} has no /events group (not an .rtdc file)")
+    found: dict[str, Feature] = {}
+    for name, item in _members(events, where):
+        if isinstance(item, h5py.h5d.DatasetID) and item.rank >= 1:
+            found[name] = _feature(name, item, kind)
+        elif name == "trace" and isinstance(item, h5py.h5g.GroupID):
+            for trace, data in _members(item, where):
+                if isinstance(data, h5py.h5d.DatasetID) and data.rank == 2:
+                    found[TRACE_PREFIX + trace] = _feature(TRACE_PREFIX + trace, data, kind)
+    return found
+
+
+def _feature(name: str, data: h5py.h5d.DatasetID, kind: str) -> Feature:
+    dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
+    return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=kind)
+
+
+def _members(group: h5py.h5g.GroupID, where: str) -> list[tuple[str, Any]]:
+    """(name, opened object, or None where it cannot be opened: a broken link), in h5py's
+    order (by name, or by creation order where the file tracks it)."""
+    found = []
+    for name in list(group):
+        text = name.decode("utf-8", "surrogateescape")
+        try:
+            found.append((text, h5py.h5o.open(group, name)))
+        except H5PY_ERRORS as exc:
+            if isinstance(h5py_failure(exc, where), ProtocolError):
+                found.append((text, None))
+            else:
+                raise
+    return found
+
+
+def member_names(fid: h5py.h5f.FileID, group: str) -> list[str]:
+    """The names of a group's members ([] when the file has no such group)."""
+    try:
+        members = h5py.h5o.open(fid, group.encode())
+    except KeyError:
+        return []
+    if not isinstance(members, h5py.h5g.GroupID):
+        return []
+    return [name.decode("utf-8", "surrogateescape") for name in members]
+
+
+def read_attributes(fid: h5py.h5f.FileID, path: str, *, where: str) -> dict[str, Any]:
+    """The attributes of the object at `path` ("/", "events/deform" …) that h5py can read."""
+    try:
+        oid = h5py.h5o.open(fid, path.encode("utf-8", "surrogateescape"))
+        names = h5attrs.names(oid)
+    except H5PY_ERRORS as exc:
+        raise h5py_failure(exc, f"{where}: cannot read attributes of {path}") from None
+    return _attributes(oid, names, path, where)
+
+
+def _attributes(oid: Any, names: list[bytes], path: str, where: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name in names:
+        text = name.decode("utf-8", "surrogateescape")
+        try:
+            found[text] = h5attrs.read(oid, name)
+        except H5PY_ERRORS as exc:
+            _left_out(h5py_failure(exc, f"{where}: cannot read attribute {text!r} of {path}"))
+    return found
+
+
+def read_arrays(fid: h5py.h5f.FileID, group: str, *, where: str) -> dict[str, Array] | None:
+    """The datasets of a group (`logs`, `tables`) read whole, with their attributes; None
+    when the file has no such group."""
+    try:
+        members = h5py.h5o.open(fid, group.encode())
+    except KeyError:
+        return None
+    if not isinstance(members, h5py.h5g.GroupID):
+        return None
+    found: dict[str, Array] = {}
+    for name, item in _members(members, where):
+        path = f"{group}/{name}"
+        try:
+            if item is None:
+                raise KeyError("cannot open it")
+            if not isinstance(item, h5py.h5d.DatasetID):
+                continue
+            data = np.asarray(h5py.Dataset(item)[()])
+            names = h5attrs.names(item)
+        except H5PY_ERRORS as exc:
+            _left_out(h5py_failure(exc, f"{where}: cannot read {path}"), note=" (left out)")
+            continue
+        found[name] = Array(data, _attributes(item, names, path, where))
+    return found
+
+
+def _left_out(failure: DcorfsError, *, note: str = "") -> None:
+    """Warn about what cannot be read; a failure of our own (network) is raised."""
+    if not isinstance(failure, ProtocolError):
+        raise failure
+    log.warning("%s%s", failure, note)

@@ -1,0 +1,434 @@
+"""HTTP for dcorfs: per-thread `requests` sessions, strict range GETs, the one retry policy.
+
+Promises: a ranged GET returns exactly the bytes asked for or raises (206 with the exact
+`Content-Range`, length and, when known, ETag and total size are checked; a 200 to a ranged
+GET is an error). Transient failures (connection trouble, timeouts, 5xx/429, short or
+mislabelled bodies) are retried with exponential backoff and full jitter, never past the
+caller's deadline. Messages never contain header values (the API token) nor query strings
+(presigned signatures); an S3 store's error code (`AccessDenied`, `SignatureDoesNotMatch`,
+`NoSuchKey` …) is quoted, since it tells a private object from rejected credentials.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urljoin
+
+import requests
+import urllib3
+
+from .. import __version__
+from ..errors import (
+    AccessDenied,
+    DcorfsError,
+    DeadlineExceeded,
+    Moved,
+    NotFound,
+    ObjectChanged,
+    ProtocolError,
+    TransientError,
+    redact_url,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DOCUMENT_LIMIT = 64 << 20  # bytes of a document (an S3 listing page) at most
+_QUERY = re.compile(r"\?[^\s'\")]*")
+_S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
+NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str
+    head: bytes = b""  # the object's first bytes, when the probe asked for them
+
+
+def _etag(value: str | None) -> str:
+    value = (value or "").strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"')
+
+
+def _total(content_range: str | None, start: int, stop: int) -> int:
+    """Total size from `bytes start-(stop-1)/total`; TransientError if the range differs."""
+    expected = f"bytes {start}-{stop - 1}/"
+    if not content_range or not content_range.startswith(expected):
+        raise TransientError(f"got Content-Range {content_range!r}, asked {start}-{stop - 1}")
+    try:
+        return int(content_range[len(expected) :])
+    except ValueError:
+        raise TransientError(f"bad Content-Range {content_range!r}") from None
+
+
+def _range_stop(content_range: str | None) -> int:
+    """The end (exclusive) of `bytes 0-(end-1)/total`; TransientError otherwise."""
+    try:
+        first, last = (content_range or "").removeprefix("bytes ").split("/", 1)[0].split("-")
+        if int(first) != 0:
+            raise ValueError
+        return int(last) + 1
+    except ValueError:
+        raise TransientError(f"bad Content-Range {content_range!r} for a probe") from None
+
+
+def _raise_if_busy(response: requests.Response, url: str) -> None:
+    """5xx and 429 are transient; the server may say how long to wait."""
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise TransientError(
+            f"HTTP {status} for {redact_url(url)}", retry_after=_retry_after(response)
+        )
+
+
+def _internal_error(response: requests.Response) -> bool:
+    """Whether a 500 is CKAN's answer to an action that raised (`views/api.py`: error type
+    "Internal Server Error"), which a retry at once does not cure (doc/DCOR.md §8); other 500s
+    (a proxy, the search index unreachable) stay transient."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("__type") == "Internal Server Error"
+
+
+def _s3_code(response: requests.Response) -> str:
+    """The `<Code>` of an S3 error body ("AccessDenied"), or "" when there is none."""
+    if "xml" not in response.headers.get("Content-Type", ""):
+        return ""
+    try:
+        head = response.raw.read(4096, decode_content=True)
+    except NETWORK_ERRORS:
+        return ""
+    match = _S3_CODE.search(head or b"")
+    return match[1].decode() if match else ""
+
+
+def _check_status(response: requests.Response, url: str) -> None:
+    status = response.status_code
+    if status in (403, 404):
+        code = _s3_code(response)
+        message = f"HTTP {status}{f' ({code})' if code else ''} for {redact_url(url)}"
+        if status == 403:
+            raise AccessDenied(message, code=code)
+        raise NotFound(message)
+    _raise_if_busy(response, url)
+    if status == 416:
+        raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")
+
+
+def _check_object_status(response: requests.Response, url: str) -> None:
+    """As `_check_status`; a redirect is not followed: it would take a presigned query (or a
+    request that should stay on its host) somewhere else."""
+    _check_status(response, url)
+    if 300 <= response.status_code < 400:
+        raise Moved(f"HTTP {response.status_code} (a redirect) for {redact_url(url)}")
+
+
+class Http:
+    """Thread-safe: each worker thread gets its own session (connection pool)."""
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy = RetryPolicy(),
+        pool_size: int = 16,
+        user_agent: str = f"dcorfs/{__version__}",
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self._pool_size = pool_size
+        self._user_agent = user_agent
+        self._sleep = sleep
+        self._clock = clock
+        self._local = threading.local()
+        self._sessions: dict[int, requests.Session] = {}  # by thread ident
+        self._lock = threading.Lock()
+        self._requests: collections.Counter[str] = collections.Counter()  # attempts, by kind
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(
+                pool_connections=4, pool_maxsize=self._pool_size, max_retries=0
+            )
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = self._user_agent
+            self._local.session = session
+            me = threading.get_ident()
+            with self._lock:
+                # worker threads come and go (trio ends idle ones): close the sessions, and
+                # so the sockets, of threads that have ended (an ident may be reused: ours)
+                living = {thread.ident for thread in threading.enumerate()} - {me}
+                ended = [s for ident, s in self._sessions.items() if ident not in living]
+                self._sessions = {i: s for i, s in self._sessions.items() if i in living}
+                self._sessions[me] = session
+            for old in ended:
+                old.close()
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests sent so far, by kind (range, probe, api, document, redirect)."""
+        with self._lock:
+            return dict(self._requests)
+
+    def _retry(
+        self,
+        url: str,
+        deadline: float,
+        attempt: Callable[[tuple[float, float]], T],
+        kind: str,
+    ) -> T:
+        """The one retry loop: transient errors are retried with backoff until the deadline."""
+        policy = self.policy
+        last: BaseException | None = None
+        for number in range(policy.attempts):
+            left = deadline - self._clock()
+            if left <= 0:
+                break
+            timeout = (min(policy.connect_timeout, left), min(policy.read_timeout, left))
+            with self._lock:
+                self._requests[kind] += 1
+            try:
+                return attempt(timeout)
+            except DcorfsError as exc:
+                if not exc.transient:
+                    raise
+                last = exc
+            except NETWORK_ERRORS as exc:
+                last = exc
+            delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**number))
+            if isinstance(last, TransientError):
+                delay = max(delay, last.retry_after)
+            log.debug("%s: attempt %d failed (%s)", redact_url(url), number + 1, _why(last))
+            if number + 1 < policy.attempts:
+                self._sleep(max(0.0, min(delay, deadline - self._clock())))
+        if self._clock() >= deadline:
+            message = f"{redact_url(url)}: no answer within the deadline ({_why(last)})"
+            log.warning("%s", message)
+            raise DeadlineExceeded(message)
+        message = f"{redact_url(url)}: failed {policy.attempts} times ({_why(last)})"
+        log.warning("%s", message)
+        raise TransientError(message)
+
+    def _stream(
+        self, url: str, headers: Mapping[str, str] | None, timeout: tuple[float, float]
+    ) -> requests.Response:
+        """A GET whose body is read as needed; redirects are not followed (a presigned query
+        must not travel to another host)."""
+        return self._session().get(
+            url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+        )
+
+    def get_json(
+        self,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float,
+    ) -> tuple[int, Any]:
+        def attempt(timeout: tuple[float, float]) -> tuple[int, Any]:
+            response = self._session().get(
+                url, params=params, headers=headers, timeout=timeout, allow_redirects=False
+            )
+            with response:
+                if response.status_code == 500 and _internal_error(response):
+                    return 500, response.json()  # not busy: the action itself failed
+                _raise_if_busy(response, url)
+                try:
+                    return response.status_code, response.json()
+                except ValueError:
+                    if response.ok:
+                        raise TransientError(f"invalid JSON from {redact_url(url)}") from None
+                    raise ProtocolError(
+                        f"HTTP {response.status_code} without JSON from {redact_url(url)}"
+                    ) from None
+
+        return self._retry(url, deadline, attempt, "api")
+
+    def get_document(self, url: str, *, deadline: float) -> bytes:
+        """The body of a GET answered with 200 (an S3 listing); 403/404 as for objects."""
+
+        def attempt(timeout: tuple[float, float]) -> bytes:
+            response = self._stream(url, None, timeout)
+            with response:
+                _check_status(response, url)
+                if response.status_code != 200:
+                    raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
+                data: bytes = response.raw.read(DOCUMENT_LIMIT + 1, decode_content=True)
+                if len(data) > DOCUMENT_LIMIT:
+                    raise ProtocolError(
+                        f"{redact_url(url)}: answer larger than {DOCUMENT_LIMIT} bytes"
+                    )
+                return data
+
+        return self._retry(url, deadline, attempt, "document")
+
+    def get_range(
+        self,
+        url: str,
+        start: int,
+        stop: int,
+        *,
+        expect_etag: str | None = None,
+        expect_size: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        deadline: float,
+    ) -> bytes:
+        if not 0 <= start < stop:
+            raise ValueError(f"bad range [{start}, {stop})")
+
+        def attempt(timeout: tuple[float, float]) -> bytes:
+            wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
+            response = self._stream(url, wanted, timeout)
+            with response:
+                _check_object_status(response, url)
+                if response.status_code != 206:
+                    raise TransientError(f"HTTP {response.status_code} to a ranged GET")
+                total = _total(response.headers.get("Content-Range"), start, stop)
+                etag = _etag(response.headers.get("ETag"))
+                if expect_etag is not None and etag != expect_etag:
+                    raise ObjectChanged(
+                        f"{redact_url(url)}: ETag {etag!r}, expected {expect_etag!r}"
+                    )
+                if expect_size is not None and total != expect_size:
+                    raise ObjectChanged(f"{redact_url(url)}: size {total}, expected {expect_size}")
+                return _read_body(response, stop - start)
+
+        return self._retry(url, deadline, attempt, "range")
+
+    def probe(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        head: int = 1,
+        deadline: float,
+    ) -> ObjectInfo:
+        """Size and ETag by a ranged GET (presigned URLs are not valid for HEAD), which also
+        brings the object's first `head` bytes (all of it when it is smaller)."""
+
+        head = max(1, head)
+
+        def attempt(timeout: tuple[float, float]) -> ObjectInfo:
+            wanted = {**(headers or {}), "Range": f"bytes=0-{head - 1}"}
+            response = self._stream(url, wanted, timeout)
+            with response:
+                _check_object_status(response, url)
+                data = b""
+                if response.status_code == 206:
+                    stop = _range_stop(response.headers.get("Content-Range"))
+                    size = _total(response.headers.get("Content-Range"), 0, stop)
+                    if stop != min(head, size):
+                        raise TransientError(f"a probe of {redact_url(url)} got a wrong range")
+                    data = _read_body(response, stop)
+                elif response.status_code == 200 and "Content-Length" in response.headers:
+                    size = int(response.headers["Content-Length"])  # body not read: maybe huge
+                else:
+                    raise TransientError(f"HTTP {response.status_code} to a size probe")
+                etag = _etag(response.headers.get("ETag"))
+                if not etag:
+                    raise ProtocolError(f"{redact_url(url)} has no ETag")
+                return ObjectInfo(size=size, etag=etag, head=data)
+
+        return self._retry(url, deadline, attempt, "probe")
+
+    def redirect(
+        self, url: str, *, headers: Mapping[str, str] | None = None, deadline: float
+    ) -> str:
+        """Where a download route points (the presigned object URL)."""
+
+        def attempt(timeout: tuple[float, float]) -> str:
+            response = self._stream(url, headers, timeout)
+            with response:
+                _check_status(response, url)
+                if response.status_code in (301, 302, 303, 307, 308):
+                    return urljoin(url, response.headers.get("Location", ""))
+                if response.status_code == 200:
+                    return url
+                raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
+
+        return self._retry(url, deadline, attempt, "redirect")
+
+
+def _read_body(response: requests.Response, length: int) -> bytes:
+    """Read exactly `length` bytes into one buffer (no joining of chunks)."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
+    done = 0
+    raw = response.raw
+    while done < length:
+        n = raw.readinto(view[done:])
+        if not n:
+            raise TransientError(f"short body: {done} of {length} bytes")
+        done += n
+    if raw.read(1):
+        raise TransientError(f"body longer than the {length} bytes asked for")
+    return bytes(buffer)
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", "0")), 30.0)
+    except ValueError:
+        return 0.0
+
+
+# what urllib3's long connection messages come down to, for one-line errors
+_REASONS = (
+    (("Temporary failure in name resolution",), "name lookup failed (DNS)"),
+    (("NameResolutionError", "Name or service not known", "Failed to resolve"), "unknown host"),
+    (("Connection refused",), "connection refused"),
+    (("Network is unreachable", "No route to host"), "network unreachable"),
+    (("CERTIFICATE_VERIFY_FAILED",), "TLS certificate not trusted"),
+)
+
+
+def _why(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt made"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, requests.ConnectionError):
+        for needles, reason in _REASONS:
+            if any(needle in text for needle in needles):
+                return reason
+    return _QUERY.sub("?…", text)[:200]  # requests' messages may quote a presigned URL

@@ -1,0 +1,123 @@
+"""http: strict range GETs and the one retry policy, against the devserver's object store."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from dcorfs.devserver.server import DevServer
+from dcorfs.errors import AccessDenied, DcorfsError, DeadlineExceeded, TransientError
+from dcorfs.remote.http import Http, RetryPolicy
+
+from ..conftest import TOKENS, api, resource
+
+FAST = RetryPolicy(attempts=12, base_delay=0.001, max_delay=0.01, read_timeout=2.0)
+
+
+def object_and_bytes(server: DevServer, dataset: str = "generated") -> tuple[str, bytes, str]:
+    entry = resource(server, dataset, "M001_data.rtdc")
+    _, body = api(server, "resource_show", TOKENS["alice"], id=entry["id"])
+    data = Path(entry["path"]).read_bytes()
+    return body["result"]["s3_url"], data, body["result"]["etag"]
+
+
+def test_range_probe_and_checks(devserver: DevServer) -> None:
+    url, data, etag = object_and_bytes(devserver)
+    http = Http(policy=FAST)
+    deadline = time.monotonic() + 30
+    assert http.get_range(url, 10, 5000, deadline=deadline) == data[10:5000]
+    last = http.get_range(
+        url, len(data) - 7, len(data), expect_etag=etag, expect_size=len(data), deadline=deadline
+    )
+    assert last == data[-7:]
+    info = http.probe(url, deadline=deadline)
+    assert (info.size, info.etag) == (len(data), etag)
+    with pytest.raises(DcorfsError, match="ETag"):
+        http.get_range(url, 0, 10, expect_etag="other", deadline=deadline)
+    with pytest.raises(AccessDenied):  # S3 without list permission: unknown keys are 403
+        http.get_range(url + "x", 0, 10, deadline=deadline)
+    http.close()
+
+
+def test_private_object_is_403_and_not_retried(fresh_devserver: DevServer) -> None:
+    url, _, _ = object_and_bytes(fresh_devserver, "secret-study")
+    sleeps: list[float] = []
+    http = Http(policy=FAST, sleep=sleeps.append)
+    with pytest.raises(AccessDenied):
+        http.get_range(url, 0, 10, deadline=time.monotonic() + 30)
+    http.close()
+    assert sleeps == []  # no retry
+
+
+def test_faults_never_give_wrong_bytes(fresh_devserver: DevServer) -> None:
+    url, data, etag = object_and_bytes(fresh_devserver)
+    fresh_devserver.faults.update(
+        {
+            "error_rate": 0.15,
+            "reset_rate": 0.15,
+            "short_rate": 0.15,
+            "wrong_range_rate": 0.15,
+            "ignore_range_rate": 0.15,
+        }
+    )
+    http = Http(policy=FAST)
+    dice = random.Random(5)
+    good = failed = 0
+    for _ in range(150):
+        start = dice.randrange(len(data) - 1)
+        stop = min(len(data), start + dice.randrange(1, 300_000))
+        try:
+            got = http.get_range(
+                url,
+                start,
+                stop,
+                expect_etag=etag,
+                expect_size=len(data),
+                deadline=time.monotonic() + 30,
+            )
+        except DcorfsError:
+            failed += 1
+            continue
+        assert got == data[start:stop]
+        good += 1
+    assert good > 100 and sum(fresh_devserver.stats.snapshot()["faults"].values()) > 50
+    http.close()
+
+
+def test_deadline_bounds_the_retries() -> None:
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    http = Http(
+        policy=RetryPolicy(attempts=1000, base_delay=1.0, max_delay=4.0, connect_timeout=0.5),
+        sleep=sleep,
+        clock=lambda: clock[0],
+    )
+    with pytest.raises(DeadlineExceeded):
+        http.get_json("http://127.0.0.1:9/api/3/action/status_show", deadline=20.0)
+    assert 20.0 <= clock[0] <= 25.0
+    http.close()
+    http = Http(policy=RetryPolicy(attempts=3, base_delay=0.001))
+    with pytest.raises(TransientError, match="failed 3 times"):
+        http.get_json("http://127.0.0.1:9/x", deadline=time.monotonic() + 30)
+    http.close()
+
+
+def test_token_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    http = Http(policy=RetryPolicy(attempts=2, base_delay=0.001))
+    with pytest.raises(DcorfsError):
+        http.get_json(
+            "http://127.0.0.1:9/x?Signature=secret-sig",
+            headers={"Authorization": TOKENS["alice"]},
+            deadline=time.monotonic() + 10,
+        )
+    http.close()
+    assert caplog.records
+    assert TOKENS["alice"] not in caplog.text and "secret-sig" not in caplog.text

@@ -1,0 +1,439 @@
+"""Real mounts against the devserver: the tree, bytes equal to dclab's, cache and privacy."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dclab
+import numpy as np
+import pandas as pd
+import pytest
+
+from dcorfs.cache.blockcache import ObjectId
+from dcorfs.cache.derived import is_derived
+from dcorfs.cache.diskstore import read_inventory
+from dcorfs.devserver.server import DevServer
+
+from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
+from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
+
+pytestmark = [
+    needs_fuse,
+    pytest.mark.fuse,
+    # a field fixture stores `roi position x` as a float; dclab says so when opening it
+    pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.config.WrongConfigurationTypeWarning"),
+]
+
+
+@pytest.fixture(scope="module")
+def public_mount(devserver: DevServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("public-mount")
+    with mounted(root / "mnt", devserver.url, root / "cache") as mnt:
+        yield mnt
+
+
+def ls(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def truth(ds: Any, name: str) -> np.ndarray:  # type: ignore[type-arg]
+    if name.startswith("trace/"):
+        return np.asarray(ds["trace"][name.split("/", 1)[1]][:])
+    return np.asarray(ds[name][:])
+
+
+def feature_files(directory: Path) -> dict[str, Path]:
+    files = {p.stem: p for p in directory.glob("*.npy")}
+    files.update({f"trace/{p.stem}": p for p in (directory / "trace").glob("*.npy")})
+    return files
+
+
+def test_every_level_lists_and_reads_with_shell_tools(public_mount: Path) -> None:
+    mnt = public_mount
+    assert sorted(ls(mnt)) == [
+        ".dcorfs",
+        "README.txt",
+        "by-id",
+        "circles",
+        "collections",
+        "datasets",
+    ]
+    assert "by-id" in (mnt / "README.txt").read_text()
+    assert {"generated", "scalars-only"} <= set(ls(mnt / "datasets"))
+    assert "secret-study" not in ls(mnt / "datasets")  # private, no token
+    assert sorted(ls(mnt / "circles")) == ["private-lab", "public-lab"]
+    assert ls(mnt / "circles" / "private-lab") == []  # its dataset is private
+    assert ls(mnt / "collections" / "showcase") == ["generated"]
+    dataset = mnt / "datasets" / "generated"
+    assert sorted(ls(dataset)) == ["M001_data", "M002_data", "dataset.json", "notes.txt"]
+    assert (dataset / "notes.txt").read_text() == "a plain text resource\n"
+    assert json.loads((dataset / "dataset.json").read_text())["name"] == "generated"
+    listing = subprocess.run(
+        ["ls", "-lR", str(dataset)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "deform.npy" in listing and "features.tsv" in listing and "fl1_raw.npy" in listing
+    found = subprocess.run(
+        ["find", str(mnt / "circles")], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert str(mnt / "circles/public-lab/generated/M001_data/trace/fl1_raw.npy") in found
+    head = subprocess.run(
+        ["head", "-n", "3", str(dataset / "M001_data" / "features.tsv")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert len(head) == 3 and "deform" in head[0].split()
+    cat = subprocess.run(
+        ["cat", str(dataset / "M001_data" / "metadata.json")], capture_output=True, check=True
+    ).stdout
+    assert json.loads(cat)["experiment"]["event count"] == 300
+
+
+def test_by_id_resolves_any_resource_and_lists_opened_ones(
+    public_mount: Path, devserver: DevServer
+) -> None:
+    entry = next(e for e in rtdc_entries(devserver) if e["name"] == "M002_data.rtdc")
+    by_id = public_mount / "by-id" / entry["id"]
+    assert (by_id / "deform.npy").stat().st_size > 128
+    assert entry["id"] in ls(public_mount / "by-id")
+    plain = next(e for e in info(devserver) if e["name"] == "notes.txt")
+    assert (public_mount / "by-id" / plain["id"] / "notes.txt").read_bytes() == Path(
+        plain["path"]
+    ).read_bytes()
+
+
+def test_unknown_names_are_enoent(public_mount: Path) -> None:
+    for path in (
+        "by-id/00000000-0000-0000-0000-000000000000",
+        "by-id/not-an-id",
+        "datasets/no-such-dataset",
+        "datasets/generated/M009_data",
+        "circles/nowhere",
+    ):
+        with pytest.raises(FileNotFoundError):
+            (public_mount / path).stat()
+
+
+def test_read_only(public_mount: Path) -> None:
+    target = public_mount / "datasets" / "generated"
+    for action in (
+        lambda: (target / "new.txt").write_text("x"),
+        lambda: (target / "notes.txt").open("r+b"),
+        lambda: (target / "sub").mkdir(),  # noqa: PLW0108
+        lambda: (target / "notes.txt").unlink(),  # noqa: PLW0108
+        lambda: (target / "notes.txt").chmod(0o777),
+    ):
+        with pytest.raises(OSError) as caught:
+            action()
+        assert caught.value.errno == errno.EROFS
+
+
+def test_no_extended_attributes(public_mount: Path) -> None:
+    """The daemon says once that it has none: the kernel answers every later ask itself
+    (`ls -l` asks for ACLs of every entry), and there is never one to find."""
+    target = public_mount / "datasets" / "generated" / "notes.txt"
+    for _ in range(2):
+        with pytest.raises(OSError) as caught:
+            os.getxattr(target, "user.comment")
+        assert caught.value.errno == errno.EOPNOTSUPP
+        with pytest.raises(OSError) as caught:
+            os.listxattr(target)
+        assert caught.value.errno == errno.EOPNOTSUPP
+
+
+def test_every_feature_equals_dclab_bit_for_bit(public_mount: Path, devserver: DevServer) -> None:
+    checked = 0
+    for entry in rtdc_entries(devserver):
+        directory = resource_dir(public_mount, entry)
+        files = feature_files(directory)
+        with dclab.new_dataset(entry["path"]) as ds:
+            innate = innate_features(ds)
+            assert innate <= set(files), f"{entry['name']}: missing {innate - set(files)}"
+            for name, path in files.items():
+                expected = truth(ds, name)
+                for loaded in (np.load(path), np.load(path, mmap_mode="r")):
+                    if name in innate:  # computed by DCOR's condensing: the condensed dtype
+                        assert loaded.dtype == expected.dtype, (entry["name"], name)
+                    assert loaded.shape == expected.shape, (entry["name"], name)
+                    assert np.array_equal(loaded, expected, equal_nan=loaded.dtype.kind == "f")
+                checked += 1
+    assert checked > 50
+
+
+def test_condensed_only_features_are_offered(public_mount: Path, devserver: DevServer) -> None:
+    entry = next(e for e in rtdc_entries(devserver) if e["name"] == "M001_data.rtdc")
+    directory = resource_dir(public_mount, entry)
+    with dclab.new_dataset(entry["path"]) as ds:
+        assert "volume" not in ds.features_innate
+        assert np.array_equal(np.load(directory / "volume.npy"), ds["volume"][:])
+
+
+def test_features_tsv_equals_the_features(public_mount: Path, devserver: DevServer) -> None:
+    for entry in rtdc_entries(devserver):
+        directory = resource_dir(public_mount, entry)
+        text = (directory / "features.tsv").read_bytes()
+        # columns by their names as the readers give them, no stripping (the header is bare)
+        table = pd.read_csv(io.BytesIO(text), sep="\t")
+        named = np.genfromtxt(io.BytesIO(text), delimiter="\t", names=True, ndmin=1)
+        assert list(named.dtype.names) == list(table.columns)
+        assert all((directory / f"{column}.npy").exists() for column in table.columns)
+        plain = np.loadtxt(io.BytesIO(text), skiprows=1, delimiter="\t", ndmin=2)
+        assert plain.shape == (entry_events(directory), len(table.columns))
+        for column in table.columns:
+            assert np.allclose(named[column], table[column].to_numpy(), equal_nan=True)
+        for column in table.columns:
+            stored = np.load(directory / f"{column}.npy")
+            assert np.array_equal(
+                table[column].to_numpy().astype(stored.dtype), stored, equal_nan=True
+            ), (entry["name"], column)
+        assert len(text) == (directory / "features.tsv").stat().st_size
+
+
+def entry_events(directory: Path) -> int:
+    return int(json.loads((directory / "metadata.json").read_text())["experiment"]["event count"])
+
+
+def test_text_views_equal_dcserv(public_mount: Path, devserver: DevServer) -> None:
+    for entry in rtdc_entries(devserver):
+        directory = resource_dir(public_mount, entry)
+
+        def dcserv(query: str, rid: str = entry["id"]) -> Any:
+            status, body = api(devserver, "dcserv", id=rid, query=query, version="2")
+            assert status == 200
+            return body["result"]
+
+        assert json.loads((directory / "metadata.json").read_text()) == dcserv("metadata")
+        logs = dcserv("logs")
+        assert sorted(p.name for p in (directory / "logs").iterdir()) == sorted(
+            f"{name}.txt" for name in logs
+        )
+        for name, lines in logs.items():
+            assert (directory / "logs" / f"{name}.txt").read_text().splitlines() == lines
+        assert_tables(directory, dcserv("tables"))
+
+
+def test_one_scalar_of_an_image_resource_moves_a_small_fraction(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    entry = next(e for e in rtdc_entries(fresh_devserver) if e["name"] == "M001_data.rtdc")
+    with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
+        directory = resource_dir(mnt, entry)
+        fresh_devserver.stats.reset()
+        deform = np.load(directory / "deform.npy")
+        assert deform.shape == (300,)
+        moved = fresh_devserver.stats.snapshot()["object_bytes"]
+        assert 0 < moved < 0.25 * entry["size"], (moved, entry["size"])
+        before = fresh_devserver.stats.snapshot()["object_requests"]
+        np.load(directory / "deform.npy")
+        assert fresh_devserver.stats.snapshot()["object_requests"] == before
+
+
+def read_everything(mnt: Path) -> dict[str, bytes]:
+    contents = {}
+    for base in ("datasets/generated", "datasets/scalars-only"):
+        for path in sorted((mnt / base).rglob("*")):
+            if path.is_file():
+                contents[str(path.relative_to(mnt))] = path.read_bytes()
+    return contents
+
+
+def test_remount_reads_everything_from_the_cache_even_offline(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    with DevServer(data_dir) as server:
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            first = read_everything(mnt)
+        server.stats.reset()
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            assert read_everything(mnt) == first
+        assert server.stats.snapshot()["object_requests"] == 0
+        url = server.url
+    # the devserver is gone now: everything read before is still there
+    with mounted(tmp_path / "mnt", url, cache) as mnt:
+        assert read_everything(mnt) == first
+    assert len(first) > 40
+
+
+def decoded_block_files(cache: Path) -> list[Path]:
+    """The block files of decoded values (derived objects) in a cache dir."""
+    found = []
+    for stored in read_inventory(cache):
+        if stored.key and is_derived(stored.key):
+            assert stored.etag is not None and stored.size is not None
+            identity = ObjectId(stored.key, stored.etag, stored.size).identity.hex()
+            found += sorted((cache / "blocks" / identity[:2]).glob(f"{identity}-*"))
+    return found
+
+
+def test_decoded_values_are_kept_checked_and_made_again(data_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+
+    def status(mnt: Path) -> Any:
+        return json.loads((mnt / ".dcorfs" / "status.json").read_text())
+
+    with DevServer(data_dir) as server:
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            first = read_everything(mnt)
+        damaged = decoded_block_files(cache)
+        assert len(damaged) > 20
+        server.stats.reset()
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:  # warm: nothing decoded
+            assert read_everything(mnt) == first
+            decoded = status(mnt)["decoded"]
+            assert decoded["fetches"] == 0 and decoded["disk_hits"] > 0, decoded
+        for path in damaged:  # a flipped byte in every file of decoded values
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            path.write_bytes(bytes(raw))
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            assert read_everything(mnt) == first
+            decoded = status(mnt)["decoded"]
+            assert decoded["errors"] >= len(damaged) and decoded["fetches"] > 0, decoded
+        # decoded again from the network: compressed event data are kept in memory only (their
+        # decoded values are what the disk keeps), the files' metadata came from the disk
+        assert server.stats.snapshot()["object_requests"] > 0
+
+
+def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> None:
+    entry = rtdc_entries(devserver, private=True)[0]
+    cache = tmp_path / "cache"
+    with mounted(tmp_path / "anon", devserver.url, cache) as mnt:
+        with pytest.raises(PermissionError):
+            (mnt / "by-id" / entry["id"]).stat()
+        with pytest.raises(PermissionError):
+            (mnt / "datasets" / "secret-study").stat()
+    with mounted(tmp_path / "alice", devserver.url, cache, token=TOKENS["alice"]) as mnt:
+        assert "secret-study" in ls(mnt / "datasets")
+        with dclab.new_dataset(entry["path"]) as ds:
+            for name in ("deform", "image", "mask"):
+                path = resource_dir(mnt, entry) / f"{name}.npy"
+                assert np.array_equal(np.load(path), ds[name][:])
+        tree_text = b"".join(p.read_bytes() for p in mnt.rglob("*.json") if "by-id" not in str(p))
+    with (
+        mounted(tmp_path / "bob", devserver.url, cache, token=TOKENS["bob"]) as mnt,
+        pytest.raises(PermissionError),
+    ):
+        (mnt / "by-id" / entry["id"]).stat()
+    secret = TOKENS["alice"].encode()
+    assert secret not in tree_text
+    for path in cache.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+            assert path.stat().st_mode & 0o077 == 0, path
+        else:
+            assert path.stat().st_mode & 0o077 == 0, path
+    assert cache.stat().st_mode & 0o777 == 0o700
+
+
+def stored_bytes(cache: Path) -> int:
+    """The size of the files in a cache dir's blocks/ now (the daemon may be writing: a
+    temporary file seen may be renamed before it is looked at)."""
+    total = 0
+    for path in (cache / "blocks").rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def test_cache_stays_within_its_size(devserver: DevServer, tmp_path: Path) -> None:
+    entry = next(e for e in rtdc_entries(devserver) if e["name"] == "M001_data.rtdc")
+    cache = tmp_path / "cache"
+    limit = 3 << 20
+    with mounted(tmp_path / "mnt", devserver.url, cache, "--cache-size", "3M") as mnt:
+        directory = resource_dir(mnt, entry)
+        total = 0
+        for name in ("image", "mask", "image_bg", "deform", "trace/fl1_raw"):
+            with dclab.new_dataset(entry["path"]) as ds:
+                assert np.array_equal(np.load(directory / f"{name}.npy"), truth(ds, name))
+            total += (directory / f"{name}.npy").stat().st_size
+            stored = stored_bytes(cache)
+            assert stored <= limit + (1 << 20) + 4096, stored
+        assert total > 2 * limit
+
+
+def test_presigned_urls_are_renewed(data_dir: Path, tmp_path: Path) -> None:
+    with DevServer(data_dir) as server:
+        server.faults.update({"url_lifetime": 2.0})
+        entry = rtdc_entries(server, private=True)[0]
+        with mounted(
+            tmp_path / "mnt", server.url, tmp_path / "cache", token=TOKENS["alice"]
+        ) as mnt:
+            directory = resource_dir(mnt, entry)
+            with dclab.new_dataset(entry["path"]) as ds:
+                assert np.array_equal(np.load(directory / "deform.npy"), ds["deform"][:])
+                time.sleep(3)  # every URL handed out so far has expired
+                assert np.array_equal(np.load(directory / "image.npy"), ds["image"][:])
+
+
+def test_foreground_mount_stops_cleanly_on_sigterm(devserver: DevServer, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    command = [sys.executable, "-m", "dcorfs", "mount", str(mnt), "--host", devserver.url]
+    process = subprocess.Popen(
+        [*command, "--cache-dir", str(tmp_path / "cache"), "--foreground"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no mount after 60 s"
+            time.sleep(0.05)
+        assert (mnt / "README.txt").read_text().startswith("dcorfs")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert not os.path.ismount(mnt)
+    finally:
+        kill_and_unmount(process, mnt)
+
+
+def test_bad_command_lines_give_one_line_errors(tmp_path: Path) -> None:
+    missing = dcorfs("mount", str(tmp_path / "nope"), "--host", "http://127.0.0.1:9")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    (tmp_path / "mnt").mkdir()
+    args = ["--cache-dir", str(tmp_path / "cache")]
+    unreachable = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://127.0.0.1:9", *args)
+    assert unreachable.returncode != 0 and "cannot reach" in unreachable.stderr
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    bad_host = dcorfs("mount", str(tmp_path / "mnt"), "--host", "ftp://x", *args)
+    assert bad_host.returncode == 2 and "not a DCOR host" in bad_host.stderr
+    unknown = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://no-such-host.invalid", *args)
+    assert unknown.returncode != 0  # or, on a machine without DNS: "name lookup failed (DNS)"
+    assert "(unknown host)" in unknown.stderr or "(name lookup failed" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(tmp_path / "mnt")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "data.txt").write_text("mine\n")
+    occupied = dcorfs("mount", str(tmp_path / "full"), "--host", "http://127.0.0.1:9", *args)
+    assert occupied.returncode == 2 and "is not empty" in occupied.stderr
+    if os.geteuid() != 0:
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path / "mnt")], check=True)
+    try:
+        busy = dcorfs("mount", str(tmp_path / "mnt"), "--host", "http://127.0.0.1:9", *args)
+        assert busy.returncode == 2 and "busy" in busy.stderr
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], check=True)
+    no_fuse = subprocess.run(  # a mount namespace of its own whose /dev lacks fuse
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /dev && exec "$@"', "sh"]
+        + [sys.executable, "-m", "dcorfs", "mount", str(tmp_path / "mnt"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert no_fuse.returncode == 2 and "/dev/fuse is missing" in no_fuse.stderr

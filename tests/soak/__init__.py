@@ -1,0 +1,1 @@
+"""Long runs under faults and load: wrong bytes never served, no leaks, recovery."""

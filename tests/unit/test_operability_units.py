@@ -1,0 +1,173 @@
+"""Pieces of the operability commands below the CLI: sd_notify, report texts, key parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcorfs.daemon.notify import Notifier, watchdog_interval
+from dcorfs.daemon.report import duration, hit_ratio, one_line, size, summary
+from dcorfs.remote.dcserv import parse_resource_key, resource_key
+
+from ..conftest import REPO
+
+
+def test_notifier_sends_datagrams_to_path_and_abstract_sockets(tmp_path: Path) -> None:
+    for address in (str(tmp_path / "notify"), f"@dcorfs-test-{os.getpid()}"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(address.replace("@", "\0", 1) if address.startswith("@") else address)
+            receiver.settimeout(5)
+            Notifier(address).send("READY=1", "STATUS=mounted\nsomewhere")
+            assert receiver.recv(4096) == b"READY=1\nSTATUS=mounted somewhere"
+
+
+def test_notifier_without_socket_or_listener_does_nothing(tmp_path: Path) -> None:
+    Notifier(None).send("READY=1")
+    assert not Notifier("").active
+    Notifier(str(tmp_path / "nobody-listens")).send("READY=1")  # logged, not raised
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "120000000"}) == 60.0
+    assert watchdog_interval({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}) is None
+    pid = str(os.getpid())
+    assert watchdog_interval({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": pid}) == 0.5
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+
+
+def test_report_texts() -> None:
+    assert size(0) == "0 B"
+    assert size(1536) == "1.5 KiB"
+    assert size(10 << 30) == "10.0 GiB"
+    assert duration(42) == "42s"
+    assert duration(3725) == "1h 2m"
+    assert duration(2 * 86400 + 3600) == "2d 1h"
+    cache = {"memory_hits": 3, "disk_hits": 1, "misses": 4, "disk_bytes": 2048}
+    assert hit_ratio(cache) == 0.5
+    assert hit_ratio({}) is None
+    report = {
+        "host": "https://dcor.example",
+        "mountpoint": "/mnt/dcor",
+        "started": 1000.0,
+        "cache": {**cache, "disk_limit": 1 << 30, "in_flight": 2},
+        "fuse": {"errors": 1},
+        "recent_errors": [{"time": 1000.0, "operation": "read", "error": "HTTP 503"}],
+    }
+    assert one_line(report) == (
+        "cache 2.0 KiB of 1.0 GiB, hits 50.0 %, fetched 0 B, 2 in flight, 1 errors"
+    )
+    text = summary(report, now=1000.0 + 90)
+    assert "https://dcor.example at /mnt/dcor" in text
+    assert "up 1m 30s" in text
+    assert "50.0 % of block reads (3 memory, 1 disk, 4 network)" in text
+    assert "read: HTTP 503" in text
+
+
+def test_resource_keys_parse_back() -> None:
+    rid = "0bccdcab-56f6-52dc-8c34-f3997e2125eb"
+    assert parse_resource_key(resource_key("org", rid)) == (rid, "resource")
+    assert parse_resource_key(resource_key("org", rid, "condensed")) == (rid, "condensed")
+    assert parse_resource_key("bucket/some/other/key") is None
+
+
+def test_kernel_tuning_raises_never_lowers_and_finds_escaped_paths(tmp_path: Path) -> None:
+    from dcorfs.daemon.tuning import device_of, tune
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / /proc rw - proc proc rw\n"
+        "97 22 0:55 / /tmp/my\\040mount rw - fuse.dcorfs dcorfs:host ro\n"
+    )
+    assert device_of(Path("/tmp/my mount"), mountinfo.read_text()) == "0:55"
+    assert device_of(Path("/tmp/other"), mountinfo.read_text()) is None
+    bdi = tmp_path / "class" / "bdi" / "0:55"
+    connection = tmp_path / "fs" / "fuse" / "connections" / "55"
+    for directory, name, value in [
+        (bdi, "read_ahead_kb", "128"),
+        (connection, "max_background", "100"),
+        (connection, "congestion_threshold", "9"),
+    ]:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(value + "\n")
+    done = tune(
+        Path("/tmp/my mount"),
+        read_ahead_kb=1024,
+        max_background=64,
+        sysfs=tmp_path,
+        mountinfo=mountinfo,
+    )
+    assert (bdi / "read_ahead_kb").read_text() == "1024\n"
+    assert (connection / "max_background").read_text() == "100\n"  # higher already: kept
+    assert (connection / "congestion_threshold").read_text() == "48\n"
+    assert done == [
+        "read_ahead_kb 128 → 1024",
+        "max_background 100 (kept)",
+        "congestion_threshold 9 → 48",
+    ]
+    assert tune(Path("/nowhere"), read_ahead_kb=1, max_background=1, mountinfo=mountinfo) == []
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze missing (apt install systemd; scripts/bootstrap.sh test does)",
+)
+@pytest.mark.parametrize(
+    ("unit", "instance", "user"),
+    [("dcorfs@.service", "dcorfs@mnt-dcor.service", True), ("dcorfs.service", None, False)],
+)
+def test_systemd_units_pass_verification(
+    tmp_path: Path, unit: str, instance: str | None, user: bool
+) -> None:
+    text = (REPO / "systemd" / unit).read_text()
+    assert "Type=notify" in text and "NotifyAccess=main" in text
+    assert "After=network-online.target" in text and "ExecStop=-/usr/bin/fusermount3 -u" in text
+    assert "ExecStartPre=-/usr/bin/fusermount3 -u -z" in text  # restarts after a crash work
+    # verification checks that ExecStart's program exists: point it at this checkout's dcorfs
+    dcorfs_program = shutil.which("dcorfs") or str(Path(sys.executable).with_name("dcorfs"))
+    path = tmp_path / (instance or unit)
+    path.write_text(text.replace("/usr/local/bin/dcorfs", dcorfs_program))
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    result = subprocess.run(
+        ["systemd-analyze", *(["--user"] if user else []), "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_cache_info_only_reads(tmp_path: Path) -> None:
+    import io
+
+    from dcorfs import cache_admin
+    from dcorfs.cache.blockcache import ObjectId
+    from dcorfs.cache.diskstore import DiskStore
+
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 20, block_size=1024)
+    rid = "0bccdcab-56f6-52dc-8c34-f3997e2125eb"
+    obj = ObjectId(key=resource_key("org", rid), etag="e", size=10)
+    assert store.put_many(obj, {0: b"0123456789"}) == 1
+    stray = cache / "blocks" / "ab" / ("ab" * 32 + "-0")  # a block another process is renaming
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"x")
+    before = sorted(p.name for p in cache.rglob("*"))
+    out = io.StringIO()
+    assert cache_admin.info(cache, as_json=True, out=out) == 0
+    report = json.loads(out.getvalue())
+    assert report["in_use"] and report["bytes"] == 10 and report["answers"] == 0
+    assert report["resources"][0]["id"] == rid
+    assert stray.exists() and not (cache / "meta.sqlite3").exists()
+    assert sorted(p.name for p in cache.rglob("*")) == before
+    store.close()

@@ -1,0 +1,255 @@
+"""Read-ahead never changes the bytes a read returns, and keeps to its memory budget."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.errors import TransientError
+from dcorfs.fs.content import FileContent, PartsContent, RowContent, StaticContent
+from dcorfs.fs.producers.passthrough import ObjectContent
+from dcorfs.fs.readahead import Prefetcher
+
+KIB = 1 << 10
+TRUTH = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+ROW = 1000  # bytes per row: windows never line up with rows
+
+
+class Rows:
+    """Rows of TRUTH, made slowly and sometimes failing; counts what is made at once."""
+
+    def __init__(self, *, fail_rate: float = 0.0, seed: int = 0) -> None:
+        self.fail_rate = fail_rate
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.calls = 0
+
+    def __call__(self, first: int, last: int, deadline: float) -> bytes:
+        with self.lock:
+            self.calls += 1
+            fail = self.random.random() < self.fail_rate
+        time.sleep(0.0005)
+        if fail:
+            raise TransientError("injected")
+        return TRUTH[first * ROW : last * ROW]
+
+
+def content(rows: Rows, *, pieced: bool = False) -> FileContent:
+    """The header and TRUTH's rows; `pieced`: as a header part and an object of small blocks
+    (windows are then made as many pieces, see `read_pieces`), else as one `RowContent`."""
+    count = (len(TRUTH) - 64) // ROW
+    if not pieced:
+        return RowContent(b"HEAD" * 16, row_bytes=ROW, count=count, rows=rows)
+    obj = ObjectId(key="truth", etag="1", size=count * ROW)
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        return rows(0, 0, deadline) + TRUTH[start:stop]  # rows: delays and failures
+
+    blocks = BlockCache(fetch=fetch, store=None, block_size=3 * KIB + 5, parallel=1)
+    return PartsContent(
+        64 + obj.size, [(0, StaticContent(b"HEAD" * 16)), (64, ObjectContent(blocks, obj))]
+    )
+
+
+def expected(offset: int, length: int, size: int) -> bytes:
+    whole = (b"HEAD" * 16 + TRUTH)[:size]
+    return whole[offset : offset + length]
+
+
+@contextmanager
+def prefetcher(budget: int = 256 * KIB) -> Iterator[Prefetcher]:
+    made = Prefetcher(
+        budget_bytes=budget,
+        workers=3,
+        initial=16 * KIB,
+        cap=64 * KIB,
+        stream=32 * KIB,
+        back=32 * KIB,
+        forward=256 * KIB,
+        timeout=30,
+    )
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def pattern() -> st.SearchStrategy[list[tuple[str, int, int]]]:
+    """Access patterns: sequential streams of kernel-like reads, with random jumps."""
+    step = st.tuples(
+        st.sampled_from(["seq", "seq", "seq", "jump", "back"]),
+        st.integers(0, 3 << 20),
+        st.sampled_from([4 * KIB, 128 * KIB, 7 * KIB + 3, 1]),
+    )
+    return st.lists(step, min_size=1, max_size=60)
+
+
+def walk(steps: list[tuple[str, int, int]]) -> Iterator[tuple[int, int]]:
+    pos = 0
+    for kind, where, length in steps:
+        if kind == "jump":
+            pos = where
+        elif kind == "back":
+            pos = max(0, pos - 3 * length)
+        yield pos, length
+        pos += length
+
+
+@settings(max_examples=60, deadline=None)
+@given(pattern(), st.booleans(), st.booleans())
+def test_reads_and_peeks_return_the_truth(
+    steps: list[tuple[str, int, int]], peek: bool, pieced: bool
+) -> None:
+    with prefetcher() as pf:
+        reader = pf.wrap(content(Rows(), pieced=pieced))
+        for offset, length in walk(steps):
+            want = expected(offset, length, reader.size)
+            if peek:
+                got = reader.peek(offset, length)
+                if got is not None:
+                    assert got == want
+                    continue
+            assert reader.read(offset, length, deadline=time.monotonic() + 30) == want
+        reader.close()
+        assert pf.budget.peak <= pf.budget.limit
+
+
+@settings(max_examples=30, deadline=None)
+@given(pattern(), st.integers(0, 1000), st.booleans())
+def test_failures_never_give_wrong_bytes(
+    steps: list[tuple[str, int, int]], seed: int, pieced: bool
+) -> None:
+    with prefetcher() as pf:
+        reader = pf.wrap(content(Rows(fail_rate=0.3, seed=seed), pieced=pieced))
+        for offset, length in walk(steps):
+            try:
+                got = reader.read(offset, length, deadline=time.monotonic() + 30)
+            except TransientError:
+                continue
+            assert got == expected(offset, length, reader.size)
+        reader.close()
+
+
+def test_a_stream_is_served_ahead_and_memory_is_given_back() -> None:
+    with prefetcher() as pf:
+        rows = Rows()
+        reader = pf.wrap(content(rows))
+        inline = 0
+        for offset in range(0, 2 << 20, 16 * KIB):
+            got = None
+            for _ in range(200):  # the made window turns up without blocking
+                got = reader.peek(offset, 16 * KIB)
+                if got is not None or offset < 64 * KIB:
+                    break
+                time.sleep(0.001)
+            if got is None:
+                got = reader.read(offset, 16 * KIB, deadline=time.monotonic() + 30)
+            else:
+                inline += 1
+            assert got == expected(offset, 16 * KIB, reader.size)
+            assert pf.budget.used <= pf.budget.limit
+        assert inline > 100  # most of the stream came from windows made ahead
+        assert pf.counters["windows"] > 10
+        reader.close()
+        deadline = time.monotonic() + 10
+        while pf.budget.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pf.budget.used == 0
+        assert pf.budget.peak <= pf.budget.limit
+
+
+def test_random_reads_make_nothing_ahead() -> None:
+    with prefetcher() as pf:
+        rows = Rows()
+        reader = pf.wrap(content(rows))
+        rng = random.Random(5)
+        for _ in range(50):
+            offset = rng.randrange(0, reader.size - 4 * KIB)
+            assert reader.read(offset, 4 * KIB, deadline=time.monotonic() + 30) == expected(
+                offset, 4 * KIB, reader.size
+            )
+        assert pf.counters["windows"] == 0
+        assert rows.calls == 50
+
+
+def test_many_readers_share_one_budget() -> None:
+    with prefetcher(budget=128 * KIB) as pf:
+        errors: list[BaseException] = []
+
+        def stream(start: int) -> None:
+            reader = pf.wrap(content(Rows()))
+            try:
+                for offset in range(start, start + (1 << 20), 32 * KIB):
+                    got = reader.read(offset, 32 * KIB, deadline=time.monotonic() + 30)
+                    assert got == expected(offset, 32 * KIB, reader.size)
+                    assert pf.budget.used <= pf.budget.limit
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+            finally:
+                reader.close()
+
+        threads = [threading.Thread(target=stream, args=(i * 300 * KIB,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert pf.budget.peak <= pf.budget.limit
+
+
+@pytest.mark.parametrize("size", [0, 1])
+def test_tiny_files(size: int) -> None:
+    with prefetcher() as pf:
+        reader = pf.wrap(RowContent(b"x" * size, row_bytes=1, count=0, rows=Rows()))
+        assert reader.read(0, 100, deadline=time.monotonic() + 1) == b"x" * size
+        assert reader.peek(0, 100) == b"x" * size
+
+
+def test_a_window_made_is_cut_right_by_readers_at_once() -> None:
+    """Kernel read-ahead requests of one window arrive in parallel: each reader's first look
+    at the made window must see its piece offsets whole (they were once filled in place, and
+    a reader could cut with half of them: IndexError, EIO)."""
+    import concurrent.futures
+    import sys
+
+    from dcorfs.fs.readahead import _Window
+
+    pieces = [bytes([i % 256]) * 10 for i in range(2000)]
+    truth = b"".join(pieces)
+    errors: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            made: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+            made.set_result(pieces)
+            window = _Window(1000, 1000 + len(truth), made)
+            barrier = threading.Barrier(4)
+
+            def read(window: _Window = window, barrier: threading.Barrier = barrier) -> None:
+                try:
+                    barrier.wait()
+                    got = window.made(1.0)
+                    assert got is not None
+                    offset = 1000 + len(truth) - 150
+                    assert window.cut(got, offset, offset + 120) == truth[-150:-30]
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=read) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []

@@ -1,0 +1,175 @@
+"""The HDF5 skeleton builder and the file made of parts, without a mount."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dcorfs.fs.content import PartsContent, RowContent, StaticContent
+from dcorfs.hdf5.skeleton import GAP, Skeleton, Spec, build
+
+H5DUMP = shutil.which("h5dump")
+
+
+def sample_specs(events: int = 50) -> tuple[dict[str, object], list[Spec], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    data = {
+        "events/deform": rng.random(events),
+        "events/index": np.arange(1, events + 1, dtype=np.uint32),
+        "events/trace/fl1_raw": rng.integers(-100, 100, (events, 17)).astype(np.int16),
+        "events/image": rng.integers(0, 255, (events, 8, 12)).astype(np.uint8),
+    }
+    log = np.array([b"line one", b"line two"], dtype="S100")
+    table = np.zeros((3, 1), dtype=[("time", "<f8"), ("flow", "<f8")])
+    table["time"] = [[1.0], [2.0], [3.0]]
+    specs = [
+        Spec("logs/acquisition", log.dtype, log.shape, {}, log),
+        Spec("tables/monitor", table.dtype, table.shape, {"COLOR_time": "red"}, table),
+    ]
+    for path, values in data.items():
+        attrs = {"CLASS": np.bytes_(b"IMAGE")} if path == "events/image" else {"min": 0.0}
+        specs.append(
+            Spec(path, values.dtype, values.shape, attrs, gap_before=path == "events/image")
+        )
+    attrs = {"experiment:event count": events, "setup:medium": "CellCarrier"}
+    return attrs, specs, data
+
+
+def materialize(skeleton: Skeleton, data: dict[str, np.ndarray]) -> bytes:
+    out = bytearray(skeleton.size)
+    for offset, run in skeleton.runs:
+        out[offset : offset + len(run)] = run
+    for path, (offset, length) in skeleton.extents.items():
+        raw = np.ascontiguousarray(data[path]).tobytes()
+        assert len(raw) == length
+        out[offset : offset + length] = raw
+    return bytes(out)
+
+
+def test_the_skeleton_plus_the_data_is_the_file(tmp_path: Path) -> None:
+    attrs, specs, data = sample_specs()
+    skeleton = build(attrs, specs)
+    path = tmp_path / "made.h5"
+    path.write_bytes(materialize(skeleton, data))
+    with h5py.File(path, "r") as made:
+        assert made.attrs["setup:medium"] == "CellCarrier"
+        assert made.attrs["experiment:event count"] == 50
+        for name, values in data.items():
+            stored = made[name]
+            assert stored.chunks is None and stored.compression is None
+            assert stored.dtype == values.dtype and np.array_equal(stored[()], values)
+        assert made["events/image"].attrs["CLASS"] == b"IMAGE"
+        assert list(made["logs/acquisition"][()]) == [b"line one", b"line two"]
+        assert made["tables/monitor"]["time"][:, 0].tolist() == [1.0, 2.0, 3.0]
+        assert made["tables/monitor"].attrs["COLOR_time"] == "red"
+        assert "dcorfs-gap" not in made
+    if H5DUMP:  # the HDF5 1.10 tools of Debian read it
+        dumped = subprocess.run(
+            [H5DUMP, "-d", "/events/index", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "(0): 1, 2, 3, 4," in dumped
+
+
+def test_layout_metadata_first_then_scalars_then_a_hole_then_images() -> None:
+    attrs, specs, _ = sample_specs()
+    skeleton = build(attrs, specs)
+    extents = skeleton.extents
+    first_data = min(offset for offset, _ in extents.values())
+    assert skeleton.runs[0][0] == 0 and len(skeleton.runs[0][1]) > 1000
+    for offset, run in skeleton.runs:  # all structure lies before the data (the rest: zeros)
+        assert offset + len(run.rstrip(b"\0")) <= first_data or not run.strip(b"\0")
+    scalars_end = max(
+        o + n for p, (o, n) in extents.items() if p.count("/") == 1 and "image" not in p
+    )
+    assert extents["events/image"][0] - scalars_end >= GAP
+    # runs never overlap an extent, and everything lies within the file
+    for offset, run in skeleton.runs:
+        assert offset + len(run) <= skeleton.size
+        for start, length in extents.values():
+            assert offset + len(run) <= start or start + length <= offset
+
+
+def test_the_build_is_deterministic_and_survives_json() -> None:
+    attrs, specs, _ = sample_specs()
+    first = build(attrs, specs)
+    assert build(attrs, specs) == first
+    assert Skeleton.from_json(first.to_json()) == first
+
+
+def test_huge_lazy_datasets_cost_nothing() -> None:
+    events = 2_000_000
+    specs = [
+        Spec("events/deform", np.dtype("<f4"), (events,)),
+        Spec("events/image", np.dtype("u1"), (events, 80, 320), gap_before=True),
+    ]
+    started = time.monotonic()
+    skeleton = build({}, specs)
+    elapsed = time.monotonic() - started
+    assert skeleton.size > events * 80 * 320
+    assert sum(len(run) for _, run in skeleton.runs) < 64 << 10
+    assert elapsed < 30, elapsed  # generous: this is about memory and sparseness, not speed
+
+
+def test_empty_datasets_have_no_extent(tmp_path: Path) -> None:
+    skeleton = build({}, [Spec("events/deform", np.dtype("<f8"), (0,))])
+    assert skeleton.extents == {}
+    path = tmp_path / "empty.h5"
+    path.write_bytes(materialize(skeleton, {}))
+    with h5py.File(path, "r") as made:
+        assert made["events/deform"].shape == (0,)
+
+
+def parts_reference() -> tuple[PartsContent, bytes]:
+    rng = np.random.default_rng(7)
+    reference = bytearray(1000)
+    head = rng.integers(0, 255, 100).astype(np.uint8).tobytes()
+    reference[0:100] = head
+    rows = rng.integers(0, 255, 300).astype(np.uint8).tobytes()  # 30 rows of 10 bytes
+    reference[400:700] = rows
+    tail = b"tail"
+    reference[996:1000] = tail
+    content = PartsContent(
+        1000,
+        [
+            (
+                400,
+                RowContent(b"", row_bytes=10, count=30, rows=lambda a, b, d: rows[a * 10 : b * 10]),
+            ),
+            (0, StaticContent(head)),
+            (996, StaticContent(tail)),
+        ],
+    )
+    return content, bytes(reference)
+
+
+@given(st.integers(0, 1100), st.integers(0, 1100))
+def test_parts_read_like_the_bytes_they_stand_for(offset: int, length: int) -> None:
+    content, reference = parts_reference()
+    assert content.read(offset, length, deadline=0) == reference[offset : offset + length]
+    peeked = content.peek(offset, length)
+    if peeked is not None:
+        assert peeked == reference[offset : offset + length]
+    stop = min(offset + length, 1000)
+    if stop <= 400 or offset >= 700:  # nothing from the rows: answered without blocking
+        assert peeked == reference[offset : offset + length]
+
+
+def test_parts_read_only_the_rows_asked_for() -> None:
+    asked: list[tuple[int, int]] = []
+
+    def rows(first: int, last: int, deadline: float) -> bytes:
+        asked.append((first, last))
+        return bytes(range(first, last))
+
+    content = PartsContent(100, [(50, RowContent(b"", row_bytes=1, count=20, rows=rows))])
+    assert content.read(55, 3, deadline=0) == bytes([5, 6, 7])
+    assert asked == [(5, 8)]
+    assert content.peek(55, 3) is None  # rows are made in a worker thread, never on peek
+    assert content.peek(0, 50) == bytes(50)

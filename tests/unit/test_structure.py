@@ -1,0 +1,179 @@
+"""Reading an .rtdc file's structure and attributes with h5py's low-level API: the same values
+as h5py's high-level API, the same bytes written, from a file object or an in-memory image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcorfs import h5attrs
+from dcorfs.devserver.sample import SampleSpec, write_rtdc
+from dcorfs.hdf5.structure import (
+    file_image,
+    read_arrays,
+    read_attributes,
+    read_features,
+)
+
+VALUES: dict[str, Any] = {
+    "text": "CellCarrier",
+    "unicode": "µm² — ok",
+    "empty text": "",
+    "bytes": b"raw bytes",
+    "numpy bytes": np.bytes_(b"IMAGE"),
+    "int": 42,
+    "negative": -7,
+    "float": 0.25,
+    "float32": np.float32(1.5),
+    "uint16": np.uint16(65535),
+    "bool": True,
+    "numpy bool": np.bool_(False),
+    "list of text": ["a", "bc", ""],
+    "int array": np.arange(6, dtype="<i4"),
+    "2d float": np.linspace(0, 1, 6).reshape(2, 3),
+    "big endian": np.array([1.0, 2.0], dtype=">f8"),
+    "fixed strings": np.array([b"ab", b"c"], dtype="S4"),
+    "nothing": h5py.Empty("f8"),
+    "zero length": np.zeros(0, dtype="<f4"),
+    "compound": np.array([(1, 2.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+}
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, h5py.Empty) or isinstance(b, h5py.Empty):
+        return isinstance(a, h5py.Empty) and isinstance(b, h5py.Empty) and a.dtype == b.dtype
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        contents = a.tolist() == b.tolist() if a.dtype.kind == "O" else a.tobytes() == b.tobytes()
+        return a.dtype == b.dtype and a.shape == b.shape and contents
+    return bool(a == b) and getattr(a, "dtype", None) == getattr(b, "dtype", None)
+
+
+def written(values: dict[str, Any], fast: bool, *, track_order: bool = False) -> bytes:
+    """The bytes of a file with these root and dataset attributes, set by h5py or by us."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", libver=("earliest", "v110"), track_order=track_order) as h5:
+        data = h5.create_dataset("events/deform", data=np.arange(3.0))
+        for obj in (h5, data):
+            for name, value in values.items():
+                if fast:
+                    h5attrs.write(obj, name, value)
+                else:
+                    obj.attrs[name] = value
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("track_order", [False, True])
+def test_attributes_are_written_byte_for_byte_as_h5py_writes_them(track_order: bool) -> None:
+    assert written(VALUES, True, track_order=track_order) == written(
+        VALUES, False, track_order=track_order
+    )
+
+
+texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
+values = st.one_of(
+    texts,
+    st.binary(max_size=20),
+    st.integers(-(2**62), 2**62),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.lists(texts, min_size=1, max_size=4),
+    st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=4).map(
+        lambda v: np.array(v, dtype="<f4")
+    ),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.text("abcxyz:", min_size=1, max_size=8), values, max_size=6))
+def test_any_attributes_are_written_as_h5py_writes_them(given: dict[str, Any]) -> None:
+    """The same bytes, or the same error (h5py writes no text with NUL in it)."""
+    made = []
+    for fast in (True, False):
+        try:
+            made.append(written(given, fast))
+        except ValueError as exc:
+            made.append(str(exc))
+    assert made[0] == made[1]
+
+
+def test_attributes_read_as_h5py_reads_them() -> None:
+    image = written(VALUES, False, track_order=True)
+    with h5py.File(io.BytesIO(image), "r") as h5:
+        for obj in (h5, h5["events/deform"]):
+            names = h5attrs.names(obj.id)
+            assert [n.decode() for n in names] == list(obj.attrs)  # creation order
+            for name in names:
+                ours, theirs = h5attrs.read(obj.id, name), obj.attrs[name]
+                assert same(ours, theirs), (name, ours, theirs)
+    fid = file_image(image)
+    try:
+        assert read_attributes(fid, "/", where="image").keys() == VALUES.keys()
+    finally:
+        fid.close()
+
+
+def test_uncommon_names_and_array_types_as_h5py_has_them() -> None:
+    """An attribute name that is not UTF-8 (kept as its bytes) and an array type of text."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        kind = np.dtype((h5py.string_dtype(), (2,)))
+        h5.attrs.create("pairs", data=np.array([["a", "b"]], dtype=object), dtype=kind)
+        h5.attrs[b"\xffname"] = 3
+    with h5py.File(io.BytesIO(buffer.getvalue()), "r") as h5:
+        for name in h5attrs.names(h5.id):
+            ours, theirs = h5attrs.read(h5.id, name), h5.attrs[name]
+            assert same(ours, theirs), (name, ours, theirs)
+    made = []
+    for fast in (True, False):
+        out = io.BytesIO()
+        with h5py.File(out, "w") as h5:
+            if fast:
+                h5attrs.write(h5, b"\xffname".decode("utf-8", "surrogateescape"), 3)
+            else:
+                h5.attrs[b"\xffname"] = 3
+        made.append(out.getvalue())
+    assert made[0] == made[1]
+
+
+def test_an_rtdc_file_reads_the_same_from_memory_and_through_a_file_object(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sample.rtdc"
+    write_rtdc(path, SampleSpec(events=30, seed=5))
+    with h5py.File(path, "r") as h5:
+        features = {
+            name: (item.dtype, item.shape)
+            for name, item in h5["events"].items()
+            if isinstance(item, h5py.Dataset)
+        }
+        features.update({f"trace/{n}": (d.dtype, d.shape) for n, d in h5["events/trace"].items()})
+        root = dict(h5.attrs)
+        deform = dict(h5["events/deform"].attrs)
+        logs = {name: data[()] for name, data in h5["logs"].items()}
+    fid = file_image(path.read_bytes())
+    with path.open("rb") as handle, h5py.File(handle, "r") as through:
+        for opened in (fid, through.id):
+            found = read_features(opened, kind="resource", where="sample")
+            assert {n: (f.dtype, f.shape) for n, f in found.items()} == {
+                n: (np.dtype(bool) if n == "mask" else d.newbyteorder("<"), s)
+                for n, (d, s) in features.items()
+            }
+            assert all(f.source == "resource" for f in found.values())
+            attrs = read_attributes(opened, "/", where="sample")
+            assert attrs.keys() == root.keys()
+            assert all(same(attrs[k], root[k]) for k in root)
+            assert read_attributes(opened, "events/deform", where="sample").keys() == deform.keys()
+            arrays = read_arrays(opened, "logs", where="sample")
+            assert arrays is not None and arrays.keys() == logs.keys()
+            assert all(np.array_equal(arrays[n].data, logs[n]) for n in logs)
+            assert read_arrays(opened, "no-such-group", where="sample") is None
+    fid.close()

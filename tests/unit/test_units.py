@@ -1,0 +1,529 @@
+"""The tiers between the cache and the kernel, called directly: names, producers, dcserv,
+metastore, tree and fuse_ops."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import io
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pyfuse3
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from dcorfs.cache.blockcache import ObjectId
+from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.metastore import Memo, MetaStore
+from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
+from dcorfs.fs.content import StaticContent
+from dcorfs.fs.fuse_ops import Operations
+from dcorfs.fs.names import sanitize, unique
+from dcorfs.fs.producers.npy import npy_header
+from dcorfs.fs.producers.text import table_bytes
+from dcorfs.fs.producers.tsv import _format
+from dcorfs.fs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
+from dcorfs.hdf5.rtdc import Feature
+from dcorfs.opening.resources import Resources
+from dcorfs.remote.catalog import Catalog, Resource
+from dcorfs.remote.dcserv import DcorApi, Locator, object_key, parse_basin
+from dcorfs.settings import Token, parse_host, parse_size
+
+
+def test_names_are_safe_and_unique() -> None:
+    assert sanitize("a/b") == "a_b" and sanitize("..") == "_.._" and sanitize("") == "__"
+    assert sanitize("x\0y") == "x_y"
+    assert len(sanitize("é" * 300).encode()) <= 255
+    named = unique([("M1.rtdc", "id-1", 1), ("M1.rtdc", "id-2", 2), ("m", "id-3", 3)])
+    assert named == {"M1.rtdc": 1, "M1~id-2.rtdc": 2, "m": 3}
+    long = unique([("a" * 300, "x", 1), ("a" * 300, "y", 2)])
+    assert len(long) == 2 and all(len(n.encode()) <= 255 for n in long)
+
+
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from(["<f4", "<f8", "u1", "<u4", "<i2", "?"]),
+        shape=st.tuples(st.integers(0, 5), st.integers(1, 3)),
+    )
+)
+def test_npy_header_is_what_numpy_writes(array: np.ndarray) -> None:  # type: ignore[type-arg]
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    header = npy_header(array.dtype, array.shape)
+    assert buffer.getvalue()[: len(header)] == header
+    assert len(header) % 64 == 0
+
+
+@given(st.floats(width=32, allow_nan=False))
+def test_float32_text_round_trips(value: float) -> None:
+    fmt, width = _format(np.dtype("<f4"))
+    text = fmt % np.float32(value)
+    assert len(text) <= width
+    assert np.float32(float(text)) == np.float32(value)
+
+
+@given(st.floats(allow_nan=False))
+def test_float64_text_round_trips(value: float) -> None:
+    fmt, width = _format(np.dtype("<f8"))
+    text = fmt % value
+    assert len(text) <= width and float(text) == value
+
+
+def test_table_csv_flattens_dcserv_rows() -> None:
+    text = table_bytes([["a", "b"], [[[1.5, None]], [[2.0, 3]]]]).decode()
+    assert text == "a,b\n1.5,nan\n2.0,3\n"
+
+
+def test_settings_parsing() -> None:
+    assert parse_host("dcor.mpl.mpg.de") == "https://dcor.mpl.mpg.de"
+    assert parse_host("http://127.0.0.1:8765/") == "http://127.0.0.1:8765"
+    assert parse_size("10G") == 10 << 30 and parse_size("512M") == 512 << 20
+    token = Token("secret-value")
+    assert "secret" not in repr(token) and "secret" not in f"{token}"
+
+
+def test_basins_and_locator_renewal() -> None:
+    basin = parse_basin(
+        {
+            "name": "resource-abc",
+            "format": "http",
+            "urls": ["http://h:1/circle-x/resource/abc/def/ghi?Expires=1&Signature=s"],
+            "perishable": True,
+            "time_request": 100.0,
+            "time_expiration": 3700.0,
+        }
+    )
+    assert basin.key == "circle-x/resource/abc/def/ghi" and basin.lifetime == 3600.0
+    assert object_key("https://h/circle-x/condensed/a/b/c") == "circle-x/condensed/a/b/c"
+    now = [0.0]
+    renewals: list[float] = []
+
+    def renew(deadline: float) -> tuple[str, float | None]:
+        renewals.append(now[0])
+        return f"url-{len(renewals)}", 3600.0
+
+    locator = Locator(clock=lambda: now[0])
+    locator.register(basin.key, basin.url, lifetime=basin.lifetime, renew=renew)
+    assert locator.url(basin.key, deadline=1) == basin.url
+    now[0] = 3600.0 - 30  # within the renewal margin
+    assert locator.url(basin.key, deadline=1) == "url-1"
+    assert locator.url(basin.key, deadline=1) == "url-1"
+    assert locator.renew(basin.key, deadline=1) == "url-2"  # as after a 403
+    with pytest.raises(NotFound):
+        locator.url("unknown", deadline=1)
+    locator.register("public", "u", lifetime=None)
+    with pytest.raises(AccessDenied):
+        locator.renew("public", deadline=1)
+
+
+def test_memo_serves_stored_answers_offline(tmp_path: Path) -> None:
+    path = tmp_path / "meta.sqlite3"
+    calls: list[str] = []
+
+    def online(deadline: float) -> Any:
+        calls.append("ask")
+        return {"v": 1}
+
+    def offline(deadline: float) -> Any:
+        raise TransientError("connection refused")
+
+    memo = Memo(MetaStore(path, scope="h|public"))
+    assert memo.get("k", online, max_age=100) == {"v": 1}
+    assert memo.get("k", online, max_age=100) == {"v": 1}
+    assert calls == ["ask"]
+    again = Memo(MetaStore(path, scope="h|public"))
+    assert again.get("k", offline, max_age=0) == {"v": 1}
+    with pytest.raises(TransientError):
+        again.get("other", offline, max_age=0)
+    private = Memo(MetaStore(path, scope="h|private"))
+    with pytest.raises(TransientError):  # answers of another scope are never used
+        private.get("k", offline, max_age=0)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+    def gone(deadline: float) -> Any:
+        raise NotFound("deleted")
+
+    with pytest.raises(NotFound):  # permanent errors are not masked by stored answers
+        again.get("k", gone, max_age=0)
+    with pytest.raises(DeadlineExceeded):
+        again.get("new", lambda d: (_ for _ in ()).throw(DeadlineExceeded("slow")), max_age=0)
+
+
+def test_memo_keeps_answers_that_may_grow_for_less_time(tmp_path: Path) -> None:
+    """An answer's own content says how long it is kept (doc/DCOR.md §7): basins whose
+    condensed entry has no `features` yet are asked again, complete ones never."""
+    answers = iter([{"features": None}, {"features": ["deform"]}, {"features": []}])
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+
+    def age(value: Any) -> float:
+        return float("inf") if value["features"] is not None else 0.0
+
+    def ask(deadline: float) -> Any:
+        return next(answers)
+
+    assert memo.get("k", ask, max_age=age) == {"features": None}
+    assert memo.get("k", ask, max_age=age) == {"features": ["deform"]}
+    assert memo.get("k", ask, max_age=age) == {"features": ["deform"]}
+
+
+def test_memo_refreshes_listings_in_the_background(tmp_path: Path) -> None:
+    """doc/DCOR.md §4: a stale listing is returned at once; one refresh at a time asks for
+    it again, each page with a deadline of its own; a failed one keeps the listing and is
+    retried after REFRESH_RETRY."""
+    now = [0.0]
+    memo = Memo(MetaStore(None, scope="h|public"), timeout=7.0, clock=lambda: now[0])
+    held = threading.Event()
+    deadlines: list[float] = []
+    answers: list[Any] = [["a"]]
+
+    def ask(deadline: Any) -> Any:
+        deadlines.extend([deadline(), deadline()])  # two pages
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        held.wait(10)
+        return answer
+
+    held.set()
+    first, asked = memo.listing("k", ask, max_age=0.0)  # nothing stored: waited for
+    assert first == ["a"] and deadlines == [7.0, 7.0] and asked <= time.time()
+    held.clear()
+    answers.append(["a", "b"])
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a"]  # at once; a refresh is held
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a"]  # no second refresh meanwhile
+    held.set()
+    until = time.monotonic() + 10
+    while memo.listing("k", ask, max_age=1000.0)[0] != ["a", "b"]:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+    assert answers == []
+    answers.append(TransientError("connection refused"))
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a", "b"]  # the refresh fails
+    until = time.monotonic() + 10
+    while answers:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+    time.sleep(0.1)
+    answers.append(["c"])
+    assert memo.listing("k", ask, max_age=0.0)[0] == ["a", "b"]  # not retried so soon
+    assert answers == [["c"]]
+    now[0] += 31.0
+    memo.listing("k", ask, max_age=0.0)  # retried later
+    until = time.monotonic() + 10
+    while memo.listing("k", ask, max_age=1000.0)[0] != ["c"]:
+        assert time.monotonic() < until
+        time.sleep(0.01)
+
+
+class Broken(File):
+    def content(self) -> Any:
+        raise RuntimeError("a bug below the FUSE layer")
+
+
+def operations(root: StaticDir) -> Operations:
+    return Operations(
+        root=root,
+        timeout=5,
+        attr_time=3600,
+        listing_time=300,
+        negative_time=7,
+        limiter=trio.CapacityLimiter(4),
+    )
+
+
+def make_ops() -> Operations:
+    readme = File("/README.txt", size=5, make=lambda: StaticContent(b"hello"))
+    broken = Broken("/broken", size=1, make=lambda: StaticContent(b"x"))
+    root = StaticDir("/", {"README.txt": readme, "broken": broken, "sub": StaticDir("/sub", {})})
+    return operations(root)
+
+
+async def test_fuse_ops_called_directly() -> None:
+    ops = make_ops()
+    ctx: Any = None
+    entry = await ops.lookup(pyfuse3.ROOT_INODE, b"README.txt", ctx)
+    assert entry.st_size == 5 and entry.st_mode & 0o777 == 0o444
+    assert entry.st_ino == (await ops.lookup(pyfuse3.ROOT_INODE, b"README.txt", ctx)).st_ino
+    assert make_ops()._inode(ops._nodes[entry.st_ino], 1) == entry.st_ino  # stable numbers
+    info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
+    assert info.keep_cache and await ops.read(info.fh, 1, 3) == b"ell"
+    with pytest.raises(pyfuse3.FUSEError) as caught:  # ENOSYS: the kernel stops sending FLUSH
+        await ops.flush(info.fh)
+    assert caught.value.errno == errno.ENOSYS and not ops.activity.counters["errors"]
+    await ops.release(info.fh)
+    negative = await ops.lookup(pyfuse3.ROOT_INODE, b"missing", ctx)
+    assert negative.st_ino == 0 and negative.entry_timeout == 7
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.open(entry.st_ino, flags, ctx)
+        assert caught.value.errno == errno.EROFS
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await ops.mkdir(pyfuse3.ROOT_INODE, b"x", 0o755, ctx)
+    assert caught.value.errno == errno.EROFS
+    broken = await ops.lookup(pyfuse3.ROOT_INODE, b"broken", ctx)
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await ops.open(broken.st_ino, os.O_RDONLY, ctx)
+    assert caught.value.errno == errno.EIO and ops.activity.counters["errors"] == 1
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await ops.getattr(12345, ctx)
+    assert caught.value.errno == errno.ENOENT
+    await ops.forget([(entry.st_ino, 2)])
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.getattr(entry.st_ino, ctx)
+
+
+async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
+    import concurrent.futures
+
+    attempts: list[int] = []
+
+    def make() -> StaticContent:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise TransientError("the first build fails")
+        return StaticContent(b"synthesized")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        lazy = LazyFile("/lazy.rtdc", make=make, start=pool.submit)
+        root = StaticDir("/", {"lazy.rtdc": lazy})
+        ops = operations(root)
+        ctx: Any = None
+        assert attempts == [] and not lazy.settled  # made only once it is looked at
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await ops.lookup(pyfuse3.ROOT_INODE, b"lazy.rtdc", ctx)
+        assert caught.value.errno == errno.EIO  # the failure is reported ...
+        entry = await ops.lookup(pyfuse3.ROOT_INODE, b"lazy.rtdc", ctx)  # ... and tried again
+        assert entry.st_size == len(b"synthesized") and len(attempts) == 2
+        fh = await ops.opendir(pyfuse3.ROOT_INODE, ctx)
+        assert ops._dirs[fh][0][1].settled
+        info = await ops.open(entry.st_ino, os.O_RDONLY, ctx)
+        assert await ops.read(info.fh, 0, 100) == b"synthesized"
+
+
+def test_metadata_ranges_on_open() -> None:
+    from dcorfs.cache.prefetch import HEAD, TAIL, metadata_ranges
+
+    assert metadata_ranges(1000, whole=1 << 20) == [(0, 1000)]
+    size = 50 << 20
+    assert metadata_ranges(size, whole=1 << 20) == [(0, HEAD), (size - TAIL, size)]
+    assert metadata_ranges(HEAD + 10, whole=0) == [(0, HEAD), (HEAD, HEAD + 10)]
+
+
+class HeldResources(Resources):
+    """`Resources` whose opening of a resource waits for `release` and then fails; what the
+    condensed file serves is published by the test (real `served_early` and publishing)."""
+
+    def __init__(self, derived: DerivedCache) -> None:
+        self._lock = threading.Lock()
+        self._early = {}
+        self._opened = {}
+        self._derived = derived
+        self._listing = concurrent.futures.ThreadPoolExecutor(4)
+        self.release = threading.Event()
+        self.attempts = 0
+
+    def rtdc(self, dataset: Any, resource: Any) -> Any:
+        self.attempts += 1
+        assert self.release.wait(30)
+        raise NotFound("the original file is gone")
+
+
+def test_scalar_files_are_found_before_the_listing_is_made() -> None:
+    """A resource directory finds the .npy file of a feature the condensed file serves as soon
+    as that is described, while its listing (waiting for the original) is still being made;
+    other names wait for the listing, and share its fate."""
+    derived = DerivedCache(store=None)
+    feature = Feature(name="deform", dtype=np.dtype("<f4"), shape=(3,), source="condensed")
+    values = np.array([0.5, 1.5, 2.5], dtype="<f4")
+    obj = ObjectId(key="k#rows/deform", etag="e", size=values.nbytes)
+    derived.register(obj, lambda start, stop, deadline: values.tobytes()[start:stop])
+    resources = HeldResources(derived)
+    ctx = Context(resources=resources, cache=derived, dir_cache_time=60)
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            early = pool.submit(directory.lookup, "deform.npy")
+            with pytest.raises(concurrent.futures.TimeoutError):  # nothing published yet
+                early.result(timeout=0.2)
+            resources._early_future("r1").set_result({"deform": (feature, obj)})
+            node = early.result(timeout=30)
+        assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
+        buffer = io.BytesIO(node.content().read(0, node.size, deadline=time.monotonic() + 9))
+        assert np.array_equal(np.load(buffer), values)
+        assert directory.ready_children() is None  # the listing is still being made
+        resources.release.set()
+        for name in ("image.npy", "area_um.npy", "deform.npy~"):
+            with pytest.raises(NotFound):
+                directory.lookup(name)
+    finally:
+        resources.release.set()
+        resources._listing.shutdown()
+
+
+def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
+    """A lookup whose background listing fails gets that error, without opening the
+    resource a second time itself (a slow failure would otherwise take twice as long)."""
+    resources = HeldResources(DerivedCache(store=None))
+    resources.release.set()
+    ctx = Context(resources=resources, cache=resources._derived, dir_cache_time=60)
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
+    try:
+        with pytest.raises(NotFound, match="gone"):
+            directory.lookup("area_um.npy")
+        assert resources.attempts == 1
+    finally:
+        resources._listing.shutdown()
+
+
+def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
+    """dc_serve answers the logs without the condensed file's when it cannot add them
+    (doc/DCOR.md §7): such an answer is asked again after `dir_cache_time`."""
+    answers = iter([{"original": ["a"]}, {"original": ["a"], "dclab-condense": ["b"]}, {}])
+
+    class Api:  # the transport boundary: dcserv's answers in turn
+        def dcserv(self, resource_id: str, query: str, *, deadline: float) -> Any:
+            return next(answers)
+
+    memo = Memo(MetaStore(tmp_path / "meta.sqlite3", scope="h|public"))
+    catalog = Catalog(api=cast(DcorApi, Api()), memo=memo, dir_cache_time=0.0)
+    assert "dclab-condense" not in catalog.dcserv("r", "logs")
+    assert "dclab-condense" in catalog.dcserv("r", "logs")
+    assert "dclab-condense" in catalog.dcserv("r", "logs")  # final: not asked again
+
+
+class Reopened:
+    """An opened resource without its condensed file (what `_own_rtdc` keeps)."""
+
+    closed = False
+
+    def source(self, kind: str) -> None:
+        return None
+
+    def complete(self) -> bool:
+        return False  # no condensed file
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FailingReopen(Resources):
+    """`Resources` whose first opening of a resource succeeds (without the condensed file)
+    and whose later ones fail with an error that is not dcorfs' own (h5py's OSError)."""
+
+    def __init__(self) -> None:
+        none = cast(Any, None)
+        super().__init__(
+            api=none,
+            catalog=none,
+            memo=none,
+            http=none,
+            locator=none,
+            cache=none,
+            derived=none,
+            timeout=9,
+            store=cast(Any, object()),
+            recheck=3600,
+        )
+        self.attempts = 0
+        self.first = Reopened()
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.attempts += 1
+        if self.attempts == 1:
+            return self.first
+        raise OSError("Unable to synchronously open file (truncated file)")
+
+
+def test_a_failed_reopening_serves_the_earlier_one_and_waits_for_the_next_recheck() -> None:
+    resources = FailingReopen()
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    try:
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        resources._unsettled["r1"] -= 3600  # `recheck` has passed
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        assert resources._own_rtdc(cast(Any, None), resource) is resources.first
+        assert resources.attempts == 2  # not again until `recheck` has passed once more
+    finally:
+        resources.close()
+
+
+class Relisted(Dir):
+    """A directory refreshed in the background whose second listing waits for `release`."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        super().__init__("/d", max_age=3600)
+        self._background = pool.submit
+        self.release = threading.Event()
+        self.loads = 0
+
+    def _load(self) -> dict[str, Node]:
+        self.loads += 1
+        if self.loads > 1:
+            assert self.release.wait(30)
+        return {f"v{self.loads}": static_file(f"/d/v{self.loads}", b"")}
+
+
+def test_a_stale_listing_is_served_while_it_is_made_again() -> None:
+    """A resource directory's readers are not kept waiting while the resource is opened
+    again (doc/DCOR.md §1): the loaded listing is served meanwhile."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    directory = Relisted(pool)
+    try:
+        assert set(directory.children()) == {"v1"}
+        directory._loaded -= 3600  # `max_age` has passed
+        assert set(cast(dict[str, Node], directory.ready_children())) == {"v1"}
+        assert directory.lookup("v1").path == "/d/v1"  # not waiting for the new listing
+        directory.release.set()
+    finally:
+        directory.release.set()
+        pool.shutdown(wait=True)
+    assert set(cast(dict[str, Node], directory.ready_children())) == {"v2"}
+    assert directory.loads == 2
+
+
+class ClosedMeanwhile(FailingReopen):
+    """`Resources` closed (the mount ends) while a resource is being opened."""
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.close()
+        return self.first
+
+
+def test_a_resource_opened_while_the_mount_closes_is_closed_too() -> None:
+    resources = ClosedMeanwhile()
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    with pytest.raises(TransientError, match="closing"):
+        resources._own_rtdc(cast(Any, None), resource)
+    assert resources.first.closed  # not left open in `_opened`
+    assert not resources._opened
+
+
+def test_a_skeleton_is_remembered_per_own_files_it_is_outlined_from() -> None:
+    """doc/DCOR.md §2: a resource opened from its condensed file alone (its original refused
+    for now) outlines its synthesized .rtdc from that file; once the original is read the
+    skeleton is made again (another key), not the condensed file's kept for good."""
+    from dcorfs.fs.producers.rtdc_file import _skeleton_key
+
+    class Opened:
+        features: dict[str, Any] = {}
+
+        def __init__(self, *kinds: str) -> None:
+            self.kinds = kinds
+
+        def source(self, kind: str) -> object | None:
+            return object() if kind in self.kinds else None
+
+    both = _skeleton_key("r1", cast(Any, Opened("resource", "condensed")))
+    assert _skeleton_key("r1", cast(Any, Opened("condensed"))) != both
+    assert _skeleton_key("r1", cast(Any, Opened("resource"))) != both
+    assert _skeleton_key("r1", cast(Any, Opened("condensed", "resource"))) == both
