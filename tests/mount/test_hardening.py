@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from dcorfs import cachedir
+from dcorfs.cache import cachedir
 
 from ..conftest import TOKENS, ServerProcess, rtdc_entries
 from ..hostile import HostileProxy

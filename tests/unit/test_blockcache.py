@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs import cachedir
+from dcorfs.cache import cachedir
 from dcorfs.cache.blockcache import BlockCache, ObjectId
 from dcorfs.cache.diskstore import (
     HEADER,

@@ -195,7 +195,7 @@ def test_unregistered_objects_are_an_error_not_bytes(tmp_path: Path) -> None:
 def test_a_renewed_index_adopts_the_decoded_values(tmp_path: Path) -> None:
     """Decoded values live in block files of their own block size, named like any block: a
     damaged index is renewed with them kept, and a warm read makes nothing."""
-    from dcorfs import cachedir
+    from dcorfs.cache import cachedir
 
     from .test_blockcache import garbage
 

@@ -150,7 +150,7 @@ def test_systemd_units_pass_verification(
 def test_cache_info_only_reads(tmp_path: Path) -> None:
     import io
 
-    from dcorfs import cache_admin
+    from dcorfs.admin import cache_admin
     from dcorfs.cache.blockcache import ObjectId
     from dcorfs.cache.diskstore import DiskStore
 

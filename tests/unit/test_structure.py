@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs import h5attrs
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
+from dcorfs.hdf5 import h5attrs
 from dcorfs.hdf5.structure import (
     file_image,
     read_arrays,
