@@ -532,7 +532,8 @@ class Resources:
         """A source with its features: remembered for this version of its object, or read
         from the file (which opens it)."""
         source = self._source(kind, key, size, etag)
-        remembered_as = f"rtdc-features:v1:{source.remote.obj.identity.hex()}"
+        # v2: with the contour group (v1 descriptions did not say whether a file has one)
+        remembered_as = f"rtdc-features:v2:{source.remote.obj.identity.hex()}"
         value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
         source.features = described(value, source.kind)
         return source

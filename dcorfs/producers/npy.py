@@ -13,7 +13,9 @@ import io
 import numpy as np
 from numpy.lib import format as npformat
 
-from ..content import PartsContent, StaticContent
+from ..content import FileContent, PartsContent, StaticContent
+from ..contour import Contour, Remember, points_feature, register_points
+from ..derived import DerivedCache
 from ..rtdc import RtdcResource
 from ..structure import Feature
 from .passthrough import ObjectContent
@@ -43,3 +45,18 @@ def npy_of(feature: Feature, values: ObjectContent) -> PartsContent:
     return PartsContent(
         len(header) + values.size, [(0, StaticContent(header)), (len(header), values)]
     )
+
+
+def contour_npys(
+    contour: Contour, derived: DerivedCache, remember: Remember
+) -> dict[str, FileContent]:
+    """`points.npy` and `offsets.npy` of a contour (blocking the first time: its offsets are
+    read, see `dcorfs.contour`)."""
+    offsets = contour.offsets(remember)
+    feature = points_feature(contour, offsets)
+    points = ObjectContent(derived, register_points(derived, contour, offsets))
+    header = npy_header(offsets.dtype, offsets.shape)
+    return {
+        "points.npy": npy_of(feature, points),
+        "offsets.npy": StaticContent(header + offsets.tobytes()),
+    }
