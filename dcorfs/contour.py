@@ -37,7 +37,7 @@ import numpy as np
 from .blockcache import ObjectId
 from .derived import DerivedCache, derived_id
 from .errors import ProtocolError
-from .rtdc import HEADER_GUESS, RtdcResource, RtdcSource, _storage
+from .rtdc import HEADER_GUESS, RtdcResource, RtdcSource
 from .structure import CONTOUR, Feature
 
 GROUP = "events/" + CONTOUR
@@ -218,23 +218,34 @@ class _Datasets:
         """The points of these events one after another (shape (points, 2), little-endian)."""
         dtype = np.dtype(self._source.features[CONTOUR].dtype)
         opened = self._opened(events, deadline)
-        datasets = [h5py.Dataset(data) for data in opened]
         ranges: list[tuple[int, int]] = []
         with self._source.reading(CONTOUR, deadline):
-            for data in datasets:
-                ranges += [(offset, offset + size) for _, offset, size in _storage(data)]
+            for data in opened:
+                ranges += _stored(data)
         # in memory only: what is kept are the decoded points (the derived object)
         self._source.remote.ensure(ranges, deadline=deadline, disk=False)
-        parts = []
+        base = int(offsets[events.start])
+        values = np.empty((int(offsets[events.stop]) - base, 2), dtype)
         with self._source.reading(CONTOUR, deadline):
-            for i, data in zip(events, datasets, strict=True):
-                values = data[()] if data.size else np.empty((0, 2), dtype)
-                if len(values) != offsets[i + 1] - offsets[i]:
+            for i, data in zip(events, opened, strict=True):
+                first, last = int(offsets[i]) - base, int(offsets[i + 1]) - base
+                if data.shape[0] != last - first:
                     raise ProtocolError(
-                        f"{self._source.remote.obj.key}: {GROUP}/{i} has {len(values)} points, "
-                        f"{offsets[i + 1] - offsets[i]} expected"
+                        f"{self._source.remote.obj.key}: {GROUP}/{i} has {data.shape[0]} "
+                        f"points, {last - first} expected"
                     )
-                parts.append(values)
+                if last > first:  # HDF5 converts to the (little-endian) dtype
+                    data.read(h5py.h5s.ALL, h5py.h5s.ALL, values[first:last])
         self._source.remote.forget(ranges[1:-1])
-        joined = np.concatenate(parts) if parts else np.empty((0, 2), dtype)
-        return np.ascontiguousarray(joined, dtype=dtype)
+        return values
+
+
+def _stored(data: h5py.h5d.DatasetID) -> list[tuple[int, int]]:
+    """The byte ranges of a dataset's stored data (its chunks', or its contiguous storage)."""
+    if data.get_create_plist().get_layout() == h5py.h5d.CHUNKED:
+        chunks = [data.get_chunk_info(k) for k in range(data.get_num_chunks())]
+        return [
+            (c.byte_offset, c.byte_offset + c.size) for c in chunks if c.byte_offset is not None
+        ]
+    offset = data.get_offset()
+    return [] if offset is None else [(offset, offset + data.get_storage_size())]
