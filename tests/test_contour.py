@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,24 @@ import h5py
 import numpy as np
 import pytest
 
+from dcorfs.blockcache import BlockCache, ObjectId
 from dcorfs.content import StaticContent
-from dcorfs.contour import GROUP, _packed, _unpacked, events_of, offsets_of
+from dcorfs.contour import (
+    GROUP,
+    Contour,
+    _packed,
+    _unpacked,
+    contour_of,
+    events_of,
+    offsets_of,
+    register_points,
+)
+from dcorfs.derived import DerivedCache
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 from dcorfs.producers.rtdc_file import _joined, contour_parts
+from dcorfs.rtdc import RemoteFile, RtdcResource, RtdcSource
 from dcorfs.skeleton import Spec, build
 
 from .conftest import FIXTURES, ServerProcess, resource_dir, rtdc_entries
@@ -109,6 +122,58 @@ def test_contour_parts_refuse_a_skeleton_that_does_not_fit() -> None:
         contour_parts({GROUP: (4096, 16 * 4)}, offsets, 16, points)
     with pytest.raises(Exception, match="event 1"):
         contour_parts({f"{GROUP}/0": (4096, 32)}, offsets, 16, points)
+
+
+class _Fetches:
+    """A local file as a remote object: counts the fetches."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.calls = 0
+
+    def __call__(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        self.calls += 1
+        return self.data[start:stop]
+
+
+@WARNINGS
+def test_points_are_read_across_odd_block_boundaries(tmp_path: Path) -> None:
+    path = write_rtdc(
+        tmp_path / "c.rtdc",
+        SampleSpec(events=50, seed=4, images=False, traces=False, contour=True),
+    )
+    fetches = _Fetches(path.read_bytes())
+    obj = ObjectId(key="lab/c.rtdc", etag="1", size=len(fetches.data))
+    remote = BlockCache(fetch=fetches, store=None, block_size=4096)
+    derived = DerivedCache(store=None, block_size=1000)  # not a multiple of a point's 16 bytes
+    source = RtdcSource(RemoteFile(remote, obj, timeout=30), kind="resource")
+    try:
+        source.features = source.scan(time.monotonic() + 30)
+        assert source.features["contour"].shape == (50, 2)
+        resource = RtdcResource(source, None, 50, derived)
+        assert "contour" not in resource.features  # not a feature of one row per event
+        contour = contour_of(resource)
+        assert contour is not None and contour.events == 50
+        remembered: dict[str, Any] = {}
+
+        def remember(key: str, make: Any) -> Any:
+            return remembered.setdefault(key, make(time.monotonic() + 30))
+
+        offsets = contour.offsets(remember)
+        assert list(remembered) == [contour.remembered_as()]
+        assert np.array_equal(contour.offsets(remember), offsets)  # from what is remembered
+        points = register_points(derived, contour, offsets)
+        expected = _expected(str(path))
+        assert points.size == 16 * sum(len(c) for c in expected)
+        for start in (0, 999, 1000, 5003):  # reads of any bytes, blocks made on demand
+            got = derived.read(points, start, points.size, deadline=time.monotonic() + 30)
+            assert got == np.concatenate(expected).tobytes()[start:]
+        assert contour_of(RtdcResource(source, None, 51, derived)) is None  # fewer than events
+        assert Contour(source, contour.dtype, 30).offsets(remember).shape == (31,)  # cut
+    finally:
+        source.close()
+        derived.close()
+        remote.close()
 
 
 # -- through a mount ----------------------------------------------------------------------------
