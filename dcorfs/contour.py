@@ -164,7 +164,9 @@ class _Datasets:
         self._addresses: list[int] | None = None
 
     def _group(self, deadline: float) -> h5py.Group:
-        group = self._source.open(deadline).get(GROUP)
+        h5 = self._source.open(deadline)
+        with self._source.reading(CONTOUR, deadline):
+            group = h5.get(GROUP)
         if not isinstance(group, h5py.Group):
             raise ProtocolError(f"{self._source.remote.obj.key} has no {GROUP} group")
         return group
@@ -201,18 +203,19 @@ class _Datasets:
         self._source.remote.ensure(wanted, deadline=deadline)
         with self._source.reading(CONTOUR, deadline):
             opened = [h5py.h5d.open(group.id, str(i).encode()) for i in events]
-        for i, data in zip(events, opened, strict=True):
-            if data.rank != 2 or data.shape[1] != 2:
+            shapes = [data.shape for data in opened]
+        for i, shape in zip(events, shapes, strict=True):
+            if len(shape) != 2 or shape[1] != 2:
                 raise ProtocolError(
-                    f"{self._source.remote.obj.key}: {GROUP}/{i} has shape {data.shape}, "
-                    "not (points, 2)"
+                    f"{self._source.remote.obj.key}: {GROUP}/{i} has shape {shape}, not (points, 2)"
                 )
         return opened
 
     def lengths(self, events: range, deadline: float) -> np.ndarray:
         """The number of points of each of these events."""
         opened = self._opened(events, deadline)
-        return np.array([data.shape[0] for data in opened], dtype=np.int64)
+        with self._source.reading(CONTOUR, deadline):
+            return np.array([data.shape[0] for data in opened], dtype=np.int64)
 
     def read(self, events: range, offsets: np.ndarray, deadline: float) -> np.ndarray:
         """The points of these events one after another (shape (points, 2), little-endian)."""

@@ -33,6 +33,7 @@ from dcorfs.derived import DerivedCache
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
+from dcorfs.errors import ProtocolError
 from dcorfs.producers.rtdc_file import _joined, contour_parts
 from dcorfs.rtdc import RemoteFile, RtdcResource, RtdcSource
 from dcorfs.skeleton import Spec, build
@@ -173,6 +174,27 @@ def test_points_are_read_across_odd_block_boundaries(tmp_path: Path) -> None:
     finally:
         source.close()
         derived.close()
+        remote.close()
+
+
+@WARNINGS
+def test_a_contour_without_an_events_dataset_is_one_clear_error(tmp_path: Path) -> None:
+    path = write_rtdc(
+        tmp_path / "c.rtdc", SampleSpec(events=8, seed=4, images=False, traces=False, contour=True)
+    )
+    with h5py.File(path, "a") as h5:
+        del h5[f"{GROUP}/3"]
+    data = path.read_bytes()
+    obj = ObjectId(key="lab/c.rtdc", etag="1", size=len(data))
+    remote = BlockCache(fetch=_Fetches(data), store=None, block_size=4096)
+    source = RtdcSource(RemoteFile(remote, obj, timeout=30), kind="resource")
+    try:
+        source.features = source.scan(time.monotonic() + 30)
+        contour = Contour(source, source.features["contour"].dtype, 8)
+        with pytest.raises(ProtocolError, match=r"lab/c.rtdc: events/contour has no dataset 3 "):
+            contour.lengths(time.monotonic() + 30)
+    finally:
+        source.close()
         remote.close()
 
 
