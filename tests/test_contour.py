@@ -331,3 +331,19 @@ def test_h5dump_reads_the_synthesized_structure(
     )
     assert dumped.returncode == 0, dumped.stderr
     assert 'GROUP "contour"' in dumped.stdout and 'DATASET "0"' in dumped.stdout
+
+
+@WARNINGS
+@pytest.mark.parametrize("case", CASES[:1])
+def test_dclab_dcor_client_reads_the_contour_the_devserver_serves(
+    contour_server: ServerProcess, case: tuple[str, str]
+) -> None:
+    """The generated contour-only file, as dclab's own DCOR client reads it from the devserver
+    (the devserver is faithful for it)."""
+    entry = _entry(contour_server, *case)
+    expected = _expected(entry["path"])
+    host = contour_server.url.split("://", 1)[1]
+    with dclab.new_dataset(entry["id"], host=host, use_ssl=False) as remote:
+        assert "contour" in remote.features
+        for i in (0, 1, len(expected) - 1):
+            assert np.array_equal(remote["contour"][i], expected[i]), i
