@@ -1,6 +1,7 @@
 """What an .rtdc file holds besides event data: features, attributes, logs and tables.
 
-The features (dtype and shape of every dataset under `/events` and `/events/trace`), the
+The features (dtype and shape of every dataset under `/events` and `/events/trace`, and of
+the contour group `/events/contour`: its number of events and its points' dtype), the
 attributes of the root and of each feature, and the datasets of `/logs` and `/tables` read
 whole: all that listing a resource and building its synthesized file need. Read with h5py's
 low-level API (`h5attrs`), each object opened once; a small file can be read from an
