@@ -11,11 +11,13 @@ What it costs: the number of points of each event is in that event's dataset's o
 and in real files these headers lie between the events' (compressed) points, so knowing the
 offsets costs about as much as reading the contour region of the file. So they are asked for
 only when needed: when the `contour/` directory is first looked into or the synthesized .rtdc
-is built (never when a resource directory is listed). The header addresses are in the group's
-links: all headers of a resource are fetched in one parallel batch (`RemoteFile.ensure`), not
-as N misses one after another under h5py's lock. The offsets are then remembered (like the
-features, for this version of the file; as the zlib-compressed lengths, base64: about a byte
-per event) in the metadata store, so a later mount knows them without touching the file.
+is built (which listing a resource directory does: it shows the file's size), never for a
+reader of the resource's other files (opening a resource does not). The header addresses are
+in the group's links: all headers of a resource are fetched in parallel (`RemoteFile.ensure`,
+in batches of `LENGTHS_BATCH`), not as N misses one after another under h5py's lock. The
+offsets are then remembered (like the features, for this version of the file; as the
+zlib-compressed lengths, base64: about a byte per event) in the metadata store, so a later
+mount knows them without touching the file.
 
 The points are a derived object (`dcorfs.derived`): a read of bytes [a, b) of it reads the
 datasets of the events those bytes cover (headers, then their chunks, each batch fetched in

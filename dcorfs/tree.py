@@ -579,7 +579,7 @@ class DatasetDir(Dir):
 class ContourDir(Dir):
     """`contour/` of a resource: `points.npy` and `offsets.npy`, sized when the directory is
     first looked into (that reads every event's header: see `dcorfs.contour`), not when its
-    resource is listed."""
+    resource is opened."""
 
     def __init__(self, path: str, ctx: Context, contour: Contour, *, mtime: float) -> None:
         super().__init__(path, mtime=mtime)
