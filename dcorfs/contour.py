@@ -16,7 +16,7 @@ reader of the resource's other files (opening a resource does not). The header a
 in the group's links: all headers of a resource are fetched in parallel (`RemoteFile.ensure`,
 in batches of `LENGTHS_BATCH`), not as N misses one after another under h5py's lock. The
 offsets are then remembered (like the features, for this version of the file; as the
-zlib-compressed lengths, base64: about a byte per event) in the metadata store, so a later
+zlib-compressed lengths, base64: 1-2 bytes per event) in the metadata store, so a later
 mount knows them without touching the file.
 
 The points are a derived object (`dcorfs.derived`): a read of bytes [a, b) of it reads the
