@@ -70,7 +70,9 @@ def bucket_listing(bucket: str) -> str:
 
 
 def features(identity: bytes) -> str:
-    return f"rtdc-features:v2:{identity.hex()}"
+    # v3: dclab's rule (defective features left out) and the contour group (earlier versions
+    # kept defective features and did not say whether a file has a contour)
+    return f"rtdc-features:v3:{identity.hex()}"
 
 
 def intra_basins(identity: bytes) -> str:

@@ -41,6 +41,7 @@ class SampleSpec:
     seed: int = 0
     images: bool = True
     image_bg: bool = False
+    contour: bool = False  # each event's outline as dclab stores contours (`events/contour`)
     image_shape: tuple[int, int] = (80, 250)
     traces: bool = True
     trace_samples: int = 177
@@ -282,7 +283,24 @@ class _Synthesizer:
                 bg = self.noise_lut[rng.integers(0, 256, shape, dtype=np.uint8)] // 3
                 bg += self.background_i16[None]
                 images["image_bg"] = np.clip(bg, 0, 255).astype(np.uint8)
+        if spec.contour:  # a list: dclab's writer stores one dataset per event
+            images["contour"] = _outlines(center_x, center_y, semi_a, semi_b)  # type: ignore[assignment]
         return scalars, traces, images
+
+
+def _outlines(
+    center_x: np.ndarray, center_y: np.ndarray, semi_a: np.ndarray, semi_b: np.ndarray
+) -> list[np.ndarray]:
+    """The pixel outline of each ellipse: (x, y) int64 points, as many as its perimeter has
+    pixels (consecutive duplicates dropped), so events have contours of different lengths."""
+    found = []
+    for cx, cy, a, b in zip(center_x, center_y, semi_a, semi_b, strict=True):
+        count = max(8, int(2 * np.pi * max(a, b)))
+        angle = np.linspace(0, 2 * np.pi, count, endpoint=False)
+        points = np.rint(np.stack([cx + a * np.cos(angle), cy + b * np.sin(angle)], axis=1))
+        keep = np.any(points != np.roll(points, 1, axis=0), axis=1)
+        found.append(points[keep].astype(np.int64))
+    return found
 
 
 def _background(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:

@@ -24,12 +24,13 @@ from typing import Any
 
 from ..cache.blockcache import BlockCache
 from ..errors import DcorfsError, NotFound
+from ..hdf5.contour import Contour, contour_of
 from ..hdf5.structure import TRACE_PREFIX
 from ..opening.resources import Resources
 from ..remote.catalog import Catalog, Dataset, Group, Listing, Resource
 from .content import FileContent, StaticContent
 from .names import sanitize, unique
-from .producers.npy import npy_content, npy_of
+from .producers.npy import contour_npys, npy_content, npy_of
 from .producers.passthrough import ObjectContent
 from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
@@ -54,6 +55,8 @@ In an RT-DC resource directory:
   <name>.rtdc            the whole measurement as one HDF5 file (dclab, h5py, HDFView …)
   <feature>.npy          one per feature (numpy.load(path, mmap_mode="r") works)
   trace/<name>.npy       fluorescence traces, shape (events, samples)
+  contour/points.npy     contours, all events' (x, y) points one after another
+  contour/offsets.npy    event i's are points[offsets[i]:offsets[i+1]]
   features.tsv           all scalar features as a fixed-width, tab-separated table
   metadata.json          the measurement's metadata as DCOR's dcserv API returns it
   logs/<name>.txt        logs;  tables/<name>.csv  tables
@@ -569,6 +572,25 @@ class DatasetDir(Dir):
         return children
 
 
+class ContourDir(Dir):
+    """`contour/` of a resource: `points.npy` and `offsets.npy`, sized when the directory is
+    first looked into (that reads every event's header: see `hdf5.contour`), not when its
+    resource is opened."""
+
+    def __init__(self, path: str, ctx: Context, contour: Contour, *, mtime: float) -> None:
+        super().__init__(path, mtime=mtime)
+        self._ctx = ctx
+        self._contour = contour
+
+    def _load(self) -> dict[str, Node]:
+        resources = self._ctx.resources
+        made = contour_npys(self._contour, resources.derived, resources.remembered)
+        return {
+            name: content_file(self.child_path(name), content, self.mtime)
+            for name, content in made.items()
+        }
+
+
 class ResourceDir(Dir):
     """An RT-DC resource: feature files, features.tsv, metadata, logs, tables.
 
@@ -654,6 +676,9 @@ class ResourceDir(Dir):
                 files[file_name] = content_file(path, npy_content(opened, feature), mtime, on_open)
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
+        contour = contour_of(opened)
+        if contour is not None:
+            files["contour"] = ContourDir(self.child_path("contour"), ctx, contour, mtime=mtime)
         synthesized = sanitize(_stem(self.resource.name) + ".rtdc")
         files[synthesized] = LazyFile(
             self.child_path(synthesized),

@@ -17,7 +17,8 @@ writer) is cut to it, as dclab's exports cut it; one stored shorter keeps its ow
 exactly that length.
 
 The tree, the `.npy` files, `features.tsv` and the synthesized `.rtdc` all take a resource's
-features from `RtdcResource.features`, made with `shown` below.
+features from `RtdcResource.features`, made with `shown` below; `contour` (points of different
+numbers per event) from `hdf5.contour.contour_of`, which applies the same rule of lengths.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .structure import Feature
+from .structure import CONTOUR, Feature
 
 # what dclab's checks read besides the features: root attributes and the names of the logs
 SOFTWARE = "setup:software version"
@@ -81,8 +82,10 @@ def shown(
 ) -> dict[str, Feature]:
     """A resource's features: the original file's, then the condensed file's scalar features
     (what DCOR's condensing computed, e.g. a float64 `time` where the original's is
-    defective) in place of the original's; each with `events` events (see the module note)."""
-    merged = {name: at_most(f, events) for name, f in original.items()}
+    defective) in place of the original's; each with `events` events (see the module note).
+    Not `contour`, whose events have different lengths: it is shown as its points and
+    offsets (`hdf5.contour.contour_of`), by the same rule of lengths."""
+    merged = {name: at_most(f, events) for name, f in original.items() if name != CONTOUR}
     merged.update((f.name, at_most(f, events)) for f in condensed_scalars(condensed, events))
     return dict(sorted(merged.items()))
 

@@ -332,6 +332,8 @@ class RtdcSource:
                 said = f" {failure}" if failure else f": cannot read {what}"
                 raise h5py_failure(exc, f"{self.remote.obj.key}{said}") from None
 
+    reading = _reading  # for readers of groups of their own (`hdf5.contour`)
+
     def _fetch_arrays(self, groups: Sequence[str], *, deadline: float) -> None:
         """Have the data of the datasets of these groups in the cache, in one parallel batch
         (rather than one miss after another while they are read)."""

@@ -1,6 +1,7 @@
 """What an .rtdc file holds besides event data: features, attributes, logs and tables.
 
-The features (dtype and shape of every dataset under `/events` and `/events/trace`), the
+The features (dtype and shape of every dataset under `/events` and `/events/trace`, and of
+the contour group `/events/contour`: its number of events and its points' dtype), the
 attributes of the root and of each feature, and the datasets of `/logs` and `/tables` read
 whole: all that listing a resource and building its synthesized file need. Read with h5py's
 low-level API (`h5attrs`), each object opened once; a small file can be read from an
@@ -29,6 +30,7 @@ from . import h5attrs
 log = logging.getLogger(__name__)
 
 TRACE_PREFIX = "trace/"
+CONTOUR = "contour"  # a group of one (n_i, 2) dataset of points per event, named "0", "1" …
 H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
 GROUPS = ("logs", "tables")  # groups of small datasets an .rtdc file may have
 _images = itertools.count()
@@ -95,7 +97,26 @@ def read_features(fid: h5py.h5f.FileID, *, kind: str, where: str) -> dict[str, F
             for trace, data in _members(item, where):
                 if isinstance(data, h5py.h5d.DatasetID) and data.rank == 2:
                     found[TRACE_PREFIX + trace] = _feature(TRACE_PREFIX + trace, data, kind)
+        elif name == CONTOUR and isinstance(item, h5py.h5g.GroupID):
+            contour = _contour(item, kind)
+            if contour is not None:
+                found[CONTOUR] = contour
     return found
+
+
+def _contour(group: h5py.h5g.GroupID, kind: str) -> Feature | None:
+    """The contour group as a feature of shape (N, 2): N events (its datasets), each points
+    of two coordinates in the dtype of the first one's (their numbers of points are read only
+    when asked for, see `hdf5.contour`); None when it has no dataset "0" of points."""
+    try:
+        first = h5py.h5o.open(group, b"0")
+        events = group.get_num_objs()
+    except KeyError:
+        return None
+    if not isinstance(first, h5py.h5d.DatasetID) or first.rank != 2 or first.shape[1] != 2:
+        return None
+    dtype = first.dtype.newbyteorder("<")
+    return Feature(name=CONTOUR, dtype=dtype, shape=(events, 2), source=kind)
 
 
 def _feature(name: str, data: h5py.h5d.DatasetID, kind: str) -> Feature:

@@ -4,8 +4,10 @@ source file (README "Formats", `dcorfs.hdf5.featurerule`).
 
 Variants: Zstd (dclab's default), gzip and uncompressed files, image/mask stored longer than the
 event count (an early dclab writer), a Shape-In 2.0.6 file whose `aspect` and float32 `time`
-dclab takes for defective; the field fixtures when present. Served with DCOR's condensed files
-and without them (`--no-condensed`: then a resource shows exactly dclab's `features_innate`).
+dclab takes for defective, contour-only and contour+mask files; the field fixtures when present.
+Contours are checked as `contour/points.npy` + `offsets.npy` and in the synthesized file. Served
+with DCOR's condensed files and without them (`--no-condensed`: then a resource shows exactly
+dclab's `features_innate`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ VARIANTS = {
     "plain": SampleSpec(events=40, seed=53, compression="none", traces=False),
     "overlong": SampleSpec(events=30, seed=54, overlong=7, image_bg=True, traces=False),
     "shapein": SampleSpec(events=30, seed=55, shapein_legacy=True, images=False),
+    "contour-only": SampleSpec(events=30, seed=56, images=False, contour=True, traces=False),
+    "contour-mask": SampleSpec(events=20, seed=57, contour=True, compression="gzip"),
 }
 
 
@@ -112,6 +116,20 @@ def equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
 
 
+def check_contour(directory: Path, ds: Any) -> int:
+    """`contour/points.npy` and `offsets.npy` hold every event's contour as dclab reads it."""
+    if "contour" not in ds.features_innate:
+        assert not (directory / "contour").exists()
+        return 0
+    points = np.load(directory / "contour" / "points.npy")
+    offsets = np.load(directory / "contour" / "offsets.npy")
+    assert offsets.dtype == np.int64 and len(offsets) == len(ds) + 1 and offsets[0] == 0
+    for i in range(len(ds)):
+        same = equal(points[offsets[i] : offsets[i + 1]], np.asarray(ds["contour"][i]))
+        assert same, f"contour of event {i}"
+    return 1
+
+
 def check_npy_files(mnt: Path, entries: list[Any], *, exactly_innate: bool) -> int:
     checked = 0
     for entry in entries:
@@ -119,6 +137,7 @@ def check_npy_files(mnt: Path, entries: list[Any], *, exactly_innate: bool) -> i
         files = feature_files(directory)
         with source(entry["path"]) as ds:
             innate = innate_features(ds)
+            checked += check_contour(directory, ds)
             if exactly_innate:
                 assert set(files) == innate, entry["name"]
             else:
@@ -175,6 +194,12 @@ def test_the_synthesized_file_read_by_dclab_equals_the_source(
             for name in sorted(innate_features(ours)):
                 same = equal(values(ours, name), values(ds, name))
                 assert same, f"{entry['name']}: {name} of the synthesized file differs"
+                checked += 1
+            if "contour" in ds.features_innate:
+                assert "contour" in ours.features_innate, entry["name"]
+                for i in range(len(ds)):
+                    same = equal(np.asarray(ours["contour"][i]), np.asarray(ds["contour"][i]))
+                    assert same, f"{entry['name']}: contour {i} of the synthesized file"
                 checked += 1
     assert checked > 200
 

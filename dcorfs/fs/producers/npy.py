@@ -13,9 +13,11 @@ import io
 import numpy as np
 from numpy.lib import format as npformat
 
+from ...cache.derived import DerivedCache
+from ...hdf5.contour import Contour, Remember, points_feature, register_points
 from ...hdf5.rtdc import RtdcResource
 from ...hdf5.structure import Feature
-from ..content import PartsContent, StaticContent
+from ..content import FileContent, PartsContent, StaticContent
 from .passthrough import ObjectContent
 
 
@@ -43,3 +45,18 @@ def npy_of(feature: Feature, values: ObjectContent) -> PartsContent:
     return PartsContent(
         len(header) + values.size, [(0, StaticContent(header)), (len(header), values)]
     )
+
+
+def contour_npys(
+    contour: Contour, derived: DerivedCache, remember: Remember
+) -> dict[str, FileContent]:
+    """`points.npy` and `offsets.npy` of a contour (blocking the first time: its offsets are
+    read, see `hdf5.contour`)."""
+    offsets = contour.offsets(remember)
+    feature = points_feature(contour, offsets)
+    points = ObjectContent(derived, register_points(derived, contour, offsets))
+    header = npy_header(offsets.dtype, offsets.shape)
+    return {
+        "points.npy": npy_of(feature, points),
+        "offsets.npy": StaticContent(header + offsets.tobytes()),
+    }
