@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import cachedir
-from ..daemon.mount import check_mountpoint, mount
+from ..daemon.mount import mount
+from ..daemon.preflight import check_mountpoint
 from ..devserver.datadir import DEMO_USER, write_demo_data
 from ..errors import ConfigError, DcorfsError
 from ..settings import MountSettings, Token

@@ -2,7 +2,7 @@
 
 Every constant and decision of it is here; the mechanisms that carry them out live where the
 data are (`hdf5.rtdc`, `opening.resources`, `fs.readahead`, `fs.tree`). Measured effects are
-in README "Speed".
+in doc/ARCHITECTURE.md, "Speed".
 
 Design note. Two costs dominate a remote HDF5 file: round trips (HDF5 keeps its structure in
 small objects scattered through the file, and h5py reads them one after another, each miss a

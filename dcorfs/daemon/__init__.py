@@ -1,10 +1,12 @@
 """The daemon layer: checks before mounting, the wiring, and the running mount's loop.
 
-`mount` is the composition root: it checks the mount point and settings, daemonizes, wires
-http → DCOR client → caches → opening → tree → FUSE and runs the trio loop with systemd's
-notify protocol (`notify`); `logs` configures logging (the token never logged); `tuning`
-sets root-only kernel knobs of one mount; `report` renders the status report that `status`,
-`warmup` and the log use.
+`preflight` checks what can be found wrong while the user waits (mount point, cache dir, the
+host or S3 endpoint, the token); `mount` forks the daemon and waits until it is up or failed;
+`loop` runs it: builds the layers (`wiring`, the composition root: every layer from
+`MountSettings`, bottom up), mounts, answers FUSE on one trio thread and keeps systemd informed
+with its notify protocol (`notify`); `logs` configures logging (the token never logged);
+`tuning` sets root-only kernel knobs of one mount; `report` renders the status report that
+`status`, `warmup` and the log use.
 
 Imports: every layer below. Pools and threads of a running mount: doc/ARCHITECTURE.md.
 """

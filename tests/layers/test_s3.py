@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from dcorfs.daemon.logs import configure
-from dcorfs.daemon.mount import build_layers
+from dcorfs.daemon.wiring import build_layers
 from dcorfs.devserver.server import DevServer
 from dcorfs.errors import AccessDenied, ConfigError, NotFound, ProtocolError
 from dcorfs.remote.dcserv import resource_key

@@ -1,0 +1,136 @@
+"""The running daemon: build the layers, mount, answer FUSE requests on one trio thread, keep
+systemd informed (READY, STATUS, WATCHDOG), and unmount on SIGTERM/SIGINT/SIGHUP
+(`pyfuse3.close(unmount=True)` in any case).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import functools
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .. import __version__
+from ..cache import cachedir
+from ..errors import DcorfsError
+from ..fs.fuse_ops import Operations
+from ..hdf5.rtdc import CycleCollector
+from ..settings import MountSettings
+from .logs import configure
+from .notify import Notifier, watchdog_interval
+from .report import one_line
+from .tuning import tune
+from .wiring import build
+
+log = logging.getLogger(__name__)
+STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
+
+
+def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
+    """The daemon: build everything, mount, serve until unmounted or signalled."""
+    log_file = settings.log_file or settings.cache_dir / cachedir.LOG
+    configure(
+        level=settings.log_level,
+        log_file=log_file,
+        stderr=settings.foreground,
+        secrets=settings.secrets(),
+    )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    notifier = Notifier.from_environment()
+    try:
+        ops, report, close = build(settings)
+    except DcorfsError as exc:
+        log.error("cannot start: %s", exc)
+        ready(str(exc))
+        return 1
+    except Exception as exc:
+        log.exception("cannot start")
+        ready(f"cannot start: {exc}")
+        return 1
+    options = set(pyfuse3.default_options) | {
+        f"fsname=dcorfs:{settings.source.split('://', 1)[1]}",
+        "subtype=dcorfs",
+        "ro",
+    }
+    if settings.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, str(settings.mountpoint), options)
+    except RuntimeError as exc:
+        ready(f"cannot mount {settings.mountpoint}: {exc}")
+        close()
+        return 1
+    log.info("dcorfs %s: %s mounted at %s", __version__, settings.source, settings.mountpoint)
+    ready("ok")
+    collector = CycleCollector()  # h5py in many threads: see its design note
+    collector.start()
+    notifier.send("READY=1", f"STATUS=mounted {settings.source} at {settings.mountpoint}")
+    try:
+        trio.run(_serve, ops, notifier, report, functools.partial(_tune, settings))
+    finally:
+        notifier.send("STOPPING=1", "STATUS=unmounting")
+        collector.stop()
+        pyfuse3.close(unmount=True)
+        close()
+        log.info("unmounted %s", settings.mountpoint)
+    return 0
+
+
+async def _serve(
+    ops: Operations,
+    notifier: Notifier,
+    report: Callable[[], dict[str, Any]],
+    after_init: Callable[[], None],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals)
+        nursery.start_soon(_after_init, ops, after_init)
+        if notifier.active:
+            nursery.start_soon(_keep_systemd_informed, notifier, report, watchdog_interval())
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _after_init(ops: Operations, action: Callable[[], None]) -> None:
+    await ops.initialized.wait()
+    action()
+
+
+def _tune(settings: MountSettings) -> None:
+    """After INIT: the kernel sets the read-ahead from INIT's answer, so tuning comes later."""
+    if settings.kernel_tuning and os.geteuid() == 0:
+        tune(
+            settings.mountpoint,
+            read_ahead_kb=settings.read_ahead_kb,
+            max_background=settings.max_background,
+        )
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
+        async for number in received:
+            log.info("received %s: unmounting", signal.Signals(number).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _keep_systemd_informed(
+    notifier: Notifier, report: Callable[[], dict[str, Any]], watchdog: float | None
+) -> None:
+    """STATUS= every few seconds; WATCHDOG=1 from the event loop itself, so that a blocked
+    loop (the mount answering nothing) lets systemd's WatchdogSec= restart the service."""
+    period = min(STATUS_PERIOD, watchdog) if watchdog else STATUS_PERIOD
+    last_status = 0.0
+    while True:
+        fields = ["WATCHDOG=1"] if watchdog else []
+        if trio.current_time() - last_status >= STATUS_PERIOD:
+            last_status = trio.current_time()
+            fields.append(f"STATUS={one_line(await trio.to_thread.run_sync(report))}")
+        notifier.send(*fields)
+        await trio.sleep(period)

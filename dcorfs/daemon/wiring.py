@@ -1,0 +1,193 @@
+"""The wiring of a mount: every layer built from `MountSettings`, bottom up, imports and data
+one way (http → DCOR client and S3 → caches → opening → tree → FUSE operations). The pools
+and threads made here and below are listed in doc/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .. import __version__
+from ..cache import cachedir
+from ..cache.blockcache import BlockCache
+from ..cache.derived import DerivedCache
+from ..cache.diskstore import DiskStore
+from ..cache.metastore import Memo, MetaStore
+from ..cache.prefetch import DECODED_BLOCK
+from ..fs.fuse_ops import Activity, Operations
+from ..fs.readahead import Prefetcher
+from ..fs.s3tree import build_s3_root
+from ..fs.tree import Context, Dir, build_root
+from ..opening.resources import Resources
+from ..remote.buckets import BucketCatalog
+from ..remote.catalog import Catalog
+from ..remote.dcserv import DcorApi, Locator, make_fetch
+from ..remote.http import Http
+from ..remote.s3 import ObjectStore, sigv4_presigner
+from ..settings import MountSettings
+
+
+def scope(settings: MountSettings) -> str:
+    """Whose answers the metadata store holds: answers given for a token (or S3 credentials)
+    are only served to a mount with the same token (credentials), named by a fingerprint
+    (the secrets themselves stay out of the cache)."""
+    if settings.s3_only:
+        credentials = settings.s3_credentials
+        who = f"key-{credentials.fingerprint}" if credentials else "anonymous"
+        return f"s3:{settings.s3_endpoint}|{who}"
+    who = f"token-{settings.token.fingerprint}" if settings.token else "public"
+    return f"{settings.host}|{who}"
+
+
+def object_store(settings: MountSettings, http: Http) -> ObjectStore | None:
+    """The object store of `--s3-endpoint`, signing with the S3 credentials if there are."""
+    if settings.s3_endpoint is None:
+        return None
+    credentials = settings.s3_credentials
+    sign = sigv4_presigner(credentials) if credentials is not None else None
+    return ObjectStore(http=http, endpoint=settings.s3_endpoint, sign=sign)
+
+
+@dataclass
+class Layers:
+    """The layers below the tree, wired (see `build_layers`)."""
+
+    http: Http
+    disk: DiskStore
+    store: MetaStore
+    buckets: BucketCatalog | None  # --s3-only
+    catalog: Catalog | None  # with DCOR's API
+    cache: BlockCache
+    derived: DerivedCache
+    resources: Resources
+
+    def close(self) -> None:
+        for part in (self.resources, self.derived, self.cache, self.http, self.store, self.disk):
+            part.close()
+
+
+def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
+    """Wire the layers from HTTP up to `Resources` (imports and data flow one way)."""
+    http = http or Http(pool_size=settings.network_threads)
+    disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
+        settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
+    )
+    objects = object_store(settings, http)
+    store = MetaStore(settings.cache_dir / cachedir.META, scope=scope(settings))
+    memo = Memo(store, timeout=settings.timeout)
+    api = catalog = buckets = None
+    if settings.s3_only:
+        assert objects is not None
+        buckets = BucketCatalog(
+            store=objects,
+            memo=memo,
+            circles=settings.circles,
+            dir_cache_time=settings.dir_cache_time,
+            bucket_template=settings.s3_bucket_template,
+        )
+    else:
+        api = DcorApi(http=http, base_url=settings.host, token=settings.token)
+        catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
+    locator = Locator()
+    decoded_memory = settings.memory_cache // 8  # of the memory cache: decoded values
+    cache = BlockCache(
+        fetch=make_fetch(http, locator),
+        store=disk,
+        block_size=settings.block_size,
+        memory_bytes=settings.memory_cache - decoded_memory,
+    )
+    derived = DerivedCache(  # decoded feature values, in the same store and size bound
+        store=disk,
+        block_size=DECODED_BLOCK,
+        memory_bytes=decoded_memory,
+        max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
+        parallel=4,
+    )
+    resources = Resources(
+        api=api,
+        catalog=catalog,
+        memo=memo,
+        http=http,
+        locator=locator,
+        cache=cache,
+        derived=derived,
+        timeout=settings.timeout,
+        store=objects,
+        listed=buckets.listed if buckets is not None else None,
+        recheck=settings.dir_cache_time,
+        bucket_template=settings.s3_bucket_template,
+    )
+    return Layers(http, disk, store, buckets, catalog, cache, derived, resources)
+
+
+def build(
+    settings: MountSettings,
+) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
+    """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
+    layers = build_layers(settings)
+    http, cache, derived, resources = layers.http, layers.cache, layers.derived, layers.resources
+    buckets, catalog = layers.buckets, layers.catalog
+    ctx = Context(resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time)
+    started = time.time()
+    activity = Activity()
+    prefetcher = Prefetcher(
+        budget_bytes=settings.prefetch_memory,
+        workers=settings.prefetch_threads,
+        timeout=settings.timeout,
+    )
+
+    def report() -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "host": settings.source,
+            "s3_endpoint": settings.s3_endpoint,
+            "mountpoint": str(settings.mountpoint),
+            "cache_dir": str(settings.cache_dir),
+            "pid": os.getpid(),
+            "started": started,
+            "cache": dataclasses.asdict(cache.stats()),
+            "decoded": dataclasses.asdict(derived.stats()),
+            "requests": http.request_counts(),
+            "fuse": dict(activity.counters),
+            "prefetch": {
+                **prefetcher.counters,
+                "memory_bytes": prefetcher.budget.used,
+                "memory_peak": prefetcher.budget.peak,
+                "memory_limit": prefetcher.budget.limit,
+            },
+            "recent_errors": list(activity.recent_errors),
+        }
+
+    def status() -> bytes:
+        return (json.dumps(report(), indent=2, sort_keys=True) + "\n").encode()
+
+    root: Dir
+    if buckets is not None:
+        root = build_s3_root(ctx, buckets, status, mtime=started)
+    else:
+        assert catalog is not None
+        root = build_root(ctx, catalog, status, mtime=started)
+    ops = Operations(
+        root=root,
+        timeout=settings.timeout,
+        attr_time=settings.attr_time,
+        listing_time=settings.dir_cache_time,
+        negative_time=settings.negative_time,
+        limiter=trio.CapacityLimiter(settings.network_threads),
+        activity=activity,
+        prefetcher=prefetcher,
+    )
+
+    def close() -> None:
+        prefetcher.close()
+        layers.close()
+
+    return ops, report, close

@@ -1,0 +1,149 @@
+"""The filesystem without a kernel: the FUSE operations of a mount wired as the daemon wires
+them (`daemon.wiring.build`), called directly over the devserver, at every level of the tree
+(and of an `--s3-only` tree over a real S3 server): names, attributes, errno, bytes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dclab
+import numpy as np
+import pyfuse3
+
+from dcorfs.daemon.wiring import build
+from dcorfs.fs.fuse_ops import Operations
+from dcorfs.settings import MountSettings, S3Credentials
+
+from ..conftest import DevServer, api, info
+from ..s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFS
+
+CTX: Any = None  # the request context: no handler of ours reads it
+
+
+@contextmanager
+def wired(tmp_path: Path, **settings: Any) -> Iterator[Operations]:
+    ops, _, close = build(
+        MountSettings(mountpoint=tmp_path / "mnt", cache_dir=tmp_path / "c", **settings)
+    )
+    try:
+        yield ops
+    finally:
+        close()
+
+
+async def walk(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
+    inode = pyfuse3.ROOT_INODE
+    entry = await ops.getattr(inode, CTX)
+    for name in [p for p in path.split("/") if p]:
+        entry = await ops.lookup(inode, name.encode(), CTX)
+        if entry.st_ino == 0:
+            raise FileNotFoundError(path)
+        inode = entry.st_ino
+    return entry
+
+
+async def names(ops: Operations, path: str) -> list[str]:
+    entry = await walk(ops, path)
+    fh = await ops.opendir(entry.st_ino, CTX)
+    try:
+        return [name for name, _ in ops._dirs[fh]]
+    finally:
+        await ops.releasedir(fh)
+
+
+async def read(ops: Operations, path: str) -> bytes:
+    entry = await walk(ops, path)
+    handle = await ops.open(entry.st_ino, os.O_RDONLY, CTX)
+    try:
+        data = b""
+        while len(data) < entry.st_size or entry.st_size == 0:
+            chunk = await ops.read(handle.fh, len(data), 1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        await ops.release(handle.fh)
+
+
+async def errno_of(ops: Operations, path: str) -> int:
+    try:
+        await walk(ops, path)
+    except FileNotFoundError:
+        return errno.ENOENT
+    except pyfuse3.FUSEError as exc:
+        return exc.errno
+    return 0
+
+
+def npy(data: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(data))
+
+
+async def test_every_level_of_the_tree(devserver: DevServer, tmp_path: Path) -> None:
+    entry = next(e for e in info(devserver) if e["dataset"] == "generated" and e["rtdc"])
+    stem = entry["name"].rsplit(".", 1)[0]
+    with wired(tmp_path, host=devserver.url) as ops:
+        assert await names(ops, "/") == [
+            ".dcorfs",
+            "README.txt",
+            "by-id",
+            "circles",
+            "collections",
+            "datasets",
+        ]
+        assert b"by-id" in await read(ops, "/README.txt")
+        assert {"generated", "scalars-only"} <= set(await names(ops, "/datasets"))
+        assert await names(ops, "/collections/showcase") == ["generated"]
+        assert "generated" in await names(ops, "/circles/public-lab")
+        dataset = await names(ops, "/datasets/generated")
+        assert {stem, "dataset.json", "notes.txt"} <= set(dataset)
+        record = json.loads(await read(ops, "/datasets/generated/dataset.json"))
+        assert record["name"] == "generated"
+        assert await read(ops, "/datasets/generated/notes.txt") == b"a plain text resource\n"
+        directory = f"/datasets/generated/{stem}"
+        listed = set(await names(ops, directory))
+        assert {"deform.npy", "features.tsv", "metadata.json", "logs", "tables"} <= listed
+        with dclab.new_dataset(entry["path"]) as ds:
+            deform = npy(await read(ops, f"{directory}/deform.npy"))
+            assert np.array_equal(deform, ds["deform"][:])
+            if "trace" in listed:
+                trace = sorted(await names(ops, f"{directory}/trace"))[0]
+                values = npy(await read(ops, f"{directory}/trace/{trace}"))
+                assert np.array_equal(values, ds["trace"][trace[: -len(".npy")]][:])
+        assert await names(ops, f"/by-id/{entry['id']}") == sorted(listed)
+        status = json.loads(await read(ops, "/.dcorfs/status.json"))
+        assert status["host"] == devserver.url and status["fuse"]["opens"] >= 4
+        assert await errno_of(ops, "/datasets/no-such-dataset") == errno.ENOENT
+        assert await errno_of(ops, "/datasets/secret-study") == errno.EACCES
+        assert await errno_of(ops, f"{directory}/no-such-feature.npy") == errno.ENOENT
+
+
+async def test_the_s3_only_tree(seaweedfs: SeaweedFS, devserver: DevServer, tmp_path: Path) -> None:
+    _, body = api(devserver, "organization_list", all_fields="true")
+    circle = {c["name"]: c["id"] for c in body["result"]}["public-lab"]
+    entries = [e for e in info(devserver) if not e["private"] and e["rtdc"]]
+    with wired(
+        tmp_path,
+        s3_endpoint=seaweedfs.url,
+        s3_credentials=S3Credentials(ACCESS_KEY_ID, SECRET_ACCESS_KEY),
+        s3_only=True,
+        circles=(circle,),
+    ) as ops:
+        assert await names(ops, "/") == [".dcorfs", "README.txt", "by-id", "circles"]
+        assert await names(ops, "/circles") == [circle]
+        listed = await names(ops, f"/circles/{circle}")
+        assert {e["id"] for e in entries} <= set(listed)
+        entry = entries[0]
+        with dclab.new_dataset(entry["path"]) as ds:
+            deform = npy(await read(ops, f"/circles/{circle}/{entry['id']}/deform.npy"))
+            assert np.array_equal(deform, ds["deform"][:])
+        assert await errno_of(ops, f"/circles/{circle}/no-such-id") == errno.ENOENT
