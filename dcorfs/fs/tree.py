@@ -57,6 +57,8 @@ In an RT-DC resource directory:
   <feature>.npy          one per feature (numpy.load(path, mmap_mode="r") works)
   trace/<name>.npy       fluorescence traces, shape (events, samples)
   features.tsv           all scalar features as a fixed-width, tab-separated table
+  features.fcs           the same table as an FCS 3.1 file (FlowJo, flowCore, FlowKit)
+  image.tif, mask.tif    the images as TIFF stacks, one page per event (Fiji/ImageJ)
   metadata.json          the measurement's metadata as DCOR's dcserv API returns it
   logs/<name>.txt        logs;  tables/<name>.csv  tables
 
