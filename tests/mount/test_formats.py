@@ -201,7 +201,9 @@ def test_features_fcs_read_by_flowio_equals_dclab_and_its_export(
     for entry in entries:
         directory = resource_dir(mnt, entry)
         header = (directory / "features.tsv").read_text().split("\n", 1)[0].split("\t")
-        fcs = flowio.FlowData(str(directory / "features.fcs"))
+        path = directory / "features.fcs"
+        fcs = flowio.FlowData(str(path))
+        assert path.stat().st_size == len(path.read_bytes())  # the size stated at listing
         names = [fcs.channels[i + 1]["pnn"] for i in range(fcs.channel_count)]
         assert names == header, entry["name"]
         assert fcs.text["datatype"] == "F" and fcs.text["mode"] == "L"

@@ -98,13 +98,22 @@ def test_fcs_offsets_past_the_header_limit_are_in_text_only() -> None:
     assert len(head) == layout.begin
     fields = [int(head[10 + 8 * i : 18 + 8 * i]) for i in range(6)]
     assert fields[0] == 58 and fields[1] == layout.begin - 1
-    assert layout.end > HEADER_LIMIT and fields[2:4] == [0, 0]
+    assert layout.last > HEADER_LIMIT and fields[2:4] == [0, 0]
     text = head[58:].decode()
-    assert f"/$BEGINDATA/{layout.begin}/$ENDDATA/{layout.end}/" in text
-    assert layout.end - layout.begin + 1 == 4 * 30 * 1_000_000
+    assert layout.first == layout.begin
+    assert f"/$BEGINDATA/{layout.begin}/$ENDDATA/{layout.last}/" in text
+    assert layout.last - layout.begin + 1 == 4 * 30 * 1_000_000
     assert f"/$P30R/{7:0{RANGE_DIGITS}d}/" in text
     # the size does not depend on the ranges
     assert len(layout.head([10**RANGE_DIGITS - 1] * 30)) == layout.begin
+
+
+def test_an_fcs_file_without_events_has_no_data_segment() -> None:
+    layout = FcsLayout(["deform"], ["Deformation"], 0)
+    head = layout.head([1])
+    assert [int(head[10 + 8 * i : 18 + 8 * i]) for i in range(2, 4)] == [0, 0]
+    assert b"/$BEGINDATA/0/$ENDDATA/0/" in head and b"/$TOT/0/" in head
+    assert layout.size == len(head) + 8
 
 
 def test_a_small_fcs_file_read_by_flowio(tmp_path: Path) -> None:

@@ -52,21 +52,24 @@ def data_range(values: np.ndarray) -> int:
 
 
 class FcsLayout:
-    """The segments of a features.fcs of `events` rows of the parameters `names`/`labels`."""
+    """The segments of a features.fcs of `events` rows of the parameters `names`/`labels`:
+    TEXT from byte 58 to `begin` - 1, DATA from `begin` (`$BEGINDATA` `first`, `$ENDDATA`
+    `last`)."""
 
     def __init__(self, names: list[str], labels: list[str], events: int) -> None:
         self.names, self.labels, self.events = names, labels, events
         self.row_bytes = 4 * len(names)
         data_bytes = self.row_bytes * events
         # $BEGINDATA/$ENDDATA are part of the TEXT whose length sets them: to a fixed point
+        # (both 0 without events: no DATA segment)
         begin = HEADER_BYTES
         while True:
-            end = begin + data_bytes - 1 if data_bytes else begin
-            text = self.text([0] * len(names), begin, end)
+            first, last = (begin, begin + data_bytes - 1) if data_bytes else (0, 0)
+            text = self.text([0] * len(names), first, last)
             if HEADER_BYTES + len(text) == begin:
                 break
             begin = HEADER_BYTES + len(text)
-        self.begin, self.end, self.data_bytes = begin, end, data_bytes
+        self.begin, self.first, self.last, self.data_bytes = begin, first, last, data_bytes
         self.size = begin + data_bytes + len(CRC)
 
     def text(self, ranges: list[int], begin: int, end: int) -> bytes:
@@ -98,13 +101,13 @@ class FcsLayout:
 
     def header(self) -> bytes:
         text_end = self.begin - 1
-        begin, end = (self.begin, self.end) if self.end <= HEADER_LIMIT else (0, 0)
-        fields = (HEADER_BYTES, text_end, begin, end, 0, 0)
+        first, last = (self.first, self.last) if self.last <= HEADER_LIMIT else (0, 0)
+        fields = (HEADER_BYTES, text_end, first, last, 0, 0)
         return b"FCS3.1    " + b"".join(f"{f:>8}".encode() for f in fields)
 
     def head(self, ranges: list[int]) -> bytes:
         """HEADER and TEXT: the bytes before DATA."""
-        out = self.header() + self.text(ranges, self.begin, self.end)
+        out = self.header() + self.text(ranges, self.first, self.last)
         assert len(out) == self.begin
         return out
 
