@@ -46,8 +46,9 @@ class _Format:
 
     magic: int
     header_bytes: int
-    count_fmt: str  # IFD entry count
+    count_fmt: str  # the number of entries of an IFD
     entry_bytes: int
+    entry_count_fmt: str  # the number of values of an entry
     offset_fmt: str  # offsets and inline values
     offset_type: int
 
@@ -71,12 +72,13 @@ class _Format:
         else:
             inline = {_SHORT: "<H", _LONG: "<I", _LONG8: "<Q"}.get(kind, self.offset_fmt)
             value_bytes = struct.pack(inline, value).ljust(self.value_bytes, b"\0")
-        count_fmt = "<I" if self.magic == 42 else "<Q"
-        return struct.pack("<HH", tag, kind) + struct.pack(count_fmt, count) + value_bytes
+        return (
+            struct.pack("<HH", tag, kind) + struct.pack(self.entry_count_fmt, count) + value_bytes
+        )
 
 
-CLASSIC = _Format(42, 8, "<H", 12, "<I", _LONG)
-BIG = _Format(43, 16, "<Q", 20, "<Q", _LONG8)
+CLASSIC = _Format(42, 8, "<H", 12, "<I", "<I", _LONG)
+BIG = _Format(43, 16, "<Q", 20, "<Q", "<Q", _LONG8)
 
 
 def _even(n: int) -> int:
@@ -129,7 +131,7 @@ class Layout:
 
     @property
     def first_entries(self) -> int:
-        return 10 + (1 if self.pixel_size is None else 4)
+        return len(self._entries(0, first=True))
 
     @property
     def first_ifd(self) -> int:
@@ -144,7 +146,7 @@ class Layout:
 
     @property
     def row(self) -> int:
-        return _even(self.fmt.ifd_bytes(10))
+        return _even(self.fmt.ifd_bytes(len(self._entries(0, first=False))))
 
     @property
     def pixels(self) -> int:
@@ -155,7 +157,8 @@ class Layout:
     def size(self) -> int:
         return self.pixels + self.pages * self.page_bytes
 
-    def _entries(self, strip: int, *, first: bool) -> list[bytes]:
+    def _entries(self, strip: int, *, first: bool) -> list[tuple[int, int, int, int | bytes]]:
+        """(tag, type, count, value) of the entries of a page's IFD, sorted by tag."""
         f, h, w = self.fmt, self.height, self.width
         entries: list[tuple[int, int, int, int | bytes]] = [
             (254, _LONG, 1, 0),  # NewSubfileType
@@ -181,10 +184,10 @@ class Layout:
                     (283, _RATIONAL, 1, rational),  # YResolution
                     (296, _SHORT, 1, 1),  # ResolutionUnit: none (ImageJ: unit= says µm)
                 ]
-        return [f.entry(*e) for e in sorted(entries)]
+        return sorted(entries, key=lambda entry: entry[0])
 
     def _ifd(self, strip: int, next_ifd: int, *, first: bool) -> bytes:
-        entries = self._entries(strip, first=first)
+        entries = [self.fmt.entry(*e) for e in self._entries(strip, first=first)]
         count = struct.pack(self.fmt.count_fmt, len(entries))
         ifd = count + b"".join(entries) + struct.pack(self.fmt.offset_fmt, next_ifd)
         return ifd + b"\0" * (len(ifd) & 1)
@@ -216,16 +219,17 @@ class Layout:
         )
         at = self._strip_value_at()
         rows[:, at : at + value] = strips.astype(vtype).view(np.uint8).reshape(count, value)
-        end = self.fmt.ifd_bytes(10)
+        end = self.fmt.ifd_bytes(len(self._entries(0, first=False)))
         tail = next_ifds.astype(vtype).view(np.uint8).reshape(count, value)
         rows[:, end - value : end] = tail
         return rows.tobytes()
 
     def _strip_value_at(self) -> int:
         """Where the StripOffsets value lies within an IFD of a page after the first."""
-        index = 6  # the entries are sorted by tag: StripOffsets is the seventh
-        entry_head = 4 + (4 if self.fmt.magic == 42 else 8)
-        return struct.calcsize(self.fmt.count_fmt) + index * self.fmt.entry_bytes + entry_head
+        tags = [tag for tag, *_ in self._entries(0, first=False)]
+        entry_head = 4 + struct.calcsize(self.fmt.entry_count_fmt)  # tag, type, count
+        at = tags.index(_STRIP_OFFSETS) * self.fmt.entry_bytes + entry_head
+        return struct.calcsize(self.fmt.count_fmt) + at
 
 
 def pixel_size_of(metadata: object) -> float | None:
