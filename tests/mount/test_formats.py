@@ -98,6 +98,32 @@ def test_tiff_stacks_read_by_tifffile_equal_dclabs_images(
     assert checked >= 6
 
 
+def cache_bytes(cache: Path) -> int:
+    return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+
+
+def test_a_stack_is_served_from_the_decoded_values_of_the_npy_file(
+    variants_dir: Path, tmp_path: Path
+) -> None:
+    """No second fetch, no second decode, no second copy in the cache: once image.npy is read,
+    image.tif fetches nothing and the cache does not grow by its pixels."""
+    cache = tmp_path / "cache"
+    with (
+        DevServer(variants_dir) as server,
+        mounted(tmp_path / "mnt", server.url, cache) as mnt,
+    ):
+        (entry,) = [e for e in info(server) if e["name"] == "zstd.rtdc"]
+        directory = resource_dir(mnt, entry)
+        npy = (directory / "image.npy").read_bytes()
+        pixels = np.load(directory / "image.npy", mmap_mode="r").nbytes
+        before = cache_bytes(cache)
+        server.stats.reset()
+        tif = (directory / "image.tif").read_bytes()
+        assert server.stats.snapshot()["object_bytes"] == 0
+        assert tif.endswith(npy[-pixels:]) and len(tif) == (directory / "image.tif").stat().st_size
+        assert cache_bytes(cache) - before < pixels / 4, (before, cache_bytes(cache), pixels)
+
+
 @pytest.mark.skipif(shutil.which("tiffinfo") is None, reason="libtiff-tools is not installed")
 def test_tiffinfo_lists_every_page(with_condensed: tuple[Path, list[Any]]) -> None:
     mnt, entries = with_condensed
