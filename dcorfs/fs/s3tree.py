@@ -54,6 +54,8 @@ In an RT-DC resource directory:
   <feature>.npy          one per feature (numpy.load(path, mmap_mode="r") works)
   trace/<name>.npy       fluorescence traces, shape (events, samples)
   features.tsv           all scalar features as a fixed-width, tab-separated table
+  features.fcs           the same table as an FCS 3.1 file (FlowJo, flowCore, FlowKit)
+  image.tif, mask.tif    the images as TIFF stacks, one page per event (Fiji/ImageJ)
   metadata.json          the measurement's metadata, from the file itself
   logs/<name>.txt        logs;  tables/<name>.csv  tables
 A resource that is not an RT-DC file shows its bytes as one file, `resource`.

@@ -30,11 +30,13 @@ from ..opening.resources import Resources
 from ..remote.catalog import Catalog, Dataset, Group, Listing, Resource
 from .content import FileContent, StaticContent
 from .names import sanitize, unique
+from .producers.fcs import fcs_content
 from .producers.npy import contour_npys, npy_content, npy_of
 from .producers.passthrough import ObjectContent
 from .producers.rtdc_file import rtdc_content
 from .producers.text import json_bytes, log_bytes, table_bytes
-from .producers.tsv import tsv_content
+from .producers.tiff import pixel_size_of, tiff_content, tiff_features
+from .producers.tsv import table_columns, tsv_content
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ In an RT-DC resource directory:
   contour/points.npy     contours, all events' (x, y) points one after another
   contour/offsets.npy    event i's are points[offsets[i]:offsets[i+1]]
   features.tsv           all scalar features as a fixed-width, tab-separated table
+  features.fcs           the same table as an FCS 3.1 file (FlowJo, flowCore, FlowKit)
+  image.tif, mask.tif    the images as TIFF stacks, one page per event (Fiji/ImageJ)
   metadata.json          the measurement's metadata as DCOR's dcserv API returns it
   logs/<name>.txt        logs;  tables/<name>.csv  tables
 
@@ -703,13 +707,22 @@ class ResourceDir(Dir):
             unique((f"{k}.csv", k, table_bytes(v)) for k, v in sorted(texts.tables.items())),
             mtime,
         )
+        # for Fiji/ImageJ and flow-cytometry software (README "From Fiji, R, MATLAB, FlowJo")
+        pixel_size = pixel_size_of(texts.metadata)
+        for feature in tiff_features(opened):
+            stack = sanitize(feature.name + ".tif")
+            content = tiff_content(opened, feature, pixel_size)
+            files[stack] = content_file(self.child_path(stack), content, mtime)
+        if table_columns(opened):
+            fcs = fcs_content(opened)
+            files["features.fcs"] = content_file(self.child_path("features.fcs"), fcs, mtime, warm)
         # without its condensed file (yet) the listing is made again after `dir_cache_time`:
         # the resource is opened again then, with the condensed file once it exists; what
         # may change then (the files made from the condensed file: scalar features, the
         # table, the synthesized file, logs) is marked so
         self._max_age = float("inf") if ctx.resources.settled(rid) else ctx.dir_cache_time
         if self.volatile:
-            changing = [synthesized, "features.tsv", "logs"]
+            changing = [synthesized, "features.tsv", "features.fcs", "logs"]
             changing += [sanitize(f.name + ".npy") for f in opened.scalar_features()]
             for name in changing:
                 if name in files:

@@ -1,1 +1,2 @@
-"""File contents of the tree: feature arrays (.npy), features.tsv, text views, passthrough."""
+"""File contents of the tree: feature arrays (.npy), features.tsv and .fcs, TIFF stacks, text
+views, passthrough."""

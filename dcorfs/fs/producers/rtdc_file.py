@@ -44,7 +44,7 @@ def _stored_dtype(feature: Feature) -> np.dtype:
     return np.dtype(np.uint8) if feature.name == "mask" else feature.dtype
 
 
-class _StoredMask:
+class StoredMask:
     """A mask's values as the file stores them: bool bytes (0/1) as uint8 0/255, same size."""
 
     def __init__(self, values: FileContent) -> None:
@@ -64,10 +64,10 @@ class _StoredMask:
         return None if data is None else self._stored(data)
 
 
-def _stored_values(resource: RtdcResource, feature: Feature) -> FileContent:
+def stored_values(resource: RtdcResource, feature: Feature) -> FileContent:
     """Events as stored in the file: as in the .npy file, except `mask`."""
     values = feature_values(resource, feature)
-    return _StoredMask(values) if feature.name == "mask" else values
+    return StoredMask(values) if feature.name == "mask" else values
 
 
 def _order(feature: Feature) -> tuple[int, str]:
@@ -220,7 +220,7 @@ def rtdc_content(
         offset, length = extent
         if feature.row_bytes * feature.shape[0] != length:
             raise ProtocolError(f"skeleton does not fit feature {name} ({length} bytes)")
-        parts.append((offset, _stored_values(resource, feature)))
+        parts.append((offset, stored_values(resource, feature)))
     if found is not None and contour is not None:
         parts += _contour_values(resource, found, contour[1], skeleton)
     return PartsContent(skeleton.size, parts)

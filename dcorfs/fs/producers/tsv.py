@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...hdf5.rtdc import RtdcResource
+from ...hdf5.structure import Feature
 from ..content import RowContent
 
 
@@ -30,9 +31,15 @@ def _format(dtype: np.dtype) -> tuple[str, int]:
     raise TypeError(f"no text form for dtype {dtype}")
 
 
+def table_columns(resource: RtdcResource) -> list[Feature]:
+    """The columns of a resource's table of events (`features.tsv`, `features.fcs`): the
+    numeric scalar features with a value for every event."""
+    return [f for f in resource.event_table() if f.dtype.kind in "fbiu"]
+
+
 def tsv_content(resource: RtdcResource) -> RowContent:
     """features.tsv of a resource: a header line, then one fixed-width line per event."""
-    columns = [f for f in resource.event_table() if f.dtype.kind in "fbiu"]
+    columns = table_columns(resource)
     if not columns:
         return RowContent(b"", row_bytes=0, count=0, rows=lambda first, last, deadline: b"")
     formats = [_format(f.dtype) for f in columns]
