@@ -258,3 +258,55 @@ def test_features_tsv_is_read_by_column_name_in_r_and_polars(
             for name, column in zip(names, read, strict=True):
                 expected = values(ds, name)
                 assert equal(column.astype(expected.dtype), expected), f"R: {name}"
+
+
+HDF5R_SCRIPT = """
+library(hdf5r)
+args <- commandArgs(trailingOnly = TRUE)
+file <- H5File$new(args[1], mode = "r")
+out <- file(args[2], "wb")
+for (name in strsplit(args[3], ",")[[1]]) {
+  writeBin(as.numeric(file[[paste0("events/", name)]]$read()), out, size = 8)
+}
+close(out)
+file$close_all()
+"""
+
+
+def hdf5r_missing() -> str:
+    if shutil.which("Rscript") is None:
+        return "R is not installed (r-base-core)"
+    probe = subprocess.run(
+        ["Rscript", "-e", "library(hdf5r)"], capture_output=True, timeout=120, check=False
+    )
+    return "" if probe.returncode == 0 else "R's hdf5r is not installed (r-cran-hdf5r)"
+
+
+def test_the_synthesized_file_is_read_by_r_hdf5r(
+    with_condensed: tuple[Path, list[Any]], tmp_path: Path
+) -> None:
+    """R's hdf5r reads scalar features of the synthesized .rtdc equal to dclab's values."""
+    missing = hdf5r_missing()
+    if missing:
+        pytest.skip(missing)
+    mnt, entries = with_condensed
+    for entry in entries:
+        directory = resource_dir(mnt, entry)
+        with source(entry["path"]) as ds:
+            names = sorted(
+                n
+                for n in innate_features(ds)
+                if dfn.scalar_feature_exists(n) and ds[n].dtype.kind in "fiu"
+            )
+            out = tmp_path / f"{entry['id']}.f64"
+            subprocess.run(
+                ["Rscript", "-e", HDF5R_SCRIPT, str(directory / f"{directory.name}.rtdc"), str(out)]
+                + [",".join(names)],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            read = np.fromfile(out, dtype="<f8").reshape(len(names), -1)
+            for name, column in zip(names, read, strict=True):
+                expected = values(ds, name)
+                assert equal(column.astype(expected.dtype), expected), f"hdf5r: {name}"
