@@ -233,6 +233,21 @@ close(out)
 """
 
 
+def assert_r_reads(script: str, path: Path, ds: Any, names: list[str], out: Path) -> None:
+    """R `script` (args: the file, an output file, the names) writes each named column as
+    float64; each equals dclab's values in the stored dtype."""
+    subprocess.run(
+        ["Rscript", "-e", script, str(path), str(out), ",".join(names)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    read = np.fromfile(out, dtype="<f8").reshape(len(names), -1)
+    for name, column in zip(names, read, strict=True):
+        expected = values(ds, name)
+        assert equal(column.astype(expected.dtype), expected), f"R read {name} of {path.name}"
+
+
 @pytest.mark.skipif(shutil.which("Rscript") is None, reason="R is not installed (r-base-core)")
 def test_features_tsv_is_read_by_column_name_in_r_and_polars(
     with_condensed: tuple[Path, list[Any]], tmp_path: Path
@@ -247,17 +262,7 @@ def test_features_tsv_is_read_by_column_name_in_r_and_polars(
             for name in names:
                 expected = values(ds, name)
                 assert equal(frame[name].to_numpy().astype(expected.dtype), expected), name
-            out = tmp_path / f"{entry['id']}.f64"
-            subprocess.run(
-                ["Rscript", "-e", R_SCRIPT, str(tsv), str(out), ",".join(names)],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            read = np.fromfile(out, dtype="<f8").reshape(len(names), -1)
-            for name, column in zip(names, read, strict=True):
-                expected = values(ds, name)
-                assert equal(column.astype(expected.dtype), expected), f"R: {name}"
+            assert_r_reads(R_SCRIPT, tsv, ds, names, tmp_path / f"{entry['id']}.f64")
 
 
 HDF5R_SCRIPT = """
@@ -298,15 +303,5 @@ def test_the_synthesized_file_is_read_by_r_hdf5r(
                 for n in innate_features(ds)
                 if dfn.scalar_feature_exists(n) and ds[n].dtype.kind in "fiu"
             )
-            out = tmp_path / f"{entry['id']}.f64"
-            subprocess.run(
-                ["Rscript", "-e", HDF5R_SCRIPT, str(directory / f"{directory.name}.rtdc"), str(out)]
-                + [",".join(names)],
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
-            read = np.fromfile(out, dtype="<f8").reshape(len(names), -1)
-            for name, column in zip(names, read, strict=True):
-                expected = values(ds, name)
-                assert equal(column.astype(expected.dtype), expected), f"hdf5r: {name}"
+            synthesized = directory / f"{directory.name}.rtdc"
+            assert_r_reads(HDF5R_SCRIPT, synthesized, ds, names, tmp_path / f"{entry['id']}.f64")
