@@ -245,6 +245,12 @@ class MountSettings:
     log_level: str = "INFO"
     log_file: Path | None = None
     network_threads: int = 16
+    # worker pools of opening and tree work (doc/ARCHITECTURE.md, "Threads and pools")
+    warm_threads: int = 4  # values and files warmed ahead of readers
+    ask_threads: int = 8  # API questions of one opening, side by side
+    prepare_threads: int = 8  # resources of a listed dataset opened ahead of readers
+    build_threads: int = 2  # structures of synthesized files (CPU work)
+    listing_threads: int = 4  # resource directory listings a reader waits for
     kernel_tuning: bool = False  # root only: raise read_ahead_kb and max_background
     read_ahead_kb: int = 1024
     max_background: int = 64

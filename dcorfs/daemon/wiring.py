@@ -26,7 +26,10 @@ from ..fs.fuse_ops import Activity, Operations
 from ..fs.readahead import Prefetcher
 from ..fs.s3tree import build_s3_root
 from ..fs.tree import Context, Dir, build_root
+from ..opening.objects import Objects
+from ..opening.pools import Pools
 from ..opening.resources import Resources
+from ..opening.warm import Warmer
 from ..remote.buckets import BucketCatalog
 from ..remote.catalog import Catalog
 from ..remote.dcserv import DcorApi, Locator, make_fetch
@@ -67,10 +70,13 @@ class Layers:
     catalog: Catalog | None  # with DCOR's API
     cache: BlockCache
     derived: DerivedCache
+    pools: Pools
+    objects: Objects
     resources: Resources
 
     def close(self) -> None:
-        for part in (self.resources, self.derived, self.cache, self.http, self.store, self.disk):
+        parts = (self.pools, self.resources, self.derived, self.cache, self.http, self.store)
+        for part in (*parts, self.disk):
             part.close()
 
 
@@ -80,14 +86,14 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
     )
-    objects = object_store(settings, http)
+    s3 = object_store(settings, http)
     store = MetaStore(settings.cache_dir / cachedir.META, scope=scope(settings))
     memo = Memo(store, timeout=settings.timeout)
     api = catalog = buckets = None
     if settings.s3_only:
-        assert objects is not None
+        assert s3 is not None
         buckets = BucketCatalog(
-            store=objects,
+            store=s3,
             memo=memo,
             circles=settings.circles,
             dir_cache_time=settings.dir_cache_time,
@@ -111,21 +117,39 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
         parallel=4,
     )
-    resources = Resources(
+    pools = Pools(
+        warm=settings.warm_threads,
+        ask=settings.ask_threads,
+        prepare=settings.prepare_threads,
+        build=settings.build_threads,
+        listing=settings.listing_threads,
+    )
+    objects = Objects(
         api=api,
-        catalog=catalog,
         memo=memo,
         http=http,
         locator=locator,
         cache=cache,
-        derived=derived,
         timeout=settings.timeout,
-        store=objects,
+        store=s3,
         listed=buckets.listed if buckets is not None else None,
         recheck=settings.dir_cache_time,
         bucket_template=settings.s3_bucket_template,
     )
-    return Layers(http, disk, store, buckets, catalog, cache, derived, resources)
+    warmer = Warmer(cache=cache, derived=derived, pool=pools.warm, timeout=settings.timeout)
+    resources = Resources(
+        objects=objects,
+        warmer=warmer,
+        pools=pools,
+        api=api,
+        catalog=catalog,
+        memo=memo,
+        cache=cache,
+        derived=derived,
+        timeout=settings.timeout,
+        recheck=settings.dir_cache_time,
+    )
+    return Layers(http, disk, store, buckets, catalog, cache, derived, pools, objects, resources)
 
 
 def build(
@@ -135,7 +159,13 @@ def build(
     layers = build_layers(settings)
     http, cache, derived, resources = layers.http, layers.cache, layers.derived, layers.resources
     buckets, catalog = layers.buckets, layers.catalog
-    ctx = Context(resources=resources, cache=cache, dir_cache_time=settings.dir_cache_time)
+    ctx = Context(
+        resources=resources,
+        objects=layers.objects,
+        pools=layers.pools,
+        cache=cache,
+        dir_cache_time=settings.dir_cache_time,
+    )
     started = time.time()
     activity = Activity()
     prefetcher = Prefetcher(

@@ -85,7 +85,7 @@ class BucketResourceDir(ResourceDir):
     else a directory holding the object as the plain file `resource`."""
 
     def _load(self) -> dict[str, Node]:
-        if self._ctx.resources.is_hdf5(self.dataset, self.resource):
+        if self._ctx.objects.is_hdf5(self.dataset, self.resource):
             return super()._load()
         path = self.child_path(PLAIN_NAME)
         return {PLAIN_NAME: PlainFile(path, self._ctx, self.dataset, self.resource).node}

@@ -19,14 +19,17 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+from concurrent.futures import Executor, Future
+from typing import Any, Protocol
 
-from ..cache.blockcache import BlockCache
+from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.derived import DerivedCache
 from ..errors import DcorfsError, NotFound
 from ..hdf5.contour import Contour, contour_of
+from ..hdf5.rtdc import RtdcResource
 from ..hdf5.structure import TRACE_PREFIX
-from ..opening.resources import Resources
+from ..opening.resources import Texts
+from ..opening.warm import Served
 from ..remote.catalog import Catalog, Dataset, Group, Listing, Resource
 from .content import FileContent, StaticContent
 from .names import sanitize, unique
@@ -325,12 +328,63 @@ class StaticDir(Dir):
             _unsettle(child, max_age)
 
 
-class Context:
-    """What every node may need from below: the opened resources and the cache. (Listings
-    come from a catalog given to the nodes that list: CKAN's here, buckets' in `s3tree`.)"""
+class Opening(Protocol):
+    """What the tree asks of the opened RT-DC resources (`opening.resources.Resources`)."""
 
-    def __init__(self, *, resources: Resources, cache: BlockCache, dir_cache_time: float) -> None:
+    @property
+    def derived(self) -> DerivedCache: ...
+
+    def rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource: ...
+
+    def served_early(self, resource_id: str, loading: Future[Any]) -> Served | None: ...
+
+    def settled(self, resource_id: str) -> bool: ...
+
+    def texts(self, dataset: Dataset, resource: Resource) -> Texts: ...
+
+    def remembered(self, key: str, make: Callable[[float], Any]) -> Any: ...
+
+    def warm_scalars(self, resource: RtdcResource) -> None: ...
+
+
+class Located(Protocol):
+    """What the tree asks of the objects of resources (`opening.objects.Objects`)."""
+
+    def plain(self, dataset: Dataset, resource: Resource) -> ObjectId: ...
+
+    def is_hdf5(self, dataset: Dataset, resource: Resource) -> bool: ...
+
+
+class Workers(Protocol):
+    """The pools the tree runs its background work in (`opening.pools.Pools`)."""
+
+    @property
+    def prepare(self) -> Executor: ...  # resources of a listed dataset opened ahead of readers
+
+    @property
+    def listing(self) -> Executor: ...  # resource directory listings a reader waits for
+
+    @property
+    def build(self) -> Executor: ...  # structures of synthesized files
+
+
+class Context:
+    """What every node may need from below: the opened resources, the objects of resources,
+    the pools and the cache. (Listings come from a catalog given to the nodes that list:
+    CKAN's here, buckets' in `s3tree`.)"""
+
+    def __init__(
+        self,
+        *,
+        resources: Opening,
+        objects: Located,
+        pools: Workers,
+        cache: BlockCache,
+        dir_cache_time: float,
+    ) -> None:
         self.resources = resources
+        self.objects = objects
+        self.pools = pools
         self.cache = cache
         self.dir_cache_time = dir_cache_time
 
@@ -527,10 +581,10 @@ class PlainFile:
             self.node = File(path, size=resource.size, make=self._content, mtime=resource.mtime)
 
     def _size(self) -> int:
-        return self._ctx.resources.plain(self._dataset, self._resource).size
+        return self._ctx.objects.plain(self._dataset, self._resource).size
 
     def _content(self) -> FileContent:
-        obj = self._ctx.resources.plain(self._dataset, self._resource)
+        obj = self._ctx.objects.plain(self._dataset, self._resource)
         return ObjectContent(self._ctx.cache, obj)
 
 
@@ -558,7 +612,7 @@ class DatasetDir(Dir):
         manager): they are opened in the background, side by side."""
         for child in children.values():
             if isinstance(child, ResourceDir) and child.ready_children() is None:
-                self._ctx.resources.prepare(child.prepare)
+                self._ctx.pools.prepare.submit(child.prepare)
 
     def _load(self) -> dict[str, Node]:
         dataset = self.dataset
@@ -609,7 +663,7 @@ class ResourceDir(Dir):
         self.resource = resource
         # once listed, a reader is served that listing while the resource is opened again
         # (looking for its condensed file, doc/DCOR.md §1)
-        self._background = ctx.resources.prepare
+        self._background = ctx.pools.prepare.submit
         self._early_lock = threading.Lock()
         self._loading: Future[dict[str, Node]] | None = None
         # the opened resource the listing was made from, and whether the last listing was
@@ -631,7 +685,7 @@ class ResourceDir(Dir):
         with self._early_lock:
             loading = self._loading
             if loading is None or loading.done():
-                loading = self._loading = self._ctx.resources.listing(self.children)
+                loading = self._loading = self._ctx.pools.listing.submit(self.children)
         served = self._ctx.resources.served_early(self.resource.id, loading)
         if served is None and loading.done():
             error = loading.exception()
@@ -687,7 +741,7 @@ class ResourceDir(Dir):
         files[synthesized] = LazyFile(
             self.child_path(synthesized),
             make=lambda: rtdc_content(rid, opened, ctx.resources.remembered),
-            start=ctx.resources.build,
+            start=ctx.pools.build.submit,
             mtime=mtime,
         )
         files["features.tsv"] = content_file(

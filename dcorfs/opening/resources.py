@@ -1,17 +1,9 @@
-"""Opening resources: where their objects are → object identities → opened .rtdc sources.
+"""Opening RT-DC resources: a resource's original and condensed files opened side by side.
 
-For every object (a resource's file, its condensed file) this finds a stable identity
-(bucket/key, ETag, size), registers a URL that works with the `Locator` (with a way to renew
-it), and remembers identity and URLs in the metadata store, so a later mount can serve cached
-bytes with the server gone. Opened resources are kept for the life of the mount once they
-have their condensed file (see below); one opened again is retired, never closed before the
-mount ends (readers may still hold it).
-
-Where the objects are: the URLs dcserv's `basins` hand out, or, with an S3 `ObjectStore`
-(`--s3-endpoint`), DCOR's object layout on that endpoint, read directly. Directly means
-anonymously for public datasets and signed with S3 credentials for any; a private dataset
-without S3 credentials keeps dcserv's presigned URLs. Either way an object has the same
-identity, so cached blocks serve both paths. Without DCOR's API (`--s3-only`) metadata, logs
+Where the objects are and who they are is `objects`' job; warming values is `warm`'s; the
+work runs in the mount's `pools`. Opened resources are kept for the life of the mount once
+they have their condensed file (see below); one opened again is retired, never closed before
+the mount ends (readers may still hold it). Without DCOR's API (`--s3-only`) metadata, logs
 and tables are read from the files themselves (`filetexts`).
 
 A resource whose condensed file does not exist (yet: DCOR makes it in a background job that
@@ -36,18 +28,16 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..cache import answers, prefetch
-from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
 from ..cache.metastore import FOREVER, Memo
 from ..errors import (
     AccessDenied,
     DcorfsError,
-    Moved,
     NotFound,
     ProtocolError,
     ServerError,
     TransientError,
-    redact_url,
 )
 from ..hdf5 import upstream
 from ..hdf5.featurerule import event_count
@@ -56,35 +46,21 @@ from ..hdf5.rtdc import (
     RemoteFile,
     RtdcResource,
     RtdcSource,
-    condensed_features,
     describe,
     described,
-    register_rows,
 )
-from ..hdf5.structure import Feature
 from ..remote.catalog import Catalog, Dataset, Resource
 from ..remote.dcserv import (
-    BUCKET_TEMPLATE,
-    Basin,
     DcorApi,
-    Locator,
-    Renew,
-    parse_basins,
-    resource_key,
 )
 from ..remote.failures import Failures
-from ..remote.http import Http
-from ..remote.s3 import ObjectStore
 from .filetexts import file_texts, json_value
+from .objects import Objects
+from .pools import Pools
+from .warm import Served, Warmer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_REDIRECTS = 5  # hops followed from a link resource's URL to its file
-LINK_AGE = 300.0  # seconds a link's size and ETag are trusted (the other site may change it)
-ROUTE_LIFETIME = 600.0  # assumed life of a download-route URL (DCOR: ≥ 3600 s); renewed on 403
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-Listed = Callable[[str], tuple[int, str] | None]  # bucket/key -> (size, ETag) if listed
-Served = dict[str, tuple[Feature, ObjectId]]  # feature name -> (feature, its values)
 
 
 @dataclass(frozen=True)
@@ -97,39 +73,32 @@ class Texts:
 
 
 class Resources:
-    """Opened RT-DC resources and plain objects of one mount."""
+    """Opened RT-DC resources of one mount (their objects located by `Objects`, their values
+    warmed by `Warmer`, the work done in the mount's `Pools`)."""
 
     def __init__(
         self,
         *,
+        objects: Objects,
+        warmer: Warmer,
+        pools: Pools,
         api: DcorApi | None,
         catalog: Catalog | None,
         memo: Memo,
-        http: Http,
-        locator: Locator,
         cache: BlockCache,
         derived: DerivedCache,
         timeout: float,
-        store: ObjectStore | None = None,
-        listed: Listed | None = None,
         recheck: float = 300.0,
-        bucket_template: str = BUCKET_TEMPLATE,
     ) -> None:
-        """`api` and `catalog`: DCOR's API, None without it (then `store` is needed);
-        `store`: objects read directly; `listed`: sizes and ETags known from bucket listings;
-        `recheck`: seconds after which what may still change (a condensed file that did not
-        exist) is looked at again; `bucket_template`: how the server names a circle's bucket
-        (doc/DCOR.md §10)."""
-        if (api is None or catalog is None) and store is None:
-            raise ValueError("without DCOR's API, resources need an object store")
+        """`api` and `catalog`: DCOR's API, None without it (then metadata, logs and tables
+        come from the files); `recheck`: seconds after which what may still change (a
+        condensed file that did not exist) is looked at again."""
+        self._objects = objects
+        self._warmer = warmer
+        self._pools = pools
         self._api = api
         self._catalog = catalog
-        self._store = store
-        self._listed = listed
-        self._template = bucket_template
         self._memo = memo
-        self._http = http
-        self._locator = locator
         self._cache = cache
         self._derived = derived
         self._timeout = timeout
@@ -149,129 +118,17 @@ class Resources:
             str, tuple[RtdcResource, tuple[RtdcResource, ...] | None, RtdcResource]
         ] = {}
         self._partial: set[str] = set()  # last joined without all its upstreams' originals
-        self._warming: set[ObjectId] = set()  # values warmed (or being warmed)
         self._early: dict[str, concurrent.futures.Future[Served | None]] = {}
         self._failures = Failures()  # resources the server fails on (doc/DCOR.md §8)
-        self._warm = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="warm")
-        self._ask = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="ask")
-        self._prepare = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="prepare")
-        # CPU work (building synthesized files) apart, so it never queues behind network work
-        self._build = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build")
-        # listings a reader waits for, apart from those made ahead of readers (`prepare`)
-        self._listing = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="listing")
-        self._pools = (self._warm, self._ask, self._prepare, self._build, self._listing)
 
     @property
     def derived(self) -> DerivedCache:
         """The cache of decoded values (feature values are objects in it)."""
         return self._derived
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self._timeout
-
-    # -- object identities ------------------------------------------------------------------
-
-    def _direct(self, dataset: Dataset) -> bool:
-        """Whether the dataset's objects are read from the object store: with S3 credentials
-        or without DCOR's API always, anonymously only for public datasets (DCOR's private
-        objects are not anonymously readable: dcserv's presigned URLs are)."""
-        store = self._store
-        return store is not None and (store.signed or self._api is None or not dataset.private)
-
-    def _key(self, resource: Resource, artifact: str = "resource") -> str:
-        """The bucket/key of a resource's object (its identity)."""
-        return resource_key(resource.circle_id, resource.id, artifact, self._template)
-
-    def _place(self, key: str) -> str:
-        """Register the object store's URL of `key` (renewed by signing it again)."""
-        store = self._store
-        assert store is not None
-        url, lifetime = store.url(key)
-        self._locator.register(key, url, lifetime=lifetime, renew=lambda _: store.url(key))
-        return key
-
-    def _locate(self, dataset: Dataset, resource: Resource) -> dict[str, str]:
-        """The keys of the resource's objects by kind, their URLs registered."""
-        if self._direct(dataset):
-            return {
-                kind: self._place(self._key(resource, kind)) for kind in ("resource", "condensed")
-            }
-        return {kind: basin.key for kind, basin in self._basins(resource.id).items()}
-
-    def _dcor(self) -> DcorApi:
-        if self._api is None:
-            raise ProtocolError("this mount has no DCOR API")
-        return self._api
-
-    def _basins(self, resource_id: str) -> dict[str, Basin]:
-        """The resource's basins by kind; URLs registered with the locator."""
-
-        def ask(deadline: float) -> Any:
-            answer = self._dcor().dcserv(resource_id, "basins", deadline=deadline)
-            return {"asked": time.time(), "basins": answer, "growing": _growing(answer)}
-
-        answer = self._memo.get(answers.basins(resource_id), ask, max_age=self._basins_age)
-        age = time.time() - float(answer["asked"])  # presigned URLs age while stored
-        found = {}
-        for basin in parse_basins(answer["basins"]):
-            found[basin.kind] = basin
-            lifetime = None if basin.lifetime is None else basin.lifetime - age
-            self._locator.register(
-                basin.key, basin.url, lifetime=lifetime, renew=self._renew(resource_id, basin.kind)
-            )
-        return found
-
-    def _basins_age(self, answer: Any) -> float:
-        """How long dcserv's basins answer is kept: for good, unless its condensed basin has
-        no `features` (its object does not exist yet; they come once it does, doc/DCOR.md §7):
-        judged when asked (this is called on every use of the remembered answer)."""
-        try:
-            growing = answer["growing"]
-            if not isinstance(growing, bool):  # remembered before it was judged when asked
-                growing = _growing(answer["basins"])
-        except (KeyError, TypeError):
-            return self._recheck
-        return self._recheck if growing else FOREVER
-
-    def _renew(self, resource_id: str, kind: str) -> Renew:
-        def renew(deadline: float) -> tuple[str, float | None]:
-            for basin in self._dcor().basins(resource_id, deadline=deadline):
-                if basin.kind == kind:
-                    return basin.url, basin.lifetime
-            raise NotFound(f"{kind} of resource {resource_id} is no longer offered")
-
-        return renew
-
-    def _identify(
-        self,
-        key: str,
-        size: int | None,
-        etag: str | None,
-        *,
-        head: int = prefetch.HEAD,
-        max_age: float = FOREVER,
-    ) -> ObjectId:
-        """Identity of an object: from CKAN's record or a bucket listing when they have size
-        and ETag, else probed (the probe brings the object's first `head` bytes into the
-        cache as well)."""
-        if (size is None or etag is None) and self._listed is not None:
-            size, etag = self._listed(key) or (None, None)
-        if size is not None and etag is not None:
-            return ObjectId(key=key, etag=etag, size=size)
-
-        def ask(deadline: float) -> Any:
-            url = self._locator.url(key, deadline=deadline)
-            headers = self._locator.headers(key)
-            try:
-                info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
-            except (AccessDenied, Moved) as exc:
-                url = self._locator.renew(key, deadline=deadline, cause=exc)
-                info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
-            self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
-            return {"size": info.size, "etag": info.etag}
-
-        info = self._memo.get(answers.object_info(key), ask, max_age=max_age)
-        return ObjectId(key=key, etag=str(info["etag"]), size=int(info["size"]))
+    def warm_scalars(self, resource: RtdcResource) -> None:
+        """Warm the values of every scalar feature of `resource` (`Warmer.warm_scalars`)."""
+        self._warmer.warm_scalars(resource)
 
     # -- RT-DC resources ----------------------------------------------------------------------
 
@@ -441,16 +298,16 @@ class Resources:
         # trip after another: logs and tables are remembered (single-flight) for the tree
         catalog = self._catalog
         metadata = None
-        located = self._ask.submit(self._locate, dataset, resource)
+        located = self._pools.ask.submit(self._objects.locate, dataset, resource)
         if catalog is not None:
-            self._ask.submit(catalog.dcserv, resource.id, "tables")
+            self._pools.ask.submit(catalog.dcserv, resource.id, "tables")
             metadata = catalog.dcserv(resource.id, "metadata")
         keys = located.result()
         if "resource" not in keys:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         condensed_made = None
         if "condensed" in keys:  # side by side with the original
-            condensed_made = self._ask.submit(
+            condensed_made = self._pools.ask.submit(
                 self._described, "condensed", keys["condensed"], None, None
             )
             # logs are final once the condensed file exists (doc/DCOR.md §7)
@@ -459,7 +316,7 @@ class Resources:
                 condensed_made.add_done_callback(ask_logs)
             stated = _stated_events(metadata)
             if stated:
-                warm = functools.partial(self._warm_condensed, early, events=stated)
+                warm = functools.partial(self._warmer.warm_condensed, early, events=stated)
                 condensed_made.add_done_callback(warm)
         original: RtdcSource | None = None
         refused: AccessDenied | None = None
@@ -523,7 +380,7 @@ class Resources:
         if made.cancelled() or made.exception() is not None:
             return
         with contextlib.suppress(RuntimeError):  # shut down: the mount is closing
-            self._ask.submit(catalog.dcserv, resource_id, "logs")
+            self._pools.ask.submit(catalog.dcserv, resource_id, "logs")
 
     def _described(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
@@ -540,7 +397,7 @@ class Resources:
         parallel first, instead of as a chain of small misses while h5py walks the file (a
         small file whole: what h5py reads of it is most of it anyway)."""
         whole = prefetch.whole_size(kind)
-        obj = self._identify(key, size, etag, head=whole)
+        obj = self._objects.identify(key, size, etag, head=whole)
         ranges = prefetch.metadata_ranges(obj.size, whole)
 
         def prepare(deadline: float) -> None:
@@ -549,62 +406,11 @@ class Resources:
         first_read = None
         if prefetch.condensed_whole_on_first_read(kind, obj.size):
             # once one scalar feature is read, fetch them all in the background
-            first_read = functools.partial(self._warm.submit, self._prefetch, obj)
+            first_read = functools.partial(self._warmer.fetch_whole_later, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
         return RtdcSource(
             remote, kind=kind, prepare=prepare, first_read=first_read, whole=obj.size <= whole
         )
-
-    def warm_scalars(self, resource: RtdcResource) -> None:
-        """Bring the values of every scalar feature of `resource` into memory in the
-        background, once, when they are small enough: what the disk cache holds read in
-        parallel, in one task, the others decoded side by side."""
-        self._warm_objects([resource.rows_object(f.name) for f in resource.scalar_features()])
-
-    def _warm_condensed(
-        self,
-        early: concurrent.futures.Future[Served | None],
-        made: concurrent.futures.Future[RtdcSource],
-        *,
-        events: int,
-    ) -> None:
-        """As soon as the condensed file is described (called when that is done, in any
-        thread), the features it serves are known (`served_early`) and their values warmed
-        like `warm_scalars`: side by side with describing the original, which the listing of
-        a resource directory waits for (it names the original's features too)."""
-        if made.cancelled() or made.exception() is not None:
-            _publish(early, None)
-            return  # reported by whoever waits for it
-        source = made.result()
-        served = {
-            f.name: (f, register_rows(self._derived, source, f))
-            for f in condensed_features(source, events)
-        }
-        _publish(early, served)
-        self._warm_objects([obj for _, obj in served.values()])
-
-    def _warm_objects(self, objects: list[ObjectId]) -> None:
-        if not prefetch.warm_together(sum(obj.size for obj in objects)):
-            return
-        with self._lock:  # each once (a resource's scalars are warmed from two places)
-            objects = [obj for obj in objects if obj not in self._warming]
-            self._warming.update(objects)
-        if not objects:
-            return
-        try:
-            self._warm.submit(self._warm_values, objects)
-        except RuntimeError:  # shut down: the mount is closing
-            log.debug("not warming %d objects: closing", len(objects))
-
-    def _warm_values(self, objects: list[ObjectId]) -> None:
-        for obj in self._derived.recall_stored(objects):
-            self._warm.submit(self._ensure_values, obj)
-
-    def _ensure_values(self, obj: ObjectId) -> None:
-        try:
-            self._derived.ensure(obj, [(0, obj.size)], deadline=self._deadline())
-        except DcorfsError as exc:
-            log.debug("warming %s: %s", obj.key, exc)
 
     def texts(self, dataset: Dataset, resource: Resource) -> Texts:
         """Metadata, logs and tables of an RT-DC resource: dcserv's answers, or without DCOR's
@@ -629,40 +435,6 @@ class Resources:
         )
         return Texts(metadata=made["metadata"], logs=made["logs"], tables=made["tables"])
 
-    def is_hdf5(self, dataset: Dataset, resource: Resource) -> bool:
-        """Whether the resource's object starts like an HDF5 file (an .rtdc) — for resources
-        found in buckets, which carry no file name."""
-        key = self._key(resource)
-        if self._direct(dataset) and not self._locator.known(key):
-            self._place(key)
-        obj = self._identify(key, resource.size, resource.etag)
-        if obj.size < len(HDF5_SIGNATURE):
-            return False
-        head = self._cache.read(obj, 0, len(HDF5_SIGNATURE), deadline=self._deadline())
-        return head == HDF5_SIGNATURE
-
-    def _prefetch(self, obj: ObjectId) -> None:
-        try:
-            self._cache.ensure(obj, [(0, obj.size)], deadline=self._deadline())
-        except DcorfsError as exc:
-            log.debug("prefetch of %s: %s", obj.key, exc)
-
-    def prepare(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` (opening resources ahead of readers) in a worker of the mount's pool for
-        that; it must not wait for other work of this pool."""
-        return self._prepare.submit(fn)
-
-    def listing(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` (listing a resource directory a reader waits for) in a worker of the
-        mount's pool for that: not behind the resources opened ahead of readers (`prepare`);
-        it must not wait for other work of this pool."""
-        return self._listing.submit(fn)
-
-    def build(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run `fn` (making a synthesized file) in a worker of the mount's pool for that; it
-        must not wait for other work of this pool."""
-        return self._build.submit(fn)
-
     def remembered(self, key: str, make: Callable[[float], Any]) -> Any:
         """A JSON value derived from immutable resource data: made once (`make(deadline)`),
         then kept with the API answers (also for later mounts and offline use)."""
@@ -670,74 +442,14 @@ class Resources:
 
     # -- other resources ------------------------------------------------------------------------
 
-    def plain(self, dataset: Dataset, resource: Resource) -> ObjectId:
-        """A non-RT-DC resource as an object: a link's external URL (its identity, asked
-        without the token, looked at again after LINK_AGE: it may change), a file on the
-        site's disk through DCOR's download route (with the token: that is the DCOR host),
-        or the S3 object from the object store (see `_direct`), the public S3 URL or the
-        download route's redirect (doc/DCOR.md §6)."""
-        link = resource.link
-        if link is not None:
-            if not self._locator.known(link):
-                self._locator.register(link, link, lifetime=None, renew=self._follow(link))
-            return self._identify(link, None, None, max_age=LINK_AGE)
-        if resource.on_site_disk:
-            api = self._dcor()
-            route = api.route(dataset.id, resource.id, resource.name)
-            if not self._locator.known(route):
-                self._locator.register(route, route, lifetime=None, headers=api.auth_headers())
-            return self._identify(route, resource.size, None)
-        key = self._key(resource)
-        if not self._locator.known(key):
-            if self._direct(dataset):
-                self._place(key)
-            elif resource.s3_url and not dataset.private:
-                self._locator.register(key, resource.s3_url, lifetime=None)
-            else:
-
-                def renew(deadline: float) -> tuple[str, float | None]:
-                    url = self._dcor().download_url(
-                        dataset.id, resource.id, resource.name, deadline=deadline
-                    )
-                    return url, ROUTE_LIFETIME
-
-                self._locator.register(key, "", lifetime=0.0, renew=renew)
-        return self._identify(key, resource.size, resource.etag)
-
-    def _follow(self, link: str) -> Renew:
-        """Where a link resource's URL leads now: links often redirect (DOIs, repositories'
-        download URLs), and object reads do not follow redirects; without the token (the
-        link is not DCOR's host). Its identity stays the link's URL."""
-
-        def renew(deadline: float) -> tuple[str, float | None]:
-            url = link
-            for _ in range(MAX_REDIRECTS):
-                target = self._http.redirect(url, deadline=deadline)
-                if target == url:
-                    return url, ROUTE_LIFETIME
-                url = target
-            raise ProtocolError(f"link {redact_url(link)}: more than {MAX_REDIRECTS} redirects")
-
-        return renew
-
     def close(self) -> None:
-        for pool in self._pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+        """Close the opened resources (after the pools were shut down: `Pools.close`)."""
         with self._lock:
             self._closed = True
             opened, self._opened = dict(self._opened), {}
             retired, self._retired = self._retired, []
         for resource in [*opened.values(), *retired]:
             _close(resource)
-
-
-def _growing(basins: Any) -> bool:
-    """Whether dcserv's basins answer will grow: its condensed basin has no `features`."""
-    try:
-        parsed = parse_basins(basins)
-    except (ProtocolError, KeyError, TypeError):
-        return True
-    return any(b.kind == "condensed" and b.features is None for b in parsed)
 
 
 def _more(opened: RtdcResource, earlier: RtdcResource) -> bool:
@@ -759,12 +471,6 @@ def _same(kept: tuple[RtdcResource, ...] | None, ups: tuple[RtdcResource, ...]) 
     if kept is None or len(kept) != len(ups):
         return False
     return all(a is b for a, b in zip(kept, ups, strict=True))
-
-
-def _publish(early: concurrent.futures.Future[Served | None], served: Served | None) -> None:
-    """Give an opening attempt's `early` future its answer (once; a later attempt has its own)."""
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        early.set_result(served)
 
 
 def _experiment(original: RtdcSource, deadline: float) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dcorfs.fs.producers.text import table_bytes
 from dcorfs.fs.producers.tsv import _format
 from dcorfs.fs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
 from dcorfs.hdf5.rtdc import Feature
+from dcorfs.opening.pools import Pools
 from dcorfs.opening.resources import Resources
 from dcorfs.remote.catalog import Catalog, Resource
 from dcorfs.remote.dcserv import DcorApi, Locator, object_key, parse_basin
@@ -322,11 +323,19 @@ class HeldResources(Resources):
     condensed file serves is published by the test (real `served_early` and publishing)."""
 
     def __init__(self, derived: DerivedCache) -> None:
-        self._lock = threading.Lock()
-        self._early = {}
-        self._opened = {}
-        self._derived = derived
-        self._listing = concurrent.futures.ThreadPoolExecutor(4)
+        none = cast(Any, None)
+        self.pools = Pools()
+        super().__init__(
+            objects=none,
+            warmer=none,
+            pools=self.pools,
+            api=None,
+            catalog=None,
+            memo=none,
+            cache=none,
+            derived=derived,
+            timeout=9,
+        )
         self.release = threading.Event()
         self.attempts = 0
 
@@ -346,7 +355,10 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
     obj = ObjectId(key="k#rows/deform", etag="e", size=values.nbytes)
     derived.register(obj, lambda start, stop, deadline: values.tobytes()[start:stop])
     resources = HeldResources(derived)
-    ctx = Context(resources=resources, cache=derived, dir_cache_time=60)
+    none = cast(Any, None)
+    ctx = Context(
+        resources=resources, objects=none, pools=resources.pools, cache=derived, dir_cache_time=60
+    )
     resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
     directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
     try:
@@ -366,7 +378,7 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
                 directory.lookup(name)
     finally:
         resources.release.set()
-        resources._listing.shutdown()
+        resources.pools.close()
 
 
 def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
@@ -374,7 +386,13 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
     resource a second time itself (a slow failure would otherwise take twice as long)."""
     resources = HeldResources(DerivedCache(store=None))
     resources.release.set()
-    ctx = Context(resources=resources, cache=resources._derived, dir_cache_time=60)
+    ctx = Context(
+        resources=resources,
+        objects=cast(Any, None),
+        pools=resources.pools,
+        cache=resources.derived,
+        dir_cache_time=60,
+    )
     resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
     directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
     try:
@@ -382,7 +400,7 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
             directory.lookup("area_um.npy")
         assert resources.attempts == 1
     finally:
-        resources._listing.shutdown()
+        resources.pools.close()
 
 
 def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
@@ -422,16 +440,17 @@ class FailingReopen(Resources):
 
     def __init__(self) -> None:
         none = cast(Any, None)
+        self.pools = Pools()
         super().__init__(
-            api=none,
-            catalog=none,
+            objects=none,
+            warmer=none,
+            pools=self.pools,
+            api=None,
+            catalog=None,
             memo=none,
-            http=none,
-            locator=none,
             cache=none,
             derived=none,
             timeout=9,
-            store=cast(Any, object()),
             recheck=3600,
         )
         self.attempts = 0
@@ -454,6 +473,7 @@ def test_a_failed_reopening_serves_the_earlier_one_and_waits_for_the_next_rechec
         assert resources._own_rtdc(cast(Any, None), resource) is resources.first
         assert resources.attempts == 2  # not again until `recheck` has passed once more
     finally:
+        resources.pools.close()
         resources.close()
 
 
