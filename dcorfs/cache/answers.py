@@ -21,6 +21,8 @@ Made from files (for one object version, kept for good):
 - `features(identity)` — `{name: [dtype, shape]}` of a file's features (`hdf5.rtdc.describe`).
 - `intra_basins(identity)` — the intra-dataset basins a file declares (`hdf5.upstream`).
 - `experiment(identity)` — the `experiment` section of a file's own metadata.
+- `contour_lengths(identity, events)` — the number of points of each of a file's first
+  `events` contours (`hdf5.contour`: zlib-compressed int64, base64).
 - `file_texts(key, etag, made_from)` — metadata, logs and tables made from the files.
 - `skeleton(resource_id, layout, digest)` — the HDF5 structure of a synthesized `.rtdc`
   (`hdf5.skeleton.Skeleton.to_json`) in a layout version, `digest` naming the features and
@@ -81,6 +83,10 @@ def intra_basins(identity: bytes) -> str:
 
 def experiment(identity: bytes) -> str:
     return f"rtdc-experiment:v1:{identity.hex()}"
+
+
+def contour_lengths(identity: bytes, events: int) -> str:
+    return f"rtdc-contour:v1:{identity.hex()}:{events}"
 
 
 def file_texts(key: str, etag: str, made_from: str) -> str:

@@ -36,6 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..cache import answers
 from ..cache.blockcache import ObjectId
 from ..cache.derived import DerivedCache, derived_id
 from ..cache.prefetch import HEADER_GUESS
@@ -62,7 +63,7 @@ class Contour:
 
     def remembered_as(self) -> str:
         """The key its offsets are remembered under (this version of its file)."""
-        return f"rtdc-contour:v1:{self.source.remote.obj.identity.hex()}:{self.events}"
+        return answers.contour_lengths(self.source.remote.obj.identity, self.events)
 
     def offsets(self, remember: Remember) -> np.ndarray:
         """int64 (events + 1,): event i's points are points[offsets[i]:offsets[i + 1]]

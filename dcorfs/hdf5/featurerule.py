@@ -5,7 +5,7 @@ dataset under `/events` (traces under `/events/trace`, `contour` as its group) e
 it takes for *defective*, whose stored values it does not trust and hides (computing the
 feature anew where it can, e.g. `time` from `frame`). The checks are dclab's own
 (`dclab/rtdc_dataset/fmt_hdf5/feat_defect.py`, `DEFECTIVE_FEATURES`), made here from the
-same attributes; `tests/test_featurerule.py` holds them equal to dclab's on files made to
+same attributes; `tests/unit/test_featurerule.py` holds them equal to dclab's on files made to
 trip each one. A dataset whose name dclab does not know (a plugin's feature) is shown all
 the same: nothing stored is dropped.
 
@@ -105,7 +105,9 @@ def at_most(feature: Feature, events: int) -> Feature:
 
 def event_count(stated: int, features: dict[str, Feature]) -> int | None:
     """dclab's `len(ds)`: the stated count, else the length of the first feature by name
-    that has events (traces count as the feature `trace`); None when none has."""
+    that has events; None when none has. (Without a stated count dclab takes a trace's
+    length as its number of traces, and skips names it does not know: here a trace counts
+    with its events, and every feature counts.)"""
     if stated > 0:
         return stated
     for _, feature in sorted(features.items(), key=lambda item: _dclab_key(item[0])):

@@ -30,6 +30,7 @@ from . import h5attrs
 log = logging.getLogger(__name__)
 
 TRACE_PREFIX = "trace/"
+EVENT_COUNT = b"experiment:event count"
 CONTOUR = "contour"  # a group of one (n_i, 2) dataset of points per event, named "0", "1" …
 H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
 GROUPS = ("logs", "tables")  # groups of small datasets an .rtdc file may have
@@ -91,26 +92,43 @@ def read_features(fid: h5py.h5f.FileID, *, kind: str, where: str) -> dict[str, F
         raise ProtocolError(f"{where} has no /events group (not an .rtdc file)")
     found: dict[str, Feature] = {}
     for name, item in _members(events, where):
-        if isinstance(item, h5py.h5d.DatasetID) and item.rank >= 1:
+        if name == CONTOUR:  # dclab reads a contour group only
+            contour = _contour(item, kind, _stated_events(fid)) if _is_group(item) else None
+            if contour is not None:
+                found[CONTOUR] = contour
+        elif isinstance(item, h5py.h5d.DatasetID) and item.rank >= 1:
             found[name] = _feature(name, item, kind)
         elif name == "trace" and isinstance(item, h5py.h5g.GroupID):
             for trace, data in _members(item, where):
                 if isinstance(data, h5py.h5d.DatasetID) and data.rank == 2:
                     found[TRACE_PREFIX + trace] = _feature(TRACE_PREFIX + trace, data, kind)
-        elif name == CONTOUR and isinstance(item, h5py.h5g.GroupID):
-            contour = _contour(item, kind)
-            if contour is not None:
-                found[CONTOUR] = contour
     return found
 
 
-def _contour(group: h5py.h5g.GroupID, kind: str) -> Feature | None:
-    """The contour group as a feature of shape (N, 2): N events (its datasets), each points
-    of two coordinates in the dtype of the first one's (their numbers of points are read only
-    when asked for, see `hdf5.contour`); None when it has no dataset "0" of points."""
+def _is_group(item: Any) -> bool:
+    return isinstance(item, h5py.h5g.GroupID)
+
+
+def _stated_events(fid: h5py.h5f.FileID) -> int:
+    """The file's `experiment:event count` attribute, or 0."""
+    try:
+        root = h5py.h5o.open(fid, b"/")
+        if not h5py.h5a.exists(root, EVENT_COUNT):
+            return 0
+        return max(0, int(h5attrs.read(root, EVENT_COUNT)))
+    except (*H5PY_ERRORS, OverflowError):
+        return 0
+
+
+def _contour(group: h5py.h5g.GroupID, kind: str, stated: int) -> Feature | None:
+    """The contour group as a feature of shape (N, 2), each event's points of two coordinates
+    in the dtype of the first one's (their numbers of points are read only when asked for,
+    see `hdf5.contour`); None when it has no dataset "0" of points. N is the stated event
+    count, as dclab takes it (`H5ContourEvent`): counting the group's members would read its
+    whole index, scattered through the file, one node after another, on every opening."""
     try:
         first = h5py.h5o.open(group, b"0")
-        events = group.get_num_objs()
+        events = stated or group.get_num_objs()
     except KeyError:
         return None
     if not isinstance(first, h5py.h5d.DatasetID) or first.rank != 2 or first.shape[1] != 2:

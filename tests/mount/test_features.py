@@ -7,7 +7,7 @@ event count (an early dclab writer), a Shape-In 2.0.6 file whose `aspect` and fl
 dclab takes for defective, contour-only and contour+mask files; the field fixtures when present.
 Contours are checked as `contour/points.npy` + `offsets.npy` and in the synthesized file. Served
 with DCOR's condensed files and without them (`--no-condensed`: then a resource shows exactly
-dclab's `features_innate`).
+dclab's `features_innate`, as these files hold no dataset dclab does not know).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ HEADER_BYTES = 58  # "FCS3.1", four spaces, six offsets of 8 characters
 RANGE_DIGITS = 12  # the width of each $PnR value
 HEADER_LIMIT = 99_999_999  # the largest offset a HEADER field holds
 CRC = b"00000000"  # no CRC computed
+RANGE_ROWS = 1 << 20  # events of a column read at once to find its range
 
 
 def _escaped(value: str) -> str:
@@ -46,7 +47,10 @@ def _escaped(value: str) -> str:
 def data_range(values: np.ndarray) -> int:
     """The `$PnR` of a column: its largest absolute finite value, rounded up, at least 1,
     clamped to what `RANGE_DIGITS` digits hold."""
-    finite = np.abs(values[np.isfinite(values)]) if values.dtype.kind == "f" else values
+    if values.dtype.kind == "f":
+        finite = np.abs(values[np.isfinite(values)])
+    else:  # integers (and booleans): their magnitude, as floats (no overflow of abs(min))
+        finite = np.abs(values.astype(np.float64))
     top = float(np.max(finite)) if finite.size else 0.0
     return int(min(max(1, math.ceil(abs(top))), 10**RANGE_DIGITS - 1))
 
@@ -97,7 +101,9 @@ class FcsLayout:
                 (f"$P{n + 1}S", text),
                 (f"$P{n + 1}R", f"{top:0{RANGE_DIGITS}d}"),
             ]
-        return ("/" + "".join(f"{_escaped(k)}/{_escaped(v)}/" for k, v in pairs)).encode()
+        return ("/" + "".join(f"{_escaped(k)}/{_escaped(v)}/" for k, v in pairs)).encode(
+            "utf-8", "replace"
+        )
 
     def header(self) -> bytes:
         text_end = self.begin - 1
@@ -125,13 +131,19 @@ class _Head:
     def _make(self, deadline: float) -> bytes:
         with self._lock:
             if self._made is None:
-                n = self._resource.events
-                ranges = [
-                    data_range(self._resource.read(f.name, 0, n, deadline=deadline))
-                    for f in self._columns
-                ]
+                ranges = [self._range(f, deadline) for f in self._columns]
                 self._made = self._layout.head(ranges)
             return self._made
+
+    def _range(self, feature: Feature, deadline: float) -> int:
+        """`data_range` of a column, read in runs of `RANGE_ROWS` events (memory bounded)."""
+        events, top = self._resource.events, 1
+        for first in range(0, events, RANGE_ROWS):
+            last = min(events, first + RANGE_ROWS)
+            top = max(
+                top, data_range(self._resource.read(feature.name, first, last, deadline=deadline))
+            )
+        return top
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
         return self._make(deadline)[offset : offset + length]

@@ -3,8 +3,8 @@ of `features.fcs`.
 
 dclab is no dependency of dcorfs at run time, so its labels are kept here: a table made from
 dclab 0.73.4 (`feat_const.feature_name2label`, scalar features), held equal to
-dclab's installed version by `tests/unit/test_labels.py`. A feature dclab does not know (a
-plugin's) has no label: `label` returns its name then.
+dclab's installed version by `test_labels_are_dclabs` (tests/unit/test_formats.py). A feature
+dclab does not know (a plugin's) has no label: `label` returns its name then.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ from .passthrough import ObjectContent
 
 Remake = Callable[[float], Any]  # make(deadline) -> a JSON value
 LAYOUT_VERSION = 2  # part of the cache key of skeletons: bump when the layout changes
+MAX_CONTOUR_EVENTS = 100_000  # contours of more events are left out (see `_contour`)
+log = logging.getLogger(__name__)
 
 
 def _stored_dtype(feature: Feature) -> np.dtype:
@@ -204,7 +207,7 @@ def rtdc_content(
 ) -> PartsContent:
     """The synthesized file; blocking the first time (its skeleton is built, then kept with
     `remember(key, make)`, e.g. `Resources.remembered`)."""
-    found = contour_of(resource)
+    found = _contour(resource, remember)
     contour = None if found is None else (found.dtype, found.offsets(remember))
     skeleton = Skeleton.from_json(
         remember(
@@ -224,6 +227,30 @@ def rtdc_content(
     if found is not None and contour is not None:
         parts += _contour_values(resource, found, contour[1], skeleton)
     return PartsContent(skeleton.size, parts)
+
+
+def _contour(resource: RtdcResource, remember: Callable[[str, Remake], Any]) -> Contour | None:
+    """The contour the file holds: none past `MAX_CONTOUR_EVENTS` (one dataset per event: the
+    structure would take minutes to build and hundreds of MB), nor when its points cannot be
+    sized (an event's dataset missing or of another shape): the rest of the file is served
+    all the same, and `contour/` still offers the points, or says what is wrong."""
+    found = contour_of(resource)
+    if found is None:
+        return None
+    if found.events > MAX_CONTOUR_EVENTS:
+        log.warning(
+            "%s: contour of %d events not in the synthesized file (at most %d; see contour/)",
+            found.source.remote.obj.key,
+            found.events,
+            MAX_CONTOUR_EVENTS,
+        )
+        return None
+    try:
+        found.offsets(remember)
+    except ProtocolError as exc:
+        log.warning("contour left out of the synthesized file: %s", exc)
+        return None
+    return found
 
 
 def _contour_values(

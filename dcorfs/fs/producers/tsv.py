@@ -59,5 +59,8 @@ def tsv_content(resource: RtdcResource) -> RowContent:
 
     # tabs between the columns plus the newline
     return RowContent(
-        header.encode(), row_bytes=sum(widths) + len(widths), count=resource.events, rows=rows
+        header.encode("utf-8", "surrogateescape"),
+        row_bytes=sum(widths) + len(widths),
+        count=resource.events,
+        rows=rows,
     )
