@@ -177,3 +177,35 @@ def test_an_rtdc_file_reads_the_same_from_memory_and_through_a_file_object(
             assert all(np.array_equal(arrays[n].data, logs[n]) for n in logs)
             assert read_arrays(opened, "no-such-group", where="sample") is None
     fid.close()
+
+
+def test_opening_a_file_with_contours_reads_no_more_of_it_than_without(tmp_path: Path) -> None:
+    """A contour group's members are not counted when a file is scanned (its index lies
+    scattered through the file, between the events' images: counting read it all, node by
+    node, under h5py's lock): the file's blocks read by a scan stay few."""
+    import time
+
+    from dcorfs.cache.blockcache import BlockCache, ObjectId
+    from dcorfs.hdf5.rtdc import RemoteFile, RtdcSource
+
+    path = write_rtdc(
+        tmp_path / "m.rtdc",
+        SampleSpec(events=3000, seed=81, contour=True, image_shape=(40, 60), batch=100),
+    )
+    data = path.read_bytes()
+    fetched: list[tuple[int, int]] = []
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        fetched.append((start, stop))
+        return data[start:stop]
+
+    obj = ObjectId(key="local/m", etag="e", size=len(data))
+    cache = BlockCache(fetch=fetch, store=None, block_size=4096, parallel=1)
+    source = RtdcSource(RemoteFile(cache, obj, timeout=60), kind="resource")
+    features = source.scan(time.monotonic() + 60)
+    source.close()
+    assert features["contour"].shape == (3000, 2)
+    with h5py.File(path, "r") as h5:
+        group_nodes = h5["events/contour"].id.get_num_objs()  # what counting would cost
+    assert group_nodes == 3000
+    assert len(fetched) < 60, f"{len(fetched)} reads of {len(data)} bytes to scan"
