@@ -14,7 +14,7 @@ test: check
 	$(VENV)/pytest --durations=15
 
 test-fast: check
-	$(VENV)/pytest tests/unit tests/layers -m "not fuse and not slow"
+	$(VENV)/pytest tests/unit tests/layers -m "not fuse and not slow" -n 2 --dist loadfile
 
 check:
 	@scripts/bootstrap.sh test
