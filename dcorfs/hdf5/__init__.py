@@ -4,6 +4,7 @@
 slices (decoded once into derived objects); `structure` reads what a file holds besides event
 data (features, attributes, logs, tables) with h5py's low-level API and `h5attrs`;
 `featurerule` is dclab's rule for which features a resource shows and with how many events;
+`contour` reads the contour group (one dataset per event) as points and offsets;
 `upstream` reads intra-dataset basins; `skeleton` builds the structure of the synthesized
 file with libhdf5 itself, event data left to be filled lazily; `fileobj` is the seekable base
 of the file objects h5py reads through.
