@@ -56,6 +56,9 @@ def test_stacks_classic_and_big_read_by_tifffile_and_tiffinfo(
             assert den / num == pytest.approx(pixel_size, rel=1e-9)
             assert tif.pages[0].tags["YResolution"].value == (num, den)
             assert tif.imagej_metadata["unit"] == "micron"
+        else:  # baseline TIFF's resolution all the same: 1/1, no unit
+            assert tif.pages[0].tags["XResolution"].value == (1, 1)
+            assert "unit" not in tif.imagej_metadata
     if shutil.which("tiffinfo"):
         path = tmp_path / "stack.tif"
         path.write_bytes(data)
@@ -87,6 +90,7 @@ def test_a_stack_past_4_gib_is_a_bigtiff_whose_last_ifds_point_right() -> None:
 
 def test_resolution_is_pixels_per_micron() -> None:
     assert resolution(0.34) == (50, 17)
+    assert resolution(5e6) == (1, 1_000_000)  # more than a metre: still a valid rational
     num, den = resolution(0.3400000035762787)  # a float32 stored as float64
     assert den / num == pytest.approx(0.34, rel=1e-7)
 

@@ -99,6 +99,8 @@ def resolution(pixel_size: float) -> tuple[int, int]:
     per_um = (1 / Fraction(repr(pixel_size))).limit_denominator(1_000_000)
     while per_um.numerator >= 2**32:  # a pixel far below a picometre: keep it representable
         per_um = per_um.limit_denominator(per_um.denominator // 2 or 1)
+    if per_um.numerator == 0:  # a pixel of more than a metre: the smallest rational
+        return 1, 1_000_000
     return per_um.numerator, per_um.denominator
 
 
@@ -136,7 +138,7 @@ class Layout:
     @property
     def first_ifd(self) -> int:
         """The first IFD's offset: after the header, the description and the rational."""
-        rational = 0 if self.pixel_size is None or self.fmt is BIG else 8  # BIG: inline
+        rational = 0 if self.fmt is BIG else 8  # BIG: inline
         return self.fmt.header_bytes + _even(len(self.description)) + rational
 
     @property
@@ -175,16 +177,19 @@ class Layout:
         if first:
             text = self.fmt.header_bytes
             entries.append((270, _ASCII, len(self.description), text))  # ImageDescription
-            if self.pixel_size is not None:
-                rational: int | bytes = text + _even(len(self.description))
-                if self.fmt is BIG:  # 8 bytes: inline
-                    rational = struct.pack("<II", *resolution(self.pixel_size))
-                entries += [
-                    (282, _RATIONAL, 1, rational),  # XResolution
-                    (283, _RATIONAL, 1, rational),  # YResolution
-                    (296, _SHORT, 1, 1),  # ResolutionUnit: none (ImageJ: unit= says µm)
-                ]
+            # baseline TIFF: a resolution always (1/1 without a pixel size)
+            rational: int | bytes = text + _even(len(self.description))
+            if self.fmt is BIG:  # 8 bytes: inline
+                rational = struct.pack("<II", *self._resolution())
+            entries += [
+                (282, _RATIONAL, 1, rational),  # XResolution
+                (283, _RATIONAL, 1, rational),  # YResolution
+                (296, _SHORT, 1, 1),  # ResolutionUnit: none (ImageJ: unit= says µm)
+            ]
         return sorted(entries, key=lambda entry: entry[0])
+
+    def _resolution(self) -> tuple[int, int]:
+        return (1, 1) if self.pixel_size is None else resolution(self.pixel_size)
 
     def _ifd(self, strip: int, next_ifd: int, *, first: bool) -> bytes:
         entries = [self.fmt.entry(*e) for e in self._entries(strip, first=first)]
@@ -196,8 +201,8 @@ class Layout:
         """Header, description, rational and the first IFD: everything before the rows."""
         out = self.fmt.header(self.first_ifd) + self.description
         out += b"\0" * (len(out) & 1)
-        if self.pixel_size is not None and self.fmt is not BIG:
-            out += struct.pack("<II", *resolution(self.pixel_size))
+        if self.fmt is not BIG:
+            out += struct.pack("<II", *self._resolution())
         assert len(out) == self.first_ifd
         next_ifd = self.other_ifds if self.pages > 1 else 0
         out += self._ifd(self.pixels, next_ifd, first=True)
