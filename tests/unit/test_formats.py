@@ -134,3 +134,11 @@ def test_a_small_fcs_file_read_by_flowio(tmp_path: Path) -> None:
     assert [fcs.channels[i + 1]["pnn"] for i in range(3)] == names
     assert [fcs.channels[i + 1]["pns"] for i in range(3)] == labels
     assert np.array_equal(np.asarray(fcs.events, "<f4").reshape(2, 3), table, equal_nan=True)
+
+
+def test_the_switch_to_bigtiff_is_at_the_limit() -> None:
+    """A classic TIFF can address bytes up to 2^32 - 1: a stack of exactly `big_from`
+    bytes is a BigTIFF, one byte smaller is not."""
+    size = Layout.of(1000, 80, 250, 0.34, big_from=2**62).size
+    assert Layout.of(1000, 80, 250, 0.34, big_from=size).fmt is BIG
+    assert Layout.of(1000, 80, 250, 0.34, big_from=size + 1).fmt is CLASSIC
