@@ -318,11 +318,10 @@ def test_metadata_ranges_on_open() -> None:
     assert metadata_ranges(HEAD + 10, whole=0) == [(0, HEAD), (HEAD, HEAD + 10)]
 
 
-class HeldResources(Resources):
-    """`Resources` whose opening of a resource waits for `release` and then fails; what the
-    condensed file serves is published by the test (real `served_early` and publishing)."""
+class OpeningOnly(Resources):
+    """`Resources` with real pools and no layers below (its tests replace what opens)."""
 
-    def __init__(self, derived: DerivedCache) -> None:
+    def __init__(self, derived: DerivedCache | None = None, recheck: float = 300.0) -> None:
         none = cast(Any, None)
         self.pools = Pools()
         super().__init__(
@@ -333,9 +332,18 @@ class HeldResources(Resources):
             catalog=None,
             memo=none,
             cache=none,
-            derived=derived,
+            derived=derived or none,
             timeout=9,
+            recheck=recheck,
         )
+
+
+class HeldResources(OpeningOnly):
+    """`Resources` whose opening of a resource waits for `release` and then fails; what the
+    condensed file serves is published by the test (real `served_early` and publishing)."""
+
+    def __init__(self, derived: DerivedCache) -> None:
+        super().__init__(derived)
         self.release = threading.Event()
         self.attempts = 0
 
@@ -434,25 +442,12 @@ class Reopened:
         self.closed = True
 
 
-class FailingReopen(Resources):
+class FailingReopen(OpeningOnly):
     """`Resources` whose first opening of a resource succeeds (without the condensed file)
     and whose later ones fail with an error that is not dcorfs' own (h5py's OSError)."""
 
     def __init__(self) -> None:
-        none = cast(Any, None)
-        self.pools = Pools()
-        super().__init__(
-            objects=none,
-            warmer=none,
-            pools=self.pools,
-            api=None,
-            catalog=None,
-            memo=none,
-            cache=none,
-            derived=none,
-            timeout=9,
-            recheck=3600,
-        )
+        super().__init__(recheck=3600)
         self.attempts = 0
         self.first = Reopened()
 
