@@ -170,14 +170,27 @@ class Operations(pyfuse3.Operations):
         name = node.path if generation == 0 else f"{node.path}\0{generation}"
         digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8)
         ino = max(int.from_bytes(digest.digest(), "little") >> 1, pyfuse3.ROOT_INODE + 1)
-        while ino in self._nodes and (generation or self._nodes[ino].path != node.path):
-            ino += 1  # a hash collision: the later path takes the next free number
+        while ino in self._nodes and not self._same(self._nodes[ino], node, generation):
+            ino += 1  # taken (another path, or a volatile file's other version): the next one
         self._nodes[ino] = node
         self._inodes[node.path] = ino
         self._parents[ino] = parent
         if _volatile(node):
             self._volatile[id(node)] = ino
         return ino
+
+    @staticmethod
+    def _same(occupant: Node, node: Node, generation: int) -> bool:
+        """Whether `node` may take the number `occupant` has: the same node, or one that
+        replaces it at its path with the same bytes. Not a volatile file's other version, also
+        when the replacement's own number was forgotten while the old one's file is still
+        open (looked up again, the replacement would otherwise get the old number, and the
+        kernel the old inode's pages and size for it)."""
+        if occupant is node:
+            return True
+        if generation or occupant.path != node.path:
+            return False
+        return not (_volatile(occupant) or _volatile(node))
 
     def _node(self, ino: int) -> Node:
         node = self._nodes.get(ino)

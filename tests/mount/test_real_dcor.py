@@ -230,11 +230,6 @@ def served_bytes(mnt: Path) -> int:
     return int(report["fuse"]["bytes_served"])
 
 
-@pytest.mark.xfail(
-    reason="known intermittent bug (seen in 1 of 5 CI runs): a handle held across the switch "
-    "read bytes that were not the old file's; the inode-per-generation fix is not airtight",
-    strict=False,
-)
 def test_a_file_open_across_the_switch_to_the_condensed_file_keeps_its_bytes(
     data_dir: Path, devserver: DevServer, tmp_path: Path
 ) -> None:

@@ -281,6 +281,41 @@ async def test_fuse_ops_called_directly() -> None:
         await ops.getattr(entry.st_ino, ctx)
 
 
+class Swapping(Dir):
+    """A directory whose one file is replaced by the test (as a resource directory replaces
+    its volatile files once the condensed file comes)."""
+
+    def __init__(self, child: File) -> None:
+        super().__init__("/")
+        self.child = child
+
+    def ready_children(self) -> dict[str, Node]:
+        return {"features.tsv": self.child}
+
+
+async def test_a_replaced_volatile_file_never_takes_the_inode_of_the_one_still_held() -> None:
+    """The kernel forgets the replacement's inode while a handle of the old file is open:
+    looked up again, the replacement must not be given the old file's number (the kernel
+    would take the old inode's pages and size for it, and the held handle the new size)."""
+    old = File("/features.tsv", size=3, make=lambda: StaticContent(b"old"))
+    old.volatile = True
+    new = File("/features.tsv", size=5, make=lambda: StaticContent(b"newer"))
+    directory = Swapping(old)
+    ops = operations(cast(StaticDir, directory))
+    ctx: Any = None
+    held = await ops.lookup(pyfuse3.ROOT_INODE, b"features.tsv", ctx)
+    info = await ops.open(held.st_ino, os.O_RDONLY, ctx)
+    directory.child = new
+    first = await ops.lookup(pyfuse3.ROOT_INODE, b"features.tsv", ctx)
+    assert first.st_ino != held.st_ino and first.st_size == 5
+    await ops.forget([(first.st_ino, 1)])  # the old inode stays: its file is open
+    again = await ops.lookup(pyfuse3.ROOT_INODE, b"features.tsv", ctx)
+    assert again.st_ino != held.st_ino and again.st_size == 5
+    assert (await ops.getattr(held.st_ino, ctx)).st_size == 3
+    assert await ops.read(info.fh, 0, 100) == b"old"
+    await ops.release(info.fh)
+
+
 async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
     import concurrent.futures
 
