@@ -21,7 +21,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NewType, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -36,6 +36,14 @@ T = TypeVar("T")
 P = ParamSpec("P")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 BLOCK_SIZE = 1 << 20
+
+# The kernel's numbers, kept apart by type: an inode, a file's handle and a directory's handle
+# are all ints to the kernel and to pyfuse3 (whose InodeT and FileHandleT are plain aliases of
+# int); mypy keeps them from being mixed up here. Handlers receive ints and name them once.
+Inode = NewType("Inode", int)
+FileHandle = NewType("FileHandle", int)
+DirHandle = NewType("DirHandle", int)
+ROOT = Inode(pyfuse3.ROOT_INODE)
 
 
 Handler = Callable[Concatenate["Operations", P], Coroutine[Any, Any, T]]
@@ -129,16 +137,16 @@ class Operations(pyfuse3.Operations):
         self._limiter = limiter
         self._prefetcher = prefetcher
         self._uid, self._gid = os.getuid(), os.getgid()
-        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
-        self._inodes: dict[str, int] = {root.path: pyfuse3.ROOT_INODE}
-        self._parents: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
-        self._lookups: collections.Counter[int] = collections.Counter()
-        self._volatile: dict[int, int] = {}  # id() of a volatile file node -> its inode
+        self._nodes: dict[Inode, Node] = {ROOT: root}
+        self._inodes: dict[str, Inode] = {root.path: ROOT}
+        self._parents: dict[Inode, Inode] = {ROOT: ROOT}
+        self._lookups: collections.Counter[Inode] = collections.Counter()
+        self._volatile: dict[int, Inode] = {}  # id() of a volatile file node -> its inode
         self._generations: collections.Counter[str] = collections.Counter()  # per path
-        self._files: dict[int, FileContent] = {}
-        self._dirs: dict[int, list[tuple[str, Node]]] = {}
-        self._dirs_parent: dict[int, int] = {}
-        self._next_fh = 1
+        self._files: dict[FileHandle, FileContent] = {}
+        self._dirs: dict[DirHandle, list[tuple[str, Node]]] = {}
+        self._dirs_parent: dict[DirHandle, Inode] = {}
+        self._next_fh = 1  # one sequence for both kinds of handle
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
 
     def init(self) -> None:
@@ -147,7 +155,7 @@ class Operations(pyfuse3.Operations):
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _inode(self, node: Node, parent: int) -> int:
+    def _inode(self, node: Node, parent: Inode) -> Inode:
         """The node's inode number: its path's, shared by the nodes that replace one another
         at that path with the same bytes; a volatile file (whose replacement may have other
         bytes, see `tree.File.volatile`) and its replacement each have their own, so the
@@ -169,9 +177,9 @@ class Operations(pyfuse3.Operations):
             generation = self._generations[node.path]
         name = node.path if generation == 0 else f"{node.path}\0{generation}"
         digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8)
-        ino = max(int.from_bytes(digest.digest(), "little") >> 1, pyfuse3.ROOT_INODE + 1)
+        ino = Inode(max(int.from_bytes(digest.digest(), "little") >> 1, ROOT + 1))
         while ino in self._nodes and not self._same(self._nodes[ino], node, generation):
-            ino += 1  # taken (another path, or a volatile file's other version): the next one
+            ino = Inode(ino + 1)  # taken (another path, or a volatile file's other version)
         self._nodes[ino] = node
         self._inodes[node.path] = ino
         self._parents[ino] = parent
@@ -192,13 +200,18 @@ class Operations(pyfuse3.Operations):
             return False
         return not (_volatile(occupant) or _volatile(node))
 
-    def _node(self, ino: int) -> Node:
+    def _handle(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _node(self, ino: Inode) -> Node:
         node = self._nodes.get(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _dir(self, ino: int) -> Dir:
+    def _dir(self, ino: Inode) -> Dir:
         node = self._node(ino)
         if not isinstance(node, Dir):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -226,7 +239,7 @@ class Operations(pyfuse3.Operations):
         failed = await self._blocking(_settle_each, waiting)
         return {id(node) for node in failed}
 
-    def _attributes(self, node: Node, ino: int) -> pyfuse3.EntryAttributes:
+    def _attributes(self, node: Node, ino: Inode) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = ino
         attr.st_uid, attr.st_gid = self._uid, self._gid
@@ -259,12 +272,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent = self._dir(parent_inode)
+        parent_ino = Inode(parent_inode)
+        parent = self._dir(parent_ino)
         text = os.fsdecode(name)
         if text == ".":
-            return self._attributes(parent, parent_inode)
+            return self._attributes(parent, parent_ino)
         if text == "..":
-            up = self._parents.get(parent_inode, pyfuse3.ROOT_INODE)
+            up = self._parents.get(parent_ino, ROOT)
             return self._attributes(self._node(up), up)
         ready = parent.ready_children()
         node = ready.get(text) if ready is not None else None
@@ -278,18 +292,19 @@ class Operations(pyfuse3.Operations):
                 negative.entry_timeout = self._negative_time
                 return negative
         await self._settle([node])
-        ino = self._inode(node, parent_inode)
+        ino = self._inode(node, parent_ino)
         self._lookups[ino] += 1
         return self._attributes(node, ino)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
+        for number, count in inode_list:
+            ino = Inode(number)
             left = self._lookups[ino] - count
             if left > 0:
                 self._lookups[ino] = left
                 continue
             self._lookups.pop(ino, None)
-            if ino != pyfuse3.ROOT_INODE:
+            if ino != ROOT:
                 node = self._nodes.pop(ino, None)
                 if node is not None:
                     if self._inodes.get(node.path) == ino:
@@ -300,30 +315,32 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
+        ino = Inode(inode)
+        node = self._node(ino)
         await self._settle([node])
-        return self._attributes(node, inode)
+        return self._attributes(node, ino)
 
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        directory = self._dir(inode)
+        ino = Inode(inode)
+        directory = self._dir(ino)
         children = directory.ready_children()
         if children is None:
             children = await self._blocking(directory.children)
         directory.listed(children)
         failed = await self._settle_listed(list(children.values()))
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = DirHandle(self._handle())
         self._dirs[fh] = sorted((n, c) for n, c in children.items() if id(c) not in failed)
-        self._dirs_parent[fh] = inode
+        self._dirs_parent[fh] = ino
         return fh
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs.get(fh)
+        handle = DirHandle(fh)
+        entries = self._dirs.get(handle)
         if entries is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        parent = self._dirs_parent.get(fh, pyfuse3.ROOT_INODE)
+        parent = self._dirs_parent.get(handle, ROOT)
         for index in range(start_id, len(entries)):
             name, node = entries[index]
             ino = self._inode(node, parent)
@@ -335,8 +352,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-        self._dirs_parent.pop(fh, None)
+        self._dirs.pop(DirHandle(fh), None)
+        self._dirs_parent.pop(DirHandle(fh), None)
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -344,14 +361,13 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        node = self._node(inode)
+        node = self._node(Inode(inode))
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EISDIR)
         content = await self._blocking(node.content) if node.blocking else node.content()
         if self._prefetcher is not None and not isinstance(content, StaticContent):
             content = self._prefetcher.wrap(content)  # lazy bytes: read-ahead for streams
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = FileHandle(self._handle())
         self._files[fh] = content
         self.activity.counters["opens"] += 1
         # a volatile file's bytes never change either: its replacement has its own inode
@@ -360,7 +376,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        content = self._files.get(fh)
+        content = self._files.get(FileHandle(fh))
         if content is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         data = content.peek(off, size)
@@ -375,7 +391,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
-        content = self._files.pop(fh, None)
+        content = self._files.pop(FileHandle(fh), None)
         if isinstance(content, ReadAhead):
             content.close()
 
@@ -387,7 +403,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        self._node(inode)
+        self._node(Inode(inode))
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
