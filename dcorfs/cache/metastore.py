@@ -59,7 +59,12 @@ class MetaStore:
 
     def __init__(self, path: Path | None, *, scope: str) -> None:
         self._scope = scope
+        # two locks, so that answers in memory are never kept waiting by the database: `_lock`
+        # guards `_memory` (held only for dict operations), `_db_lock` the connection (and
+        # orders writes: memory and database see them in the same order). Order: `_db_lock`
+        # first, then `_lock`.
         self._lock = threading.Lock()
+        self._db_lock = threading.Lock()
         self._memory: dict[str, tuple[Any, float]] = {}
         self._db: sqlite3.Connection | None = None
         if path is not None:
@@ -76,6 +81,9 @@ class MetaStore:
         db = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            # WAL: durable at checkpoints, not at each commit (an answer lost in a power cut is
+            # asked again); FULL synced every answer stored, each in the way of the others
+            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS answers (scope TEXT, key TEXT, value TEXT,"
                 " stored REAL, PRIMARY KEY (scope, key))"
@@ -90,8 +98,11 @@ class MetaStore:
         """(value, wall time stored) or None."""
         with self._lock:
             hit = self._memory.get(key)
-            if hit is not None or self._db is None:
-                return hit
+        if hit is not None:
+            return hit
+        with self._db_lock:
+            if self._db is None:
+                return None
             try:
                 row = self._db.execute(
                     "SELECT value, stored FROM answers WHERE scope=? AND key=?", (self._scope, key)
@@ -102,14 +113,15 @@ class MetaStore:
             if row is None:
                 return None
             value = (json.loads(row[0]), float(row[1]))
-            self._memory[key] = value
-            return value
+            with self._lock:
+                return self._memory.setdefault(key, value)
 
     def put(self, key: str, value: Any) -> None:
         now = time.time()
         text = json.dumps(value, separators=(",", ":"))
-        with self._lock:
-            self._memory[key] = (value, now)
+        with self._db_lock:
+            with self._lock:
+                self._memory[key] = (value, now)
             if self._db is None:
                 return
             try:
@@ -122,15 +134,16 @@ class MetaStore:
 
     def clear(self) -> int:
         """Forget every stored answer (of every scope); returns how many."""
-        with self._lock:
-            self._memory.clear()
+        with self._db_lock:
+            with self._lock:
+                self._memory.clear()
             if self._db is None:
                 return 0
             count = self._db.execute("DELETE FROM answers").rowcount
             return int(count)
 
     def close(self) -> None:
-        with self._lock:
+        with self._db_lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
