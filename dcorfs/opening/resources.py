@@ -276,7 +276,8 @@ class Resources:
     ) -> Served | None:
         """Blocking, while `loading` (whatever opens the resource) runs: the features its
         condensed file serves, with their value objects, as soon as that file is described
-        (before the original is); None when `loading` ends first or nothing is served early."""
+        (before the original is); None when `loading` ends first or nothing is served early.
+        A reader looks for one of them: all their values are warmed (`Warmer.warm_objects`)."""
         with self._lock:
             if resource_id in self._opened:  # nothing to wait for (and nothing to leave)
                 return None
@@ -284,7 +285,10 @@ class Resources:
         concurrent.futures.wait([early, loading], return_when=concurrent.futures.FIRST_COMPLETED)
         if loading.done() or not early.done():
             return None
-        return early.result()
+        served = early.result()
+        if served is not None:
+            self._warmer.warm_objects([values for _, values in served.values()])
+        return served
 
     def _open_rtdc(
         self,

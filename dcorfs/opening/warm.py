@@ -67,9 +67,11 @@ class Warmer:
         events: int,
     ) -> None:
         """As soon as the condensed file is described (called when that is done, in any
-        thread), the features it serves are known (`served_early`) and their values warmed
-        like `warm_scalars`: side by side with describing the original, which the listing of
-        a resource directory waits for (it names the original's features too)."""
+        thread), the features it serves are known (`served_early`): side by side with
+        describing the original, which the listing of a resource directory waits for (it
+        names the original's features too). Their values are warmed (`warm_objects`) once a
+        reader looks for one of them (`Resources.served_early`), not here: a resource opened
+        ahead of readers (a listed dataset's, for `ls -lR`) may never be read."""
         if made.cancelled() or made.exception() is not None:
             publish(early, None)
             return  # reported by whoever waits for it
@@ -79,7 +81,6 @@ class Warmer:
             for f in condensed_features(source, events)
         }
         publish(early, served)
-        self.warm_objects([obj for _, obj in served.values()])
 
     def warm_objects(self, objects: list[ObjectId]) -> None:
         if not prefetch.warm_together(sum(obj.size for obj in objects)):

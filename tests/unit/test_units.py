@@ -34,6 +34,7 @@ from dcorfs.fs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, Stat
 from dcorfs.hdf5.rtdc import Feature
 from dcorfs.opening.pools import Pools
 from dcorfs.opening.resources import Resources
+from dcorfs.opening.warm import Warmer
 from dcorfs.remote.catalog import Catalog, Resource
 from dcorfs.remote.dcserv import DcorApi, Locator, object_key, parse_basin
 from dcorfs.settings import Token, parse_host, parse_size
@@ -354,14 +355,18 @@ def test_metadata_ranges_on_open() -> None:
 
 
 class OpeningOnly(Resources):
-    """`Resources` with real pools and no layers below (its tests replace what opens)."""
+    """`Resources` with real pools and no layers below (its tests replace what opens); with
+    `derived`, a real warmer of its values."""
 
     def __init__(self, derived: DerivedCache | None = None, recheck: float = 300.0) -> None:
         none = cast(Any, None)
         self.pools = Pools()
+        warmer = none
+        if derived is not None:
+            warmer = Warmer(cache=none, derived=derived, pool=self.pools.warm, timeout=9)
         super().__init__(
             objects=none,
-            warmer=none,
+            warmer=warmer,
             pools=self.pools,
             api=None,
             catalog=None,
@@ -396,7 +401,13 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
     feature = Feature(name="deform", dtype=np.dtype("<f4"), shape=(3,), source="condensed")
     values = np.array([0.5, 1.5, 2.5], dtype="<f4")
     obj = ObjectId(key="k#rows/deform", etag="e", size=values.nbytes)
-    derived.register(obj, lambda start, stop, deadline: values.tobytes()[start:stop])
+    made = threading.Event()
+
+    def make(start: int, stop: int, deadline: float) -> bytes:
+        made.set()
+        return values.tobytes()[start:stop]
+
+    derived.register(obj, make)
     resources = HeldResources(derived)
     none = cast(Any, None)
     ctx = Context(
@@ -412,6 +423,8 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
             resources._early_future("r1").set_result({"deform": (feature, obj)})
             node = early.result(timeout=30)
         assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
+        # a reader looked for one: the values of all of them are made in the background
+        assert made.wait(30) and derived.peek(obj, 0, obj.size) == values.tobytes()
         buffer = io.BytesIO(node.content().read(0, node.size, deadline=time.monotonic() + 9))
         assert np.array_equal(np.load(buffer), values)
         assert directory.ready_children() is None  # the listing is still being made
