@@ -1,8 +1,9 @@
 """The cache layer: object identities and the bytes kept of them, in memory and on disk.
 
 Everything above reads remote bytes through here and nothing here knows where bytes come from
-(a fetch function is injected by the wiring). `diskstore` names an object (`ObjectId`: key,
-size, ETag) and keeps blocks on disk, checksummed and bounded; `blockcache` serves byte ranges
+(a fetch function is injected by the wiring). `identity` names an object (`ObjectId`: key,
+ETag, size: what every layer's bytes are keyed by); `diskstore` keeps blocks on disk,
+checksummed and bounded; `blockcache` serves byte ranges
 from memory over disk over the fetcher, single-flight, in parallel; `derived` does the same for
 bytes computed from remote objects (decoded feature values); `metastore` remembers API answers
 so a mount works offline, under the keys `answers` makes (one function per kind, versioned);

@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
-from .diskstore import DiskStore, ObjectId
+from .diskstore import DiskStore
+from .identity import ObjectId
 
-__all__ = ["BlockCache", "CacheStats", "Fetch", "ObjectId"]
+__all__ = ["BlockCache", "CacheStats", "Fetch"]
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[ObjectId, int, int, float], bytes]

@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable, Sequence
 
 from ..errors import ProtocolError
-from .blockcache import BlockCache, ObjectId
+from .blockcache import BlockCache
 from .diskstore import DiskStore
+from .identity import ObjectId
 
 SEPARATOR = "#"
 VERSION = 1  # bump when the bytes of any derived object change for the same inputs

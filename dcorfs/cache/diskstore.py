@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import sqlite3
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import cachedir
+from .identity import ObjectId
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 RETRY_FULL = 30.0
 TOUCH_EVERY = 5.0
 TOUCH_BATCH = 64  # marks of use written together
-
-
-@dataclass(frozen=True)
-class ObjectId:
-    """A remote object's identity and version: bucket/key, ETag, size."""
-
-    key: str
-    etag: str
-    size: int
-
-    @property
-    def identity(self) -> bytes:
-        return hashlib.sha256(f"{self.key}\0{self.etag}".encode()).digest()
 
 
 @dataclass(frozen=True)

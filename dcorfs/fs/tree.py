@@ -22,8 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
-from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
+from ..cache.identity import ObjectId
 from ..errors import DcorfsError, NotFound
 from ..hdf5.contour import Contour, contour_of
 from ..hdf5.rtdc import RtdcResource

@@ -37,8 +37,8 @@ import h5py
 import numpy as np
 
 from ..cache import answers
-from ..cache.blockcache import ObjectId
 from ..cache.derived import DerivedCache, derived_id
+from ..cache.identity import ObjectId
 from ..cache.prefetch import HEADER_GUESS
 from ..errors import ProtocolError
 from .rtdc import RtdcResource, RtdcSource

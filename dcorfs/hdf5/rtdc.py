@@ -39,8 +39,9 @@ import hdf5plugin  # noqa: F401  (registers the Zstd filter of modern .rtdc file
 import numpy as np
 from h5py._objects import phil
 
-from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache, derived_id
+from ..cache.identity import ObjectId
 from ..cache.prefetch import HEADER_GUESS, STRUCTURE
 from ..errors import ProtocolError
 from .featurerule import checked, file_facts, innate, shown

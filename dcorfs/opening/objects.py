@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..cache import answers, prefetch
-from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.blockcache import BlockCache
+from ..cache.identity import ObjectId
 from ..cache.metastore import FOREVER, Memo
 from ..errors import AccessDenied, Moved, NotFound, ProtocolError, redact_url
 from ..remote.catalog import Dataset, Resource

@@ -17,8 +17,9 @@ import threading
 import time
 
 from ..cache import prefetch
-from ..cache.blockcache import BlockCache, ObjectId
+from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
+from ..cache.identity import ObjectId
 from ..errors import DcorfsError
 from ..hdf5.rtdc import RtdcResource, RtdcSource, condensed_features, register_rows
 from ..hdf5.structure import Feature

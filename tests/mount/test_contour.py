@@ -17,8 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
-from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.identity import ObjectId
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer

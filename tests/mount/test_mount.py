@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcorfs.cache.blockcache import ObjectId
 from dcorfs.cache.derived import is_derived
 from dcorfs.cache.diskstore import read_inventory
+from dcorfs.cache.identity import ObjectId
 from dcorfs.devserver.server import DevServer
 
 from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.cache import cachedir
-from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.diskstore import (
     HEADER,
     TOTAL_TRIGGERS,
@@ -22,6 +22,7 @@ from dcorfs.cache.diskstore import (
     damage_of,
     read_inventory,
 )
+from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.metastore import MetaStore
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.identity import ObjectId
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.fs.content import FileContent, PartsContent, RowContent, StaticContent, read_pieces
 from dcorfs.fs.producers.npy import npy_content

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.derived import DerivedCache, derived_id, is_derived, source_key
 from dcorfs.cache.diskstore import DiskStore, read_inventory
+from dcorfs.cache.identity import ObjectId
 
 SOURCE = ObjectId(key="circle-c/resource/abc/def/ghi", etag="e1", size=1000)
 TRUTH = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.identity import ObjectId
 from dcorfs.devserver.kernel import compute
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.hdf5.rtdc import RemoteFile, RtdcResource, RtdcSource

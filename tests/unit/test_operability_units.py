@@ -151,8 +151,8 @@ def test_cache_info_only_reads(tmp_path: Path) -> None:
     import io
 
     from dcorfs.admin import cache_admin
-    from dcorfs.cache.blockcache import ObjectId
     from dcorfs.cache.diskstore import DiskStore
+    from dcorfs.cache.identity import ObjectId
 
     cache = tmp_path / "cache"
     store = DiskStore(cache, limit_bytes=1 << 20, block_size=1024)

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs.cache.blockcache import BlockCache, ObjectId
+from dcorfs.cache.blockcache import BlockCache
+from dcorfs.cache.identity import ObjectId
 from dcorfs.errors import TransientError
 from dcorfs.fs.content import FileContent, PartsContent, RowContent, StaticContent
 from dcorfs.fs.producers.passthrough import ObjectContent

@@ -9,8 +9,8 @@ from typing import Any, cast
 
 import pytest
 
-from dcorfs.cache.blockcache import ObjectId
 from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.identity import ObjectId
 from dcorfs.errors import AccessDenied, NotFound
 from dcorfs.fs.s3tree import PLAIN_NAME, BucketResourceDir, build_s3_root
 from dcorfs.fs.tree import Context, Dir, File

@@ -185,7 +185,8 @@ def test_opening_a_file_with_contours_reads_no_more_of_it_than_without(tmp_path:
     node, under h5py's lock): the file's blocks read by a scan stay few."""
     import time
 
-    from dcorfs.cache.blockcache import BlockCache, ObjectId
+    from dcorfs.cache.blockcache import BlockCache
+    from dcorfs.cache.identity import ObjectId
     from dcorfs.hdf5.rtdc import RemoteFile, RtdcSource
 
     path = write_rtdc(

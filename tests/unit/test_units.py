@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dcorfs.cache.blockcache import ObjectId
 from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.metastore import Memo, MetaStore
 from dcorfs.errors import AccessDenied, DeadlineExceeded, NotFound, TransientError
 from dcorfs.fs.content import StaticContent

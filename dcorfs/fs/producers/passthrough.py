@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ...cache.blockcache import BlockCache, ObjectId
+from ...cache.blockcache import BlockCache
+from ...cache.identity import ObjectId
 
 
 class ObjectContent:
