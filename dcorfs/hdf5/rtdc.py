@@ -12,9 +12,12 @@ intra-dataset basin (doc/DCOR.md §3).
 Values equal what dclab reads: `mask` is boolean, everything else keeps its stored dtype
 (little-endian). h5py serializes all HDF5 calls behind one lock; before decoding a slice we
 make sure its raw chunks are in the cache (`BlockCache.ensure`, outside that lock), so the
-lock is not held across network waits for event data. Those chunks are kept in memory only
-and dropped once decoded (what is kept of event data are their decoded values, see
-`RtdcResource`): written to disk they cost half the CPU time of a cold sequential read.
+lock is not held across network waits for event data; then the chunks are decoded without
+h5py (`chunks`: the codecs' own libraries, off its lock and the GIL, so reads decode side by
+side on every core), or through h5py for datasets whose pipeline `chunks` does not know.
+Those chunks are kept in memory only and dropped once decoded (what is kept of event data are
+their decoded values, see `RtdcResource`): written to disk they cost half the CPU time of a
+cold sequential read.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..cache.derived import DerivedCache, derived_id
 from ..cache.identity import ObjectId
 from ..cache.prefetch import HEADER_GUESS, STRUCTURE
 from ..errors import ProtocolError
+from .chunks import ChunkError, Codec, rows
 from .featurerule import checked, file_facts, innate, shown
 from .fileobj import SeekableFile
 from .structure import (
@@ -165,6 +169,10 @@ class RemoteFile(SeekableFile):
         """The whole object (blocking: network)."""
         return self._cache.read(self.obj, 0, self.obj.size, deadline=deadline)
 
+    def read_range(self, start: int, stop: int, deadline: float) -> bytes:
+        """Bytes [start, stop) of the object (blocking unless they are in the cache)."""
+        return self._cache.read(self.obj, start, stop, deadline=deadline)
+
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         stop = min(self._pos + len(buffer), self.obj.size)
         if stop <= self._pos:
@@ -188,12 +196,15 @@ class Outline:
 
 @dataclass
 class _Layout:
-    """Byte ranges of a dataset's storage by first event: chunk starts and (offset, size)."""
+    """Byte ranges of a dataset's storage by first event: chunk starts and (offset, size),
+    each chunk's filter mask, and how to decode its chunks without h5py (None: with h5py)."""
 
     starts: list[int]
     spans: list[tuple[int, int]]
     rows: int  # events per chunk (contiguous: 0)
     row_bytes: int
+    masks: list[int]
+    codec: Codec | None
 
 
 class RtdcSource:
@@ -356,8 +367,18 @@ class RtdcSource:
         pieces = _storage(data)
         layout = None
         if pieces:
-            rows = 0 if data.chunks is None else data.chunks[0]
-            layout = _Layout([p[0] for p in pieces], [p[1:] for p in pieces], rows, row_bytes)
+            per_chunk = 0 if data.chunks is None else data.chunks[0]
+            codec = Codec.of(data)
+            if codec is None:
+                log.debug("%s of %s: decoded by h5py", name, self.remote.obj.key)
+            layout = _Layout(
+                [p[0] for p in pieces],
+                [(p[1], p[2]) for p in pieces],
+                per_chunk,
+                row_bytes,
+                [p[3] for p in pieces],
+                codec,
+            )
         with self._lock:
             self._layouts[name] = layout
         return layout
@@ -384,14 +405,40 @@ class RtdcSource:
             hook()
         with self._reading(name, deadline):
             ranges = self.raw_ranges(name, start, stop, deadline=deadline)
+            layout = self._layout(name, deadline)
         # in memory only: what is kept of event data are their decoded values (derived blocks)
         self.remote.ensure(ranges, deadline=deadline, disk=False)
-        with self._reading(name, deadline):
-            values = self.dataset(name, deadline)[start:stop]
+        values = None
+        if layout is not None and layout.codec is not None and stop > start:
+            values = self._decoded(name, layout, start, stop, deadline=deadline)
+        if values is None:
+            with self._reading(name, deadline):
+                values = self.dataset(name, deadline)[start:stop]
         # decoded: the chunks are not needed again, except the first and last (they may hold
         # events of the next slices too)
         self.remote.forget(ranges[1:-1])
         return np.ascontiguousarray(values, dtype=feature.dtype)
+
+    def _decoded(
+        self, name: str, layout: _Layout, start: int, stop: int, *, deadline: float
+    ) -> np.ndarray | None:
+        """Events [start, stop) of `name` decoded from its chunks without h5py (`chunks`);
+        None when a chunk does not decode (h5py then reads them, and says what is wrong)."""
+        feature = self.features[name]
+        first = max(0, bisect.bisect_right(layout.starts, start) - 1)
+        last = bisect.bisect_left(layout.starts, stop)
+        pieces = [
+            (layout.starts[i], self.remote.read_range(off, off + size, deadline), layout.masks[i])
+            for i, (off, size) in enumerate(layout.spans[first:last], start=first)
+        ]
+        out = np.empty((stop - start, *feature.shape[1:]), dtype=feature.dtype)
+        assert layout.codec is not None
+        try:
+            rows(layout.codec, pieces, start, stop, out)
+        except ChunkError as exc:
+            log.warning("%s of %s: %s; reading it through h5py", name, self.remote.obj.key, exc)
+            return None
+        return out
 
     def close(self) -> None:
         with self._opening:
@@ -451,15 +498,17 @@ def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
     }
 
 
-def _storage(data: h5py.Dataset) -> list[tuple[int, int, int]]:
-    """Where a dataset's data lie: (first event, offset, size) of each chunk, sorted, or of
-    its contiguous storage; [] when nothing is stored."""
+def _storage(data: h5py.Dataset) -> list[tuple[int, int, int, int]]:
+    """Where a dataset's data lie: (first event, offset, size, filter mask) of each chunk,
+    sorted, or of its contiguous storage; [] when nothing is stored."""
     if data.chunks is None:
         offset = data.id.get_offset()
-        return [] if offset is None else [(0, offset, data.id.get_storage_size())]
-    chunks: list[tuple[int, int, int]] = []
+        return [] if offset is None else [(0, offset, data.id.get_storage_size(), 0)]
+    chunks: list[tuple[int, int, int, int]] = []
     data.id.chunk_iter(
-        lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size))
+        lambda info: chunks.append(
+            (info.chunk_offset[0], info.byte_offset, info.size, info.filter_mask)
+        )
     )
     return sorted(chunks)
 
@@ -471,7 +520,7 @@ def _data_ranges(group: h5py.Group) -> list[tuple[int, int]]:
     with contextlib.suppress(*H5PY_ERRORS):
         for item in group.values():
             if isinstance(item, h5py.Dataset):
-                ranges += [(offset, offset + size) for _, offset, size in _storage(item)]
+                ranges += [(offset, offset + size) for _, offset, size, _ in _storage(item)]
     return ranges
 
 

@@ -1,0 +1,195 @@
+"""Decoding HDF5 chunks without h5py: event data decoded off h5py's one lock.
+
+h5py serialises every HDF5 call behind one global lock (`phil`), so decoding event data
+through it runs on one core, whatever the number of readers. The chunks of a feature are
+plain byte ranges of the file, each the output of the dataset's filter pipeline; this module
+runs that pipeline backwards itself, with the codecs' own libraries, which release the GIL
+(`zlib`, `zstandard`) — so reads of event data decode side by side on every core.
+
+`Codec.of(dataset)` reads a dataset's pipeline once (with h5py, under its lock); it is None
+when any filter, the datatype or the chunk shape is one this module does not decode (then
+the reader keeps h5py's path for that dataset). Filters decoded (doc/ARCHITECTURE.md, "One
+read"):
+
+- 1, deflate (gzip): `zlib`
+- 2, shuffle: the bytes of each element were grouped by position; regrouped with numpy
+- 3, fletcher32: HDF5's checksum of the filtered bytes, verified (`ChunkError` on a mismatch,
+  also the byte-swapped form HDF5 before 1.6.3 wrote, as libhdf5 accepts it) and stripped
+- 32015, Zstd (hdf5plugin's, in modern .rtdc files): `zstandard`
+
+A chunk's filter mask (one bit per filter skipped when it was written) is honoured. Edge
+chunks are stored whole and cropped by the caller (`rows`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import zstandard
+
+DEFLATE, SHUFFLE, FLETCHER32, ZSTD = 1, 2, 3, 32015
+DECODED = {DEFLATE, SHUFFLE, FLETCHER32, ZSTD}
+
+
+class ChunkError(ValueError):
+    """A chunk that does not decode (corrupt bytes, a checksum mismatch)."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How to turn a stored chunk of one dataset back into its values."""
+
+    filters: tuple[tuple[int, tuple[int, ...]], ...]  # (filter id, its values), as written
+    dtype: np.dtype  # of the stored elements
+    chunk: tuple[int, ...]  # the chunk's shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one decoded chunk."""
+        return int(np.prod(self.chunk, dtype=np.int64)) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, dataset: h5py.Dataset) -> Codec | None:
+        """The dataset's codec, or None when this module does not decode it (h5py does):
+        not chunked, chunked across the values of one event, a datatype that is not a plain
+        number, or a filter other than those above."""
+        chunks = dataset.chunks
+        dtype = dataset.dtype
+        if chunks is None or tuple(chunks[1:]) != tuple(dataset.shape[1:]):
+            return None
+        if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+            return None
+        plist = dataset.id.get_create_plist()
+        filters = []
+        for index in range(plist.get_nfilters()):
+            ident, _flags, values, _name = plist.get_filter(index)
+            if ident not in DECODED:
+                return None
+            filters.append((int(ident), tuple(int(v) for v in values)))
+        return cls(tuple(filters), np.dtype(dtype), tuple(int(c) for c in chunks))
+
+    def decode(self, raw: bytes | memoryview, mask: int = 0) -> np.ndarray:
+        """The values of one stored chunk (its whole shape; `mask`: the chunk's filter
+        mask). Releases the GIL in the codecs; raises `ChunkError` on bytes that do not
+        decode."""
+        data: bytes | memoryview | np.ndarray = raw
+        for index in range(len(self.filters) - 1, -1, -1):
+            if mask & (1 << index):
+                continue  # skipped when this chunk was written
+            ident, values = self.filters[index]
+            data = _undo(ident, values, data, self.nbytes, self.dtype.itemsize)
+        array = np.frombuffer(data, dtype=np.uint8)
+        if array.size != self.nbytes:
+            raise ChunkError(f"a chunk decoded to {array.size} bytes, not {self.nbytes}")
+        return array.view(self.dtype).reshape(self.chunk)
+
+
+def _undo(
+    ident: int,
+    values: tuple[int, ...],
+    data: bytes | memoryview | np.ndarray,
+    nbytes: int,
+    itemsize: int,
+) -> bytes | memoryview | np.ndarray:
+    """Undo one filter."""
+    buffer = data.data if isinstance(data, np.ndarray) else data  # its memoryview
+    try:
+        if ident == ZSTD:
+            return zstandard.ZstdDecompressor().decompress(buffer, max_output_size=nbytes)
+        if ident == DEFLATE:
+            return zlib.decompress(buffer)
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise ChunkError(f"a chunk does not decompress: {exc}") from None
+    if ident == SHUFFLE:
+        return unshuffle(data, values[0] if values else itemsize)
+    if ident == FLETCHER32:
+        return fletcher32_checked(data)
+    raise ChunkError(f"filter {ident} is not decoded here")  # `Codec.of` let it through
+
+
+def unshuffle(data: bytes | memoryview | np.ndarray, size: int) -> np.ndarray:
+    """Undo HDF5's shuffle filter for elements of `size` bytes (trailing bytes that make no
+    whole element were left in place)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    count = raw.size // size
+    if size <= 1 or count <= 1:
+        return raw
+    out = np.empty_like(raw)
+    whole = count * size
+    out[:whole].reshape(count, size)[:] = raw[:whole].reshape(size, count).T
+    out[whole:] = raw[whole:]
+    return out
+
+
+def fletcher32(data: bytes | memoryview | np.ndarray) -> int:
+    """HDF5's Fletcher-32 (H5checksum.c: 16-bit big-endian words, sums reduced with an
+    end-around carry, an odd last byte taken as the high byte of a word).
+
+    Word i of n counts once in the first sum and n - i times in the second; both are formed
+    exactly (blocks of `_BLOCK` words weighted by a matrix-vector product in float64, whose
+    partial sums stay below 2**53) and reduced modulo 0xffff at the end."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size % 2:
+        raw = np.concatenate([raw, np.zeros(1, np.uint8)])
+    words = raw.view(">u2")
+    n = words.size
+    blocks = n // _BLOCK
+    head = words[: blocks * _BLOCK].reshape(blocks, _BLOCK).astype(np.float64)
+    tail = words[blocks * _BLOCK :].astype(np.int64)
+    block_sums = head.sum(axis=1).astype(np.int64)  # each below 2**27
+    within = (head @ _WEIGHTS).astype(np.int64)  # each below 2**37
+    after = n - _BLOCK * np.arange(1, blocks + 1, dtype=np.int64)  # words after each block
+    first = int(block_sums.sum()) + int(tail.sum())
+    second = (
+        int(np.dot(block_sums, after))
+        + int(within.sum())
+        + int(np.dot(tail, np.arange(tail.size, 0, -1, dtype=np.int64)))
+    )
+    if first == 0:  # all words 0 (then both sums are)
+        return 0
+    # the end-around carry never reduces a non-zero sum to 0 (it gives 0xffff instead)
+    return ((second % 0xFFFF or 0xFFFF) << 16) | (first % 0xFFFF or 0xFFFF)
+
+
+_BLOCK = 1024
+_WEIGHTS = np.arange(_BLOCK, 0, -1, dtype=np.float64)  # word j of a block: _BLOCK - j more
+
+
+def fletcher32_checked(data: bytes | memoryview | np.ndarray) -> np.ndarray:
+    """The bytes before the 4-byte checksum the fletcher32 filter appended, once they match it
+    (or the byte-swapped checksum libhdf5 before 1.6.3 wrote)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size < 4:
+        raise ChunkError("a chunk too short for its fletcher32 checksum")
+    body = raw[:-4]
+    stored = int.from_bytes(raw[-4:].tobytes(), "little")
+    computed = fletcher32(body)
+    swapped = int.from_bytes(
+        bytes(computed.to_bytes(4, "little")[i] for i in (1, 0, 3, 2)), "little"
+    )
+    if stored not in (computed, swapped):
+        raise ChunkError("a chunk's fletcher32 checksum does not match its bytes")
+    return body
+
+
+def rows(
+    codec: Codec,
+    pieces: Sequence[tuple[int, bytes | memoryview, int]],
+    start: int,
+    stop: int,
+    out: np.ndarray,
+) -> None:
+    """Decode rows [start, stop) into `out` (stop - start rows, any numeric dtype: values are
+    converted as numpy converts them) from the chunks holding them: (first row, stored
+    bytes, filter mask) of each, in order."""
+    per_chunk = codec.chunk[0]
+    for first, raw, mask in pieces:
+        lo, hi = max(start, first), min(stop, first + per_chunk)
+        if lo >= hi:
+            continue
+        values = codec.decode(raw, mask)
+        out[lo - start : hi - start] = values[lo - first : hi - first]
