@@ -24,7 +24,7 @@ check:
 
 bench:
 	@scripts/bootstrap.sh test
-	$(VENV)/python benchmarks/run.py --events 100000 --latency 20
+	$(VENV)/python benchmarks/run.py --events 20000,100000 --repeat 3 --latency 20 --json bench.json
 
 clean:
 	rm -rf .venv build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
