@@ -251,6 +251,7 @@ class MountSettings:
     prepare_threads: int = 8  # resources of a listed dataset opened ahead of readers
     build_threads: int = 2  # structures of synthesized files (CPU work)
     listing_threads: int = 4  # resource directory listings a reader waits for
+    malloc_arenas: int = 2  # glibc's, for all threads together (daemon/memory.py)
     kernel_tuning: bool = False  # root only: raise read_ahead_kb and max_background
     read_ahead_kb: int = 1024
     max_background: int = 64

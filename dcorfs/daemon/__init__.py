@@ -5,8 +5,8 @@ host or S3 endpoint, the token); `mount` forks the daemon and waits until it is 
 `loop` runs it: builds the layers (`wiring`, the composition root: every layer from
 `MountSettings`, bottom up), mounts, answers FUSE on one trio thread and keeps systemd informed
 with its notify protocol (`notify`); `logs` configures logging (the token never logged);
-`tuning` sets root-only kernel knobs of one mount; `report` renders the status report that
-`status`, `warmup` and the log use.
+`tuning` sets root-only kernel knobs of one mount; `memory` bounds glibc's malloc arenas;
+`report` renders the status report that `status`, `warmup` and the log use.
 
 Imports: every layer below. Pools and threads of a running mount: doc/ARCHITECTURE.md.
 """

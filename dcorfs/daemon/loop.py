@@ -23,6 +23,7 @@ from ..fs.fuse_ops import Operations
 from ..hdf5.rtdc import CycleCollector
 from ..settings import MountSettings
 from .logs import configure
+from .memory import limit_arenas
 from .notify import Notifier, watchdog_interval
 from .report import one_line
 from .tuning import tune
@@ -42,6 +43,8 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         secrets=settings.secrets(),
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if limit_arenas(settings.malloc_arenas):
+        log.debug("at most %d malloc arenas", settings.malloc_arenas)
     notifier = Notifier.from_environment()
     try:
         ops, report, close = build(settings)

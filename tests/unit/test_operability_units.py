@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -171,3 +172,45 @@ def test_cache_info_only_reads(tmp_path: Path) -> None:
     assert stray.exists() and not (cache / "meta.sqlite3").exists()
     assert sorted(p.name for p in cache.rglob("*")) == before
     store.close()
+
+
+ARENAS = """
+import ctypes, os, sys, tempfile, threading
+from dcorfs.daemon.memory import limit_arenas
+if sys.argv[1] == "limit":
+    assert limit_arenas(2)
+barrier = threading.Barrier(16)
+def churn():
+    barrier.wait()
+    for _ in range(200):
+        blocks = [bytearray(100_000) for _ in range(20)]
+        del blocks
+threads = [threading.Thread(target=churn) for _ in range(16)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL(None)
+libc.fdopen.restype = ctypes.c_void_p
+with tempfile.TemporaryFile() as out:
+    stream = ctypes.c_void_p(libc.fdopen(os.dup(out.fileno()), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fflush(stream)
+    out.seek(0)
+    print(out.read().decode().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_the_daemons_threads_share_at_most_two_malloc_arenas() -> None:
+    """glibc's own report of its arenas (malloc_info) after 16 threads allocated at once: as
+    many as it likes by default, two once `limit_arenas(2)` ran (as the daemon does)."""
+
+    def arenas(how: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", ARENAS, how], capture_output=True, text=True, check=True
+        )
+        return int(done.stdout)
+
+    assert arenas("default") > 2
+    assert arenas("limit") <= 2
