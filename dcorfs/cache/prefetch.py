@@ -22,9 +22,10 @@ are asked for, within a memory budget. In the order a resource meets them:
    `tables`; `events/trace`), one parallel batch per level, `HEADER_GUESS` bytes at each
    header's address (read from the links of the level above). Then the data of logs and
    tables in one batch.
-3. Scalar features. Once the condensed file is described, the values of the scalar features it
-   serves are made in the background, when all together they are at most `SCALARS_PREFETCH`
-   bytes (`warm_together`); the first read of a scalar feature fetches a condensed file of up to
+3. Scalar features. Once the condensed file is described and a reader looks one of them up,
+   the values of the scalar features it serves are made in the background, when all together
+   they are at most `SCALARS_PREFETCH` bytes (`warm_together`) — not for resources opened
+   ahead of readers; the first read of a scalar feature fetches a condensed file of up to
    `CONDENSED_PREFETCH` bytes whole, in the background (`condensed_whole_on_first_read`).
 4. Event data. The chunks holding a slice are fetched in parallel before decoding, kept in
    memory only, and dropped once decoded (except the first and last, which may hold events of
