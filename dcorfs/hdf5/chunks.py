@@ -185,11 +185,16 @@ def rows(
 ) -> None:
     """Decode rows [start, stop) into `out` (stop - start rows, any numeric dtype: values are
     converted as numpy converts them) from the chunks holding them: (first row, stored
-    bytes, filter mask) of each, in order."""
+    bytes, filter mask) of each, in order. `ChunkError` when they do not hold all those rows
+    (a chunk never written reads as the dataset's fill value: h5py knows it, this does not)."""
     per_chunk = codec.chunk[0]
+    filled = 0
     for first, raw, mask in pieces:
         lo, hi = max(start, first), min(stop, first + per_chunk)
         if lo >= hi:
             continue
         values = codec.decode(raw, mask)
         out[lo - start : hi - start] = values[lo - first : hi - first]
+        filled += hi - lo
+    if filled != stop - start:
+        raise ChunkError(f"rows [{start}, {stop}) are not all stored (chunks never written)")

@@ -259,3 +259,27 @@ def test_a_damaged_chunk_read_through_a_source_is_an_error_not_wrong_values() ->
             source.read("deform", 0, 10, deadline=time.monotonic() + 60)
     finally:
         source.close()
+
+
+def test_rows_in_chunks_never_written_are_left_to_h5py() -> None:
+    """A chunk never written is not stored: h5py reads the fill value there. The decoder
+    refuses such rows (rather than leave them unset), and a source reads them through h5py."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        h5.attrs["experiment:event count"] = 12
+        deform = h5.create_group("events").create_dataset(
+            "deform", shape=(12,), dtype="<f4", chunks=(4,), fillvalue=7.0, **FILTERS["zstd"]
+        )
+        deform[:4] = np.arange(4)
+        deform[8:] = np.arange(4)
+    data = buffer.getvalue()
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        truth = h5["events/deform"][...]
+        with pytest.raises(ChunkError, match="not all stored"):
+            decoded(data, h5["events/deform"], 2, 10)
+        assert same(decoded(data, h5["events/deform"], 8, 12), truth[8:])
+    source = local_source(data)
+    try:
+        assert same(source.read("deform", 0, 12, deadline=time.monotonic() + 60), truth)
+    finally:
+        source.close()
