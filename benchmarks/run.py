@@ -467,26 +467,29 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
     warm = "(remount, page cache dropped)" if dropped else "(remount, page cache NOT dropped)"
     floor = max(med("c_net"), med("c_decode"))
     page = med("e_page")
+
+    def versus(
+        label: str, mine: tuple[str, str], other: tuple[str, str], target: str
+    ) -> tuple[str, str, str, str, str]:
+        """A row of our time (key, format) against a reference's (name, key): medians with
+        spreads, their ratio."""
+        (ours, fmt), (reference, theirs) = mine, other
+        ours_text = spread(runs, ours, fmt) + " s"
+        theirs_text = f"{reference} " + spread(runs, theirs, ".2f") + " s"
+        return (label, ours_text, theirs_text, ratio(med(ours), med(theirs)), target)
+
     return [
-        (
+        versus(
             f"(a) all {med('scalars'):.0f} scalars, cold",
-            spread(runs, "a", ".2f") + " s",
-            "dclab " + spread(runs, "a_dclab", ".2f") + " s",
-            ratio(med("a"), med("a_dclab")),
+            ("a", ".2f"),
+            ("dclab", "a_dclab"),
             "≤ 0.5",
         ),
-        (
-            f"(b) the same, warm {warm}",
-            spread(runs, "b", ".3f") + " s",
-            "dclab cold " + spread(runs, "a_dclab", ".2f") + " s",
-            ratio(med("b"), med("a_dclab")),
-            "≤ 0.05",
-        ),
-        (
+        versus(f"(b) the same, warm {warm}", ("b", ".3f"), ("dclab cold", "a_dclab"), "≤ 0.05"),
+        versus(
             "(b) … against dclab warm (its disk cache)",
-            spread(runs, "b", ".3f") + " s",
-            "dclab warm " + spread(runs, "b_dclab_warm", ".2f") + " s",
-            ratio(med("b"), med("b_dclab_warm")),
+            ("b", ".3f"),
+            ("dclab warm", "b_dclab_warm"),
             "",
         ),
         (
@@ -518,18 +521,16 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             "",
             "≥ 1 GB/s",
         ),
-        (
+        versus(
             f"(d) {med('random_events'):.0f} random image events, cold",
-            spread(runs, "d", ".2f") + " s",
-            "dclab " + spread(runs, "d_dclab", ".2f") + " s",
-            ratio(med("d"), med("d_dclab")),
+            ("d", ".2f"),
+            ("dclab", "d_dclab"),
             "≤ 0.3",
         ),
-        (
+        versus(
             f"(d) the same, warm {warm}",
-            spread(runs, "d_warm", ".3f") + " s",
-            "dclab warm (its disk cache) " + spread(runs, "d_dclab_warm", ".2f") + " s",
-            ratio(med("d_warm"), med("d_dclab_warm")),
+            ("d_warm", ".3f"),
+            ("dclab warm (its disk cache)", "d_dclab_warm"),
             "≤ 0.1",
         ),
         (
@@ -560,11 +561,10 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             "",
             "≤ 300 MB",
         ),
-        (
+        versus(
             "(h) all scalars via dclab on the mounted .rtdc, cold",
-            spread(runs, "h", ".2f") + " s",
-            "dclab DCOR " + spread(runs, "a_dclab", ".2f") + " s",
-            ratio(med("h"), med("a_dclab")),
+            ("h", ".2f"),
+            ("dclab DCOR", "a_dclab"),
             "(faster than dclab)",
         ),
     ]
