@@ -239,6 +239,27 @@ def test_one_scalar_of_an_image_resource_moves_a_small_fraction(
         assert fresh_devserver.stats.snapshot()["object_requests"] == before
 
 
+def test_listing_a_dataset_whole_decodes_nothing(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    """`ls -lR` of a dataset opens its resources ahead of readers (doc/ARCHITECTURE.md, "Speed")
+    but makes no feature values: those are decoded once a reader looks for one."""
+    with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
+        listed = subprocess.run(
+            ["ls", "-lR", str(mnt / "datasets" / "generated")],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        assert listed.returncode == 0 and "deform.npy" in listed.stdout, listed.stderr
+        time.sleep(1)  # what the opening starts in the background has started
+        status = json.loads((mnt / ".dcorfs" / "status.json").read_text())
+        assert status["decoded"]["fetched_bytes"] == 0, status["decoded"]
+        np.load(mnt / "datasets" / "generated" / "M001_data" / "deform.npy")
+        status = json.loads((mnt / ".dcorfs" / "status.json").read_text())
+        assert status["decoded"]["fetched_bytes"] > 0, status["decoded"]
+
+
 def read_everything(mnt: Path) -> dict[str, bytes]:
     contents = {}
     for base in ("datasets/generated", "datasets/scalars-only"):
