@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
 from .diskstore import DiskStore
 from .identity import ObjectId
+from .prefetch import DISK_PARTS_FROM
 
 __all__ = ["BlockCache", "CacheStats", "Fetch"]
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[ObjectId, int, int, float], bytes]
 BlockKey = tuple[ObjectId, int]
 PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
+PARTS_AT_MOST = 2  # reads over this many blocks are served in whole blocks (see `_parts`)
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,14 @@ class BlockCache:
         stop = min(stop, obj.size)
         if stop <= start:
             return [b""]
-        blocks = self._blocks(obj, self._indices(obj, start, stop), deadline)
+        indices = self._indices(obj, start, stop)
+        parts = None
+        if len(indices) <= PARTS_AT_MOST and self.block_size >= DISK_PARTS_FROM:
+            parts = self._parts(obj, indices, start, stop)
+        if parts is not None:
+            self._counts["served_bytes"] += stop - start
+            return parts
+        blocks = self._blocks(obj, indices, deadline)
         self._counts["served_bytes"] += stop - start
         first = (start // self.block_size) * self.block_size
         last = first + (len(blocks) - 1) * self.block_size
@@ -167,6 +176,29 @@ class BlockCache:
             return [blocks[0][start - first : stop - first]]
         # (a slice of the whole of a bytes object is that object: no copy)
         return [blocks[0][start - first :], *blocks[1:-1], blocks[-1][: stop - last]]
+
+    def _parts(self, obj: ObjectId, indices: range, start: int, stop: int) -> list[bytes] | None:
+        """A short read served from memory and disk without whole blocks: of a block in memory
+        its part, of a block on disk only the pages holding the part (not kept in memory: the
+        kernel keeps what it was served). None when a block is in neither (then it is
+        fetched, whole)."""
+        parts = []
+        for index in indices:
+            offset = index * self.block_size
+            a, b = max(start, offset) - offset, min(stop, offset + self.block_size) - offset
+            data = self._recall((obj, index))
+            if data is not None:
+                self._counts["memory_hits"] += 1
+                parts.append(data if (a, b) == (0, len(data)) else data[a:b])
+                continue
+            if self._store is None:
+                return None
+            data = self._store.get(obj, index, block_size=self.block_size, start=a, stop=b)
+            if data is None:
+                return None
+            self._counts["disk_hits"] += 1
+            parts.append(data)
+        return parts
 
     def ensure(
         self,
@@ -223,7 +255,7 @@ class BlockCache:
                 blocks[index] = bytes(block)
                 self._remember((obj, index), blocks[index])
         if blocks and self._store is not None:
-            self._store.put_many(obj, blocks)
+            self._store.put_many(obj, blocks, block_size=self.block_size)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -368,7 +400,7 @@ class BlockCache:
                 blocks[index] = block
                 self._remember((obj, index), block, passing=not disk)
             if self._store is not None and disk:
-                self._store.put_many(obj, blocks)
+                self._store.put_many(obj, blocks, block_size=self.block_size)
             for index, flight in flights.items():
                 flight.data = blocks[index]
             return blocks

@@ -1,6 +1,6 @@
 """The files of a cache dir, named in one place (mount, stores, `cache` and `warmup` use them).
 
-blocks/          block files (diskstore)
+objects/         object files holding cached blocks (diskstore, slots)
 index.sqlite3    block accounting (diskstore)
 lock             held shared by each mount's store, exclusively by `cache clear`
 meta.sqlite3     remembered API answers and synthesized-file structures (metastore)
@@ -13,7 +13,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-BLOCKS = "blocks"
+OBJECTS = "objects"
+LEGACY_BLOCKS = "blocks"  # one file per block, before the object files: removed on open
 INDEX = "index.sqlite3"
 LOCK = "lock"
 META = "meta.sqlite3"

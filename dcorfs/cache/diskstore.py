@@ -1,22 +1,25 @@
-"""The persistent tier of the block cache: one checksummed file per block, bounded in size.
+"""The persistent tier of the block cache: checksummed blocks on disk, bounded in size.
 
 Layout under the cache dir (0700; every file 0600):
-  blocks/<2 hex>/<sha256(key NUL etag)>-<index>   header + data
+  objects/<2 hex>/<identity>.<block size>.<size>   one sparse file per object: its blocks and
+                                                   their entries with page CRCs (`slots`)
   index.sqlite3                                  accounting: blocks (name, bytes, last use),
                                                  objects (identity → key, ETag, size),
                                                  total (bytes of all blocks, kept by triggers)
   lock                                           held shared by every store in use, exclusive
                                                  by `dcorfs cache clear`
 
-A block file starts with MAGIC, the identity hash, the block index, the data length and the
-CRC32 of the data; `get` checks all of it, so a torn, truncated, flipped or misplaced file is
-a miss (and is removed), never data. A block is first admitted (its row, evicting others),
-then written to a temp file and renamed into place; a file whose row is gone by then (evicted
-by another process) is removed again. The size bound is enforced at admission inside one
-SQLite `BEGIN IMMEDIATE` transaction: least recently used blocks are evicted (their files
-unlinked after the commit) until the new blocks fit, so several dcorfs processes sharing the
-directory never overshoot together.
-No fsync per block: after a crash a torn file fails its CRC and is refetched.
+A block is named `<object file>-<index>` in the accounting. `get` reads a block, or only the
+pages of it a read needs, and checks what it read (`slots`): a torn, truncated, flipped or
+misplaced block is a miss (and is erased), never data. A block is first admitted (its row,
+evicting others), then written into its object's file; a block whose row is gone by then
+(evicted by another process) is erased again. The size bound (on the blocks' data; the entry
+tables add under 0.1%) is enforced at admission inside one SQLite `BEGIN IMMEDIATE`
+transaction: least recently used blocks are evicted (erased, their disk space punched out of
+the file, after the commit; a file left without blocks removed) until the new blocks fit, so
+several dcorfs processes sharing the directory never overshoot together.
+No fsync per block: after a crash a torn block fails its CRC and is refetched. A cache dir of
+the earlier layout (one file per block under blocks/) is emptied when a store opens it.
 """
 
 from __future__ import annotations
@@ -26,28 +29,28 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import sqlite3
-import struct
 import threading
 import time
-import zlib
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from . import cachedir
+from . import cachedir, slots
 from .identity import ObjectId
+from .slots import Damaged, Layout
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"DCFSBLK1"
-HEADER = struct.Struct("<8s32sQQI")  # magic, identity, index, length, crc32
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 RETRY_FULL = 30.0
 TOUCH_EVERY = 5.0
 TOUCH_BATCH = 64  # marks of use written together
+SETTLED = 60.0  # seconds after which no writer of a block or file can be at work any more
 
 
 @dataclass(frozen=True)
@@ -83,31 +86,19 @@ def _take_lock(directory: Path, how: int, *, create: bool) -> int | None:
     return fd
 
 
-def _read_block(path: Path, length: int) -> tuple[bytes, bytes]:
-    """Header and data of a block file whose data should be `length` bytes, the data read
-    into a buffer of its own (no copy); a file of another size reads as nothing (and fails)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if os.fstat(fd).st_size != HEADER.size + length:
-            return b"", b""
-        return os.pread(fd, HEADER.size, 0), os.pread(fd, length, HEADER.size)
-    finally:
-        os.close(fd)
+def block_name(layout: Layout, index: int) -> str:
+    """A block's name in the accounting: its object file's and its index."""
+    return f"{layout.name}-{index}"
 
 
-def _valid(header: bytes, data: bytes, identity: bytes, index: int, length: int) -> bool:
-    """Whether a block file's header names this block (of the object with this identity),
-    its length and its data's CRC."""
-    if len(header) != HEADER.size or len(data) != length:
-        return False
-    magic, stored_identity, stored_index, stored_length, crc = HEADER.unpack(header)
-    return bool(
-        magic == MAGIC
-        and stored_identity == identity
-        and stored_index == index
-        and stored_length == length
-        and zlib.crc32(data) == crc
-    )
+def split_name(name: str) -> tuple[Layout, int] | None:
+    """The object file and index a block's name stands for; None for names of the earlier
+    layout (or any other)."""
+    file_name, _, index = name.rpartition("-")
+    layout = Layout.parse(file_name)
+    if layout is None or not index.isdigit():
+        return None
+    return layout, int(index)
 
 
 def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
@@ -124,8 +115,7 @@ def _inventory(db: sqlite3.Connection) -> Iterator[StoredObject]:
     )
     for identity, blocks, nbytes in rows:
         key, etag, size = known.get(identity, (None, None, None))
-        data = int(nbytes) - int(blocks) * HEADER.size
-        yield StoredObject(key, etag, size, int(blocks), data)
+        yield StoredObject(key, etag, size, int(blocks), int(nbytes))
 
 
 def read_inventory(directory: Path) -> list[StoredObject]:
@@ -157,17 +147,6 @@ def damage_of(path: Path) -> sqlite3.DatabaseError | None:
     return None
 
 
-def _intact(raw: bytes, file_name: str) -> bool:
-    """A block file whose header matches its name and whose data matches its CRC."""
-    identity, _, index = file_name.partition("-")
-    try:
-        named = bytes.fromhex(identity), int(index)
-    except ValueError:
-        return False
-    header, data = raw[: HEADER.size], raw[HEADER.size :]
-    return _valid(header, data, *named, len(data))
-
-
 def in_use(directory: Path) -> bool:
     """Whether a store (a mount) holds the directory now."""
     try:
@@ -189,8 +168,9 @@ def create_schema(db: sqlite3.Connection) -> None:
     """The index of a cache dir (`index.sqlite3`), made if missing, in one transaction: what
     every process sharing the directory reads and keeps (the block files themselves are the
     truth; the index is their accounting, reconciled with them on open)."""
-    # one row per block file: its name `<2 hex>/<identity hex>-<index>` under blocks/, its
-    # length in bytes and when it was last used (seconds since the epoch; eviction goes by it)
+    # one row per stored block: its name `<object file>-<index>` (the file under objects/,
+    # see `slots.Layout`), its length in bytes and when it was last used (seconds since the
+    # epoch; eviction goes by it)
     db.execute(
         "CREATE TABLE IF NOT EXISTS blocks (name TEXT PRIMARY KEY, bytes INTEGER, used REAL)"
     )
@@ -235,7 +215,7 @@ class DiskStore:
         self.directory = directory
         self.limit = limit_bytes
         self.block_size = block_size
-        self._blocks = directory / cachedir.BLOCKS
+        self._objects = directory / cachedir.OBJECTS
         self._conn: sqlite3.Connection | None = None  # see `_sql`
         self._sql_lock = threading.RLock()
         self._full_until = 0.0
@@ -245,8 +225,11 @@ class DiskStore:
         self._flushed = time.time()
         self.errors = 0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._blocks.mkdir(mode=0o700, exist_ok=True)
-        for path in (directory, self._blocks):
+        self._objects.mkdir(mode=0o700, exist_ok=True)
+        self._punch = slots.can_punch(self._objects)
+        if not self._punch:
+            log.warning("%s cannot punch holes: the cache evicts whole objects", directory)
+        for path in (directory, self._objects):
             if path.stat().st_uid != os.getuid():
                 log.warning("cache dir %s belongs to another user", path)
             path.chmod(0o700)
@@ -317,21 +300,30 @@ class DiskStore:
         self._reconcile()
 
     def _adopt(self) -> None:
-        """Rows for the valid block files found (after the index was renewed); bad files go."""
+        """Rows for the valid blocks found (after the index was renewed); bad ones erased."""
         rows = []
-        for path in self._blocks.glob("*/*"):
-            if ".tmp" in path.name:
-                continue
+        for name, path in self._files():
+            layout = Layout.parse(name)
+            assert layout is not None
             try:
-                raw = path.read_bytes()
-                used = path.stat().st_mtime
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError:
                 continue
-            name = f"{path.parent.name}/{path.name}"
-            if _intact(raw, path.name):
-                rows.append((name, len(raw), used))
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                used = os.fstat(fd).st_mtime
+                for index in slots.present(fd, layout):
+                    try:
+                        intact = slots.read(fd, layout, index) is not None
+                    except Damaged:
+                        intact = False
+                    if intact:
+                        rows.append((block_name(layout, index), layout.length(index), used))
+                    else:
+                        slots.erase(fd, layout, index, punch=self._punch)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
         with self._sql() as db:
             db.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", rows)
         log.warning("renewed cache index: %d cached blocks kept", len(rows))
@@ -371,62 +363,116 @@ class DiskStore:
                 db.execute("ROLLBACK")
                 raise
 
-    @staticmethod
-    def name(obj: ObjectId, index: int) -> str:
-        digest = obj.identity.hex()
-        return f"{digest[:2]}/{digest}-{index}"
+    def name(self, obj: ObjectId, index: int, block_size: int | None = None) -> str:
+        """Block `index` of `obj`'s name in the accounting."""
+        return block_name(Layout.of(obj, block_size or self.block_size), index)
 
-    def _path(self, name: str) -> Path:
-        return self._blocks / name
+    def _files(self) -> Iterator[tuple[str, Path]]:
+        """The object files: (name under objects/, path)."""
+        for sub in self._objects.iterdir():
+            if sub.is_dir():
+                for path in sub.iterdir():
+                    name = f"{sub.name}/{path.name}"
+                    if Layout.parse(name) is not None:
+                        yield name, path
 
     def _reconcile(self) -> None:
-        """After a crash: drop rows without files, remove files without rows, old temp files.
+        """After a crash: drop rows of blocks not stored, erase blocks without rows, remove
+        files without blocks; empty a cache of the earlier layout.
 
-        Files are listed before rows are read: a block is admitted (its row committed) before
-        its file is renamed into place, so a file seen here that has no row afterwards really
-        is unaccounted, even while other processes write blocks."""
+        Files and their entries are read before rows are: a block is admitted (its row
+        committed) before it is written, so a block seen here that has no row afterwards
+        really is unaccounted. Files written to in the last `SETTLED` seconds, and rows used
+        in them, are left alone: another process may be at work on them."""
         now = time.time()
-        seen = set()
-        for sub in self._blocks.iterdir():
-            if not sub.is_dir():
+        legacy = self.directory / cachedir.LEGACY_BLOCKS
+        if legacy.is_dir():
+            log.warning("cache dir %s: blocks of an earlier dcorfs layout removed", self.directory)
+            shutil.rmtree(legacy, ignore_errors=True)
+        seen: dict[str, tuple[Layout, Path, set[int], bool]] = {}
+        for name, path in self._files():
+            layout = Layout.parse(name)
+            assert layout is not None
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
                 continue
-            for path in sub.iterdir():
-                if ".tmp" in path.name:
-                    with contextlib.suppress(OSError):
-                        if now - path.stat().st_mtime > 60:
-                            path.unlink()
-                    continue
-                seen.add(f"{sub.name}/{path.name}")
+            try:
+                settled = now - os.fstat(fd).st_mtime > SETTLED
+                seen[name] = (layout, path, set(slots.present(fd, layout)), settled)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
         with self._sql() as db:
-            rows = {name for (name,) in db.execute("SELECT name FROM blocks")}
-            settled = {  # rows of blocks another process may be writing now are left alone
-                name
-                for (name,) in db.execute("SELECT name FROM blocks WHERE used < ?", (now - 60,))
-            }
-            for name in seen - rows:  # unaccounted (its row was evicted): it must go
-                self._path(name).unlink(missing_ok=True)
-            missing = (rows & settled) - seen
-            if missing:
-                db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in missing])
+            rows: dict[str, set[int]] = defaultdict(set)
+            gone = []
+            for name, used in db.execute("SELECT name, used FROM blocks"):
+                split = split_name(name)
+                if split is None:  # of the earlier layout
+                    gone.append(name)
+                    continue
+                layout, index = split
+                rows[layout.name].add(index)
+                stored = seen.get(layout.name)
+                if used < now - SETTLED and (stored is None or index not in stored[2]):
+                    gone.append(name)
+            if gone:
+                db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in gone])
+        for name, (layout, path, present, settled) in seen.items():
+            if not settled:
+                continue
+            if not rows.get(name):
+                path.unlink(missing_ok=True)
+            elif present - rows[name]:
+                self._erase(layout, sorted(present - rows[name]))
 
-    def get(self, obj: ObjectId, index: int, *, block_size: int | None = None) -> bytes | None:
-        """Block `index` of `obj` (blocks of `block_size`, by default the store's), or None."""
-        name = self.name(obj, index)
-        block = block_size or self.block_size
-        expected = min(block, obj.size - index * block)
+    def _erase(self, layout: Layout, indices: list[int]) -> None:
+        """Erase blocks of one object file (that has no rows for them any more)."""
         try:
-            header, data = _read_block(self._path(name), expected)
+            fd = os.open(self._objects / layout.name, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            for index in indices:
+                slots.erase(fd, layout, index, punch=self._punch)
+        finally:
+            os.close(fd)
+
+    def get(
+        self,
+        obj: ObjectId,
+        index: int,
+        *,
+        block_size: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> bytes | None:
+        """Bytes [start, stop) of block `index` of `obj` (blocks of `block_size`, by default
+        the store's; offsets within the block, the whole block by default), or None. Only the
+        pages of the block holding those bytes are read and checked (`slots`)."""
+        layout = Layout.of(obj, block_size or self.block_size)
+        try:
+            fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("cache block %s unreadable: %s", name, exc)
+            log.warning("cache file %s unreadable: %s", layout.name, exc)
             return None
-        if not _valid(header, data, obj.identity, index, expected):
+        try:
+            data = slots.read(fd, layout, index, start, stop)
+        except Damaged as exc:
             self.errors += 1
-            log.warning("cache block %s failed its integrity check: removed", name)
-            self._drop(name)
+            log.warning("cache block %s failed its integrity check (%s): erased", layout.name, exc)
+            self._drop(layout, index)
             return None
-        self._touch(name)
+        except OSError as exc:
+            log.warning("cache file %s unreadable: %s", layout.name, exc)
+            return None
+        finally:
+            os.close(fd)
+        if data is not None:
+            self._touch(block_name(layout, index))
         return data
 
     def _touch(self, name: str) -> None:
@@ -452,35 +498,39 @@ class DiskStore:
             "UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in pending.items()]
         )
 
-    def _drop(self, name: str) -> None:
+    def _drop(self, layout: Layout, index: int) -> None:
         with contextlib.suppress(OSError):
-            self._path(name).unlink()
+            self._erase(layout, [index])
         with contextlib.suppress(sqlite3.Error), self._sql() as db:
-            db.execute("DELETE FROM blocks WHERE name=?", (name,))
+            db.execute("DELETE FROM blocks WHERE name=?", (block_name(layout, index),))
 
-    def put_many(self, obj: ObjectId, blocks: dict[int, bytes]) -> int:
+    def put_many(
+        self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
+    ) -> int:
         """Store blocks of one object (one accounting transaction); returns how many."""
         now = time.time()
         if now < self._full_until:
             return 0
-        chosen: list[tuple[str, int, bytes, int]] = []
+        layout = Layout.of(obj, block_size or self.block_size)
+        chosen: dict[int, bytes] = {}
         total = 0
         for index, data in sorted(blocks.items()):
-            size = HEADER.size + len(data)
-            if total + size > self.limit:
+            if total + len(data) > self.limit:
                 break  # never more than the limit, even in one batch
-            chosen.append((self.name(obj, index), index, data, size))
-            total += size
+            chosen[index] = data
+            total += len(data)
         if not chosen:
             return 0
+        entries = [(block_name(layout, index), len(data)) for index, data in chosen.items()]
+        names = [name for name, _ in entries]
         try:
-            self._admit(obj, [(name, size) for name, _, _, size in chosen], now)
-            for name, index, data, _ in chosen:
-                self._write(obj, name, index, data)
-            self._drop_evicted([name for name, *_ in chosen])
+            self._admit(obj, entries, now)
+            self._write(layout, chosen)
+            self._drop_evicted(layout, chosen)
         except OSError as exc:
-            for name, *_ in chosen:
-                self._unadmit(name)
+            self._unadmit(names)
+            with contextlib.suppress(OSError):
+                self._erase(layout, list(chosen))
             if exc.errno in FULL_DISK:
                 if self._full_until == 0.0:
                     log.warning("cache disabled for now (%s): reads go to the network", exc)
@@ -492,20 +542,15 @@ class DiskStore:
             return 0
         return len(chosen)
 
-    def _write(self, obj: ObjectId, name: str, index: int, data: bytes) -> None:
-        path = self._path(name)
+    def _write(self, layout: Layout, blocks: dict[int, bytes]) -> None:
+        path = self._objects / layout.name
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        header = HEADER.pack(MAGIC, obj.identity, index, len(data), zlib.crc32(data))
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(header)
-                handle.write(data)
-            temp.replace(path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+            for index, data in blocks.items():
+                slots.write(fd, layout, index, data)
+        finally:
+            os.close(fd)
 
     def _admit(self, obj: ObjectId, entries: list[tuple[str, int]], now: float) -> None:
         """Record blocks and evict LRU blocks so that the total stays within the limit."""
@@ -515,11 +560,14 @@ class DiskStore:
             self._write_touches(db)
             db.executemany("DELETE FROM blocks WHERE name=?", names)
             (used,) = db.execute("SELECT bytes FROM total").fetchone()
-            victims = []
+            victims: dict[str, None] = {}
             if used + size > self.limit:
                 for victim, nbytes in db.execute("SELECT name, bytes FROM blocks ORDER BY used"):
-                    victims.append(victim)
-                    used -= nbytes
+                    if victim in victims:
+                        continue
+                    for name, freed in self._with_its_file(db, victim, nbytes):
+                        victims[name] = None
+                        used -= freed
                     if used + size <= self.limit:
                         break
             db.executemany("DELETE FROM blocks WHERE name=?", [(v,) for v in victims])
@@ -528,21 +576,72 @@ class DiskStore:
                 "INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)",
                 (obj.identity.hex(), obj.key, obj.etag, obj.size),
             )
+            emptied = self._emptied(db, victims)
         # after the commit: a writer that still saw a victim's row is now bound to see it gone
+        self._free(victims, emptied)
+
+    def _with_its_file(
+        self, db: sqlite3.Connection, victim: str, nbytes: int
+    ) -> list[tuple[str, int]]:
+        """The blocks an eviction of `victim` takes: itself, or, where holes cannot be
+        punched, every block of its file (whose space only comes back with the file)."""
+        split = split_name(victim)
+        if self._punch or split is None:
+            return [(victim, nbytes)]
+        prefix = f"{split[0].name}-"
+        rows = db.execute(
+            "SELECT name, bytes FROM blocks WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+        )
+        return [(name, int(size)) for name, size in rows]
+
+    @staticmethod
+    def _emptied(db: sqlite3.Connection, victims: dict[str, None]) -> set[str]:
+        """The object files of these evicted blocks that have no block left (in the
+        transaction that evicted them)."""
+        files = {split[0].name for v in victims if (split := split_name(v)) is not None}
+        return {
+            name
+            for name in files
+            if db.execute(
+                "SELECT 1 FROM blocks WHERE substr(name, 1, ?) = ? LIMIT 1",
+                (len(name) + 1, f"{name}-"),
+            ).fetchone()
+            is None
+        }
+
+    def _free(self, victims: dict[str, None], emptied: set[str]) -> None:
+        """Give the evicted blocks' disk space back: whole files removed, blocks erased."""
+        by_file: dict[str, list[int]] = defaultdict(list)
         for victim in victims:
-            self._path(victim).unlink(missing_ok=True)
+            split = split_name(victim)
+            if split is not None and split[0].name not in emptied:
+                by_file[split[0].name].append(split[1])
+        for name in emptied:
+            (self._objects / name).unlink(missing_ok=True)
+        for name, indices in by_file.items():
+            layout = Layout.parse(name)
+            assert layout is not None
+            with contextlib.suppress(OSError):
+                self._erase(layout, indices)
 
-    def _drop_evicted(self, names: list[str]) -> None:
-        """Another process may have evicted a block between its admission and our rename:
-        a file without its row would escape the size bound, so it goes."""
+    def _drop_evicted(self, layout: Layout, blocks: dict[int, bytes]) -> None:
+        """Another process may have evicted a block between its admission and its writing:
+        a block without its row would escape the size bound, so it goes."""
         with self._sql() as db:
-            for name in names:
-                if db.execute("SELECT 1 FROM blocks WHERE name=?", (name,)).fetchone() is None:
-                    self._path(name).unlink(missing_ok=True)
+            gone = [
+                index
+                for index in blocks
+                if db.execute(
+                    "SELECT 1 FROM blocks WHERE name=?", (block_name(layout, index),)
+                ).fetchone()
+                is None
+            ]
+        if gone:
+            self._erase(layout, gone)
 
-    def _unadmit(self, name: str) -> None:
+    def _unadmit(self, names: list[str]) -> None:
         with contextlib.suppress(sqlite3.Error), self._sql() as db:
-            db.execute("DELETE FROM blocks WHERE name=?", (name,))
+            db.executemany("DELETE FROM blocks WHERE name=?", [(n,) for n in names])
 
     def usage(self) -> tuple[int, int]:
         """(bytes, blocks) stored by all processes; (0, 0) if the accounting is unreadable."""
@@ -560,11 +659,8 @@ class DiskStore:
             nbytes, count = db.execute("SELECT bytes, blocks FROM total").fetchone()
             db.execute("DELETE FROM blocks")
             db.execute("DELETE FROM objects")
-        for sub in self._blocks.iterdir():  # rows are gone: any file left would be unaccounted
-            if sub.is_dir():
-                for path in sub.iterdir():
-                    if ".tmp" not in path.name:  # a writer's rename must not fail; its
-                        path.unlink(missing_ok=True)  # block goes once it sees its row gone
+        for _, path in list(self._files()):  # rows are gone: any block left is unaccounted
+            path.unlink(missing_ok=True)  # (a writer at work erases it, seeing its row gone)
         self._touched.clear()
         with self._touch_lock:
             self._pending.clear()

@@ -39,6 +39,11 @@ are asked for, within a memory budget. In the order a resource meets them:
    used (prefetch never changes what a read returns).
 6. Listing a dataset opens its RT-DC resources in the background, side by side, so `ls -lR`
    finds them ready (not an `--s3-only` circle: its resources are unrelated and may be many).
+7. The disk tier. A short read of a block that is on disk but not in memory reads only the
+   pages of it the read needs (`cache.slots`) when blocks are at least `DISK_PARTS_FROM`
+   bytes (decoded values: an mmap reader's page fault wants ~128 KiB of a 1 MiB block), and
+   keeps nothing in memory (the kernel keeps what it was served); smaller blocks (remote
+   objects, where HDF5 reads a block's structure piece by piece) are read whole and kept.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ FORWARD = 16 << 20  # ... and this far ahead
 WINDOW_INITIAL = 1 << 20  # the first window; then as large as what was read so far …
 WINDOW_CAP = 16 << 20  # … up to this (and a quarter of the budget)
 WINDOWS_AHEAD = 2  # windows made ahead of the reader
+
+# 7. the disk tier
+DISK_PARTS_FROM = 512 << 10  # blocks this large are read from disk in parts by short reads
 
 
 def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ import requests
 
 from dcorfs.cache import cachedir
 
+from ..cachefiles import damage, object_files, on_disk, stored_blocks
 from ..conftest import TOKENS, ServerProcess, rtdc_entries
 from ..hostile import HostileProxy
 from ..mounts import (
@@ -55,10 +56,6 @@ def tree_files(root: Path) -> dict[str, bytes]:
 
 def names_in(directory: Path) -> list[str]:
     return [path.name for path in directory.iterdir()]
-
-
-def block_files(cache: Path) -> list[Path]:
-    return sorted(p for p in (cache / "blocks").rglob("*") if p.is_file())
 
 
 # -- a hostile server ------------------------------------------------------------------------------
@@ -194,32 +191,6 @@ def test_an_object_that_changes_under_a_reader(
 # -- the cache directory ---------------------------------------------------------------------------
 
 
-def damage(files: list[Path]) -> dict[str, int]:
-    """Flip a byte in some, truncate some, delete some, swap two: what was done, counted."""
-    done = {"flipped": 0, "truncated": 0, "deleted": 0, "swapped": 0}
-    for number, path in enumerate(files):
-        kind = number % 4
-        if kind == 0:
-            data = bytearray(path.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            path.write_bytes(bytes(data))
-            done["flipped"] += 1
-        elif kind == 1:
-            with path.open("r+b") as handle:
-                handle.truncate(path.stat().st_size // 3)
-            done["truncated"] += 1
-        elif kind == 2:
-            path.unlink()
-            done["deleted"] += 1
-        elif number + 1 < len(files):  # another block's (valid) content under this name
-            other = files[number + 1]
-            data, other_data = path.read_bytes(), other.read_bytes()
-            path.write_bytes(other_data)
-            other.write_bytes(data)
-            done["swapped"] += 2
-    return done
-
-
 def test_damaged_cache_files_are_refetched_never_served(
     devserver_process: ServerProcess, tmp_path: Path
 ) -> None:
@@ -232,7 +203,7 @@ def test_damaged_cache_files_are_refetched_never_served(
         return len(log_lines(cache, "failed its integrity check"))
 
     # 1. block files, while not mounted
-    done = damage(block_files(cache))
+    done = damage(stored_blocks(cache))
     with mounted(tmp_path / "mnt", server.url, cache) as mnt:
         assert tree_files(mnt / GENERATED) == truth
     detected = integrity_failures()
@@ -243,14 +214,14 @@ def test_damaged_cache_files_are_refetched_never_served(
         for journal in cache.glob(f"{database}-*"):
             journal.unlink()
         (cache / database).write_bytes(b"not a database at all" * 100)
-    blocks = len(block_files(cache))
+    blocks = len(stored_blocks(cache))
     with mounted(tmp_path / "mnt", server.url, cache) as mnt:
         assert tree_files(mnt / GENERATED) == truth
     assert len(log_lines(cache, "is damaged")) == 2
     assert log_lines(cache, f"renewed cache index: {blocks} cached blocks kept")
     # 3. block files, while mounted: the daemon has the index open, its memory tier is empty
     with mounted(tmp_path / "mnt", server.url, cache) as mnt:
-        done_mounted = damage(block_files(cache))
+        done_mounted = damage(stored_blocks(cache))
         assert tree_files(mnt / GENERATED) == truth
         server.stats.reset()
         assert tree_files(mnt / GENERATED) == truth  # now from memory and the repaired disk
@@ -276,8 +247,8 @@ def test_two_daemons_share_one_small_cache_dir(
         runs = [pool.submit(tree_files, m / GENERATED) for m in (first, second) * 3]
         for run in runs:
             assert run.result() == truth
-        stored = sum(p.stat().st_size for p in block_files(cache))
-        assert stored <= limit, stored
+        stored = on_disk(cache)
+        assert stored <= limit + 4096 * len(object_files(cache)), stored  # + entry tables
     info = json.loads(dcorfs("cache", "info", "--cache-dir", str(cache), "--json").stdout)
     assert info["bytes"] <= limit
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import json
@@ -25,6 +24,7 @@ from dcorfs.cache.diskstore import read_inventory
 from dcorfs.cache.identity import ObjectId
 from dcorfs.devserver.server import DevServer
 
+from ..cachefiles import StoredBlock, flip, object_files, on_disk, stored_blocks
 from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
 from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
@@ -287,15 +287,14 @@ def test_remount_reads_everything_from_the_cache_even_offline(
     assert len(first) > 40
 
 
-def decoded_block_files(cache: Path) -> list[Path]:
-    """The block files of decoded values (derived objects) in a cache dir."""
-    found = []
+def decoded_blocks(cache: Path) -> list[StoredBlock]:
+    """The stored blocks of decoded values (derived objects) in a cache dir."""
+    identities = set()
     for stored in read_inventory(cache):
         if stored.key and is_derived(stored.key):
             assert stored.etag is not None and stored.size is not None
-            identity = ObjectId(stored.key, stored.etag, stored.size).identity.hex()
-            found += sorted((cache / "blocks" / identity[:2]).glob(f"{identity}-*"))
-    return found
+            identities.add(ObjectId(stored.key, stored.etag, stored.size).identity.hex())
+    return stored_blocks(cache, identities)
 
 
 def test_decoded_values_are_kept_checked_and_made_again(data_dir: Path, tmp_path: Path) -> None:
@@ -307,17 +306,15 @@ def test_decoded_values_are_kept_checked_and_made_again(data_dir: Path, tmp_path
     with DevServer(data_dir) as server:
         with mounted(tmp_path / "mnt", server.url, cache) as mnt:
             first = read_everything(mnt)
-        damaged = decoded_block_files(cache)
+        damaged = decoded_blocks(cache)
         assert len(damaged) > 20
         server.stats.reset()
         with mounted(tmp_path / "mnt", server.url, cache) as mnt:  # warm: nothing decoded
             assert read_everything(mnt) == first
             decoded = status(mnt)["decoded"]
             assert decoded["fetches"] == 0 and decoded["disk_hits"] > 0, decoded
-        for path in damaged:  # a flipped byte in every file of decoded values
-            raw = bytearray(path.read_bytes())
-            raw[len(raw) // 2] ^= 0x01
-            path.write_bytes(bytes(raw))
+        for block in damaged:  # a flipped byte in every block of decoded values
+            flip(block)
         with mounted(tmp_path / "mnt", server.url, cache) as mnt:
             assert read_everything(mnt) == first
             decoded = status(mnt)["decoded"]
@@ -358,16 +355,6 @@ def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> N
     assert cache.stat().st_mode & 0o777 == 0o700
 
 
-def stored_bytes(cache: Path) -> int:
-    """The size of the files in a cache dir's blocks/ now (the daemon may be writing: a
-    temporary file seen may be renamed before it is looked at)."""
-    total = 0
-    for path in (cache / "blocks").rglob("*"):
-        with contextlib.suppress(FileNotFoundError):
-            total += path.stat().st_size if path.is_file() else 0
-    return total
-
-
 def test_cache_stays_within_its_size(devserver: DevServer, tmp_path: Path) -> None:
     entry = next(e for e in rtdc_entries(devserver) if e["name"] == "M001_data.rtdc")
     cache = tmp_path / "cache"
@@ -379,8 +366,8 @@ def test_cache_stays_within_its_size(devserver: DevServer, tmp_path: Path) -> No
             with dclab.new_dataset(entry["path"]) as ds:
                 assert np.array_equal(np.load(directory / f"{name}.npy"), truth(ds, name))
             total += (directory / f"{name}.npy").stat().st_size
-            stored = stored_bytes(cache)
-            assert stored <= limit + (1 << 20) + 4096, stored
+            stored = on_disk(cache)  # + the entry tables' pages
+            assert stored <= limit + (1 << 20) + 4096 * len(object_files(cache)), stored
         assert total > 2 * limit
 
 

@@ -198,7 +198,7 @@ def test_cache_info_and_clear(devserver: DevServer, tmp_path: Path) -> None:
         json.loads(dcorfs("cache", "info", "--json", "--cache-dir", str(cache)).stdout)["resources"]
         == []
     )
-    assert not [p for p in (cache / "blocks").rglob("*") if p.is_file()]
+    assert not [p for p in (cache / "objects").rglob("*") if p.is_file()]
 
 
 # -- demo -------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from dcorfs.cache import cachedir
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.diskstore import (
-    HEADER,
     TOTAL_TRIGGERS,
     CacheDamaged,
     DiskStore,
@@ -24,9 +23,10 @@ from dcorfs.cache.diskstore import (
 )
 from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.metastore import MetaStore
+from dcorfs.cache.slots import Layout
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 
-BLOCK = 1024
+BLOCK = 4096  # a filesystem block: an evicted block's space comes back whole
 DATA = os.urandom(10 * BLOCK + 123)
 OBJ = ObjectId(key="circle-x/resource/abc/def/ghi", etag="e1", size=len(DATA))
 
@@ -45,6 +45,16 @@ class Source:
             self.fail -= 1
             raise TransientError("boom")
         return self.data[start:stop]
+
+
+def object_file(cache: Path, obj: ObjectId, block_size: int = BLOCK) -> tuple[Layout, Path]:
+    layout = Layout.of(obj, block_size)
+    return layout, cache / "objects" / layout.name
+
+
+def on_disk(cache: Path) -> int:
+    """The disk space the object files of a cache dir take now (holes take none)."""
+    return sum(p.stat().st_blocks * 512 for p in (cache / "objects").rglob("*.*"))
 
 
 def later() -> float:
@@ -180,22 +190,24 @@ def test_disk_tier_survives_and_checks_integrity(tmp_path: Path) -> None:
     again = make(tmp_path, source)
     assert again.read(OBJ, 0, len(DATA), deadline=later()) == DATA
     assert source.calls == [] and again.stats().disk_hits == 11
-    files = sorted(
-        (tmp_path / "cache" / "blocks").rglob("*-*"), key=lambda f: int(f.name.split("-")[-1])
-    )
-    assert len(files) == 11 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    layout, path = object_file(tmp_path / "cache", OBJ)
+    assert [p.name for p in (tmp_path / "cache" / "objects").rglob("*.*")] == [path.name]
+    assert path.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
-    raw = bytearray(files[0].read_bytes())
-    raw[-1] ^= 0xFF
-    files[0].write_bytes(raw)
-    files[1].write_bytes(files[1].read_bytes()[:-3])
-    files[2].unlink()
-    files[3].write_bytes(files[4].read_bytes())  # another block's file in its place
+    raw = bytearray(path.read_bytes())
+    raw[layout.data_at(0) + 5] ^= 0xFF  # block 0: a byte of its data flipped
+    raw[layout.entry_at(1) + layout.entry_size - 1] ^= 0x01  # block 1: a byte of its entry
+    raw[layout.entry_at(2) : layout.entry_at(3)] = bytes(layout.entry_size)  # 2: not stored
+    four = raw[layout.data_at(4) : layout.data_at(5)]  # 3: block 4's entry and data instead
+    raw[layout.data_at(3) : layout.data_at(4)] = four
+    raw[layout.entry_at(3) : layout.entry_at(4)] = raw[layout.entry_at(4) : layout.entry_at(5)]
+    path.write_bytes(raw[: layout.data_at(10) + 100])  # block 10 (the last): truncated
     source = Source()
     third = make(tmp_path, source)
     assert third.read(OBJ, 0, len(DATA), deadline=later()) == DATA
     refetched = {i for a, b in source.calls for i in range(a // BLOCK, -(-b // BLOCK))}
-    assert refetched == {0, 1, 2, 3}  # exactly the four bad blocks were fetched again
+    assert refetched == {0, 1, 2, 3, 10}  # exactly the five bad blocks were fetched again
+    assert third.stats().errors == 4  # damage (not the block never stored) is counted
     other = ObjectId(key=OBJ.key, etag="e2", size=OBJ.size)
     fourth = Source(data=bytes(len(DATA)))
     assert make(tmp_path, fourth).read(other, 0, 10, deadline=later()) == bytes(10)
@@ -210,8 +222,7 @@ def test_size_bound_and_lru(tmp_path: Path) -> None:
     cache = make(tmp_path, Source(), limit=limit, memory=BLOCK, parallel=1)
     for obj in objects:
         assert cache.read(obj, 0, len(DATA), deadline=later()) == DATA
-        stored = sum(p.stat().st_size for p in (tmp_path / "cache" / "blocks").rglob("*-*"))
-        assert stored <= limit
+        assert on_disk(tmp_path / "cache") <= limit + 3 * 4096  # entry tables: a page each
     store = DiskStore(tmp_path / "cache", limit_bytes=limit, block_size=BLOCK)
     used, count = store.usage()
     assert used <= limit and count >= 3
@@ -238,8 +249,7 @@ def test_two_stores_share_one_directory(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    stored = sum(p.stat().st_size for p in (tmp_path / "cache" / "blocks").rglob("*-*"))
-    assert stored <= limit + BLOCK + 64
+    assert on_disk(tmp_path / "cache") <= limit + BLOCK + 7 * 4096
 
 
 def test_disk_full_degrades_to_no_caching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -252,7 +262,7 @@ def test_disk_full_degrades_to_no_caching(tmp_path: Path, monkeypatch: pytest.Mo
     cache = make(tmp_path, source)
     monkeypatch.setattr(os, "open", full)
     assert cache.read(OBJ, 0, len(DATA), deadline=later()) == DATA
-    assert list((tmp_path / "cache" / "blocks").rglob("*-*")) == []
+    assert list((tmp_path / "cache" / "objects").rglob("*.*")) == []
 
 
 @settings(max_examples=60, deadline=None)
@@ -323,7 +333,7 @@ def test_inventory_names_objects_and_clear_empties_the_store(tmp_path: Path) -> 
     assert store.clear() == before
     assert read_inventory(tmp_path / "cache") == []
     assert store.usage() == (0, 0)
-    assert not any(p.is_file() for p in (tmp_path / "cache" / "blocks").rglob("*"))
+    assert not any(p.is_file() for p in (tmp_path / "cache" / "objects").rglob("*"))
     assert store.get(OBJ, 0) is None
     store.close()
 
@@ -382,8 +392,10 @@ def test_a_damaged_index_is_renewed_and_keeps_the_valid_blocks(
     assert damage_of(cache / cachedir.INDEX) is None
     garbage(cache / cachedir.INDEX)
     meta = garbage(cache / cachedir.META)
-    bad = cache / "blocks" / DiskStore.name(OBJ, 2)
-    bad.write_bytes(bad.read_bytes()[:-1] + b"!")
+    layout, path = object_file(cache, OBJ)
+    raw = bytearray(path.read_bytes())
+    raw[layout.data_at(2) + BLOCK - 1] ^= 0x21  # block 2's last byte
+    path.write_bytes(raw)
     assert damage_of(cache / cachedir.INDEX) is not None
     assert MetaStore(cache / cachedir.META, scope="").get("x") is None  # unusable: in memory
     assert (cache / cachedir.META).read_bytes() == meta  # … and never deleted by it
@@ -391,7 +403,10 @@ def test_a_damaged_index_is_renewed_and_keeps_the_valid_blocks(
     try:
         assert [renewed.get(OBJ, i) is not None for i in range(4)] == [True, True, False, True]
         assert renewed.get(OBJ, 0) == DATA[:BLOCK]
-        assert renewed.usage()[1] == 3 and not bad.exists()
+        assert renewed.usage()[1] == 3
+        assert path.read_bytes()[layout.entry_at(2) : layout.entry_at(3)].count(0) == len(
+            raw[layout.entry_at(2) : layout.entry_at(3)]
+        )  # the bad block was erased
         assert (
             damage_of(cache / cachedir.META) is None and damage_of(cache / cachedir.INDEX) is None
         )
@@ -449,7 +464,7 @@ def test_an_index_from_before_the_kept_total_gets_it(tmp_path: Path) -> None:
             db.execute(f"DROP TRIGGER {trigger}")
         db.execute("DROP TABLE total")
     store = DiskStore(cache, limit_bytes=1 << 20, block_size=BLOCK)
-    two = 2 * (HEADER.size + BLOCK)
+    two = 2 * BLOCK
     assert stored_total(cache) == (two, two)
     assert store.put_many(OBJ, {2: DATA[2 * BLOCK : 3 * BLOCK]}) == 1
     kept, summed = stored_total(cache)

@@ -160,7 +160,7 @@ def test_cache_info_only_reads(tmp_path: Path) -> None:
     rid = "0bccdcab-56f6-52dc-8c34-f3997e2125eb"
     obj = ObjectId(key=resource_key("org", rid), etag="e", size=10)
     assert store.put_many(obj, {0: b"0123456789"}) == 1
-    stray = cache / "blocks" / "ab" / ("ab" * 32 + "-0")  # a block another process is renaming
+    stray = cache / "objects" / "ab" / ("ab" * 32 + ".1024.9")  # another process is writing
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"x")
     before = sorted(p.name for p in cache.rglob("*"))

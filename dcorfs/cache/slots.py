@@ -1,0 +1,208 @@
+"""The disk store's file format: one sparse file per cached object (and block size), its blocks
+in slots at fixed offsets, each described by an entry in a table at the file's start.
+
+File `objects/<2 hex>/<identity hex>.<block size>.<object size>` (`Layout.name`):
+
+    [entry table: one entry per block, padded to 4 KiB][block 0][block 1]…[last block]
+
+Blocks never stored are holes (the file is sparse), so an object's blocks cost only what is
+stored, and a reader of many blocks of one object reads one file (the filesystem's read-ahead
+works across blocks). An entry holds MAGIC, the first 8 bytes of the object's identity, the
+block's index and length and the CRC32 of each `PAGE` of its data. A block's data are written
+before its entry. A reader checks the entry (all zero: not stored) and the CRC of every page it
+reads, and of no other: a read of a few KiB of a 1 MiB block reads and checks 32 KiB, not the
+block. So a torn, truncated, flipped or misplaced block is damage (`Damaged`), never data.
+
+Erasing a block zeroes its entry and punches its data out of the file (fallocate
+PUNCH_HOLE), which gives the disk space back; where the filesystem cannot punch holes
+(`can_punch`), the disk store evicts whole files instead (doc/ARCHITECTURE.md, "Cache").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .identity import ObjectId
+
+PAGE = 32 << 10  # bytes under one CRC: the least a read of a block reads and checks
+ALIGN = 4096  # the entry table is padded to this, so that blocks start on filesystem blocks
+MAGIC = b"DCS1"
+ENTRY = struct.Struct("<4s8sQI")  # magic, identity prefix, index, length; then one CRC per page
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class Damaged(Exception):
+    """A stored block that fails its checks (its entry, its length or a page's CRC)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the blocks of one object, split into blocks of `block_size`, lie in its file."""
+
+    identity: bytes
+    block_size: int
+    size: int
+
+    @classmethod
+    def of(cls, obj: ObjectId, block_size: int) -> Layout:
+        return cls(obj.identity, block_size, obj.size)
+
+    @cached_property
+    def name(self) -> str:
+        """The file's path under the store's directory."""
+        digest = self.identity.hex()
+        return f"{digest[:2]}/{digest}.{self.block_size}.{self.size}"
+
+    @classmethod
+    def parse(cls, name: str) -> Layout | None:
+        """The layout a file name (`name`) stands for, None for any other name."""
+        sub, _, rest = name.partition("/")
+        parts = rest.split(".")
+        if len(parts) != 3 or sub != parts[0][:2]:
+            return None
+        try:
+            identity, block_size, size = bytes.fromhex(parts[0]), int(parts[1]), int(parts[2])
+        except ValueError:
+            return None
+        if len(identity) != 32 or block_size <= 0 or size < 0:
+            return None
+        return cls(identity, block_size, size)
+
+    @cached_property
+    def pages(self) -> int:
+        return -(-self.block_size // PAGE)
+
+    @cached_property
+    def entry_size(self) -> int:
+        return ENTRY.size + 4 * self.pages
+
+    @cached_property
+    def blocks(self) -> int:
+        return -(-self.size // self.block_size)
+
+    @cached_property
+    def table(self) -> int:
+        return -(-self.blocks * self.entry_size // ALIGN) * ALIGN
+
+    def length(self, index: int) -> int:
+        return max(0, min(self.block_size, self.size - index * self.block_size))
+
+    def entry_at(self, index: int) -> int:
+        return index * self.entry_size
+
+    def data_at(self, index: int) -> int:
+        return self.table + index * self.block_size
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def entry(layout: Layout, index: int, data: bytes) -> bytes:
+    """The table entry of block `index` holding `data`."""
+    view = memoryview(data)
+    crcs = [zlib.crc32(view[at : at + PAGE]) for at in range(0, len(data), PAGE)]
+    packed = ENTRY.pack(MAGIC, layout.identity[:8], index, len(data))
+    packed += struct.pack(f"<{len(crcs)}I", *crcs)
+    return packed.ljust(layout.entry_size, b"\0")
+
+
+def write(fd: int, layout: Layout, index: int, data: bytes) -> None:
+    """Store block `index` (its data, then its entry)."""
+    if len(data) != layout.length(index):
+        wanted = layout.length(index)
+        raise ValueError(f"block {index} of {layout.name}: {len(data)} bytes, not {wanted}")
+    _pwrite_all(fd, data, layout.data_at(index))
+    _pwrite_all(fd, entry(layout, index, data), layout.entry_at(index))
+
+
+def read(
+    fd: int, layout: Layout, index: int, start: int = 0, stop: int | None = None
+) -> bytes | None:
+    """Bytes [start, stop) of block `index` (offsets within the block; all of it by default),
+    None if the block is not stored; `Damaged` if its entry or a page read fails its check."""
+    length = layout.length(index)
+    stop = length if stop is None else min(stop, length)
+    raw = os.pread(fd, layout.entry_size, layout.entry_at(index))
+    if raw.count(0) == len(raw):
+        return None
+    if len(raw) != layout.entry_size:
+        raise Damaged(f"block {index}: entry cut short")
+    magic, prefix, stored_index, stored_length = ENTRY.unpack_from(raw)
+    if (magic, prefix, stored_index, stored_length) != (MAGIC, layout.identity[:8], index, length):
+        raise Damaged(f"block {index}: entry names another block")
+    first, last = start // PAGE, -(-stop // PAGE)
+    begin, end = first * PAGE, min(last * PAGE, length)
+    data = os.pread(fd, end - begin, layout.data_at(index) + begin)
+    if len(data) != end - begin:
+        raise Damaged(f"block {index}: {len(data)} of {end - begin} bytes (truncated)")
+    view = memoryview(data)
+    crcs = struct.unpack_from(f"<{last - first}I", raw, ENTRY.size + 4 * first)
+    for n, crc in enumerate(crcs):
+        if zlib.crc32(view[n * PAGE : (n + 1) * PAGE]) != crc:
+            raise Damaged(f"block {index}: page {first + n} fails its CRC")
+    if (begin, end) == (start, stop):
+        return data  # the block's bytes themselves: no copy
+    return data[start - begin : stop - begin]
+
+
+def present(fd: int, layout: Layout) -> list[int]:
+    """The indices whose entries are not empty (stored, or damaged)."""
+    table = os.pread(fd, layout.blocks * layout.entry_size, 0)
+    size = layout.entry_size
+    return [
+        index
+        for index in range(len(table) // size)
+        if table[index * size : index * size + 4] != b"\0\0\0\0"
+    ]
+
+
+def erase(fd: int, layout: Layout, index: int, *, punch: bool) -> None:
+    """Forget block `index`: its entry zeroed, its data punched out of the file (`punch`)."""
+    _pwrite_all(fd, bytes(layout.entry_size), layout.entry_at(index))
+    if punch:
+        punch_hole(fd, layout.data_at(index), layout.length(index))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give back the disk space of [offset, offset + length) of a file (reads as zeros)."""
+    fallocate = _fallocate()
+    if fallocate is None:
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """Linux's fallocate(2) from the C library (Python's os module has no PUNCH_HOLE)."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if function is not None:
+        function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return function
+
+
+def can_punch(directory: Path) -> bool:
+    """Whether files in `directory` can have holes punched (what fallocate answers there)."""
+    with contextlib.suppress(OSError), tempfile.TemporaryFile(dir=directory) as handle:
+        handle.write(bytes(4 * ALIGN))
+        handle.flush()
+        punch_hole(handle.fileno(), ALIGN, 2 * ALIGN)
+        return True
+    return False

@@ -1,0 +1,210 @@
+"""The disk store's object files (cache/slots.py): short reads check only their pages, space of
+evicted blocks comes back, and what a crash or an earlier layout leaves is cleaned up."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcorfs.cache import cachedir, diskstore, slots
+from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.diskstore import DiskStore
+from dcorfs.cache.identity import ObjectId
+from dcorfs.cache.slots import PAGE, Damaged, Layout
+
+BLOCK = 4 * PAGE
+DATA = os.urandom(5 * BLOCK + 3 * PAGE + 17)
+OBJ = ObjectId(key="circle-x/resource/abc/def/ghi#rows/image", etag="d1", size=len(DATA))
+LAYOUT = Layout.of(OBJ, BLOCK)
+
+
+def blocks(data: bytes = DATA) -> dict[int, bytes]:
+    return {i: data[i * BLOCK : (i + 1) * BLOCK] for i in range(-(-len(data) // BLOCK))}
+
+
+def file_of(cache: Path, obj: ObjectId = OBJ) -> Path:
+    return cache / cachedir.OBJECTS / Layout.of(obj, BLOCK).name
+
+
+def flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(raw)
+
+
+def test_layout_names_parse_back_and_others_do_not() -> None:
+    assert Layout.parse(LAYOUT.name) == LAYOUT
+    digest = OBJ.identity.hex()
+    for name in (f"{digest[:2]}/{digest}-3", f"zz/{digest}.{BLOCK}.9", "ab/ab.1.2", "x"):
+        assert Layout.parse(name) is None
+    assert diskstore.split_name(f"{LAYOUT.name}-4") == (LAYOUT, 4)
+    assert diskstore.split_name(f"{digest[:2]}/{digest}-4") is None  # the earlier layout
+    assert LAYOUT.table % 4096 == 0 and LAYOUT.data_at(0) == LAYOUT.table
+    assert LAYOUT.length(LAYOUT.blocks - 1) == len(DATA) - 5 * BLOCK
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 5), st.integers(0, BLOCK), st.integers(0, BLOCK))
+def test_any_part_of_a_block_reads_back(index: int, a: int, b: int) -> None:
+    start, stop = min(a, b), max(a, b)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dcorfs-slots-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        slots.write(fd, LAYOUT, index, blocks()[index])
+        part = slots.read(fd, LAYOUT, index, start, stop)
+        assert part == blocks()[index][start:stop]
+        assert slots.read(fd, LAYOUT, (index + 1) % 6) is None  # never written: a hole
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def test_a_short_read_reads_and_checks_only_its_pages(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK)
+    assert store.put_many(OBJ, blocks()) == 6
+    flip(file_of(tmp_path / "cache"), LAYOUT.data_at(2) + 2 * PAGE + 100)  # page 2 of block 2
+    one = blocks()[2]
+    assert store.get(OBJ, 2, start=10, stop=PAGE + 10) == one[10 : PAGE + 10]  # pages 0-1
+    assert store.get(OBJ, 2, start=3 * PAGE, stop=BLOCK) == one[3 * PAGE :]  # page 3
+    assert store.errors == 0
+    assert store.get(OBJ, 2, start=2 * PAGE + 99, stop=2 * PAGE + 101) is None  # page 2
+    assert store.errors == 1
+    assert store.get(OBJ, 2, start=0, stop=10) is None  # the damaged block was erased
+    assert store.usage() == (len(DATA) - BLOCK, 5)
+    assert store.get(OBJ, 5) == blocks()[5]  # its neighbours are whole
+    store.close()
+
+
+def test_a_short_read_of_a_large_block_on_disk_keeps_nothing_in_memory(tmp_path: Path) -> None:
+    """DerivedCache over a disk store: a short read of a stored block reads its pages only (a
+    damaged page elsewhere in the block does not stop it), and is not kept in memory."""
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=1024)
+    large = ObjectId(key=OBJ.key, etag="d2", size=4 * (1 << 20))
+    truth = os.urandom(large.size)
+    made: list[tuple[int, int]] = []
+
+    def make(start: int, stop: int, deadline: float) -> bytes:
+        made.append((start, stop))
+        return truth[start:stop]
+
+    first = DerivedCache(store=store, block_size=1 << 20)
+    first.register(large, make)
+    assert first.read(large, 0, large.size, deadline=time.monotonic() + 10) == truth
+    first.close()
+    layout = Layout.of(large, 1 << 20)
+    flip(tmp_path / "cache" / cachedir.OBJECTS / layout.name, layout.data_at(1) + 5 * PAGE)
+    second = DerivedCache(store=store, block_size=1 << 20)
+    second.register(large, make)
+    made.clear()
+    at = (1 << 20) + 9 * PAGE - 50  # 128 KiB over pages 8-13 of block 1 (page 5 is damaged)
+    assert (
+        second.read(large, at, at + (128 << 10), deadline=time.monotonic() + 10)
+        == (truth[at : at + (128 << 10)])
+    )
+    assert made == [] and store.errors == 0
+    assert second.stats().memory_bytes == 0 and second.stats().disk_hits == 1
+    at = (3 << 20) - 1000  # over blocks 2 and 3: parts of both
+    assert (
+        second.read(large, at, at + 2000, deadline=time.monotonic() + 10) == truth[at : at + 2000]
+    )
+    assert made == [] and second.stats().disk_hits == 3
+    whole = second.read(large, 1 << 20, 2 << 20, deadline=time.monotonic() + 10)
+    assert whole == truth[1 << 20 : 2 << 20]  # a whole read finds the damage, and remakes
+    assert made == [(1 << 20, 2 << 20)] and store.errors == 1
+    second.close()
+    store.close()
+
+
+def on_disk(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_evicted_blocks_give_their_space_back_and_empty_files_go(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=3 * BLOCK, block_size=BLOCK)
+    path = file_of(cache)
+    store.put_many(OBJ, {i: blocks()[i] for i in range(3)})
+    full = on_disk(path)
+    assert full >= 3 * BLOCK
+    store.put_many(OBJ, {i: blocks()[i] for i in range(3, 5)})  # evicts blocks 0 and 1
+    assert [store.get(OBJ, i) is not None for i in range(5)] == [False, False, True, True, True]
+    assert on_disk(path) <= full + 4096  # three blocks' space (the entry table's page apart)
+    other = ObjectId(key="other", etag="e", size=3 * BLOCK)
+    store.put_many(other, {i: DATA[i * BLOCK : (i + 1) * BLOCK] for i in range(3)})
+    assert not path.exists()  # all its blocks evicted: the file went
+    assert store.usage() == (3 * BLOCK, 3)
+    store.close()
+
+
+def test_without_holes_eviction_takes_whole_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(slots, "can_punch", lambda directory: False)
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=4 * BLOCK, block_size=BLOCK)
+    store.put_many(OBJ, {i: blocks()[i] for i in range(3)})
+    other = ObjectId(key="other", etag="e", size=2 * BLOCK)
+    store.put_many(other, {i: DATA[i * BLOCK : (i + 1) * BLOCK] for i in range(2)})
+    assert not file_of(cache).exists()  # one block had to go: its file went, all of it
+    assert store.usage() == (2 * BLOCK, 2)
+    assert sum(on_disk(p) for p in (cache / cachedir.OBJECTS).rglob("*.*")) <= 2 * BLOCK + 4096
+    store.close()
+
+
+def test_opening_cleans_up_after_a_crash_and_an_earlier_layout(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 30, block_size=BLOCK)
+    store.put_many(OBJ, blocks())
+    store.close()
+    path = file_of(cache)
+    long_ago = time.time() - 3600
+    with sqlite3.connect(cache / cachedir.INDEX) as db:
+        db.execute("UPDATE blocks SET used=?", (long_ago,))
+        # a block stored whose row is gone (evicted while it was written, then a crash) …
+        db.execute("DELETE FROM blocks WHERE name=?", (f"{LAYOUT.name}-1",))
+        # … and a row of the earlier layout, with its block file
+        db.execute("INSERT INTO blocks VALUES (?, ?, ?)", ("ab/" + "ab" * 32 + "-0", 9, long_ago))
+    fd = os.open(path, os.O_RDWR)
+    slots.erase(fd, LAYOUT, 4, punch=True)  # a row whose block is not stored (crash)
+    os.close(fd)
+    os.utime(path, (long_ago, long_ago))
+    (cache / cachedir.LEGACY_BLOCKS / "ab").mkdir(parents=True)
+    (cache / cachedir.LEGACY_BLOCKS / "ab" / ("ab" * 32 + "-0")).write_bytes(b"x" * 9)
+    orphan = ObjectId(key="orphan", etag="e", size=BLOCK)
+    orphan_file = file_of(cache, orphan)
+    orphan_file.parent.mkdir(exist_ok=True)
+    orphan_file.write_bytes(b"")
+    os.utime(orphan_file, (long_ago, long_ago))
+    store = DiskStore(cache, limit_bytes=1 << 30, block_size=BLOCK)
+    try:
+        stored = [store.get(OBJ, i) is not None for i in range(6)]
+        assert stored == [True, False, True, True, False, True]
+        assert store.usage() == (len(DATA) - 2 * BLOCK, 4)
+        fd = os.open(path, os.O_RDONLY)
+        assert slots.present(fd, LAYOUT) == [0, 2, 3, 5]  # the block without a row: erased
+        os.close(fd)
+        assert not (cache / cachedir.LEGACY_BLOCKS).exists() and not orphan_file.exists()
+    finally:
+        store.close()
+
+
+def test_a_damaged_entry_is_damage_and_an_empty_one_is_not() -> None:
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dcorfs-entry-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        slots.write(fd, LAYOUT, 0, blocks()[0])
+        assert slots.read(fd, LAYOUT, 1) is None
+        os.pwrite(fd, b"\1", LAYOUT.entry_at(0) + 4)  # the identity prefix
+        with pytest.raises(Damaged, match="another block"):
+            slots.read(fd, LAYOUT, 0)
+        with pytest.raises(ValueError):
+            slots.write(fd, LAYOUT, 0, b"short")
+    finally:
+        os.close(fd)
+        path.unlink()
