@@ -34,6 +34,12 @@ def check(settings: MountSettings) -> None:
     """Everything that can be checked before mounting: mount point, cache dir, and the host
     (or, with `--s3-only`, the S3 endpoint); botocore for S3 credentials."""
     check_mountpoint(settings.mountpoint)
+    check_source(settings)
+
+
+def check_source(settings: MountSettings) -> None:
+    """The cache dir, and the host (or, with `--s3-only`, the S3 endpoint); botocore for S3
+    credentials: what a mount and a WebDAV share both need."""
     check_cache_dir(settings.cache_dir)
     store = MetaStore(settings.cache_dir / cachedir.META, scope=scope(settings))
     try:

@@ -22,7 +22,8 @@ from ..cache.derived import DerivedCache
 from ..cache.diskstore import DiskStore
 from ..cache.metastore import Memo, MetaStore
 from ..cache.prefetch import DECODED_BLOCK
-from ..fs.fuse_ops import Activity, Operations
+from ..fs.activity import Activity
+from ..fs.fuse_ops import Operations
 from ..fs.readahead import Prefetcher
 from ..fs.s3tree import build_s3_root
 from ..fs.tree import Context, Dir, build_root
@@ -152,10 +153,20 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     return Layers(http, disk, store, buckets, catalog, cache, derived, pools, objects, resources)
 
 
-def build(
-    settings: MountSettings,
-) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
-    """Wire the layers (imports and data flow one way: http → … → fuse_ops)."""
+@dataclass
+class Front:
+    """What a front end (FUSE or WebDAV) serves: the tree over the layers, the read-ahead
+    shared by its open files, its activity, status.json's report, and how to close it all."""
+
+    root: Dir
+    prefetcher: Prefetcher
+    activity: Activity
+    report: Callable[[], dict[str, Any]]
+    close: Callable[[], None]
+
+
+def build_front(settings: MountSettings, *, where: str) -> Front:
+    """Wire the layers and the tree on them (`where`: what serves it, for the report)."""
     layers = build_layers(settings)
     http, cache, derived, resources = layers.http, layers.cache, layers.derived, layers.resources
     buckets, catalog = layers.buckets, layers.catalog
@@ -179,7 +190,7 @@ def build(
             "version": __version__,
             "host": settings.source,
             "s3_endpoint": settings.s3_endpoint,
-            "mountpoint": str(settings.mountpoint),
+            "mountpoint": where,
             "cache_dir": str(settings.cache_dir),
             "pid": os.getpid(),
             "started": started,
@@ -205,19 +216,28 @@ def build(
     else:
         assert catalog is not None
         root = build_root(ctx, catalog, status, mtime=started)
-    ops = Operations(
-        root=root,
-        timeout=settings.timeout,
-        attr_time=settings.attr_time,
-        listing_time=settings.dir_cache_time,
-        negative_time=settings.negative_time,
-        limiter=trio.CapacityLimiter(settings.network_threads),
-        activity=activity,
-        prefetcher=prefetcher,
-    )
 
     def close() -> None:
         prefetcher.close()
         layers.close()
 
-    return ops, report, close
+    return Front(root, prefetcher, activity, report, close)
+
+
+def build(
+    settings: MountSettings,
+) -> tuple[Operations, Callable[[], dict[str, Any]], Callable[[], None]]:
+    """Wire the layers and the FUSE operations on them (imports and data flow one way:
+    http → … → fuse_ops)."""
+    front = build_front(settings, where=str(settings.mountpoint))
+    ops = Operations(
+        root=front.root,
+        timeout=settings.timeout,
+        attr_time=settings.attr_time,
+        listing_time=settings.dir_cache_time,
+        negative_time=settings.negative_time,
+        limiter=trio.CapacityLimiter(settings.network_threads),
+        activity=front.activity,
+        prefetcher=front.prefetcher,
+    )
+    return ops, front.report, front.close

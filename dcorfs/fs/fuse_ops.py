@@ -26,7 +26,8 @@ from typing import Any, Concatenate, NewType, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ..errors import AccessDenied, DcorfsError, NotFound
+from ..errors import DcorfsError, NotFound
+from .activity import Activity
 from .content import FileContent, StaticContent
 from .readahead import Prefetcher, ReadAhead
 from .tree import Dir, File, Node
@@ -70,23 +71,6 @@ def _handler(method: Handler[P, T]) -> Handler[P, T]:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-class Activity:
-    """What the FUSE layer did, for status.json: counters and the most recent errors."""
-
-    def __init__(self) -> None:
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.recent_errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
-
-    def note_error(self, operation: str, exc: BaseException) -> None:
-        if isinstance(exc, NotFound):
-            log.debug("%s: %s", operation, exc)
-            return
-        level = logging.INFO if isinstance(exc, AccessDenied) else logging.WARNING
-        log.log(level, "%s failed: %s", operation, exc)
-        self.counters["errors"] += 1
-        self.recent_errors.append({"time": time.time(), "operation": operation, "error": str(exc)})
 
 
 def _volatile(node: Node | None) -> bool:
