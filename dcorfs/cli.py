@@ -15,12 +15,15 @@ from .settings import (
     S3_KEY_ID_ENV,
     S3_SECRET_ENV,
     MountSettings,
+    WebDavSettings,
     default_cache_dir,
     parse_bucket_template,
     parse_circle,
     parse_endpoint,
     parse_host,
+    parse_listen,
     parse_size,
+    read_password_file,
     read_s3_credentials,
     read_token,
 )
@@ -213,6 +216,49 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     parser.add_argument("mountpoint", type=Path, help="an existing, empty directory")
+    _add_source_options(parser)
+    parser.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
+    parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    parser.add_argument(
+        "--kernel-tuning",
+        action="store_true",
+        help="as root, raise the kernel's read-ahead (1 MiB) and background requests of the mount",
+    )
+    _add_s3_options(parser)
+    parser.set_defaults(run=_run_mount)
+
+
+def _add_webdav(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "webdav",
+        help="serve DCOR's tree read-only over WebDAV (Windows, macOS, no FUSE)",
+        description=(
+            "Serve the tree of a mount read-only over WebDAV, for Windows Explorer, macOS "
+            "Finder, davfs2 and rclone; in the foreground (Ctrl-C or SIGTERM stops it). Prints "
+            "its URL once serving. Loopback only unless --password-file names the users who "
+            "may read (HTTP basic or digest; put a TLS reverse proxy in front). Same cache, "
+            "token and S3 options as `dcorfs mount`."
+        ),
+    )
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="address to serve on (default 127.0.0.1:8080; port 0: a free one)",
+    )
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        metavar="FILE",
+        help="users who may read, one user:password per line (chmod 600)",
+    )
+    _add_source_options(parser)
+    _add_s3_options(parser)
+    parser.set_defaults(run=_run_webdav)
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """What is served and how (`mount` and `webdav`): host, token, cache, timeouts, logs."""
     parser.add_argument(
         "--host",
         help=f"DCOR host; bare = https, or e.g. http://127.0.0.1:8765 (default {DEFAULT_HOST})",
@@ -231,17 +277,13 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=300.0,
         help="seconds listings of datasets/circles/collections are kept (300)",
     )
-    parser.add_argument("--foreground", action="store_true", help="stay attached, log to stderr")
-    parser.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     parser.add_argument("--log-file", type=Path, help="default: CACHE_DIR/dcorfs.log")
-    parser.add_argument(
-        "--kernel-tuning",
-        action="store_true",
-        help="as root, raise the kernel's read-ahead (1 MiB) and background requests of the mount",
-    )
+
+
+def _add_s3_options(parser: argparse.ArgumentParser) -> None:
     s3 = parser.add_argument_group(
         "S3 bypass",
         "Read objects straight from DCOR's S3 object store instead of the URLs dcserv hands "
@@ -279,7 +321,6 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="TEMPLATE",
         help="how the server names a circle's bucket (DCOR: %(default)s; doc/DCOR.md §10)",
     )
-    parser.set_defaults(run=_run_mount)
 
 
 def _positive(value: float, name: str) -> float:
@@ -306,13 +347,12 @@ def _check_s3_options(args: argparse.Namespace) -> None:
         raise ConfigError("--s3-bucket-template goes with --s3-endpoint")
 
 
-def _run_mount(args: argparse.Namespace) -> int:
-    from .daemon.mount import mount
-
+def _settings(args: argparse.Namespace, mountpoint: Path, **more: object) -> MountSettings:
+    """The settings of the source options (`_add_source_options`, `_add_s3_options`)."""
     _check_s3_options(args)
     endpoint = parse_endpoint(args.s3_endpoint) if args.s3_endpoint is not None else None
-    settings = MountSettings(
-        mountpoint=args.mountpoint.absolute(),
+    return MountSettings(
+        mountpoint=mountpoint,
         host=parse_host(args.host or DEFAULT_HOST),
         token=None if args.s3_only else read_token(args.api_key_file),
         s3_endpoint=endpoint,
@@ -324,13 +364,33 @@ def _run_mount(args: argparse.Namespace) -> int:
         cache_size=parse_size(args.cache_size),
         timeout=_positive(args.timeout, "--timeout"),
         dir_cache_time=_positive(args.dir_cache_time, "--dir-cache-time"),
-        foreground=args.foreground,
-        allow_other=args.allow_other,
         log_level=args.log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
+        **more,  # type: ignore[arg-type]
+    )
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    from .daemon.mount import mount
+
+    settings = _settings(
+        args,
+        args.mountpoint.absolute(),
+        foreground=args.foreground,
+        allow_other=args.allow_other,
         kernel_tuning=args.kernel_tuning,
     )
     return mount(settings)
+
+
+def _run_webdav(args: argparse.Namespace) -> int:
+    from .daemon import webdav
+
+    host, port = parse_listen(args.listen)
+    users = read_password_file(args.password_file) if args.password_file else None
+    web = WebDavSettings(host=host, port=port, users=users)
+    settings = _settings(args, Path(f"webdav-{host}-{port}"), foreground=True)
+    return webdav.main(settings, web)
 
 
 def _add_umount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -454,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcorfs {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_mount(commands)
+    _add_webdav(commands)
     _add_umount(commands)
     _add_status(commands)
     _add_warmup(commands)

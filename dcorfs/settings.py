@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -275,3 +276,58 @@ class MountSettings:
         if self.s3_credentials is not None:
             found += list(self.s3_credentials.reveal())
         return found
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`--listen HOST:PORT` (an IPv6 host in brackets) → (host, port); port 0: a free one."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"not an address to listen on: {text!r} (expected e.g. 127.0.0.1:8080)")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (an address or `localhost`)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """The users of `--password-file`: one `user:password` per line (# comments, blank lines
+    skipped). One-line errors; the passwords never appear in them."""
+    try:
+        text = path.read_text()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(f"password file {path} is readable by others: chmod 600 {path}")
+    users: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ConfigError(f"password file {path}, line {number}: expected user:password")
+        users[user.strip()] = password
+    if not users:
+        raise ConfigError(f"password file {path} names no user (lines of user:password)")
+    return users
+
+
+@dataclass(frozen=True)
+class WebDavSettings:
+    """`dcorfs webdav`: where it listens and who may read (None: anyone who reaches it)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users: dict[str, str] | None = field(default=None, repr=False)
+
+    def secrets(self) -> list[str]:
+        return list(self.users.values()) if self.users else []

@@ -10,7 +10,7 @@ extras=${1:-test}
 need=(fuse3 libfuse3-dev pkg-config gcc make hdf5-tools)
 # systemd-analyze verifies the units in systemd/; R reads features.tsv in the tests; ImageJ
 # (headless, under xvfb-run) and libtiff's tiffinfo read the TIFF stacks
-[ "$extras" = test ] && need+=(systemd r-base-core r-cran-hdf5r imagej xvfb libtiff-tools)
+[ "$extras" = test ] && need+=(systemd r-base-core r-cran-hdf5r imagej xvfb libtiff-tools rclone davfs2)
 py=${PYTHON:-python3}
 command -v "$py" >/dev/null || need+=(python3)
 "$py" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

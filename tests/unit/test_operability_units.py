@@ -131,9 +131,14 @@ def test_systemd_units_pass_verification(
     assert "Type=notify" in text and "NotifyAccess=main" in text
     assert "After=network-online.target" in text and "ExecStop=-/usr/bin/fusermount3 -u" in text
     assert "ExecStartPre=-/usr/bin/fusermount3 -u -z" in text  # restarts after a crash work
+    verify_unit(tmp_path, text, instance or unit, user=user)
+
+
+def verify_unit(tmp_path: Path, text: str, name: str, *, user: bool) -> None:
+    """systemd's own verification of a unit file (as unit `name`) passes without a word."""
     # verification checks that ExecStart's program exists: point it at this checkout's dcorfs
     dcorfs_program = shutil.which("dcorfs") or str(Path(sys.executable).with_name("dcorfs"))
-    path = tmp_path / (instance or unit)
+    path = tmp_path / name
     path.write_text(text.replace("/usr/local/bin/dcorfs", dcorfs_program))
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
@@ -146,6 +151,17 @@ def test_systemd_units_pass_verification(
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze missing (apt install systemd; scripts/bootstrap.sh test does)",
+)
+def test_the_webdav_unit_passes_verification(tmp_path: Path) -> None:
+    text = (REPO / "systemd" / "dcorfs-webdav.service").read_text()
+    assert "Type=notify" in text and "NotifyAccess=main" in text
+    assert "ExecStart=/usr/local/bin/dcorfs webdav " in text
+    verify_unit(tmp_path, text, "dcorfs-webdav.service", user=True)
 
 
 def test_cache_info_only_reads(tmp_path: Path) -> None:

@@ -1,0 +1,170 @@
+"""`dcorfs webdav`: the tree served read-only over WebDAV (WsgiDAV on cheroot), in the
+foreground until SIGTERM/SIGINT/SIGHUP. The same layers as a mount (`wiring.build_front`),
+the same cache dir (a mount and a share may use one cache dir together), token and S3
+options; `fs.dav` is the front end. Who may read: anyone who reaches a loopback address, or
+the users of `--password-file` (HTTP basic or digest); the checks that a share beyond loopback,
+or one that can read private data, has users are made before anything starts (`check`).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cheroot import wsgi
+from wsgidav.wsgidav_app import WsgiDAVApp
+
+from .. import __version__
+from ..cache import cachedir
+from ..errors import ConfigError, DcorfsError
+from ..fs.dav import TreeProvider
+from ..hdf5.rtdc import CycleCollector
+from ..settings import MountSettings, WebDavSettings, is_loopback
+from .logs import configure
+from .memory import limit_arenas
+from .notify import Notifier
+from .preflight import check_source
+from .report import one_line
+from .wiring import Front, build_front
+
+log = logging.getLogger(__name__)
+BLOCK = 1 << 20  # bytes WsgiDAV reads from a file at a time (then read-ahead takes over)
+REALM = "dcorfs"
+STATUS_PERIOD = 10.0
+
+
+def check(settings: MountSettings, web: WebDavSettings) -> None:
+    """Refuse what would expose data to people who should not read it (one-line errors)."""
+    if web.users is None and not is_loopback(web.host):
+        raise ConfigError(
+            f"listening on {web.host} (beyond this machine) needs --password-file; "
+            "and a TLS reverse proxy in front (README, 'From Windows and macOS')"
+        )
+    if web.users is None and settings.token is not None:
+        raise ConfigError(
+            "with a DCOR token the share can read private data: give --password-file, so that "
+            "only authenticated clients read it"
+        )
+
+
+def app_config(provider: TreeProvider, web: WebDavSettings) -> dict[str, Any]:
+    """WsgiDAV's configuration: one share at /, read-only, no locks (class 1), our users."""
+    users: dict[str, Any] = (
+        {"*": True}
+        if web.users is None
+        else {"*": {user: {"password": password} for user, password in web.users.items()}}
+    )
+    return {
+        "host": web.host,
+        "port": web.port,
+        "provider_mapping": {"/": provider},
+        "lock_storage": False,
+        "property_manager": None,
+        "block_size": BLOCK,
+        "simple_dc": {"user_mapping": users},
+        "http_authenticator": {
+            "domain_controller": None,  # SimpleDomainController over simple_dc
+            "accept_basic": True,
+            "accept_digest": True,
+            "default_to_digest": True,
+        },
+        "dir_browser": {"enable": True, "davmount": True, "ms_sharepoint_support": False},
+        "suppress_version_info": True,
+        "verbose": 1,
+        "logging": {"enable": False},
+    }
+
+
+def serve(settings: MountSettings, web: WebDavSettings, *, ready: Callable[[str], None]) -> int:
+    """Build, listen, tell `ready` the URL, serve until a signal; the exit code."""
+    check(settings, web)
+    check_source(settings)
+    configure(
+        level=settings.log_level,
+        log_file=settings.log_file or settings.cache_dir / cachedir.LOG,
+        stderr=True,
+        secrets=settings.secrets() + web.secrets(),
+    )
+    _share_handlers("wsgidav", "cheroot")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    limit_arenas(settings.malloc_arenas)
+    where = f"webdav {web.host}:{web.port}"
+    try:
+        front = build_front(settings, where=where)
+    except DcorfsError as exc:
+        log.error("cannot start: %s", exc)
+        raise
+    collector = CycleCollector()  # h5py in many threads: see its design note
+    stopping = threading.Event()
+    try:
+        provider = TreeProvider(
+            front.root,
+            timeout=settings.timeout,
+            prefetcher=front.prefetcher,
+            activity=front.activity,
+        )
+        server = wsgi.Server(
+            (web.host, web.port),
+            WsgiDAVApp(app_config(provider, web)),
+            numthreads=settings.network_threads,
+            server_name=f"dcorfs/{__version__}",
+        )
+        server.prepare()  # binds: port 0 is now the port given
+        host, port = server.bind_addr[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        collector.start()
+        for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, lambda *_: stopping.set())
+        serving = threading.Thread(target=server.serve, name="webdav", daemon=True)
+        serving.start()
+        log.info("dcorfs %s: %s served read-only at %s", __version__, settings.source, url)
+        ready(url)
+        _keep_informed(Notifier.from_environment(), front, url, stopping)
+        log.info("stopping the WebDAV share at %s", url)
+        server.stop()
+        serving.join(timeout=10)
+    finally:
+        collector.stop()
+        front.close()
+    return 0
+
+
+def _share_handlers(*names: str) -> None:
+    """The WebDAV server's own loggers write where dcorfs's do (errors only: its warnings
+    at start are about its own settings, which `check` has made; the redacting filter is on
+    each handler)."""
+    handlers = logging.getLogger("dcorfs").handlers
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        logger.propagate = False
+        for handler in handlers:
+            logger.addHandler(handler)
+
+
+def _keep_informed(notifier: Notifier, front: Front, url: str, stopping: threading.Event) -> None:
+    """READY=1 to systemd, then STATUS= lines every few seconds, until `stopping` is set."""
+    notifier.send("READY=1", f"STATUS=serving at {url}")
+    while not stopping.wait(STATUS_PERIOD):
+        notifier.send(f"STATUS={one_line(front.report())}")
+    notifier.send("STOPPING=1", "STATUS=stopping")
+
+
+def main(settings: MountSettings, web: WebDavSettings) -> int:
+    """For the command line: prints the URL on stdout once serving (a line to wait for)."""
+
+    def ready(url: str) -> None:
+        print(f"dcorfs webdav: serving {url}", flush=True)
+        if not is_loopback(web.host):
+            print(
+                "dcorfs webdav: plain HTTP beyond this machine: put a TLS reverse proxy in front",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return serve(settings, web, ready=ready)
