@@ -233,8 +233,9 @@ class MountSettings:
     token: Token | None = field(default=None, repr=False)
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_size: int = 10 << 30
-    memory_cache: int = 128 << 20
-    prefetch_memory: int = 64 << 20  # read-ahead windows of all open files together
+    # every in-memory buffer together: kept blocks and decoded values, read-ahead windows,
+    # fetches and decodes in flight (shared out by `cache.budget.MemoryPlan`)
+    memory_limit: int = 300 << 20
     prefetch_threads: int = 4
     block_size: int = 64 << 10  # small: HDF5 metadata is scattered; data reads coalesce
     timeout: float = 60.0

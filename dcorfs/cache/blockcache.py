@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
+from .budget import InFlight
 from .diskstore import DiskStore
 from .identity import ObjectId
 from .prefetch import DISK_PARTS_FROM
@@ -69,8 +71,11 @@ class BlockCache:
         memory_bytes: int = 128 << 20,
         max_fetch_bytes: int = 8 << 20,
         parallel: int = 8,
+        in_flight: InFlight | None = None,
     ) -> None:
+        """`in_flight`: the bound on bytes held by fetches in flight (shared with others)."""
         self._fetch = fetch
+        self._in_flight = in_flight
         self._store = store
         self.block_size = block_size
         self._memory_limit = memory_bytes
@@ -260,6 +265,10 @@ class BlockCache:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def held(self) -> dict[str, int]:
+        """The in-flight bound's figures (bytes used, peak, limit; times a fetch waited)."""
+        return self._in_flight.stats() if self._in_flight is not None else {}
+
     def stats(self) -> CacheStats:
         disk_bytes = self._store.usage()[0] if self._store is not None else 0
         with self._lock:
@@ -380,6 +389,12 @@ class BlockCache:
             flight.error = error
             flight.done.set()
 
+    def _held(self, n: int, deadline: float, what: str) -> contextlib.AbstractContextManager[None]:
+        """Hold `n` bytes of the in-flight bound while fetching (waiting for room first)."""
+        if self._in_flight is None:
+            return contextlib.nullcontext()
+        return self._in_flight.hold(n, deadline=deadline, what=what)
+
     def _fetch_run(
         self, obj: ObjectId, run: list[int], deadline: float, disk: bool = True
     ) -> dict[int, bytes]:
@@ -389,18 +404,24 @@ class BlockCache:
         try:
             self._counts["misses"] += len(run)
             self._counts["fetches"] += 1
-            data = self._fetch(obj, start, stop, deadline)
-            if len(data) != stop - start:
-                raise ProtocolError(f"{obj.key}: fetched {len(data)} bytes for [{start}, {stop})")
-            self._counts["fetched_bytes"] += len(data)
-            blocks = {}
-            for index in run:
-                offset = index * self.block_size - start
-                block = bytes(data[offset : offset + self.block_size])
-                blocks[index] = block
-                self._remember((obj, index), block, passing=not disk)
-            if self._store is not None and disk:
-                self._store.put_many(obj, blocks, block_size=self.block_size)
+            # the fetched bytes and their blocks (copies, but for a run of one block)
+            held = (stop - start) * (1 if len(run) == 1 else 2)
+            with self._held(held, deadline, obj.key):
+                data = self._fetch(obj, start, stop, deadline)
+                if len(data) != stop - start:
+                    raise ProtocolError(
+                        f"{obj.key}: fetched {len(data)} bytes for [{start}, {stop})"
+                    )
+                self._counts["fetched_bytes"] += len(data)
+                blocks = {}
+                for index in run:
+                    offset = index * self.block_size - start
+                    block = bytes(data[offset : offset + self.block_size])
+                    blocks[index] = block
+                    self._remember((obj, index), block, passing=not disk)
+                del data
+                if self._store is not None and disk:
+                    self._store.put_many(obj, blocks, block_size=self.block_size)
             for index, flight in flights.items():
                 flight.data = blocks[index]
             return blocks

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import ProtocolError
 from .blockcache import BlockCache
+from .budget import InFlight
 from .diskstore import DiskStore
 from .identity import ObjectId
 
@@ -62,6 +63,7 @@ class DerivedCache(BlockCache):
         memory_bytes: int = 32 << 20,
         max_fetch_bytes: int = 8 << 20,
         parallel: int = 4,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._makers: dict[ObjectId, Make] = {}
         self._makers_lock = threading.Lock()
@@ -72,6 +74,7 @@ class DerivedCache(BlockCache):
             memory_bytes=memory_bytes,
             max_fetch_bytes=max_fetch_bytes,
             parallel=parallel,
+            in_flight=in_flight,
         )
 
     def register(self, obj: ObjectId, make: Make) -> None:

@@ -35,8 +35,8 @@ are asked for, within a memory budget. In the order a resource meets them:
    stream once it has read `STREAM` bytes in sequence. Windows of `WINDOW_INITIAL` bytes,
    growing with what was read up to `WINDOW_CAP` (at most a quarter of the budget), are made
    up to `WINDOWS_AHEAD` windows ahead; all windows of all files share the budget
-   `MountSettings.prefetch_memory`. A jump elsewhere ends the stream; a failed window is not
-   used (prefetch never changes what a read returns).
+   `MemoryPlan.prefetch` (a share of `--memory-limit`, `cache.budget`). A jump elsewhere
+   ends the stream; a failed window is not used (prefetch never changes what a read returns).
 6. Listing a dataset opens its RT-DC resources in the background, side by side, so `ls -lR`
    finds them ready (not an `--s3-only` circle: its resources are unrelated and may be many).
 7. The disk tier. A short read of a block that is on disk but not in memory reads only the

@@ -18,6 +18,7 @@ import trio
 from .. import __version__
 from ..cache import cachedir
 from ..cache.blockcache import BlockCache
+from ..cache.budget import InFlight, MemoryPlan
 from ..cache.derived import DerivedCache
 from ..cache.diskstore import DiskStore
 from ..cache.metastore import Memo, MetaStore
@@ -104,19 +105,23 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
         catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
     locator = Locator()
-    decoded_memory = settings.memory_cache // 8  # of the memory cache: decoded values
+    plan = MemoryPlan.of(settings.memory_limit)
     cache = BlockCache(
         fetch=make_fetch(http, locator),
         store=disk,
         block_size=settings.block_size,
-        memory_bytes=settings.memory_cache - decoded_memory,
+        memory_bytes=plan.blocks,
+        in_flight=InFlight(plan.fetching),
     )
     derived = DerivedCache(  # decoded feature values, in the same store and size bound
         store=disk,
         block_size=DECODED_BLOCK,
-        memory_bytes=decoded_memory,
+        memory_bytes=plan.decoded,
         max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
         parallel=4,
+        # its own bound: a decode holding room waits for fetches of compressed bytes, which
+        # must never wait for room that decodes hold
+        in_flight=InFlight(plan.decoding),
     )
     pools = Pools(
         warm=settings.warm_threads,
@@ -180,7 +185,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
     started = time.time()
     activity = Activity()
     prefetcher = Prefetcher(
-        budget_bytes=settings.prefetch_memory,
+        budget_bytes=MemoryPlan.of(settings.memory_limit).prefetch,
         workers=settings.prefetch_threads,
         timeout=settings.timeout,
     )
@@ -203,6 +208,11 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
                 "memory_bytes": prefetcher.budget.used,
                 "memory_peak": prefetcher.budget.peak,
                 "memory_limit": prefetcher.budget.limit,
+            },
+            "memory": {
+                "limit": settings.memory_limit,
+                "fetching": cache.held(),
+                "decoding": derived.held(),
             },
             "recent_errors": list(activity.recent_errors),
         }

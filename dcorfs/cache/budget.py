@@ -1,0 +1,90 @@
+"""One memory limit for a mount (`--memory-limit`), shared out among what holds bytes.
+
+`MemoryPlan.of(limit)` divides the limit: the memory tier of remote blocks and of decoded
+values (kept for reuse), the read-ahead windows of all open files, and the bytes that fetches
+and decodes hold while in flight (`InFlight`); what is left is the daemon's own (Python,
+NumPy, h5py and HDF5, the threads' stacks: `BASELINE`). Every part is bounded on its own and
+none grows with the number of readers: a reader that would exceed the in-flight bound waits
+until others are done (back-pressure), so 16 readers take as much memory as a few, only
+longer; a failing link (retries, stalls) holds no more than a sound one. Measured figures:
+doc/ARCHITECTURE.md, "Memory".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..errors import DeadlineExceeded
+
+BASELINE = 110 << 20  # the daemon without cached bytes (measured: doc/ARCHITECTURE.md)
+SMALLEST = 150 << 20  # a limit below this leaves too little to read a large file smoothly
+SHARES = {  # of what the limit leaves above BASELINE
+    "blocks": 0.30,  # remote blocks kept in memory (HDF5 structure, small files)
+    "decoded": 0.10,  # decoded values kept in memory
+    "prefetch": 0.25,  # read-ahead windows of all open files
+    "fetching": 0.20,  # bytes of remote fetches in flight
+    "decoding": 0.15,  # decoded values being made
+}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes each part of the daemon may hold (see the module's note)."""
+
+    limit: int
+    blocks: int
+    decoded: int
+    prefetch: int
+    fetching: int
+    decoding: int
+
+    @classmethod
+    def of(cls, limit: int) -> MemoryPlan:
+        room = max(limit, SMALLEST) - BASELINE
+        parts = {name: int(room * share) for name, share in SHARES.items()}
+        return cls(limit=limit, **parts)
+
+
+class InFlight:
+    """Bytes that work in flight may hold at once. `hold(n)` waits while others hold so much
+    that `n` more would exceed the limit (one holder alone may exceed it: a single fetch
+    larger than the limit still goes, alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._used = 0
+        self._peak = 0
+        self._waits = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int, *, deadline: float, what: str) -> Iterator[None]:
+        with self._cond:
+            if self._used and self._used + n > self.limit:
+                self._waits += 1
+                while self._used and self._used + n > self.limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DeadlineExceeded(f"{what}: no memory free before the deadline")
+                    self._cond.wait(remaining)
+            self._used += n
+            self._peak = max(self._peak, self._used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= n
+                self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "used": self._used,
+                "peak": self._peak,
+                "limit": self.limit,
+                "waits": self._waits,
+            }
