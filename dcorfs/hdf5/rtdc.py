@@ -362,26 +362,33 @@ class RtdcSource:
         with self._lock:
             if name in self._layouts:
                 return self._layouts[name]
-        data = self.dataset(name, deadline)
-        row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
-        pieces = _storage(data)
-        layout = None
-        if pieces:
-            per_chunk = 0 if data.chunks is None else data.chunks[0]
-            codec = Codec.of(data)
-            if codec is None:
-                log.debug("%s of %s: decoded by h5py", name, self.remote.obj.key)
-            layout = _Layout(
-                [p[0] for p in pieces],
-                [(p[1], p[2]) for p in pieces],
-                per_chunk,
-                row_bytes,
-                [p[3] for p in pieces],
-                codec,
-            )
+        # a small file (`whole`) never opened: the layouts of all its event data at once, from
+        # its in-memory copy, so that reading its features does not keep it open in HDF5
+        # (~1 MB of HDF5's own per open file: a reader of many small resources' scalars kept
+        # every one of them open)
+        found = self._layouts_in_memory(deadline) if self._in_memory else {}
+        if name not in found:
+            data = self.dataset(name, deadline)
+            found[name] = _layout_of(data, name, self.remote.obj.key)
         with self._lock:
-            self._layouts[name] = layout
-        return layout
+            for key, layout in found.items():
+                self._layouts.setdefault(key, layout)
+            return self._layouts[name]
+
+    def _layouts_in_memory(self, deadline: float) -> dict[str, _Layout | None]:
+        """The layouts of every dataset under `events`, read from the in-memory copy."""
+        where = self.remote.obj.key
+        found: dict[str, _Layout | None] = {}
+
+        def visit(name: str, item: object) -> None:
+            if isinstance(item, h5py.Dataset):
+                found[name] = _layout_of(item, name, where)
+
+        with self._file("the layout of its event data", deadline) as fid:
+            events = h5py.File(fid).get("events")
+            if isinstance(events, h5py.Group):
+                events.visititems(visit)
+        return found
 
     def raw_ranges(
         self, name: str, start: int, stop: int, *, deadline: float
@@ -496,6 +503,26 @@ def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
         name: Feature(name=name, dtype=np.dtype(dtype), shape=tuple(shape), source=kind)
         for name, (dtype, shape) in value.items()
     }
+
+
+def _layout_of(data: h5py.Dataset, name: str, where: str) -> _Layout | None:
+    """Where a dataset's chunks lie and how they are decoded; None when nothing is stored."""
+    row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+    pieces = _storage(data)
+    if not pieces:
+        return None
+    per_chunk = 0 if data.chunks is None else data.chunks[0]
+    codec = Codec.of(data)
+    if codec is None:
+        log.debug("%s of %s: decoded by h5py", name, where)
+    return _Layout(
+        [p[0] for p in pieces],
+        [(p[1], p[2]) for p in pieces],
+        per_chunk,
+        row_bytes,
+        [p[3] for p in pieces],
+        codec,
+    )
 
 
 def _storage(data: h5py.Dataset) -> list[tuple[int, int, int, int]]:
