@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .cache.budget import SMALLEST
 from .errors import ConfigError, DcorfsError
 from .settings import (
     DEFAULT_HOST,
@@ -269,6 +270,11 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-size", default="10G", help="cache limit, e.g. 10G, 500M (10G)")
     parser.add_argument(
+        "--memory-limit",
+        default="300M",
+        help="all in-memory buffers of the daemon together, e.g. 300M, 1G (300M; at least 150M)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds before a read fails with EIO (60)"
     )
     parser.add_argument(
@@ -323,6 +329,13 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _memory_limit(text: str) -> int:
+    limit = parse_size(text)
+    if limit < SMALLEST:
+        raise ConfigError(f"--memory-limit {text} is too small: at least {SMALLEST >> 20}M")
+    return limit
+
+
 def _positive(value: float, name: str) -> float:
     if not value > 0:
         raise ConfigError(f"{name} must be positive")
@@ -362,6 +375,7 @@ def _settings(args: argparse.Namespace, mountpoint: Path, **more: object) -> Mou
         s3_bucket_template=parse_bucket_template(args.s3_bucket_template),
         cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
         cache_size=parse_size(args.cache_size),
+        memory_limit=_memory_limit(args.memory_limit),
         timeout=_positive(args.timeout, "--timeout"),
         dir_cache_time=_positive(args.dir_cache_time, "--dir-cache-time"),
         log_level=args.log_level,
@@ -548,3 +562,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# `mount.dcorfs`: mount(8)'s helper interface (`mount -t dcorfs SOURCE DIR -o OPTIONS`, fstab
+# lines with `_netdev,x-systemd.automount`): the options of `dcorfs mount`, one to one
+HELPER_VALUES = (
+    "cache_dir",
+    "cache_size",
+    "memory_limit",
+    "timeout",
+    "dir_cache_time",
+    "api_key_file",
+    "log_file",
+    "log_level",
+    "s3_endpoint",
+    "s3_credentials_file",
+)
+HELPER_FLAGS = ("allow_other", "kernel_tuning")
+# what mount(8) and fstab say for every filesystem: nothing for dcorfs to do (the mount is
+# read-only whatever rw says)
+HELPER_GENERIC = (
+    "defaults", "ro", "rw", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+    "owner", "group", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+    "relatime", "norelatime", "strictatime", "lazytime", "nolazytime", "sync", "async",
+)  # fmt: skip
+
+
+def helper_argv(argv: Sequence[str]) -> list[str] | None:
+    """`dcorfs mount`'s arguments for mount(8)'s `SOURCE DIR [-sfnv] [-o OPTS] [-t TYPE]`;
+    None for `-f` (pretend). SOURCE is the DCOR host (`dcorfs`: the default one)."""
+    positional: list[str] = []
+    options: list[str] = []
+    sloppy = fake = False
+    items = iter(argv)
+    for item in items:
+        if item == "-o":
+            options += next(items, "").split(",")
+        elif item in ("-t", "-N"):
+            next(items, None)
+        elif item.startswith("-") and len(item) > 1:
+            sloppy |= "s" in item
+            fake |= "f" in item
+        else:
+            positional.append(item)
+    if len(positional) != 2:
+        raise ConfigError("usage: mount.dcorfs HOST MOUNTPOINT [-o OPTIONS]")
+    source, mountpoint = positional
+    args = [mountpoint] + ([] if source in ("dcorfs", "none") else ["--host", source])
+    for option in filter(None, options):
+        name, sep, value = option.partition("=")
+        key = name.replace("-", "_")
+        if key in HELPER_VALUES and sep:
+            args += [f"--{key.replace('_', '-')}", value]
+        elif key in HELPER_FLAGS and not sep:
+            args.append(f"--{key.replace('_', '-')}")
+        elif key in HELPER_GENERIC or name.startswith(("x-", "comment=")) or sloppy:
+            continue
+        else:
+            raise ConfigError(f"unknown mount option {name!r} for dcorfs")
+    return None if fake else args
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """The `mount.dcorfs` program (install it as /sbin/mount.dcorfs: README)."""
+    try:
+        args = helper_argv(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"mount.dcorfs: {exc}", file=sys.stderr)
+        return 2
+    return 0 if args is None else main(["mount", *args])

@@ -74,6 +74,8 @@ def app_config(provider: TreeProvider, web: WebDavSettings) -> dict[str, Any]:
             "default_to_digest": True,
         },
         "dir_browser": {"enable": True, "davmount": True, "ms_sharepoint_support": False},
+        # Windows' WebClient asks OPTIONS before it authenticates (it tells nothing of data)
+        "hotfixes": {"win_accept_anonymous_options": True},
         "suppress_version_info": True,
         "verbose": 1,
         "logging": {"enable": False},

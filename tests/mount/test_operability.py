@@ -276,3 +276,64 @@ def test_as_root_kernel_tuning_raises_the_read_ahead_of_the_mount(
         assert "kernel tuning of" in log and "read_ahead_kb 128 → 1024" in log
     with mounted(tmp_path / "mnt", devserver.url, tmp_path / "cache") as mnt:
         assert read_ahead(mnt) == 128  # the default: measured slower for sequential reads
+
+
+# -- mount(8) and fstab -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount_helper() -> Iterator[None]:
+    """/sbin/mount.dcorfs pointing at this checkout's `mount.dcorfs` while the test runs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mount -t, /sbin)")
+    program = Path(sys.executable).with_name("mount.dcorfs")
+    if not program.exists():
+        pytest.skip(f"{program} missing (pip install -e . makes it)")
+    helper = Path("/sbin/mount.dcorfs")
+    if helper.exists() or helper.is_symlink():
+        pytest.skip(f"{helper} exists already: left alone")
+    helper.symlink_to(program)
+    try:
+        yield
+    finally:
+        helper.unlink()
+
+
+def test_mount_t_dcorfs_and_an_fstab_line_mount_and_unmount(
+    devserver: DevServer, tmp_path: Path, mount_helper: None
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    feature = mnt / "datasets" / "generated" / "M001_data" / "deform.npy"
+    attempts = [
+        ["mount", "-t", "dcorfs", devserver.url, str(mnt), "-o", f"cache_dir={cache},nosuid"],
+        ["mount", "-T", str(tmp_path / "fstab"), str(mnt)],
+    ]
+    (tmp_path / "fstab").write_text(
+        f"{devserver.url} {mnt} dcorfs _netdev,noauto,x-systemd.automount,"
+        f"cache_dir={cache},memory_limit=200M 0 0\n"
+    )
+    for command in attempts:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, (command, done.stderr)
+        try:
+            assert json.loads((mnt / ".dcorfs" / "status.json").read_text())["memory"]["limit"] == (
+                200 << 20 if "-T" in command else 300 << 20
+            )
+            assert np.load(feature).shape == (300,)
+        finally:
+            unmounted = subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+            if unmounted.returncode != 0:  # lazily, so that no test after it finds it busy
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        assert unmounted.returncode == 0, unmounted.stderr
+        assert not os.path.ismount(mnt)
+    refused = subprocess.run(
+        ["mount", "-t", "dcorfs", devserver.url, str(mnt), "-o", "uid=1000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0 and "unknown mount option 'uid'" in refused.stderr
+    assert not os.path.ismount(mnt)
