@@ -287,6 +287,12 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     parser.add_argument("--log-file", type=Path, help="default: CACHE_DIR/dcorfs.log")
+    parser.add_argument(
+        "--metrics-file",
+        type=Path,
+        metavar="PATH",
+        help="rewrite OpenMetrics text here every 15 s (node_exporter's textfile collector)",
+    )
 
 
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
@@ -380,6 +386,7 @@ def _settings(args: argparse.Namespace, mountpoint: Path, **more: object) -> Mou
         dir_cache_time=_positive(args.dir_cache_time, "--dir-cache-time"),
         log_level=args.log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
+        metrics_file=args.metrics_file.absolute() if args.metrics_file else None,
         **more,  # type: ignore[arg-type]
     )
 
@@ -430,14 +437,16 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Summarize MOUNTPOINT/.dcorfs/status.json of a running mount.",
     )
     parser.add_argument("mountpoint", type=Path)
-    parser.add_argument("--json", action="store_true", help="the whole report as JSON")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true", help="the whole report as JSON")
+    how.add_argument("--openmetrics", action="store_true", help="as OpenMetrics text (Prometheus)")
     parser.set_defaults(run=_run_status)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     from .admin.status import show
 
-    return show(args.mountpoint.absolute(), as_json=args.json)
+    return show(args.mountpoint.absolute(), as_json=args.json, as_metrics=args.openmetrics)
 
 
 def _add_warmup(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -577,6 +586,7 @@ HELPER_VALUES = (
     "log_level",
     "s3_endpoint",
     "s3_credentials_file",
+    "metrics_file",
 )
 HELPER_FLAGS = ("allow_other", "kernel_tuning")
 # what mount(8) and fstab say for every filesystem: nothing for dcorfs to do (the mount is

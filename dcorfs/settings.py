@@ -246,6 +246,7 @@ class MountSettings:
     allow_other: bool = False
     log_level: str = "INFO"
     log_file: Path | None = None
+    metrics_file: Path | None = None  # OpenMetrics text, rewritten every few seconds
     network_threads: int = 16
     # worker pools of opening and tree work (doc/ARCHITECTURE.md, "Threads and pools")
     warm_threads: int = 4  # values and files warmed ahead of readers

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..daemon.metrics import openmetrics
 from ..daemon.report import summary
 from ..errors import ConfigError, StaleMount
 
@@ -29,8 +30,13 @@ def read_status(root: Path) -> dict[str, Any]:
     return report
 
 
-def show(mountpoint: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+def show(
+    mountpoint: Path, *, as_json: bool, as_metrics: bool = False, out: TextIO = sys.stdout
+) -> int:
     report = read_status(mountpoint)
+    if as_metrics:
+        out.write(openmetrics(report))
+        return 0
     out.write(json.dumps(report, indent=2, sort_keys=True) if as_json else summary(report))
     out.write("\n")
     return 0

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -24,6 +25,7 @@ from ..hdf5.rtdc import CycleCollector
 from ..settings import MountSettings
 from .logs import configure
 from .memory import limit_arenas
+from .metrics import METRICS_PERIOD, write_metrics
 from .notify import Notifier, watchdog_interval
 from .report import one_line
 from .tuning import tune
@@ -75,7 +77,9 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     collector.start()
     notifier.send("READY=1", f"STATUS=mounted {settings.source} at {settings.mountpoint}")
     try:
-        trio.run(_serve, ops, notifier, report, functools.partial(_tune, settings))
+        trio.run(
+            _serve, ops, notifier, report, functools.partial(_tune, settings), settings.metrics_file
+        )
     finally:
         notifier.send("STOPPING=1", "STATUS=unmounting")
         collector.stop()
@@ -90,14 +94,24 @@ async def _serve(
     notifier: Notifier,
     report: Callable[[], dict[str, Any]],
     after_init: Callable[[], None],
+    metrics_file: Path | None,
 ) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals)
         nursery.start_soon(_after_init, ops, after_init)
+        if metrics_file is not None:
+            nursery.start_soon(_keep_metrics, metrics_file, report)
         if notifier.active:
             nursery.start_soon(_keep_systemd_informed, notifier, report, watchdog_interval())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _keep_metrics(path: Path, report: Callable[[], dict[str, Any]]) -> None:
+    """Rewrite `--metrics-file` every METRICS_PERIOD seconds (from the first moment on)."""
+    while True:
+        write_metrics(path, report())
+        await trio.sleep(METRICS_PERIOD)
 
 
 async def _after_init(ops: Operations, action: Callable[[], None]) -> None:

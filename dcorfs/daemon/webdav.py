@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cheroot import wsgi
@@ -27,6 +28,7 @@ from ..hdf5.rtdc import CycleCollector
 from ..settings import MountSettings, WebDavSettings, is_loopback
 from .logs import configure
 from .memory import limit_arenas
+from .metrics import METRICS_PERIOD, write_metrics
 from .notify import Notifier
 from .preflight import check_source
 from .report import one_line
@@ -126,7 +128,7 @@ def serve(settings: MountSettings, web: WebDavSettings, *, ready: Callable[[str]
         serving.start()
         log.info("dcorfs %s: %s served read-only at %s", __version__, settings.source, url)
         ready(url)
-        _keep_informed(Notifier.from_environment(), front, url, stopping)
+        _keep_informed(Notifier.from_environment(), front, url, settings.metrics_file, stopping)
         log.info("stopping the WebDAV share at %s", url)
         server.stop()
         serving.join(timeout=10)
@@ -149,10 +151,18 @@ def _share_handlers(*names: str) -> None:
             logger.addHandler(handler)
 
 
-def _keep_informed(notifier: Notifier, front: Front, url: str, stopping: threading.Event) -> None:
-    """READY=1 to systemd, then STATUS= lines every few seconds, until `stopping` is set."""
+def _keep_informed(
+    notifier: Notifier, front: Front, url: str, metrics: Path | None, stopping: threading.Event
+) -> None:
+    """READY=1 to systemd, then STATUS= lines (and the metrics file) every few seconds, until
+    `stopping` is set."""
     notifier.send("READY=1", f"STATUS=serving at {url}")
-    while not stopping.wait(STATUS_PERIOD):
+    period = min(STATUS_PERIOD, METRICS_PERIOD)
+    while True:
+        if metrics is not None:
+            write_metrics(metrics, front.report())
+        if stopping.wait(period):
+            break
         notifier.send(f"STATUS={one_line(front.report())}")
     notifier.send("STOPPING=1", "STATUS=stopping")
 

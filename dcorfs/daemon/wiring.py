@@ -203,6 +203,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
             "decoded": dataclasses.asdict(derived.stats()),
             "requests": http.request_counts(),
             "fuse": dict(activity.counters),
+            "read_latency": activity.histogram(),
             "prefetch": {
                 **prefetcher.counters,
                 "memory_bytes": prefetcher.budget.used,

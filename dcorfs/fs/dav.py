@@ -248,12 +248,13 @@ class ContentStream(io.RawIOBase):
         length = remaining if size is None or size < 0 else min(size, remaining)
         if length == 0:
             return b""
-        deadline = time.monotonic() + self._timeout
+        started = time.monotonic()
         try:
-            data = self._content.read(self._position, length, deadline=deadline)
+            data = self._content.read(self._position, length, deadline=started + self._timeout)
         except DcorfsError as exc:
             self._activity.note_error("read", exc)
             raise OSError(exc.errno, str(exc)) from None
+        self._activity.observe_read(time.monotonic() - started)
         self._position += len(data)
         self._activity.counters["reads"] += 1
         self._activity.counters["bytes_served"] += len(data)

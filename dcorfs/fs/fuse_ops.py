@@ -363,14 +363,16 @@ class Operations(pyfuse3.Operations):
         content = self._files.get(FileHandle(fh))
         if content is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        started = time.monotonic()
         data = content.peek(off, size)
         if data is None:
-            deadline = time.monotonic() + self._timeout
+            deadline = started + self._timeout
             data = await self._blocking(lambda: content.read(off, size, deadline=deadline))
             self.activity.counters["reads_waited"] += 1
         else:
             self.activity.counters["reads_inline"] += 1
         self.activity.counters["bytes_served"] += len(data)
+        self.activity.observe_read(time.monotonic() - started)
         return data
 
     @_handler

@@ -337,3 +337,36 @@ def test_mount_t_dcorfs_and_an_fstab_line_mount_and_unmount(
     )
     assert refused.returncode != 0 and "unknown mount option 'uid'" in refused.stderr
     assert not os.path.ismount(mnt)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_parse_and_move_as_data_is_read(devserver: DevServer, tmp_path: Path) -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    def values(text: str) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + "".join(f"/{v}" for _, v in sorted(sample.labels.items()))
+                found[key] = sample.value
+        return found
+
+    metrics_file = tmp_path / "dcorfs.prom"
+    with mounted(
+        tmp_path / "mnt", devserver.url, tmp_path / "cache", "--metrics-file", str(metrics_file)
+    ) as mnt:
+        before = dcorfs("status", str(mnt), "--openmetrics")
+        assert before.returncode == 0, before.stderr
+        feature = mnt / "datasets" / "generated" / "M001_data" / "image.npy"
+        assert np.load(feature).shape[0] == 300
+        after = dcorfs("status", str(mnt), "--openmetrics")
+        first, then = values(before.stdout), values(after.stdout)
+        fetched = "dcorfs_fetched_bytes_total/dcor"
+        assert then[fetched] > first[fetched] and then[fetched] > 300 * 80 * 250 / 10
+        assert then["dcorfs_served_bytes_total"] >= feature.stat().st_size
+        assert then["dcorfs_read_seconds_count"] > first["dcorfs_read_seconds_count"]
+        assert then["dcorfs_read_seconds_bucket/+Inf"] == then["dcorfs_read_seconds_count"]
+        assert then["dcorfs_memory_limit_bytes"] == 300 << 20
+        assert values(metrics_file.read_text())["dcorfs_cache_limit_bytes"] == 10 << 30

@@ -1,0 +1,174 @@
+"""A mount's (or share's) status report as OpenMetrics text, for Prometheus: `dcorfs status
+MOUNT --openmetrics`, and the file `--metrics-file` that the daemon rewrites every
+`METRICS_PERIOD` seconds for node_exporter's textfile collector. A pure function of the report
+(`.dcorfs/status.json`), no I/O but `write_metrics`.
+
+Families (all `dcorfs_`): bytes fetched by source and served, block reads by tier (memory,
+disk, network) for remote blocks and decoded values, fetches, errors, fetches in flight, cache
+and memory use against their limits, read-ahead, requests by kind, and the read latency
+histogram (`fs.activity.LATENCY_BUCKETS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+METRICS_PERIOD = 15.0  # seconds between rewrites of --metrics-file
+TIERS = (("memory", "memory_hits"), ("disk", "disk_hits"), ("network", "misses"))
+
+
+def _label(value: object) -> str:
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
+
+
+def _samples(
+    name: str, kind: str, help_text: str, samples: list[tuple[dict[str, object], float]]
+) -> Iterator[str]:
+    yield f"# TYPE dcorfs_{name} {kind}"
+    yield f"# HELP dcorfs_{name} {help_text}"
+    suffix = "_total" if kind == "counter" else ""
+    for labels, value in samples:
+        text = ",".join(f"{key}={_label(val)}" for key, val in labels.items())
+        yield (
+            f"dcorfs_{name}{suffix}{{{text}}} {value}"
+            if text
+            else (f"dcorfs_{name}{suffix} {value}")
+        )
+
+
+def _histogram(histogram: dict[str, Any]) -> Iterator[str]:
+    yield "# TYPE dcorfs_read_seconds histogram"
+    yield "# HELP dcorfs_read_seconds How long reads took to answer (FUSE reads, GET reads)."
+    bounds = list(histogram.get("buckets", []))
+    counts = list(histogram.get("counts", [0] * (len(bounds) + 1)))
+    cumulative = 0
+    for bound, count in zip([*bounds, "+Inf"], counts, strict=True):
+        cumulative += int(count)
+        yield f'dcorfs_read_seconds_bucket{{le="{bound}"}} {cumulative}'
+    yield f"dcorfs_read_seconds_count {cumulative}"
+    yield f"dcorfs_read_seconds_sum {float(histogram.get('sum', 0.0))}"
+
+
+def openmetrics(report: dict[str, Any]) -> str:
+    """The report as OpenMetrics text (ends with `# EOF`)."""
+    cache, decoded = report.get("cache", {}), report.get("decoded", {})
+    front, prefetch = report.get("fuse", {}), report.get("prefetch", {})
+    memory = report.get("memory", {})
+    caches = (("remote", cache), ("decoded", decoded))
+    in_memory = int(cache.get("memory_bytes", 0)) + int(decoded.get("memory_bytes", 0))
+    lines: list[str] = [
+        "# TYPE dcorfs_info info",
+        "# HELP dcorfs_info What serves: version, host, where.",
+        "dcorfs_info_info{"
+        f"version={_label(report.get('version', '?'))},host={_label(report.get('host', '?'))},"
+        f"mountpoint={_label(report.get('mountpoint', '?'))}"
+        "} 1",
+    ]
+    lines += _samples(
+        "fetched_bytes",
+        "counter",
+        "Bytes fetched, by source (dcor: DCOR's server or object store).",
+        [({"source": "dcor"}, int(cache.get("fetched_bytes", 0)))],
+    )
+    lines += _samples(
+        "served_bytes",
+        "counter",
+        "Bytes answered to readers.",
+        [({}, int(front.get("bytes_served", 0)))],
+    )
+    lines += _samples(
+        "block_reads",
+        "counter",
+        "Block reads by tier: memory, disk (hits) or network (misses; decoded: made).",
+        [
+            ({"cache": name, "tier": tier}, int(stats.get(key, 0)))
+            for name, stats in caches
+            for tier, key in (
+                ("memory", "memory_hits"),
+                ("disk", "disk_hits"),
+                ("network", "misses"),
+            )
+        ],
+    )
+    lines += _samples(
+        "fetches",
+        "counter",
+        "Range requests (remote) or decodes (decoded) made.",
+        [({"cache": name}, int(stats.get("fetches", 0))) for name, stats in caches],
+    )
+    lines += _samples(
+        "errors",
+        "counter",
+        "Failed operations (readers got an error) and failed cache or network work.",
+        [
+            ({"where": "readers"}, int(front.get("errors", 0))),
+            ({"where": "cache"}, int(cache.get("errors", 0)) + int(decoded.get("errors", 0))),
+        ],
+    )
+    lines += _samples(
+        "requests",
+        "counter",
+        "HTTP requests sent, by kind.",
+        [({"kind": kind}, int(n)) for kind, n in sorted(report.get("requests", {}).items())],
+    )
+    lines += _samples(
+        "in_flight",
+        "gauge",
+        "Blocks being fetched or made now.",
+        [({"cache": name}, int(stats.get("in_flight", 0))) for name, stats in caches],
+    )
+    lines += _samples(
+        "cache_bytes",
+        "gauge",
+        "Bytes kept, by tier (disk: the cache dir, shared with other mounts of it).",
+        [
+            ({"tier": "disk"}, int(cache.get("disk_bytes", 0))),
+            (
+                {"tier": "memory"},
+                in_memory,
+            ),
+        ],
+    )
+    lines += _samples(
+        "cache_limit_bytes",
+        "gauge",
+        "The disk cache's size limit (--cache-size).",
+        [({}, int(cache.get("disk_limit", 0)))],
+    )
+    lines += _samples(
+        "memory_bytes",
+        "gauge",
+        "Bytes held in memory now, by part (fetching and decoding: in flight).",
+        [
+            ({"part": "prefetch"}, int(prefetch.get("memory_bytes", 0))),
+            ({"part": "fetching"}, int(memory.get("fetching", {}).get("used", 0))),
+            ({"part": "decoding"}, int(memory.get("decoding", {}).get("used", 0))),
+        ],
+    )
+    lines += _samples(
+        "memory_limit_bytes",
+        "gauge",
+        "All in-memory buffers together may hold this (--memory-limit).",
+        [({}, int(memory.get("limit", 0)))],
+    )
+    lines += _histogram(report.get("read_latency", {}))
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(path: Path, report: dict[str, Any]) -> None:
+    """Replace `path` with the report's metrics at once (a collector never reads half a
+    file); a failure is logged, never raised (metrics never stop the daemon)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_text(openmetrics(report))
+        temp.replace(path)
+    except OSError as exc:
+        log.warning("cannot write the metrics file %s: %s", path, exc)
+        temp.unlink(missing_ok=True)

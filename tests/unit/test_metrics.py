@@ -1,0 +1,72 @@
+"""OpenMetrics text of a status report (daemon/metrics.py), read back by prometheus_client's
+own OpenMetrics parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from dcorfs.daemon.metrics import openmetrics, write_metrics
+from dcorfs.fs.activity import LATENCY_BUCKETS, Activity
+
+
+def parsed(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def report() -> dict[str, Any]:
+    activity = Activity()
+    for seconds in (0.00005, 0.002, 0.002, 0.3, 99.0):
+        activity.observe_read(seconds)
+    activity.counters.update({"bytes_served": 4096, "errors": 2})
+    return {
+        "version": "0.1",
+        "host": 'http://h"st',
+        "mountpoint": "/mnt/dcor",
+        "cache": {"fetched_bytes": 10, "memory_hits": 3, "disk_hits": 4, "misses": 5},
+        "decoded": {"misses": 1, "memory_bytes": 7, "errors": 1},
+        "fuse": dict(activity.counters),
+        "read_latency": activity.histogram(),
+        "requests": {"range": 5, "api": 2},
+        "memory": {"limit": 300, "fetching": {"used": 9}, "decoding": {}},
+        "prefetch": {"memory_bytes": 11},
+    }
+
+
+def test_the_parser_reads_every_family_with_its_values(tmp_path: Path) -> None:
+    text = openmetrics(report())
+    assert text.endswith("# EOF\n")
+    values = parsed(text)
+    assert values[("dcorfs_fetched_bytes_total", (("source", "dcor"),))] == 10
+    assert values[("dcorfs_served_bytes_total", ())] == 4096
+    assert values[("dcorfs_block_reads_total", (("cache", "remote"), ("tier", "disk")))] == 4
+    assert values[("dcorfs_block_reads_total", (("cache", "decoded"), ("tier", "network")))] == 1
+    assert values[("dcorfs_errors_total", (("where", "cache"),))] == 1
+    assert values[("dcorfs_requests_total", (("kind", "range"),))] == 5
+    assert values[("dcorfs_memory_bytes", (("part", "fetching"),))] == 9
+    assert values[("dcorfs_info_info", (("host", 'http://h"st'), ("mountpoint", "/mnt/dcor"),
+                                        ("version", "0.1")))] == 1  # fmt: skip
+    buckets = {
+        float(dict(labels)["le"]): value
+        for (name, labels), value in values.items()
+        if name == "dcorfs_read_seconds_bucket"
+    }
+    assert buckets[0.0001] == 1 and buckets[0.005] == 3 and buckets[0.5] == 4
+    assert buckets[LATENCY_BUCKETS[-1]] == 4 and buckets[float("inf")] == 5
+    assert values[("dcorfs_read_seconds_count", ())] == 5
+    assert abs(values[("dcorfs_read_seconds_sum", ())] - 99.30405) < 1e-9
+    path = tmp_path / "dcorfs.prom"
+    write_metrics(path, report())
+    assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["dcorfs.prom"]
+    write_metrics(tmp_path / "nowhere" / "x.prom", report())  # logged, not raised
+
+
+def test_an_empty_report_is_still_valid_openmetrics() -> None:
+    values = parsed(openmetrics({}))
+    assert values[("dcorfs_read_seconds_count", ())] == 0
