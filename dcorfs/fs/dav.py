@@ -6,8 +6,12 @@ by the tree's own `lookup`s, a file's bytes are read from the content object FUS
 WsgiDAV runs each request in a worker thread of its server, so blocking here is fine (the
 tree's calls block on the network as they do in FUSE's worker threads). Errors become HTTP
 statuses with a one-line reason: not found 404, access denied 403, out of time 504, DCOR
-failing 502; every write method is refused (the provider is read-only: 403), and there are
-no locks (class 1). Semantics: doc/SEMANTICS.md; the server around it: daemon/webdav.py.
+failing 502 (also when a GET's first bytes cannot be read; once the answer has begun, a failed
+read ends the connection short of the length it announced); every write method is refused (the
+provider is read-only: 403), there are no locks (class 1), and PROPFIND with Depth infinity
+(the default of one without a Depth header) is refused as RFC 4918 allows (403,
+propfind-finite-depth): one request would walk all of DCOR. Semantics: doc/SEMANTICS.md;
+the server around it: daemon/webdav.py.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from wsgidav.dav_error import (
     HTTP_GATEWAY_TIMEOUT,
     HTTP_NOT_FOUND,
     DAVError,
+    PRECONDITION_CODE_PropfindFiniteDepth,
 )
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider, _DAVResource
 
@@ -77,6 +82,13 @@ class TreeProvider(DAVProvider):  # type: ignore[misc]
 
     def get_resource_inst(self, path: str, environ: dict[str, Any]) -> _DAVResource | None:
         self.activity.counters["dav_resolves"] += 1
+        depth = environ.get("HTTP_DEPTH", "infinity").lower()  # asked before WsgiDAV's default
+        if environ.get("REQUEST_METHOD") == "PROPFIND" and depth == "infinity":
+            raise DAVError(
+                HTTP_FORBIDDEN,
+                context_info="PROPFIND with Depth infinity: ask with Depth 0 or 1",
+                err_condition=PRECONDITION_CODE_PropfindFiniteDepth,
+            )
         try:
             node = self._resolve(path)
         except NotFound:
@@ -253,7 +265,7 @@ class ContentStream(io.RawIOBase):
             data = self._content.read(self._position, length, deadline=started + self._timeout)
         except DcorfsError as exc:
             self._activity.note_error("read", exc)
-            raise OSError(exc.errno, str(exc)) from None
+            raise http_error(exc) from None
         self._activity.observe_read(time.monotonic() - started)
         self._position += len(data)
         self._activity.counters["reads"] += 1

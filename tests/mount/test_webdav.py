@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
+from email.utils import formatdate
 from pathlib import Path
 
 import dclab
@@ -299,3 +302,88 @@ def test_what_would_expose_data_is_refused_before_it_starts(
     message = refused("--listen", "127.0.0.1:0", "--password-file", str(users))
     assert "readable by others" in message and PASSWORD not in message
     assert "not an address" in refused("--listen", "nowhere")
+
+
+DAV = "{DAV:}"
+
+
+def propfind(url: str, depth: str | None) -> tuple[int, dict[str, dict[str, str | None]]]:
+    """PROPFIND (allprop) at `url`: the status and, for a 207, each href's name → its props
+    (`collection` for a collection's resourcetype)."""
+    answer = requests.request(
+        "PROPFIND", url, headers={} if depth is None else {"Depth": depth}, timeout=120
+    )
+    if answer.status_code != 207:
+        return answer.status_code, {}
+    found: dict[str, dict[str, str | None]] = {}
+    for response in ET.fromstring(answer.content).iter(f"{DAV}response"):
+        href = response.findtext(f"{DAV}href") or ""
+        props: dict[str, str | None] = {}
+        for prop in response.iter(f"{DAV}prop"):
+            for item in prop:
+                name = item.tag.removeprefix(DAV)
+                props[name] = item.text
+                if name == "resourcetype" and item.find(f"{DAV}collection") is not None:
+                    props["collection"] = "yes"
+        found[href.rstrip("/").rsplit("/", 1)[-1]] = props
+    return 207, found
+
+
+def test_propfind_and_head_tell_what_the_mount_tells(devserver: DevServer, tmp_path: Path) -> None:
+    server = devserver
+    entry = next(e for e in rtdc_entries(server) if e["dataset"] == "generated")
+    here = f"datasets/generated/{entry['name'].rsplit('.', 1)[0]}"
+    with mounted(tmp_path / "mnt", server.url, tmp_path / "cache") as mnt:
+        entries = {p.name: p.stat() for p in (mnt / here).iterdir()}
+        kinds = {name: (mnt / here / name).is_dir() for name in entries}
+    with webdav(server.url, tmp_path / "dav-cache") as (url, _):
+        status, listed = propfind(f"{url}{here}/", "1")
+        assert status == 207
+        assert set(listed) == {here.rsplit("/", 1)[1], *entries}
+        assert listed[here.rsplit("/", 1)[1]].get("collection") == "yes"
+        for name, stat in entries.items():
+            props = listed[name]
+            assert (props.get("collection") == "yes") == kinds[name], name
+            assert props["getlastmodified"] == formatdate(stat.st_mtime, usegmt=True), name
+            if not kinds[name]:
+                assert props["getcontentlength"] == str(stat.st_size), name
+                assert props["getetag"], name
+        status, alone = propfind(f"{url}{here}/deform.npy", "0")
+        assert status == 207 and list(alone) == ["deform.npy"]
+        assert alone["deform.npy"] == listed["deform.npy"]
+        head = requests.head(f"{url}{here}/deform.npy", timeout=60)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["Content-Length"] == str(entries["deform.npy"].st_size)
+        assert head.headers["ETag"].strip('"') == alone["deform.npy"]["getetag"]
+        assert head.headers["Accept-Ranges"] == "bytes"
+        for depth in ("infinity", None):  # none means infinity (RFC 4918): all of DCOR
+            refused = requests.request(
+                "PROPFIND", url, headers={} if depth is None else {"Depth": depth}, timeout=60
+            )
+            assert refused.status_code == 403 and b"propfind-finite-depth" in refused.content
+        assert requests.get(f"{url}{here}/nothing.npy", timeout=60).status_code == 404
+        assert requests.get(f"{url}datasets/no-such-dataset/", timeout=60).status_code == 404
+
+
+def test_a_failing_remote_is_a_502_with_one_line_and_no_traceback(
+    large_measurement: DevServer, tmp_path: Path
+) -> None:
+    server = large_measurement
+    image = "datasets/large/M001_data/image.npy"
+    with webdav(server.url, tmp_path / "dav-cache", "--timeout", "5") as (url, _):
+        size = int(propfind(url + image, "0")[1]["image.npy"]["getcontentlength"])
+        server.faults.update({"error_rate": 1.0})  # every object request fails from now
+        try:
+            at = size // 2  # not read yet: the resource's metadata is, its images are not
+            failed = requests.get(
+                url + image, headers={"Range": f"bytes={at}-{at + 65535}"}, timeout=120
+            )
+        finally:
+            server.faults.update({"error_rate": 0.0})
+    assert failed.status_code in (502, 503, 504), failed.status_code
+    reason = re.findall(rb"<p>(.*?)</p>", failed.content, flags=re.S)
+    assert (
+        len(reason) == 1 and b"\n" not in reason[0].strip() and b"Traceback" not in failed.content
+    )
+    log = (tmp_path / "dav-cache" / "dcorfs.log").read_text()
+    assert "read failed" in log and "Traceback" not in log
