@@ -433,20 +433,28 @@ def _run_umount(args: argparse.Namespace) -> int:
 def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "status",
-        help="what a mount is doing: cache use, hit ratio, bytes fetched, transfers, errors",
-        description="Summarize MOUNTPOINT/.dcorfs/status.json of a running mount.",
+        help="what a mount or share is doing: cache use, hit ratio, bytes fetched, errors",
+        description=(
+            "Summarize MOUNTPOINT/.dcorfs/status.json of a running mount, or URL/.dcorfs/"
+            "status.json of a running `dcorfs webdav` share (asked as the first user of "
+            "--password-file when it has users)."
+        ),
     )
-    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT|URL")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--json", action="store_true", help="the whole report as JSON")
     how.add_argument("--openmetrics", action="store_true", help="as OpenMetrics text (Prometheus)")
+    parser.add_argument(
+        "--password-file", type=Path, metavar="FILE", help="the share's users (user:password)"
+    )
     parser.set_defaults(run=_run_status)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     from .admin.status import show
 
-    return show(args.mountpoint.absolute(), as_json=args.json, as_metrics=args.openmetrics)
+    users = read_password_file(args.password_file) if args.password_file else None
+    return show(args.mountpoint, as_json=args.json, as_metrics=args.openmetrics, users=users)
 
 
 def _add_warmup(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

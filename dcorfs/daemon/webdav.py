@@ -97,10 +97,22 @@ def serve(settings: MountSettings, web: WebDavSettings, *, ready: Callable[[str]
     _share_handlers("wsgidav", "cheroot")
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     limit_arenas(settings.malloc_arenas)
-    where = f"webdav {web.host}:{web.port}"
+    server = wsgi.Server(
+        (web.host, web.port),
+        None,  # the app once the layers are built: binding first finds a taken port first
+        numthreads=settings.network_threads,
+        server_name=f"dcorfs/{__version__}",
+    )
     try:
-        front = build_front(settings, where=where)
+        server.prepare()  # binds: port 0 is now the port given
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {web.host}:{web.port}: {exc.strerror}") from None
+    host, port = server.bind_addr[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    try:
+        front = build_front(settings, where=f"webdav {url}")
     except DcorfsError as exc:
+        server.stop()
         log.error("cannot start: %s", exc)
         raise
     collector = CycleCollector()  # h5py in many threads: see its design note
@@ -112,15 +124,7 @@ def serve(settings: MountSettings, web: WebDavSettings, *, ready: Callable[[str]
             prefetcher=front.prefetcher,
             activity=front.activity,
         )
-        server = wsgi.Server(
-            (web.host, web.port),
-            WsgiDAVApp(app_config(provider, web)),
-            numthreads=settings.network_threads,
-            server_name=f"dcorfs/{__version__}",
-        )
-        server.prepare()  # binds: port 0 is now the port given
-        host, port = server.bind_addr[:2]
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        server.wsgi_app = WsgiDAVApp(app_config(provider, web))
         collector.start()
         for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(number, lambda *_: stopping.set())

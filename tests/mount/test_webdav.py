@@ -5,9 +5,11 @@ the mount would, private data only with credentials, nothing written, no secret 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,7 @@ from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
 from ..conftest import TOKENS, innate_features, rtdc_entries
-from ..mounts import mounted, needs_fuse
+from ..mounts import dcorfs, mounted, needs_fuse
 
 pytestmark = [pytest.mark.fuse, needs_fuse]
 needs_rclone = pytest.mark.skipif(
@@ -238,6 +240,11 @@ def test_a_ranged_get_fetches_what_a_read_of_the_mount_would(
             url + image, headers={"Range": f"bytes={at}-{at + 65535}"}, timeout=60
         )
         by_share = server.stats.snapshot()["object_bytes"]
+        status = dcorfs("status", url, "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["mountpoint"] == f"webdav {url}"
+        assert report["fuse"]["bytes_served"] >= 65536 and report["cache"]["fetched_bytes"] > 0
     assert answer.status_code == 206 and answer.content == truth
     assert answer.headers["Content-Range"] == f"bytes {at}-{at + 65535}/{size}"
     print(f"\n64 KiB of {size} B: mount fetched {by_mount} B, share {by_share} B")
@@ -270,6 +277,14 @@ def test_private_data_needs_credentials_and_nothing_is_written(
         )
         status = requests.get(url + ".dcorfs/status.json", auth=(USER, PASSWORD), timeout=60)
         assert status.status_code == 200 and TOKENS["alice"] not in status.text
+        anonymous = dcorfs("status", url)
+        assert anonymous.returncode != 0 and anonymous.stdout == ""
+        assert (
+            anonymous.stderr.strip() == f"dcorfs: {url.rstrip('/')} has users: give --password-file"
+        )
+        summary = dcorfs("status", url, "--password-file", str(users))
+        assert summary.returncode == 0, summary.stderr
+        assert f"at webdav {url}" in summary.stdout and TOKENS["alice"] not in summary.stdout
         options = requests.options(url, auth=(USER, PASSWORD), timeout=60)
         assert options.headers["DAV"].split(",")[0].strip() == "1"  # class 1: no locks
     assert process.stderr is None or process.stderr.closed
@@ -304,6 +319,11 @@ def test_what_would_expose_data_is_refused_before_it_starts(
     message = refused("--listen", "127.0.0.1:0", "--password-file", str(users))
     assert "readable by others" in message and PASSWORD not in message
     assert "not an address" in refused("--listen", "nowhere")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in refused("--listen", f"127.0.0.1:{port}")
 
 
 DAV = "{DAV:}"
