@@ -3,7 +3,8 @@ foreground until SIGTERM/SIGINT/SIGHUP. The same layers as a mount (`wiring.buil
 the same cache dir (a mount and a share may use one cache dir together), token and S3
 options; `fs.dav` is the front end. Who may read: anyone who reaches a loopback address, or
 the users of `--password-file` (HTTP basic or digest); the checks that a share beyond loopback,
-or one that can read private data, has users are made before anything starts (`check`).
+or one that can read private data (a DCOR token, S3 credentials), has users are made before
+anything starts (`check`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def check(settings: MountSettings, web: WebDavSettings) -> None:
         raise ConfigError(
             "with a DCOR token the share can read private data: give --password-file, so that "
             "only authenticated clients read it"
+        )
+    if web.users is None and settings.s3_credentials is not None:
+        raise ConfigError(  # signed S3 reads take whatever the credentials may read (README)
+            "with S3 credentials the share can read private data: give --password-file, so "
+            "that only authenticated clients read it"
         )
 
 

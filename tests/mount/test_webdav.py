@@ -296,7 +296,7 @@ def test_private_data_needs_credentials_and_nothing_is_written(
 def test_what_would_expose_data_is_refused_before_it_starts(
     devserver: DevServer, tmp_path: Path
 ) -> None:
-    def refused(*args: str, token: str = "") -> str:
+    def refused(*args: str, token: str = "", **env: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "dcorfs", "webdav", "--host", devserver.url, *args]
             + ["--cache-dir", str(tmp_path / "cache")],
@@ -304,7 +304,7 @@ def test_what_would_expose_data_is_refused_before_it_starts(
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "DCOR_API_KEY": token},
+            env={**os.environ, "DCOR_API_KEY": token, **env},
         )
         assert done.returncode != 0 and done.stdout == ""
         lines = done.stderr.strip().splitlines()
@@ -313,6 +313,10 @@ def test_what_would_expose_data_is_refused_before_it_starts(
 
     assert "needs --password-file" in refused("--listen", "0.0.0.0:0")
     assert "--password-file" in refused("--listen", "127.0.0.1:0", token=TOKENS["alice"])
+    s3 = {"DCORFS_S3_ACCESS_KEY_ID": "a-key-id", "DCORFS_S3_SECRET_ACCESS_KEY": "a-s3-secret"}
+    message = refused("--listen", "127.0.0.1:0", "--s3-endpoint", devserver.url, **s3)
+    assert "S3 credentials" in message and "--password-file" in message
+    assert "a-s3-secret" not in message
     users = tmp_path / "open"
     users.write_text(f"{USER}:{PASSWORD}\n")
     users.chmod(0o644)
