@@ -245,6 +245,8 @@ def test_a_ranged_get_fetches_what_a_read_of_the_mount_would(
         report = json.loads(status.stdout)
         assert report["mountpoint"] == f"webdav {url}"
         assert report["fuse"]["bytes_served"] >= 65536 and report["cache"]["fetched_bytes"] > 0
+        metrics = dcorfs("status", url, "--openmetrics")
+        assert metrics.returncode == 0 and "dcorfs_cache_limit_bytes" in metrics.stdout
     assert answer.status_code == 206 and answer.content == truth
     assert answer.headers["Content-Range"] == f"bytes {at}-{at + 65535}/{size}"
     print(f"\n64 KiB of {size} B: mount fetched {by_mount} B, share {by_share} B")
