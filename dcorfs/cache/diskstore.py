@@ -302,15 +302,8 @@ class DiskStore:
     def _adopt(self) -> None:
         """Rows for the valid blocks found (after the index was renewed); bad ones erased."""
         rows = []
-        for name, path in self._files():
-            layout = Layout.parse(name)
-            assert layout is not None
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                used = os.fstat(fd).st_mtime
+        for _, _, layout, fd, used in self._object_files(os.O_RDWR):
+            with contextlib.suppress(OSError):
                 for index in slots.present(fd, layout):
                     try:
                         intact = slots.read(fd, layout, index) is not None
@@ -320,10 +313,6 @@ class DiskStore:
                         rows.append((block_name(layout, index), layout.length(index), used))
                     else:
                         slots.erase(fd, layout, index, punch=self._punch)
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
         with self._sql() as db:
             db.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", rows)
         log.warning("renewed cache index: %d cached blocks kept", len(rows))
@@ -376,6 +365,22 @@ class DiskStore:
                     if Layout.parse(name) is not None:
                         yield name, path
 
+    def _object_files(self, flags: int) -> Iterator[tuple[str, Path, Layout, int, float]]:
+        """Each object file opened with `flags`: (name, path, layout, descriptor, last
+        change); closed when the caller moves on. Files that cannot be opened are skipped."""
+        for name, path in self._files():
+            layout = Layout.parse(name)
+            assert layout is not None
+            try:
+                fd = os.open(path, flags | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                changed = os.fstat(fd).st_mtime
+                yield name, path, layout, fd, changed
+            finally:
+                os.close(fd)
+
     def _reconcile(self) -> None:
         """After a crash: drop rows of blocks not stored, erase blocks without rows, remove
         files without blocks; empty a cache of the earlier layout.
@@ -390,20 +395,10 @@ class DiskStore:
             log.warning("cache dir %s: blocks of an earlier dcorfs layout removed", self.directory)
             shutil.rmtree(legacy, ignore_errors=True)
         seen: dict[str, tuple[Layout, Path, set[int], bool]] = {}
-        for name, path in self._files():
-            layout = Layout.parse(name)
-            assert layout is not None
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                settled = now - os.fstat(fd).st_mtime > SETTLED
-                seen[name] = (layout, path, set(slots.present(fd, layout)), settled)
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
+        for name, path, layout, fd, changed in self._object_files(os.O_RDONLY):
+            with contextlib.suppress(OSError):
+                present = set(slots.present(fd, layout))
+                seen[name] = (layout, path, present, now - changed > SETTLED)
         with self._sql() as db:
             rows: dict[str, set[int]] = defaultdict(set)
             gone = []
