@@ -375,15 +375,6 @@ class RtdcSource:
                 self._layouts.setdefault(key, layout)
             return self._layouts[name]
 
-    def layouts_ahead(self, deadline: float) -> None:
-        """A small file (`whole`) not opened: the layouts of all its event data now, from the
-        in-memory copy (so that reading its features later needs no h5py); else nothing."""
-        if self._in_memory:
-            found = self._layouts_in_memory(deadline)
-            with self._lock:
-                for key, layout in found.items():
-                    self._layouts.setdefault(key, layout)
-
     def _layouts_in_memory(self, deadline: float) -> dict[str, _Layout | None]:
         """The layouts of every dataset under `events`, read from the in-memory copy."""
         where = self.remote.obj.key

@@ -311,7 +311,9 @@ class Resources:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         condensed_made = None
         if "condensed" in keys:  # side by side with the original
-            condensed_made = self._pools.ask.submit(self._condensed, keys["condensed"])
+            condensed_made = self._pools.ask.submit(
+                self._described, "condensed", keys["condensed"], None, None
+            )
             # logs are final once the condensed file exists (doc/DCOR.md §7)
             if catalog is not None:
                 ask_logs = functools.partial(self._ask_logs, catalog, resource.id)
@@ -322,12 +324,6 @@ class Resources:
                 condensed_made.add_done_callback(warm)
         original: RtdcSource | None = None
         refused: AccessDenied | None = None
-        if condensed_made is not None:
-            # describing the original holds h5py's lock across network misses (its structure
-            # is scattered): the condensed file's description, and its scalars served early,
-            # must not wait behind that (measured: the first scalar of a new 20,000-event
-            # resource came after 0.37 s, now when the condensed file is described)
-            concurrent.futures.wait([condensed_made], timeout=self._timeout)
         try:
             original = self._described("resource", keys["resource"], resource.size, resource.etag)
         except AccessDenied as exc:
@@ -390,28 +386,14 @@ class Resources:
         with contextlib.suppress(RuntimeError):  # shut down: the mount is closing
             self._pools.ask.submit(catalog.dcserv, resource_id, "logs")
 
-    def _described(
-        self, kind: str, key: str, size: int | None, etag: str | None, *, ahead: bool = False
-    ) -> RtdcSource:
+    def _described(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
-        from the file (which opens it). `ahead`: a small file read now is also left with the
-        layouts of its event data (`RtdcSource.layouts_ahead`: while its bytes are at hand)."""
+        from the file (which opens it)."""
         source = self._source(kind, key, size, etag)
         remembered_as = answers.features(source.remote.obj.identity)
-
-        def scan(deadline: float) -> Any:
-            found = describe(source.scan(deadline))
-            if ahead:
-                source.layouts_ahead(deadline)
-            return found
-
-        value = self.remembered(remembered_as, scan)
+        value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
         source.features = described(value, source.kind)
         return source
-
-    def _condensed(self, key: str) -> RtdcSource:
-        """The condensed file described, its layouts read ahead when it was read now."""
-        return self._described("condensed", key, None, None, ahead=True)
 
     def _source(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
         """A source of the `kind` object at `key`, opened when first needed (its features
