@@ -634,7 +634,7 @@ def helper_argv(argv: Sequence[str]) -> list[str] | None:
             args += [f"--{key.replace('_', '-')}", value]
         elif key in HELPER_FLAGS and not sep:
             args.append(f"--{key.replace('_', '-')}")
-        elif key in HELPER_GENERIC or name.startswith(("x-", "comment=")) or sloppy:
+        elif key in HELPER_GENERIC or name.startswith("x-") or name == "comment" or sloppy:
             continue
         else:
             raise ConfigError(f"unknown mount option {name!r} for dcorfs")

@@ -188,12 +188,13 @@ class BlockCache:
         kernel keeps what it was served). None when a block is in neither (then it is
         fetched, whole)."""
         parts = []
+        hits = collections.Counter[str]()  # counted once the whole read is served here
         for index in indices:
             offset = index * self.block_size
             a, b = max(start, offset) - offset, min(stop, offset + self.block_size) - offset
             data = self._recall((obj, index))
             if data is not None:
-                self._counts["memory_hits"] += 1
+                hits["memory_hits"] += 1
                 parts.append(data if (a, b) == (0, len(data)) else data[a:b])
                 continue
             if self._store is None:
@@ -201,8 +202,9 @@ class BlockCache:
             data = self._store.get(obj, index, block_size=self.block_size, start=a, stop=b)
             if data is None:
                 return None
-            self._counts["disk_hits"] += 1
+            hits["disk_hits"] += 1
             parts.append(data)
+        self._counts.update(hits)
         return parts
 
     def ensure(

@@ -12,6 +12,7 @@ doc/ARCHITECTURE.md, "Memory".
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterator
@@ -50,27 +51,35 @@ class MemoryPlan:
 
 
 class InFlight:
-    """Bytes that work in flight may hold at once. `hold(n)` waits while others hold so much
-    that `n` more would exceed the limit (one holder alone may exceed it: a single fetch
-    larger than the limit still goes, alone)."""
+    """Bytes that work in flight may hold at once. `hold(n)` waits, in turn (first come,
+    first served: a large holder is not passed over for good by a stream of small ones),
+    until `n` more fit; a holder larger than the limit counts as the limit (it goes alone)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._used = 0
         self._peak = 0
         self._waits = 0
+        self._queue: collections.deque[object] = collections.deque()
         self._cond = threading.Condition()
 
     @contextmanager
     def hold(self, n: int, *, deadline: float, what: str) -> Iterator[None]:
+        n = min(n, self.limit)
+        ticket = object()
         with self._cond:
-            if self._used and self._used + n > self.limit:
-                self._waits += 1
-                while self._used and self._used + n > self.limit:
+            self._queue.append(ticket)
+            try:
+                if self._queue[0] is not ticket or self._used + n > self.limit:
+                    self._waits += 1
+                while self._queue[0] is not ticket or self._used + n > self.limit:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise DeadlineExceeded(f"{what}: no memory free before the deadline")
                     self._cond.wait(remaining)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may fit now
             self._used += n
             self._peak = max(self._peak, self._used)
         try:

@@ -457,6 +457,8 @@ class DiskStore:
         try:
             data = slots.read(fd, layout, index, start, stop)
         except Damaged as exc:
+            if not slots.stored(fd, layout, index):  # evicted while it was read: a miss
+                return None
             self.errors += 1
             log.warning("cache block %s failed its integrity check (%s): erased", layout.name, exc)
             self._drop(layout, index)
@@ -566,12 +568,15 @@ class DiskStore:
                     if used + size <= self.limit:
                         break
             db.executemany("DELETE FROM blocks WHERE name=?", [(v,) for v in victims])
+            # before the new rows: a file left without blocks goes, even the one written to
+            # now (its new blocks go into a new file, written after `_free`): without holes
+            # its evicted blocks' space comes back only so
+            emptied = self._emptied(db, victims)
             db.executemany("INSERT INTO blocks VALUES (?, ?, ?)", [(n, b, now) for n, b in entries])
             db.execute(
                 "INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)",
                 (obj.identity.hex(), obj.key, obj.etag, obj.size),
             )
-            emptied = self._emptied(db, victims)
         # after the commit: a writer that still saw a victim's row is now bound to see it gone
         self._free(victims, emptied)
 

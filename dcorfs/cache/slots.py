@@ -161,6 +161,13 @@ def read(
     return data[start - begin : stop - begin]
 
 
+def stored(fd: int, layout: Layout, index: int) -> bool:
+    """Whether block `index` has an entry now (erasing zeroes it: a block evicted while a
+    reader read it reads as damaged, but is merely gone)."""
+    raw = os.pread(fd, layout.entry_size, layout.entry_at(index))
+    return raw.count(0) != len(raw)
+
+
 def present(fd: int, layout: Layout) -> list[int]:
     """The indices whose entries are not empty (stored, or damaged)."""
     table = os.pread(fd, layout.blocks * layout.entry_size, 0)

@@ -110,7 +110,7 @@ async def _serve(
 async def _keep_metrics(path: Path, report: Callable[[], dict[str, Any]]) -> None:
     """Rewrite `--metrics-file` every METRICS_PERIOD seconds (from the first moment on)."""
     while True:
-        write_metrics(path, report())
+        await trio.to_thread.run_sync(write_metrics, path, report)
         await trio.sleep(METRICS_PERIOD)
 
 

@@ -11,9 +11,11 @@ histogram (`fs.activity.LATENCY_BUCKETS`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,24 @@ def _label(value: object) -> str:
 
 
 def _samples(
-    name: str, kind: str, help_text: str, samples: list[tuple[dict[str, object], float]]
+    name: str,
+    kind: str,
+    help_text: str,
+    samples: list[tuple[dict[str, object], float]],
+    *,
+    text: bool = False,
 ) -> Iterator[str]:
-    yield f"# TYPE dcorfs_{name} {kind}"
-    yield f"# HELP dcorfs_{name} {help_text}"
+    """One family. `text`: Prometheus' text format (counters named by their samples, as
+    node_exporter's textfile collector reads them), else OpenMetrics."""
     suffix = "_total" if kind == "counter" else ""
+    family = f"dcorfs_{name}{suffix if text else ''}"
+    yield f"# TYPE {family} {kind}"
+    yield f"# HELP {family} {help_text}"
     for labels, value in samples:
-        text = ",".join(f"{key}={_label(val)}" for key, val in labels.items())
+        labelled = ",".join(f"{key}={_label(val)}" for key, val in labels.items())
         yield (
-            f"dcorfs_{name}{suffix}{{{text}}} {value}"
-            if text
+            f"dcorfs_{name}{suffix}{{{labelled}}} {value}"
+            if labelled
             else (f"dcorfs_{name}{suffix} {value}")
         )
 
@@ -55,34 +65,38 @@ def _histogram(histogram: dict[str, Any]) -> Iterator[str]:
     yield f"dcorfs_read_seconds_sum {float(histogram.get('sum', 0.0))}"
 
 
-def openmetrics(report: dict[str, Any]) -> str:
-    """The report as OpenMetrics text (ends with `# EOF`)."""
+def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
+    """The report as OpenMetrics text (ends with `# EOF`); `text`: in Prometheus' text
+    format instead, as node_exporter's textfile collector reads it (no info type, no EOF)."""
+    family = functools.partial(_samples, text=text)
+    info = (
+        f"version={_label(report.get('version', '?'))},host={_label(report.get('host', '?'))},"
+        f"mountpoint={_label(report.get('mountpoint', '?'))}"
+    )
     cache, decoded = report.get("cache", {}), report.get("decoded", {})
     front, prefetch = report.get("fuse", {}), report.get("prefetch", {})
     memory = report.get("memory", {})
     caches = (("remote", cache), ("decoded", decoded))
     in_memory = int(cache.get("memory_bytes", 0)) + int(decoded.get("memory_bytes", 0))
+    kind, sample = ("gauge", "dcorfs_info") if text else ("info", "dcorfs_info_info")
     lines: list[str] = [
-        "# TYPE dcorfs_info info",
+        f"# TYPE dcorfs_info {kind}",
         "# HELP dcorfs_info What serves: version, host, where.",
-        "dcorfs_info_info{"
-        f"version={_label(report.get('version', '?'))},host={_label(report.get('host', '?'))},"
-        f"mountpoint={_label(report.get('mountpoint', '?'))}"
-        "} 1",
+        f"{sample}{{{info}}} 1",
     ]
-    lines += _samples(
+    lines += family(
         "fetched_bytes",
         "counter",
         "Bytes fetched, by source (dcor: DCOR's server or object store).",
         [({"source": "dcor"}, int(cache.get("fetched_bytes", 0)))],
     )
-    lines += _samples(
+    lines += family(
         "served_bytes",
         "counter",
         "Bytes answered to readers.",
         [({}, int(front.get("bytes_served", 0)))],
     )
-    lines += _samples(
+    lines += family(
         "block_reads",
         "counter",
         "Block reads by tier: memory, disk (hits) or network (misses; decoded: made).",
@@ -96,13 +110,13 @@ def openmetrics(report: dict[str, Any]) -> str:
             )
         ],
     )
-    lines += _samples(
+    lines += family(
         "fetches",
         "counter",
         "Range requests (remote) or decodes (decoded) made.",
         [({"cache": name}, int(stats.get("fetches", 0))) for name, stats in caches],
     )
-    lines += _samples(
+    lines += family(
         "errors",
         "counter",
         "Failed operations (readers got an error) and failed cache or network work.",
@@ -111,19 +125,19 @@ def openmetrics(report: dict[str, Any]) -> str:
             ({"where": "cache"}, int(cache.get("errors", 0)) + int(decoded.get("errors", 0))),
         ],
     )
-    lines += _samples(
+    lines += family(
         "requests",
         "counter",
         "HTTP requests sent, by kind.",
         [({"kind": kind}, int(n)) for kind, n in sorted(report.get("requests", {}).items())],
     )
-    lines += _samples(
+    lines += family(
         "in_flight",
         "gauge",
         "Blocks being fetched or made now.",
         [({"cache": name}, int(stats.get("in_flight", 0))) for name, stats in caches],
     )
-    lines += _samples(
+    lines += family(
         "cache_bytes",
         "gauge",
         "Bytes kept, by tier (disk: the cache dir, shared with other mounts of it).",
@@ -135,13 +149,13 @@ def openmetrics(report: dict[str, Any]) -> str:
             ),
         ],
     )
-    lines += _samples(
+    lines += family(
         "cache_limit_bytes",
         "gauge",
         "The disk cache's size limit (--cache-size).",
         [({}, int(cache.get("disk_limit", 0)))],
     )
-    lines += _samples(
+    lines += family(
         "memory_bytes",
         "gauge",
         "Bytes held in memory now, by part (fetching and decoding: in flight).",
@@ -151,24 +165,28 @@ def openmetrics(report: dict[str, Any]) -> str:
             ({"part": "decoding"}, int(memory.get("decoding", {}).get("used", 0))),
         ],
     )
-    lines += _samples(
+    lines += family(
         "memory_limit_bytes",
         "gauge",
         "All in-memory buffers together may hold this (--memory-limit).",
         [({}, int(memory.get("limit", 0)))],
     )
     lines += _histogram(report.get("read_latency", {}))
-    lines.append("# EOF")
+    if not text:
+        lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(path: Path, report: dict[str, Any]) -> None:
-    """Replace `path` with the report's metrics at once (a collector never reads half a
-    file); a failure is logged, never raised (metrics never stop the daemon)."""
+def write_metrics(path: Path, make_report: Callable[[], dict[str, Any]]) -> None:
+    """Replace `path` with the metrics of a report made now, at once (a collector never
+    reads half a file), in the text format of node_exporter's textfile collector. Blocking
+    (the report reads the cache's accounting): never on the trio thread. Never raises: a
+    failure is logged (metrics never stop the daemon)."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temp.write_text(openmetrics(report))
+        temp.write_text(openmetrics(make_report(), text=True))
         temp.replace(path)
-    except OSError as exc:
+    except Exception as exc:
         log.warning("cannot write the metrics file %s: %s", path, exc)
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)

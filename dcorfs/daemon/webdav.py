@@ -170,7 +170,7 @@ def _keep_informed(
     period = min(STATUS_PERIOD, METRICS_PERIOD)
     while True:
         if metrics is not None:
-            write_metrics(metrics, front.report())
+            write_metrics(metrics, front.report)
         if stopping.wait(period):
             break
         notifier.send(f"STATUS={one_line(front.report())}")

@@ -381,8 +381,9 @@ class RtdcSource:
         found: dict[str, _Layout | None] = {}
 
         def visit(name: str, item: object) -> None:
-            if isinstance(item, h5py.Dataset):
-                found[name] = _layout_of(item, name, where)
+            if isinstance(item, h5py.Dataset):  # one h5py cannot read: left to `_layout`,
+                with contextlib.suppress(*H5PY_ERRORS):  # which reports it when it is read
+                    found[name] = _layout_of(item, name, where)
 
         with self._file("the layout of its event data", deadline) as fid:
             events = h5py.File(fid).get("events")

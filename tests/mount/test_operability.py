@@ -344,6 +344,7 @@ def test_mount_t_dcorfs_and_an_fstab_line_mount_and_unmount(
 
 def test_metrics_parse_and_move_as_data_is_read(devserver: DevServer, tmp_path: Path) -> None:
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    from prometheus_client.parser import text_string_to_metric_families as text_format
 
     def values(text: str) -> dict[str, float]:
         found: dict[str, float] = {}
@@ -369,4 +370,10 @@ def test_metrics_parse_and_move_as_data_is_read(devserver: DevServer, tmp_path: 
         assert then["dcorfs_read_seconds_count"] > first["dcorfs_read_seconds_count"]
         assert then["dcorfs_read_seconds_bucket/+Inf"] == then["dcorfs_read_seconds_count"]
         assert then["dcorfs_memory_limit_bytes"] == 300 << 20
-        assert values(metrics_file.read_text())["dcorfs_cache_limit_bytes"] == 10 << 30
+        # the file in Prometheus' text format (node_exporter's textfile collector)
+        written = {
+            sample.name: sample.value
+            for family in text_format(metrics_file.read_text())
+            for sample in family.samples
+        }
+        assert written["dcorfs_cache_limit_bytes"] == 10 << 30

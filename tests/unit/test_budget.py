@@ -23,7 +23,7 @@ def test_the_plan_shares_out_what_the_limit_leaves(limit: int) -> None:
     assert BASELINE + sum(parts) > limit * 0.99
 
 
-def test_a_holder_waits_for_room_and_one_alone_may_exceed() -> None:
+def test_a_holder_waits_for_room_and_one_larger_than_the_limit_goes_alone() -> None:
     bound = InFlight(100)
     order: list[str] = []
     with bound.hold(80, deadline=time.monotonic() + 5, what="first"):
@@ -39,9 +39,36 @@ def test_a_holder_waits_for_room_and_one_alone_may_exceed() -> None:
         order.append("first done")
     thread.join(5)
     assert order == ["first done", "second"]
-    with bound.hold(500, deadline=time.monotonic() + 1, what="alone"):  # alone: goes
-        assert bound.stats()["used"] == 500
-    assert bound.stats() == {"used": 0, "peak": 500, "limit": 100, "waits": 1}
+    with bound.hold(500, deadline=time.monotonic() + 1, what="alone"):  # the limit: alone
+        assert bound.stats()["used"] == 100
+    assert bound.stats() == {"used": 0, "peak": 100, "limit": 100, "waits": 1}
+
+
+def test_a_large_holder_is_not_passed_over_by_small_ones() -> None:
+    """Three threads hold 10 each in turn, without pause; one that needs the whole limit
+    gets it in its turn (first come, first served), long before its deadline."""
+    bound = InFlight(100)
+    stop = threading.Event()
+
+    def small() -> None:
+        while not stop.is_set():
+            with bound.hold(10, deadline=time.monotonic() + 5, what="small"):
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=small) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    try:
+        started = time.monotonic()
+        with bound.hold(100, deadline=time.monotonic() + 2, what="large"):
+            assert bound.stats()["used"] == 100
+        assert time.monotonic() - started < 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(5)
+    assert bound.stats()["used"] == 0
 
 
 def test_a_holder_that_finds_no_room_by_its_deadline_fails() -> None:

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.parser import (
+    text_string_to_metric_families as text_string_to_metric_families_text,
+)
 
 from dcorfs.daemon.metrics import openmetrics, write_metrics
 from dcorfs.fs.activity import LATENCY_BUCKETS, Activity
@@ -61,10 +64,30 @@ def test_the_parser_reads_every_family_with_its_values(tmp_path: Path) -> None:
     assert buckets[LATENCY_BUCKETS[-1]] == 4 and buckets[float("inf")] == 5
     assert values[("dcorfs_read_seconds_count", ())] == 5
     assert abs(values[("dcorfs_read_seconds_sum", ())] - 99.30405) < 1e-9
+
+
+def test_the_metrics_file_is_prometheus_text_for_the_textfile_collector(tmp_path: Path) -> None:
+    """node_exporter's textfile collector reads Prometheus' text format (no `info` type, no
+    EOF): the file is that, read back by prometheus_client's parser of that format."""
     path = tmp_path / "dcorfs.prom"
-    write_metrics(path, report())
+    write_metrics(path, report)
+    text = path.read_text()
+    assert text == openmetrics(report(), text=True) and "# EOF" not in text
+    assert [p.name for p in tmp_path.iterdir()] == ["dcorfs.prom"]
+    families = {family.name: family for family in text_string_to_metric_families_text(text)}
+    assert families["dcorfs_info"].type == "gauge"
+    assert families["dcorfs_fetched_bytes"].type == "counter"  # (the parser drops _total)
+    assert families["dcorfs_read_seconds"].type == "histogram"
+    samples = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
+    assert samples["dcorfs_served_bytes_total"] == 4096
+    assert samples["dcorfs_read_seconds_count"] == 5
+
+    def broken() -> dict[str, Any]:
+        raise KeyError("a report that cannot be made")
+
+    write_metrics(path, broken)  # logged, never raised: the daemon goes on
+    write_metrics(tmp_path / "nowhere" / "x.prom", report)
     assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["dcorfs.prom"]
-    write_metrics(tmp_path / "nowhere" / "x.prom", report())  # logged, not raised
 
 
 def test_an_empty_report_is_still_valid_openmetrics() -> None:

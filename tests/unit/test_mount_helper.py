@@ -18,7 +18,7 @@ GENERATOR = Path("/usr/lib/systemd/system-generators/systemd-fstab-generator")
 
 def test_options_map_onto_the_mount_command() -> None:
     options = (
-        "rw,_netdev,x-systemd.automount,x-systemd.idle-timeout=30min,nofail,cache_dir=/var/c,"
+        "rw,_netdev,comment=systemd.automount,x-systemd.automount,x-systemd.idle-timeout=30min,nofail,cache_dir=/var/c,"
         "cache-size=50G,memory_limit=200M,allow_other,api_key_file=/etc/dcorfs/key,nosuid,nodev"
     )
     assert helper_argv(["dcor.mpl.mpg.de", "/mnt/dcor", "-o", options]) == [

@@ -208,3 +208,49 @@ def test_a_damaged_entry_is_damage_and_an_empty_one_is_not() -> None:
     finally:
         os.close(fd)
         path.unlink()
+
+
+def test_without_holes_one_object_larger_than_the_cache_stays_within_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming one object larger than the cache evicts its own older blocks: without
+    holes, only a new file gives their space back (the file is not kept growing)."""
+    monkeypatch.setattr(slots, "can_punch", lambda directory: False)
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=2 * BLOCK, block_size=BLOCK)
+    big = ObjectId(key="big", etag="e", size=12 * BLOCK)
+    for index in range(12):
+        store.put_many(big, {index: DATA[:BLOCK]})
+        allocated = sum(on_disk(p) for p in (cache / cachedir.OBJECTS).rglob("*.*"))
+        assert allocated <= 2 * BLOCK + 2 * 4096, (index, allocated)
+    assert store.get(big, 11) == DATA[:BLOCK] and store.usage()[0] <= 2 * BLOCK
+    store.close()
+
+
+def test_a_block_evicted_while_it_is_read_is_a_miss_not_damage(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK)
+    store.put_many(OBJ, blocks())
+    real_read = slots.read
+
+    def evicted_meanwhile(fd: int, layout: Layout, index: int, *args: int | None) -> bytes | None:
+        """Another process evicts the block between the reader's entry and data reads: the
+        data read back are a hole, then the entry is zeroed too."""
+        other = os.open(file_of(tmp_path / "cache"), os.O_RDWR)
+        try:
+            slots.punch_hole(other, layout.data_at(index), layout.length(index))
+            try:
+                return real_read(fd, layout, index, *args)
+            except Damaged:
+                slots.erase(other, layout, index, punch=True)
+                raise
+        finally:
+            os.close(other)
+
+    slots.read = evicted_meanwhile  # type: ignore[assignment]
+    try:
+        assert store.get(OBJ, 1) is None
+    finally:
+        slots.read = real_read
+    assert store.errors == 0
+    assert store.get(OBJ, 2) == blocks()[2]
+    store.close()
