@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,7 @@ STATUS_PERIOD = 10.0  # seconds between STATUS= lines to systemd
 
 def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     """The daemon: build everything, mount, serve until unmounted or signalled."""
-    log_file = settings.log_file or settings.cache_dir / cachedir.LOG
-    configure(
-        level=settings.log_level,
-        log_file=log_file,
-        stderr=settings.foreground,
-        secrets=settings.secrets(),
-    )
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    if limit_arenas(settings.malloc_arenas):
-        log.debug("at most %d malloc arenas", settings.malloc_arenas)
+    prepare_process(settings, stderr=settings.foreground)
     notifier = Notifier.from_environment()
     try:
         ops, report, close = build(settings)
@@ -87,6 +78,21 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
         close()
         log.info("unmounted %s", settings.mountpoint)
     return 0
+
+
+def prepare_process(settings: MountSettings, *, stderr: bool, secrets: Sequence[str] = ()) -> None:
+    """What a daemon (a mount or a share) sets up before its threads start: logging (to the
+    cache dir's log unless --log-file, every secret redacted), a traceback of all threads on
+    SIGUSR1, and glibc's malloc arenas (`memory`)."""
+    configure(
+        level=settings.log_level,
+        log_file=settings.log_file or settings.cache_dir / cachedir.LOG,
+        stderr=stderr,
+        secrets=[*settings.secrets(), *secrets],
+    )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if limit_arenas(settings.malloc_arenas):
+        log.debug("at most %d malloc arenas", settings.malloc_arenas)
 
 
 async def _serve(

@@ -9,7 +9,6 @@ anything starts (`check`).
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import signal
 import sys
@@ -22,13 +21,11 @@ from cheroot import wsgi
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from .. import __version__
-from ..cache import cachedir
 from ..errors import ConfigError, DcorfsError
 from ..fs.dav import TreeProvider
 from ..hdf5.rtdc import CycleCollector
 from ..settings import MountSettings, WebDavSettings, is_loopback
-from .logs import configure
-from .memory import limit_arenas
+from .loop import STATUS_PERIOD, prepare_process
 from .metrics import METRICS_PERIOD, write_metrics
 from .notify import Notifier
 from .preflight import check_source
@@ -37,25 +34,22 @@ from .wiring import Front, build_front
 
 log = logging.getLogger(__name__)
 BLOCK = 1 << 20  # bytes WsgiDAV reads from a file at a time (then read-ahead takes over)
-REALM = "dcorfs"
-STATUS_PERIOD = 10.0
 
 
 def check(settings: MountSettings, web: WebDavSettings) -> None:
     """Refuse what would expose data to people who should not read it (one-line errors)."""
-    if web.users is None and not is_loopback(web.host):
+    if web.users is not None:
+        return
+    if not is_loopback(web.host):
         raise ConfigError(
             f"listening on {web.host} (beyond this machine) needs --password-file; "
             "and a TLS reverse proxy in front (README, 'From Windows and macOS')"
         )
-    if web.users is None and settings.token is not None:
+    # signed S3 reads take whatever the credentials may read (README)
+    private = "a DCOR token" if settings.token is not None else "S3 credentials"
+    if settings.token is not None or settings.s3_credentials is not None:
         raise ConfigError(
-            "with a DCOR token the share can read private data: give --password-file, so that "
-            "only authenticated clients read it"
-        )
-    if web.users is None and settings.s3_credentials is not None:
-        raise ConfigError(  # signed S3 reads take whatever the credentials may read (README)
-            "with S3 credentials the share can read private data: give --password-file, so "
+            f"with {private} the share can read private data: give --password-file, so "
             "that only authenticated clients read it"
         )
 
@@ -94,15 +88,8 @@ def serve(settings: MountSettings, web: WebDavSettings, *, ready: Callable[[str]
     """Build, listen, tell `ready` the URL, serve until a signal; the exit code."""
     check(settings, web)
     check_source(settings)
-    configure(
-        level=settings.log_level,
-        log_file=settings.log_file or settings.cache_dir / cachedir.LOG,
-        stderr=True,
-        secrets=settings.secrets() + web.secrets(),
-    )
+    prepare_process(settings, stderr=True, secrets=web.secrets())
     _share_handlers("wsgidav", "cheroot")
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    limit_arenas(settings.malloc_arenas)
     server = wsgi.Server(
         (web.host, web.port),
         None,  # the app once the layers are built: binding first finds a taken port first

@@ -16,6 +16,7 @@ the server around it: daemon/webdav.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -34,6 +35,7 @@ from wsgidav.dav_error import (
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider, _DAVResource
 
 from ..errors import AccessDenied, DcorfsError, DeadlineExceeded, NotFound
+from ..hdf5.fileobj import SeekableFile
 from .activity import Activity
 from .content import FileContent, StaticContent
 from .readahead import Prefetcher, ReadAhead
@@ -144,17 +146,24 @@ class DirResource(DAVCollection):  # type: ignore[misc]
     def get_member_names(self) -> list[str]:
         return sorted(self._children())
 
+    def _member(self, name: str, node: Node, operation: str) -> _DAVResource:
+        """The resource of a child, its attributes known (DcorfsError if they cannot be)."""
+        try:
+            if not node.settled:
+                node.settle()
+        except DcorfsError as exc:
+            self._tree.activity.note_error(operation, exc)
+            raise
+        return self._tree.resource(self.path.rstrip("/") + "/" + name, node, self.environ)
+
     def get_member(self, name: str) -> _DAVResource | None:
         node = self._children().get(name)
         if node is None:
             return None
         try:
-            if not node.settled:
-                node.settle()
+            return self._member(name, node, "resolve")
         except DcorfsError as exc:
-            self._tree.activity.note_error("resolve", exc)
             raise http_error(exc) from None
-        return self._tree.resource(self.path.rstrip("/") + "/" + name, node, self.environ)
 
     def get_member_list(self) -> list[_DAVResource]:
         """The members whose attributes can be known now; one that cannot (its resource
@@ -162,14 +171,8 @@ class DirResource(DAVCollection):  # type: ignore[misc]
         why)."""
         members = []
         for name, node in sorted(self._children().items()):
-            try:
-                if not node.settled:
-                    node.settle()
-            except DcorfsError as exc:
-                self._tree.activity.note_error("list", exc)
-                continue
-            path = self.path.rstrip("/") + "/" + name
-            members.append(self._tree.resource(path, node, self.environ))
+            with contextlib.suppress(DcorfsError):
+                members.append(self._member(name, node, "list"))
         return members
 
 
@@ -226,7 +229,7 @@ class FileResource(DAVNonCollection):  # type: ignore[misc]
         return ContentStream(content, timeout=self._tree.timeout, activity=self._tree.activity)
 
 
-class ContentStream(io.RawIOBase):
+class ContentStream(SeekableFile):
     """A file's content as the seekable binary stream WsgiDAV sends (seek, then reads)."""
 
     def __init__(self, content: FileContent, *, timeout: float, activity: Activity) -> None:
@@ -234,21 +237,9 @@ class ContentStream(io.RawIOBase):
         self._content = content
         self._timeout = timeout
         self._activity = activity
-        self._position = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._content.size}
-        self._position = max(0, base[whence] + offset)
-        return self._position
+    def end(self) -> int:
+        return self._content.size
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
@@ -256,18 +247,18 @@ class ContentStream(io.RawIOBase):
         return len(data)
 
     def read(self, size: int | None = -1) -> bytes:
-        remaining = max(0, self._content.size - self._position)
+        remaining = max(0, self._content.size - self._pos)
         length = remaining if size is None or size < 0 else min(size, remaining)
         if length == 0:
             return b""
         started = time.monotonic()
         try:
-            data = self._content.read(self._position, length, deadline=started + self._timeout)
+            data = self._content.read(self._pos, length, deadline=started + self._timeout)
         except DcorfsError as exc:
             self._activity.note_error("read", exc)
             raise http_error(exc) from None
         self._activity.observe_read(time.monotonic() - started)
-        self._position += len(data)
+        self._pos += len(data)
         self._activity.counters["reads"] += 1
         self._activity.counters["bytes_served"] += len(data)
         return data
