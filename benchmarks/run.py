@@ -246,6 +246,61 @@ def memory_ceiling(size: int) -> float:
         return path.stat().st_size / timed(lambda: read_file(path)) / 1e9
 
 
+def keep_copies(directory: Path, to: Path, features: Sequence[str]) -> None:
+    """Local copies of features' .npy files (for `floors`)."""
+    to.mkdir(parents=True, exist_ok=True)
+    for feature in features:
+        shutil.copyfile(directory / f"{feature}.npy", to / f"{feature}.npy")
+
+
+@contextmanager
+def fuse_floor(source: Path, mnt: Path, *extra: str) -> Iterator[Path]:
+    """benchmarks/fusefloor.py mounted over `source`: the least a pyfuse3 filesystem does."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    floor = Path(__file__).with_name("fusefloor.py")
+    process = subprocess.Popen(
+        [PY, str(floor), str(source), str(mnt), *extra], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            raise SystemExit("fusefloor.py did not mount")
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        process.wait(timeout=60)
+
+
+def floors(runs: Path, name: str, scalars: Sequence[str], picks: Any) -> dict[str, float]:
+    """The warm rows read through fusefloor.py (a trivial pyfuse3 filesystem) from local copies
+    of the same files, after the page cache is dropped as for dcorfs' rows: what any pyfuse3
+    filesystem costs on this machine. Scalars also from memory (no disk: FUSE alone)."""
+    m: dict[str, float] = {}
+    mnt = runs / "floor-mnt"
+
+    def scalars_in(directory: Path) -> None:
+        for f in scalars:
+            np.load(directory / f"{f}.npy")
+
+    for key, extra in (("b_floor", ()), ("b_floor_memory", ("--memory",))):
+        drop_page_cache()
+        with fuse_floor(runs / "floor-scalars", mnt, *extra):
+            m[key] = timed(lambda: scalars_in(mnt / name))
+    with fuse_floor(runs / "floor-image", mnt):
+        image = mnt / name / "image.npy"
+        drop_page_cache()
+        m["e_floor"] = image.stat().st_size / timed(lambda: read_file(image)) / 1e9
+
+        def random_images() -> None:
+            images = np.load(image, mmap_mode="r")
+            for i in picks:
+                np.array(images[int(i)])
+
+        drop_page_cache()
+        m["d_floor"] = timed(random_images)
+    return m
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}"
 
@@ -370,6 +425,7 @@ def measure(args: argparse.Namespace, events: int) -> dict[str, float]:
         m["dropped"] = float(drop_page_cache())
         with mounted(url, mnt, runs / "cache-a"):
             m["b"] = timed(our_scalars)
+            keep_copies(directory, runs / "floor-scalars" / directory.name, scalars)
         store = runs / "dclab-store"
         dclab_with_disk_store(url, rid, "scalars", store)
         m["b_dclab_warm"] = dclab_with_disk_store(url, rid, "scalars", store)
@@ -385,6 +441,7 @@ def measure(args: argparse.Namespace, events: int) -> dict[str, float]:
             m["e_page"] = size / timed(lambda: read_file(image)) / 1e9
             m["dropped"] = min(m["dropped"], float(drop_page_cache()))
             m["e_disk"] = size / timed(lambda: read_file(image)) / 1e9
+            keep_copies(directory, runs / "floor-image" / directory.name, ["image"])
         m["e_tmpfs"] = memory_ceiling(size)
         k = min(args.dclab_image_events, events)
 
@@ -414,6 +471,7 @@ def measure(args: argparse.Namespace, events: int) -> dict[str, float]:
         m["dropped"] = min(m["dropped"], float(drop_page_cache()))
         with mounted(url, mnt, runs / "cache-d"):
             m["d_warm"] = timed(ours_random)
+        m.update(floors(runs, directory.name, scalars, picks))
         listed = ",".join(str(int(i)) for i in picks)
         dclab_with_disk_store(url, rid, listed, store)
         m["d_dclab_warm"] = dclab_with_disk_store(url, rid, listed, store)
@@ -486,6 +544,17 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             "≤ 0.5",
         ),
         versus(f"(b) the same, warm {warm}", ("b", ".3f"), ("dclab cold", "a_dclab"), "≤ 0.05"),
+        (
+            "(b) … against a trivial pyfuse3 fs (fusefloor.py), same files",
+            spread(runs, "b", ".3f") + " s",
+            "from local disk "
+            + spread(runs, "b_floor", ".3f")
+            + " s, from memory "
+            + spread(runs, "b_floor_memory", ".3f")
+            + " s",
+            ratio(med("b"), med("b_floor")),
+            "",
+        ),
         versus(
             "(b) … against dclab warm (its disk cache)",
             ("b", ".3f"),
@@ -517,8 +586,8 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
         (
             "(e) re-read from the disk cache",
             spread(runs, "e_disk", ".2f") + " GB/s",
-            "",
-            "",
+            "a trivial pyfuse3 fs reading a local copy " + spread(runs, "e_floor", ".2f") + " GB/s",
+            ratio(med("e_disk"), med("e_floor")),
             "≥ 1 GB/s",
         ),
         versus(
@@ -532,6 +601,12 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             ("d_warm", ".3f"),
             ("dclab warm (its disk cache)", "d_dclab_warm"),
             "≤ 0.1",
+        ),
+        versus(
+            "(d) … against a trivial pyfuse3 fs (fusefloor.py)",
+            ("d_warm", ".3f"),
+            ("a local copy", "d_floor"),
+            "",
         ),
         (
             "(f) ls -lR of the small resources, cold",

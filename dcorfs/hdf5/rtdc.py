@@ -239,12 +239,17 @@ class RtdcSource:
         """Whether the HDF5 file was opened (`open`)."""
         return self._h5 is not None
 
+    def fetch_structure(self, deadline: float) -> None:
+        """Fetch what HDF5 reads first of the file (see `prepare`), without opening it: network
+        only, no h5py (blocking)."""
+        if self._prepare is not None:
+            self._prepare(deadline)
+
     def open(self, deadline: float) -> h5py.File:
         """The HDF5 file, opened on the first call (blocking: network)."""
         with self._opening:
             if self._h5 is None:
-                if self._prepare is not None:
-                    self._prepare(deadline)
+                self.fetch_structure(deadline)
                 with self._reading(
                     "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
                 ):
@@ -370,10 +375,20 @@ class RtdcSource:
         if name not in found:
             data = self.dataset(name, deadline)
             found[name] = _layout_of(data, name, self.remote.obj.key)
+        self._keep(found)
+        with self._lock:
+            return self._layouts[name]
+
+    def _keep(self, found: dict[str, _Layout | None]) -> None:
         with self._lock:
             for key, layout in found.items():
                 self._layouts.setdefault(key, layout)
-            return self._layouts[name]
+
+    def layouts_ahead(self, deadline: float) -> None:
+        """A small file (`whole`) not opened: the layouts of all its event data now, from the
+        in-memory copy (so that reading its features later needs no HDF5); else nothing."""
+        if self._in_memory:
+            self._keep(self._layouts_in_memory(deadline))
 
     def _layouts_in_memory(self, deadline: float) -> dict[str, _Layout | None]:
         """The layouts of every dataset under `events`, read from the in-memory copy."""

@@ -61,6 +61,7 @@ from .warm import Served, Warmer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CLOSE_WAIT = 5.0  # seconds openings under way are given to end when the mount closes
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,16 @@ class Resources:
         if "resource" not in keys:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         condensed_made = None
+        # a large original, when both must be described, is described after the condensed
+        # file, whose layouts are read ahead: HDF5's lock is held across every network miss
+        # of a file's description (a large original's structure is scattered: a chain of
+        # misses), and the scalars served early would wait behind it (the first of a
+        # 20,000-event resource: 0.20 s instead of 0.12 s). Its first and last bytes are
+        # fetched meanwhile (network only). A small one is read whole: no misses
+        large = resource.size is None or resource.size > prefetch.whole_size("resource")
         if "condensed" in keys:  # side by side with the original
             condensed_made = self._pools.ask.submit(
-                self._described, "condensed", keys["condensed"], None, None
+                self._described, "condensed", keys["condensed"], None, None, ahead=large
             )
             # logs are final once the condensed file exists (doc/DCOR.md §7)
             if catalog is not None:
@@ -325,7 +333,13 @@ class Resources:
         original: RtdcSource | None = None
         refused: AccessDenied | None = None
         try:
-            original = self._described("resource", keys["resource"], resource.size, resource.etag)
+            original = self._described(
+                "resource",
+                keys["resource"],
+                resource.size,
+                resource.etag,
+                after=condensed_made if large else None,
+            )
         except AccessDenied as exc:
             if dataset.private:
                 raise
@@ -386,12 +400,34 @@ class Resources:
         with contextlib.suppress(RuntimeError):  # shut down: the mount is closing
             self._pools.ask.submit(catalog.dcserv, resource_id, "logs")
 
-    def _described(self, kind: str, key: str, size: int | None, etag: str | None) -> RtdcSource:
+    def _described(
+        self,
+        kind: str,
+        key: str,
+        size: int | None,
+        etag: str | None,
+        *,
+        ahead: bool = False,
+        after: concurrent.futures.Future[RtdcSource] | None = None,
+    ) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
-        from the file (which opens it)."""
+        from the file (which opens it). If it is read now: `ahead`, a small file is also left
+        with the layouts of its event data (`RtdcSource.layouts_ahead`: reading its features
+        later needs no HDF5); `after`, another file is described first (what HDF5 reads first
+        of this one is fetched meanwhile)."""
         source = self._source(kind, key, size, etag)
         remembered_as = answers.features(source.remote.obj.identity)
-        value = self.remembered(remembered_as, lambda d: describe(source.scan(d)))
+
+        def scan(deadline: float) -> Any:
+            if after is not None:
+                source.fetch_structure(deadline)
+                concurrent.futures.wait([after], timeout=max(0.0, deadline - time.monotonic()))
+            found = describe(source.scan(deadline))
+            if ahead:
+                source.layouts_ahead(deadline)
+            return found
+
+        value = self.remembered(remembered_as, scan)
         source.features = described(value, source.kind)
         return source
 
@@ -447,7 +483,15 @@ class Resources:
     # -- other resources ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the opened resources (after the pools were shut down: `Pools.close`)."""
+        """Close the opened resources (after the pools were shut down: `Pools.close`). Openings
+        under way are given `CLOSE_WAIT` seconds to end first, so that what they learned (a
+        description read over the network) is remembered for the next mount."""
+        until = time.monotonic() + CLOSE_WAIT
+        with self._lock:
+            gates = list(self._opening.values())
+        for gate in gates:
+            if gate.acquire(timeout=max(0.0, until - time.monotonic())):
+                gate.release()
         with self._lock:
             self._closed = True
             opened, self._opened = dict(self._opened), {}

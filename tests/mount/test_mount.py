@@ -18,6 +18,7 @@ import dclab
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 
 from dcorfs.cache.derived import is_derived
 from dcorfs.cache.diskstore import read_inventory
@@ -237,6 +238,40 @@ def test_one_scalar_of_an_image_resource_moves_a_small_fraction(
         before = fresh_devserver.stats.snapshot()["object_requests"]
         np.load(directory / "deform.npy")
         assert fresh_devserver.stats.snapshot()["object_requests"] == before
+
+
+def test_a_description_under_way_is_remembered_when_the_mount_closes(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    """A scalar is served from the condensed file before the original is described (that
+    comes after it, a chain of round trips); unmounted right after that read, the mount lets
+    the description end and remembers it: the next mount lists the resource without a
+    request for the original."""
+    entry = next(e for e in rtdc_entries(fresh_devserver) if e["name"] == "M001_data.rtdc")
+    faults = f"{fresh_devserver.url}/_devserver/faults"
+    requests.put(faults, json={"latency_ms": 150}, timeout=30)
+    try:
+        with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
+            fresh_devserver.stats.reset()
+            assert np.load(resource_dir(mnt, entry) / "deform.npy").shape == (300,)
+            asked = original_requests(fresh_devserver, entry["id"])
+        assert original_requests(fresh_devserver, entry["id"]) > asked  # it went on after
+        fresh_devserver.stats.reset()
+        with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
+            assert "image.npy" in os.listdir(resource_dir(mnt, entry))
+        assert original_requests(fresh_devserver, entry["id"]) == 0
+    finally:
+        requests.put(faults, json={"latency_ms": 0}, timeout=30)
+
+
+def original_requests(server: DevServer, resource_id: str) -> int:
+    """Requests for the original file (not the condensed one) of a resource so far."""
+    objects = server.stats.snapshot()["objects"].values()
+    return sum(
+        o["requests"]
+        for o in objects
+        if o["resource_id"] == resource_id and o["artifact"] == "resource"
+    )
 
 
 def test_listing_a_dataset_whole_decodes_nothing(
