@@ -258,7 +258,7 @@ def test_a_description_under_way_is_remembered_when_the_mount_closes(
         assert original_requests(fresh_devserver, entry["id"]) > asked  # it went on after
         fresh_devserver.stats.reset()
         with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
-            assert "image.npy" in os.listdir(resource_dir(mnt, entry))
+            assert "image.npy" in {p.name for p in resource_dir(mnt, entry).iterdir()}
         assert original_requests(fresh_devserver, entry["id"]) == 0
     finally:
         requests.put(faults, json={"latency_ms": 0}, timeout=30)
