@@ -371,7 +371,7 @@ class RtdcSource:
         # its in-memory copy, so that reading its features does not keep it open in HDF5
         # (~1 MB of HDF5's own per open file: a reader of many small resources' scalars kept
         # every one of them open)
-        found = self._layouts_in_memory(deadline) if self._in_memory else {}
+        found = self._all_layouts(deadline) if self._in_memory else {}
         if name not in found:
             data = self.dataset(name, deadline)
             found[name] = _layout_of(data, name, self.remote.obj.key)
@@ -385,13 +385,13 @@ class RtdcSource:
                 self._layouts.setdefault(key, layout)
 
     def layouts_ahead(self, deadline: float) -> None:
-        """A small file (`whole`) not opened: the layouts of all its event data now, from the
-        in-memory copy (so that reading its features later needs no HDF5); else nothing."""
-        if self._in_memory:
-            self._keep(self._layouts_in_memory(deadline))
+        """The layouts of all its event data now (from the in-memory copy of a small file),
+        so that reading its features later needs no HDF5 (nor waits for h5py's lock)."""
+        self._keep(self._all_layouts(deadline))
 
-    def _layouts_in_memory(self, deadline: float) -> dict[str, _Layout | None]:
-        """The layouts of every dataset under `events`, read from the in-memory copy."""
+    def _all_layouts(self, deadline: float) -> dict[str, _Layout | None]:
+        """The layouts of every dataset under `events` (`_file`: of a small file not opened,
+        from its in-memory copy)."""
         where = self.remote.obj.key
         found: dict[str, _Layout | None] = {}
 

@@ -411,9 +411,9 @@ class Resources:
         after: concurrent.futures.Future[RtdcSource] | None = None,
     ) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
-        from the file (which opens it). If it is read now: `ahead`, a small file is also left
-        with the layouts of its event data (`RtdcSource.layouts_ahead`: reading its features
-        later needs no HDF5); `after`, another file is described first (what HDF5 reads first
+        from the file (which opens it). If it is read now: `ahead`, the layouts of its event
+        data are read too (`RtdcSource.layouts_ahead`: reading its features later needs no
+        HDF5); `after`, another file is described first (what HDF5 reads first
         of this one is fetched meanwhile)."""
         source = self._source(kind, key, size, etag)
         remembered_as = answers.features(source.remote.obj.identity)
@@ -438,7 +438,7 @@ class Resources:
         small file whole: what h5py reads of it is most of it anyway)."""
         whole = prefetch.whole_size(kind)
         obj = self._objects.identify(key, size, etag, head=whole)
-        ranges = prefetch.metadata_ranges(obj.size, whole)
+        ranges = prefetch.structure_ranges(kind, obj.size)
 
         def prepare(deadline: float) -> None:
             self._cache.ensure(obj, ranges, deadline=deadline)

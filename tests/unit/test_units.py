@@ -354,6 +354,16 @@ def test_metadata_ranges_on_open() -> None:
     assert metadata_ranges(HEAD + 10, whole=0) == [(0, HEAD), (HEAD, HEAD + 10)]
 
 
+def test_a_condensed_file_up_to_its_limit_is_fetched_whole_before_hdf5_opens_it() -> None:
+    from dcorfs.cache.prefetch import CONDENSED_WHOLE_ON_OPEN, HEAD, TAIL, structure_ranges
+
+    size = 14 << 20  # 100,000 events' scalars
+    assert structure_ranges("condensed", size) == [(0, size)]
+    assert structure_ranges("resource", size) == [(0, HEAD), (size - TAIL, size)]
+    larger = CONDENSED_WHOLE_ON_OPEN + 1
+    assert structure_ranges("condensed", larger) == [(0, HEAD), (larger - TAIL, larger)]
+
+
 class OpeningOnly(Resources):
     """`Resources` with real pools and no layers below (its tests replace what opens); with
     `derived`, a real warmer of its values."""
