@@ -42,6 +42,10 @@ are asked for, within a memory budget. In the order a resource meets them:
    up to `WINDOWS_AHEAD` windows ahead; all windows of all files share the budget
    `MemoryPlan.prefetch` (a share of `--memory-limit`, `cache.budget`). A jump elsewhere
    ends the stream; a failed window is not used (prefetch never changes what a read returns).
+   A file of at most `SMALL_FILE` bytes is made whole at its handle's first read (one window):
+   `numpy.load` of a scalar feature's file reads it all, in the kernel's 128 KiB requests,
+   each otherwise a trip to a worker thread and a read of the disk tier of its own (100,000
+   events: ~4 ms per file warm, where a trivial pyfuse3 filesystem takes 1.5 ms).
 6. Listing a dataset opens its RT-DC resources in the background, side by side, so `ls -lR`
    finds them ready (not an `--s3-only` circle: its resources are unrelated and may be many).
 7. The disk tier. A short read of a block that is on disk but not in memory reads only the
@@ -78,6 +82,7 @@ FORWARD = 16 << 20  # ... and this far ahead
 WINDOW_INITIAL = 1 << 20  # the first window; then as large as what was read so far …
 WINDOW_CAP = 16 << 20  # … up to this (and a quarter of the budget)
 WINDOWS_AHEAD = 2  # windows made ahead of the reader
+SMALL_FILE = 2 << 20  # files up to this size: made whole at their first read
 
 # 7. the disk tier
 DISK_PARTS_FROM = 512 << 10  # blocks this large are read from disk in parts by short reads

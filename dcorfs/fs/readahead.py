@@ -31,7 +31,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..cache.prefetch import BACK, FORWARD, STREAM, WINDOW_CAP, WINDOW_INITIAL, WINDOWS_AHEAD
+from ..cache.prefetch import (
+    BACK,
+    FORWARD,
+    SMALL_FILE,
+    STREAM,
+    WINDOW_CAP,
+    WINDOW_INITIAL,
+    WINDOWS_AHEAD,
+)
 from ..errors import DeadlineExceeded
 from .content import FileContent, read_pieces
 
@@ -133,8 +141,10 @@ class Prefetcher:
         back: int = BACK,
         forward: int = FORWARD,
         timeout: float = 60.0,
+        small: int = SMALL_FILE,
     ) -> None:
         self.back, self.forward = back, forward
+        self.small = small
         self.budget = Budget(budget_bytes)
         self.initial = initial
         self.stream = stream
@@ -207,6 +217,7 @@ class ReadAhead:
             window = self._covering(offset, stop)
             sequential = self._continues(offset)
             ahead = self._window_size() if sequential and self._streak >= self._pf.stream else 0
+            first = self._end == 0 and self._streak == 0 and not self._windows
         if window is not None:
             made = window.made(max(0.0, deadline - time.monotonic()))
             if made is not None:
@@ -215,18 +226,24 @@ class ReadAhead:
                     self._advance(offset, stop)
                 return window.cut(made, offset, stop)
         self._pf.counters["misses"] += 1
+        if first and self.size <= self._pf.small:  # a small file's first read: all of it
+            return self._made_here(0, self.size, offset, stop, deadline)
         if ahead > stop - offset:
             # a stream: read a whole window now and keep what the reader has not asked yet
-            big = min(self.size, offset + ahead)
-            pieces = read_pieces(self._content, offset, big - offset, deadline=deadline)
-            with self._lock:
-                kept = self._keep(offset, big, pieces)
-                self._advance(offset, stop)
-            return kept.cut(pieces, offset, stop)
+            return self._made_here(offset, min(self.size, offset + ahead), offset, stop, deadline)
         data = self._content.read(offset, stop - offset, deadline=deadline)
         with self._lock:
             self._advance(offset, stop)
         return data
+
+    def _made_here(self, start: int, end: int, offset: int, stop: int, deadline: float) -> bytes:
+        """Bytes [start, end) made by the reader's own read of [offset, stop), kept as a window
+        (when the budget allows); the reader's bytes cut from them."""
+        pieces = read_pieces(self._content, start, end - start, deadline=deadline)
+        with self._lock:
+            kept = self._keep(start, end, pieces)
+            self._advance(offset, stop)
+        return kept.cut(pieces, offset, stop)
 
     # -- the stream (called with the lock held) ----------------------------------------------------
 
@@ -257,8 +274,8 @@ class ReadAhead:
         if self._continues(offset):
             self._streak += stop - offset
             self._end = max(self._end, stop)
-        else:  # random access: the stream ends here
-            self._drop(lambda w: True)
+        else:  # random access: the stream ends here (a small file made whole stays made)
+            self._drop(lambda w: not (w.start == 0 and w.stop == self.size))
             self._streak = 0
             self._end = stop
         self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed

@@ -254,3 +254,20 @@ def test_a_window_made_is_cut_right_by_readers_at_once() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+@pytest.mark.parametrize("first", [0, 100 * KIB + 7])
+def test_a_small_file_is_made_whole_at_its_first_read(first: int) -> None:
+    """Its first read (wherever it starts) makes the whole file at once; every later read is
+    served from that, without blocking (`peek`) and without making anything again."""
+    rows = Rows()
+    small = RowContent(b"HEAD" * 16, row_bytes=ROW, count=200, rows=rows)  # within the budget
+    with prefetcher() as made:
+        handle = made.wrap(small)
+        assert handle.read(first, 128 * KIB, deadline=time.monotonic() + 30) == expected(
+            first, 128 * KIB, small.size
+        )
+        assert rows.calls == 1
+        for offset in range(0, small.size, 32 * KIB):
+            assert handle.peek(offset, 32 * KIB) == expected(offset, 32 * KIB, small.size)
+        assert rows.calls == 1
