@@ -1,15 +1,19 @@
 """The floor of any pyfuse3 filesystem on this machine: the least a FUSE daemon in Python can do.
 
-    .venv/bin/python benchmarks/fusefloor.py SOURCE MOUNTPOINT [--memory]
+    .venv/bin/python benchmarks/fusefloor.py SOURCE MOUNTPOINT [--memory | --thread]
 
 Mounts SOURCE (a directory of plain files, read once at start for its names and sizes)
 read-only at MOUNTPOINT and serves every read with one `os.pread` on the trio thread, nothing
 else: no cache, no threads, no bookkeeping beyond a dict of inodes. With --memory, every file
-is read into memory at start and reads are slices of it (no disk at all). It is mounted with the
-options dcorfs uses and answers the kernel as dcorfs does (long entry/attr timeouts, kept page
-cache, FLUSH and xattrs ENOSYS), so a row of benchmarks/run.py measured through it is what the
-same reads cost through pyfuse3 and this kernel alone: dcorfs' time over it is what dcorfs
-itself adds. Prints "ready" once mounted; unmount with `fusermount3 -u`.
+is read into memory at start and reads are slices of it (no disk at all). With --thread,
+each `os.pread` runs in a worker thread (`trio.to_thread`), as a filesystem serving many
+readers must do it: a read of the disk on the trio thread stalls every other request.
+
+It is mounted with the options dcorfs uses and answers the kernel as dcorfs does (long
+entry/attr timeouts, kept page cache, FLUSH and xattrs ENOSYS), so a row of
+benchmarks/run.py measured through it is what the same reads cost through pyfuse3 and this
+kernel alone: dcorfs' time over it is what dcorfs itself adds. Prints "ready" once mounted;
+unmount with `fusermount3 -u`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ IN_MEMORY = 1 << 40  # file handles from here: files served from memory (--memor
 
 
 class Floor(pyfuse3.Operations):
-    def __init__(self, source: Path, *, memory: bool) -> None:
+    def __init__(self, source: Path, *, memory: bool, thread: bool) -> None:
         super().__init__()
+        self._thread = thread
         self._paths: dict[int, Path] = {pyfuse3.ROOT_INODE: source}
         self._children: dict[int, dict[bytes, int]] = {}
         self._fds: dict[int, int] = {}
@@ -91,6 +96,8 @@ class Floor(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh >= IN_MEMORY:
             return self._bytes[fh - IN_MEMORY][off : off + size]
+        if self._thread:
+            return await trio.to_thread.run_sync(os.pread, fh, size, off)
         return os.pread(fh, size, off)
 
     async def release(self, fh: int) -> None:
@@ -110,7 +117,9 @@ class Floor(pyfuse3.Operations):
 def main() -> int:
     source, mountpoint = Path(sys.argv[1]), sys.argv[2]
     options = set(pyfuse3.default_options) | {"fsname=fusefloor", "ro"}
-    pyfuse3.init(Floor(source, memory="--memory" in sys.argv[3:]), mountpoint, options)
+    flags = sys.argv[3:]
+    floor = Floor(source, memory="--memory" in flags, thread="--thread" in flags)
+    pyfuse3.init(floor, mountpoint, options)
     print("ready", flush=True)
     try:
         trio.run(pyfuse3.main)
