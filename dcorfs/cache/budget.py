@@ -30,6 +30,8 @@ SHARES = {  # of what the limit leaves above BASELINE
     "fetching": 0.20,  # bytes of remote fetches in flight
     "decoding": 0.15,  # decoded values being made
 }
+# with a shared cache tier: pieces waiting to be uploaded to it, a share taken from read-ahead
+UPLOADING = 0.10
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,14 @@ class MemoryPlan:
     prefetch: int
     fetching: int
     decoding: int
+    uploading: int = 0  # pieces waiting for the shared cache tier (`shared`)
 
     @classmethod
-    def of(cls, limit: int) -> MemoryPlan:
+    def of(cls, limit: int, *, shared: bool = False) -> MemoryPlan:
         room = max(limit, SMALLEST) - BASELINE
-        parts = {name: int(room * share) for name, share in SHARES.items()}
-        return cls(limit=limit, **parts)
+        shares = {**SHARES, "prefetch": SHARES["prefetch"] - (UPLOADING if shared else 0.0)}
+        parts = {name: int(room * share) for name, share in shares.items()}
+        return cls(limit=limit, uploading=int(room * UPLOADING) if shared else 0, **parts)
 
 
 class InFlight:
@@ -88,6 +92,21 @@ class InFlight:
             with self._cond:
                 self._used -= n
                 self._cond.notify_all()
+
+    def try_take(self, n: int) -> bool:
+        """Take `n` bytes now if they fit and nobody waits; else False (never waits). Given
+        back with `give_back`."""
+        with self._cond:
+            if self._queue or self._used + n > self.limit:
+                return False
+            self._used += n
+            self._peak = max(self._peak, self._used)
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
         with self._cond:
