@@ -28,7 +28,8 @@ after a failure (not a miss) the tier is left alone for `DOWN_FOR` seconds (read
 to DCOR). Uploads run in `UPLOAD_THREADS` threads; the bytes they wait with are held in
 `room` (the memory plan's `uploading` part, `cache.budget`), taken without waiting: a piece
 that finds no room keeps no bytes and is fetched again (completed) later; at most `MAX_JOBS`
-uploads are queued, more are dropped (counted). Reads never wait for an upload.
+uploads are queued, more are dropped (counted). Reads never wait for an upload. The last
+`KEEP` pieces taken from the tier are kept in the same room (`_keep`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ UPLOAD_THREADS = 2
 UPLOAD_WAIT = 60.0  # seconds an upload (with its completion from DCOR) may take
 MAX_JOBS = 1024  # uploads queued at most
 RECENT = 4096  # pieces remembered as uploaded (not queued again)
+KEEP = 4  # pieces last taken from the tier, kept for the next misses in them (see `_keep`)
 DRAIN = 10.0  # seconds `close` waits for queued uploads
 MAGIC = b"dcorfs-piece-v1\n"
 HEADER = struct.Struct(">16s32sQQ32s")  # magic, what it is, offset, length, SHA-256 of payload
@@ -148,6 +150,7 @@ class SharedTier:
         self._recent: collections.OrderedDict[tuple[ObjectId, int], None] = (
             collections.OrderedDict()
         )
+        self._kept: collections.OrderedDict[tuple[ObjectId, int], bytes] = collections.OrderedDict()
         self._down_until = 0.0
         self._uploads_paused_until = 0.0
         self._idle = threading.Condition(self._lock)
@@ -296,6 +299,11 @@ class SharedTier:
         digest = object_digest(obj)
 
         def one(index: int) -> bytes | None:
+            with self._lock:
+                kept = self._kept.get((obj, index))
+            if kept is not None:
+                self._count(reused=1)
+                return kept
             if not self.up():
                 return None
             a, b = piece_range(obj, index)
@@ -305,10 +313,26 @@ class SharedTier:
                     self._recent.pop((obj, index), None)
             else:
                 self._count(hits=1, hit_bytes=len(payload))
+                self._keep((obj, index), payload)
             return payload
 
         found = [one(indices[0])] if len(indices) == 1 else list(self._lookups.map(one, indices))
         return {i: p for i, p in zip(indices, found, strict=True) if p is not None}
+
+    def _keep(self, piece: tuple[ObjectId, int], payload: bytes) -> None:
+        """Keep the last `KEEP` pieces taken from the tier (in the `room` of uploads, if
+        there is room): the block cache asks for the blocks of HDF5's scattered structure one
+        miss after another, often several in one piece, each of which would take the whole
+        piece from the tier again."""
+        if not self._room.try_take(len(payload)):
+            return
+        with self._lock:
+            self._kept[piece] = payload
+            dropped = []
+            while len(self._kept) > KEEP:
+                dropped.append(self._kept.popitem(last=False)[1])
+        for old in dropped:
+            self._room.give_back(len(old))
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -440,7 +464,7 @@ class SharedTier:
             counts = dict(self._counts)
             pending = len(self._jobs)
         names = (
-            "hits", "misses", "corrupt", "errors", "uploads", "completions", "dropped",
+            "hits", "reused", "misses", "corrupt", "errors", "uploads", "completions", "dropped",
             "identities", "hit_bytes", "dcor_bytes", "uploaded_bytes",
         )  # fmt: skip
         return {
@@ -450,7 +474,7 @@ class SharedTier:
             "private": self.private,
             "up": self.up(),
             "pending": pending,
-            "pending_bytes": self._room.stats()["used"],
+            "memory_bytes": self._room.stats()["used"],  # queued uploads, kept pieces
             **{name: counts.get(name, 0) for name in names},
         }
 
@@ -469,5 +493,9 @@ class SharedTier:
         """Wait a little for queued uploads (`DRAIN`), then drop the rest."""
         if not self.drain(DRAIN):
             log.info("shared cache: %d uploads dropped at unmount", len(self._jobs))
+        with self._lock:
+            kept, self._kept = list(self._kept.values()), collections.OrderedDict()
+        for payload in kept:
+            self._room.give_back(len(payload))
         self._lookups.shutdown(wait=False, cancel_futures=True)
         self._uploads.shutdown(wait=False, cancel_futures=True)
