@@ -301,6 +301,15 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _credentials_file(group: argparse._ArgumentGroup, option: str) -> None:
+    group.add_argument(
+        option,
+        type=Path,
+        metavar="FILE",
+        help="INI file as ~/.aws/credentials: [default] aws_access_key_id, aws_secret_access_key",
+    )
+
+
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
     s3 = parser.add_argument_group(
         "S3 bypass",
@@ -315,12 +324,7 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="the object store, e.g. https://objectstore.hpccloud.mpcdf.mpg.de",
     )
-    s3.add_argument(
-        "--s3-credentials-file",
-        type=Path,
-        metavar="FILE",
-        help="INI file as ~/.aws/credentials: [default] aws_access_key_id, aws_secret_access_key",
-    )
+    _credentials_file(s3, "--s3-credentials-file")
     s3.add_argument(
         "--s3-only",
         action="store_true",
@@ -356,12 +360,7 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     shared.add_argument(
         "--shared-cache-endpoint", metavar="URL", help="the S3 store, e.g. https://s3.site:9000"
     )
-    shared.add_argument(
-        "--shared-cache-credentials",
-        type=Path,
-        metavar="FILE",
-        help="INI file as ~/.aws/credentials: [default] aws_access_key_id, aws_secret_access_key",
-    )
+    _credentials_file(shared, "--shared-cache-credentials")
     shared.add_argument(
         "--shared-cache-readonly",
         action="store_true",

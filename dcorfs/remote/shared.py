@@ -332,7 +332,7 @@ class SharedTier:
             while len(self._kept) > KEEP:
                 dropped.append(self._kept.popitem(last=False)[1])
         for old in dropped:
-            self._room.give_back(len(old))
+            self._room.give(len(old))
 
     # -- uploads -----------------------------------------------------------------------------
 
@@ -372,7 +372,7 @@ class SharedTier:
 
     def _done(self, job: tuple[ObjectId, int], payload: bytes | None, *, uploaded: bool) -> None:
         if payload is not None:
-            self._room.give_back(len(payload))
+            self._room.give(len(payload))
         with self._lock:
             self._jobs.discard(job)
             if uploaded:
@@ -496,6 +496,6 @@ class SharedTier:
         with self._lock:
             kept, self._kept = list(self._kept.values()), collections.OrderedDict()
         for payload in kept:
-            self._room.give_back(len(payload))
+            self._room.give(len(payload))
         self._lookups.shutdown(wait=False, cancel_futures=True)
         self._uploads.shutdown(wait=False, cancel_futures=True)
