@@ -280,6 +280,10 @@ class SharedTier:
         indices = pieces(start, stop)
         found = self._look_up(obj, kind, indices, min(deadline, time.monotonic() + LOOKUP_WAIT))
         missing = [i for i in indices if i not in found]
+        if not found:  # all from DCOR: its bytes as they are (no copy)
+            data = self._from_dcor(obj, start, stop, deadline)
+            self.offer(obj, start, data)
+            return data
         out = bytearray(stop - start)
         for index, payload in found.items():
             a, b = piece_range(obj, index)

@@ -375,3 +375,35 @@ def test_failures_are_logged_without_signatures_or_secrets(
     assert "shared cache" in text and "SignatureDoesNotMatch" in text
     for needle in ("X-Amz-Signature", "X-Amz-Credential", "not-the-secret-at-all"):
         assert needle not in text
+
+
+def test_checks_before_mounting(
+    seaweedfs: SeaweedFS, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing bucket and refused credentials stop the mount with one line; an unreachable
+    store is a warning (reads go to DCOR)."""
+    from dcorfs.daemon.preflight import check_shared
+    from dcorfs.settings import MountSettings, SharedCache
+
+    def check(**options: Any) -> None:
+        shared = SharedCache(
+            **{"endpoint": seaweedfs.url, "bucket": bucket, "prefix": "p", **options}
+        )
+        check_shared(MountSettings(mountpoint=Path("/mnt"), shared_cache=shared))
+
+    check(credentials=CREDENTIALS)  # a working tier: not a word
+    assert capsys.readouterr().err == ""
+    refusals = {
+        "no bucket shared-none": {"bucket": "shared-none", "credentials": CREDENTIALS},
+        "refuses anonymous reads": {},
+        "rejects these credentials .SignatureDoesNotMatch.": {
+            "credentials": S3Credentials(ACCESS_KEY_ID, "not-the-secret-at-all")
+        },
+    }
+    for message, options in refusals.items():
+        with pytest.raises(ConfigError, match=message) as refused:
+            check(**options)
+        assert "\n" not in str(refused.value) and "not-the-secret" not in str(refused.value)
+    check(endpoint="http://127.0.0.1:9", credentials=CREDENTIALS)
+    warning = capsys.readouterr().err
+    assert "warning:" in warning and "unreachable" in warning and "reads go to DCOR" in warning
