@@ -69,20 +69,10 @@ def memory_plan(settings: MountSettings) -> MemoryPlan:
 
 def shared_tier(settings: MountSettings, http: Http) -> SharedTier | None:
     """The shared cache tier of `--shared-cache`, signing with its credentials if there are."""
-    shared = settings.shared_cache
-    if shared is None:
+    if settings.shared_cache is None:
         return None
-    credentials = shared.credentials
-    return SharedTier(
-        http=http,
-        endpoint=shared.endpoint,
-        bucket=shared.bucket,
-        prefix=shared.prefix,
-        sign=sigv4_presigner(credentials) if credentials is not None else None,
-        room=InFlight(memory_plan(settings).uploading),
-        readonly=shared.readonly,
-        private=shared.private,
-    )
+    room = InFlight(memory_plan(settings).uploading)
+    return SharedTier(http=http, config=settings.shared_cache, room=room)
 
 
 @dataclass
@@ -133,6 +123,8 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     locator = Locator()
     plan = memory_plan(settings)
     shared = shared_tier(settings, http)
+    if shared is not None:
+        shared.announce()
     fetch = make_fetch(http, locator)
     cache = BlockCache(
         fetch=shared.wrap(fetch) if shared is not None else fetch,

@@ -49,8 +49,9 @@ from typing import Any
 from ..cache.budget import InFlight
 from ..cache.identity import ObjectId
 from ..errors import DcorfsError, DeadlineExceeded, NotFound
+from ..settings import SharedCache
 from .http import Http
-from .s3 import Sign, object_url
+from .s3 import object_url, sigv4_presigner
 
 log = logging.getLogger(__name__)
 
@@ -123,26 +124,16 @@ class SharedTier:
     about (and private ones without the opt-in) never touch the tier.
     """
 
-    def __init__(
-        self,
-        *,
-        http: Http,
-        endpoint: str,
-        bucket: str,
-        prefix: str,
-        sign: Sign | None,
-        room: InFlight,
-        readonly: bool = False,
-        private: bool = False,
-    ) -> None:
+    def __init__(self, *, http: Http, config: SharedCache, room: InFlight) -> None:
+        """`config`: where the tier is, its credentials (then requests are signed) and
+        options; `room`: the bytes its uploads and kept pieces may hold."""
         self._http = http
-        self.endpoint = endpoint
-        self.bucket = bucket
-        self.prefix = prefix
-        self._sign = sign
+        self.config = config
+        self.endpoint, self.bucket, self.prefix = config.endpoint, config.bucket, config.prefix
+        self.readonly, self.private, self.url = config.readonly, config.private, config.url
+        credentials = config.credentials
+        self._sign = sigv4_presigner(credentials) if credentials is not None else None
         self._room = room
-        self.readonly = readonly
-        self.private = private
         self._lock = threading.Lock()
         self._kinds: dict[str, str] = {}  # bucket/key -> "public" | "private", if shared
         self._counts: collections.Counter[str] = collections.Counter()
@@ -161,26 +152,26 @@ class SharedTier:
         self._uploads = concurrent.futures.ThreadPoolExecutor(
             max_workers=UPLOAD_THREADS, thread_name_prefix="shared-upload"
         )
-        if private:
+
+    def announce(self) -> None:
+        """Log, once a mount starts, that private data go to the tier (the opt-in)."""
+        if self.private:
             log.warning(
                 "objects of private datasets go to the shared cache %s too "
                 "(--shared-cache-private): whoever can read it can read them",
                 self.url,
             )
 
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
     # -- who may share ---------------------------------------------------------------------
 
     def allow(self, key: str, *, private: bool) -> None:
         """Whether the object `key` (bucket/key) may be shared: an object of a public dataset
         yes, of a private one only with the opt-in."""
-        if private and not self.private:
-            return
         with self._lock:
-            self._kinds[key] = "private" if private else "public"
+            if private and not self.private:
+                self._kinds.pop(key, None)  # (a dataset made private since)
+            else:
+                self._kinds[key] = "private" if private else "public"
 
     def _kind(self, key: str) -> str | None:
         with self._lock:

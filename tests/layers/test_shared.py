@@ -32,7 +32,7 @@ from dcorfs.remote.shared import (
     seal,
     unseal,
 )
-from dcorfs.settings import S3Credentials, parse_shared_cache
+from dcorfs.settings import MountSettings, S3Credentials, SharedCache, parse_shared_cache
 
 from ..s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedFS
 
@@ -170,15 +170,8 @@ class Node:
     ) -> None:
         self.http = Http(policy=FAST)
         self.locator = Locator()
-        self.tier = SharedTier(
-            http=self.http,
-            endpoint=endpoint,
-            bucket=bucket,
-            prefix="site/dcorfs",
-            sign=sigv4_presigner(credentials) if credentials is not None else None,
-            room=InFlight(16 * PIECE),
-            **options,
-        )
+        config = SharedCache(endpoint, bucket, "site/dcorfs", credentials, **options)
+        self.tier = SharedTier(http=self.http, config=config, room=InFlight(16 * PIECE))
         self.fetch = self.tier.wrap(make_fetch(self.http, self.locator))
         self.devserver = devserver
         self.dcor = dcor
@@ -383,7 +376,6 @@ def test_checks_before_mounting(
     """A missing bucket and refused credentials stop the mount with one line; an unreachable
     store is a warning (reads go to DCOR)."""
     from dcorfs.daemon.preflight import check_shared
-    from dcorfs.settings import MountSettings, SharedCache
 
     def check(**options: Any) -> None:
         shared = SharedCache(
