@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import logging
@@ -137,7 +136,8 @@ class SharedTier:
         self._lock = threading.Lock()
         self._kinds: dict[str, str] = {}  # bucket/key -> "public" | "private", if shared
         self._counts: collections.Counter[str] = collections.Counter()
-        self._jobs: set[tuple[ObjectId, int]] = set()
+        self._jobs: set[tuple[ObjectId, int]] = set()  # pieces queued for upload
+        self._writing = 0  # identities queued for upload
         self._recent: collections.OrderedDict[tuple[ObjectId, int], None] = (
             collections.OrderedDict()
         )
@@ -448,16 +448,25 @@ class SharedTier:
                 )
             except DcorfsError as exc:
                 self._failed(f"writing the identity of {key}", exc, upload=True)
+            finally:
+                with self._lock:
+                    self._writing -= 1
+                    self._idle.notify_all()
 
-        with contextlib.suppress(RuntimeError):  # shut down: the mount is closing
+        with self._lock:
+            self._writing += 1
+        try:
             self._uploads.submit(put)
+        except RuntimeError:  # shut down: the mount is closing
+            with self._lock:
+                self._writing -= 1
 
     # -- status and end ----------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
-            pending = len(self._jobs)
+            pending = len(self._jobs) + self._writing
         names = (
             "hits", "reused", "misses", "corrupt", "errors", "uploads", "completions", "dropped",
             "identities", "hit_bytes", "dcor_bytes", "uploaded_bytes",
@@ -477,7 +486,7 @@ class SharedTier:
         """Wait until no upload is queued (at most `seconds`); whether none is."""
         deadline = time.monotonic() + seconds
         with self._lock:
-            while self._jobs:
+            while self._jobs or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -487,7 +496,7 @@ class SharedTier:
     def close(self) -> None:
         """Wait a little for queued uploads (`DRAIN`), then drop the rest."""
         if not self.drain(DRAIN):
-            log.info("shared cache: %d uploads dropped at unmount", len(self._jobs))
+            log.info("shared cache: %d uploads dropped at unmount", self.stats()["pending"])
         with self._lock:
             kept, self._kept = list(self._kept.values()), collections.OrderedDict()
         for payload in kept:

@@ -296,8 +296,7 @@ def test_identities_of_public_objects_are_shared(
     first = Node(devserver, seaweedfs.url, bucket)
     obj = first.object()
     first.tier.remember_identity(obj.key, obj.size, obj.etag)
-    assert first.tier.drain(30)
-    time.sleep(0.5)  # the identity's PUT is no queued piece: give it a moment
+    assert first.tier.drain(30)  # identities are waited for too
     first.close()
     second = Node(devserver, seaweedfs.url, bucket, dcor=False, readonly=True)
     obj = second.object()
