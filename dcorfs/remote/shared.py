@@ -62,7 +62,7 @@ UPLOAD_THREADS = 2
 UPLOAD_WAIT = 60.0  # seconds an upload (with its completion from DCOR) may take
 MAX_JOBS = 1024  # uploads queued at most
 RECENT = 4096  # pieces remembered as uploaded (not queued again)
-KEEP = 4  # pieces last taken from the tier, kept for the next misses in them (see `_keep`)
+KEEP = 8  # pieces last taken from the tier, kept for the next misses in them (see `_keep`)
 DRAIN = 10.0  # seconds `close` waits for queued uploads
 MAGIC = b"dcorfs-piece-v1\n"
 HEADER = struct.Struct(">16s32sQQ32s")  # magic, what it is, offset, length, SHA-256 of payload
@@ -115,6 +115,14 @@ def pieces(start: int, stop: int) -> range:
     return range(start // PIECE, (stop - 1) // PIECE + 1) if stop > start else range(0)
 
 
+class _Lookup:
+    """A piece being asked for: its payload (None: not in the tier) once `done` is set."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.payload: bytes | None = None
+
+
 class SharedTier:
     """One mount's view of the shared tier: lookups, uploads, and who may share.
 
@@ -142,6 +150,7 @@ class SharedTier:
             collections.OrderedDict()
         )
         self._kept: collections.OrderedDict[tuple[ObjectId, int], bytes] = collections.OrderedDict()
+        self._looking: dict[tuple[ObjectId, int], _Lookup] = {}  # pieces being asked for
         self._down_until = 0.0
         self._uploads_paused_until = 0.0
         self._idle = threading.Condition(self._lock)
@@ -291,28 +300,58 @@ class SharedTier:
     def _look_up(
         self, obj: ObjectId, kind: str, indices: range, deadline: float
     ) -> dict[int, bytes]:
+        """The pieces the tier has (checked), by index. One request per piece at a time:
+        a piece kept or being asked for by another reader is taken from there."""
         digest = object_digest(obj)
+        found: dict[int, bytes | None] = {}
+        owned: list[int] = []
+        waits: dict[int, _Lookup] = {}
+        with self._lock:
+            for index in indices:
+                piece = (obj, index)
+                if piece in self._kept:
+                    self._kept.move_to_end(piece)
+                    found[index] = self._kept[piece]
+                elif piece in self._looking:
+                    waits[index] = self._looking[piece]
+                else:
+                    self._looking[piece] = _Lookup()
+                    owned.append(index)
+        if found or waits:
+            self._count(reused=len(found) + len(waits))
 
         def one(index: int) -> bytes | None:
-            with self._lock:
-                kept = self._kept.get((obj, index))
-            if kept is not None:
-                self._count(reused=1)
-                return kept
-            if not self.up():
-                return None
-            a, b = piece_range(obj, index)
-            payload = self._get(self._piece_name(obj, kind, index), digest, a, deadline, b - a)
-            if payload is None:
-                with self._lock:  # the tier lacks it: upload it again even if we did
-                    self._recent.pop((obj, index), None)
-            else:
-                self._count(hits=1, hit_bytes=len(payload))
-                self._keep((obj, index), payload)
+            piece = (obj, index)
+            payload = None
+            try:
+                if self.up():
+                    a, b = piece_range(obj, index)
+                    name = self._piece_name(obj, kind, index)
+                    payload = self._get(name, digest, a, deadline, b - a)
+                if payload is not None:
+                    self._count(hits=1, hit_bytes=len(payload))
+                    self._keep(piece, payload)
+            finally:
+                with self._lock:
+                    lookup = self._looking.pop(piece)
+                    if payload is None:  # the tier lacks it: upload it again even if we did
+                        self._recent.pop(piece, None)
+                lookup.payload = payload
+                lookup.done.set()
             return payload
 
-        found = [one(indices[0])] if len(indices) == 1 else list(self._lookups.map(one, indices))
-        return {i: p for i, p in zip(indices, found, strict=True) if p is not None}
+        asked = [one(owned[0])] if len(owned) == 1 else list(self._lookups.map(one, owned))
+        found.update(zip(owned, asked, strict=True))
+        for index, lookup in waits.items():
+            if lookup.done.wait(max(0.0, deadline - time.monotonic())):
+                found[index] = lookup.payload
+        return {i: p for i, p in found.items() if p is not None}
+
+    def _forget_kept(self) -> None:
+        """Give back the room of the kept pieces (holding the lock)."""
+        for payload in self._kept.values():
+            self._room.give(len(payload))
+        self._kept.clear()
 
     def _keep(self, piece: tuple[ObjectId, int], payload: bytes) -> None:
         """Keep the last `KEEP` pieces taken from the tier (in the `room` of uploads, if
@@ -322,8 +361,8 @@ class SharedTier:
         if not self._room.try_take(len(payload)):
             return
         with self._lock:
+            dropped = [self._kept.pop(piece)] if piece in self._kept else []
             self._kept[piece] = payload
-            dropped = []
             while len(self._kept) > KEEP:
                 dropped.append(self._kept.popitem(last=False)[1])
         for old in dropped:
@@ -358,7 +397,11 @@ class SharedTier:
                 self._counts["dropped"] += 1
                 return
             if payload is not None and not self._room.try_take(len(payload)):
-                payload = None  # no room to keep the bytes: fetched again when uploaded
+                # uploads come before kept pieces; without room, no bytes are kept: the
+                # piece is fetched again when its upload's turn comes
+                self._forget_kept()
+                if not self._room.try_take(len(payload)):
+                    payload = None
             self._jobs.add(job)
         try:
             self._uploads.submit(self._upload, obj, index, payload)
@@ -498,8 +541,6 @@ class SharedTier:
         if not self.drain(DRAIN):
             log.info("shared cache: %d uploads dropped at unmount", self.stats()["pending"])
         with self._lock:
-            kept, self._kept = list(self._kept.values()), collections.OrderedDict()
-        for payload in kept:
-            self._room.give(len(payload))
+            self._forget_kept()
         self._lookups.shutdown(wait=False, cancel_futures=True)
         self._uploads.shutdown(wait=False, cancel_futures=True)
