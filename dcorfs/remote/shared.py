@@ -4,8 +4,9 @@ site's S3 store, read and filled by the mounts of many nodes (doc/CLUSTER.md).
 It wraps the block cache's fetch function (the cache never learns where bytes come from), so
 the read order is memory → local disk → shared tier → DCOR. A miss of an object that may be
 shared is looked up in the tier first, in aligned pieces of `PIECE` bytes, all of them side by
-side and within `LOOKUP_WAIT` seconds; what the tier lacks (or fails to give in time) is
-fetched from DCOR as without it. The pieces a DCOR fetch covered whole are then uploaded in
+side and within `LOOKUP_WAIT` seconds (one request per piece at a time: a reader wanting a
+piece another is asking for waits for that answer); what the tier lacks (or fails to give in
+time) is fetched from DCOR as without it. The pieces a DCOR fetch covered whole are then uploaded in
 the background; a piece it covered in part is first fetched whole from DCOR in the background
 (completed), so that the next node finds every piece its reads need (the cost: up to one piece
 more from DCOR per partly read piece, on the node that reads first).
