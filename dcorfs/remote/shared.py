@@ -522,7 +522,8 @@ class SharedTier:
             "private": self.private,
             "up": self.up(),
             "pending": pending,
-            "memory_bytes": self._room.stats()["used"],  # queued uploads, kept pieces
+            "memory_bytes": self._room.used,  # queued uploads, kept pieces
+            "memory_limit": self._room.limit,
             **{name: counts.get(name, 0) for name in names},
         }
 
