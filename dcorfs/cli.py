@@ -15,7 +15,10 @@ from .settings import (
     DEFAULT_HOST,
     S3_KEY_ID_ENV,
     S3_SECRET_ENV,
+    SHARED_KEY_ID_ENV,
+    SHARED_SECRET_ENV,
     MountSettings,
+    SharedCache,
     WebDavSettings,
     default_cache_dir,
     parse_bucket_template,
@@ -23,6 +26,7 @@ from .settings import (
     parse_endpoint,
     parse_host,
     parse_listen,
+    parse_shared_cache,
     parse_size,
     read_password_file,
     read_s3_credentials,
@@ -226,6 +230,7 @@ def _add_mount(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="as root, raise the kernel's read-ahead (1 MiB) and background requests of the mount",
     )
     _add_s3_options(parser)
+    _add_shared_options(parser)
     parser.set_defaults(run=_run_mount)
 
 
@@ -255,6 +260,7 @@ def _add_webdav(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _add_source_options(parser)
     _add_s3_options(parser)
+    _add_shared_options(parser)
     parser.set_defaults(run=_run_webdav)
 
 
@@ -295,6 +301,15 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _credentials_file(group: argparse._ArgumentGroup, option: str) -> None:
+    group.add_argument(
+        option,
+        type=Path,
+        metavar="FILE",
+        help="INI file as ~/.aws/credentials: [default] aws_access_key_id, aws_secret_access_key",
+    )
+
+
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
     s3 = parser.add_argument_group(
         "S3 bypass",
@@ -309,12 +324,7 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="the object store, e.g. https://objectstore.hpccloud.mpcdf.mpg.de",
     )
-    s3.add_argument(
-        "--s3-credentials-file",
-        type=Path,
-        metavar="FILE",
-        help="INI file as ~/.aws/credentials: [default] aws_access_key_id, aws_secret_access_key",
-    )
+    _credentials_file(s3, "--s3-credentials-file")
     s3.add_argument(
         "--s3-only",
         action="store_true",
@@ -332,6 +342,67 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
         default="circle-{organization_id}",
         metavar="TEMPLATE",
         help="how the server names a circle's bucket (DCOR: %(default)s; doc/DCOR.md §10)",
+    )
+
+
+def _add_shared_options(parser: argparse.ArgumentParser) -> None:
+    shared = parser.add_argument_group(
+        "shared cache tier",
+        "A second cache on the site's S3 store, read and filled by the mounts of many nodes: "
+        "memory, local disk, shared tier, then DCOR (doc/CLUSTER.md). Objects of public "
+        "datasets only, unless --shared-cache-private. Credentials: "
+        f"${SHARED_KEY_ID_ENV} and ${SHARED_SECRET_ENV}, or --shared-cache-credentials; "
+        "never the command line.",
+    )
+    shared.add_argument(
+        "--shared-cache", metavar="s3://BUCKET/PREFIX", help="where the shared pieces are kept"
+    )
+    shared.add_argument(
+        "--shared-cache-endpoint", metavar="URL", help="the S3 store, e.g. https://s3.site:9000"
+    )
+    _credentials_file(shared, "--shared-cache-credentials")
+    shared.add_argument(
+        "--shared-cache-readonly",
+        action="store_true",
+        help="read the shared tier, never fill it (short-lived jobs)",
+    )
+    shared.add_argument(
+        "--shared-cache-private",
+        action="store_true",
+        help="objects of private datasets too: whoever can read the tier can read them",
+    )
+
+
+def _shared_cache(args: argparse.Namespace) -> SharedCache | None:
+    """`--shared-cache` and the options that go with it."""
+    if args.shared_cache is None:
+        given = [
+            option
+            for option, value in (
+                ("--shared-cache-endpoint", args.shared_cache_endpoint),
+                ("--shared-cache-credentials", args.shared_cache_credentials),
+                ("--shared-cache-readonly", args.shared_cache_readonly or None),
+                ("--shared-cache-private", args.shared_cache_private or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(f"{given[0]} goes with --shared-cache")
+        return None
+    bucket, prefix = parse_shared_cache(args.shared_cache)
+    if args.shared_cache_endpoint is None:
+        raise ConfigError("--shared-cache needs --shared-cache-endpoint (the S3 store's URL)")
+    return SharedCache(
+        endpoint=parse_endpoint(args.shared_cache_endpoint, "--shared-cache-endpoint"),
+        bucket=bucket,
+        prefix=prefix,
+        credentials=read_s3_credentials(
+            args.shared_cache_credentials,
+            key_id_env=SHARED_KEY_ID_ENV,
+            secret_env=SHARED_SECRET_ENV,
+        ),
+        readonly=args.shared_cache_readonly,
+        private=args.shared_cache_private,
     )
 
 
@@ -387,6 +458,7 @@ def _settings(args: argparse.Namespace, mountpoint: Path, **more: object) -> Mou
         log_level=args.log_level,
         log_file=args.log_file.absolute() if args.log_file else None,
         metrics_file=args.metrics_file.absolute() if args.metrics_file else None,
+        shared_cache=_shared_cache(args),
         **more,  # type: ignore[arg-type]
     )
 
@@ -595,8 +667,11 @@ HELPER_VALUES = (
     "s3_endpoint",
     "s3_credentials_file",
     "metrics_file",
+    "shared_cache",
+    "shared_cache_endpoint",
+    "shared_cache_credentials",
 )
-HELPER_FLAGS = ("allow_other", "kernel_tuning")
+HELPER_FLAGS = ("allow_other", "kernel_tuning", "shared_cache_readonly", "shared_cache_private")
 # what mount(8) and fstab say for every filesystem: nothing for dcorfs to do (the mount is
 # read-only whatever rw says)
 HELPER_GENERIC = (

@@ -82,12 +82,10 @@ def parse_host(text: str) -> str:
     return _origin(text, "--host", f"not a DCOR host: {text!r} (expected e.g. dcor.mpl.mpg.de)")
 
 
-def parse_endpoint(text: str) -> str:
-    """The base URL of an S3 endpoint (`--s3-endpoint`): scheme, host and port, no path."""
+def parse_endpoint(text: str, option: str = "--s3-endpoint") -> str:
+    """The base URL of an S3 endpoint (`--s3-endpoint`, `option`): scheme, host and port."""
     text = text.strip().rstrip("/")
-    return _origin(
-        text, "--s3-endpoint", f"not an S3 endpoint: {text!r} (expected e.g. https://host:port)"
-    )
+    return _origin(text, option, f"not an S3 endpoint: {text!r} (expected e.g. https://host:port)")
 
 
 def _origin(text: str, option: str, not_a_url: str) -> str:
@@ -166,6 +164,8 @@ class S3Credentials:
 
 S3_KEY_ID_ENV = "DCORFS_S3_ACCESS_KEY_ID"
 S3_SECRET_ENV = "DCORFS_S3_SECRET_ACCESS_KEY"
+SHARED_KEY_ID_ENV = "DCORFS_SHARED_CACHE_ACCESS_KEY_ID"
+SHARED_SECRET_ENV = "DCORFS_SHARED_CACHE_SECRET_ACCESS_KEY"
 _FILE_KEYS = (
     ("aws_access_key_id", "aws_secret_access_key"),
     ("access_key_id", "secret_access_key"),
@@ -173,11 +173,16 @@ _FILE_KEYS = (
 
 
 def read_s3_credentials(
-    credentials_file: Path | None, environ: dict[str, str] | None = None
+    credentials_file: Path | None,
+    environ: dict[str, str] | None = None,
+    *,
+    key_id_env: str = S3_KEY_ID_ENV,
+    secret_env: str = S3_SECRET_ENV,
 ) -> S3Credentials | None:
     """S3 credentials from `--s3-credentials-file` (an INI file as ~/.aws/credentials: the
     `[default]` section or the only one) or else from $DCORFS_S3_ACCESS_KEY_ID and
-    $DCORFS_S3_SECRET_ACCESS_KEY; None for anonymous access. Errors never quote a value."""
+    $DCORFS_S3_SECRET_ACCESS_KEY (the shared cache's: `key_id_env`, `secret_env`); None for
+    anonymous access. Errors never quote a value."""
     env = os.environ if environ is None else environ
     if credentials_file is not None:
         parser = configparser.ConfigParser(interpolation=None)
@@ -202,12 +207,48 @@ def read_s3_credentials(
             f"S3 credentials file {credentials_file}: expected a [default] section with "
             "aws_access_key_id and aws_secret_access_key"
         )
-    key_id, secret = env.get(S3_KEY_ID_ENV, "").strip(), env.get(S3_SECRET_ENV, "").strip()
+    key_id, secret = env.get(key_id_env, "").strip(), env.get(secret_env, "").strip()
     if not key_id and not secret:
         return None
     if not (key_id and secret):
-        raise ConfigError(f"set both {S3_KEY_ID_ENV} and {S3_SECRET_ENV}, or neither")
+        raise ConfigError(f"set both {key_id_env} and {secret_env}, or neither")
     return S3Credentials(key_id, secret)
+
+
+@dataclass(frozen=True)
+class SharedCache:
+    """The shared cache tier (`--shared-cache s3://BUCKET/PREFIX`): a bucket on a site's S3
+    store that the mounts of many nodes read and fill (doc/CLUSTER.md)."""
+
+    endpoint: str
+    bucket: str
+    prefix: str  # without slashes at either end; may be empty
+    credentials: S3Credentials | None = field(default=None, repr=False)
+    readonly: bool = False  # borrow, never fill (short-lived jobs)
+    private: bool = False  # objects of private datasets too (opt-in)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def parse_shared_cache(text: str) -> tuple[str, str]:
+    """`--shared-cache s3://BUCKET/PREFIX` → (bucket, prefix)."""
+    parts = urlsplit(text.strip())
+    bucket, prefix = parts.netloc, parts.path.strip("/")
+    if (
+        parts.scheme != "s3"
+        or not BUCKET_NAME.match(bucket)
+        or not 3 <= len(bucket) <= 63
+        or parts.query
+        or parts.fragment
+        or "//" in prefix
+    ):
+        raise ConfigError(
+            f"not a shared cache: {text!r} (expected s3://BUCKET/PREFIX, e.g. "
+            "s3://dcorfs-cache/cluster)"
+        )
+    return bucket, prefix
 
 
 def parse_size(text: str) -> int:
@@ -266,6 +307,8 @@ class MountSettings:
     circles: tuple[str, ...] = ()
     # how the server names a circle's bucket (doc/DCOR.md §10)
     s3_bucket_template: str = "circle-{organization_id}"
+    # a second cache tier on a site's S3 store, shared by the mounts of many nodes
+    shared_cache: SharedCache | None = None
 
     @property
     def source(self) -> str:
@@ -275,8 +318,12 @@ class MountSettings:
     def secrets(self) -> list[str]:
         """Every secret the daemon knows, for the log filter."""
         found = [self.token.reveal()] if self.token else []
-        if self.s3_credentials is not None:
-            found += list(self.s3_credentials.reveal())
+        for credentials in (
+            self.s3_credentials,
+            self.shared_cache.credentials if self.shared_cache else None,
+        ):
+            if credentials is not None:
+                found += list(credentials.reveal())
         return found
 
 

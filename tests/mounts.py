@@ -127,6 +127,8 @@ def mounted(
         "DCOR_API_KEY": token or "",
         "DCORFS_S3_ACCESS_KEY_ID": "",
         "DCORFS_S3_SECRET_ACCESS_KEY": "",
+        "DCORFS_SHARED_CACHE_ACCESS_KEY_ID": "",
+        "DCORFS_SHARED_CACHE_SECRET_ACCESS_KEY": "",
         **(env or {}),
     }
     result = dcorfs(

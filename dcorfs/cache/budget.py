@@ -30,6 +30,8 @@ SHARES = {  # of what the limit leaves above BASELINE
     "fetching": 0.20,  # bytes of remote fetches in flight
     "decoding": 0.15,  # decoded values being made
 }
+# with a shared cache tier: pieces waiting to be uploaded to it, a share taken from read-ahead
+UPLOADING = 0.10
 
 
 @dataclass(frozen=True)
@@ -42,26 +44,65 @@ class MemoryPlan:
     prefetch: int
     fetching: int
     decoding: int
+    uploading: int = 0  # pieces waiting for the shared cache tier (`shared`)
 
     @classmethod
-    def of(cls, limit: int) -> MemoryPlan:
+    def of(cls, limit: int, *, shared: bool = False) -> MemoryPlan:
         room = max(limit, SMALLEST) - BASELINE
-        parts = {name: int(room * share) for name, share in SHARES.items()}
-        return cls(limit=limit, **parts)
+        shares = {**SHARES, "prefetch": SHARES["prefetch"] - (UPLOADING if shared else 0.0)}
+        parts = {name: int(room * share) for name, share in shares.items()}
+        return cls(limit=limit, uploading=int(room * UPLOADING) if shared else 0, **parts)
 
 
-class InFlight:
-    """Bytes that work in flight may hold at once. `hold(n)` waits, in turn (first come,
-    first served: a large holder is not passed over for good by a stream of small ones),
-    until `n` more fit; a holder larger than the limit counts as the limit (it goes alone)."""
+class Budget:
+    """Bytes that may be held at once, taken only when they fit now (`try_take`: never
+    waits) and given back (`give`): read-ahead windows, uploads to the shared tier."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._used = 0
         self._peak = 0
+        self._cond = threading.Condition()
+
+    def _waiting(self) -> bool:
+        """Whether someone waits for room (then `try_take` does not pass them)."""
+        return False
+
+    def try_take(self, n: int) -> bool:
+        with self._cond:
+            if self._waiting() or self._used + n > self.limit:
+                return False
+            self._used += n
+            self._peak = max(self._peak, self._used)
+            return True
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            assert self._used >= 0
+            self._cond.notify_all()  # the next in line may fit now
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+
+class InFlight(Budget):
+    """Bytes that work in flight may hold at once. `hold(n)` waits, in turn (first come,
+    first served: a large holder is not passed over for good by a stream of small ones),
+    until `n` more fit; a holder larger than the limit counts as the limit (it goes alone)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
         self._waits = 0
         self._queue: collections.deque[object] = collections.deque()
-        self._cond = threading.Condition()
+
+    def _waiting(self) -> bool:
+        return bool(self._queue)
 
     @contextmanager
     def hold(self, n: int, *, deadline: float, what: str) -> Iterator[None]:
@@ -85,9 +126,7 @@ class InFlight:
         try:
             yield
         finally:
-            with self._cond:
-                self._used -= n
-                self._cond.notify_all()
+            self.give(n)
 
     def stats(self) -> dict[str, int]:
         with self._cond:

@@ -3,10 +3,11 @@ MOUNT --openmetrics`, and the file `--metrics-file` that the daemon rewrites eve
 `METRICS_PERIOD` seconds for node_exporter's textfile collector. A pure function of the report
 (`.dcorfs/status.json`), no I/O but `write_metrics`.
 
-Families (all `dcorfs_`): bytes fetched by source and served, block reads by tier (memory,
-disk, network) for remote blocks and decoded values, fetches, errors, fetches in flight, cache
-and memory use against their limits, read-ahead, requests by kind, and the read latency
-histogram (`fs.activity.LATENCY_BUCKETS`).
+Families (all `dcorfs_`): bytes fetched by source (DCOR, the shared cache tier) and served,
+block reads by tier (memory, disk, network) for remote blocks and decoded values, fetches,
+errors, fetches in flight, cache and memory use against their limits, read-ahead, requests by
+kind, the shared tier's pieces by outcome, and the read latency histogram
+(`fs.activity.LATENCY_BUCKETS`).
 """
 
 from __future__ import annotations
@@ -84,11 +85,16 @@ def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
         "# HELP dcorfs_info What serves: version, host, where.",
         f"{sample}{{{info}}} 1",
     ]
+    shared = report.get("shared") or {}
     lines += family(
         "fetched_bytes",
         "counter",
-        "Bytes fetched, by source (dcor: DCOR's server or object store).",
-        [({"source": "dcor"}, int(cache.get("fetched_bytes", 0)))],
+        "Bytes fetched, by source (dcor: DCOR's server or object store; shared: the shared "
+        "cache tier).",
+        [
+            ({"source": "dcor"}, int(shared.get("dcor_bytes", cache.get("fetched_bytes", 0)))),
+            ({"source": "shared"}, int(shared.get("hit_bytes", 0))),
+        ],
     )
     lines += family(
         "served_bytes",
@@ -158,11 +164,13 @@ def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
     lines += family(
         "memory_bytes",
         "gauge",
-        "Bytes held in memory now, by part (fetching and decoding: in flight).",
+        "Bytes held in memory now, by part (fetching and decoding: in flight; shared: uploads "
+        "queued for the shared cache tier and pieces kept from it).",
         [
             ({"part": "prefetch"}, int(prefetch.get("memory_bytes", 0))),
             ({"part": "fetching"}, int(memory.get("fetching", {}).get("used", 0))),
             ({"part": "decoding"}, int(memory.get("decoding", {}).get("used", 0))),
+            ({"part": "shared"}, int(shared.get("memory_bytes", 0))),
         ],
     )
     lines += family(
@@ -171,6 +179,31 @@ def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
         "All in-memory buffers together may hold this (--memory-limit).",
         [({}, int(memory.get("limit", 0)))],
     )
+    if shared:
+        lines += family(
+            "shared_pieces",
+            "counter",
+            "Pieces of the shared cache tier: hits, misses, uploads, errors, corrupt (skipped, "
+            "written again), completions (fetched whole from DCOR to be uploaded), dropped.",
+            [
+                ({"event": event}, int(shared.get(event, 0)))
+                for event in (
+                    "hits",
+                    "misses",
+                    "uploads",
+                    "errors",
+                    "corrupt",
+                    "completions",
+                    "dropped",
+                )  # fmt: skip
+            ],
+        )
+        lines += family(
+            "shared_pending",
+            "gauge",
+            "Uploads to the shared cache tier queued now.",
+            [({}, int(shared.get("pending", 0)))],
+        )
     lines += _histogram(report.get("read_latency", {}))
     if not text:
         lines.append("# EOF")

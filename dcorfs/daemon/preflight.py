@@ -4,7 +4,9 @@ The mount point (exists, a directory, empty, not mounted, /dev/fuse there), the 
 (made, writable), and the origin: the host must answer like CKAN and take the API token for a
 user (doc/DCOR.md §9), or with `--s3-only` the S3 endpoint must answer and have each circle's
 bucket. An unreachable origin is fine only when answers are cached (the mount then starts
-offline, with a warning). Every failure is a `ConfigError` with one line for the user.
+offline, with a warning). The shared cache tier must have its bucket and take the credentials
+(or anonymous reads); unreachable, it is a warning (reads go to DCOR until it answers). Every
+failure is a `ConfigError` with one line for the user.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from ..errors import AccessDenied, ConfigError, DcorfsError, DeadlineExceeded, N
 from ..remote.dcserv import DcorApi, bucket_name
 from ..remote.http import Http, RetryPolicy
 from ..remote.s3 import sigv4_presigner
-from ..settings import MountSettings
-from .wiring import object_store, scope
+from ..settings import SHARED_KEY_ID_ENV, MountSettings
+from .wiring import object_store, scope, shared_tier
 
 PREFLIGHT_SECONDS = 15.0
 REJECTED_CREDENTIALS = ("SignatureDoesNotMatch", "InvalidAccessKeyId")
@@ -51,6 +53,7 @@ def check_source(settings: MountSettings) -> None:
                 sigv4_presigner(settings.s3_credentials)  # botocore is there
     finally:
         store.close()
+    check_shared(settings)
 
 
 def check_mountpoint(path: Path) -> None:
@@ -160,3 +163,32 @@ def check_endpoint(settings: MountSettings, store: MetaStore) -> None:
 
     assert settings.s3_endpoint is not None
     _preflight(settings.s3_endpoint, "S3", "s3_checked", store, ask)
+
+
+def check_shared(settings: MountSettings) -> None:
+    """The shared cache tier: its bucket must be there and take the credentials (or, without
+    them, anonymous reads); unreachable is a warning, not a refusal."""
+    shared = settings.shared_cache
+    if shared is None:
+        return
+    where = f"the shared cache {shared.url} at {shared.endpoint}"
+    http = Http(policy=RetryPolicy(attempts=3, connect_timeout=5.0, read_timeout=10.0))
+    tier = shared_tier(settings, http)
+    assert tier is not None
+    try:
+        tier.check(deadline=time.monotonic() + PREFLIGHT_SECONDS)
+    except NotFound:
+        raise ConfigError(f"{where}: no bucket {shared.bucket}") from None
+    except AccessDenied as exc:
+        if shared.credentials is None:
+            raise ConfigError(
+                f"{where} refuses anonymous reads: give ${SHARED_KEY_ID_ENV} and its secret, "
+                "or --shared-cache-credentials"
+            ) from None
+        why = "rejects these credentials" if exc.code in REJECTED_CREDENTIALS else "refuses reads"
+        raise ConfigError(f"{where} {why} ({exc.code or 'HTTP 403'})") from None
+    except DcorfsError as exc:
+        print(f"dcorfs: warning: {where} unreachable ({exc}); reads go to DCOR", file=sys.stderr)
+    finally:
+        tier.close()
+        http.close()

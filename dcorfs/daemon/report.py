@@ -106,6 +106,22 @@ def summary(report: dict[str, Any], now: float | None = None) -> str:
             f"{fuse.get('errors', 0)} since mounting, {cache.get('errors', 0)} in the cache",
         ),
     ]
+    shared = report.get("shared")
+    if shared:
+        mode = ", read-only" if shared.get("readonly") else ""
+        mode += ", private datasets too" if shared.get("private") else ""
+        rows.append(
+            (
+                "shared",
+                f"{shared.get('url', '?')} at {shared.get('endpoint', '?')}{mode}"
+                f"{'' if shared.get('up', True) else ' (unreachable: reads go to DCOR)'}; "
+                f"{shared.get('hits', 0)} hits, {shared.get('misses', 0)} misses, "
+                f"{shared.get('uploads', 0)} uploads ({shared.get('pending', 0)} queued), "
+                f"{shared.get('errors', 0)} errors, {shared.get('corrupt', 0)} corrupt; "
+                f"{size(shared.get('hit_bytes', 0))} from the tier, "
+                f"{size(shared.get('dcor_bytes', 0))} from DCOR",
+            )
+        )
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {text}" for label, text in rows]
     if errors:

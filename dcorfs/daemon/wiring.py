@@ -37,6 +37,7 @@ from ..remote.catalog import Catalog
 from ..remote.dcserv import DcorApi, Locator, make_fetch
 from ..remote.http import Http
 from ..remote.s3 import ObjectStore, sigv4_presigner
+from ..remote.shared import SharedTier
 from ..settings import MountSettings
 
 
@@ -61,6 +62,19 @@ def object_store(settings: MountSettings, http: Http) -> ObjectStore | None:
     return ObjectStore(http=http, endpoint=settings.s3_endpoint, sign=sign)
 
 
+def memory_plan(settings: MountSettings) -> MemoryPlan:
+    """`--memory-limit` shared out (with room for uploads when there is a shared tier)."""
+    return MemoryPlan.of(settings.memory_limit, shared=settings.shared_cache is not None)
+
+
+def shared_tier(settings: MountSettings, http: Http) -> SharedTier | None:
+    """The shared cache tier of `--shared-cache`, signing with its credentials if there are."""
+    if settings.shared_cache is None:
+        return None
+    room = InFlight(memory_plan(settings).uploading)
+    return SharedTier(http=http, config=settings.shared_cache, room=room)
+
+
 @dataclass
 class Layers:
     """The layers below the tree, wired (see `build_layers`)."""
@@ -75,10 +89,12 @@ class Layers:
     pools: Pools
     objects: Objects
     resources: Resources
+    shared: SharedTier | None  # --shared-cache
 
     def close(self) -> None:
-        parts = (self.pools, self.resources, self.derived, self.cache, self.http, self.store)
-        for part in (*parts, self.disk):
+        parts = (self.pools, self.resources, self.derived, self.cache)
+        shared = (self.shared,) if self.shared is not None else ()  # its uploads use http
+        for part in (*parts, *shared, self.http, self.store, self.disk):
             part.close()
 
 
@@ -105,9 +121,13 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         api = DcorApi(http=http, base_url=settings.host, token=settings.token)
         catalog = Catalog(api=api, memo=memo, dir_cache_time=settings.dir_cache_time)
     locator = Locator()
-    plan = MemoryPlan.of(settings.memory_limit)
+    plan = memory_plan(settings)
+    shared = shared_tier(settings, http)
+    if shared is not None:
+        shared.announce()
+    fetch = make_fetch(http, locator)
     cache = BlockCache(
-        fetch=make_fetch(http, locator),
+        fetch=shared.wrap(fetch) if shared is not None else fetch,
         store=disk,
         block_size=settings.block_size,
         memory_bytes=plan.blocks,
@@ -141,6 +161,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         listed=buckets.listed if buckets is not None else None,
         recheck=settings.dir_cache_time,
         bucket_template=settings.s3_bucket_template,
+        shared=shared,
     )
     warmer = Warmer(cache=cache, derived=derived, pool=pools.warm, timeout=settings.timeout)
     resources = Resources(
@@ -155,7 +176,9 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         timeout=settings.timeout,
         recheck=settings.dir_cache_time,
     )
-    return Layers(http, disk, store, buckets, catalog, cache, derived, pools, objects, resources)
+    return Layers(
+        http, disk, store, buckets, catalog, cache, derived, pools, objects, resources, shared
+    )
 
 
 @dataclass
@@ -174,6 +197,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
     """Wire the layers and the tree on them (`where`: what serves it, for the report)."""
     layers = build_layers(settings)
     http, cache, derived, resources = layers.http, layers.cache, layers.derived, layers.resources
+    shared = layers.shared
     buckets, catalog = layers.buckets, layers.catalog
     ctx = Context(
         resources=resources,
@@ -185,7 +209,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
     started = time.time()
     activity = Activity()
     prefetcher = Prefetcher(
-        budget_bytes=MemoryPlan.of(settings.memory_limit).prefetch,
+        budget_bytes=memory_plan(settings).prefetch,
         workers=settings.prefetch_threads,
         timeout=settings.timeout,
     )
@@ -215,6 +239,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
                 "fetching": cache.held(),
                 "decoding": derived.held(),
             },
+            "shared": shared.stats() if shared is not None else None,
             "recent_errors": list(activity.recent_errors),
         }
 

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..cache.budget import Budget
 from ..cache.prefetch import (
     BACK,
     FORWARD,
@@ -44,37 +45,6 @@ from ..errors import DeadlineExceeded
 from .content import FileContent, read_pieces
 
 log = logging.getLogger(__name__)
-
-
-class Budget:
-    """Bytes that windows of all handles may hold at once."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._used = 0
-        self._peak = 0
-        self._lock = threading.Lock()
-
-    def try_take(self, n: int) -> bool:
-        with self._lock:
-            if self._used + n > self.limit:
-                return False
-            self._used += n
-            self._peak = max(self._peak, self._used)
-            return True
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self._used -= n
-            assert self._used >= 0
-
-    @property
-    def used(self) -> int:
-        return self._used
-
-    @property
-    def peak(self) -> int:
-        return self._peak
 
 
 class _Window:

@@ -35,6 +35,7 @@ from ..remote.dcserv import (
 )
 from ..remote.http import Http
 from ..remote.s3 import ObjectStore
+from ..remote.shared import SharedTier
 
 MAX_REDIRECTS = 5  # hops followed from a link resource's URL to its file
 LINK_AGE = 300.0  # seconds a link's size and ETag are trusted (the other site may change it)
@@ -59,11 +60,13 @@ class Objects:
         listed: Listed | None = None,
         recheck: float = 300.0,
         bucket_template: str = BUCKET_TEMPLATE,
+        shared: SharedTier | None = None,
     ) -> None:
         """`api`: DCOR's API, None without it (then `store` is needed); `store`: objects read
         directly; `listed`: sizes and ETags known from bucket listings; `recheck`: seconds
         after which a basins answer that may still grow is asked again; `bucket_template`:
-        how the server names a circle's bucket (doc/DCOR.md §10)."""
+        how the server names a circle's bucket (doc/DCOR.md §10); `shared`: the shared cache
+        tier, told which objects may be shared (those of public datasets)."""
         if api is None and store is None:
             raise ValueError("without DCOR's API, objects need an object store")
         self._api = api
@@ -76,6 +79,7 @@ class Objects:
         self._cache = cache
         self._timeout = timeout
         self._recheck = recheck
+        self._shared = shared
 
     def _deadline(self) -> float:
         return time.monotonic() + self._timeout
@@ -86,6 +90,19 @@ class Objects:
         objects are not anonymously readable: dcserv's presigned URLs are)."""
         store = self._store
         return store is not None and (store.signed or self._api is None or not dataset.private)
+
+    def private(self, dataset: Dataset) -> bool:
+        """Whether the dataset's objects are private: CKAN says so; without DCOR's API (a
+        circle's bucket) they are unless the store is read anonymously."""
+        if self._api is None:
+            return self._store is None or self._store.signed
+        return dataset.private
+
+    def _share(self, dataset: Dataset, key: str) -> str:
+        """Tell the shared tier whether the object at `key` may be shared."""
+        if self._shared is not None:
+            self._shared.allow(key, private=self.private(dataset))
+        return key
 
     def key(self, resource: Resource, artifact: str = "resource") -> str:
         """The bucket/key of a resource's object (its identity)."""
@@ -102,10 +119,14 @@ class Objects:
     def locate(self, dataset: Dataset, resource: Resource) -> dict[str, str]:
         """The keys of the resource's objects by kind, their URLs registered."""
         if self.direct(dataset):
-            return {
+            keys = {
                 kind: self._place(self.key(resource, kind)) for kind in ("resource", "condensed")
             }
-        return {kind: basin.key for kind, basin in self._basins(resource.id).items()}
+        else:
+            keys = {kind: basin.key for kind, basin in self._basins(resource.id).items()}
+        for key in keys.values():
+            self._share(dataset, key)
+        return keys
 
     def _dcor(self) -> DcorApi:
         if self._api is None:
@@ -168,7 +189,12 @@ class Objects:
         if size is not None and etag is not None:
             return ObjectId(key=key, etag=etag, size=size)
 
+        shared = self._shared if max_age == FOREVER else None  # kept for good, as here
+
         def ask(deadline: float) -> Any:
+            known = shared.identity(key, deadline=deadline) if shared is not None else None
+            if known is not None:
+                return {"size": known[0], "etag": known[1]}
             url = self._locator.url(key, deadline=deadline)
             headers = self._locator.headers(key)
             try:
@@ -176,7 +202,11 @@ class Objects:
             except (AccessDenied, Moved) as exc:
                 url = self._locator.renew(key, deadline=deadline, cause=exc)
                 info = self._http.probe(url, head=head, headers=headers, deadline=deadline)
-            self._cache.admit(ObjectId(key=key, etag=info.etag, size=info.size), info.head)
+            obj = ObjectId(key=key, etag=info.etag, size=info.size)
+            self._cache.admit(obj, info.head)
+            if shared is not None:
+                shared.offer(obj, 0, info.head)
+                shared.remember_identity(key, info.size, info.etag)
             return {"size": info.size, "etag": info.etag}
 
         info = self._memo.get(answers.object_info(key), ask, max_age=max_age)
@@ -185,7 +215,7 @@ class Objects:
     def is_hdf5(self, dataset: Dataset, resource: Resource) -> bool:
         """Whether the resource's object starts like an HDF5 file (an .rtdc) — for resources
         found in buckets, which carry no file name."""
-        key = self.key(resource)
+        key = self._share(dataset, self.key(resource))
         if self.direct(dataset) and not self._locator.known(key):
             self._place(key)
         obj = self.identify(key, resource.size, resource.etag)
@@ -202,16 +232,17 @@ class Objects:
         download route's redirect (doc/DCOR.md §6)."""
         link = resource.link
         if link is not None:
+            self._share(dataset, link)
             if not self._locator.known(link):
                 self._locator.register(link, link, lifetime=None, renew=self._follow(link))
             return self.identify(link, None, None, max_age=LINK_AGE)
         if resource.on_site_disk:
             api = self._dcor()
-            route = api.route(dataset.id, resource.id, resource.name)
+            route = self._share(dataset, api.route(dataset.id, resource.id, resource.name))
             if not self._locator.known(route):
                 self._locator.register(route, route, lifetime=None, headers=api.auth_headers())
             return self.identify(route, resource.size, None)
-        key = self.key(resource)
+        key = self._share(dataset, self.key(resource))
         if not self._locator.known(key):
             if self.direct(dataset):
                 self._place(key)

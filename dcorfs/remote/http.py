@@ -283,8 +283,9 @@ class Http:
 
         return self._retry(url, deadline, attempt, "api")
 
-    def get_document(self, url: str, *, deadline: float) -> bytes:
-        """The body of a GET answered with 200 (an S3 listing); 403/404 as for objects."""
+    def get_document(self, url: str, *, deadline: float, kind: str = "document") -> bytes:
+        """The body of a GET answered with 200 (an S3 listing, an object of the shared
+        cache: `kind` counts it apart); 403/404 as for objects."""
 
         def attempt(timeout: tuple[float, float]) -> bytes:
             response = self._stream(url, None, timeout)
@@ -299,7 +300,24 @@ class Http:
                     )
                 return data
 
-        return self._retry(url, deadline, attempt, "document")
+        return self._retry(url, deadline, attempt, kind)
+
+    def put(self, url: str, body: bytes, *, deadline: float, kind: str = "upload") -> None:
+        """PUT `body` at `url` (a presigned S3 URL): 200/201/204, else raises; 403/404 as for
+        objects, 5xx and 429 transient."""
+
+        def attempt(timeout: tuple[float, float]) -> None:
+            response = self._session().put(
+                url, data=body, timeout=timeout, allow_redirects=False, stream=True
+            )
+            with response:
+                _check_object_status(response, url)
+                if response.status_code not in (200, 201, 204):
+                    raise ProtocolError(
+                        f"HTTP {response.status_code} to a PUT of {redact_url(url)}"
+                    )
+
+        self._retry(url, deadline, attempt, kind)
 
     def get_range(
         self,

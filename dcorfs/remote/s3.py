@@ -18,10 +18,9 @@ and the access key id are), a message, a log or the cache.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 from xml.etree import ElementTree
 
@@ -50,11 +49,14 @@ class Listed:
     mtime: float
 
 
-Sign = Callable[[str], str]  # unsigned URL -> presigned URL
+class Sign(Protocol):
+    """Unsigned URL -> presigned URL, for a GET (or another `method`: the shared cache PUTs)."""
+
+    def __call__(self, url: str, method: str = "GET") -> str: ...
 
 
 def sigv4_presigner(credentials: S3Credentials) -> Sign:
-    """A function presigning GET URLs with botocore's SigV4 query signer."""
+    """A function presigning URLs with botocore's SigV4 query signer (payload unsigned)."""
     try:
         from botocore.auth import S3SigV4QueryAuth
         from botocore.awsrequest import AWSRequest
@@ -66,8 +68,8 @@ def sigv4_presigner(credentials: S3Credentials) -> Sign:
     key_id, secret = credentials.reveal()
     signing = Credentials(key_id, secret)
 
-    def presign(url: str) -> str:  # a signer of its own per URL: it keeps state on itself
-        request = AWSRequest(method="GET", url=url)
+    def presign(url: str, method: str = "GET") -> str:  # a signer per URL: it keeps state
+        request = AWSRequest(method=method, url=url)
         S3SigV4QueryAuth(signing, "s3", REGION, expires=URL_LIFETIME).add_auth(request)
         return str(request.url)
 

@@ -93,3 +93,39 @@ def test_the_metrics_file_is_prometheus_text_for_the_textfile_collector(tmp_path
 def test_an_empty_report_is_still_valid_openmetrics() -> None:
     values = parsed(openmetrics({}))
     assert values[("dcorfs_read_seconds_count", ())] == 0
+
+
+def test_the_shared_tier_has_its_source_and_counters() -> None:
+    from dcorfs.daemon.report import summary
+
+    shared = {
+        "url": "s3://dcorfs-cache/c",
+        "endpoint": "http://s3:9000",
+        "up": False,
+        "hits": 7,
+        "misses": 2,
+        "uploads": 3,
+        "errors": 1,
+        "corrupt": 1,
+        "completions": 2,
+        "dropped": 0,
+        "pending": 4,
+        "memory_bytes": 5,
+        "hit_bytes": 7 << 20,
+        "dcor_bytes": 12,
+    }
+    values = parsed(openmetrics({**report(), "shared": shared}))
+    assert values[("dcorfs_fetched_bytes_total", (("source", "dcor"),))] == 12
+    assert values[("dcorfs_fetched_bytes_total", (("source", "shared"),))] == 7 << 20
+    for event in ("hits", "misses", "uploads", "errors", "corrupt"):
+        assert values[("dcorfs_shared_pieces_total", (("event", event),))] == shared[event]
+    assert values[("dcorfs_shared_pending", ())] == 4
+    assert values[("dcorfs_memory_bytes", (("part", "shared"),))] == 5
+    without = parsed(openmetrics({**report(), "shared": None}))
+    assert without[("dcorfs_fetched_bytes_total", (("source", "shared"),))] == 0
+    assert not any(name.startswith("dcorfs_shared") for name, _ in without)
+    text = openmetrics({**report(), "shared": shared}, text=True)
+    assert list(text_string_to_metric_families_text(text))
+    line = next(x for x in summary({**report(), "shared": shared}).splitlines() if "shared" in x)
+    assert "7 hits, 2 misses, 3 uploads (4 queued), 1 errors, 1 corrupt" in line
+    assert "unreachable" in line and "7.0 MiB from the tier" in line

@@ -75,3 +75,33 @@ def test_the_readme_fstab_line_yields_an_automount(tmp_path: Path) -> None:
     assert "What=dcor.mpl.mpg.de" in mount and "Type=dcorfs" in mount
     assert "Where=/mnt/dcor" in (out / "mnt-dcor.automount").read_text()
     assert (out / "remote-fs.target.requires" / "mnt-dcor.automount").exists()
+
+
+CLUSTER = Path(__file__).resolve().parents[2] / "doc" / "CLUSTER.md"
+
+
+def test_the_cluster_notes_mount_lines_are_dcorfs_options() -> None:
+    """doc/CLUSTER.md's fstab line and DaemonSet command are options `dcorfs mount` takes."""
+    from dcorfs.cli import build_parser
+
+    text = CLUSTER.read_text()
+    line = next(x for x in text.splitlines() if x.startswith("dcor.mpl.mpg.de ") and "dcorfs" in x)
+    source, mountpoint, kind, options = line.split()[:4]
+    assert kind == "dcorfs"
+    args = helper_argv([source, mountpoint, "-o", options])
+    assert args is not None
+    parsed = build_parser().parse_args(["mount", *args])
+    assert parsed.shared_cache == "s3://dcorfs-cache/cluster"
+    assert parsed.shared_cache_credentials == Path("/etc/dcorfs/shared-cache.ini")
+    yaml = pytest.importorskip("yaml")
+    documents = list(yaml.safe_load_all(text.split("```yaml\n", 1)[1].split("```", 1)[0]))
+    daemonset = next(d for d in documents if d["kind"] == "DaemonSet")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["privileged"] is True
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["mnt"]["mountPropagation"] == "Bidirectional"
+    assert mounts["fuse"]["mountPath"] == "/dev/fuse"
+    command = container["command"]
+    assert command[:2] == ["dcorfs", "mount"]
+    parsed = build_parser().parse_args([str(part) for part in command[1:]])
+    assert parsed.shared_cache and parsed.shared_cache_endpoint and parsed.allow_other
