@@ -22,7 +22,9 @@ are asked for, within a memory budget. In the order a resource meets them:
    before HDF5 reads it (`structure_ranges`): its structure is spread through it, so
    describing it through misses was a chain of ~10 round trips under h5py's lock that fetched
    a third of it anyway (100,000 events, 14 MB: first scalar 0.49 s), and the first read of
-   a scalar fetches it whole regardless (3.).
+   a scalar fetches it whole regardless (3.). The cost: a resource opened for a listing alone
+   (`ls -lR`, a file manager) fetches such a condensed file whole too (at 100,000 events
+   10.5 MB in 2 requests instead of 3.3 MB in 30: faster at 20 ms, more bytes on a slow link).
 2. The object headers of what an RT-DC reader walks (`STRUCTURE`: the root; `events`, `logs`,
    `tables`; `events/trace`), one parallel batch per level, `HEADER_GUESS` bytes at each
    header's address (read from the links of the level above). Then the data of logs and
@@ -45,7 +47,11 @@ are asked for, within a memory budget. In the order a resource meets them:
    A file of at most `SMALL_FILE` bytes is made whole at its handle's first read (one window):
    `numpy.load` of a scalar feature's file reads it all, in the kernel's 128 KiB requests,
    each otherwise a trip to a worker thread and a read of the disk tier of its own (100,000
-   events: ~4 ms per file warm, where a trivial pyfuse3 filesystem takes 1.5 ms).
+   events: ~4 ms per file warm, where a trivial pyfuse3 filesystem takes 1.5 ms). Any file
+   that small is (a passthrough resource, a small resource's synthesized `.rtdc`): a 4 KiB
+   sniff of one fetches or makes up to 2 MiB. Such windows hold at most a quarter of the
+   read-ahead budget together, are given back once the file was read to its end, and if
+   making one fails, the read is served alone (a byte not asked for never fails a read).
 6. Listing a dataset opens its RT-DC resources in the background, side by side, so `ls -lR`
    finds them ready (not an `--s3-only` circle: its resources are unrelated and may be many).
 7. The disk tier. A short read of a block that is on disk but not in memory reads only the

@@ -51,11 +51,17 @@ class _Window:
     """Bytes [start, stop) of the content, made as pieces (not joined: see `read_pieces`)."""
 
     def __init__(
-        self, start: int, stop: int, future: concurrent.futures.Future[list[bytes]]
+        self,
+        start: int,
+        stop: int,
+        future: concurrent.futures.Future[list[bytes]],
+        *,
+        whole: bool = False,
     ) -> None:
         self.start = start
         self.stop = stop
         self.future = future
+        self.whole = whole  # a small file's whole (`ReadAhead.read`): bytes of both budgets
         self._starts: list[int] = []
 
     def made(self, timeout: float) -> list[bytes] | None:
@@ -116,6 +122,10 @@ class Prefetcher:
         self.back, self.forward = back, forward
         self.small = small
         self.budget = Budget(budget_bytes)
+        # small files made whole hold at most a quarter of it together (they are kept while
+        # their file is open and not read to its end: a reader holding many open must not
+        # leave streams without room)
+        self.small_budget = Budget(budget_bytes // 4)
         self.initial = initial
         self.stream = stream
         self.cap = max(initial, min(cap, budget_bytes // 4))
@@ -196,24 +206,61 @@ class ReadAhead:
                     self._advance(offset, stop)
                 return window.cut(made, offset, stop)
         self._pf.counters["misses"] += 1
+        data = None
         if first and self.size <= self._pf.small:  # a small file's first read: all of it
-            return self._made_here(0, self.size, offset, stop, deadline)
-        if ahead > stop - offset:
+            data = self._made_here(0, self.size, offset, stop, deadline, whole=True)
+        elif ahead > stop - offset:
             # a stream: read a whole window now and keep what the reader has not asked yet
-            return self._made_here(offset, min(self.size, offset + ahead), offset, stop, deadline)
-        data = self._content.read(offset, stop - offset, deadline=deadline)
-        with self._lock:
-            self._advance(offset, stop)
+            big = min(self.size, offset + ahead)
+            data = self._made_here(offset, big, offset, stop, deadline)
+        if data is None:
+            data = self._content.read(offset, stop - offset, deadline=deadline)
+            with self._lock:
+                self._advance(offset, stop)
         return data
 
-    def _made_here(self, start: int, end: int, offset: int, stop: int, deadline: float) -> bytes:
-        """Bytes [start, end) made by the reader's own read of [offset, stop), kept as a window
-        (when the budget allows); the reader's bytes cut from them."""
-        pieces = read_pieces(self._content, start, end - start, deadline=deadline)
+    def _made_here(
+        self, start: int, end: int, offset: int, stop: int, deadline: float, *, whole: bool = False
+    ) -> bytes | None:
+        """Bytes [start, end) made by the reader's own read of [offset, stop) and kept as a
+        window: the reader's bytes cut from them. None when the budget has no room for them
+        now, or making them failed (the reader then reads its own bytes alone: bytes it did
+        not ask for never fail its read)."""
+        n = end - start
+        if not self._take(n, whole):
+            return None
+        try:
+            pieces = read_pieces(self._content, start, n, deadline=deadline)
+        except Exception as exc:
+            self._give(n, whole)
+            log.debug("read-ahead of [%d, %d) failed: %s", start, end, exc)
+            return None
+        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        future.set_result(pieces)
+        window = _Window(start, end, future, whole=whole)
+        window.made(0)
         with self._lock:
-            kept = self._keep(start, end, pieces)
+            if self._closed or self._covering(start, end) is not None:
+                self._give(n, whole)
+            else:
+                self._insert(window)
             self._advance(offset, stop)
-        return kept.cut(pieces, offset, stop)
+        return window.cut(pieces, offset, stop)
+
+    def _take(self, n: int, whole: bool) -> bool:
+        """Room for a window of `n` bytes (a small file's `whole`: in both budgets)."""
+        if whole and not self._pf.small_budget.try_take(n):
+            return False
+        if self._pf.budget.try_take(n):
+            return True
+        if whole:
+            self._pf.small_budget.give(n)
+        return False
+
+    def _give(self, n: int, whole: bool) -> None:
+        self._pf.budget.give(n)
+        if whole:
+            self._pf.small_budget.give(n)
 
     # -- the stream (called with the lock held) ----------------------------------------------------
 
@@ -222,19 +269,6 @@ class ReadAhead:
 
     def _window_size(self) -> int:
         return min(self._pf.cap, max(self._pf.initial, self._streak))
-
-    def _keep(self, start: int, stop: int, pieces: list[bytes]) -> _Window:
-        """A window made by a reader's own read, kept if it fits the budget (returned either
-        way, to cut the reader's bytes from)."""
-        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
-        future.set_result(pieces)
-        window = _Window(start, stop, future)
-        window.made(0)
-        if self._closed or self._covering(start, stop) is not None:
-            return window
-        if self._pf.budget.try_take(stop - start):
-            self._insert(window)
-        return window
 
     def _insert(self, window: _Window) -> None:
         starts = [w.start for w in self._windows]
@@ -245,7 +279,9 @@ class ReadAhead:
             self._streak += stop - offset
             self._end = max(self._end, stop)
         else:  # random access: the stream ends here (a small file made whole stays made)
-            self._drop(lambda w: not (w.start == 0 and w.stop == self.size))
+            self._drop(lambda w: not w.whole)
+        if stop >= self.size:  # read to its end: a small file made whole has been read
+            self._drop(lambda w: w.whole)
             self._streak = 0
             self._end = stop
         self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed
@@ -273,11 +309,11 @@ class ReadAhead:
         self._windows = keep
 
     def _release(self, window: _Window) -> None:
-        n = window.stop - window.start
+        n, whole = window.stop - window.start, window.whole
         if window.future.cancel() or window.future.done():
-            self._pf.budget.give(n)
+            self._give(n, whole)
         else:  # still being made: its bytes are held until it finishes
-            window.future.add_done_callback(lambda _: self._pf.budget.give(n))
+            window.future.add_done_callback(lambda _: self._give(n, whole))
 
     def close(self) -> None:
         with self._lock:

@@ -421,10 +421,15 @@ class Resources:
         def scan(deadline: float) -> Any:
             if after is not None:
                 source.fetch_structure(deadline)
-                concurrent.futures.wait([after], timeout=max(0.0, deadline - time.monotonic()))
+                # at most half the time left: the rest is this file's own
+                left = max(0.0, deadline - time.monotonic())
+                concurrent.futures.wait([after], timeout=left / 2)
             found = describe(source.scan(deadline))
             if ahead:
-                source.layouts_ahead(deadline)
+                try:  # only saves time later: a failure is left to the reads that need them
+                    source.layouts_ahead(deadline)
+                except DcorfsError as exc:
+                    log.debug("%s: layouts not read ahead: %s", key, exc)
             return found
 
         value = self.remembered(remembered_as, scan)

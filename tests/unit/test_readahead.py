@@ -256,18 +256,54 @@ def test_a_window_made_is_cut_right_by_readers_at_once() -> None:
     assert errors == []
 
 
-@pytest.mark.parametrize("first", [0, 100 * KIB + 7])
+@pytest.mark.parametrize("first", [0, 50 * KIB + 7])
 def test_a_small_file_is_made_whole_at_its_first_read(first: int) -> None:
     """Its first read (wherever it starts) makes the whole file at once; every later read is
-    served from that, without blocking (`peek`) and without making anything again."""
+    served from that, without blocking (`peek`) and without making anything again; read to
+    its end, its bytes are given back to the budget (before the handle is closed)."""
     rows = Rows()
-    small = RowContent(b"HEAD" * 16, row_bytes=ROW, count=200, rows=rows)  # within the budget
-    with prefetcher() as made:
+    small = RowContent(b"HEAD" * 16, row_bytes=ROW, count=200, rows=rows)
+    with prefetcher(budget=1024 * KIB) as made:
         handle = made.wrap(small)
         assert handle.read(first, 128 * KIB, deadline=time.monotonic() + 30) == expected(
             first, 128 * KIB, small.size
         )
         assert rows.calls == 1
+        assert made.budget.used == small.size
         for offset in range(0, small.size, 32 * KIB):
             assert handle.peek(offset, 32 * KIB) == expected(offset, 32 * KIB, small.size)
         assert rows.calls == 1
+        assert made.budget.used == 0 and made.small_budget.used == 0
+        handle.close()
+
+
+def test_small_files_made_whole_take_a_quarter_of_the_budget_at_most() -> None:
+    """Handles of small files kept open (and not read to their end) leave room for streams."""
+    with prefetcher(budget=1024 * KIB) as made:
+        handles = []
+        for _ in range(4):
+            handle = made.wrap(RowContent(b"", row_bytes=ROW, count=100, rows=Rows()))
+            assert handle.read(0, 4 * KIB, deadline=time.monotonic() + 30) == TRUTH[: 4 * KIB]
+            handles.append(handle)
+        assert made.small_budget.used == 2 * 100 * ROW  # two fit in 256 KiB, not more
+        assert made.budget.used == made.small_budget.used
+        for handle in handles:
+            handle.close()
+        assert made.budget.used == 0 and made.small_budget.used == 0
+
+
+def test_a_small_file_read_is_not_failed_by_bytes_it_did_not_ask_for() -> None:
+    """Making the whole file fails (a part past the read fails): the read gets its own
+    bytes from the content alone."""
+
+    def rows(first: int, last: int, deadline: float) -> bytes:
+        if last > 10:
+            raise TransientError("injected past the read")
+        return TRUTH[first * ROW : last * ROW]
+
+    small = RowContent(b"", row_bytes=ROW, count=100, rows=rows)
+    with prefetcher(budget=1024 * KIB) as made:
+        handle = made.wrap(small)
+        assert handle.read(0, 4 * KIB, deadline=time.monotonic() + 30) == TRUTH[: 4 * KIB]
+        assert made.budget.used == 0
+        handle.close()
