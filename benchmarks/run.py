@@ -655,7 +655,7 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             "≤ 0.3",
         ),
         versus(
-            "(d) … against the network alone (a GET of each event's chunk, one after another)",
+            "(d) … against the network alone (a GET of each picked chunk once, one after another)",
             ("d", ".2f"),
             ("floor", "d_net"),
             "",
