@@ -280,10 +280,10 @@ class ReadAhead:
             self._end = max(self._end, stop)
         else:  # random access: the stream ends here (a small file made whole stays made)
             self._drop(lambda w: not w.whole)
-        if stop >= self.size:  # read to its end: a small file made whole has been read
-            self._drop(lambda w: w.whole)
             self._streak = 0
             self._end = stop
+        if stop >= self.size:  # read to its end: a small file made whole has been read
+            self._drop(lambda w: w.whole)
         self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed
         if self._streak >= self._pf.stream:
             self._schedule()

@@ -182,6 +182,22 @@ def test_random_reads_make_nothing_ahead() -> None:
         assert rows.calls == 50
 
 
+def test_random_page_faults_of_a_large_file_make_nothing_ahead() -> None:
+    """As an mmap reader of random events of image.npy (400 MB): 128 KiB reads far apart,
+    with the real policy's sizes; the occasional short jump forward is not a stream."""
+    big = RowContent(b"H" * 128, row_bytes=20000, count=20000, rows=lambda a, b, d: bytes(b - a))
+    made = Prefetcher(budget_bytes=48 << 20)
+    try:
+        reader = made.wrap(big)
+        for i in random.Random(0).sample(range(20000), 200):
+            offset = (128 + i * 20000) // (128 * KIB) * (128 * KIB)
+            if reader.peek(offset, 128 * KIB) is None:
+                reader.read(offset, 128 * KIB, deadline=time.monotonic() + 30)
+        assert made.counters["windows"] == 0
+    finally:
+        made.close()
+
+
 def test_many_readers_share_one_budget() -> None:
     with prefetcher(budget=128 * KIB) as pf:
         errors: list[BaseException] = []
