@@ -145,6 +145,7 @@ class SharedTier:
         self._lock = threading.Lock()
         self._kinds: dict[str, str] = {}  # bucket/key -> "public" | "private", if shared
         self._counts: collections.Counter[str] = collections.Counter()
+        self._closing_by = float("inf")  # set by `close`: uploads end by then
         self._jobs: set[tuple[ObjectId, int]] = set()  # pieces queued for upload
         self._writing = 0  # identities queued for upload
         self._recent: collections.OrderedDict[tuple[ObjectId, int], None] = (
@@ -262,6 +263,14 @@ class SharedTier:
 
     # -- the read path -----------------------------------------------------------------------
 
+    def _abandon(self, obj: ObjectId, indices: Iterable[int]) -> None:
+        """Lookups registered but never asked: ended empty (their waiters go to DCOR)."""
+        for index in indices:
+            with self._lock:
+                lookup = self._looking.pop((obj, index), None)
+            if lookup is not None:
+                lookup.done.set()
+
     def wrap(self, fetch: Fetch) -> Fetch:
         """The block cache's fetch function: `fetch` (DCOR) behind the tier."""
         self._dcor = fetch
@@ -279,7 +288,11 @@ class SharedTier:
         if kind is None or not self.up():
             return self._from_dcor(obj, start, stop, deadline)
         indices = pieces(start, stop)
-        found = self._look_up(obj, kind, indices, min(deadline, time.monotonic() + LOOKUP_WAIT))
+        try:
+            found = self._look_up(obj, kind, indices, min(deadline, time.monotonic() + LOOKUP_WAIT))
+        except Exception as exc:  # whatever fails in the tier, DCOR serves the read
+            self._failed("a lookup", exc)
+            found = {}
         missing = [i for i in indices if i not in found]
         if not found:  # all from DCOR: its bytes as they are (no copy)
             data = self._from_dcor(obj, start, stop, deadline)
@@ -325,7 +338,7 @@ class SharedTier:
             piece = (obj, index)
             payload = None
             try:
-                if self.up():
+                if self.up() and time.monotonic() < deadline:
                     a, b = piece_range(obj, index)
                     name = self._piece_name(obj, kind, index)
                     payload = self._get(name, digest, a, deadline, b - a)
@@ -341,8 +354,22 @@ class SharedTier:
                 lookup.done.set()
             return payload
 
-        asked = [one(owned[0])] if len(owned) == 1 else list(self._lookups.map(one, owned))
-        found.update(zip(owned, asked, strict=True))
+        if len(owned) == 1:
+            found[owned[0]] = one(owned[0])
+        elif owned:
+            # side by side, waited for until the deadline: late ones end on their own (the
+            # read goes on from DCOR)
+            futures: dict[int, concurrent.futures.Future[bytes | None]] = {}
+            try:
+                for index in owned:
+                    futures[index] = self._lookups.submit(one, index)
+            finally:  # not submitted (the mount is closing): asked by no one
+                self._abandon(obj, [i for i in owned if i not in futures])
+            left = max(0.0, deadline - time.monotonic())
+            done, _ = concurrent.futures.wait(futures.values(), timeout=left)
+            for index, future in futures.items():
+                if future in done and future.exception() is None:
+                    found[index] = future.result()
         for index, lookup in waits.items():
             if lookup.done.wait(max(0.0, deadline - time.monotonic())):
                 found[index] = lookup.payload
@@ -386,6 +413,11 @@ class SharedTier:
             whole = offset <= a and b <= stop
             self._queue(obj, index, data[a - offset : b - offset] if whole else None)
 
+    def _upload_deadline(self) -> float:
+        """An upload's deadline: `UPLOAD_WAIT` from now, but never past the end of the
+        unmount's wait for uploads (`close`)."""
+        return min(time.monotonic() + UPLOAD_WAIT, self._closing_by)
+
     def _uploading(self) -> bool:
         return self.up() and time.monotonic() >= self._uploads_paused_until
 
@@ -427,7 +459,7 @@ class SharedTier:
             if kind is None or not self._uploading():
                 self._count(dropped=1)
                 return
-            deadline = time.monotonic() + UPLOAD_WAIT
+            deadline = self._upload_deadline()
             if payload is None:
                 a, b = piece_range(obj, index)
                 with self._room.hold(b - a, deadline=deadline, what="shared cache upload"):
@@ -483,7 +515,7 @@ class SharedTier:
 
         def put() -> None:
             try:
-                deadline = time.monotonic() + UPLOAD_WAIT
+                deadline = self._upload_deadline()
                 self._http.put(
                     self._url(self._identity_name(key), "PUT"),
                     body,
@@ -539,7 +571,9 @@ class SharedTier:
             return True
 
     def close(self) -> None:
-        """Wait a little for queued uploads (`DRAIN`), then drop the rest."""
+        """Wait a little for queued uploads (`DRAIN`), then drop the rest: uploads under way
+        end by then too (their deadline), so no thread outlives it for long."""
+        self._closing_by = time.monotonic() + DRAIN
         if not self.drain(DRAIN):
             log.info("shared cache: %d uploads dropped at unmount", self.stats()["pending"])
         with self._lock:
