@@ -463,7 +463,12 @@ class SharedTier:
             if payload is None:
                 a, b = piece_range(obj, index)
                 with self._room.hold(b - a, deadline=deadline, what="shared cache upload"):
-                    data = self._from_dcor(obj, a, b, deadline)
+                    try:
+                        data = self._from_dcor(obj, a, b, deadline)
+                    except DcorfsError as exc:  # DCOR's failure, not the tier's: this job only
+                        log.debug("shared cache: completing %s piece %d: %s", obj.key, index, exc)
+                        self._count(dropped=1)
+                        return
                     self._count(completions=1)
                     self._put(self._piece_name(obj, kind, index), obj, index, data, deadline)
             else:

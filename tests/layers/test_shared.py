@@ -233,6 +233,32 @@ def test_a_node_reads_what_another_uploaded(
         second.close()
 
 
+def test_dcor_failing_a_completion_does_not_pause_uploads(
+    seaweedfs: SeaweedFS, devserver: DevServer, bucket: str
+) -> None:
+    """A piece read in part is completed from DCOR in the background; DCOR failing that drops
+    the one job: the tier's uploads go on (they are not paused as if the tier had failed)."""
+    node = Node(devserver, seaweedfs.url, bucket)
+    obj = node.object()
+    dcor = make_fetch(node.http, node.locator)
+
+    def fails_completions(o: ObjectId, a: int, b: int, at: float) -> bytes:
+        if (a, b) == (0, PIECE):  # the completion of piece 0
+            raise NotFound("gone for now")
+        return dcor(o, a, b, at)
+
+    fetch = node.tier.wrap(fails_completions)
+    try:
+        assert fetch(obj, 100, 200, deadline()) == node.truth[100:200]
+        assert node.tier.drain(30)
+        assert fetch(obj, PIECE, 2 * PIECE, deadline()) == node.truth[PIECE : 2 * PIECE]
+        assert node.tier.drain(30)
+        stats = node.tier.stats()
+        assert stats["uploads"] == 1 and stats["errors"] == 0 and stats["dropped"] == 1, stats
+    finally:
+        node.close()
+
+
 def test_a_damaged_piece_is_skipped_and_written_again(
     seaweedfs: SeaweedFS, devserver: DevServer, bucket: str
 ) -> None:
