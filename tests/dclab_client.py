@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,10 +17,15 @@ from dcorfs.devserver.server import DevServer
 @pytest.fixture(autouse=True)
 def forget_api_keys() -> Iterator[None]:
     """dclab remembers tokens class-wide and tries them all; every test starts without
-    (autouse in each module that imports it)."""
+    (autouse in each module that imports it). Afterwards, the sockets dclab's client leaves
+    open (its HTTP sessions, in reference cycles) are collected here, where their
+    ResourceWarning is dclab's: else a later collection raises it in whatever test runs then."""
     APIHandler.api_keys = []
     yield
     APIHandler.api_keys = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
