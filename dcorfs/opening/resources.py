@@ -311,13 +311,9 @@ class Resources:
         if "resource" not in keys:
             raise ProtocolError(f"dcserv offers no resource basin for {resource.id}")
         condensed_made = None
-        # a large original, when both must be described, is described after the condensed
-        # file, whose layouts are read ahead: HDF5's lock is held across every network miss
-        # of a file's description (a large original's structure is scattered: a chain of
-        # misses), and the scalars served early would wait behind it (the first of a
-        # 20,000-event resource: 0.20 s instead of 0.12 s). Its first and last bytes are
-        # fetched meanwhile (network only). A small one is read whole: no misses
-        large = resource.size is None or resource.size > prefetch.whole_size("resource")
+        # when both must be described, a large original after the condensed file, whose
+        # layouts are read ahead (`prefetch.original_after_condensed`)
+        large = prefetch.original_after_condensed(resource.size)
         if "condensed" in keys:  # side by side with the original
             condensed_made = self._pools.ask.submit(
                 self._described, "condensed", keys["condensed"], None, None, ahead=large
