@@ -29,8 +29,8 @@ after a failure (not a miss) the tier is left alone for `DOWN_FOR` seconds (read
 to DCOR). Uploads run in `UPLOAD_THREADS` threads; the bytes they wait with are held in
 `room` (the memory plan's `uploading` part, `cache.budget`), taken without waiting: a piece
 that finds no room keeps no bytes and is fetched again (completed) later; at most `MAX_JOBS`
-uploads are queued, more are dropped (counted). Reads never wait for an upload. The last
-`KEEP` pieces taken from the tier are kept in the same room (`_keep`).
+uploads (pieces and identities) are queued, more are dropped (counted). Reads never wait for
+an upload. The last `KEEP` pieces taken from the tier are kept in the same room (`_keep`).
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ class SharedTier:
         with self._lock:
             if job in self._jobs or job in self._recent:
                 return
-            if len(self._jobs) >= MAX_JOBS:
+            if self._queued() >= MAX_JOBS:
                 self._counts["dropped"] += 1
                 return
             if payload is not None and not self._room.try_take(len(payload)):
@@ -440,6 +440,10 @@ class SharedTier:
             self._uploads.submit(self._upload, obj, index, payload)
         except RuntimeError:  # shut down: the mount is closing
             self._done(job, payload, uploaded=False)
+
+    def _queued(self) -> int:
+        """Uploads queued, pieces and identities (holding the lock)."""
+        return len(self._jobs) + self._writing
 
     def _done(self, job: tuple[ObjectId, int], payload: bytes | None, *, uploaded: bool) -> None:
         if payload is not None:
@@ -485,9 +489,12 @@ class SharedTier:
             self._done(job, payload, uploaded=uploaded)
 
     def _put(self, name: str, obj: ObjectId, index: int, data: bytes, deadline: float) -> None:
-        body = seal(object_digest(obj), index * PIECE, data)
-        self._http.put(self._url(name, "PUT"), body, deadline=deadline, kind="shared_upload")
+        self._send(name, seal(object_digest(obj), index * PIECE, data), deadline)
         self._count(uploads=1, uploaded_bytes=len(data))
+
+    def _send(self, name: str, body: bytes, deadline: float) -> None:
+        """PUT a sealed body (a piece, an identity) at `name`."""
+        self._http.put(self._url(name, "PUT"), body, deadline=deadline, kind="shared_upload")
 
     # -- identities --------------------------------------------------------------------------
 
@@ -520,13 +527,7 @@ class SharedTier:
 
         def put() -> None:
             try:
-                deadline = self._upload_deadline()
-                self._http.put(
-                    self._url(self._identity_name(key), "PUT"),
-                    body,
-                    deadline=deadline,
-                    kind="shared_upload",
-                )
+                self._send(self._identity_name(key), body, self._upload_deadline())
             except DcorfsError as exc:
                 self._failed(f"writing the identity of {key}", exc, upload=True)
             finally:
@@ -535,6 +536,9 @@ class SharedTier:
                     self._idle.notify_all()
 
         with self._lock:
+            if self._queued() >= MAX_JOBS:
+                self._counts["dropped"] += 1
+                return
             self._writing += 1
         try:
             self._uploads.submit(put)
@@ -547,7 +551,7 @@ class SharedTier:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
-            pending = len(self._jobs) + self._writing
+            pending = self._queued()
         names = (
             "hits", "reused", "misses", "corrupt", "errors", "uploads", "completions", "dropped",
             "identities", "hit_bytes", "dcor_bytes", "uploaded_bytes",
@@ -568,7 +572,7 @@ class SharedTier:
         """Wait until no upload is queued (at most `seconds`); whether none is."""
         deadline = time.monotonic() + seconds
         with self._lock:
-            while self._jobs or self._writing:
+            while self._queued():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
