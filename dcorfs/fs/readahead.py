@@ -64,6 +64,15 @@ class _Window:
         self.whole = whole  # a small file's whole (`ReadAhead.read`): bytes of both budgets
         self._starts: list[int] = []
 
+    @classmethod
+    def of(cls, start: int, stop: int, pieces: list[bytes], *, whole: bool = False) -> _Window:
+        """A window made already (by a reader's own read)."""
+        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        future.set_result(pieces)
+        window = cls(start, stop, future, whole=whole)
+        window.made(0)
+        return window
+
     def made(self, timeout: float) -> list[bytes] | None:
         """The pieces once made (waiting up to `timeout` seconds); None if making them failed
         (the reader then reads on its own)."""
@@ -235,10 +244,7 @@ class ReadAhead:
             self._give(n, whole)
             log.debug("read-ahead of [%d, %d) failed: %s", start, end, exc)
             return None
-        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
-        future.set_result(pieces)
-        window = _Window(start, end, future, whole=whole)
-        window.made(0)
+        window = _Window.of(start, end, pieces, whole=whole)
         with self._lock:
             if self._closed or self._covering(start, end) is not None:
                 self._give(n, whole)
