@@ -29,7 +29,7 @@ from run import (
     say,
 )
 
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+from dcorfs.settings import parse_size
 
 
 def main() -> int:
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=20.0)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/dcorfs-bench"))
     args = parser.parse_args()
-    limit = int(args.limit[:-1]) * UNITS[args.limit[-1]] if args.limit[-1] in UNITS else 0
+    limit = parse_size(args.limit)
     data = args.workdir / f"data-{args.events}-{args.small}"
     generate(data, args.events, args.small)
     MOUNT_OPTIONS.extend(["--memory-limit", args.limit])
@@ -61,8 +61,7 @@ def main() -> int:
             print(
                 f"{args.events} events, --memory-limit {args.limit}: image.npy "
                 f"{size / 1e9:.2f} GB in {seconds:.0f} s ({size / seconds / 1e6:.0f} MB/s), "
-                f"daemon peak RSS {peak:.0f} MB"
-                + (f" ({peak * (1 << 20) / limit:.2f} of the limit)" if limit else "")
+                f"daemon peak RSS {peak:.0f} MB" + f" ({peak * (1 << 20) / limit:.2f} of the limit)"
             )
     return 0
 

@@ -234,12 +234,11 @@ def decode_floor(path: Path, processes: int, alongside: Callable[[], None] | Non
         pool.map(decode_part, [(str(path), 0, 0)] * processes)  # started before the clock
 
         def decode() -> None:
-            other = threading.Thread(target=alongside) if alongside is not None else None
-            if other is not None:
-                other.start()
-            pool.map(decode_part, tasks)
-            if other is not None:
-                other.join()
+            with concurrent.futures.ThreadPoolExecutor(1) as beside:
+                other = beside.submit(alongside) if alongside is not None else None
+                pool.map(decode_part, tasks)
+                if other is not None:
+                    other.result()  # (its failure is the measurement's)
 
         return timed(decode)
 
@@ -292,6 +291,19 @@ def memory_ceiling(size: int) -> float:
         return path.stat().st_size / timed(lambda: read_file(path)) / 1e9
 
 
+def load_scalars(directory: Path, scalars: Sequence[str]) -> None:
+    """What rows (a) and (b) time: `numpy.load` of every scalar feature's .npy."""
+    for f in scalars:
+        np.load(directory / f"{f}.npy")
+
+
+def read_random(image: Path, picks: Any) -> None:
+    """What row (d) times: the picked events of an image.npy, through a memory map."""
+    images = np.load(image, mmap_mode="r")
+    for i in picks:
+        np.array(images[int(i)])
+
+
 def keep_copies(directory: Path, to: Path, features: Sequence[str]) -> None:
     """Local copies of features' .npy files (for `floors`)."""
     to.mkdir(parents=True, exist_ok=True)
@@ -325,19 +337,10 @@ def floors(runs: Path, name: str, scalars: Sequence[str], picks: Any) -> dict[st
     m: dict[str, float] = {}
     mnt = runs / "floor-mnt"
 
-    def scalars_in(directory: Path) -> None:
-        for f in scalars:
-            np.load(directory / f"{f}.npy")
-
-    def random_images(image: Path) -> None:
-        images = np.load(image, mmap_mode="r")
-        for i in picks:
-            np.array(images[int(i)])
-
     for suffix, extra in (("", ()), ("_thread", ("--thread",)), ("_memory", ("--memory",))):
         with fuse_floor(runs / "floor-scalars", mnt, *extra):
             drop_page_cache()
-            m["b_floor" + suffix] = timed(lambda: scalars_in(mnt / name))
+            m["b_floor" + suffix] = timed(functools.partial(load_scalars, mnt / name, scalars))
         if suffix == "_memory":
             continue
         with fuse_floor(runs / "floor-image", mnt, *extra):
@@ -346,7 +349,7 @@ def floors(runs: Path, name: str, scalars: Sequence[str], picks: Any) -> dict[st
             read = functools.partial(read_file, image)
             m["e_floor" + suffix] = image.stat().st_size / timed(read) / 1e9
             drop_page_cache()
-            m["d_floor" + suffix] = timed(functools.partial(random_images, image))
+            m["d_floor" + suffix] = timed(functools.partial(read_random, image, picks))
     return m
 
 
@@ -464,10 +467,7 @@ def measure(args: argparse.Namespace, events: int) -> dict[str, float]:
                 for f in scalars:
                     ds[f][:]
 
-        def our_scalars() -> None:
-            for f in scalars:
-                np.load(directory / f"{f}.npy")
-
+        our_scalars = functools.partial(load_scalars, directory, scalars)
         m["a_dclab"] = timed(dclab_scalars)
         with mounted(url, mnt, runs / "cache-a"):
             m["a"] = timed(our_scalars)
@@ -511,11 +511,7 @@ def measure(args: argparse.Namespace, events: int) -> dict[str, float]:
                 for i in picks:
                     ds["image"][int(i)]
 
-        def ours_random() -> None:
-            images = np.load(directory / "image.npy", mmap_mode="r")
-            for i in picks:
-                np.array(images[int(i)])
-
+        ours_random = functools.partial(read_random, directory / "image.npy", picks)
         m["d_dclab"] = timed(dclab_random)
         m["d_net"] = random_floor(url, rid, source, picks)
         with mounted(url, mnt, runs / "cache-d"):
