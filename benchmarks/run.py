@@ -38,6 +38,7 @@ import h5py
 import hdf5plugin  # noqa: F401
 import numpy as np
 import requests
+from structfloor import structure_floor
 
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
@@ -304,6 +305,18 @@ def read_random(image: Path, picks: Any) -> None:
         np.array(images[int(i)])
 
 
+def small_files(url: str, found: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
+    """The bytes of the original and of the condensed file of each small resource."""
+    pairs = []
+    for e in found:
+        if e["dataset"] == "bench-small":
+            where = f"{url}/dataset/{e['dataset_id']}/resource/{e['id']}/condensed.rtdc"
+            condensed = requests.get(where, timeout=60)
+            condensed.raise_for_status()
+            pairs.append((Path(e["path"]).read_bytes(), condensed.content))
+    return pairs
+
+
 def keep_copies(directory: Path, to: Path, features: Sequence[str]) -> None:
     """Local copies of features' .npy files (for `floors`)."""
     to.mkdir(parents=True, exist_ok=True)
@@ -528,6 +541,9 @@ def measure(args: argparse.Namespace, events: int) -> dict[str, float]:
         with mounted(url, mnt, runs / "cache-f"):
             m["f"] = timed(lambda: subprocess.run(ls, check=True, capture_output=True))
             m["f_warm"] = timed(lambda: subprocess.run(ls, check=True, capture_output=True))
+        pairs = small_files(url, found)
+        m["f_hdf5_1"] = structure_floor(pairs, 1)
+        m["f_hdf5"] = structure_floor(pairs, os.cpu_count() or 1)
         # (h) all scalars through the synthesized .rtdc, with dclab
         with mounted(url, mnt, runs / "cache-h"):
 
@@ -683,6 +699,15 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             "then warm " + spread(runs, "f_warm", ".3f") + " s",
             "",
             "≤ 2 s",
+        ),
+        (
+            "(f) … against its HDF5 work alone (structfloor.py: dcorfs' readers and builder, "
+            "from memory)",
+            spread(runs, "f", ".2f") + " s",
+            f"on all cores {spread(runs, 'f_hdf5', '.2f')} s, on one "
+            f"{spread(runs, 'f_hdf5_1', '.2f')} s",
+            ratio(med("f"), med("f_hdf5")),
+            "",
         ),
         (
             "(g) daemon peak RSS during (c)",
