@@ -8,7 +8,8 @@ dcorfs' own builder (`hdf5.skeleton.build`), whose size the listing shows. No FU
 caches, threads or remembering: the CPU work that remains when all of that is free. Timed one
 resource after another in one process, and spread over processes on all cores. Made for the
 benchmark's small resources (scalar features only): it does not pick features as dclab shows
-them (`featurerule`), nor lay out a contour's per-event datasets, as the mount does.
+them (`featurerule`), nor lay out a contour's per-event datasets, as the mount does. The
+datasets it writes are those the mount writes (`rtdc_file.specs`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import multiprocessing
 import os
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import hdf5plugin  # noqa: F401  (logs and tables may be Zstd-compressed)
 from h5py._objects import phil
 
-from dcorfs.hdf5.skeleton import Spec, build
+from dcorfs.fs.producers.rtdc_file import specs
+from dcorfs.hdf5.rtdc import Outline
+from dcorfs.hdf5.skeleton import build
 from dcorfs.hdf5.structure import (
     CONTOUR,
     GROUPS,
@@ -59,17 +63,10 @@ def restructure(pair: tuple[bytes, bytes]) -> int:
     finally:
         original.close()
         condensed.close()
-    specs = [
-        Spec(f"{group}/{name}", a.data.dtype, a.data.shape, a.attrs, a.data)
-        for group, found in arrays.items()
-        for name, a in (found or {}).items()
-    ]
-    specs += [
-        Spec("events/" + name, f.dtype, f.shape, attrs.get(name, {}))
-        for name, f in sorted(features.items())
-    ]
+    outline = Outline(attrs=root, feature_attrs=attrs, logs=arrays["logs"], tables=arrays["tables"])
+    resource = SimpleNamespace(features=features)  # all `specs` asks of a resource
     groups = ["events", *(group for group, found in arrays.items() if found is not None)]
-    return build(root, specs, groups).size
+    return build(root, specs(resource, outline), groups).size
 
 
 def _ready(_: int) -> int:
