@@ -1,9 +1,10 @@
 """The block cache: (object identity + ETag, block index) → bytes, memory over disk.
 
-Objects are split into fixed blocks (1 MiB by default). `read` serves a byte range from the
-memory LRU, then the disk store, and fetches what is missing: adjacent missing blocks in one
-range request (up to `max_fetch_bytes`), separate runs as parallel requests (up to
-`parallel` at once). Concurrent misses on one block make one fetch.
+Objects are split into fixed blocks: the cache's size (1 MiB by default), or the object's
+own (`ObjectId.block_size`: decoded values in blocks of whole HDF5 chunks). `read` serves a
+byte range from the memory LRU, then the disk store, and fetches what is missing: adjacent
+missing blocks in one range request (up to `max_fetch_bytes`), separate runs as parallel
+requests (up to `parallel` at once). Concurrent misses on one block make one fetch.
 
 Design note (concurrency): one lock guards the LRU and the table of in-flight fetches and is
 never held during I/O. The thread that finds a block missing and not in flight becomes its
@@ -79,7 +80,7 @@ class BlockCache:
         self._store = store
         self.block_size = block_size
         self._memory_limit = memory_bytes
-        self._max_blocks = max(1, max_fetch_bytes // block_size)
+        self._max_fetch_bytes = max_fetch_bytes
         self._lock = threading.Lock()
         self._memory: collections.OrderedDict[BlockKey, bytes] = collections.OrderedDict()
         self._memory_used = 0
@@ -131,11 +132,16 @@ class BlockCache:
 
     # -- public --------------------------------------------------------------------------------
 
+    def size_of(self, obj: ObjectId) -> int:
+        """The size of the object's blocks: its own, or the cache's."""
+        return obj.block_size or self.block_size
+
     def _indices(self, obj: ObjectId, start: int, stop: int) -> range:
         stop = min(stop, obj.size)
         if stop <= start:
             return range(0)
-        return range(start // self.block_size, (stop - 1) // self.block_size + 1)
+        size = self.size_of(obj)
+        return range(start // size, (stop - 1) // size + 1)
 
     def peek(self, obj: ObjectId, start: int, stop: int) -> bytes | None:
         """The bytes if every block is in memory; never blocks."""
@@ -150,10 +156,11 @@ class BlockCache:
             parts.append(data)
         self._counts["memory_hits"] += 1
         self._counts["served_bytes"] += stop - start
-        return self._slice(parts, start, stop)
+        return self._slice(parts, start, stop, self.size_of(obj))
 
-    def _slice(self, parts: list[bytes], start: int, stop: int) -> bytes:
-        first = (start // self.block_size) * self.block_size
+    @staticmethod
+    def _slice(parts: list[bytes], start: int, stop: int, size: int) -> bytes:
+        first = (start // size) * size
         joined = parts[0] if len(parts) == 1 else b"".join(parts)
         return joined[start - first : stop - first]
 
@@ -167,16 +174,17 @@ class BlockCache:
         if stop <= start:
             return [b""]
         indices = self._indices(obj, start, stop)
+        size = self.size_of(obj)
         parts = None
-        if len(indices) <= PARTS_AT_MOST and self.block_size >= DISK_PARTS_FROM:
+        if len(indices) <= PARTS_AT_MOST and size >= DISK_PARTS_FROM:
             parts = self._parts(obj, indices, start, stop)
         if parts is not None:
             self._counts["served_bytes"] += stop - start
             return parts
         blocks = self._blocks(obj, indices, deadline)
         self._counts["served_bytes"] += stop - start
-        first = (start // self.block_size) * self.block_size
-        last = first + (len(blocks) - 1) * self.block_size
+        first = (start // size) * size
+        last = first + (len(blocks) - 1) * size
         if len(blocks) == 1:
             return [blocks[0][start - first : stop - first]]
         # (a slice of the whole of a bytes object is that object: no copy)
@@ -189,9 +197,10 @@ class BlockCache:
         fetched, whole)."""
         parts = []
         hits = collections.Counter[str]()  # counted once the whole read is served here
+        size = self.size_of(obj)
         for index in indices:
-            offset = index * self.block_size
-            a, b = max(start, offset) - offset, min(stop, offset + self.block_size) - offset
+            offset = index * size
+            a, b = max(start, offset) - offset, min(stop, offset + size) - offset
             data = self._recall((obj, index))
             if data is not None:
                 hits["memory_hits"] += 1
@@ -199,7 +208,7 @@ class BlockCache:
                 continue
             if self._store is None:
                 return None
-            data = self._store.get(obj, index, block_size=self.block_size, start=a, stop=b)
+            data = self._store.get(obj, index, block_size=size, start=a, stop=b)
             if data is None:
                 return None
             hits["disk_hits"] += 1
@@ -226,10 +235,11 @@ class BlockCache:
         """Drop from memory the passing blocks (see `ensure`) that lie wholly inside these
         ranges (read once and not needed again: they would only push out blocks that are);
         blocks another reader fetched to keep stay."""
+        size = self.size_of(obj)
         with self._lock:
             for a, b in ranges:
-                first = -(-a // self.block_size)
-                for index in range(first, min(b, obj.size) // self.block_size):
+                first = -(-a // size)
+                for index in range(first, min(b, obj.size) // size):
                     if (obj, index) in self._passing:
                         self._drop((obj, index))
 
@@ -256,13 +266,14 @@ class BlockCache:
         """Keep the object's first bytes, fetched by someone else (e.g. with its size probe):
         every whole block of them, and a last partial block at the object's end."""
         blocks: dict[int, bytes] = {}
-        for index in range(-(-len(data) // self.block_size)):
-            block = data[index * self.block_size : (index + 1) * self.block_size]
-            if len(block) == self.block_size or index * self.block_size + len(block) == obj.size:
+        size = self.size_of(obj)
+        for index in range(-(-len(data) // size)):
+            block = data[index * size : (index + 1) * size]
+            if len(block) == size or index * size + len(block) == obj.size:
                 blocks[index] = bytes(block)
                 self._remember((obj, index), blocks[index])
         if blocks and self._store is not None:
-            self._store.put_many(obj, blocks, block_size=self.block_size)
+            self._store.put_many(obj, blocks, block_size=size)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -295,7 +306,7 @@ class BlockCache:
     def _store_get(self, key: BlockKey) -> bytes | None:
         if self._store is None:
             return None
-        return self._store.get(*key, block_size=self.block_size)
+        return self._store.get(*key, block_size=self.size_of(key[0]))
 
     def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[bytes | None]:
         """The blocks from the disk store (None where missing), several read in parallel
@@ -343,7 +354,8 @@ class BlockCache:
                     owned.append(index)
                 else:
                     waits[index] = flight
-        found.update(self._fetch_runs(obj, _runs(owned, self._max_blocks), deadline, disk))
+        most = max(1, self._max_fetch_bytes // self.size_of(obj))  # blocks in one fetch
+        found.update(self._fetch_runs(obj, _runs(owned, most), deadline, disk))
         for index, flight in waits.items():
             if not flight.done.wait(max(0.0, deadline - time.monotonic())):
                 raise DeadlineExceeded(f"{obj.key}: block {index} still in flight at deadline")
@@ -400,8 +412,9 @@ class BlockCache:
     def _fetch_run(
         self, obj: ObjectId, run: list[int], deadline: float, disk: bool = True
     ) -> dict[int, bytes]:
-        start = run[0] * self.block_size
-        stop = min((run[-1] + 1) * self.block_size, obj.size)
+        size = self.size_of(obj)
+        start = run[0] * size
+        stop = min((run[-1] + 1) * size, obj.size)
         flights = {index: self._flights[(obj, index)] for index in run}
         try:
             self._counts["misses"] += len(run)
@@ -417,13 +430,13 @@ class BlockCache:
                 self._counts["fetched_bytes"] += len(data)
                 blocks = {}
                 for index in run:
-                    offset = index * self.block_size - start
-                    block = bytes(data[offset : offset + self.block_size])
+                    offset = index * size - start
+                    block = bytes(data[offset : offset + size])
                     blocks[index] = block
                     self._remember((obj, index), block, passing=not disk)
                 del data
                 if self._store is not None and disk:
-                    self._store.put_many(obj, blocks, block_size=self.block_size)
+                    self._store.put_many(obj, blocks, block_size=size)
             for index, flight in flights.items():
                 flight.data = blocks[index]
             return blocks

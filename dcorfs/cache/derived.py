@@ -5,7 +5,8 @@ source object's key plus `#` and what was computed (`<source key>#rows/deform`),
 digest of everything the bytes depend on (the source's key, ETag and size, what was computed,
 the dtype and shape, the block size and `VERSION`). So a derived block can only ever be served
 for the very source version and computation it was made from; a new source ETag or a change
-of the code (bump `VERSION`) names other blocks.
+of the code (bump `VERSION`) names other blocks. Its block size is its own (`ObjectId.block_size`,
+e.g. whole HDF5 chunks of decoded values, `cache.prefetch.decoded_block`).
 
 `DerivedCache` is a `BlockCache` whose fetch computes instead of downloading: it shares the
 disk store of the remote blocks (the same checksummed files, atomic writes, size bound and LRU
@@ -40,7 +41,9 @@ def derived_id(
     described = repr((VERSION, source.key, source.etag, source.size, what, size, block_size))
     described += repr(tuple(facts))
     digest = hashlib.sha256(described.encode()).hexdigest()
-    return ObjectId(key=f"{source.key}{SEPARATOR}{what}", etag=digest, size=size)
+    return ObjectId(
+        key=f"{source.key}{SEPARATOR}{what}", etag=digest, size=size, block_size=block_size
+    )
 
 
 def source_key(key: str) -> str:

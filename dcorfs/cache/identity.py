@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ObjectId:
-    """A remote object's identity and version: bucket/key, ETag, size."""
+    """A remote object's identity and version: bucket/key, ETag, size; and the size of its
+    blocks in the caches where it is not theirs (0): a derived object's blocks hold whole
+    chunks of what it is decoded from (`cache.derived`), part of what its ETag digests."""
 
     key: str
     etag: str
     size: int
+    block_size: int = 0
 
     @property
     def identity(self) -> bytes:

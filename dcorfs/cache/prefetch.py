@@ -40,9 +40,13 @@ are asked for, within a memory budget. In the order a resource meets them:
    they are at most `SCALARS_PREFETCH` bytes (`warm_together`) — not for resources opened
    ahead of readers; the first read of a scalar feature fetches a condensed file of up to
    `CONDENSED_PREFETCH` bytes whole, in the background (`condensed_whole_on_first_read`).
-4. Event data. The chunks holding a slice are fetched in parallel before decoding, kept in
-   memory only, and dropped once decoded (except the first and last, which may hold events of
-   the next slice); the decoded values are kept, on disk too, in blocks of `DECODED_BLOCK`.
+4. Event data. The chunks holding a slice are fetched in parallel before
+   decoding, kept in memory only, and dropped once decoded (except the first and last,
+   which may hold events of the next slice); the decoded values are kept, on disk too, in
+   blocks of about `DECODED_BLOCK` that hold whole chunks (`decoded_block`): a block of
+   1 MiB of images in chunks of 52 events (1,040,000 bytes) straddled two chunks almost
+   always, so a random event fetched and decoded two (200 random images of 100,000 events:
+   284 MB fetched where the chunks holding them are 121 MB).
 5. Read-ahead per open file. A reader whose reads continue where the last one ended (within
    `BACK` behind or `FORWARD` ahead: the kernel's own read-ahead arrives out of order) is a
    stream once it has read `STREAM` bytes in sequence. Windows of `WINDOW_INITIAL` bytes,
@@ -86,6 +90,7 @@ SCALARS_PREFETCH = 8 << 20  # all scalar values of a resource, up to this size: 
 
 # 4. event data
 DECODED_BLOCK = 1 << 20  # blocks of decoded feature values: large, they are read in streams
+CHUNK_ALIGNED_UP_TO = 4 << 20  # decoded chunks up to this size make blocks of whole chunks
 
 # 5. read-ahead per open file
 STREAM = 512 << 10  # read-ahead starts after this many bytes read in sequence (4 kernel reads)
@@ -98,6 +103,16 @@ SMALL_FILE = 2 << 20  # files up to this size: made whole at their first read
 
 # 7. the disk tier
 DISK_PARTS_FROM = 512 << 10  # blocks this large are read from disk in parts by short reads
+
+
+def decoded_block(chunk_bytes: int) -> int:
+    """The block size of a feature's decoded values stored in chunks of `chunk_bytes` decoded
+    bytes (0: not chunked, or not known): the whole number of chunks nearest `DECODED_BLOCK`
+    (at least one, and then between half and one and a half of it), so that every block is
+    made from its own chunks; `DECODED_BLOCK` for chunks larger than `CHUNK_ALIGNED_UP_TO`."""
+    if chunk_bytes <= 0 or chunk_bytes > CHUNK_ALIGNED_UP_TO:
+        return DECODED_BLOCK
+    return chunk_bytes * max(1, round(DECODED_BLOCK / chunk_bytes))
 
 
 def metadata_ranges(size: int, whole: int) -> list[tuple[int, int]]:

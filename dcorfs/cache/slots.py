@@ -5,6 +5,9 @@ File `objects/<2 hex>/<identity hex>.<block size>.<object size>` (`Layout.name`)
 
     [entry table: one entry per block, padded to 4 KiB][block 0][block 1]…[last block]
 
+Each block's slot starts on a 4 KiB boundary (`Layout.stride`: a block size that is no
+multiple of 4 KiB, such as whole HDF5 chunks of decoded values, leaves a gap after each).
+
 Blocks never stored are holes (the file is sparse), so an object's blocks cost only what is
 stored, and a reader of many blocks of one object reads one file (the filesystem's read-ahead
 works across blocks). An entry holds MAGIC, the first 8 bytes of the object's identity, the
@@ -102,8 +105,13 @@ class Layout:
     def entry_at(self, index: int) -> int:
         return index * self.entry_size
 
+    @cached_property
+    def stride(self) -> int:
+        """The distance of one block's slot from the next: its size, rounded up to `ALIGN`."""
+        return -(-self.block_size // ALIGN) * ALIGN
+
     def data_at(self, index: int) -> int:
-        return self.table + index * self.block_size
+        return self.table + index * self.stride
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -45,7 +45,7 @@ from h5py._objects import phil
 from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache, derived_id
 from ..cache.identity import ObjectId
-from ..cache.prefetch import HEADER_GUESS, STRUCTURE
+from ..cache.prefetch import HEADER_GUESS, STRUCTURE, decoded_block
 from ..errors import ProtocolError
 from .chunks import ChunkError, Codec, rows
 from .featurerule import checked, file_facts, innate, shown
@@ -492,7 +492,7 @@ def register_rows(derived: DerivedCache, source: RtdcSource, feature: Feature) -
         f"rows/{feature.name}",
         feature.row_bytes * feature.shape[0],
         facts=(feature.dtype.str, feature.shape),
-        block_size=derived.block_size,
+        block_size=decoded_block(feature.chunk_rows * feature.row_bytes),
     )
     derived.register(obj, functools.partial(_make_rows, source, feature))
     return obj
@@ -509,15 +509,26 @@ def _make_rows(
 
 
 def describe(features: dict[str, Feature]) -> dict[str, list[Any]]:
-    """Features as JSON (to be remembered): name → [dtype, shape]."""
-    return {name: [f.dtype.str, list(f.shape)] for name, f in features.items()}
+    """Features as JSON (to be remembered): name → [dtype, shape] (and events per chunk,
+    where looked at)."""
+    return {
+        name: [f.dtype.str, list(f.shape), *([f.chunk_rows] if f.chunk_rows else [])]
+        for name, f in features.items()
+    }
 
 
 def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
-    """The features `describe` gave, of a source of `kind`."""
+    """The features `describe` gave, of a source of `kind` (remembered by an earlier
+    version without events per chunk: 0, blocks of `DECODED_BLOCK`, the blocks it made)."""
     return {
-        name: Feature(name=name, dtype=np.dtype(dtype), shape=tuple(shape), source=kind)
-        for name, (dtype, shape) in value.items()
+        name: Feature(
+            name=name,
+            dtype=np.dtype(dtype),
+            shape=tuple(shape),
+            source=kind,
+            chunk_rows=int(rest[0]) if rest else 0,
+        )
+        for name, (dtype, shape, *rest) in value.items()
     }
 
 

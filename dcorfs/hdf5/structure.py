@@ -45,6 +45,8 @@ class Feature:
     dtype: np.dtype
     shape: tuple[int, ...]  # (N,) or (N, ...)
     source: str  # "resource" or "condensed"
+    chunk_rows: int = 0  # events per HDF5 chunk where they are stored (0: not chunked, or
+    # not looked at: a scalar feature's values are made whole or in large slices)
 
     @property
     def scalar(self) -> bool:
@@ -139,7 +141,19 @@ def _contour(group: h5py.h5g.GroupID, kind: str, stated: int) -> Feature | None:
 
 def _feature(name: str, data: h5py.h5d.DatasetID, kind: str) -> Feature:
     dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
-    return Feature(name=name, dtype=dtype, shape=tuple(data.shape), source=kind)
+    return Feature(
+        name=name,
+        dtype=dtype,
+        shape=tuple(data.shape),
+        source=kind,
+        chunk_rows=_chunk_rows(data) if data.rank > 1 else 0,
+    )
+
+
+def _chunk_rows(data: h5py.h5d.DatasetID) -> int:
+    """Events per chunk of a dataset stored in chunks, else 0."""
+    plist = data.get_create_plist()
+    return int(plist.get_chunk()[0]) if plist.get_layout() == h5py.h5d.CHUNKED else 0
 
 
 def _members(group: h5py.h5g.GroupID, where: str) -> list[tuple[str, Any]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dclab
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -293,6 +294,59 @@ def test_listing_a_dataset_whole_decodes_nothing(
         np.load(mnt / "datasets" / "generated" / "M001_data" / "deform.npy")
         status = json.loads((mnt / ".dcorfs" / "status.json").read_text())
         assert status["decoded"]["fetched_bytes"] > 0, status["decoded"]
+
+
+def test_a_random_event_fetches_only_the_chunk_that_holds_it(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    """Decoded values are made in blocks of whole chunks (`cache.prefetch.decoded_block`): one
+    image of a file written by dclab (chunks of 52 images, 1,040,000 bytes: no multiple of
+    1 MiB) fetches its own chunk, not the next one too."""
+    entry = next(
+        e
+        for e in rtdc_entries(fresh_devserver)
+        if e["name"] == "M001_data.rtdc" and e["dataset"] == "generated"
+    )
+    with h5py.File(entry["path"]) as h5:
+        image = h5["events/image"]
+        spans: list[tuple[int, int]] = []
+        image.id.chunk_iter(lambda c: spans.append((c.byte_offset, c.byte_offset + c.size)))
+        rows = image.chunks[0]
+        event = 4 * rows + rows // 2  # mid-chunk: the kernel's read-ahead stays inside it
+        shape, truth = image.shape, image[event]
+    # with blocks of 1 MiB, the one holding this image would hold the start of chunk 5 too
+    assert len(spans) == 6 and (event * truth.nbytes) >> 20 == (5 * rows * truth.nbytes) >> 20
+    with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
+        path = resource_dir(mnt, entry) / "image.npy"
+        header = io.BytesIO()  # what numpy.save writes before the values
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+        )
+        offset = len(header.getvalue()) + event * truth.nbytes
+        # the file's first read is the image's (reading its header first, the kernel reads on
+        # into the values, and a reader of that many bytes in sequence is read ahead of)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = os.pread(fd, truth.nbytes, offset)
+        finally:
+            os.close(fd)
+        assert got == truth.tobytes()
+    stats = fresh_devserver.stats.snapshot(with_log=True)
+    paths = {
+        path
+        for path, o in stats["objects"].items()
+        if o["resource_id"] == entry["id"] and o["artifact"] == "resource"
+    }
+    ranges = [e["range"] for e in stats["log"] if e.get("object") in paths and e.get("range")]
+
+    def fetched(span: tuple[int, int]) -> int:
+        return sum(max(0, min(b, span[1]) - max(a, span[0])) for a, b in ranges)
+
+    assert fetched(spans[4]) == spans[4][1] - spans[4][0], ranges
+    # of its neighbours only what the alignment of remote blocks and the file's structure
+    # fetched on opening take along (64-128 KiB), not the chunk
+    for n in (3, 5):
+        assert fetched(spans[n]) < (spans[n][1] - spans[n][0]) / 2, (n, ranges)
 
 
 def read_everything(mnt: Path) -> dict[str, bytes]:

@@ -17,11 +17,20 @@ from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.derived import DerivedCache, derived_id, is_derived, source_key
 from dcorfs.cache.diskstore import DiskStore, read_inventory
 from dcorfs.cache.identity import ObjectId
+from dcorfs.cache.prefetch import (
+    CHUNK_ALIGNED_UP_TO,
+    DECODED_BLOCK,
+    DISK_PARTS_FROM,
+    decoded_block,
+)
 from dcorfs.cache.slots import Layout
 
 SOURCE = ObjectId(key="circle-c/resource/abc/def/ghi", etag="e1", size=1000)
 TRUTH = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
 BLOCK = 4096  # of the derived cache; the store's own blocks are 1024
+# an object's own block sizes (`ObjectId.block_size`): the cache's, and whole chunks of decoded
+# values, which need not be multiples of 4 KiB (their slots on disk are)
+OWN_SIZES = [BLOCK, 3000, 6000]
 
 
 class Maker:
@@ -84,6 +93,7 @@ def test_identity_names_everything_the_bytes_depend_on() -> None:
     assert len({o.identity for o in [base, *others]}) == len(others) + 1
 
 
+@pytest.mark.parametrize("size", OWN_SIZES)
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
@@ -92,10 +102,11 @@ def test_identity_names_everything_the_bytes_depend_on() -> None:
         max_size=12,
     )
 )
-def test_reads_equal_the_truth_cold_and_warm(reads: list[tuple[int, int]]) -> None:
+def test_reads_equal_the_truth_cold_and_warm(size: int, reads: list[tuple[int, int]]) -> None:
     import tempfile
 
-    obj = values_id()
+    obj = values_id(block_size=size)
+    assert obj.block_size == size
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in ("cold", "warm after a restart"):
             disk, maker = store(Path(tmp)), Maker()
@@ -109,19 +120,23 @@ def test_reads_equal_the_truth_cold_and_warm(reads: list[tuple[int, int]]) -> No
             finally:
                 cache.close()
                 disk.close()
+            # made in whole blocks of the object's own size
+            assert all(a % size == 0 and (b % size == 0 or b == len(TRUTH)) for a, b in maker.calls)
             if round_ != "cold":
                 assert maker.calls == []  # everything read before came from the disk store
 
 
-def test_damaged_files_are_made_again(tmp_path: Path) -> None:
-    obj = values_id()
+@pytest.mark.parametrize("size", OWN_SIZES)
+def test_damaged_files_are_made_again(tmp_path: Path, size: int) -> None:
+    obj = values_id(block_size=size)
     disk, maker = store(tmp_path / "cache"), Maker()
     cache = derived(disk, maker, obj)
     assert cache.read(obj, 0, len(TRUTH), deadline=deadline()) == TRUTH
     cache.close()
     disk.close()
-    layout = Layout.of(obj, BLOCK)
+    layout = Layout.of(obj, size)
     path = tmp_path / "cache" / "objects" / layout.name
+    assert path.exists() and all(layout.data_at(i) % 4096 == 0 for i in range(layout.blocks))
     last = layout.blocks - 1
     raw = bytearray(path.read_bytes())
     fd = os.open(path, os.O_RDONLY)
@@ -135,7 +150,7 @@ def test_damaged_files_are_made_again(tmp_path: Path) -> None:
     cache = derived(disk, maker, obj)
     try:
         assert cache.read(obj, 0, len(TRUTH), deadline=deadline()) == TRUTH
-        remade = {start // BLOCK for start, _ in maker.calls}
+        remade = {start // size for start, _ in maker.calls}
         assert remade == {0, 3, 5, last}  # exactly the damaged blocks, nothing else
         assert cache.stats().errors == 3  # the missing one is no damage
     finally:
@@ -220,3 +235,15 @@ def test_a_renewed_index_adopts_the_decoded_values(tmp_path: Path) -> None:
     finally:
         cache.close()
         disk.close()
+
+
+@given(st.integers(0, 3 * CHUNK_ALIGNED_UP_TO))
+def test_decoded_blocks_hold_whole_chunks_near_the_usual_size(chunk: int) -> None:
+    block = decoded_block(chunk)
+    if chunk == 0 or chunk > CHUNK_ALIGNED_UP_TO:  # not chunked, or chunks too large to hold
+        assert block == DECODED_BLOCK
+    elif chunk >= DECODED_BLOCK:
+        assert block == chunk
+    else:
+        assert block % chunk == 0 and DECODED_BLOCK / 2 <= block <= DECODED_BLOCK * 3 / 2
+    assert block >= DISK_PARTS_FROM  # short reads of it on disk read only their pages

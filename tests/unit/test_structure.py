@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.hdf5 import h5attrs
+from dcorfs.hdf5.rtdc import describe, described
 from dcorfs.hdf5.structure import (
     file_image,
     read_arrays,
@@ -156,6 +157,10 @@ def test_an_rtdc_file_reads_the_same_from_memory_and_through_a_file_object(
             if isinstance(item, h5py.Dataset)
         }
         features.update({f"trace/{n}": (d.dtype, d.shape) for n, d in h5["events/trace"].items()})
+        chunks = {  # events per chunk, looked at for features of more than one dimension
+            name: h5["events"][name].chunks[0] if len(shape) > 1 else 0
+            for name, (_, shape) in features.items()
+        }
         root = dict(h5.attrs)
         deform = dict(h5["events/deform"].attrs)
         logs = {name: data[()] for name, data in h5["logs"].items()}
@@ -168,6 +173,8 @@ def test_an_rtdc_file_reads_the_same_from_memory_and_through_a_file_object(
                 for n, (d, s) in features.items()
             }
             assert all(f.source == "resource" for f in found.values())
+            assert {n: f.chunk_rows for n, f in found.items()} == chunks
+            assert described(describe(found), "resource") == found  # remembered as they are
             attrs = read_attributes(opened, "/", where="sample")
             assert attrs.keys() == root.keys()
             assert all(same(attrs[k], root[k]) for k in root)
@@ -177,6 +184,9 @@ def test_an_rtdc_file_reads_the_same_from_memory_and_through_a_file_object(
             assert all(np.array_equal(arrays[n].data, logs[n]) for n in logs)
             assert read_arrays(opened, "no-such-group", where="sample") is None
     fid.close()
+    # remembered by an earlier version, without events per chunk: blocks of the usual size
+    old = described({"image": ["|u1", [30, 80, 250]]}, "resource")["image"]
+    assert old.chunk_rows == 0 and old.shape == (30, 80, 250)
 
 
 def test_opening_a_file_with_contours_reads_no_more_of_it_than_without(tmp_path: Path) -> None:
