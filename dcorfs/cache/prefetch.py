@@ -40,7 +40,9 @@ are asked for, within a memory budget. In the order a resource meets them:
    they are at most `SCALARS_PREFETCH` bytes (`warm_together`) — not for resources opened
    ahead of readers; the first read of a scalar feature fetches a condensed file of up to
    `CONDENSED_PREFETCH` bytes whole, in the background (`condensed_whole_on_first_read`).
-4. Event data. The chunks holding a slice are fetched in parallel before
+4. Event data. Before a feature's chunks are first listed (h5py walks their index, a
+   B-tree, one node after another: a miss each), its index is fetched a level of the tree
+   at a time (`hdf5.chunkindex`). The chunks holding a slice are fetched in parallel before
    decoding, kept in memory only, and dropped once decoded (except the first and last,
    which may hold events of the next slice); the decoded values are kept, on disk too, in
    blocks of about `DECODED_BLOCK` that hold whole chunks (`decoded_block`): a block of
