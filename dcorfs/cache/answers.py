@@ -18,7 +18,8 @@ API answers (asked again when older than their age, see `remote.catalog`):
 - `bucket_listing(bucket)` — the objects of a bucket (`--s3-only`).
 
 Made from files (for one object version, kept for good):
-- `features(identity)` — `{name: [dtype, shape]}` of a file's features (`hdf5.rtdc.describe`).
+- `features(identity)` — `{name: [dtype, shape(, events per chunk)]}` of a file's features
+  (`hdf5.rtdc.describe`).
 - `intra_basins(identity)` — the intra-dataset basins a file declares (`hdf5.upstream`).
 - `experiment(identity)` — the `experiment` section of a file's own metadata.
 - `contour_lengths(identity, events)` — the number of points of each of a file's first
@@ -72,9 +73,12 @@ def bucket_listing(bucket: str) -> str:
 
 
 def features(identity: bytes) -> str:
-    # v3: dclab's rule (defective features left out) and the contour group (earlier versions
-    # kept defective features and did not say whether a file has a contour)
-    return f"rtdc-features:v3:{identity.hex()}"
+    # v4: events per chunk of the features of more than one dimension (their decoded values'
+    # blocks hold whole chunks; a v3 answer lacks them, and an older dcorfs sharing the cache
+    # dir could not read v4's). v3: dclab's rule (defective features left out) and the
+    # contour group (earlier versions kept defective features and did not say whether a file
+    # has a contour)
+    return f"rtdc-features:v4:{identity.hex()}"
 
 
 def intra_basins(identity: bytes) -> str:

@@ -1,6 +1,6 @@
 """Bytes computed from remote objects (decoded feature data), cached like remote objects.
 
-A derived object is named like a remote one, `ObjectId(key, etag, size)`: its key is the
+A derived object is named like a remote one, `ObjectId(key, etag, size, block_size)`: its key is the
 source object's key plus `#` and what was computed (`<source key>#rows/deform`), its ETag a
 digest of everything the bytes depend on (the source's key, ETag and size, what was computed,
 the dtype and shape, the block size and `VERSION`). So a derived block can only ever be served

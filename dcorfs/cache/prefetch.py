@@ -48,7 +48,7 @@ are asked for, within a memory budget. In the order a resource meets them:
    blocks of about `DECODED_BLOCK` that hold whole chunks (`decoded_block`): a block of
    1 MiB of images in chunks of 52 events (1,040,000 bytes) straddled two chunks almost
    always, so a random event fetched and decoded two (200 random images of 100,000 events:
-   284 MB fetched where the chunks holding them are 121 MB).
+   285 MB fetched where the chunks holding them are 121 MB).
 5. Read-ahead per open file. A reader whose reads continue where the last one ended (within
    `BACK` behind or `FORWARD` ahead: the kernel's own read-ahead arrives out of order) is a
    stream once it has read `STREAM` bytes in sequence. Windows of `WINDOW_INITIAL` bytes,

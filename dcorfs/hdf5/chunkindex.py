@@ -12,14 +12,18 @@ Version 3.0", sections III.A (B-tree v1), IV.A.1 (object headers), IV.A.2.i (dat
 message)) is read: object headers of version 1 and 2 with their continuation blocks, a data
 layout message of version 3 for chunked storage, and B-tree nodes of type 1 (chunks).
 Anything else (a layout of version 4, whose chunks are indexed otherwise; another size of
-offsets than 8 bytes) is left to h5py's own walk. This is a prefetch hint: it never decides
-what a read returns, and a file it cannot follow only loses the speed-up.
+offsets than 8 bytes) is left to h5py's own walk, and so is anything a damaged file could
+make it read without end: a length or count beyond what a real header or node has, a node
+met twice, a child not one level below its parent (`NotFollowed`). This is a prefetch hint:
+it never changes what a read returns; it fetches the bytes h5py's walk reads next, so its
+network errors are the ones that walk would meet. A file it cannot follow only loses the
+speed-up.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 Read = Callable[[int, int], bytes]  # (offset, size) -> bytes, fewer at the end of the file
 Fetch = Callable[[Sequence[tuple[int, int]]], None]  # have these byte ranges in the cache
@@ -31,6 +35,10 @@ CHUNKED = 2  # layout class
 NODE_PREFIX = 24  # "TREE", type, level, entries used, left and right sibling addresses
 HEADER_READ = 4096  # bytes read at an object header (or continuation block) at first
 MAX_LEVELS = 16  # deeper than any tree of 2**64 chunks: a loop in a damaged file
+MAX_ENTRIES = 1 << 12  # children of one node: 2K, K being 32 unless a file sets it larger
+MAX_NODES = 1 << 16  # nodes of one index (4 million chunks at K = 32)
+MAX_HEADER = 1 << 20  # bytes of one object header block: they hold a few hundred at most
+MAX_BLOCKS = 64  # blocks of one object header (the first and its continuations)
 
 
 class NotFollowed(Exception):
@@ -46,19 +54,27 @@ def index_nodes(read: Read, fetch: Fetch, header: int) -> int:
     if btree == UNDEFINED:
         return 0  # no chunk written yet
     key = 8 + 8 * dimensions  # chunk size, filter mask, an offset per dimension (rank + 1)
-    level_nodes = [btree]
-    found = 0
+    level_nodes, seen = [btree], {btree}
+    parent_level: int | None = None
     for _ in range(MAX_LEVELS):
         fetch([(a, a + NODE_PREFIX + 65 * (key + 8)) for a in level_nodes])  # 2K+1 keys, K=32
         children: list[int] = []
+        levels = set()
         for address in level_nodes:
             level, entries = _node(read, address, key)
-            found += 1
-            if level == 0:
-                continue  # its children are chunks, which are data
-            children += entries
+            levels.add(level)
+            if level > 0:  # (the children of a leaf are chunks, which are data)
+                children += entries
+        if len(levels) != 1 or (parent_level is not None and levels != {parent_level - 1}):
+            raise NotFollowed(f"B-tree nodes of levels {sorted(levels)} below {parent_level}")
         if not children:
-            return found
+            return len(seen)
+        if seen.intersection(children) or len(children) != len(set(children)):
+            raise NotFollowed("a B-tree node is a child twice")
+        seen.update(children)
+        if len(seen) > MAX_NODES:
+            raise NotFollowed(f"more than {MAX_NODES} B-tree nodes")
+        (parent_level,) = levels
         level_nodes = children
     raise NotFollowed("the chunk index is deeper than any B-tree can be")
 
@@ -79,6 +95,8 @@ def _node(read: Read, address: int, key: int) -> tuple[int, list[int]]:
     if len(prefix) < NODE_PREFIX or prefix[:4] != b"TREE" or prefix[4] != 1:
         raise NotFollowed(f"no B-tree node of chunks at {address}")
     level, used = prefix[5], struct.unpack_from("<H", prefix, 6)[0]
+    if used > MAX_ENTRIES:
+        raise NotFollowed(f"a B-tree node of {used} entries at {address}")
     size = used * (key + 8) + key
     body = read(address + NODE_PREFIX, size)
     if len(body) < size:
@@ -102,17 +120,16 @@ def _chunked_layout(read: Read, header: int) -> tuple[int, int]:
 
 def _messages(read: Read, header: int) -> list[tuple[int, bytes]]:
     """The messages of the object header at `header` (version 1 or 2), continuation blocks
-    followed (at most as many as there are messages, against loops in a damaged file)."""
+    followed (each once, at most `MAX_BLOCKS` of them)."""
     start = read(header, HEADER_READ)
     if start[:4] == b"OHDR":
         return _messages_v2(read, start, header)
     if len(start) < 16 or start[0] != 1:
         raise NotFollowed(f"no object header at {header}")
-    count, size = struct.unpack_from("<H", start, 2)[0], struct.unpack_from("<I", start, 8)[0]
+    size = struct.unpack_from("<I", start, 8)[0]
     blocks = [(header + 16, size)]
     found: list[tuple[int, bytes]] = []
-    while blocks and len(blocks) <= count + 1:
-        address, length = blocks.pop(0)
+    for address, length in _blocks(blocks):
         block = read(address, length)
         at = 0
         while at + 8 <= len(block):
@@ -137,8 +154,7 @@ def _messages_v2(read: Read, start: bytes, header: int) -> list[tuple[int, bytes
     ordered = bool(flags & 0x04)
     blocks = [(header + at + width, chunk)]
     found: list[tuple[int, bytes]] = []
-    while blocks and len(found) < 1 << 16:
-        address, length = blocks.pop(0)
+    for address, length in _blocks(blocks):
         block = read(address, length)
         pos = 0
         step = 4 + (2 if ordered else 0)
@@ -147,8 +163,24 @@ def _messages_v2(read: Read, start: bytes, header: int) -> list[tuple[int, bytes
             data = block[pos + step : pos + step + size]
             found.append((kind, data))
             if kind == CONTINUATION and len(data) >= 16:
-                offset, length = struct.unpack_from("<QQ", data)
+                offset, continued = struct.unpack_from("<QQ", data)
+                if read(offset, 4) != b"OCHK":
+                    raise NotFollowed(f"no continuation block at {offset}")
                 # a continuation block: "OCHK", messages, a checksum
-                blocks.append((offset + 4, length - 8))
+                blocks.append((offset + 4, continued - 8))
             pos += step + size
     return found
+
+
+def _blocks(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The (address, length) of an object header's blocks, taken from `blocks` as the caller
+    appends the continuations it finds: each address once, lengths and count bounded."""
+    seen: set[int] = set()
+    while blocks:
+        address, length = blocks.pop(0)
+        if address in seen or len(seen) >= MAX_BLOCKS:
+            raise NotFollowed(f"an object header's blocks repeat or exceed {MAX_BLOCKS}")
+        if not 0 <= length <= MAX_HEADER:
+            raise NotFollowed(f"an object header block of {length} bytes at {address}")
+        seen.add(address)
+        yield address, length

@@ -768,7 +768,8 @@ class _Mapped:
             raise ProtocolError(f"{mapping} points outside the upstream's {feature.name}")
         # a few blocks per read: each is fetched (made) in this thread, never waiting for a
         # worker of the cache's pool, which may be running this very function
-        step = max(1, 4 * resource.derived.block_size // max(1, row))
+        block = resource.derived.size_of(self.upstream.rows_object(feature.name))
+        step = max(1, 4 * block // max(1, row))
         parts = []
         run_start = 0
         for i in range(1, len(index) + 1):

@@ -81,11 +81,16 @@ def test_a_short_read_reads_and_checks_only_its_pages(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_short_read_of_a_large_block_on_disk_keeps_nothing_in_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("own", [0, 1_040_000], ids=["1 MiB", "whole chunks of 1,040,000"])
+def test_a_short_read_of_a_large_block_on_disk_keeps_nothing_in_memory(
+    tmp_path: Path, own: int
+) -> None:
     """DerivedCache over a disk store: a short read of a stored block reads its pages only (a
-    damaged page elsewhere in the block does not stop it), and is not kept in memory."""
+    damaged page elsewhere in the block does not stop it), and is not kept in memory; also
+    where the object's own blocks are no multiple of a page (slots start on 4 KiB)."""
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=1024)
-    large = ObjectId(key=OBJ.key, etag="d2", size=4 * (1 << 20))
+    size = own or 1 << 20
+    large = ObjectId(key=OBJ.key, etag="d2", size=4 * size, block_size=own)
     truth = os.urandom(large.size)
     made: list[tuple[int, int]] = []
 
@@ -97,26 +102,26 @@ def test_a_short_read_of_a_large_block_on_disk_keeps_nothing_in_memory(tmp_path:
     first.register(large, make)
     assert first.read(large, 0, large.size, deadline=time.monotonic() + 10) == truth
     first.close()
-    layout = Layout.of(large, 1 << 20)
+    layout = Layout.of(large, size)
     flip(tmp_path / "cache" / cachedir.OBJECTS / layout.name, layout.data_at(1) + 5 * PAGE)
     second = DerivedCache(store=store, block_size=1 << 20)
     second.register(large, make)
     made.clear()
-    at = (1 << 20) + 9 * PAGE - 50  # 128 KiB over pages 8-13 of block 1 (page 5 is damaged)
+    at = size + 9 * PAGE - 50  # 128 KiB over pages 8-13 of block 1 (page 5 is damaged)
     assert (
         second.read(large, at, at + (128 << 10), deadline=time.monotonic() + 10)
         == (truth[at : at + (128 << 10)])
     )
     assert made == [] and store.errors == 0
     assert second.stats().memory_bytes == 0 and second.stats().disk_hits == 1
-    at = (3 << 20) - 1000  # over blocks 2 and 3: parts of both
+    at = 3 * size - 1000  # over blocks 2 and 3: parts of both
     assert (
         second.read(large, at, at + 2000, deadline=time.monotonic() + 10) == truth[at : at + 2000]
     )
     assert made == [] and second.stats().disk_hits == 3
-    whole = second.read(large, 1 << 20, 2 << 20, deadline=time.monotonic() + 10)
-    assert whole == truth[1 << 20 : 2 << 20]  # a whole read finds the damage, and remakes
-    assert made == [(1 << 20, 2 << 20)] and store.errors == 1
+    whole = second.read(large, size, 2 * size, deadline=time.monotonic() + 10)
+    assert whole == truth[size : 2 * size]  # a whole read finds the damage, and remakes
+    assert made == [(size, 2 * size)] and store.errors == 1
     second.close()
     store.close()
 
