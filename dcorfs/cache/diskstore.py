@@ -354,7 +354,7 @@ class DiskStore:
 
     def name(self, obj: ObjectId, index: int, block_size: int | None = None) -> str:
         """Block `index` of `obj`'s name in the accounting."""
-        return block_name(Layout.of(obj, block_size or obj.block_size or self.block_size), index)
+        return block_name(Layout.of(obj, block_size or self.block_size), index)
 
     def _files(self) -> Iterator[tuple[str, Path]]:
         """The object files: (name under objects/, path)."""
@@ -446,7 +446,7 @@ class DiskStore:
         """Bytes [start, stop) of block `index` of `obj` (blocks of `block_size`, by default
         the store's; offsets within the block, the whole block by default), or None. Only the
         pages of the block holding those bytes are read and checked (`slots`)."""
-        layout = Layout.of(obj, block_size or obj.block_size or self.block_size)
+        layout = Layout.of(obj, block_size or self.block_size)
         try:
             fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -508,7 +508,7 @@ class DiskStore:
         now = time.time()
         if now < self._full_until:
             return 0
-        layout = Layout.of(obj, block_size or obj.block_size or self.block_size)
+        layout = Layout.of(obj, block_size or self.block_size)
         chosen: dict[int, bytes] = {}
         total = 0
         for index, data in sorted(blocks.items()):
