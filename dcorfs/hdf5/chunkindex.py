@@ -33,6 +33,7 @@ LAYOUT = 0x0008  # data layout message
 CONTINUATION = 0x0010  # object header continuation message
 CHUNKED = 2  # layout class
 NODE_PREFIX = 24  # "TREE", type, level, entries used, left and right sibling addresses
+NODE_GUESS = 65  # keys and children fetched with a node: 2K + 1 keys at HDF5's default K = 32
 HEADER_READ = 4096  # bytes read at an object header (or continuation block) at first
 MAX_LEVELS = 16  # deeper than any tree of 2**64 chunks: a loop in a damaged file
 MAX_ENTRIES = 1 << 12  # children of one node: 2K, K being 32 unless a file sets it larger
@@ -57,7 +58,7 @@ def index_nodes(read: Read, fetch: Fetch, header: int) -> int:
     level_nodes, seen = [btree], {btree}
     parent_level: int | None = None
     for _ in range(MAX_LEVELS):
-        fetch([(a, a + NODE_PREFIX + 65 * (key + 8)) for a in level_nodes])  # 2K+1 keys, K=32
+        fetch([(a, a + NODE_PREFIX + NODE_GUESS * (key + 8)) for a in level_nodes])
         children: list[int] = []
         levels = set()
         for address in level_nodes:
@@ -122,54 +123,52 @@ def _messages(read: Read, header: int) -> list[tuple[int, bytes]]:
     """The messages of the object header at `header` (version 1 or 2), continuation blocks
     followed (each once, at most `MAX_BLOCKS` of them)."""
     start = read(header, HEADER_READ)
-    if start[:4] == b"OHDR":
-        return _messages_v2(read, start, header)
-    if len(start) < 16 or start[0] != 1:
-        raise NotFollowed(f"no object header at {header}")
-    size = struct.unpack_from("<I", start, 8)[0]
-    blocks = [(header + 16, size)]
+    version = 2 if start[:4] == b"OHDR" else 1
+    first = _first_block_v2(start, header) if version == 2 else _first_block_v1(start, header)
+    # a message's own header: type and size (2 + 2 bytes, then flags and 3 reserved; version
+    # 2: 1 + 2 bytes, then flags and, where creation order is tracked, 2 more)
+    step = 8 if version == 1 else 4 + (2 if start[5] & 0x04 else 0)
+    blocks = [first]
     found: list[tuple[int, bytes]] = []
     for address, length in _blocks(blocks):
         block = read(address, length)
         at = 0
-        while at + 8 <= len(block):
-            kind, size = struct.unpack_from("<HH", block, at)
-            data = block[at + 8 : at + 8 + size]
+        while at + step <= len(block):
+            if version == 1:
+                kind, size = struct.unpack_from("<HH", block, at)
+            else:
+                kind, size = block[at], struct.unpack_from("<H", block, at + 1)[0]
+            data = block[at + step : at + step + size]
             found.append((kind, data))
             if kind == CONTINUATION and len(data) >= 16:
-                blocks.append(struct.unpack_from("<QQ", data))
-            at += 8 + size
+                offset, continued = struct.unpack_from("<QQ", data)
+                if version == 2:  # a block of its own: "OCHK", messages, a checksum
+                    if read(offset, 4) != b"OCHK":
+                        raise NotFollowed(f"no continuation block at {offset}")
+                    offset, continued = offset + 4, continued - 8
+                blocks.append((offset, continued))
+            at += step + size
     return found
 
 
-def _messages_v2(read: Read, start: bytes, header: int) -> list[tuple[int, bytes]]:
-    """The messages of a version 2 object header ("OHDR"), continuation blocks ("OCHK")
-    followed."""
+def _first_block_v1(start: bytes, header: int) -> tuple[int, int]:
+    """Where a version 1 header's messages start, and their length: after a prefix of
+    version, reserved byte, message count, reference count and size, padded to 16 bytes."""
+    if len(start) < 16 or start[0] != 1:
+        raise NotFollowed(f"no object header at {header}")
+    return header + 16, struct.unpack_from("<I", start, 8)[0]
+
+
+def _first_block_v2(start: bytes, header: int) -> tuple[int, int]:
+    """Where a version 2 header's ("OHDR") messages start, and their length: after the
+    signature, version, flags, the times and attribute limits its flags say it has, and the
+    size of its first block (1, 2, 4 or 8 bytes, as its flags say)."""
     if len(start) < 6 or start[4] != 2:
         raise NotFollowed(f"an object header of unknown version at {header}")
     flags = start[5]
     at = 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
     width = 1 << (flags & 0x03)
-    chunk = int.from_bytes(start[at : at + width], "little")
-    ordered = bool(flags & 0x04)
-    blocks = [(header + at + width, chunk)]
-    found: list[tuple[int, bytes]] = []
-    for address, length in _blocks(blocks):
-        block = read(address, length)
-        pos = 0
-        step = 4 + (2 if ordered else 0)
-        while pos + step <= len(block):
-            kind, size = block[pos], struct.unpack_from("<H", block, pos + 1)[0]
-            data = block[pos + step : pos + step + size]
-            found.append((kind, data))
-            if kind == CONTINUATION and len(data) >= 16:
-                offset, continued = struct.unpack_from("<QQ", data)
-                if read(offset, 4) != b"OCHK":
-                    raise NotFollowed(f"no continuation block at {offset}")
-                # a continuation block: "OCHK", messages, a checksum
-                blocks.append((offset + 4, continued - 8))
-            pos += step + size
-    return found
+    return header + at + width, int.from_bytes(start[at : at + width], "little")
 
 
 def _blocks(blocks: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:

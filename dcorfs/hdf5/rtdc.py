@@ -273,36 +273,32 @@ class RtdcSource:
                     names: list[bytes] = []
                     group.id.links.iterate(names.append)
                     for name in names:
-                        info = group.id.links.get_info(name)
-                        if info.type == h5py.h5l.TYPE_HARD:
-                            ranges.append((info.u, info.u + HEADER_GUESS))
+                        address = _header_address(group, name)
+                        if address is not None:
+                            ranges.append((address, address + HEADER_GUESS))
             self.remote.ensure(ranges, deadline=deadline)
 
-    def _fetch_index(self, name: str, deadline: float) -> None:
-        """Have the index of a feature's chunks in the cache, fetched a level of its B-tree at
+    def _fetch_index(self, data: h5py.Dataset, deadline: float) -> None:
+        """Have the index of a dataset's chunks in the cache, fetched a level of its B-tree at
         a time (`chunkindex`), before h5py walks it one node after another."""
-        parent, _, leaf = f"events/{name}".rpartition("/")
-        end = self.remote.obj.size
+        address = None
+        # (a hint: what fails here fails again, reported, when h5py reads it)
+        with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
+            parent, _, name = data.name.rpartition("/")
+            address = _header_address(data.file[parent or "/"], name.encode())
+        if address is None:
+            return
 
         def read(offset: int, size: int) -> bytes:
-            return self.remote.read_range(offset, min(offset + size, end), deadline)
+            return self.remote.read_range(offset, offset + size, deadline)
 
         def fetch(ranges: Sequence[tuple[int, int]]) -> None:
-            self.remote.ensure([(a, min(b, end)) for a, b in ranges], deadline=deadline)
+            self.remote.ensure(list(ranges), deadline=deadline)
 
         try:
-            with self._reading(name, deadline):
-                group = self.open(deadline).get(parent)
-                if not isinstance(group, h5py.Group):
-                    return
-                info = group.id.links.get_info(leaf.encode())
-                if info.type != h5py.h5l.TYPE_HARD:
-                    return
-            index_nodes(read, fetch, info.u)
+            index_nodes(read, fetch, address)
         except NotFollowed as exc:
-            log.debug("%s of %s: chunk index left to h5py: %s", name, self.remote.obj.key, exc)
-        except ProtocolError:
-            pass  # (what h5py cannot read here fails again, reported, when it reads it)
+            log.debug("%s of %s: chunk index left to h5py: %s", data.name, self.remote.obj.key, exc)
 
     @property
     def _in_memory(self) -> bool:
@@ -401,7 +397,7 @@ class RtdcSource:
         found = self._all_layouts(deadline) if self._in_memory else {}
         if name not in found:
             data = self.dataset(name, deadline)
-            self._fetch_index(name, deadline)
+            self._fetch_index(data, deadline)
             found[name] = _layout_of(data, name, self.remote.obj.key)
         self._keep(found)
         with self._lock:
@@ -558,6 +554,13 @@ def described(value: dict[str, list[Any]], kind: str) -> dict[str, Feature]:
         )
         for name, (dtype, shape, *rest) in value.items()
     }
+
+
+def _header_address(group: h5py.Group, name: bytes) -> int | None:
+    """Where the object header of a group's member lies (its hard link's address); None for
+    a soft or external link."""
+    info = group.id.links.get_info(name)
+    return int(info.u) if info.type == h5py.h5l.TYPE_HARD else None
 
 
 def _layout_of(data: h5py.Dataset, name: str, where: str) -> _Layout | None:
