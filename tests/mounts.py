@@ -42,17 +42,6 @@ def daemon_pid(mnt: Path) -> int:
     return int(json.loads((mnt / ".dcorfs" / "status.json").read_text())["pid"])
 
 
-def written(mnt: Path, seconds: float = 30.0) -> None:
-    """Wait until the mount's disk writer has stored all it was given (status.json)."""
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        status = json.loads((mnt / ".dcorfs" / "status.json").read_text())
-        if status["disk_writes"]["queued_blocks"] == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{mnt}: blocks still waiting for the disk after {seconds} s")
-
-
 def alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:

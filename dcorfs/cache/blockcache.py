@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
 from .budget import InFlight
+from .diskstore import DiskStore
 from .identity import ObjectId
 from .prefetch import DISK_PARTS_FROM
-from .writebehind import Store
 
 __all__ = ["BlockCache", "CacheStats", "Fetch"]
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class BlockCache:
         self,
         *,
         fetch: Fetch,
-        store: Store | None,
+        store: DiskStore | None,
         block_size: int = 1 << 20,
         memory_bytes: int = 128 << 20,
         max_fetch_bytes: int = 8 << 20,

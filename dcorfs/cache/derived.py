@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from ..errors import ProtocolError
 from .blockcache import BlockCache
 from .budget import InFlight
+from .diskstore import DiskStore
 from .identity import ObjectId
-from .writebehind import Store
 
 SEPARATOR = "#"
 VERSION = 1  # bump when the bytes of any derived object change for the same inputs
@@ -61,7 +61,7 @@ class DerivedCache(BlockCache):
     def __init__(
         self,
         *,
-        store: Store | None,
+        store: DiskStore | None,
         block_size: int = 1 << 20,
         memory_bytes: int = 32 << 20,
         max_fetch_bytes: int = 8 << 20,

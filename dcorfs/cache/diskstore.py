@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +51,6 @@ RETRY_FULL = 30.0
 TOUCH_EVERY = 5.0
 TOUCH_BATCH = 64  # marks of use written together
 SETTLED = 60.0  # seconds after which no writer of a block or file can be at work any more
-
-Put = tuple[ObjectId, dict[int, bytes], int | None]  # blocks of an object, and their size
 
 
 @dataclass(frozen=True)
@@ -86,10 +84,6 @@ def _take_lock(directory: Path, how: int, *, create: bool) -> int | None:
         os.close(fd)
         return None
     return fd
-
-
-def _has_row(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM blocks WHERE name=?", (name,)).fetchone() is not None
 
 
 def block_name(layout: Layout, index: int) -> str:
@@ -511,44 +505,29 @@ class DiskStore:
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
     ) -> int:
         """Store blocks of one object (one accounting transaction); returns how many."""
-        return self.put_objects([(obj, blocks, block_size)])
-
-    def put_objects(self, batch: Sequence[Put]) -> int:
-        """Store blocks of several objects, (object, {index: bytes}, block size or None for
-        the store's), in one accounting transaction; returns how many."""
         now = time.time()
         if now < self._full_until:
             return 0
-        by_file: dict[str, tuple[ObjectId, Layout, dict[int, bytes]]] = {}
+        layout = Layout.of(obj, block_size or self.block_size)
+        chosen: dict[int, bytes] = {}
         total = 0
-        for obj, blocks, block_size in batch:
-            layout = Layout.of(obj, block_size or self.block_size)
-            taken = by_file.setdefault(layout.name, (obj, layout, {}))[2]
-            for index, data in sorted(blocks.items()):
-                if index in taken:
-                    continue
-                if total + len(data) > self.limit:
-                    break  # never more than the limit, even in one batch
-                taken[index] = data
-                total += len(data)
-        chosen = [(obj, layout, taken) for obj, layout, taken in by_file.values() if taken]
+        for index, data in sorted(blocks.items()):
+            if total + len(data) > self.limit:
+                break  # never more than the limit, even in one batch
+            chosen[index] = data
+            total += len(data)
         if not chosen:
             return 0
-        entries = [
-            (obj, [(block_name(layout, index), len(data)) for index, data in taken.items()])
-            for obj, layout, taken in chosen
-        ]
-        names = [name for _, rows in entries for name, _ in rows]
+        entries = [(block_name(layout, index), len(data)) for index, data in chosen.items()]
+        names = [name for name, _ in entries]
         try:
-            self._admit(entries, now)
-            for _, layout, taken in chosen:
-                self._write(layout, taken)
-            self._drop_evicted([(layout, taken) for _, layout, taken in chosen])
+            self._admit(obj, entries, now)
+            self._write(layout, chosen)
+            self._drop_evicted(layout, chosen)
         except OSError as exc:
             self._unadmit(names)
-            for _, layout, taken in chosen:
-                with contextlib.suppress(OSError):
-                    self._erase(layout, list(taken))
+            with contextlib.suppress(OSError):
+                self._erase(layout, list(chosen))
             if exc.errno in FULL_DISK:
                 if self._full_until == 0.0:
                     log.warning("cache disabled for now (%s): reads go to the network", exc)
@@ -558,7 +537,7 @@ class DiskStore:
         except sqlite3.Error as exc:
             log.warning("cache accounting failed (%s): blocks not stored", exc)
             return 0
-        return sum(len(taken) for _, _, taken in chosen)
+        return len(chosen)
 
     def _write(self, layout: Layout, blocks: dict[int, bytes]) -> None:
         path = self._objects / layout.name
@@ -570,11 +549,10 @@ class DiskStore:
         finally:
             os.close(fd)
 
-    def _admit(self, entries: list[tuple[ObjectId, list[tuple[str, int]]]], now: float) -> None:
-        """Record blocks (by object) and evict LRU blocks so that the total stays within the
-        limit."""
-        size = sum(nbytes for _, rows in entries for _, nbytes in rows)
-        names = [(name,) for _, rows in entries for name, _ in rows]
+    def _admit(self, obj: ObjectId, entries: list[tuple[str, int]], now: float) -> None:
+        """Record blocks and evict LRU blocks so that the total stays within the limit."""
+        size = sum(nbytes for _, nbytes in entries)
+        names = [(name,) for name, _ in entries]
         with self._transaction() as db:
             self._write_touches(db)
             db.executemany("DELETE FROM blocks WHERE name=?", names)
@@ -594,13 +572,10 @@ class DiskStore:
             # now (its new blocks go into a new file, written after `_free`): without holes
             # its evicted blocks' space comes back only so
             emptied = self._emptied(db, victims)
-            db.executemany(
-                "INSERT INTO blocks VALUES (?, ?, ?)",
-                [(name, nbytes, now) for _, rows in entries for name, nbytes in rows],
-            )
-            db.executemany(
+            db.executemany("INSERT INTO blocks VALUES (?, ?, ?)", [(n, b, now) for n, b in entries])
+            db.execute(
                 "INSERT OR IGNORE INTO objects VALUES (?, ?, ?, ?)",
-                [(obj.identity.hex(), obj.key, obj.etag, obj.size) for obj, _ in entries],
+                (obj.identity.hex(), obj.key, obj.etag, obj.size),
             )
         # after the commit: a writer that still saw a victim's row is now bound to see it gone
         self._free(victims, emptied)
@@ -649,17 +624,20 @@ class DiskStore:
             with contextlib.suppress(OSError):
                 self._erase(layout, indices)
 
-    def _drop_evicted(self, written: list[tuple[Layout, dict[int, bytes]]]) -> None:
+    def _drop_evicted(self, layout: Layout, blocks: dict[int, bytes]) -> None:
         """Another process may have evicted a block between its admission and its writing:
         a block without its row would escape the size bound, so it goes."""
         with self._sql() as db:
             gone = [
-                (layout, [i for i in blocks if not _has_row(db, block_name(layout, i))])
-                for layout, blocks in written
+                index
+                for index in blocks
+                if db.execute(
+                    "SELECT 1 FROM blocks WHERE name=?", (block_name(layout, index),)
+                ).fetchone()
+                is None
             ]
-        for layout, indices in gone:
-            if indices:
-                self._erase(layout, indices)
+        if gone:
+            self._erase(layout, gone)
 
     def _unadmit(self, names: list[str]) -> None:
         with contextlib.suppress(sqlite3.Error), self._sql() as db:

@@ -23,7 +23,6 @@ from ..cache.derived import DerivedCache
 from ..cache.diskstore import DiskStore
 from ..cache.metastore import Memo, MetaStore
 from ..cache.prefetch import DECODED_BLOCK
-from ..cache.writebehind import WriteBehind
 from ..fs.activity import Activity
 from ..fs.fuse_ops import Operations
 from ..fs.readahead import Prefetcher
@@ -82,7 +81,6 @@ class Layers:
 
     http: Http
     disk: DiskStore
-    writer: WriteBehind  # both caches' blocks to `disk`
     store: MetaStore
     buckets: BucketCatalog | None  # --s3-only
     catalog: Catalog | None  # with DCOR's API
@@ -96,7 +94,7 @@ class Layers:
     def close(self) -> None:
         parts = (self.pools, self.resources, self.derived, self.cache)
         shared = (self.shared,) if self.shared is not None else ()  # its uploads use http
-        for part in (*parts, *shared, self.http, self.store, self.writer, self.disk):
+        for part in (*parts, *shared, self.http, self.store, self.disk):
             part.close()
 
 
@@ -106,7 +104,6 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
     )
-    writer = WriteBehind(disk)
     s3 = object_store(settings, http)
     store = MetaStore(settings.cache_dir / cachedir.META, scope=scope(settings))
     memo = Memo(store, timeout=settings.timeout)
@@ -131,13 +128,13 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     fetch = make_fetch(http, locator)
     cache = BlockCache(
         fetch=shared.wrap(fetch) if shared is not None else fetch,
-        store=writer,
+        store=disk,
         block_size=settings.block_size,
         memory_bytes=plan.blocks,
         in_flight=InFlight(plan.fetching),
     )
     derived = DerivedCache(  # decoded feature values, in the same store and size bound
-        store=writer,
+        store=disk,
         block_size=DECODED_BLOCK,
         memory_bytes=plan.decoded,
         max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
@@ -180,18 +177,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         recheck=settings.dir_cache_time,
     )
     return Layers(
-        http,
-        disk,
-        writer,
-        store,
-        buckets,
-        catalog,
-        cache,
-        derived,
-        pools,
-        objects,
-        resources,
-        shared,
+        http, disk, store, buckets, catalog, cache, derived, pools, objects, resources, shared
     )
 
 
@@ -239,7 +225,6 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
             "started": started,
             "cache": dataclasses.asdict(cache.stats()),
             "decoded": dataclasses.asdict(derived.stats()),
-            "disk_writes": layers.writer.stats(),
             "requests": http.request_counts(),
             "fuse": dict(activity.counters),
             "read_latency": activity.histogram(),

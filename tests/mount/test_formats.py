@@ -25,7 +25,7 @@ from dcorfs.devserver.server import DevServer
 from dcorfs.devserver.site import SiteOptions
 
 from ..conftest import info, resource_dir, write_json
-from ..mounts import mounted, needs_fuse, written
+from ..mounts import mounted, needs_fuse
 from .test_features import equal, source, values, variants_dir, with_condensed
 
 pytestmark = [
@@ -116,13 +116,11 @@ def test_a_stack_is_served_from_the_decoded_values_of_the_npy_file(
         directory = resource_dir(mnt, entry)
         npy = (directory / "image.npy").read_bytes()
         pixels = np.load(directory / "image.npy", mmap_mode="r").nbytes
-        written(mnt)
         before = cache_bytes(cache)
         server.stats.reset()
         tif = (directory / "image.tif").read_bytes()
         assert server.stats.snapshot()["object_bytes"] == 0
         assert tif.endswith(npy[-pixels:]) and len(tif) == (directory / "image.tif").stat().st_size
-        written(mnt)
         assert cache_bytes(cache) - before < pixels / 4, (before, cache_bytes(cache), pixels)
 
 

@@ -21,7 +21,7 @@ import requests
 
 from dcorfs.devserver.server import DevServer
 
-from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse, written
+from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -88,7 +88,6 @@ def test_status_numbers_move_as_data_is_read(devserver: DevServer, tmp_path: Pat
         before = json.loads(first.stdout)
         data = np.load(mnt / "datasets" / "generated" / "M001_data" / "area_um.npy")
         assert data.shape == (300,)
-        written(mnt)
         after = json.loads(dcorfs("status", str(mnt), "--json").stdout)
         assert after["cache"]["fetched_bytes"] > before["cache"]["fetched_bytes"]
         assert after["cache"]["disk_bytes"] > before["cache"]["disk_bytes"]
