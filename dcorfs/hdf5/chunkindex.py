@@ -32,6 +32,7 @@ UNDEFINED = 0xFFFFFFFFFFFFFFFF  # the undefined address
 LAYOUT = 0x0008  # data layout message
 CONTINUATION = 0x0010  # object header continuation message
 CHUNKED = 2  # layout class
+CHUNK_NODES = 1  # B-tree node type of chunks
 NODE_PREFIX = 24  # "TREE", type, level, entries used, left and right sibling addresses
 NODE_GUESS = 65  # keys and children fetched with a node: 2K + 1 keys at HDF5's default K = 32
 HEADER_READ = 4096  # bytes read at an object header (or continuation block) at first
@@ -50,7 +51,7 @@ def index_nodes(read: Read, fetch: Fetch, header: int) -> int:
     """Fetch the B-tree nodes indexing the chunks of the dataset whose object header is at
     `header`: level by level, each level's nodes in one `fetch`. Returns the number of nodes
     found; `NotFollowed` when the dataset's layout is not one this reads."""
-    _offsets_of_8_bytes(read)
+    offsets_of_8_bytes(read)
     btree, dimensions = _chunked_layout(read, header)
     if btree == UNDEFINED:
         return 0  # no chunk written yet
@@ -62,7 +63,7 @@ def index_nodes(read: Read, fetch: Fetch, header: int) -> int:
         children: list[int] = []
         levels = set()
         for address in level_nodes:
-            level, entries = _node(read, address, key)
+            level, entries = node(read, address, key)
             levels.add(level)
             if level > 0:  # (the children of a leaf are chunks, which are data)
                 children += entries
@@ -80,7 +81,7 @@ def index_nodes(read: Read, fetch: Fetch, header: int) -> int:
     raise NotFollowed("the chunk index is deeper than any B-tree can be")
 
 
-def _offsets_of_8_bytes(read: Read) -> None:
+def offsets_of_8_bytes(read: Read) -> None:
     """That the file's addresses and lengths are 8 bytes (its superblock, at its start)."""
     superblock = read(0, 16)
     if superblock[:8] != b"\x89HDF\r\n\x1a\n" or len(superblock) < 16:
@@ -90,11 +91,12 @@ def _offsets_of_8_bytes(read: Read) -> None:
         raise NotFollowed(f"addresses and lengths of {superblock[at]}, {superblock[at + 1]} bytes")
 
 
-def _node(read: Read, address: int, key: int) -> tuple[int, list[int]]:
-    """A B-tree node of chunks: its level and its children's addresses."""
+def node(read: Read, address: int, key: int, kind: int = CHUNK_NODES) -> tuple[int, list[int]]:
+    """A B-tree node of `kind` (chunks; groups: `groupindex`) with keys of `key` bytes: its
+    level and its children's addresses."""
     prefix = read(address, NODE_PREFIX)
-    if len(prefix) < NODE_PREFIX or prefix[:4] != b"TREE" or prefix[4] != 1:
-        raise NotFollowed(f"no B-tree node of chunks at {address}")
+    if len(prefix) < NODE_PREFIX or prefix[:4] != b"TREE" or prefix[4] != kind:
+        raise NotFollowed(f"no B-tree node of type {kind} at {address}")
     level, used = prefix[5], struct.unpack_from("<H", prefix, 6)[0]
     if used > MAX_ENTRIES:
         raise NotFollowed(f"a B-tree node of {used} entries at {address}")
@@ -110,7 +112,7 @@ def _chunked_layout(read: Read, header: int) -> tuple[int, int]:
     """The B-tree address and the dimensionality (rank + 1) of a chunked dataset's layout
     message (version 3: class, dimensionality, address, ...) in the object header at
     `header`."""
-    for kind, data in _messages(read, header):
+    for kind, data in messages(read, header):
         if kind != LAYOUT:
             continue
         if len(data) < 11 or data[0] != 3 or data[1] != CHUNKED:
@@ -119,7 +121,7 @@ def _chunked_layout(read: Read, header: int) -> tuple[int, int]:
     raise NotFollowed("no data layout message")
 
 
-def _messages(read: Read, header: int) -> list[tuple[int, bytes]]:
+def messages(read: Read, header: int) -> list[tuple[int, bytes]]:
     """The messages of the object header at `header` (version 1 or 2), continuation blocks
     followed (each once, at most `MAX_BLOCKS` of them)."""
     start = read(header, HEADER_READ)

@@ -47,10 +47,11 @@ from ..cache.derived import DerivedCache, derived_id
 from ..cache.identity import ObjectId
 from ..cache.prefetch import HEADER_GUESS, STRUCTURE, decoded_block
 from ..errors import ProtocolError
-from .chunkindex import NotFollowed, index_nodes
+from .chunkindex import Fetch, NotFollowed, Read, index_nodes
 from .chunks import ChunkError, Codec, rows
 from .featurerule import checked, file_facts, innate, shown
 from .fileobj import SeekableFile
+from .groupindex import root_header, symbol_tables
 from .structure import (
     GROUPS,
     H5PY_ERRORS,
@@ -263,7 +264,11 @@ class RtdcSource:
         """Have the object headers of what an .rtdc reader walks (features, logs, tables) in
         the cache: one parallel batch per level of groups (their addresses are in the links
         of the level above), instead of h5py's chain of one miss per object."""
+        groups: dict[str, int] = {}  # object header addresses of the groups met, by path
+        with contextlib.suppress(NotFollowed):
+            groups["/"] = root_header(self._walk_io(deadline)[0])
         for level in STRUCTURE:
+            self._fetch_links([groups[path] for path in level if path in groups], deadline)
             ranges = []
             with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
                 for path in level:  # (a hint: what fails here fails again, reported, later)
@@ -276,7 +281,31 @@ class RtdcSource:
                         address = _header_address(group, name)
                         if address is not None:
                             ranges.append((address, address + HEADER_GUESS))
+                            groups[f"{path}/{name.decode()}".lstrip("/")] = address
             self.remote.ensure(ranges, deadline=deadline)
+
+    def _walk_io(self, deadline: float) -> tuple[Read, Fetch]:
+        """How `chunkindex` and `groupindex` read the file (through the cache) and fetch
+        batches of ranges into it."""
+
+        def read(offset: int, size: int) -> bytes:
+            return self.remote.read_range(offset, offset + size, deadline)
+
+        def fetch(ranges: Sequence[tuple[int, int]]) -> None:
+            self.remote.ensure(list(ranges), deadline=deadline)
+
+        return read, fetch
+
+    def _fetch_links(self, headers: list[int], deadline: float) -> None:
+        """Have the link storage of these groups (their object headers' addresses) in the
+        cache, a level of their B-trees at a time (`groupindex`), before h5py lists them one
+        miss after another."""
+        if not headers:
+            return
+        try:
+            symbol_tables(*self._walk_io(deadline), headers)
+        except NotFollowed as exc:
+            log.debug("%s: groups' links left to h5py: %s", self.remote.obj.key, exc)
 
     def _fetch_index(self, data: h5py.Dataset, deadline: float) -> None:
         """Have the index of a dataset's chunks in the cache, fetched a level of its B-tree at
@@ -288,15 +317,8 @@ class RtdcSource:
             address = _header_address(data.file[parent or "/"], name.encode())
         if address is None:
             return
-
-        def read(offset: int, size: int) -> bytes:
-            return self.remote.read_range(offset, offset + size, deadline)
-
-        def fetch(ranges: Sequence[tuple[int, int]]) -> None:
-            self.remote.ensure(list(ranges), deadline=deadline)
-
         try:
-            index_nodes(read, fetch, address)
+            index_nodes(*self._walk_io(deadline), address)
         except NotFollowed as exc:
             log.debug("%s of %s: chunk index left to h5py: %s", data.name, self.remote.obj.key, exc)
 

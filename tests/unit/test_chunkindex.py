@@ -17,7 +17,7 @@ import pytest
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.identity import ObjectId
 from dcorfs.hdf5 import rtdc
-from dcorfs.hdf5.chunkindex import UNDEFINED, NotFollowed, _messages, index_nodes
+from dcorfs.hdf5.chunkindex import UNDEFINED, NotFollowed, index_nodes, messages
 from dcorfs.hdf5.rtdc import RemoteFile, RtdcSource
 
 
@@ -105,8 +105,8 @@ def test_what_h5py_reads_to_list_the_chunks_was_fetched_a_level_at_a_time(
         header = events.id.links.get_info(b"deep").u
     assert data[header : header + 4] == b"OHDR" if kwargs else data[header] == 1
     if not kwargs:  # its attributes went on in a continuation block
-        messages = _messages(lambda offset, size: data[offset : offset + size], header)
-        assert any(kind == 0x0010 for kind, _ in messages)
+        found = messages(lambda offset, size: data[offset : offset + size], header)
+        assert any(kind == 0x0010 for kind, _ in found)
     for name, depth in (("deep", levels), ("image", 2)):
         batches, nodes = prefetch(data, name)
         assert len(batches) == depth, (name, [len(b) for b in batches])
