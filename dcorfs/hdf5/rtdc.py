@@ -281,7 +281,7 @@ class RtdcSource:
                         address = _header_address(group, name)
                         if address is not None:
                             ranges.append((address, address + HEADER_GUESS))
-                            groups[f"{path}/{name.decode()}".lstrip("/")] = address
+                            groups[f"{path}/{name.decode(errors='replace')}".lstrip("/")] = address
             self.remote.ensure(ranges, deadline=deadline)
 
     def _walk_io(self, deadline: float) -> tuple[Read, Fetch]:

@@ -203,3 +203,13 @@ def test_opening_lists_the_groups_from_the_cache(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(rtdc, "symbol_tables", lambda read, fetch, headers: 0)
     unwalked = misses_of_h5py(data, monkeypatch)
     assert walked <= 8 and unwalked > 3 * walked, (walked, unwalked)
+
+
+def test_members_whose_names_are_not_utf8_do_not_stop_the_opening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    buffer = io.BytesIO(write(members=5))
+    with h5py.File(buffer, "a") as h5:
+        h5.create_group(b"\xffnot utf-8")
+        h5["events"].create_dataset(b"\xfe\xff", data=np.zeros(3))
+    assert misses_of_h5py(buffer.getvalue(), monkeypatch) <= 8
