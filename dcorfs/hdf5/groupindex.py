@@ -85,8 +85,8 @@ def symbol_tables(read: Read, fetch: Fetch, headers: Sequence[int]) -> int:
         if seen.intersection(inner) or len(inner) != len(set(inner)):
             raise NotFollowed("a B-tree node of a group is a child twice")
         seen.update(inner)
-        if len(seen) > MAX_NODES:
-            raise NotFollowed(f"more than {MAX_NODES} B-tree nodes")
+        if len(seen) > MAX_NODES or len(leaves) > MAX_NODES:
+            raise NotFollowed(f"more than {MAX_NODES} B-tree or symbol table nodes")
         batch = [(a, a + NODE_BYTES) for a in inner] + [(a, a + leaf_bytes) for a in leaves]
         fetch(batch + pending)
         pending = []

@@ -155,6 +155,10 @@ def test_a_damaged_file_is_refused_not_followed_without_end() -> None:
         walk(image({1024: b"TREE\x01" + group_node(0, [4096])[5:]}))
     with pytest.raises(NotFollowed, match="local heap of"):  # names of 1 TiB
         walk(image({1024: group_node(0, [4096])}, heap_size=1 << 40))
+    many = {1024: group_node(1, list(range(2048, 2048 + 17 * 560, 560)))}
+    many |= {a: group_node(0, [40000] * 4000) for a in range(2048, 2048 + 17 * 560, 560)}
+    with pytest.raises(NotFollowed, match="symbol table nodes"):  # 68,000 of them
+        walk(image(many))
     crowded = bytearray(group_node(0, [4096]))
     crowded[6:8] = struct.pack("<H", 65535)
     with pytest.raises(NotFollowed, match="entries"):
