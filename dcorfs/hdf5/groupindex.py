@@ -46,15 +46,23 @@ MAX_HEAP = 1 << 24  # bytes of one local heap's data: names of a group's members
 SNOD_ENTRY = 40  # a symbol table entry with 8-byte offsets
 LEAF_K_AT = 16  # where a superblock of version 0 or 1 holds the group leaf node K
 ROOT_AT = {0: 64, 1: 68}  # … and its root group's object header address, by its version
+SUPERBLOCK_READ = 76  # bytes of such a superblock read: up to that address
 
 
 def root_header(read: Read) -> int:
     """The object header address of the root group, from a superblock of version 0 or 1 (its
     root group's symbol table entry)."""
-    superblock = read(0, 76)
-    if len(superblock) < 76 or superblock[8] not in ROOT_AT:
-        raise NotFollowed("no superblock of version 0 or 1")
+    superblock = _superblock(read)
     return int(struct.unpack_from("<Q", superblock, ROOT_AT[superblock[8]])[0])
+
+
+def _superblock(read: Read) -> bytes:
+    """The superblock's first bytes, where it is of version 0 or 1 (the groups of a file of a
+    later version are stored otherwise)."""
+    superblock = read(0, SUPERBLOCK_READ)
+    if len(superblock) < SUPERBLOCK_READ or superblock[8] not in ROOT_AT:
+        raise NotFollowed("no superblock of version 0 or 1: groups stored otherwise")
+    return superblock
 
 
 def symbol_tables(read: Read, fetch: Fetch, headers: Sequence[int]) -> int:
@@ -121,11 +129,8 @@ def _heap_data(read: Read, heap: int) -> tuple[int, int]:
 
 
 def _leaf_k(read: Read) -> int:
-    """The group leaf node K of the file (superblock version 0 or 1; 4 by default)."""
-    superblock = read(0, LEAF_K_AT + 2)
-    if len(superblock) < LEAF_K_AT + 2 or superblock[8] not in ROOT_AT:
-        raise NotFollowed("no superblock of version 0 or 1: groups stored otherwise")
-    k = int(struct.unpack_from("<H", superblock, LEAF_K_AT)[0])
+    """The group leaf node K of the file (4 by default)."""
+    k = int(struct.unpack_from("<H", _superblock(read), LEAF_K_AT)[0])
     if not 0 < k <= MAX_ENTRIES:
         raise NotFollowed(f"a group leaf node K of {k}")
     return k

@@ -264,11 +264,9 @@ class RtdcSource:
         """Have the object headers of what an .rtdc reader walks (features, logs, tables) in
         the cache: one parallel batch per level of groups (their addresses are in the links
         of the level above), instead of h5py's chain of one miss per object."""
-        groups: dict[str, int] = {}  # object header addresses of the groups met, by path
-        with contextlib.suppress(NotFollowed):
-            groups["/"] = root_header(self._walk_io(deadline)[0])
+        read, fetch = self._walk_io(deadline)
         for level in STRUCTURE:
-            self._fetch_links([groups[path] for path in level if path in groups], deadline)
+            self._fetch_links(self._group_headers(h5, level, read, deadline), read, fetch)
             ranges = []
             with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
                 for path in level:  # (a hint: what fails here fails again, reported, later)
@@ -281,8 +279,28 @@ class RtdcSource:
                         address = _header_address(group, name)
                         if address is not None:
                             ranges.append((address, address + HEADER_GUESS))
-                            groups[f"{path}/{name.decode(errors='replace')}".lstrip("/")] = address
             self.remote.ensure(ranges, deadline=deadline)
+
+    def _group_headers(
+        self, h5: h5py.File, paths: Sequence[str], read: Read, deadline: float
+    ) -> list[int]:
+        """The object header addresses of these groups: the root's from the superblock, the
+        others' from the links of their parents (listed, so cached, by the level before)."""
+        found = []
+        for path in paths:
+            address = None
+            if path == "/":
+                with contextlib.suppress(NotFollowed):
+                    address = root_header(read)
+            else:
+                parent, _, name = path.rpartition("/")
+                with self.remote.deadline(deadline), contextlib.suppress(*H5PY_ERRORS):
+                    group = h5.get(parent or "/")
+                    if isinstance(group, h5py.Group) and name in group:
+                        address = _header_address(group, name.encode())
+            if address is not None:
+                found.append(address)
+        return found
 
     def _walk_io(self, deadline: float) -> tuple[Read, Fetch]:
         """How `chunkindex` and `groupindex` read the file (through the cache) and fetch
@@ -296,14 +314,14 @@ class RtdcSource:
 
         return read, fetch
 
-    def _fetch_links(self, headers: list[int], deadline: float) -> None:
+    def _fetch_links(self, headers: list[int], read: Read, fetch: Fetch) -> None:
         """Have the link storage of these groups (their object headers' addresses) in the
         cache, a level of their B-trees at a time (`groupindex`), before h5py lists them one
         miss after another."""
         if not headers:
             return
         try:
-            symbol_tables(*self._walk_io(deadline), headers)
+            symbol_tables(read, fetch, headers)
         except NotFollowed as exc:
             log.debug("%s: groups' links left to h5py: %s", self.remote.obj.key, exc)
 
