@@ -1,4 +1,5 @@
-"""HDF5 attributes read and written through h5py's low-level API, as its high-level API would.
+"""HDF5 attributes read through h5py's low-level API and written through libhdf5 itself
+(`capi`), as h5py's high-level API would.
 
 h5py's `obj.attrs[name]` and `obj.attrs[name] = value` make the HDF5 datatypes of every value
 anew (a numpy dtype from the file's type, a memory type from that dtype: ~30 µs), and more
@@ -7,20 +8,24 @@ and listing a resource reads them all and writes them again into the synthesized
 the types are made once per kind of value and kept; everything else is what h5py does
 (`h5py._hl.attrs.AttributeManager.__getitem__` and `.create`), step by step, so values read
 are equal and files written byte for byte the same (tests compare both with h5py's own).
-Values of uncommon kinds (empty, array-typed, compound) are written through h5py's
-high-level API.
+Writing numbers and text makes h5py's libhdf5 calls without h5py's objects (`capi`); values of
+uncommon kinds (empty, array-typed, compound, text arrays holding other objects) are written
+through h5py's high-level API.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Any
 
 import h5py
 import numpy as np
-from h5py import h5a, h5p, h5s, h5t
+from h5py import h5a, h5p, h5t
 from h5py._hl.base import array_for_new_object
 from h5py._objects import phil
+
+from . import capi
 
 KEPT_TYPES = 256  # kinds of values whose types are kept (cleared when more appear)
 
@@ -133,11 +138,31 @@ def _write_key(dtype: np.dtype) -> Any:
     return None
 
 
+def _text_pointers(data: np.ndarray, encoding: str) -> ctypes.Array[ctypes.c_char_p] | None:
+    """The strings of a text array as C pointers for a vlen write, encoded as h5py encodes
+    them (its errors included); None if an element is neither text nor bytes."""
+    encoded = []
+    for item in data.flat:
+        if isinstance(item, str):
+            value = item.encode("ascii" if encoding == "ascii" else "utf-8")
+        elif isinstance(item, bytes):
+            value = item
+        else:
+            return None
+        if b"\0" in value:
+            raise ValueError("VLEN strings do not support embedded NULLs")
+        encoded.append(value)
+    return (ctypes.c_char_p * len(encoded))(*encoded)
+
+
 def write(obj: h5py.HLObject, name: str, given: Any) -> None:
     """`obj.attrs[name] = given` for an attribute `obj` does not have yet."""
     data = array_for_new_object(given)
     key = _write_key(data.dtype)
-    if key is None or isinstance(given, h5py.Empty):
+    pointers = None
+    if key is not None and data.dtype.kind == "O":
+        pointers = _text_pointers(data, key[1])
+    if key is None or isinstance(given, h5py.Empty) or (data.dtype.kind == "O" and not pointers):
         obj.attrs[name] = given
         return
     with phil:
@@ -146,13 +171,24 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
             made = (h5t.py_create(data.dtype, logical=True), h5t.py_create(data.dtype))
             _WRITE.put(key, made)
         htype, mtype = made
-        space = h5s.create_simple(data.shape)
-        holder, encoded = _holder(obj.id), name.encode("utf-8", "surrogateescape")
-        attr = h5a.create(holder, encoded, htype, space)
-        try:
-            attr.write(data, mtype=mtype)
-        except BaseException:
-            attr.close()
-            h5a.delete(holder, encoded)
-            raise
-        attr.close()
+        holder = _holder(obj.id)
+        encoded = name.encode("utf-8", "surrogateescape")
+        if pointers is not None:  # text: pointers to its strings, of the file's vlen type
+            capi.write_attribute(
+                holder.id,
+                encoded,
+                htype.id,
+                memory_type=htype.id,
+                shape=data.shape,
+                buffer=pointers,
+            )
+        else:
+            data = np.require(data, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
+            capi.write_attribute(
+                holder.id,
+                encoded,
+                htype.id,
+                memory_type=mtype.id,
+                shape=data.shape,
+                buffer=data.ctypes.data,
+            )

@@ -1,6 +1,8 @@
 """The structure of an HDF5 file whose large datasets are filled in later, built locally.
 
-`build` lets libhdf5 (through h5py) write a complete file into a sparse in-memory buffer:
+`build` lets libhdf5 write a complete file into a sparse in-memory buffer (the file, its
+groups and small datasets through h5py; lazy datasets and attributes, by the dozen, through
+`capi`, making the calls h5py makes, the same bytes):
 groups, attributes, small datasets with their data, and contiguous, uncompressed datasets
 whose storage is allocated but never written. What was written is the `Skeleton`: the file's
 size, the written byte runs, and the byte extent of every lazy dataset. Any byte of the file
@@ -29,7 +31,7 @@ import h5py
 import numpy as np
 from h5py._objects import phil
 
-from . import h5attrs
+from . import capi, h5attrs
 from .fileobj import SeekableFile
 
 PAGE = 4096
@@ -127,27 +129,55 @@ class _SparseBuffer(SeekableFile):
         pass
 
 
+_TYPES: dict[str, tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]] = {}  # dtype → (file, memory) type
+_LAZY: list[h5py.h5p.PropDCID] = []  # the properties of lazy datasets, made once
+
+
+def _types(dtype: np.dtype) -> tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]:
+    """The file and memory types h5py makes for a dataset of `dtype` (kept: few kinds)."""
+    made = _TYPES.get(dtype.str)
+    if made is None:
+        made = _TYPES[dtype.str] = (
+            h5py.h5t.py_create(dtype, logical=True),
+            h5py.h5t.py_create(dtype),
+        )
+    return made
+
+
 def _lazy_dcpl() -> h5py.h5p.PropDCID:
-    """Contiguous storage, allocated on first write, never filled with a fill value."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    return dcpl
+    """Contiguous storage, allocated on first write, never filled with a fill value, no
+    times (as h5py's `create_dataset` sets them)."""
+    if not _LAZY:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dcpl.set_obj_track_times(False)
+        _LAZY.append(dcpl)
+    return _LAZY[0]
 
 
-def _allocate(dataset: h5py.Dataset) -> None:
-    """Make HDF5 allocate a lazy dataset's storage now (by writing its first element: a zero,
-    through the low-level API, as `dataset[0, …] = 0` would)."""
-    if dataset.size:
-        one = (1,) * dataset.ndim
-        space = dataset.id.get_space()
-        space.select_hyperslab((0,) * dataset.ndim, one)
-        zero = np.zeros(one, dataset.dtype)
-        dataset.id.write(h5py.h5s.create_simple(one), space, zero)
+class _Lazy:
+    """A lazy dataset made through `capi` (its storage allocated by `allocate`); `dataset`
+    is h5py's object for it, which owns (and closes) its identifier `id`."""
+
+    def __init__(self, parent: h5py.Group, name: str, dtype: np.dtype, shape: tuple[int, ...]):
+        self.dtype, self.shape = dtype, shape
+        file_type = _types(dtype)[0]
+        self.id = capi.create_dataset(
+            parent.id.id, name.encode(), file_type.id, shape, _lazy_dcpl().id
+        )
+        self.dataset = h5py.Dataset(h5py.h5d.DatasetID(self.id))
+
+    def allocate(self) -> None:
+        """Make HDF5 allocate the storage now, by writing the first element: a zero (as
+        `dataset[0, …] = 0` would)."""
+        if all(self.shape):
+            zero = np.zeros((1,) * len(self.shape), self.dtype)
+            capi.write_first(self.id, len(self.shape), _types(self.dtype)[1].id, zero.ctypes.data)
 
 
-def _set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
     for name, value in attrs.items():
         h5attrs.write(obj, name, value)
 
@@ -155,9 +185,11 @@ def _set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
 def _write(
     buffer: _SparseBuffer, attrs: dict[str, Any], specs: list[Spec], groups: list[str]
 ) -> dict[str, tuple[int, int]]:
-    """Write the file; returns the extent (offset, length) of each allocated lazy dataset."""
+    """Write the file; returns the extent (offset, length) of each allocated lazy dataset.
+    Each step holds h5py's lock (`capi`); `build` may hold it throughout."""
     with h5py.File(buffer, "w", libver=LIBVER, locking=False) as out:
-        _set_attrs(out, attrs)
+        with phil:
+            _set_attrs(out, attrs)
         made_groups: dict[str, h5py.Group] = {"": out}
 
         def group(path: str) -> h5py.Group:
@@ -167,30 +199,31 @@ def _write(
 
         for path in groups:
             group(path)
-        lazy: list[tuple[Spec, h5py.Dataset]] = []
+        lazy: list[tuple[Spec, _Lazy]] = []
         for spec in specs:
             parent, _, name = spec.path.rpartition("/")
-            where = group(parent)
-            if spec.data is not None:
-                made = where.create_dataset(name, data=spec.data)
-            else:
-                made = where.create_dataset(
-                    name, shape=spec.shape, dtype=spec.dtype, dcpl=_lazy_dcpl()
-                )
-                lazy.append((spec, made))
-            _set_attrs(made, spec.attrs)
-        gap = out.create_dataset(_GAP_NAME, shape=(GAP,), dtype="u1", dcpl=_lazy_dcpl())
-        gap_made = False
-        for spec, made in lazy:
-            if spec.gap_before and not gap_made:
-                _allocate(gap)
-                gap_made = True
-            _allocate(made)
+            with phil:
+                where = group(parent)
+                if spec.data is not None:
+                    made = where.create_dataset(name, data=spec.data)
+                else:
+                    created = _Lazy(where, name, spec.dtype, spec.shape)
+                    lazy.append((spec, created))
+                    made = created.dataset
+                _set_attrs(made, spec.attrs)
         extents = {}
-        for spec, made in lazy:
-            offset = made.id.get_offset()
-            if offset is not None:
-                extents[spec.path] = (int(offset), int(made.id.get_storage_size()))
+        with phil:
+            gap = _Lazy(out, _GAP_NAME, np.dtype("u1"), (GAP,))
+            gap_made = False
+            for spec, created in lazy:
+                if spec.gap_before and not gap_made:
+                    gap.allocate()
+                    gap_made = True
+                created.allocate()
+            for spec, created in lazy:
+                found = capi.extent(created.id)
+                if found is not None:
+                    extents[spec.path] = found
         del out[_GAP_NAME]  # its storage stays a hole; no object refers to it
     return extents
 

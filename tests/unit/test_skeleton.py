@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.fs.content import PartsContent, RowContent, StaticContent
-from dcorfs.hdf5.skeleton import GAP, Skeleton, Spec, build
+from dcorfs.hdf5.skeleton import GAP, LIBVER, Skeleton, Spec, build
 
 H5DUMP = shutil.which("h5dump")
 
@@ -75,6 +77,99 @@ def test_the_skeleton_plus_the_data_is_the_file(tmp_path: Path) -> None:
             [H5DUMP, "-d", "/events/index", str(path)], capture_output=True, text=True, check=True
         ).stdout
         assert "(0): 1, 2, 3, 4," in dumped
+
+
+def h5py_written(
+    attrs: dict[str, Any], specs: list[Spec], groups: list[str]
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The file (written bytes, zeros elsewhere) and extents that h5py's high-level API
+    makes when asked what `build` asks of libhdf5 directly."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", libver=LIBVER, locking=False) as out:
+        out.attrs.update(attrs)
+        for path in groups:
+            out.require_group(path)
+        lazy = []
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        for spec in specs:
+            parent, _, name = spec.path.rpartition("/")
+            where = out.require_group(parent) if parent else out
+            if spec.data is not None:
+                made = where.create_dataset(name, data=spec.data)
+            else:
+                made = where.create_dataset(name, shape=spec.shape, dtype=spec.dtype, dcpl=dcpl)
+                lazy.append((spec, made))
+            made.attrs.update(spec.attrs)
+        gap = out.create_dataset("dcorfs-gap", shape=(GAP,), dtype="u1", dcpl=dcpl)
+        gap_made = False
+        for spec, made in lazy:
+            if spec.gap_before and not gap_made:
+                gap[0] = 0
+                gap_made = True
+            if made.size:
+                made[(0,) * made.ndim] = 0
+        extents = {
+            spec.path: (made.id.get_offset(), made.id.get_storage_size())
+            for spec, made in lazy
+            if made.id.get_offset() is not None
+        }
+        del out["dcorfs-gap"]
+    return buffer.getvalue(), extents
+
+
+def skeleton_bytes(skeleton: Skeleton) -> bytes:
+    """The skeleton's file with zeros in its extents."""
+    out = bytearray(skeleton.size)
+    for offset, run in skeleton.runs:
+        out[offset : offset + len(run)] = run
+    return bytes(out)
+
+
+def test_the_build_is_byte_for_byte_what_h5py_writes() -> None:
+    attrs, specs, _ = sample_specs()
+    specs.append(Spec("events/empty", np.dtype("<f8"), (0,), {"note": ["a", "b"]}))
+    skeleton = build(attrs, specs, ["events", "logs", "tables", "logs/empty"])
+    image, extents = h5py_written(attrs, specs, ["events", "logs", "tables", "logs/empty"])
+    assert skeleton.extents == extents
+    assert skeleton_bytes(skeleton) == image.ljust(skeleton.size, b"\0")
+
+
+kinds = st.sampled_from(["<f8", "<f4", ">f8", "<i2", "<u4", "u1", "|b1", "<i8"])
+shapes = st.lists(st.integers(0, 5), min_size=1, max_size=3).map(tuple)
+attr_values = st.one_of(
+    st.floats(allow_nan=False),
+    st.integers(-(2**40), 2**40),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=12),
+    st.lists(st.text("abc", max_size=3), min_size=1, max_size=3),
+    st.booleans(),
+)
+spec_lists = st.lists(
+    st.tuples(
+        kinds,
+        shapes,
+        st.dictionaries(st.text("abcdef:", min_size=1, max_size=6), attr_values, max_size=4),
+        st.booleans(),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec_lists, st.dictionaries(st.text("xyz:", min_size=1, max_size=5), attr_values))
+def test_any_build_is_byte_for_byte_what_h5py_writes(
+    made: list[tuple[str, tuple[int, ...], dict[str, Any], bool]], attrs: dict[str, Any]
+) -> None:
+    specs = [
+        Spec(f"events/f{i}", np.dtype(kind), shape, spec_attrs, gap_before=gap)
+        for i, (kind, shape, spec_attrs, gap) in enumerate(made)
+    ]
+    skeleton = build(attrs, specs, ["events"])
+    image, extents = h5py_written(attrs, specs, ["events"])
+    assert skeleton.extents == extents
+    assert skeleton_bytes(skeleton) == image.ljust(skeleton.size, b"\0")
 
 
 def test_layout_metadata_first_then_scalars_then_a_hole_then_images() -> None:

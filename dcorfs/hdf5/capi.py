@@ -1,0 +1,145 @@
+"""libhdf5 called directly (ctypes) for the calls a skeleton build makes by the hundred.
+
+Listing a resource writes the structure of its synthesized `.rtdc` (`hdf5.skeleton`): a few
+dozen datasets and a few hundred attributes. Through h5py each of those calls makes Python
+objects for every identifier (types, dataspaces, attributes, property lists), registers them
+and checks errors on its own; measured here, that was 70% of the build and libhdf5 itself
+25% (doc/ARCHITECTURE.md, "Speed"). These functions make the same libhdf5
+calls h5py makes, with plain integer identifiers, on the very library h5py has loaded (so
+one HDF5 library state, one set of identifiers: h5py's objects and these mix freely).
+
+Callers hold h5py's lock (`h5py._objects.phil`) around every call: h5py's libhdf5 is not
+built thread-safe, and h5py serialises all its calls under that lock. The library is opened
+with `ctypes.PyDLL`, which keeps the GIL through each call: they are short, and a thread
+giving the GIL up and taking it back around each of hundreds of calls would queue behind
+every other thread of the daemon each time. Every identifier made here is closed here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py  # noqa: F401  (loads libhdf5, whose path is then in this process's maps)
+
+HADDR_UNDEF = (1 << 64) - 1  # haddr_t's "no address" (H5public.h)
+_SCALAR = 0  # H5S_SCALAR (H5Spublic.h, H5S_class_t)
+_SELECT_SET = 0  # H5S_SELECT_SET (H5Spublic.h, H5S_seloper_t)
+_DEFAULT = 0  # H5P_DEFAULT, and H5S_ALL
+
+_hid = ctypes.c_int64  # hid_t (64 bits since HDF5 1.10)
+_herr = ctypes.c_int  # herr_t
+_haddr = ctypes.c_uint64  # haddr_t, hsize_t
+_ptr = ctypes.c_void_p
+
+
+def _loaded_library() -> str:
+    """The path of the libhdf5 h5py uses (its wheel's own copy, or the system's)."""
+    with Path("/proc/self/maps").open() as maps:
+        for line in maps:
+            path = line.rstrip("\n").split(maxsplit=5)[-1]
+            name = Path(path).name
+            if name.startswith("libhdf5") and not name.startswith("libhdf5_") and ".so" in name:
+                return path
+    raise ImportError("the HDF5 library h5py uses is not among this process's libraries")
+
+
+_lib = ctypes.PyDLL(_loaded_library())
+_SIGNATURES: dict[str, tuple[list[type], type]] = {
+    "H5Screate": ([ctypes.c_int], _hid),
+    "H5Screate_simple": ([ctypes.c_int, _ptr, _ptr], _hid),
+    "H5Sselect_hyperslab": ([_hid, ctypes.c_int, _ptr, _ptr, _ptr, _ptr], _herr),
+    "H5Sclose": ([_hid], _herr),
+    "H5Acreate2": ([_hid, ctypes.c_char_p, _hid, _hid, _hid, _hid], _hid),
+    "H5Awrite": ([_hid, _hid, _ptr], _herr),
+    "H5Aclose": ([_hid], _herr),
+    "H5Adelete": ([_hid, ctypes.c_char_p], _herr),
+    "H5Dcreate2": ([_hid, ctypes.c_char_p, _hid, _hid, _hid, _hid, _hid], _hid),
+    "H5Dget_space": ([_hid], _hid),
+    "H5Dwrite": ([_hid, _hid, _hid, _hid, _hid, _ptr], _herr),
+    "H5Dget_offset": ([_hid], _haddr),
+    "H5Dget_storage_size": ([_hid], _haddr),
+}
+for _name, (_args, _result) in _SIGNATURES.items():
+    _function = getattr(_lib, _name)
+    _function.argtypes, _function.restype = _args, _result
+
+
+class HDF5CallError(RuntimeError):
+    """A libhdf5 call returned its failure value."""
+
+
+def _checked(name: str, result: int) -> int:
+    if result < 0:
+        raise HDF5CallError(f"libhdf5's {name} failed")
+    return result
+
+
+def _dims(shape: Sequence[int]) -> ctypes.Array[ctypes.c_uint64]:
+    return (ctypes.c_uint64 * len(shape))(*shape)
+
+
+@contextmanager
+def dataspace(shape: Sequence[int]) -> Iterator[int]:
+    """A dataspace of this shape (scalar for (), as h5py makes it), closed on leaving."""
+    if shape:
+        space = _lib.H5Screate_simple(len(shape), _dims(shape), None)
+    else:
+        space = _lib.H5Screate(_SCALAR)
+    _checked("H5Screate", space)
+    try:
+        yield space
+    finally:
+        _lib.H5Sclose(space)
+
+
+def write_attribute(
+    holder: int, name: bytes, file_type: int, *, memory_type: int, shape: Sequence[int], buffer: Any
+) -> None:
+    """Create attribute `name` of object `holder`, of type `file_type`, and write it from
+    memory at `buffer`, whose values are of `memory_type` (text: pointers to its strings)."""
+    with dataspace(shape) as space:
+        attr = _checked("H5Acreate2", _lib.H5Acreate2(holder, name, file_type, space, 0, 0))
+    written = _lib.H5Awrite(attr, memory_type, buffer)
+    _lib.H5Aclose(attr)
+    if written < 0:
+        _lib.H5Adelete(holder, name)  # no attribute without its value
+        _checked("H5Awrite", written)
+
+
+def create_dataset(
+    parent: int, name: bytes, file_type: int, shape: Sequence[int], dcpl: int
+) -> int:
+    """A new dataset's identifier (the caller's to close), created as h5py's `h5d.create`
+    creates it, with default link and access properties."""
+    with dataspace(shape) as space:
+        return _checked("H5Dcreate2", _lib.H5Dcreate2(parent, name, file_type, space, 0, dcpl, 0))
+
+
+def write_first(dataset: int, rank: int, memory_type: int, buffer: int) -> None:
+    """Write the dataset's first element (all indices 0) from memory at `buffer`."""
+    one = _dims((1,) * rank)
+    file_space = _checked("H5Dget_space", _lib.H5Dget_space(dataset))
+    try:
+        _checked(
+            "H5Sselect_hyperslab",
+            _lib.H5Sselect_hyperslab(file_space, _SELECT_SET, _dims((0,) * rank), None, one, None),
+        )
+        with dataspace((1,) * rank) as memory_space:
+            _checked(
+                "H5Dwrite",
+                _lib.H5Dwrite(dataset, memory_type, memory_space, file_space, _DEFAULT, buffer),
+            )
+    finally:
+        _lib.H5Sclose(file_space)
+
+
+def extent(dataset: int) -> tuple[int, int] | None:
+    """(offset, bytes) of a contiguous dataset's storage in the file, None if unallocated."""
+    offset = _lib.H5Dget_offset(dataset)
+    if offset == HADDR_UNDEF:
+        return None
+    return int(offset), int(_lib.H5Dget_storage_size(dataset))
