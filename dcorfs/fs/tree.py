@@ -156,12 +156,16 @@ class LazyFile(File):
     def settle(self) -> None:
         self._settled()
 
-    def _settled(self) -> FileContent:
-        """Blocking: the content, made once (a failed making is tried again next time)."""
+    def begin(self) -> Future[FileContent]:
+        """Start making the content (if not started or failed before), without waiting."""
         with self._lock:
             if self._future is None:
                 self._future = self._start(self._make)
-            future = self._future
+            return self._future
+
+    def _settled(self) -> FileContent:
+        """Blocking: the content, made once (a failed making is tried again next time)."""
+        future = self.begin()
         try:
             return future.result()
         except BaseException:
@@ -707,9 +711,13 @@ class ResourceDir(Dir):
         return _keep(old, new)
 
     def prepare(self) -> None:
-        """Load the listing now (in the background): errors are left to the next reader."""
+        """Load the listing now (in the background), and start making its lazy files (the
+        synthesized .rtdc: a listing with attributes waits for its size): errors are left
+        to the next reader."""
         try:
-            self.children()
+            for child in self.children().values():
+                if isinstance(child, LazyFile):
+                    child.begin()
         except DcorfsError as exc:
             log.debug("preparing %s: %s", self.path, exc)
 

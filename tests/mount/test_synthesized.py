@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import h5py
 import hdf5plugin  # noqa: F401  (the sources use the Zstd filter)
 import numpy as np
 import pytest
+
+from dcorfs.cache.cachedir import META
 
 from ..conftest import ServerProcess, resource_dir, rtdc_entries
 from ..mounts import mounted, needs_fuse
@@ -215,3 +219,32 @@ def test_the_file_is_the_same_on_every_mount(
             small = min(paths, key=lambda rid: sizes[rid])
             seen.append({"sizes": sizes, "digest": digest(paths[small])})
     assert seen[0] == seen[1]
+
+
+def test_listing_a_dataset_builds_its_resources_synthesized_files_ahead(
+    devserver_process: ServerProcess, tmp_path: Path
+) -> None:
+    """Once a dataset's directory is listed, the structure of every RT-DC resource's
+    `.rtdc` is built in the background (an `ls -l` of a resource directory answers with its
+    size), before any resource directory is opened."""
+    entry = entries(devserver_process)[0]
+    expected = {
+        e["id"] for e in rtdc_entries(devserver_process) if e["dataset"] == entry["dataset"]
+    }
+
+    def built() -> set[str]:
+        db = sqlite3.connect(f"file:{tmp_path / 'cache' / META}?mode=ro", uri=True)
+        try:
+            keys = db.execute("SELECT key FROM answers WHERE key LIKE 'rtdc-skeleton:%'")
+            return {key.split(":")[2] for (key,) in keys}
+        except sqlite3.OperationalError:  # not made yet
+            return set()
+        finally:
+            db.close()
+
+    with mounted(tmp_path / "mnt", devserver_process.url, tmp_path / "cache") as mnt:
+        assert list((mnt / "datasets" / entry["dataset"]).iterdir())
+        deadline = time.monotonic() + 60
+        while built() != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert built() == expected
