@@ -154,6 +154,8 @@ def read(
     magic, prefix, stored_index, stored_length = ENTRY.unpack_from(raw)
     if (magic, prefix, stored_index, stored_length) != (MAGIC, layout.identity[:8], index, length):
         raise Damaged(f"block {index}: entry names another block")
+    if start >= stop:  # nothing of the block asked (a range at or past its end)
+        return b""
     first, last = start // PAGE, -(-stop // PAGE)
     begin, end = first * PAGE, min(last * PAGE, length)
     data = os.pread(fd, end - begin, layout.data_at(index) + begin)
