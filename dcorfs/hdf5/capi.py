@@ -72,9 +72,10 @@ class HDF5CallError(RuntimeError):
     """A libhdf5 call returned its failure value."""
 
 
-def _checked(name: str, result: int) -> int:
+def _checked(name: str, result: int, what: bytes = b"") -> int:
     if result < 0:
-        raise HDF5CallError(f"libhdf5's {name} failed")
+        about = f" ({what.decode('utf-8', 'replace')})" if what else ""
+        raise HDF5CallError(f"libhdf5's {name} failed{about}")
     return result
 
 
@@ -102,12 +103,12 @@ def write_attribute(
     """Create attribute `name` of object `holder`, of type `file_type`, and write it from
     memory at `buffer`, whose values are of `memory_type` (text: pointers to its strings)."""
     with dataspace(shape) as space:
-        attr = _checked("H5Acreate2", _lib.H5Acreate2(holder, name, file_type, space, 0, 0))
+        attr = _checked("H5Acreate2", _lib.H5Acreate2(holder, name, file_type, space, 0, 0), name)
     written = _lib.H5Awrite(attr, memory_type, buffer)
     _lib.H5Aclose(attr)
     if written < 0:
         _lib.H5Adelete(holder, name)  # no attribute without its value
-        _checked("H5Awrite", written)
+        _checked("H5Awrite", written, name)
 
 
 def create_dataset(
@@ -116,7 +117,8 @@ def create_dataset(
     """A new dataset's identifier (the caller's to close), created as h5py's `h5d.create`
     creates it, with default link and access properties."""
     with dataspace(shape) as space:
-        return _checked("H5Dcreate2", _lib.H5Dcreate2(parent, name, file_type, space, 0, dcpl, 0))
+        made = _lib.H5Dcreate2(parent, name, file_type, space, 0, dcpl, 0)
+        return _checked("H5Dcreate2", made, name)
 
 
 def write_first(dataset: int, rank: int, memory_type: int, buffer: int) -> None:

@@ -11,10 +11,12 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.fs.content import PartsContent, RowContent, StaticContent
+from dcorfs.hdf5.capi import HDF5CallError
 from dcorfs.hdf5.skeleton import GAP, LIBVER, Skeleton, Spec, build
 
 H5DUMP = shutil.which("h5dump")
@@ -268,3 +270,10 @@ def test_parts_read_only_the_rows_asked_for() -> None:
     assert asked == [(5, 8)]
     assert content.peek(55, 3) is None  # rows are made in a worker thread, never on peek
     assert content.peek(0, 50) == bytes(50)
+
+
+def test_a_failing_libhdf5_call_names_what_it_made() -> None:
+    """Two datasets of one name: libhdf5 refuses the second, and the error says which."""
+    spec = Spec("events/deform", np.dtype("<f8"), (3,))
+    with pytest.raises(HDF5CallError, match=r"H5Dcreate2 failed \(deform\)"):
+        build({}, [spec, spec])
