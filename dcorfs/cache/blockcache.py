@@ -34,7 +34,7 @@ from .prefetch import DISK_PARTS_FROM
 __all__ = ["BlockCache", "CacheStats", "Fetch"]
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[ObjectId, int, int, float], bytes]
+Fetch = Callable[[ObjectId, int, int, float], bytes | memoryview]  # a view: blocks are copied out
 BlockKey = tuple[ObjectId, int]
 PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
 PARTS_AT_MOST = 2  # reads over this many blocks are served in whole blocks (see `_parts`)

@@ -30,7 +30,8 @@ from .identity import ObjectId
 SEPARATOR = "#"
 VERSION = 1  # bump when the bytes of any derived object change for the same inputs
 
-Make = Callable[[int, int, float], bytes]  # (start, stop, deadline) -> bytes [start, stop)
+# (start, stop, deadline) -> bytes [start, stop) (or a view of them: the cache copies blocks out)
+Make = Callable[[int, int, float], bytes | memoryview]
 
 
 def derived_id(
@@ -84,7 +85,7 @@ class DerivedCache(BlockCache):
         with self._makers_lock:
             self._makers.setdefault(obj, make)
 
-    def _make(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+    def _make(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes | memoryview:
         with self._makers_lock:
             make = self._makers.get(obj)
         if make is None:
