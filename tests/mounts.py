@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dcorfs.cache.cachedir import META
 from dcorfs.daemon.tuning import device_of
 
 FUSE_MISSING = (
@@ -67,6 +69,20 @@ def read_file(path: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def remembered_keys(cache: Path, prefix: str) -> list[str]:
+    """The keys of the answers a mount with this cache directory has remembered that start
+    with `prefix` (`cache.answers`: e.g. "rtdc-skeleton:"); none before the store exists."""
+    db = sqlite3.connect(f"file:{cache / META}?mode=ro", uri=True)
+    try:
+        query = "SELECT key FROM answers WHERE substr(key, 1, ?) = ?"
+        rows = db.execute(query, (len(prefix), prefix))
+        return [key for (key,) in rows]
+    except sqlite3.OperationalError:  # not made yet
+        return []
+    finally:
+        db.close()
 
 
 def log_lines(cache: Path, *needles: str) -> list[str]:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, Protocol
 
+from ..cache import prefetch
 from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
 from ..cache.identity import ObjectId
@@ -126,9 +127,10 @@ class File(Node):
 class LazyFile(File):
     """A file whose content, and so its size, is made in the background, started when its
     attributes are first asked (`settle()`, e.g. on lookup): the synthesized .rtdc, whose
-    HDF5 structure is built only for whoever looks at it, not for readers of other files.
-    `settle()` waits for it; if making it failed, the error is raised and the next `settle()`
-    tries again."""
+    HDF5 structure is built for whoever looks at it, not for readers of other files, or
+    ahead of them by a listed dataset's preparing (`make_here`, where the prefetch policy
+    says so: `prefetch.prebuild_synthesized`). `settle()` waits for it; if making it failed,
+    the error is raised and the next `settle()` tries again."""
 
     def __init__(
         self,
@@ -156,23 +158,32 @@ class LazyFile(File):
     def settle(self) -> None:
         self._settled()
 
-    def begin(self) -> Future[FileContent]:
-        """Start making the content (if not started or failed before), without waiting."""
+    def _failed(self) -> bool:
+        """Whether the last making failed (called with the lock held)."""
+        future = self._future
+        return future is not None and future.done() and future.exception() is not None
+
+    def make_here(self) -> None:
+        """Make the content in this thread, unless it is made, being made or failed before
+        (a failure is left to the next `settle()`, which tries again); readers who settle
+        meanwhile wait for this making, not for one of their own behind it."""
         with self._lock:
-            if self._future is None:
-                self._future = self._start(self._make)
-            return self._future
+            if self._future is not None:
+                return
+            future = self._future = Future()
+            future.set_running_or_notify_cancel()
+        try:
+            future.set_result(self._make())
+        except BaseException as exc:  # the waiters' and the next settle's (tried again)
+            future.set_exception(exc)
 
     def _settled(self) -> FileContent:
         """Blocking: the content, made once (a failed making is tried again next time)."""
-        future = self.begin()
-        try:
-            return future.result()
-        except BaseException:
-            with self._lock:
-                if self._future is future:
-                    self._future = None
-            raise
+        with self._lock:
+            if self._future is None or self._failed():
+                self._future = self._start(self._make)
+            future = self._future
+        return future.result()
 
     @property
     def size(self) -> int:
@@ -673,7 +684,7 @@ class ResourceDir(Dir):
         self._loading: Future[dict[str, Node]] | None = None
         # the opened resource the listing was made from, and whether the last listing was
         # made from another one (then its files whose bytes may differ are new nodes)
-        self._made_from: object = None
+        self._made_from: RtdcResource | None = None
         self._reopened = False
 
     def lookup(self, name: str) -> Node:
@@ -711,13 +722,16 @@ class ResourceDir(Dir):
         return _keep(old, new)
 
     def prepare(self) -> None:
-        """Load the listing now (in the background), and start making its lazy files (the
-        synthesized .rtdc: a listing with attributes waits for its size): errors are left
-        to the next reader."""
+        """Load the listing now (in the background), and make its synthesized .rtdc where
+        the prefetch policy says so (a listing with attributes waits for its size): errors
+        are left to the next reader."""
         try:
-            for child in self.children().values():
-                if isinstance(child, LazyFile):
-                    child.begin()
+            children = self.children()
+            opened = self._made_from
+            if opened is not None and prefetch.prebuild_synthesized(contour_of(opened) is not None):
+                for child in children.values():
+                    if isinstance(child, LazyFile):
+                        child.make_here()
         except DcorfsError as exc:
             log.debug("preparing %s: %s", self.path, exc)
 

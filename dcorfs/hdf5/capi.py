@@ -8,11 +8,14 @@ and checks errors on its own; measured here, that was 70% of the build and libhd
 calls h5py makes, with plain integer identifiers, on the very library h5py has loaded (so
 one HDF5 library state, one set of identifiers: h5py's objects and these mix freely).
 
-Callers hold h5py's lock (`h5py._objects.phil`) around every call: h5py's libhdf5 is not
-built thread-safe, and h5py serialises all its calls under that lock. The library is opened
-with `ctypes.PyDLL`, which keeps the GIL through each call: they are short, and a thread
-giving the GIL up and taking it back around each of hundreds of calls would queue behind
-every other thread of the daemon each time. Every identifier made here is closed here.
+Callers hold h5py's lock (`h5py._objects.phil`) around every call: h5py serialises all its
+calls to libhdf5 under that lock (whether or not the library was built thread-safe), and so
+must these. The library is reached through h5py's own extension module (`ctypes.PyDLL` on
+`h5py.h5`'s file: its symbols resolve to exactly the libhdf5 h5py uses, whatever its name or
+place), and `PyDLL` keeps the GIL through each call: they are short, and a thread giving the
+GIL up and taking it back around each of hundreds of calls would queue behind every other
+thread of the daemon each time. Identifiers made here are closed here, but for a created
+dataset's, which its caller owns.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import h5py  # noqa: F401  (loads libhdf5, whose path is then in this process's maps)
+import h5py
+
+from ..errors import ProtocolError
 
 HADDR_UNDEF = (1 << 64) - 1  # haddr_t's "no address" (H5public.h)
 _SCALAR = 0  # H5S_SCALAR (H5Spublic.h, H5S_class_t)
@@ -36,18 +40,18 @@ _haddr = ctypes.c_uint64  # haddr_t, hsize_t
 _ptr = ctypes.c_void_p
 
 
-def _loaded_library() -> str:
-    """The path of the libhdf5 h5py uses (its wheel's own copy, or the system's)."""
-    with Path("/proc/self/maps").open() as maps:
-        for line in maps:
-            path = line.rstrip("\n").split(maxsplit=5)[-1]
-            name = Path(path).name
-            if name.startswith("libhdf5") and not name.startswith("libhdf5_") and ".so" in name:
-                return path
-    raise ImportError("the HDF5 library h5py uses is not among this process's libraries")
+def _library() -> ctypes.PyDLL:
+    """libhdf5 as h5py uses it, checked to be the version h5py was built for."""
+    lib = ctypes.PyDLL(h5py.h5.__file__)
+    found = [ctypes.c_uint(), ctypes.c_uint(), ctypes.c_uint()]
+    lib.H5get_libversion(*(ctypes.byref(part) for part in found))
+    version = tuple(part.value for part in found)
+    if version != tuple(h5py.version.hdf5_version_tuple):
+        raise ImportError(f"libhdf5 {version} is not the {h5py.version.hdf5_version} h5py uses")
+    return lib
 
 
-_lib = ctypes.PyDLL(_loaded_library())
+_lib = _library()
 _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "H5Screate": ([ctypes.c_int], _hid),
     "H5Screate_simple": ([ctypes.c_int, _ptr, _ptr], _hid),
@@ -68,8 +72,9 @@ for _name, (_args, _result) in _SIGNATURES.items():
     _function.argtypes, _function.restype = _args, _result
 
 
-class HDF5CallError(RuntimeError):
-    """A libhdf5 call returned its failure value."""
+class HDF5CallError(ProtocolError):
+    """A libhdf5 call returned its failure value (the file cannot be made from these
+    inputs: a listing leaves it out, a read of it fails)."""
 
 
 def _checked(name: str, result: int, what: bytes = b"") -> int:
@@ -80,6 +85,8 @@ def _checked(name: str, result: int, what: bytes = b"") -> int:
 
 
 def _dims(shape: Sequence[int]) -> ctypes.Array[ctypes.c_uint64]:
+    if any(n < 0 for n in shape):
+        raise ValueError(f"a dataspace of negative size: {tuple(shape)}")
     return (ctypes.c_uint64 * len(shape))(*shape)
 
 
@@ -87,10 +94,9 @@ def _dims(shape: Sequence[int]) -> ctypes.Array[ctypes.c_uint64]:
 def dataspace(shape: Sequence[int]) -> Iterator[int]:
     """A dataspace of this shape (scalar for (), as h5py makes it), closed on leaving."""
     if shape:
-        space = _lib.H5Screate_simple(len(shape), _dims(shape), None)
+        space = _checked("H5Screate_simple", _lib.H5Screate_simple(len(shape), _dims(shape), None))
     else:
-        space = _lib.H5Screate(_SCALAR)
-    _checked("H5Screate", space)
+        space = _checked("H5Screate", _lib.H5Screate(_SCALAR))
     try:
         yield space
     finally:
@@ -101,14 +107,18 @@ def write_attribute(
     holder: int, name: bytes, file_type: int, *, memory_type: int, shape: Sequence[int], buffer: Any
 ) -> None:
     """Create attribute `name` of object `holder`, of type `file_type`, and write it from
-    memory at `buffer`, whose values are of `memory_type` (text: pointers to its strings)."""
+    memory at `buffer`, whose values are of `memory_type` (text: pointers to its strings).
+    A failed write leaves no attribute behind."""
     with dataspace(shape) as space:
         attr = _checked("H5Acreate2", _lib.H5Acreate2(holder, name, file_type, space, 0, 0), name)
-    written = _lib.H5Awrite(attr, memory_type, buffer)
-    _lib.H5Aclose(attr)
-    if written < 0:
-        _lib.H5Adelete(holder, name)  # no attribute without its value
-        _checked("H5Awrite", written, name)
+    written = -1
+    try:  # (an exception a callback left pending is raised by the call itself)
+        written = _lib.H5Awrite(attr, memory_type, buffer)
+    finally:
+        _lib.H5Aclose(attr)
+        if written < 0:
+            _lib.H5Adelete(holder, name)
+    _checked("H5Awrite", written, name)
 
 
 def create_dataset(
@@ -121,27 +131,38 @@ def create_dataset(
         return _checked("H5Dcreate2", made, name)
 
 
-def write_first(dataset: int, rank: int, memory_type: int, buffer: int) -> None:
-    """Write the dataset's first element (all indices 0) from memory at `buffer`."""
+def write_first(dataset: int, rank: int, memory_type: int, buffer: int, *, name: bytes) -> None:
+    """Write the dataset's first element (all indices 0; the one element of a scalar one)
+    from memory at `buffer`."""
+    if rank == 0:
+        written = _lib.H5Dwrite(dataset, memory_type, _DEFAULT, _DEFAULT, _DEFAULT, buffer)
+        _checked("H5Dwrite", written, name)
+        return
     one = _dims((1,) * rank)
-    file_space = _checked("H5Dget_space", _lib.H5Dget_space(dataset))
+    file_space = _checked("H5Dget_space", _lib.H5Dget_space(dataset), name)
     try:
-        _checked(
-            "H5Sselect_hyperslab",
-            _lib.H5Sselect_hyperslab(file_space, _SELECT_SET, _dims((0,) * rank), None, one, None),
+        selected = _lib.H5Sselect_hyperslab(
+            file_space, _SELECT_SET, _dims((0,) * rank), None, one, None
         )
+        _checked("H5Sselect_hyperslab", selected, name)
         with dataspace((1,) * rank) as memory_space:
-            _checked(
-                "H5Dwrite",
-                _lib.H5Dwrite(dataset, memory_type, memory_space, file_space, _DEFAULT, buffer),
+            written = _lib.H5Dwrite(
+                dataset, memory_type, memory_space, file_space, _DEFAULT, buffer
             )
+            _checked("H5Dwrite", written, name)
     finally:
         _lib.H5Sclose(file_space)
 
 
-def extent(dataset: int) -> tuple[int, int] | None:
-    """(offset, bytes) of a contiguous dataset's storage in the file, None if unallocated."""
+def extent(dataset: int, *, name: bytes) -> tuple[int, int] | None:
+    """(offset, bytes) of a contiguous dataset's storage in the file, None if unallocated
+    (HDF5 then has no address for it, and no storage)."""
     offset = _lib.H5Dget_offset(dataset)
+    size = _lib.H5Dget_storage_size(dataset)
     if offset == HADDR_UNDEF:
+        if size:  # storage without an address: a failed call, not an empty dataset
+            raise HDF5CallError(
+                f"libhdf5's H5Dget_offset failed ({name.decode('utf-8', 'replace')})"
+            )
         return None
-    return int(offset), int(_lib.H5Dget_storage_size(dataset))
+    return int(offset), int(size)

@@ -12,7 +12,8 @@ and in real files these headers lie between the events' (compressed) points, so 
 offsets costs about as much as reading the contour region of the file. So they are asked for
 only when needed: when the `contour/` directory is first looked into or the synthesized .rtdc
 is built (which listing a resource directory does: it shows the file's size), never for a
-reader of the resource's other files (opening a resource does not). The header addresses are
+reader of the resource's other files (opening a resource does not, nor does preparing a listed
+dataset's resources: `cache.prefetch.prebuild_synthesized`). The header addresses are
 in the group's links: all headers of a resource are fetched in parallel (`RemoteFile.ensure`,
 in batches of `LENGTHS_BATCH`), not as N misses one after another under h5py's lock. The
 offsets are then remembered (like the features, for this version of the file; as the

@@ -127,15 +127,29 @@ def read(oid: Any, name: bytes) -> Any:
 
 def _write_key(dtype: np.dtype) -> Any:
     """What identifies the types of a value of `dtype`, or None (not kept): plain numbers
-    and byte strings by their dtype, text (h5py's vlen str) as such."""
+    and byte strings by their dtype, text (h5py's vlen str) as such. A dtype with fields,
+    a subarray or metadata (h5py's enums and strings keep theirs there) is not kept: its
+    `str` does not tell it apart."""
     if dtype.fields is not None or dtype.subdtype is not None:
         return None
     if dtype.kind != "O":
-        return dtype.str
+        return None if dtype.metadata else dtype.str
     text = h5t.check_string_dtype(dtype)
     if text is not None and text.length is None:
         return ("vlen", text.encoding)
     return None
+
+
+def types(dtype: np.dtype) -> tuple[h5t.TypeID, h5t.TypeID]:
+    """The file and memory types h5py makes for values of `dtype` (for an attribute or a
+    dataset), kept for the kinds `_write_key` tells apart. Called with h5py's lock held."""
+    key = _write_key(dtype)
+    made = _WRITE.get(key) if key is not None else None
+    if made is None:
+        made = (h5t.py_create(dtype, logical=True), h5t.py_create(dtype))
+        if key is not None:
+            _WRITE.put(key, made)
+    return made
 
 
 def _text_pointers(data: np.ndarray, encoding: str) -> ctypes.Array[ctypes.c_char_p] | None:
@@ -160,17 +174,17 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
     data = array_for_new_object(given)
     key = _write_key(data.dtype)
     pointers = None
-    if key is not None and data.dtype.kind == "O":
+    if key is not None and data.dtype.kind == "O" and data.size:
         pointers = _text_pointers(data, key[1])
-    if key is None or isinstance(given, h5py.Empty) or (data.dtype.kind == "O" and not pointers):
+    if (
+        key is None
+        or isinstance(given, h5py.Empty)
+        or (data.dtype.kind == "O" and pointers is None)
+    ):
         obj.attrs[name] = given
         return
     with phil:
-        made = _WRITE.get(key)
-        if made is None:
-            made = (h5t.py_create(data.dtype, logical=True), h5t.py_create(data.dtype))
-            _WRITE.put(key, made)
-        htype, mtype = made
+        htype, mtype = types(data.dtype)
         holder = _holder(obj.id)
         encoded = name.encode("utf-8", "surrogateescape")
         if pointers is not None:  # text: pointers to its strings, of the file's vlen type

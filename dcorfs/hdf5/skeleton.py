@@ -129,52 +129,48 @@ class _SparseBuffer(SeekableFile):
         pass
 
 
-_TYPES: dict[str, tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]] = {}  # dtype → (file, memory) type
-_LAZY: list[h5py.h5p.PropDCID] = []  # the properties of lazy datasets, made once
+_DCPL: dict[bool, h5py.h5p.PropDCID] = {}  # the properties of lazy datasets, made once
 
 
-def _types(dtype: np.dtype) -> tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]:
-    """The file and memory types h5py makes for a dataset of `dtype` (kept: few kinds)."""
-    made = _TYPES.get(dtype.str)
-    if made is None:
-        made = _TYPES[dtype.str] = (
-            h5py.h5t.py_create(dtype, logical=True),
-            h5py.h5t.py_create(dtype),
-        )
-    return made
-
-
-def _lazy_dcpl() -> h5py.h5p.PropDCID:
+def _lazy_dcpl(scalar: bool) -> h5py.h5p.PropDCID:
     """Contiguous storage, allocated on first write, never filled with a fill value, no
-    times (as h5py's `create_dataset` sets them)."""
-    if not _LAZY:
+    times: as h5py's `create_dataset` sets them, which for a scalar dataset (shape ()) keeps
+    the defaults but the times."""
+    if scalar not in _DCPL:
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        if not scalar:
+            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_LATE)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         dcpl.set_obj_track_times(False)
-        _LAZY.append(dcpl)
-    return _LAZY[0]
+        _DCPL[scalar] = dcpl
+    return _DCPL[scalar]
 
 
 class _Lazy:
     """A lazy dataset made through `capi` (its storage allocated by `allocate`); `dataset`
-    is h5py's object for it, which owns (and closes) its identifier `id`."""
+    is h5py's object for it, which owns (and closes) its identifier `id`. Made and used
+    with h5py's lock held."""
 
     def __init__(self, parent: h5py.Group, name: str, dtype: np.dtype, shape: tuple[int, ...]):
-        self.dtype, self.shape = dtype, shape
-        file_type = _types(dtype)[0]
-        self.id = capi.create_dataset(
-            parent.id.id, name.encode(), file_type.id, shape, _lazy_dcpl().id
-        )
+        self.dtype, self.shape, self.name = dtype, shape, name.encode()
+        file_type = h5attrs.types(dtype)[0]
+        dcpl = _lazy_dcpl(scalar=not shape).id
+        self.id = capi.create_dataset(parent.id.id, self.name, file_type.id, shape, dcpl)
         self.dataset = h5py.Dataset(h5py.h5d.DatasetID(self.id))
 
     def allocate(self) -> None:
         """Make HDF5 allocate the storage now, by writing the first element: a zero (as
-        `dataset[0, …] = 0` would)."""
+        `dataset[0, …] = 0` would; a scalar dataset's one element)."""
         if all(self.shape):
             zero = np.zeros((1,) * len(self.shape), self.dtype)
-            capi.write_first(self.id, len(self.shape), _types(self.dtype)[1].id, zero.ctypes.data)
+            memory_type = h5attrs.types(self.dtype)[1].id
+            capi.write_first(
+                self.id, len(self.shape), memory_type, zero.ctypes.data, name=self.name
+            )
+
+    def extent(self) -> tuple[int, int] | None:
+        return capi.extent(self.id, name=self.name)
 
 
 def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
@@ -211,19 +207,21 @@ def _write(
                     lazy.append((spec, created))
                     made = created.dataset
                 _set_attrs(made, spec.attrs)
-        extents = {}
         with phil:
             gap = _Lazy(out, _GAP_NAME, np.dtype("u1"), (GAP,))
-            gap_made = False
-            for spec, created in lazy:
+        gap_made = False
+        for spec, created in lazy:
+            with phil:  # per dataset (`build` may hold it throughout)
                 if spec.gap_before and not gap_made:
                     gap.allocate()
                     gap_made = True
                 created.allocate()
-            for spec, created in lazy:
-                found = capi.extent(created.id)
-                if found is not None:
-                    extents[spec.path] = found
+        extents = {}
+        for spec, created in lazy:
+            with phil:
+                found = created.extent()
+            if found is not None:
+                extents[spec.path] = found
         del out[_GAP_NAME]  # its storage stays a hole; no object refers to it
     return extents
 

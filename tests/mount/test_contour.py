@@ -40,7 +40,7 @@ from dcorfs.hdf5.rtdc import RemoteFile, RtdcResource, RtdcSource
 from dcorfs.hdf5.skeleton import Spec, build
 
 from ..conftest import FIXTURES, ServerProcess, resource_dir, rtdc_entries
-from ..mounts import mounted, needs_fuse
+from ..mounts import mounted, needs_fuse, remembered_keys
 
 FIELD = FIXTURES / "calibration_beads_47.rtdc"
 needs_field = pytest.mark.skipif(
@@ -348,3 +348,24 @@ def test_dclab_dcor_client_reads_the_contour_the_devserver_serves(
         assert "contour" in remote.features
         for i in (0, 1, len(expected) - 1):
             assert np.array_equal(remote["contour"][i], expected[i]), i
+
+
+def test_listing_a_dataset_does_not_build_the_rtdc_of_resources_with_a_contour(
+    contour_server: ServerProcess, tmp_path: Path
+) -> None:
+    """Preparing a listed dataset's resources opens them (their features are remembered) but
+    leaves the synthesized `.rtdc` of a resource with a contour (its build reads every
+    event's number of points) to whoever looks at it."""
+    dataset = _entry(contour_server, "contours", "C001_data.rtdc")["dataset"]
+    cache = tmp_path / "cache"
+    with mounted(tmp_path / "mnt", contour_server.url, cache) as mnt:
+        assert list((mnt / "datasets" / dataset).iterdir())
+        deadline = time.monotonic() + 60  # both files of both resources described
+        while len(remembered_keys(cache, "rtdc-features:")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(remembered_keys(cache, "rtdc-features:")) >= 4
+        time.sleep(2.0)  # a build would have been started with the opening
+        assert remembered_keys(cache, "rtdc-skeleton:") == []
+        listed = {p.name for p in (mnt / "datasets" / dataset / "C001_data").iterdir()}
+        assert "C001_data.rtdc" in listed  # whoever lists the directory has it built
+        assert len(remembered_keys(cache, "rtdc-skeleton:")) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,16 +17,15 @@ import hdf5plugin  # noqa: F401  (the sources use the Zstd filter)
 import numpy as np
 import pytest
 
-from dcorfs.cache.cachedir import META
-
 from ..conftest import ServerProcess, resource_dir, rtdc_entries
-from ..mounts import mounted, needs_fuse
+from ..mounts import mounted, needs_fuse, remembered_keys
 
 pytestmark = [
     needs_fuse,
     pytest.mark.fuse,
     pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.config.WrongConfigurationTypeWarning"),
 ]
+SKELETON = "rtdc-skeleton:"  # `cache.answers.skeleton`
 H5TOOLS = "" if shutil.which("h5dump") and shutil.which("h5ls") else "hdf5-tools not installed"
 needs_h5tools = pytest.mark.skipif(bool(H5TOOLS), reason=H5TOOLS or "ok")
 
@@ -233,14 +231,7 @@ def test_listing_a_dataset_builds_its_resources_synthesized_files_ahead(
     }
 
     def built() -> set[str]:
-        db = sqlite3.connect(f"file:{tmp_path / 'cache' / META}?mode=ro", uri=True)
-        try:
-            keys = db.execute("SELECT key FROM answers WHERE key LIKE 'rtdc-skeleton:%'")
-            return {key.split(":")[2] for (key,) in keys}
-        except sqlite3.OperationalError:  # not made yet
-            return set()
-        finally:
-            db.close()
+        return {key.split(":")[2] for key in remembered_keys(tmp_path / "cache", SKELETON)}
 
     with mounted(tmp_path / "mnt", devserver_process.url, tmp_path / "cache") as mnt:
         assert list((mnt / "datasets" / entry["dataset"]).iterdir())

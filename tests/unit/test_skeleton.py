@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.fs.content import PartsContent, RowContent, StaticContent
+from dcorfs.hdf5 import skeleton
 from dcorfs.hdf5.capi import HDF5CallError
 from dcorfs.hdf5.skeleton import GAP, LIBVER, Skeleton, Spec, build
 
@@ -140,19 +141,25 @@ def test_the_build_is_byte_for_byte_what_h5py_writes() -> None:
 
 
 kinds = st.sampled_from(["<f8", "<f4", ">f8", "<i2", "<u4", "u1", "|b1", "<i8"])
-shapes = st.lists(st.integers(0, 5), min_size=1, max_size=3).map(tuple)
+shapes = st.lists(st.integers(0, 5), max_size=3).map(tuple)  # () too: a scalar dataset
 attr_values = st.one_of(
     st.floats(allow_nan=False),
     st.integers(-(2**40), 2**40),
     st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=12),
     st.lists(st.text("abc", max_size=3), min_size=1, max_size=3),
     st.booleans(),
+    st.binary(max_size=8).filter(lambda b: b"\0" not in b),  # (NUL: test_structure)
+    st.lists(st.floats(allow_nan=False), min_size=1, max_size=4).map(np.array),
+    st.integers(0, 255).map(np.uint8),
+)
+attr_names = st.text(
+    st.characters(exclude_categories=["Cs"], exclude_characters="\0/."), min_size=1, max_size=6
 )
 spec_lists = st.lists(
     st.tuples(
         kinds,
         shapes,
-        st.dictionaries(st.text("abcdef:", min_size=1, max_size=6), attr_values, max_size=4),
+        st.dictionaries(attr_names, attr_values, max_size=4),
         st.booleans(),
     ),
     max_size=8,
@@ -277,3 +284,13 @@ def test_a_failing_libhdf5_call_names_what_it_made() -> None:
     spec = Spec("events/deform", np.dtype("<f8"), (3,))
     with pytest.raises(HDF5CallError, match=r"H5Dcreate2 failed \(deform\)"):
         build({}, [spec, spec])
+
+
+def test_a_build_of_many_datasets_is_what_h5py_writes_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `MANY` datasets h5py's lock is taken per dataset, not for the whole build."""
+    monkeypatch.setattr(skeleton, "MANY", 3)
+    specs = [Spec(f"events/f{i}", np.dtype("<f8"), (4,), {"i": i}) for i in range(8)]
+    made = build({"title": "many"}, specs, ["events"])
+    image, extents = h5py_written({"title": "many"}, specs, ["events"])
+    assert made.extents == extents
+    assert skeleton_bytes(made) == image.ljust(made.size, b"\0")

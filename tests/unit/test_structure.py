@@ -44,6 +44,9 @@ VALUES: dict[str, Any] = {
     "nothing": h5py.Empty("f8"),
     "zero length": np.zeros(0, dtype="<f4"),
     "compound": np.array([(1, 2.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    # an enum (h5py keeps it in the dtype's metadata), then a plain value of its base type
+    "enum": np.array(1, dtype=h5py.enum_dtype({"off": 0, "on": 1}, basetype="i1")),
+    "int8": np.int8(1),
 }
 
 

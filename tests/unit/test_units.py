@@ -345,6 +345,42 @@ async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
         assert await ops.read(info.fh, 0, 100) == b"synthesized"
 
 
+def test_a_lazy_file_made_ahead_is_waited_for_and_a_failure_there_is_tried_again() -> None:
+    """`make_here` (a listed dataset's preparing) makes the file in its own thread: a reader
+    settling meanwhile waits for that making, not for one of its own; when that making
+    failed, the next reader's settle makes the file again instead of meeting the old error."""
+    import concurrent.futures
+
+    attempts: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def make() -> StaticContent:
+        attempts.append(1)
+        if len(attempts) == 1:
+            entered.set()
+            release.wait(10)
+            raise TransientError("the build ahead fails")
+        return StaticContent(b"synthesized")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        lazy = LazyFile("/lazy.rtdc", make=make, start=pool.submit)
+        ahead = threading.Thread(target=lazy.make_here)
+        ahead.start()
+        assert entered.wait(10)
+        lazy.make_here()  # being made: nothing more
+        waiting = pool.submit(lazy.settle)  # a reader meanwhile: waits for the making ahead
+        time.sleep(0.1)
+        assert not waiting.done() and len(attempts) == 1
+        release.set()
+        ahead.join(10)
+        with pytest.raises(TransientError):
+            waiting.result(10)  # the failure of the making it waited for
+        lazy.settle()  # the next one makes it again
+        assert lazy.settled and lazy.size == len(b"synthesized") and len(attempts) == 2
+        lazy.make_here()  # made: nothing more
+        assert len(attempts) == 2
+
+
 def test_metadata_ranges_on_open() -> None:
     from dcorfs.cache.prefetch import HEAD, TAIL, metadata_ranges
 
