@@ -148,6 +148,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         ask=settings.ask_threads,
         prepare=settings.prepare_threads,
         build=settings.build_threads,
+        ahead=settings.build_threads,
         listing=settings.listing_threads,
     )
     objects = Objects(

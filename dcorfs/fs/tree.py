@@ -128,8 +128,8 @@ class LazyFile(File):
     """A file whose content, and so its size, is made in the background, started when its
     attributes are first asked (`settle()`, e.g. on lookup): the synthesized .rtdc, whose
     HDF5 structure is built for whoever looks at it, not for readers of other files, or
-    ahead of them by a listed dataset's preparing (`make_here`, where the prefetch policy
-    says so: `prefetch.prebuild_synthesized`). `settle()` waits for it; if making it failed,
+    ahead of them when a listed dataset's resource is prepared (`ahead`, where the prefetch
+    policy says so: `prefetch.prebuild_synthesized`). `settle()` waits for it; if making it failed,
     the error is raised and the next `settle()` tries again."""
 
     def __init__(
@@ -144,6 +144,7 @@ class LazyFile(File):
         self._start = start
         self._lock = threading.Lock()
         self._future: Future[FileContent] | None = None
+        self._waiting_ahead = False  # `_future` was started by `ahead`
 
     def _made(self) -> FileContent | None:
         future = self._future
@@ -163,26 +164,24 @@ class LazyFile(File):
         future = self._future
         return future is not None and future.done() and future.exception() is not None
 
-    def make_here(self) -> None:
-        """Make the content in this thread, unless it is made, being made or failed before
-        (a failure is left to the next `settle()`, which tries again); readers who settle
-        meanwhile wait for this making, not for one of their own behind it."""
+    def ahead(self, start: Callable[[Callable[[], FileContent]], Future[FileContent]]) -> None:
+        """Start making the content with `start` (a pool of work ahead of readers), unless
+        it is made, being made or failed before (a failure is left to the next `settle()`,
+        which tries again). A reader who settles while it still waits in that pool takes it
+        over (`settle()` starts it in its own pool instead)."""
         with self._lock:
-            if self._future is not None:
-                return
-            future = self._future = Future()
-            future.set_running_or_notify_cancel()
-        try:
-            future.set_result(self._make())
-        except BaseException as exc:  # the waiters' and the next settle's (tried again)
-            future.set_exception(exc)
+            if self._future is None:
+                self._future = start(self._make)
+                self._waiting_ahead = True
 
     def _settled(self) -> FileContent:
         """Blocking: the content, made once (a failed making is tried again next time)."""
         with self._lock:
-            if self._future is None or self._failed():
-                self._future = self._start(self._make)
             future = self._future
+            taken_over = self._waiting_ahead and future is not None and future.cancel()
+            if future is None or taken_over or self._failed():
+                future = self._future = self._start(self._make)
+            self._waiting_ahead = False
         return future.result()
 
     @property
@@ -382,6 +381,9 @@ class Workers(Protocol):
 
     @property
     def build(self) -> Executor: ...  # structures of synthesized files
+
+    @property
+    def ahead(self) -> Executor: ...  # the same, of resources opened ahead of readers
 
 
 class Context:
@@ -722,16 +724,16 @@ class ResourceDir(Dir):
         return _keep(old, new)
 
     def prepare(self) -> None:
-        """Load the listing now (in the background), and make its synthesized .rtdc where
-        the prefetch policy says so (a listing with attributes waits for its size): errors
-        are left to the next reader."""
+        """Load the listing now (in the background), and start making its synthesized .rtdc
+        where the prefetch policy says so (a listing with attributes waits for its size):
+        errors are left to the next reader."""
         try:
             children = self.children()
             opened = self._made_from
             if opened is not None and prefetch.prebuild_synthesized(contour_of(opened) is not None):
                 for child in children.values():
                     if isinstance(child, LazyFile):
-                        child.make_here()
+                        child.ahead(self._ctx.pools.ahead.submit)
         except DcorfsError as exc:
             log.debug("preparing %s: %s", self.path, exc)
 

@@ -12,11 +12,19 @@ import concurrent.futures
 class Pools:
     """`warm`: values and files warmed ahead; `ask`: API questions of one opening side by
     side; `prepare`: resources opened ahead of readers (a listed dataset's); `build`:
-    synthesized files' structure (CPU work, apart from network work); `listing`: resource
-    directory listings a reader waits for (not behind `prepare`)."""
+    synthesized files' structure (CPU work, apart from network work); `ahead`: the same,
+    for resources opened ahead of readers (a reader's build never queues behind them);
+    `listing`: resource directory listings a reader waits for (not behind `prepare`)."""
 
     def __init__(
-        self, *, warm: int = 4, ask: int = 8, prepare: int = 8, build: int = 2, listing: int = 4
+        self,
+        *,
+        warm: int = 4,
+        ask: int = 8,
+        prepare: int = 8,
+        build: int = 2,
+        ahead: int = 2,
+        listing: int = 4,
     ) -> None:
         def pool(size: int, name: str) -> concurrent.futures.ThreadPoolExecutor:
             return concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix=name)
@@ -25,8 +33,9 @@ class Pools:
         self.ask = pool(ask, "ask")
         self.prepare = pool(prepare, "prepare")
         self.build = pool(build, "build")
+        self.ahead = pool(ahead, "build-ahead")
         self.listing = pool(listing, "listing")
 
     def close(self) -> None:
-        for made in (self.warm, self.ask, self.prepare, self.build, self.listing):
+        for made in (self.warm, self.ask, self.prepare, self.build, self.ahead, self.listing):
             made.shutdown(wait=False, cancel_futures=True)

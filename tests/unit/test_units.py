@@ -345,39 +345,56 @@ async def test_lazy_files_are_made_when_looked_at_and_retry_failures() -> None:
         assert await ops.read(info.fh, 0, 100) == b"synthesized"
 
 
-def test_a_lazy_file_made_ahead_is_waited_for_and_a_failure_there_is_tried_again() -> None:
-    """`make_here` (a listed dataset's preparing) makes the file in its own thread: a reader
-    settling meanwhile waits for that making, not for one of its own; when that making
-    failed, the next reader's settle makes the file again instead of meeting the old error."""
+def test_a_lazy_file_made_ahead_is_taken_over_waited_for_or_made_again() -> None:
+    """`ahead` (a listed dataset's preparing) starts the making in a pool of its own: a
+    reader settling while it still waits there takes it over in the readers' pool; one
+    settling while it runs waits for it; when it failed, the next settle makes it again
+    instead of meeting the old error."""
     import concurrent.futures
 
-    attempts: list[int] = []
+    attempts: list[str] = []
     entered, release = threading.Event(), threading.Event()
 
     def make() -> StaticContent:
-        attempts.append(1)
-        if len(attempts) == 1:
+        name = threading.current_thread().name
+        attempts.append(name)
+        if name.startswith("ahead") and len(attempts) == 1:
             entered.set()
             release.wait(10)
             raise TransientError("the build ahead fails")
         return StaticContent(b"synthesized")
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        lazy = LazyFile("/lazy.rtdc", make=make, start=pool.submit)
-        ahead = threading.Thread(target=lazy.make_here)
-        ahead.start()
+    def busy() -> None:
+        release.wait(10)
+
+    with (
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ahead") as ahead,
+        concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="build") as build,
+    ):
+        # waiting in the pool ahead (its one thread busy): a reader takes it over
+        blocked = ahead.submit(busy)
+        queued = LazyFile("/queued.rtdc", make=make, start=build.submit)
+        queued.ahead(ahead.submit)
+        queued.settle()
+        assert queued.settled and attempts == ["build_0"]
+        release.set()
+        blocked.result(10)
+        attempts.clear()
+        release.clear()
+        # running ahead: a reader waits for it, and meets its failure; the next makes it again
+        lazy = LazyFile("/lazy.rtdc", make=make, start=build.submit)
+        lazy.ahead(ahead.submit)
         assert entered.wait(10)
-        lazy.make_here()  # being made: nothing more
-        waiting = pool.submit(lazy.settle)  # a reader meanwhile: waits for the making ahead
+        lazy.ahead(ahead.submit)  # being made: nothing more
+        waiting = build.submit(lazy.settle)
         time.sleep(0.1)
         assert not waiting.done() and len(attempts) == 1
         release.set()
-        ahead.join(10)
         with pytest.raises(TransientError):
-            waiting.result(10)  # the failure of the making it waited for
-        lazy.settle()  # the next one makes it again
+            waiting.result(10)
+        lazy.settle()
         assert lazy.settled and lazy.size == len(b"synthesized") and len(attempts) == 2
-        lazy.make_here()  # made: nothing more
+        lazy.ahead(ahead.submit)  # made: nothing more
         assert len(attempts) == 2
 
 
