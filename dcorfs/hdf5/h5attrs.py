@@ -187,22 +187,17 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
         htype, mtype = types(data.dtype)
         holder = _holder(obj.id)
         encoded = name.encode("utf-8", "surrogateescape")
+        buffer: Any
         if pointers is not None:  # text: pointers to its strings, of the file's vlen type
-            capi.write_attribute(
-                holder.id,
-                encoded,
-                htype.id,
-                memory_type=htype.id,
-                shape=data.shape,
-                buffer=pointers,
-            )
+            memory_type, buffer = htype, pointers
         else:
             data = np.require(data, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
-            capi.write_attribute(
-                holder.id,
-                encoded,
-                htype.id,
-                memory_type=mtype.id,
-                shape=data.shape,
-                buffer=data.ctypes.data,
-            )
+            memory_type, buffer = mtype, data.ctypes.data
+        capi.write_attribute(
+            holder.id,
+            encoded,
+            htype.id,
+            memory_type=memory_type.id,
+            shape=data.shape,
+            buffer=buffer,
+        )
