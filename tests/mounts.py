@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from dcorfs.cache.cachedir import META
+from dcorfs.cache.metastore import read_answers
 from dcorfs.daemon.tuning import device_of
 
 FUSE_MISSING = (
@@ -74,15 +75,10 @@ def read_file(path: Path) -> bytes:
 def remembered_keys(cache: Path, prefix: str) -> list[str]:
     """The keys of the answers a mount with this cache directory has remembered that start
     with `prefix` (`cache.answers`: e.g. "rtdc-skeleton:"); none before the store exists."""
-    db = sqlite3.connect(f"file:{cache / META}?mode=ro", uri=True)
     try:
-        query = "SELECT key FROM answers WHERE substr(key, 1, ?) = ?"
-        rows = db.execute(query, (len(prefix), prefix))
-        return [key for (key,) in rows]
+        return [key for key, _ in read_answers(cache / META, (prefix,))[1]]
     except sqlite3.OperationalError:  # not made yet
         return []
-    finally:
-        db.close()
 
 
 def log_lines(cache: Path, *needles: str) -> list[str]:

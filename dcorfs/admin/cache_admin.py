@@ -84,7 +84,8 @@ def inventory(cache_dir: Path) -> dict[str, Any]:
         objects = read_inventory(cache_dir)
         answers, records = 0, list[Any]()
         if (cache_dir / cachedir.META).exists():
-            answers, records = read_answers(cache_dir / cachedir.META, DATASET_RECORDS)
+            answers, found = read_answers(cache_dir / cachedir.META, DATASET_RECORDS)
+            records = [value for _, value in found]
     except sqlite3.Error as exc:
         hint = " (damaged: the next mount renews it)" if cachedir.is_damaged(exc) else ""
         raise ConfigError(f"cannot read the cache dir {cache_dir}: {exc}{hint}") from None

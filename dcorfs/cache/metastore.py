@@ -36,22 +36,22 @@ STALE_ATTEMPT = 5.0  # seconds spent asking the server when a stored answer exis
 REFRESH_RETRY = 30.0  # seconds before a failed background refresh of a listing is retried
 
 
-def read_answers(path: Path, prefixes: tuple[str, ...]) -> tuple[int, list[Any]]:
-    """(number of answers, values whose key starts with one of `prefixes`) of every scope,
-    read without changing anything (for `cache info`)."""
+def read_answers(path: Path, prefixes: tuple[str, ...]) -> tuple[int, list[tuple[str, Any]]]:
+    """(number of answers, (key, value) of those whose key starts with one of `prefixes`) of
+    every scope, read without changing anything (for `cache info`, and tests)."""
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10.0)
     try:
         (count,) = db.execute("SELECT COUNT(*) FROM answers").fetchone()
-        values = [
-            json.loads(text)
+        found = [
+            (key, json.loads(text))
             for prefix in prefixes
-            for (text,) in db.execute(
-                "SELECT value FROM answers WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            for key, text in db.execute(
+                "SELECT key, value FROM answers WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
             )
         ]
     finally:
         db.close()
-    return int(count), values
+    return int(count), found
 
 
 class MetaStore:

@@ -66,11 +66,12 @@ are asked for, within a memory budget. In the order a resource meets them:
    making one fails, the read is served alone (a byte not asked for never fails a read).
 6. Listing a dataset opens its RT-DC resources in the background, side by side, so `ls -lR`
    finds them ready (not an `--s3-only` circle: its resources are unrelated and may be many),
-   and builds the structure of each one's synthesized `.rtdc` in the same thread once it is
-   opened (any listing of a resource directory shows that file's size, so waits for it):
-   not for a resource with a contour (`prebuild_synthesized`), whose build first reads the
-   number of points of every event (about as much as its contour region) and makes a
-   dataset per event, work left to whoever looks at that resource.
+   and starts building the structure of each one's synthesized `.rtdc` once it is opened,
+   in a pool of its own that a reader's build never waits behind (any listing of a resource
+   directory shows that file's size, so waits for it): not for a resource with a contour
+   (`prebuild_synthesized`), whose build first reads the number of points of every event
+   (about as much as its contour region) and makes a dataset per event, work left to
+   whoever looks at that resource.
 7. The disk tier. A short read of a block that is on disk but not in memory reads only the
    pages of it the read needs (`cache.slots`) when blocks are at least `DISK_PARTS_FROM`
    bytes (decoded values: an mmap reader's page fault wants ~128 KiB of a 1 MiB block), and

@@ -91,7 +91,7 @@ def _dims(shape: Sequence[int]) -> ctypes.Array[ctypes.c_uint64]:
 
 
 @contextmanager
-def dataspace(shape: Sequence[int]) -> Iterator[int]:
+def _dataspace(shape: Sequence[int]) -> Iterator[int]:
     """A dataspace of this shape (scalar for (), as h5py makes it), closed on leaving."""
     if shape:
         space = _checked("H5Screate_simple", _lib.H5Screate_simple(len(shape), _dims(shape), None))
@@ -109,7 +109,7 @@ def write_attribute(
     """Create attribute `name` of object `holder`, of type `file_type`, and write it from
     memory at `buffer`, whose values are of `memory_type` (text: pointers to its strings).
     A failed write leaves no attribute behind."""
-    with dataspace(shape) as space:
+    with _dataspace(shape) as space:
         attr = _checked("H5Acreate2", _lib.H5Acreate2(holder, name, file_type, space, 0, 0), name)
     written = -1
     try:  # (an exception a callback left pending is raised by the call itself)
@@ -126,7 +126,7 @@ def create_dataset(
 ) -> int:
     """A new dataset's identifier (the caller's to close), created as h5py's `h5d.create`
     creates it, with default link and access properties."""
-    with dataspace(shape) as space:
+    with _dataspace(shape) as space:
         made = _lib.H5Dcreate2(parent, name, file_type, space, 0, dcpl, 0)
         return _checked("H5Dcreate2", made, name)
 
@@ -145,7 +145,7 @@ def write_first(dataset: int, rank: int, memory_type: int, buffer: int, *, name:
             file_space, _SELECT_SET, _dims((0,) * rank), None, one, None
         )
         _checked("H5Sselect_hyperslab", selected, name)
-        with dataspace((1,) * rank) as memory_space:
+        with _dataspace((1,) * rank) as memory_space:
             written = _lib.H5Dwrite(
                 dataset, memory_type, memory_space, file_space, _DEFAULT, buffer
             )
