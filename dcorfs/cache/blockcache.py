@@ -262,7 +262,7 @@ class BlockCache:
                 self._remember(block, data)
         return list(incomplete)
 
-    def admit(self, obj: ObjectId, data: bytes) -> None:
+    def admit(self, obj: ObjectId, data: bytes | memoryview) -> None:
         """Keep the object's first bytes, fetched by someone else (e.g. with its size probe):
         every whole block of them, and a last partial block at the object's end."""
         blocks: dict[int, bytes] = {}
@@ -419,8 +419,8 @@ class BlockCache:
         try:
             self._counts["misses"] += len(run)
             self._counts["fetches"] += 1
-            # the fetched bytes and their blocks (copies, but for a run of one block)
-            held = (stop - start) * (1 if len(run) == 1 else 2)
+            # the fetched bytes and their blocks, copied out of them
+            held = 2 * (stop - start)
             with self._held(held, deadline, obj.key):
                 data = self._fetch(obj, start, stop, deadline)
                 if len(data) != stop - start:

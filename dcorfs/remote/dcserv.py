@@ -291,13 +291,13 @@ class ObjectRef(Protocol):
     def size(self) -> int: ...
 
 
-def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, float], bytes]:
+def make_fetch(http: Http, locator: Locator) -> Callable[[ObjectRef, int, int, float], memoryview]:
     """The block cache's fetcher: range GET of an object, renewing its URL once on 403."""
 
-    def fetch(obj: ObjectRef, start: int, stop: int, deadline: float) -> bytes:
+    def fetch(obj: ObjectRef, start: int, stop: int, deadline: float) -> memoryview:
         headers = locator.headers(obj.key)
 
-        def get(url: str) -> bytes:
+        def get(url: str) -> memoryview:
             return http.get_range(
                 url,
                 start,

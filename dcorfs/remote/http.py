@@ -2,11 +2,13 @@
 
 Promises: a ranged GET returns exactly the bytes asked for or raises (206 with the exact
 `Content-Range`, length and, when known, ETag and total size are checked; a 200 to a ranged
-GET is an error). Transient failures (connection trouble, timeouts, 5xx/429, short or
-mislabelled bodies) are retried with exponential backoff and full jitter, never past the
-caller's deadline. Messages never contain header values (the API token) nor query strings
-(presigned signatures); an S3 store's error code (`AccessDenied`, `SignatureDoesNotMatch`,
-`NoSuchKey` …) is quoted, since it tells a private object from rejected credentials.
+GET is an error). The bytes are a read-only view of the one buffer they were read into: no
+copy; a failed attempt's buffer is let go before the retry. Transient failures (connection
+trouble, timeouts, 5xx/429, short or mislabelled bodies) are retried with exponential backoff
+and full jitter, never past the caller's deadline. Messages never contain header values (the
+API token) nor query strings (presigned signatures); an S3 store's error code
+(`AccessDenied`, `SignatureDoesNotMatch`, `NoSuchKey` …) is quoted, since it tells a private
+object from rejected credentials.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..errors import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DOCUMENT_LIMIT = 64 << 20  # bytes of a document (an S3 listing page) at most
+READ_PIECE = 256 << 10  # bytes of a range's body read at a time (see `_read_body`)
 _QUERY = re.compile(r"\?[^\s'\")]*")
 _S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 NETWORK_ERRORS = (
@@ -66,7 +69,7 @@ class RetryPolicy:
 class ObjectInfo:
     size: int
     etag: str
-    head: bytes = b""  # the object's first bytes, when the probe asked for them
+    head: bytes | memoryview = b""  # the object's first bytes, when the probe asked for them
 
 
 def _etag(value: str | None) -> str:
@@ -217,7 +220,10 @@ class Http:
     ) -> T:
         """The one retry loop: transient errors are retried with backoff until the deadline."""
         policy = self.policy
-        last: BaseException | None = None
+        # what the last failure was, not the exception itself: its traceback would keep the
+        # failed attempt's frames, a range GET's whole buffer among them, through the backoff
+        # and the next attempt
+        why = "no attempt made"
         for number in range(policy.attempts):
             left = deadline - self._clock()
             if left <= 0:
@@ -225,25 +231,27 @@ class Http:
             timeout = (min(policy.connect_timeout, left), min(policy.read_timeout, left))
             with self._lock:
                 self._requests[kind] += 1
+            retry_after = 0.0
             try:
                 return attempt(timeout)
             except DcorfsError as exc:
                 if not exc.transient:
                     raise
-                last = exc
+                why = _why(exc)
+                if isinstance(exc, TransientError):
+                    retry_after = exc.retry_after
             except NETWORK_ERRORS as exc:
-                last = exc
+                why = _why(exc)
             delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**number))
-            if isinstance(last, TransientError):
-                delay = max(delay, last.retry_after)
-            log.debug("%s: attempt %d failed (%s)", redact_url(url), number + 1, _why(last))
+            delay = max(delay, retry_after)
+            log.debug("%s: attempt %d failed (%s)", redact_url(url), number + 1, why)
             if number + 1 < policy.attempts:
                 self._sleep(max(0.0, min(delay, deadline - self._clock())))
         if self._clock() >= deadline:
-            message = f"{redact_url(url)}: no answer within the deadline ({_why(last)})"
+            message = f"{redact_url(url)}: no answer within the deadline ({why})"
             log.warning("%s", message)
             raise DeadlineExceeded(message)
-        message = f"{redact_url(url)}: failed {policy.attempts} times ({_why(last)})"
+        message = f"{redact_url(url)}: failed {policy.attempts} times ({why})"
         log.warning("%s", message)
         raise TransientError(message)
 
@@ -329,11 +337,13 @@ class Http:
         expect_size: int | None = None,
         headers: Mapping[str, str] | None = None,
         deadline: float,
-    ) -> bytes:
+    ) -> memoryview:
+        """Bytes [start, stop) of the object at `url`, as a read-only view of the one buffer
+        they were read into."""
         if not 0 <= start < stop:
             raise ValueError(f"bad range [{start}, {stop})")
 
-        def attempt(timeout: tuple[float, float]) -> bytes:
+        def attempt(timeout: tuple[float, float]) -> memoryview:
             wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
             response = self._stream(url, wanted, timeout)
             with response:
@@ -370,7 +380,7 @@ class Http:
             response = self._stream(url, wanted, timeout)
             with response:
                 _check_object_status(response, url)
-                data = b""
+                data: bytes | memoryview = b""
                 if response.status_code == 206:
                     stop = _range_stop(response.headers.get("Content-Range"))
                     size = _total(response.headers.get("Content-Range"), 0, stop)
@@ -406,20 +416,22 @@ class Http:
         return self._retry(url, deadline, attempt, "redirect")
 
 
-def _read_body(response: requests.Response, length: int) -> bytes:
-    """Read exactly `length` bytes into one buffer (no joining of chunks)."""
+def _read_body(response: requests.Response, length: int) -> memoryview:
+    """Read exactly `length` bytes into one buffer (no joining of chunks), handed on as a
+    read-only view of it: a copy into `bytes` would hold the range twice at once."""
     buffer = bytearray(length)
     view = memoryview(buffer)
     done = 0
     raw = response.raw
     while done < length:
-        n = raw.readinto(view[done:])
+        # in pieces: urllib3's readinto reads into a temporary buffer of the size asked for
+        n = raw.readinto(view[done : done + READ_PIECE])
         if not n:
             raise TransientError(f"short body: {done} of {length} bytes")
         done += n
     if raw.read(1):
         raise TransientError(f"body longer than the {length} bytes asked for")
-    return bytes(buffer)
+    return view.toreadonly()
 
 
 def _retry_after(response: requests.Response) -> float:

@@ -68,14 +68,14 @@ DRAIN = 10.0  # seconds `close` waits for queued uploads
 MAGIC = b"dcorfs-piece-v1\n"
 HEADER = struct.Struct(">16s32sQQ32s")  # magic, what it is, offset, length, SHA-256 of payload
 
-Fetch = Callable[[ObjectId, int, int, float], bytes]
+Fetch = Callable[[ObjectId, int, int, float], bytes | memoryview]
 
 
 class Corrupt(Exception):
     """A shared object whose bytes do not check out."""
 
 
-def seal(name: bytes, offset: int, payload: bytes) -> bytes:
+def seal(name: bytes, offset: int, payload: bytes | memoryview) -> bytes:
     """The body of a shared object: header, then `payload`."""
     digest = hashlib.sha256(payload).digest()
     return HEADER.pack(MAGIC, name, offset, len(payload), digest) + payload
@@ -276,13 +276,15 @@ class SharedTier:
         self._dcor = fetch
         return self.fetch
 
-    def _from_dcor(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+    def _from_dcor(
+        self, obj: ObjectId, start: int, stop: int, deadline: float
+    ) -> bytes | memoryview:
         assert self._dcor is not None, "wrap() a DCOR fetch first"
         data = self._dcor(obj, start, stop, deadline)
         self._count(dcor_bytes=len(data))
         return data
 
-    def fetch(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+    def fetch(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes | memoryview:
         """Bytes [start, stop) of `obj`: the pieces the tier has, the rest from DCOR."""
         kind = self._kind(obj.key)
         if kind is None or not self.up():
@@ -398,7 +400,9 @@ class SharedTier:
 
     # -- uploads -----------------------------------------------------------------------------
 
-    def offer(self, obj: ObjectId, offset: int, data: bytes, have: Iterable[int] = ()) -> None:
+    def offer(
+        self, obj: ObjectId, offset: int, data: bytes | memoryview, have: Iterable[int] = ()
+    ) -> None:
         """Bytes of `obj` from `offset` that came from DCOR (a fetch, a size probe): the pieces
         they hold whole are uploaded, those they hold in part completed, in the background
         (but not the pieces in `have`: the tier gave them)."""
@@ -411,7 +415,7 @@ class SharedTier:
                 continue
             a, b = piece_range(obj, index)
             whole = offset <= a and b <= stop
-            self._queue(obj, index, data[a - offset : b - offset] if whole else None)
+            self._queue(obj, index, bytes(data[a - offset : b - offset]) if whole else None)
 
     def _upload_deadline(self) -> float:
         """An upload's deadline: `UPLOAD_WAIT` from now, but never past the end of the
@@ -488,7 +492,9 @@ class SharedTier:
         finally:
             self._done(job, payload, uploaded=uploaded)
 
-    def _put(self, name: str, obj: ObjectId, index: int, data: bytes, deadline: float) -> None:
+    def _put(
+        self, name: str, obj: ObjectId, index: int, data: bytes | memoryview, deadline: float
+    ) -> None:
         self._send(name, seal(object_digest(obj), index * PIECE, data), deadline)
         self._count(uploads=1, uploaded_bytes=len(data))
 
