@@ -231,14 +231,16 @@ def resource_dir(mnt: Path, entry: dict[str, Any]) -> Path:
     return Path(mnt, "datasets", entry["dataset"], entry["name"].rsplit(".", 1)[0])
 
 
-def resource(server: DevServer, dataset: str, name: str) -> dict[str, Any]:
+def resource(server: DevServer | ServerProcess, dataset: str, name: str) -> dict[str, Any]:
     for entry in info(server):
         if entry["dataset"] == dataset and entry["name"] == name:
             return entry
     raise LookupError(f"{dataset}/{name} is not served")
 
 
-def api(server: DevServer, action: str, token: str = "", **params: Any) -> tuple[int, Any]:
+def api(
+    server: DevServer | ServerProcess, action: str, token: str = "", **params: Any
+) -> tuple[int, Any]:
     response = requests.get(
         f"{server.url}/api/3/action/{action}",
         params=params,

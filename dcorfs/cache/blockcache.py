@@ -419,7 +419,8 @@ class BlockCache:
         try:
             self._counts["misses"] += len(run)
             self._counts["fetches"] += 1
-            # the fetched bytes and their blocks, copied out of them
+            # the fetched bytes and their blocks, copied out of them (an upper bound: a block
+            # that spans all of a `bytes` result is that very object, not a copy)
             held = 2 * (stop - start)
             with self._held(held, deadline, obj.key):
                 data = self._fetch(obj, start, stop, deadline)

@@ -451,9 +451,7 @@ _REASONS = (
 )
 
 
-def _why(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no attempt made"
+def _why(exc: BaseException) -> str:
     if isinstance(exc, requests.Timeout):
         return "timed out"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

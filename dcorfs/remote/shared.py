@@ -296,10 +296,13 @@ class SharedTier:
             self._failed("a lookup", exc)
             found = {}
         missing = [i for i in indices if i not in found]
-        if not found:  # all from DCOR: its bytes as they are (no copy)
-            data = self._from_dcor(obj, start, stop, deadline)
-            self.offer(obj, start, data)
-            return data
+        if not found:
+            # all from DCOR, made `bytes` once: a piece uploaded and a block the cache keeps
+            # are then the very same object when they span all of it (a slice of `bytes`
+            # that spans all of it is not copied), not one copy each
+            whole = bytes(self._from_dcor(obj, start, stop, deadline))
+            self.offer(obj, start, whole)
+            return whole
         out = bytearray(stop - start)
         for index, payload in found.items():
             a, b = piece_range(obj, index)
@@ -311,7 +314,8 @@ class SharedTier:
             data = self._from_dcor(obj, a, b, deadline)
             out[a - start : b - start] = data
             self.offer(obj, a, data, have=found.keys())
-        return bytes(out)
+            del data  # (the pieces offered are copies)
+        return memoryview(out).toreadonly()  # the block cache copies its blocks out
 
     def _look_up(
         self, obj: ObjectId, kind: str, indices: range, deadline: float
