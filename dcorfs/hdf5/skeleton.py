@@ -210,15 +210,13 @@ def _write(
         with phil:
             gap = _Lazy(out, _GAP_NAME, np.dtype("u1"), (GAP,))
         gap_made = False
+        extents = {}
         for spec, created in lazy:
             with phil:  # per dataset (`build` may hold it throughout)
                 if spec.gap_before and not gap_made:
                     gap.allocate()
                     gap_made = True
-                created.allocate()
-        extents = {}
-        for spec, created in lazy:
-            with phil:
+                created.allocate()  # its storage's place is then fixed
                 found = created.extent()
             if found is not None:
                 extents[spec.path] = found
