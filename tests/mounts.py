@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,17 @@ def remembered_keys(cache: Path, prefix: str) -> list[str]:
         return [key for key, _ in read_answers(cache / META, (prefix,))[1]]
     except sqlite3.OperationalError:  # not made yet
         return []
+
+
+def eventually(check: Callable[[], bool], seconds: float = 60.0) -> bool:
+    """Whether `check()` comes true within `seconds` (asked every half second): for what a
+    mount does in the background."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        if check():
+            return True
+        time.sleep(0.5)
+    return check()
 
 
 def log_lines(cache: Path, *needles: str) -> list[str]:

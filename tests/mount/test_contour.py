@@ -40,7 +40,7 @@ from dcorfs.hdf5.rtdc import RemoteFile, RtdcResource, RtdcSource
 from dcorfs.hdf5.skeleton import Spec, build
 
 from ..conftest import FIXTURES, ServerProcess, resource_dir, rtdc_entries
-from ..mounts import mounted, needs_fuse, remembered_keys
+from ..mounts import eventually, mounted, needs_fuse, remembered_keys
 
 FIELD = FIXTURES / "calibration_beads_47.rtdc"
 needs_field = pytest.mark.skipif(
@@ -360,10 +360,8 @@ def test_listing_a_dataset_does_not_build_the_rtdc_of_resources_with_a_contour(
     cache = tmp_path / "cache"
     with mounted(tmp_path / "mnt", contour_server.url, cache) as mnt:
         assert list((mnt / "datasets" / dataset).iterdir())
-        deadline = time.monotonic() + 60  # both files of both resources described
-        while len(remembered_keys(cache, "rtdc-features:")) < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(remembered_keys(cache, "rtdc-features:")) >= 4
+        # both files of both resources described
+        assert eventually(lambda: len(remembered_keys(cache, "rtdc-features:")) >= 4)
         time.sleep(2.0)  # a build would have been started with the opening
         assert remembered_keys(cache, "rtdc-skeleton:") == []
         listed = {p.name for p in (mnt / "datasets" / dataset / "C001_data").iterdir()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from dcorfs.devserver.datadir import write_json
 
 from ..conftest import ServerProcess, info
 from ..layers.test_devserver_access import ACCESS_TOKENS, make_access_site
-from ..mounts import mounted
+from ..mounts import eventually, mounted
 
 VISIBLE = {  # what each user's mount lists of the access site
     "carol": ["open-study", "shared-secret"],
@@ -35,16 +35,6 @@ def names_in(directory: Path) -> list[str]:
 def set_state(server: ServerProcess, dataset: str, state: str) -> None:
     change = {"dataset": dataset, "state": state}
     requests.put(f"{server.url}/_devserver/state", json=change, timeout=10).raise_for_status()
-
-
-def eventually(check: Callable[[], bool], seconds: float = 60.0) -> bool:
-    """Whether `check()` comes true within `seconds` (asked every half second)."""
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        if check():
-            return True
-        time.sleep(0.5)
-    return check()
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import dataclasses
 import errno
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from ..conftest import (
     resource_dir,
     rtdc_entries,
 )
-from ..mounts import log_lines, mounted, needs_fuse
+from ..mounts import eventually, log_lines, mounted, needs_fuse
 
 pytestmark = [
     needs_fuse,
@@ -99,13 +99,6 @@ def tsv_columns(directory: Path) -> list[str]:
         return [name.strip() for name in tsv.readline().split("\t")]
 
 
-def eventually(check: Callable[[], bool], seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "did not happen in time"
-        time.sleep(0.5)
-
-
 def test_a_missing_condensed_file_opens_from_the_original(
     data_dir: Path, devserver: DevServer, tmp_path: Path
 ) -> None:
@@ -133,7 +126,7 @@ def test_a_condensed_file_that_appears_is_used_after_the_refresh(
         assert_original_alone(directory, entry["path"])
         assert "volume" not in tsv_columns(directory)
         lag_over(server)  # DCOR's condensing job has run
-        eventually((directory / "volume.npy").exists)
+        assert eventually((directory / "volume.npy").exists)
         with dclab.new_dataset(entry["path"]) as ds:
             assert np.array_equal(np.load(directory / "volume.npy"), ds["volume"][:])
             assert np.array_equal(np.load(directory / "deform.npy"), ds["deform"][:])
@@ -181,7 +174,7 @@ def test_a_public_file_refused_for_now_is_read_later_without_remount(
         assert (directory / "M001_data.rtdc").stat().st_size > 0
         assert log_lines(tmp_path / "cache", "refuses its file for now")
         lag_over(server)  # the tag is set
-        eventually((directory / "image.npy").exists)
+        assert eventually((directory / "image.npy").exists)
         with dclab.new_dataset(entry["path"]) as ds:
             for name in ("image", "deform"):
                 assert np.array_equal(np.load(directory / f"{name}.npy"), ds[name][:]), name
@@ -244,7 +237,7 @@ def test_a_file_open_across_the_switch_to_the_condensed_file_keeps_its_bytes(
         with tsv.open("rb", buffering=0) as held:
             head = held.read(4096)
             lag_over(server)  # DCOR's condensing job has run
-            eventually(lambda: "volume" in tsv_columns(directory))
+            assert eventually(lambda: "volume" in tsv_columns(directory))
             after = tsv.read_bytes()
             assert after != before
             rest = held.read()
@@ -283,7 +276,7 @@ def test_a_plain_file_refused_for_now_fails_alone_not_its_dataset(
         assert refused.value.errno == errno.EACCES
         lag_over(server)  # the tag is set
         assert (dataset / "notes.txt").read_text() == "a plain text resource\n"
-        eventually(lambda: "notes.txt" in {p.name for p in dataset.iterdir()})
+        assert eventually(lambda: "notes.txt" in {p.name for p in dataset.iterdir()})
         with dclab.new_dataset(entry["path"]) as ds:
             assert np.array_equal(np.load(resource_dir(mnt, entry) / "deform.npy"), ds["deform"])
 
@@ -309,6 +302,6 @@ def test_a_processed_resource_gets_its_upstreams_features_once_the_upstream_is_t
         assert not (directory / "image.npy").exists()
         assert log_lines(tmp_path / "cache", "refuses its file for now")
         objects[key] = tagged  # DCOR's job tagged it
-        eventually((directory / "image.npy").exists)
+        assert eventually((directory / "image.npy").exists)
         with dclab.new_dataset(raw["path"]) as ds:
             assert np.array_equal(np.load(directory / "image.npy"), ds["image"][:])

@@ -6,7 +6,6 @@ import hashlib
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from ..conftest import ServerProcess, resource_dir, rtdc_entries
-from ..mounts import mounted, needs_fuse, remembered_keys
+from ..mounts import eventually, mounted, needs_fuse, remembered_keys
 
 pytestmark = [
     needs_fuse,
@@ -235,7 +234,4 @@ def test_listing_a_dataset_builds_its_resources_synthesized_files_ahead(
 
     with mounted(tmp_path / "mnt", devserver_process.url, tmp_path / "cache") as mnt:
         assert list((mnt / "datasets" / entry["dataset"]).iterdir())
-        deadline = time.monotonic() + 60
-        while built() != expected and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert built() == expected
+        assert eventually(lambda: built() == expected)

@@ -350,8 +350,6 @@ def test_a_lazy_file_made_ahead_is_taken_over_waited_for_or_made_again() -> None
     reader settling while it still waits there takes it over in the readers' pool; one
     settling while it runs waits for it; when it failed, the next settle makes it again
     instead of meeting the old error."""
-    import concurrent.futures
-
     attempts: list[str] = []
     entered, release = threading.Event(), threading.Event()
 
