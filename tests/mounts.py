@@ -92,6 +92,20 @@ def eventually(check: Callable[[], bool], seconds: float = 60.0) -> bool:
     return check()
 
 
+def steady(measure: Callable[[], object], seconds: float = 60.0) -> bool:
+    """Whether `measure()` gives the same twice in a row, half a second apart, within `seconds`:
+    for the background work a mount started (a description of an original, say) to have ended."""
+    last: list[object] = [object()]
+
+    def unchanged() -> bool:
+        now = measure()
+        same = now == last[0]
+        last[0] = now
+        return same
+
+    return eventually(unchanged, seconds)
+
+
 def log_lines(cache: Path, *needles: str) -> list[str]:
     text = (cache / "dcorfs.log").read_text(errors="replace")
     return [line for line in text.splitlines() if any(n in line for n in needles)]

@@ -28,7 +28,7 @@ from dcorfs.devserver.server import DevServer
 
 from ..cachefiles import StoredBlock, flip, object_files, on_disk, stored_blocks
 from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
-from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse
+from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse, steady
 
 pytestmark = [
     needs_fuse,
@@ -236,6 +236,8 @@ def test_one_scalar_of_an_image_resource_moves_a_small_fraction(
         assert deform.shape == (300,)
         moved = fresh_devserver.stats.snapshot()["object_bytes"]
         assert 0 < moved < 0.25 * entry["size"], (moved, entry["size"])
+        # the original is described in the background after the first read: let that end
+        assert steady(lambda: fresh_devserver.stats.snapshot()["object_requests"])
         before = fresh_devserver.stats.snapshot()["object_requests"]
         np.load(directory / "deform.npy")
         assert fresh_devserver.stats.snapshot()["object_requests"] == before
