@@ -30,6 +30,7 @@ from .budget import InFlight
 from .diskstore import DiskStore
 from .identity import ObjectId
 from .prefetch import DISK_PARTS_FROM
+from .writebehind import WriteBehind
 
 __all__ = ["BlockCache", "CacheStats", "Fetch"]
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class BlockCache:
         self,
         *,
         fetch: Fetch,
-        store: DiskStore | None,
+        store: DiskStore | WriteBehind | None,
         block_size: int = 1 << 20,
         memory_bytes: int = 128 << 20,
         max_fetch_bytes: int = 8 << 20,
@@ -436,16 +437,20 @@ class BlockCache:
                     blocks[index] = block
                     self._remember((obj, index), block, passing=not disk)
                 del data
+                # the blocks are in memory: whoever waits for them goes on while they are
+                # written to disk
+                for index, flight in flights.items():
+                    flight.data = blocks[index]
+                    flight.done.set()
                 if self._store is not None and disk:
                     self._store.put_many(obj, blocks, block_size=size)
-            for index, flight in flights.items():
-                flight.data = blocks[index]
             return blocks
         except BaseException as exc:
             if isinstance(exc, DcorfsError | OSError):
                 self._counts["errors"] += 1
             for flight in flights.values():
-                flight.error = exc
+                if not flight.done.is_set():  # (not those given their blocks before the error)
+                    flight.error = exc
             raise
         finally:
             with self._lock:

@@ -1,8 +1,9 @@
 """One memory limit for a mount (`--memory-limit`), shared out among what holds bytes.
 
 `MemoryPlan.of(limit)` divides the limit: the memory tier of remote blocks and of decoded
-values (kept for reuse), the read-ahead windows of all open files, and the bytes that fetches
-and decodes hold while in flight (`InFlight`); what is left is the daemon's own (Python,
+values (kept for reuse), the read-ahead windows of all open files, the bytes that fetches
+and decodes hold while in flight (`InFlight`), and blocks queued for the disk cache
+(`writebehind`); what is left is the daemon's own (Python,
 NumPy, h5py and HDF5, the threads' stacks: `BASELINE`). Every part is bounded on its own and
 none grows with the number of readers: a reader that would exceed the in-flight bound waits
 until others are done (back-pressure), so 16 readers take as much memory as a few, only
@@ -24,11 +25,12 @@ from ..errors import DeadlineExceeded
 BASELINE = 110 << 20  # the daemon without cached bytes (measured: doc/ARCHITECTURE.md)
 SMALLEST = 150 << 20  # a limit below this leaves too little to read a large file smoothly
 SHARES = {  # of what the limit leaves above BASELINE
-    "blocks": 0.30,  # remote blocks kept in memory (HDF5 structure, small files)
+    "blocks": 0.25,  # remote blocks kept in memory (HDF5 structure, small files)
     "decoded": 0.10,  # decoded values kept in memory
     "prefetch": 0.25,  # read-ahead windows of all open files
     "fetching": 0.20,  # bytes of remote fetches in flight
     "decoding": 0.15,  # decoded values being made
+    "writing": 0.05,  # blocks waiting to be written to the disk cache (`writebehind`)
 }
 # with a shared cache tier: pieces waiting to be uploaded to it, a share taken from read-ahead
 UPLOADING = 0.10
@@ -44,6 +46,7 @@ class MemoryPlan:
     prefetch: int
     fetching: int
     decoding: int
+    writing: int
     uploading: int = 0  # pieces waiting for the shared cache tier (`shared`)
 
     @classmethod

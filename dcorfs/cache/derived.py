@@ -26,6 +26,7 @@ from .blockcache import BlockCache
 from .budget import InFlight
 from .diskstore import DiskStore
 from .identity import ObjectId
+from .writebehind import WriteBehind
 
 SEPARATOR = "#"
 VERSION = 1  # bump when the bytes of any derived object change for the same inputs
@@ -62,7 +63,7 @@ class DerivedCache(BlockCache):
     def __init__(
         self,
         *,
-        store: DiskStore | None,
+        store: DiskStore | WriteBehind | None,
         block_size: int = 1 << 20,
         memory_bytes: int = 32 << 20,
         max_fetch_bytes: int = 8 << 20,

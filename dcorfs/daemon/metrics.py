@@ -164,12 +164,14 @@ def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
     lines += family(
         "memory_bytes",
         "gauge",
-        "Bytes held in memory now, by part (fetching and decoding: in flight; shared: uploads "
-        "queued for the shared cache tier and pieces kept from it).",
+        "Bytes held in memory now, by part (fetching and decoding: in flight; writing: queued "
+        "for the disk cache; shared: uploads queued for the shared cache tier and pieces kept "
+        "from it).",
         [
             ({"part": "prefetch"}, int(prefetch.get("memory_bytes", 0))),
             ({"part": "fetching"}, int(memory.get("fetching", {}).get("used", 0))),
             ({"part": "decoding"}, int(memory.get("decoding", {}).get("used", 0))),
+            ({"part": "writing"}, int(memory.get("writing", {}).get("queued", 0))),
             ({"part": "shared"}, int(shared.get("memory_bytes", 0))),
         ],
     )

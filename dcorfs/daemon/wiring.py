@@ -23,6 +23,7 @@ from ..cache.derived import DerivedCache
 from ..cache.diskstore import DiskStore
 from ..cache.metastore import Memo, MetaStore
 from ..cache.prefetch import DECODED_BLOCK
+from ..cache.writebehind import WriteBehind
 from ..fs.activity import Activity
 from ..fs.fuse_ops import Operations
 from ..fs.readahead import Prefetcher
@@ -81,6 +82,7 @@ class Layers:
 
     http: Http
     disk: DiskStore
+    writer: WriteBehind  # the disk store's writes, behind the readers
     store: MetaStore
     buckets: BucketCatalog | None  # --s3-only
     catalog: Catalog | None  # with DCOR's API
@@ -94,7 +96,7 @@ class Layers:
     def close(self) -> None:
         parts = (self.pools, self.resources, self.derived, self.cache)
         shared = (self.shared,) if self.shared is not None else ()  # its uploads use http
-        for part in (*parts, *shared, self.http, self.store, self.disk):
+        for part in (*parts, self.writer, *shared, self.http, self.store, self.disk):
             part.close()
 
 
@@ -126,15 +128,16 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     if shared is not None:
         shared.announce()
     fetch = make_fetch(http, locator)
+    writer = WriteBehind(disk, limit=plan.writing)
     cache = BlockCache(
         fetch=shared.wrap(fetch) if shared is not None else fetch,
-        store=disk,
+        store=writer,
         block_size=settings.block_size,
         memory_bytes=plan.blocks,
         in_flight=InFlight(plan.fetching),
     )
     derived = DerivedCache(  # decoded feature values, in the same store and size bound
-        store=disk,
+        store=writer,
         block_size=DECODED_BLOCK,
         memory_bytes=plan.decoded,
         max_fetch_bytes=4 * DECODED_BLOCK,  # decoded at once: bounds the buffers in flight
@@ -178,7 +181,18 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         recheck=settings.dir_cache_time,
     )
     return Layers(
-        http, disk, store, buckets, catalog, cache, derived, pools, objects, resources, shared
+        http,
+        disk,
+        writer,
+        store,
+        buckets,
+        catalog,
+        cache,
+        derived,
+        pools,
+        objects,
+        resources,
+        shared,
     )
 
 
@@ -239,6 +253,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
                 "limit": settings.memory_limit,
                 "fetching": cache.held(),
                 "decoding": derived.held(),
+                "writing": layers.writer.stats(),  # blocks queued for the disk cache
             },
             "shared": shared.stats() if shared is not None else None,
             "recent_errors": list(activity.recent_errors),

@@ -17,7 +17,7 @@ from dcorfs.errors import DeadlineExceeded
 @pytest.mark.parametrize("limit", [SMALLEST, 300 << 20, 1 << 30])
 def test_the_plan_shares_out_what_the_limit_leaves(limit: int) -> None:
     plan = MemoryPlan.of(limit)
-    parts = (plan.blocks, plan.decoded, plan.prefetch, plan.fetching, plan.decoding)
+    parts = (plan.blocks, plan.decoded, plan.prefetch, plan.fetching, plan.decoding, plan.writing)
     assert all(part > 0 for part in parts)
     assert BASELINE + sum(parts) <= limit
     assert BASELINE + sum(parts) > limit * 0.99

@@ -37,7 +37,7 @@ def report() -> dict[str, Any]:
         "fuse": dict(activity.counters),
         "read_latency": activity.histogram(),
         "requests": {"range": 5, "api": 2},
-        "memory": {"limit": 300, "fetching": {"used": 9}, "decoding": {}},
+        "memory": {"limit": 300, "fetching": {"used": 9}, "decoding": {}, "writing": {"queued": 6}},
         "prefetch": {"memory_bytes": 11},
     }
 
@@ -53,6 +53,7 @@ def test_the_parser_reads_every_family_with_its_values(tmp_path: Path) -> None:
     assert values[("dcorfs_errors_total", (("where", "cache"),))] == 1
     assert values[("dcorfs_requests_total", (("kind", "range"),))] == 5
     assert values[("dcorfs_memory_bytes", (("part", "fetching"),))] == 9
+    assert values[("dcorfs_memory_bytes", (("part", "writing"),))] == 6
     assert values[("dcorfs_info_info", (("host", 'http://h"st'), ("mountpoint", "/mnt/dcor"),
                                         ("version", "0.1")))] == 1  # fmt: skip
     buckets = {

@@ -1,0 +1,171 @@
+"""Small writes to the disk store made behind the readers, by one thread of their own.
+
+A block cache hands the blocks it made or fetched to `WriteBehind.put_many` once whoever
+waits for them has them. A small put (at most `BEHIND_UP_TO` bytes: a scalar feature's
+values, a small file, a piece of HDF5 structure) is queued, and written once no small put
+came for `QUIET` seconds (or the queue is half full): a reader of many small files (all
+scalar features of a resource, `numpy.load` one after another) is not slowed by the
+checksums, writes and accounting of the values it reads, which took three quarters of the
+time of warming each one (doc/ARCHITECTURE.md, "Speed"). A large put (a stream's run of
+decoded blocks) is written by its maker, as is a put that does not fit in the queue (at most
+`limit` bytes, a share of the mount's memory limit, `cache.budget`): a stream's makers write
+side by side, where one writer thread fell behind.
+
+Until a queued block is written `get` serves it from the queue, so it is never absent from
+both. `flush` waits until what was queued before it is written; `close` writes everything
+queued and stops the writer. A block the store cannot take (a full disk, an error) is lost to
+the cache only: its readers have it already.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sqlite3
+import threading
+import time
+
+from .diskstore import DiskStore
+from .identity import ObjectId
+
+log = logging.getLogger(__name__)
+
+BEHIND_UP_TO = 1 << 20  # puts up to this many bytes are queued; larger ones written at once
+QUIET = 0.05  # seconds without a small put before the queue is written
+
+_Key = tuple[ObjectId, int, int]  # object, block size, index
+_Put = tuple[ObjectId, int, dict[int, bytes]]  # object, block size, blocks by index
+
+
+class WriteBehind:
+    """A `DiskStore` whose small writes are made by a background thread (see the module)."""
+
+    def __init__(self, store: DiskStore, *, limit: int) -> None:
+        self._store = store
+        self.queue_limit = limit
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Put] = collections.deque()
+        self._pending: dict[_Key, bytes] = {}
+        self._queued = 0  # bytes queued or being written
+        self._peak = 0
+        self._last_put = 0.0
+        self._taken = 0  # puts taken by the writer
+        self._written = 0  # … and written (or given up)
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
+        self._thread.start()
+
+    # -- what a block cache uses of a store ------------------------------------------------------
+
+    @property
+    def errors(self) -> int:
+        return self._store.errors
+
+    @property
+    def limit(self) -> int:
+        """The disk store's size bound."""
+        return self._store.limit
+
+    def usage(self) -> tuple[int, int]:
+        return self._store.usage()
+
+    def get(
+        self,
+        obj: ObjectId,
+        index: int,
+        *,
+        block_size: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> bytes | None:
+        """As `DiskStore.get`; a block still queued is served from the queue."""
+        size = block_size or self._store.block_size
+        with self._cond:
+            data = self._pending.get((obj, size, index))
+        if data is None:
+            return self._store.get(obj, index, block_size=size, start=start, stop=stop)
+        stop = len(data) if stop is None else min(stop, len(data))
+        return data if (start, stop) == (0, len(data)) else data[start:stop]
+
+    def put_many(
+        self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
+    ) -> int:
+        """Store blocks of one object: queued if small and there is room, else written now;
+        returns how many were taken."""
+        size = block_size or self._store.block_size
+        n = sum(len(data) for data in blocks.values())
+        with self._cond:
+            behind = 0 < n <= BEHIND_UP_TO and not self._closing
+            if behind and (not self._queued or self._queued + n <= self.queue_limit):
+                for index, data in blocks.items():
+                    self._pending[(obj, size, index)] = data
+                self._queue.append((obj, size, dict(blocks)))
+                self._queued += n
+                self._peak = max(self._peak, self._queued)
+                self._last_put = time.monotonic()
+                self._cond.notify_all()
+                return len(blocks)
+        return self._store.put_many(obj, blocks, block_size=size)
+
+    def stats(self) -> dict[str, int]:
+        """Bytes queued now and at most so far, and the bound."""
+        with self._cond:
+            return {"queued": self._queued, "peak": self._peak, "limit": self.queue_limit}
+
+    def flush(self) -> None:
+        """Wait until every block queued before this call is written (or given up)."""
+        with self._cond:
+            target = self._taken + len(self._queue)
+            self._last_put = 0.0  # no quiet to wait for
+            self._cond.notify_all()
+            while self._written < target and self._thread.is_alive():
+                self._cond.wait(0.5)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer (the store itself stays open)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    # -- the writer ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._due():
+                    self._cond.wait(self._wait())
+                if not self._queue:
+                    return  # closing, and nothing left
+                batch = list(self._queue)
+                self._queue.clear()
+                self._taken += len(batch)
+            for obj, size, blocks in batch:
+                self._write(obj, size, blocks)
+            with self._cond:
+                for obj, size, blocks in batch:
+                    for index, data in blocks.items():
+                        if self._pending.get((obj, size, index)) is data:
+                            del self._pending[(obj, size, index)]
+                        self._queued -= len(data)
+                self._written += len(batch)
+                self._cond.notify_all()
+
+    def _due(self) -> bool:
+        """Whether the queue is to be written now (holding the lock)."""
+        if not self._queue:
+            return False
+        quiet = time.monotonic() - self._last_put >= QUIET
+        return quiet or self._queued * 2 >= self.queue_limit
+
+    def _wait(self) -> float | None:
+        """How long the writer sleeps before looking again (holding the lock)."""
+        if not self._queue:
+            return None  # until a put (or close) wakes it
+        return max(0.001, self._last_put + QUIET - time.monotonic())
+
+    def _write(self, obj: ObjectId, size: int, blocks: dict[int, bytes]) -> None:
+        try:
+            self._store.put_many(obj, blocks, block_size=size)
+        except (OSError, sqlite3.Error) as exc:  # its readers have the bytes
+            log.warning("cache: %d blocks of %s not stored: %s", len(blocks), obj.key, exc)

@@ -1,0 +1,174 @@
+"""cache/writebehind.py over a real disk store: small puts queued and served until written,
+large or unfitting ones written by their caller, everything written at close, a failed
+write lost to the cache only; and the block cache's waiters served before its maker's write."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dcorfs.cache import writebehind
+from dcorfs.cache.blockcache import BlockCache
+from dcorfs.cache.diskstore import DiskStore
+from dcorfs.cache.identity import ObjectId
+from dcorfs.cache.writebehind import BEHIND_UP_TO, WriteBehind
+
+BLOCK = 4096
+DATA = os.urandom(8 * BLOCK)
+OBJ = ObjectId(key="circle-x/resource/abc/def/ghi", etag="e1", size=len(DATA))
+WRITER = "disk-writer"
+
+
+class GatedStore(DiskStore):
+    """A disk store whose writes made in `thread` wait for `gate` (or fail with `error`)."""
+
+    def __init__(self, path: Path, *, thread: str = WRITER) -> None:
+        super().__init__(path, limit_bytes=4 << 20, block_size=BLOCK)
+        self.thread = thread
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.error: OSError | None = None
+
+    def put_many(
+        self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
+    ) -> int:
+        if threading.current_thread().name == self.thread:
+            self.entered.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+            if self.error is not None:
+                raise self.error
+        return super().put_many(obj, blocks, block_size=block_size)
+
+
+def block(index: int) -> bytes:
+    return DATA[index * BLOCK : (index + 1) * BLOCK]
+
+
+def test_a_small_put_is_served_from_the_queue_until_it_is_written(tmp_path: Path) -> None:
+    store = GatedStore(tmp_path / "cache")
+    writer = WriteBehind(store, limit=1 << 20)
+    try:
+        assert writer.put_many(OBJ, {0: block(0), 1: block(1)}) == 2
+        assert store.entered.wait(5)  # the writer is at it, held at the gate
+        assert store.get(OBJ, 0) is None  # not on disk yet …
+        assert writer.get(OBJ, 0) == block(0)  # … but never absent from both
+        assert writer.get(OBJ, 1, start=10, stop=20) == block(1)[10:20]
+        assert writer.stats()["queued"] == 2 * BLOCK
+        store.gate.set()
+        writer.flush()
+        assert store.get(OBJ, 0) == block(0) and store.get(OBJ, 1) == block(1)
+        assert writer.stats() == {"queued": 0, "peak": 2 * BLOCK, "limit": 1 << 20}
+    finally:
+        store.gate.set()
+        writer.close()
+
+
+def test_small_puts_wait_for_a_pause_unless_the_queue_is_half_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writebehind, "QUIET", 30.0)  # no pause comes during this test
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    writer = WriteBehind(store, limit=4 * BLOCK)
+    try:
+        writer.put_many(OBJ, {0: block(0)})
+        time.sleep(0.3)
+        assert store.get(OBJ, 0) is None  # waiting for the pause
+        writer.put_many(OBJ, {1: block(1)})  # half full: written now
+        until = time.monotonic() + 10
+        while store.get(OBJ, 1) is None and time.monotonic() < until:
+            time.sleep(0.05)
+        assert store.get(OBJ, 0) == block(0) and store.get(OBJ, 1) == block(1)
+    finally:
+        writer.close()
+
+
+def test_large_puts_and_those_that_do_not_fit_are_written_by_their_caller(
+    tmp_path: Path,
+) -> None:
+    store = GatedStore(tmp_path / "cache")  # the writer thread stays at the gate
+    writer = WriteBehind(store, limit=3 * BLOCK)
+    big = ObjectId(key="circle-x/resource/big", etag="e", size=BEHIND_UP_TO + BLOCK)
+    try:
+        assert writer.put_many(OBJ, {0: block(0), 1: block(1)}) == 2  # queued
+        assert store.entered.wait(5)
+        assert writer.put_many(OBJ, {2: block(2), 3: block(3)}) == 2  # 4 > 3 blocks: now
+        assert store.get(OBJ, 2) == block(2) and store.get(OBJ, 0) is None
+        whole = os.urandom(BEHIND_UP_TO + BLOCK)
+        pieces = {i: whole[i * BLOCK : (i + 1) * BLOCK] for i in range(len(whole) // BLOCK)}
+        assert writer.put_many(big, pieces) == len(pieces)  # larger than BEHIND_UP_TO: now
+        assert store.get(big, len(pieces) - 1) == pieces[len(pieces) - 1]
+    finally:
+        store.gate.set()
+        writer.close()
+    assert store.get(OBJ, 0) == block(0)
+
+
+def test_close_writes_everything_queued(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    writer = WriteBehind(store, limit=1 << 20)
+    for index in range(8):
+        writer.put_many(OBJ, {index: block(index)})
+    writer.close()
+    assert [store.get(OBJ, i) for i in range(8)] == [block(i) for i in range(8)]
+    assert writer.put_many(OBJ, {0: block(0)}) == 1  # after close: written by its caller
+
+
+def test_a_failed_write_is_lost_to_the_cache_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = GatedStore(tmp_path / "cache")
+    store.error = OSError(errno.EIO, "I/O error")
+    writer = WriteBehind(store, limit=1 << 20)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dcorfs.cache.writebehind"):
+            writer.put_many(OBJ, {0: block(0)})
+            store.gate.set()
+            writer.flush()
+        assert "1 blocks of circle-x/resource/abc/def/ghi not stored" in caplog.text
+        assert writer.get(OBJ, 0) is None and writer.stats()["queued"] == 0
+    finally:
+        writer.close()
+
+
+def test_a_waiter_has_its_block_before_the_maker_has_written_it(tmp_path: Path) -> None:
+    """The block cache gives a block to those waiting for it as soon as it is made; the
+    maker writes it to disk after that."""
+    store = GatedStore(tmp_path / "cache", thread="maker")
+    fetching, go_on = threading.Event(), threading.Event()
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        fetching.set()
+        assert go_on.wait(10)
+        return DATA[start:stop]
+
+    cache = BlockCache(fetch=fetch, store=store, block_size=BLOCK, memory_bytes=1 << 20)
+    deadline = time.monotonic() + 30
+    got: dict[str, bytes] = {}
+
+    def read(name: str) -> None:
+        got[name] = cache.read(OBJ, 0, BLOCK, deadline=deadline)
+
+    maker = threading.Thread(target=read, args=("maker",), name="maker")
+    waiter = threading.Thread(target=read, args=("waiter",))
+    try:
+        maker.start()
+        assert fetching.wait(5)
+        waiter.start()
+        time.sleep(0.2)  # the waiter joins the maker's flight
+        go_on.set()
+        waiter.join(5)
+        assert got.get("waiter") == block(0)
+        assert store.entered.is_set() and maker.is_alive()  # still writing it
+    finally:
+        go_on.set()
+        store.gate.set()
+        maker.join(10)
+        waiter.join(10)
+        cache.close()
+    assert got["maker"] == block(0) and store.get(OBJ, 0) == block(0)
