@@ -3,18 +3,20 @@
 A block cache hands the blocks it made or fetched to `WriteBehind.put_many` once whoever
 waits for them has them. A small put (at most `BEHIND_UP_TO` bytes: a scalar feature's
 values, a small file, a piece of HDF5 structure) is queued, and written once no small put
-came for `QUIET` seconds (or the queue is half full): a reader of many small files (all
-scalar features of a resource, `numpy.load` one after another) is not slowed by the
-checksums, writes and accounting of the values it reads, which took three quarters of the
-time of warming each one (doc/ARCHITECTURE.md, "Speed"). A large put (a stream's run of
+came for `QUIET` seconds (or the queue is half full, or its oldest put waited `MAX_AGE`): a
+reader of many small files (all scalar features of a resource, `numpy.load` one after
+another) is not slowed by the checksums, writes and accounting of the values it reads, which
+took three quarters of the time of warming each one (doc/ARCHITECTURE.md, "The cache"). A
+large put (a stream's run of
 decoded blocks) is written by its maker, as is a put that does not fit in the queue (at most
 `limit` bytes, a share of the mount's memory limit, `cache.budget`): a stream's makers write
 side by side, where one writer thread fell behind.
 
 Until a queued block is written `get` serves it from the queue, so it is never absent from
 both. `flush` waits until what was queued before it is written; `close` writes everything
-queued and stops the writer. A block the store cannot take (a full disk, an error) is lost to
-the cache only: its readers have it already.
+queued and stops the writer. A block the store cannot take (a full disk, an error), queued
+or not, is lost to the cache only: its readers have it already (the failure is logged and
+counted in `errors`; the writer thread never ends on one).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from .identity import ObjectId
 log = logging.getLogger(__name__)
 
 BEHIND_UP_TO = 1 << 20  # puts up to this many bytes are queued; larger ones written at once
-QUIET = 0.05  # seconds without a small put before the queue is written
+QUIET = 0.05  # seconds without a small put before the queue is written …
+MAX_AGE = 1.0  # … or when its oldest put waited this long (other mounts of the dir see it)
+CLOSE_WAIT = 30.0  # seconds a closing mount waits for the writer
 
 _Key = tuple[ObjectId, int, int]  # object, block size, index
 _Put = tuple[ObjectId, int, dict[int, bytes]]  # object, block size, blocks by index
@@ -48,9 +52,13 @@ class WriteBehind:
         self._pending: dict[_Key, bytes] = {}
         self._queued = 0  # bytes queued or being written
         self._peak = 0
-        self._last_put = 0.0
-        self._taken = 0  # puts taken by the writer
+        self._last_put = 0.0  # when the last small put came
+        self._oldest = 0.0  # … and the oldest one still queued
+        self._puts = 0  # puts queued so far
+        self._taken = 0  # … taken by the writer
         self._written = 0  # … and written (or given up)
+        self._flush_to = 0  # puts a `flush` waits for
+        self._failed = 0  # writes that failed
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
         self._thread.start()
@@ -59,7 +67,8 @@ class WriteBehind:
 
     @property
     def errors(self) -> int:
-        return self._store.errors
+        """The store's integrity errors and the writes that failed."""
+        return self._store.errors + self._failed
 
     @property
     def limit(self) -> int:
@@ -91,21 +100,26 @@ class WriteBehind:
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
     ) -> int:
         """Store blocks of one object: queued if small and there is room, else written now;
-        returns how many were taken."""
+        returns how many were taken (a write that fails is logged and counted, not raised:
+        the caller has the bytes)."""
         size = block_size or self._store.block_size
         n = sum(len(data) for data in blocks.values())
         with self._cond:
-            behind = 0 < n <= BEHIND_UP_TO and not self._closing
+            behind = 0 < n <= BEHIND_UP_TO and not self._closing and self._thread.is_alive()
             if behind and (not self._queued or self._queued + n <= self.queue_limit):
+                now = time.monotonic()
+                if not self._queue:
+                    self._oldest = now
                 for index, data in blocks.items():
                     self._pending[(obj, size, index)] = data
                 self._queue.append((obj, size, dict(blocks)))
                 self._queued += n
+                self._puts += 1
                 self._peak = max(self._peak, self._queued)
-                self._last_put = time.monotonic()
+                self._last_put = now
                 self._cond.notify_all()
                 return len(blocks)
-        return self._store.put_many(obj, blocks, block_size=size)
+        return self._write(obj, size, blocks)
 
     def stats(self) -> dict[str, int]:
         """Bytes queued now and at most so far, and the bound."""
@@ -115,8 +129,8 @@ class WriteBehind:
     def flush(self) -> None:
         """Wait until every block queued before this call is written (or given up)."""
         with self._cond:
-            target = self._taken + len(self._queue)
-            self._last_put = 0.0  # no quiet to wait for
+            target = self._puts
+            self._flush_to = max(self._flush_to, target)
             self._cond.notify_all()
             while self._written < target and self._thread.is_alive():
                 self._cond.wait(0.5)
@@ -126,7 +140,9 @@ class WriteBehind:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(CLOSE_WAIT)
+        if self._thread.is_alive():
+            log.warning("cache: writes still under way after %.0f s; not waited for", CLOSE_WAIT)
 
     # -- the writer ------------------------------------------------------------------------------
 
@@ -140,32 +156,48 @@ class WriteBehind:
                 batch = list(self._queue)
                 self._queue.clear()
                 self._taken += len(batch)
-            for obj, size, blocks in batch:
-                self._write(obj, size, blocks)
-            with self._cond:
+            try:
                 for obj, size, blocks in batch:
-                    for index, data in blocks.items():
-                        if self._pending.get((obj, size, index)) is data:
-                            del self._pending[(obj, size, index)]
-                        self._queued -= len(data)
-                self._written += len(batch)
-                self._cond.notify_all()
+                    self._write(obj, size, blocks)
+            finally:  # (`_write` raises nothing; whatever happens, the queue is let go)
+                with self._cond:
+                    for obj, size, blocks in batch:
+                        for index, data in blocks.items():
+                            if self._pending.get((obj, size, index)) is data:
+                                del self._pending[(obj, size, index)]
+                            self._queued -= len(data)
+                    self._written += len(batch)
+                    self._cond.notify_all()
 
     def _due(self) -> bool:
-        """Whether the queue is to be written now (holding the lock)."""
+        """Whether the queue is to be written now (holding the lock): small puts paused, or
+        the queue half full, or its oldest put waited `MAX_AGE`, or a flush waits for it."""
         if not self._queue:
             return False
-        quiet = time.monotonic() - self._last_put >= QUIET
-        return quiet or self._queued * 2 >= self.queue_limit
+        now = time.monotonic()
+        return (
+            now - self._last_put >= QUIET
+            or self._queued * 2 >= self.queue_limit
+            or now - self._oldest >= MAX_AGE
+            or self._flush_to > self._taken
+        )
 
     def _wait(self) -> float | None:
         """How long the writer sleeps before looking again (holding the lock)."""
         if not self._queue:
             return None  # until a put (or close) wakes it
-        return max(0.001, self._last_put + QUIET - time.monotonic())
+        due = min(self._last_put + QUIET, self._oldest + MAX_AGE)
+        return max(0.001, due - time.monotonic())
 
-    def _write(self, obj: ObjectId, size: int, blocks: dict[int, bytes]) -> None:
+    def _write(self, obj: ObjectId, size: int, blocks: dict[int, bytes]) -> int:
+        """Blocks written to the store now; how many it took. A failure is lost to the cache
+        only (its readers have the bytes): logged and counted in `errors`."""
         try:
-            self._store.put_many(obj, blocks, block_size=size)
-        except (OSError, sqlite3.Error) as exc:  # its readers have the bytes
+            return self._store.put_many(obj, blocks, block_size=size)
+        except (OSError, sqlite3.Error) as exc:
             log.warning("cache: %d blocks of %s not stored: %s", len(blocks), obj.key, exc)
+        except Exception:  # a bug: never the end of the writer (nor of a read)
+            log.exception("cache: %d blocks of %s not stored", len(blocks), obj.key)
+        with self._cond:
+            self._failed += 1
+        return 0

@@ -5,6 +5,7 @@ and threads made here and below are listed in doc/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -96,8 +97,10 @@ class Layers:
     def close(self) -> None:
         parts = (self.pools, self.resources, self.derived, self.cache)
         shared = (self.shared,) if self.shared is not None else ()  # its uploads use http
-        for part in (*parts, self.writer, *shared, self.http, self.store, self.disk):
-            part.close()
+        # each closed even when one before it fails (the writer's queue must reach the disk)
+        with contextlib.ExitStack() as closing:
+            for part in reversed((*parts, self.writer, *shared, self.http, self.store, self.disk)):
+                closing.callback(part.close)
 
 
 def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:

@@ -375,6 +375,8 @@ def test_failures_are_logged_without_signatures_or_secrets(
     the secret (the message is redacted by `remote.http`, the secret by the log filter)."""
     log_file = tmp_path / "dcorfs.log"
     wrong = S3Credentials(ACCESS_KEY_ID, "not-the-secret-at-all")
+    loggers = [logging.getLogger(name) for name in ("dcorfs", "botocore", "urllib3")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]  # `configure` sets them
     handler = configure(
         level="DEBUG", log_file=log_file, stderr=False, secrets=list(wrong.reveal())
     )
@@ -389,6 +391,9 @@ def test_failures_are_logged_without_signatures_or_secrets(
         assert handler is not None
         logging.getLogger("dcorfs").removeHandler(handler)
         handler.close()
+        for logger, (level, propagate) in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+            logger.propagate = propagate
     text = log_file.read_text()
     assert "shared cache" in text and "SignatureDoesNotMatch" in text
     for needle in ("X-Amz-Signature", "X-Amz-Credential", "not-the-secret-at-all"):

@@ -88,6 +88,24 @@ def test_small_puts_wait_for_a_pause_unless_the_queue_is_half_full(
         writer.close()
 
 
+def test_a_queued_put_waits_for_a_pause_at_most_max_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writebehind, "QUIET", 30.0)
+    monkeypatch.setattr(writebehind, "MAX_AGE", 0.3)
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    writer = WriteBehind(store, limit=1 << 20)
+    try:
+        writer.put_many(OBJ, {0: block(0)})
+        until = time.monotonic() + 10
+        while store.get(OBJ, 0) is None and time.monotonic() < until:
+            writer.put_many(OBJ, {1: block(1)})  # a steady trickle: never a pause
+            time.sleep(0.02)
+        assert store.get(OBJ, 0) == block(0)
+    finally:
+        writer.close()
+
+
 def test_large_puts_and_those_that_do_not_fit_are_written_by_their_caller(
     tmp_path: Path,
 ) -> None:
@@ -116,7 +134,9 @@ def test_close_writes_everything_queued(tmp_path: Path) -> None:
         writer.put_many(OBJ, {index: block(index)})
     writer.close()
     assert [store.get(OBJ, i) for i in range(8)] == [block(i) for i in range(8)]
-    assert writer.put_many(OBJ, {0: block(0)}) == 1  # after close: written by its caller
+    other = ObjectId(key="circle-x/resource/other", etag="e", size=BLOCK)
+    assert writer.put_many(other, {0: block(0)}) == 1  # after close: written by its caller
+    assert store.get(other, 0) == block(0)
 
 
 def test_a_failed_write_is_lost_to_the_cache_only(
@@ -132,6 +152,12 @@ def test_a_failed_write_is_lost_to_the_cache_only(
             writer.flush()
         assert "1 blocks of circle-x/resource/abc/def/ghi not stored" in caplog.text
         assert writer.get(OBJ, 0) is None and writer.stats()["queued"] == 0
+        # written by its caller (too large to queue), it fails the same way: not raised
+        store.thread = threading.current_thread().name
+        whole = os.urandom(BEHIND_UP_TO + BLOCK)
+        pieces = {i: whole[i * BLOCK : (i + 1) * BLOCK] for i in range(len(whole) // BLOCK)}
+        assert writer.put_many(OBJ, pieces) == 0
+        assert writer.errors == 2 and writer.get(OBJ, 1) is None
     finally:
         writer.close()
 
@@ -164,7 +190,8 @@ def test_a_waiter_has_its_block_before_the_maker_has_written_it(tmp_path: Path) 
         go_on.set()
         waiter.join(5)
         assert got.get("waiter") == block(0)
-        assert store.entered.is_set() and maker.is_alive()  # still writing it
+        assert store.entered.wait(5) and maker.is_alive()  # still writing it
+        assert cache.stats().memory_hits == 0  # the waiter had it from the flight
     finally:
         go_on.set()
         store.gate.set()
