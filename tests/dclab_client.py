@@ -13,6 +13,8 @@ from dclab.rtdc_dataset.fmt_dcor.api import APIHandler
 
 from dcorfs.devserver.server import DevServer
 
+from .conftest import ServerProcess
+
 
 @pytest.fixture(autouse=True)
 def forget_api_keys() -> Iterator[None]:
@@ -28,7 +30,7 @@ def forget_api_keys() -> Iterator[None]:
         gc.collect()
 
 
-def open_remote(server: DevServer, rid: str, token: str = "") -> Any:
+def open_remote(server: DevServer | ServerProcess, rid: str, token: str = "") -> Any:
     """A resource of `server` opened with dclab's DCOR client (token only if given)."""
     host = server.url.split("://", 1)[1]
     return dclab.new_dataset(rid, host=host, use_ssl=False, api_key=token, remember_api_key=False)

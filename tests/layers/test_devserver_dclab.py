@@ -109,29 +109,47 @@ def test_field_fixture(devserver: DevServer, path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Removed unavailable basin:UserWarning")
-def test_expired_presigned_url_is_renewed_by_dclab(fresh_devserver: DevServer) -> None:
+# dclab drops the basin of an expired URL without closing its HTTP connection; collected at
+# some point of this test, its socket warns (dclab's leak)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+)
+def test_expired_presigned_url_is_renewed_by_dclab(data_dir: Path, devserver: DevServer) -> None:
+    # A devserver process of its own: dclab reads through h5py here, holding h5py's lock
+    # while it waits for the server, and a cycle collection in an in-process server's thread
+    # that frees an h5py object waits for that lock (the read then stalled until dclab's
+    # timeout, ~100 s, one run in six, and its basin was dropped: "cannot get its data").
     # Scaled-down clock: URLs live ~3 s (DCOR: 3600 s) and dclab re-asks for basins after
     # 0.5 s (dclab: 600 s); dclab's own 30 s safety margin then renews on every access.
-    fresh_devserver.faults.update({"url_lifetime": 3.0})
-    entry = resource(fresh_devserver, "secret-study", "M001_data.rtdc")
-    with (
-        open_remote(fresh_devserver, entry["id"], TOKENS["alice"]) as remote,
-        dclab.new_dataset(entry["path"]) as local,
-    ):
-        remote.cache_basin_dict_time = 0.5
-        np.testing.assert_array_equal(remote["deform"], local["deform"])
-        first_urls = [b["urls"][0] for b in remote.basins_get_dicts()]
-        time.sleep(4.0)
-        # the URLs dclab was given have expired on the server ...
-        for url in first_urls:
-            answer = requests.get(url, headers={"Range": "bytes=0-9"}, timeout=10)
-            assert answer.status_code == 403 and b"Request has expired" in answer.content
-        basin_calls = fresh_devserver.stats.snapshot()["api"]["dcserv"]
-        # ... yet reading goes on: dclab asked for new ones
-        np.testing.assert_array_equal(remote["image"][42], local["image"][42])
-        np.testing.assert_array_equal(remote["trace"]["fl2_raw"][7], local["trace"]["fl2_raw"][7])
-        assert fresh_devserver.stats.snapshot()["api"]["dcserv"] > basin_calls
-        assert [b["urls"][0] for b in remote.basins_get_dicts()] != first_urls
+    server = ServerProcess(data_dir)  # (`devserver`: the data are condensed by then)
+    try:
+        faults = requests.put(
+            f"{server.url}/_devserver/faults", json={"url_lifetime": 3.0}, timeout=30
+        )
+        assert faults.status_code == 200, faults.text
+        entry = resource(server, "secret-study", "M001_data.rtdc")
+        with (
+            open_remote(server, entry["id"], TOKENS["alice"]) as remote,
+            dclab.new_dataset(entry["path"]) as local,
+        ):
+            remote.cache_basin_dict_time = 0.5
+            np.testing.assert_array_equal(remote["deform"], local["deform"])
+            first_urls = [b["urls"][0] for b in remote.basins_get_dicts()]
+            time.sleep(4.0)
+            # the URLs dclab was given have expired on the server ...
+            for url in first_urls:
+                answer = requests.get(url, headers={"Range": "bytes=0-9"}, timeout=10)
+                assert answer.status_code == 403 and b"Request has expired" in answer.content
+            basin_calls = server.stats.snapshot()["api"]["dcserv"]
+            # ... yet reading goes on: dclab asked for new ones
+            np.testing.assert_array_equal(remote["image"][42], local["image"][42])
+            np.testing.assert_array_equal(
+                remote["trace"]["fl2_raw"][7], local["trace"]["fl2_raw"][7]
+            )
+            assert server.stats.snapshot()["api"]["dcserv"] > basin_calls
+            assert [b["urls"][0] for b in remote.basins_get_dicts()] != first_urls
+    finally:
+        server.close()
 
 
 def test_dclab_with_intra_basin_features_off(data_dir: Path, tmp_path: Path) -> None:
