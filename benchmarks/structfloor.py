@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import hdf5plugin  # noqa: F401  (logs and tables may be Zstd-compressed)
 from h5py._objects import phil
@@ -64,9 +63,8 @@ def restructure(pair: tuple[bytes, bytes]) -> int:
         original.close()
         condensed.close()
     outline = Outline(attrs=root, feature_attrs=attrs, logs=arrays["logs"], tables=arrays["tables"])
-    resource = SimpleNamespace(features=features)  # all `specs` asks of a resource
     groups = ["events", *(group for group, found in arrays.items() if found is not None)]
-    return build(root, specs(resource, outline), groups).size
+    return build(root, specs(features, outline), groups).size
 
 
 def _ready(_: int) -> int:

@@ -1,3 +1,4 @@
 from dcorfs.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # (not when multiprocessing imports it)
+    raise SystemExit(main())

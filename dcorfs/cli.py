@@ -21,6 +21,7 @@ from .settings import (
     SharedCache,
     WebDavSettings,
     default_cache_dir,
+    default_hdf5_workers,
     parse_bucket_template,
     parse_circle,
     parse_endpoint,
@@ -281,6 +282,12 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
         help="all in-memory buffers of the daemon together, e.g. 300M, 1G (300M; at least 150M)",
     )
     parser.add_argument(
+        "--hdf5-workers",
+        type=int,
+        help="processes reading small files' HDF5 structure beside the daemon "
+        "(default: the cores but one, at most 2; 0: in the daemon itself)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds before a read fails with EIO (60)"
     )
     parser.add_argument(
@@ -406,6 +413,14 @@ def _shared_cache(args: argparse.Namespace) -> SharedCache | None:
     )
 
 
+def _hdf5_workers(value: int | None) -> int:
+    if value is None:
+        return default_hdf5_workers()
+    if value < 0:
+        raise ConfigError(f"--hdf5-workers {value}: a number of processes, 0 or more")
+    return value
+
+
 def _memory_limit(text: str) -> int:
     limit = parse_size(text)
     if limit < SMALLEST:
@@ -459,6 +474,7 @@ def _settings(args: argparse.Namespace, mountpoint: Path, **more: object) -> Mou
         log_file=args.log_file.absolute() if args.log_file else None,
         metrics_file=args.metrics_file.absolute() if args.metrics_file else None,
         shared_cache=_shared_cache(args),
+        hdf5_workers=_hdf5_workers(args.hdf5_workers),
         **more,  # type: ignore[arg-type]
     )
 
@@ -659,6 +675,7 @@ HELPER_VALUES = (
     "cache_dir",
     "cache_size",
     "memory_limit",
+    "hdf5_workers",
     "timeout",
     "dir_cache_time",
     "api_key_file",

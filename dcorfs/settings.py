@@ -251,6 +251,11 @@ def parse_shared_cache(text: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def default_hdf5_workers() -> int:
+    """HDF5 worker processes by default: the cores but one (the daemon's), at most 2."""
+    return max(1, min(2, (os.cpu_count() or 1) - 1))
+
+
 def parse_size(text: str) -> int:
     """'10G', '512M', '1.5GiB', '1000000' → bytes (binary multiples)."""
     match = _SIZE.match(text)
@@ -295,6 +300,9 @@ class MountSettings:
     prepare_threads: int = 8  # resources of a listed dataset opened ahead of readers
     build_threads: int = 2  # structures of synthesized files (CPU work)
     listing_threads: int = 4  # resource directory listings a reader waits for
+    # processes reading small files' structure and building skeletons (hdf5/workers.py;
+    # 0: in the daemon's threads)
+    hdf5_workers: int = field(default_factory=default_hdf5_workers)
     malloc_arenas: int = 2  # glibc's, for all threads together (daemon/memory.py)
     kernel_tuning: bool = False  # root only: raise read_ahead_kb and max_background
     read_ahead_kb: int = 1024

@@ -30,6 +30,7 @@ from ..fs.fuse_ops import Operations
 from ..fs.readahead import Prefetcher
 from ..fs.s3tree import build_s3_root
 from ..fs.tree import Context, Dir, build_root
+from ..hdf5.workers import HDF5Workers
 from ..opening.objects import Objects
 from ..opening.pools import Pools
 from ..opening.resources import Resources
@@ -90,12 +91,13 @@ class Layers:
     cache: BlockCache
     derived: DerivedCache
     pools: Pools
+    workers: HDF5Workers  # HDF5 work on bytes in memory, in processes of their own
     objects: Objects
     resources: Resources
     shared: SharedTier | None  # --shared-cache
 
     def close(self) -> None:
-        parts = (self.pools, self.resources, self.derived, self.cache)
+        parts = (self.pools, self.workers, self.resources, self.derived, self.cache)
         shared = (self.shared,) if self.shared is not None else ()  # its uploads use http
         # each closed even when one before it fails (the writer's queue must reach the disk)
         with contextlib.ExitStack() as closing:
@@ -157,6 +159,9 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         ahead=settings.build_threads,
         listing=settings.listing_threads,
     )
+    # (each worker imports first what it runs: small files' structure, skeletons)
+    workers = HDF5Workers(settings.hdf5_workers, preload=["dcorfs.fs.producers.rtdc_file"])
+    workers.start()
     objects = Objects(
         api=api,
         memo=memo,
@@ -182,6 +187,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         derived=derived,
         timeout=settings.timeout,
         recheck=settings.dir_cache_time,
+        workers=workers,
     )
     return Layers(
         http,
@@ -193,6 +199,7 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         cache,
         derived,
         pools,
+        workers,
         objects,
         resources,
         shared,
@@ -258,6 +265,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
                 "decoding": derived.held(),
                 "writing": layers.writer.stats(),  # blocks queued for the disk cache
             },
+            "hdf5_workers": layers.workers.stats(),
             "shared": shared.stats() if shared is not None else None,
             "recent_errors": list(activity.recent_errors),
         }

@@ -34,6 +34,7 @@ from .structure import CONTOUR, Feature
 SOFTWARE = "setup:software version"
 FRAME_RATE = "imaging:frame rate"
 ROI_WIDTH = "imaging:roi size x"
+FACT_ATTRS = (SOFTWARE, FRAME_RATE, ROI_WIDTH)  # the root attributes `file_facts` reads
 
 
 @dataclass(frozen=True)

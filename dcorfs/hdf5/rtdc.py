@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Zstd filter of modern .rtdc files)
@@ -49,7 +49,7 @@ from ..cache.prefetch import HEADER_GUESS, STRUCTURE, decoded_block
 from ..errors import ProtocolError
 from .chunkindex import Fetch, NotFollowed, Read, index_nodes
 from .chunks import ChunkError, Codec, rows
-from .featurerule import checked, file_facts, innate, shown
+from .featurerule import FACT_ATTRS, checked, file_facts, innate, shown
 from .fileobj import SeekableFile
 from .groupindex import root_header, symbol_tables
 from .structure import (
@@ -65,8 +65,10 @@ from .structure import (
     read_features,
 )
 from .upstream import UpstreamBasin
+from .workers import INLINE, HDF5Workers
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OWN_SOURCES = ("resource", "condensed")  # the kinds of a resource's own files
 # files opened on our file objects and not closed yet: closed at exit, while Python still runs
@@ -224,8 +226,10 @@ class RtdcSource:
         prepare: Callable[[float], object] | None = None,
         first_read: Callable[[], object] | None = None,
         whole: bool = False,
+        workers: HDF5Workers = INLINE,
     ) -> None:
         self.remote = remote
+        self._workers = workers  # where a small file's structure is read (`_structure`)
         self.kind = kind
         self.features: dict[str, Feature] = {}  # set by `scan` or by whoever remembers them
         self._prepare = prepare  # fetches what HDF5 reads on open, before it does (blocking)
@@ -345,47 +349,38 @@ class RtdcSource:
         """Whether its structure is read from an in-memory copy (see `_file`)."""
         return self._whole and not self.is_open
 
-    @contextmanager
-    def _file(self, what: str, deadline: float) -> Iterator[h5py.h5f.FileID]:
-        """The file, to read its structure (features, attributes, logs, tables) under
-        `_reading(what)`: a small file (`whole`) not opened yet from an in-memory copy of
-        its bytes, closed again afterwards (listing it never opens it through the cache);
-        any other one opened (`open`), for good."""
-        if self._in_memory:
-            if self._prepare is not None:
-                self._prepare(deadline)
-            data = self.remote.read_all(deadline)
-            with self._reading(
-                "the HDF5 structure", deadline, failure="is not a readable HDF5 file"
-            ):
-                fid = file_image(data)
-            with self._reading(what, deadline):
-                try:
-                    with phil:  # no network inside: h5py's lock taken once, not per call
-                        yield fid
-                finally:
-                    fid.close()
-        else:
-            h5 = self.open(deadline)
-            with self._reading(what, deadline):
-                yield h5.id
+    def _structure(self, what: str, deadline: float, op: Callable[..., T], *args: Any) -> T:
+        """`op(fid, *args)` on the file, to read its structure (features, attributes, logs,
+        tables, layouts): a small file (`whole`) not opened yet in an HDF5 worker process, on
+        an in-memory copy of its bytes (listing it never opens it through the cache, nor
+        holds h5py's lock or the GIL here); any other one opened (`open`), for good, under
+        `_reading(what)`."""
+        data = self.image(deadline)
+        if data is not None:
+            where = self.remote.obj.key
+            found = self._workers.run(on_image, data, where, what, op, *args, deadline=deadline)
+            return cast(T, found)
+        h5 = self.open(deadline)
+        with self._reading(what, deadline):
+            return op(h5.id, *args)
+
+    def image(self, deadline: float) -> bytes | None:
+        """Its bytes, when its structure is read from an in-memory copy (a small file not
+        opened: see `_structure`), else None (blocking: network)."""
+        if not self._in_memory:
+            return None
+        if self._prepare is not None:
+            self._prepare(deadline)
+        return self.remote.read_all(deadline)
 
     def scan(self, deadline: float) -> dict[str, Feature]:
         """The features of the file that dclab shows (`featurerule.innate`)."""
-        where = self.remote.obj.key
-        with self._file("the features", deadline) as fid:
-            found = read_features(fid, kind=self.kind, where=where)
-            if not checked(found):
-                return found
-            facts = file_facts(read_attributes(fid, "/", where=where), member_names(fid, "logs"))
-        return innate(found, facts)
+        return self._structure("the features", deadline, scan_file, self.kind, self.remote.obj.key)
 
     def attrs(self, paths: Sequence[str], *, deadline: float) -> dict[str, dict[str, Any]]:
         """The attributes of objects ("/", "events/deform" …) by path; those h5py cannot
         read are left out (with a warning)."""
-        where = self.remote.obj.key
-        with self._file("attributes", deadline) as fid:
-            return {path: read_attributes(fid, path, where=where) for path in paths}
+        return self._structure("attributes", deadline, attrs_of, list(paths), self.remote.obj.key)
 
     def arrays(
         self, groups: Sequence[str], *, deadline: float
@@ -395,8 +390,7 @@ class RtdcSource:
         if not self._in_memory:
             self._fetch_arrays(groups, deadline=deadline)
         where = self.remote.obj.key
-        with self._file(", ".join(groups), deadline) as fid:
-            return {group: read_arrays(fid, group, where=where) for group in groups}
+        return self._structure(", ".join(groups), deadline, arrays_of, list(groups), where)
 
     def dataset(self, name: str, deadline: float) -> h5py.Dataset:
         return self.open(deadline)["events/" + name]
@@ -454,21 +448,10 @@ class RtdcSource:
         self._keep(self._all_layouts(deadline))
 
     def _all_layouts(self, deadline: float) -> dict[str, _Layout | None]:
-        """The layouts of every dataset under `events` (`_file`: of a small file not opened,
-        from its in-memory copy)."""
+        """The layouts of every dataset under `events` (`_structure`: of a small file not
+        opened, from its in-memory copy)."""
         where = self.remote.obj.key
-        found: dict[str, _Layout | None] = {}
-
-        def visit(name: str, item: object) -> None:
-            if isinstance(item, h5py.Dataset):  # one h5py cannot read: left to `_layout`,
-                with contextlib.suppress(*H5PY_ERRORS):  # which reports it when it is read
-                    found[name] = _layout_of(item, name, where)
-
-        with self._file("the layout of its event data", deadline) as fid:
-            events = h5py.File(fid).get("events")
-            if isinstance(events, h5py.Group):
-                events.visititems(visit)
-        return found
+        return self._structure("the layout of its event data", deadline, layouts_of, where)
 
     def raw_ranges(
         self, name: str, start: int, stop: int, *, deadline: float
@@ -540,6 +523,105 @@ def _close_left_open() -> None:
     for source in list(_OPEN):
         with contextlib.suppress(Exception):
             source.close()
+
+
+def on_image(data: bytes, where: str, what: str, op: Callable[..., T], *args: Any) -> T:
+    """`op(fid, *args)` on an HDF5 file opened from its bytes in memory (in an HDF5 worker:
+    see `RtdcSource._structure`); h5py's errors as a ProtocolError naming `where`."""
+    try:
+        fid = file_image(data)
+    except H5PY_ERRORS as exc:
+        raise h5py_failure(exc, f"{where} is not a readable HDF5 file") from None
+    try:
+        with phil:  # no network inside: h5py's lock taken once, not per call
+            return op(fid, *args)
+    except H5PY_ERRORS as exc:
+        raise h5py_failure(exc, f"{where}: cannot read {what}") from None
+    finally:
+        fid.close()
+
+
+def scan_file(fid: h5py.h5f.FileID, kind: str, where: str) -> dict[str, Feature]:
+    """The features of an opened file that dclab shows (`featurerule.innate`)."""
+    found = read_features(fid, kind=kind, where=where)
+    if not checked(found):
+        return found
+    root = read_attributes(fid, "/", where=where, only=FACT_ATTRS)
+    return innate(found, file_facts(root, member_names(fid, "logs")))
+
+
+def attrs_of(fid: h5py.h5f.FileID, paths: list[str], where: str) -> dict[str, dict[str, Any]]:
+    """The attributes of objects of an opened file by path (see `RtdcSource.attrs`)."""
+    return {path: read_attributes(fid, path, where=where) for path in paths}
+
+
+def arrays_of(
+    fid: h5py.h5f.FileID, groups: list[str], where: str
+) -> dict[str, dict[str, Array] | None]:
+    """The datasets of groups of an opened file (see `RtdcSource.arrays`)."""
+    return {group: read_arrays(fid, group, where=where) for group in groups}
+
+
+def layouts_of(fid: h5py.h5f.FileID, where: str) -> dict[str, _Layout | None]:
+    """The layouts of every dataset under `events` of an opened file; one h5py cannot read
+    is left out (`RtdcSource._layout` reports it when it is read)."""
+    found: dict[str, _Layout | None] = {}
+
+    def visit(name: str, item: object) -> None:
+        if isinstance(item, h5py.Dataset):
+            with contextlib.suppress(*H5PY_ERRORS):
+                found[name] = _layout_of(item, name, where)
+
+    events = h5py.File(fid).get("events")
+    if isinstance(events, h5py.Group):
+        events.visititems(visit)
+    return found
+
+
+@dataclass
+class OutlineImages:
+    """The files an outline is read from, in memory: (name in messages, bytes) by kind; the
+    kind of the file whose root attributes, logs and tables are taken; the paths whose
+    attributes are read, by kind; the features (see `RtdcResource._outline_plan`)."""
+
+    images: dict[str, tuple[str, bytes]]
+    root: str
+    paths: dict[str, list[str]]
+    features: list[str]
+
+
+def outline_of_images(plan: OutlineImages) -> Outline:
+    """The outline `RtdcResource.outline` reads, from files in memory (in an HDF5 worker:
+    each file opened once)."""
+    attrs: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, dict[str, Array] | None] = {}
+    for kind, (where, data) in plan.images.items():
+        groups = list(GROUPS) if kind == plan.root else []
+        what = ", ".join(["attributes", *groups])
+        wanted = plan.paths.get(kind, [])
+        found, more = on_image(data, where, what, _attrs_and_arrays, wanted, groups, where)
+        attrs.update(found)
+        arrays.update(more)
+    return _outline(attrs, arrays, plan.features)
+
+
+def _attrs_and_arrays(
+    fid: h5py.h5f.FileID, paths: list[str], groups: list[str], where: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Array] | None]]:
+    return attrs_of(fid, paths, where), arrays_of(fid, groups, where)
+
+
+def _outline(
+    attrs: dict[str, dict[str, Any]],
+    arrays: dict[str, dict[str, Array] | None],
+    features: list[str],
+) -> Outline:
+    return Outline(
+        attrs=attrs["/"],
+        feature_attrs={name: attrs["events/" + name] for name in features},
+        logs=arrays["logs"],
+        tables=arrays["tables"],
+    )
 
 
 def condensed_features(condensed: RtdcSource, events: int) -> list[Feature]:
@@ -664,9 +746,13 @@ class RtdcResource:
         condensed: RtdcSource | None,
         events: int,
         derived: DerivedCache,
+        *,
+        workers: HDF5Workers = INLINE,
     ) -> None:
         """One of `original` and `condensed` at least: a public resource's original may be
-        refused for now, its condensed file alone serving meanwhile (doc/DCOR.md §2)."""
+        refused for now, its condensed file alone serving meanwhile (doc/DCOR.md §2);
+        `workers`: where its synthesized file's skeleton is built."""
+        self.workers = workers
         if original is None and condensed is None:
             raise ValueError("a resource needs its original or its condensed file")
         self.events = events
@@ -748,27 +834,41 @@ class RtdcResource:
         values = np.frombuffer(data, dtype=feature.dtype)
         return values.reshape((stop - start, *feature.shape[1:]))
 
-    def outline(self, *, deadline: float) -> Outline:
-        """Root attributes, feature attributes, logs and tables as the original file has them
-        (the condensed file while only it is open; a feature's attributes from the file its
-        values come from: only those are read)."""
+    def _outline_plan(self) -> tuple[str, dict[str, list[str]]]:
+        """What `outline` reads: the kind of the file whose root attributes, logs and tables
+        are taken (the original; the condensed file while only it is open), and the paths
+        whose attributes are read, by kind of file (a feature's from the file its values
+        come from: only those)."""
         root = "resource" if "resource" in self._sources else "condensed"
-        original = self._sources[root]
         paths: dict[str, list[str]] = {kind: [] for kind in self._sources}
         for name, feature in self.features.items():
             paths[feature.source].append("events/" + name)
         paths[root].append("/")
+        return root, {kind: wanted for kind, wanted in paths.items() if wanted}
+
+    def outline(self, *, deadline: float) -> Outline:
+        """Root attributes, feature attributes, logs and tables as the original file has them
+        (see `_outline_plan`)."""
+        root, paths = self._outline_plan()
         attrs: dict[str, dict[str, Any]] = {}
         for kind, wanted in paths.items():
-            if wanted:
-                attrs.update(self._sources[kind].attrs(wanted, deadline=deadline))
-        arrays = original.arrays(GROUPS, deadline=deadline)
-        return Outline(
-            attrs=attrs["/"],
-            feature_attrs={name: attrs["events/" + name] for name in self.features},
-            logs=arrays["logs"],
-            tables=arrays["tables"],
-        )
+            attrs.update(self._sources[kind].attrs(wanted, deadline=deadline))
+        arrays = self._sources[root].arrays(GROUPS, deadline=deadline)
+        return _outline(attrs, arrays, list(self.features))
+
+    def outline_images(self, *, deadline: float) -> OutlineImages | None:
+        """What `outline_of_images` needs to make the outline in an HDF5 worker (one call)
+        when every file it reads is a small one read from memory (`RtdcSource.image`); else
+        None (`outline` reads it)."""
+        root, paths = self._outline_plan()
+        images = {}
+        for kind in {root, *paths}:
+            source = self._sources[kind]
+            data = source.image(deadline)
+            if data is None:
+                return None
+            images[kind] = (source.remote.obj.key, data)
+        return OutlineImages(images, root, paths, list(self.features))
 
     def close(self) -> None:
         for kind in OWN_SOURCES:  # not those of upstream resources (they close their own)

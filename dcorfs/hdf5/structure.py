@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,13 +184,19 @@ def member_names(fid: h5py.h5f.FileID, group: str) -> list[str]:
     return [name.decode("utf-8", "surrogateescape") for name in members]
 
 
-def read_attributes(fid: h5py.h5f.FileID, path: str, *, where: str) -> dict[str, Any]:
-    """The attributes of the object at `path` ("/", "events/deform" …) that h5py can read."""
+def read_attributes(
+    fid: h5py.h5f.FileID, path: str, *, where: str, only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """The attributes of the object at `path` ("/", "events/deform" …) that h5py can read
+    (`only`: of these names)."""
     try:
         oid = h5py.h5o.open(fid, path.encode("utf-8", "surrogateescape"))
         names = h5attrs.names(oid)
     except H5PY_ERRORS as exc:
         raise h5py_failure(exc, f"{where}: cannot read attributes of {path}") from None
+    if only is not None:
+        wanted = {name.encode("utf-8", "surrogateescape") for name in only}
+        names = [name for name in names if name in wanted]
     return _attributes(oid, names, path, where)
 
 

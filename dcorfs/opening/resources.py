@@ -49,6 +49,7 @@ from ..hdf5.rtdc import (
     describe,
     described,
 )
+from ..hdf5.workers import INLINE, HDF5Workers
 from ..remote.catalog import Catalog, Dataset, Resource
 from ..remote.dcserv import (
     DcorApi,
@@ -90,10 +91,13 @@ class Resources:
         derived: DerivedCache,
         timeout: float,
         recheck: float = 300.0,
+        workers: HDF5Workers = INLINE,
     ) -> None:
         """`api` and `catalog`: DCOR's API, None without it (then metadata, logs and tables
         come from the files); `recheck`: seconds after which what may still change (a
-        condensed file that did not exist) is looked at again."""
+        condensed file that did not exist) is looked at again; `workers`: where small files'
+        structure is read and skeletons are built (`hdf5.workers`)."""
+        self._workers = workers
         self._objects = objects
         self._warmer = warmer
         self._pools = pools
@@ -385,7 +389,7 @@ class Resources:
             )
             metadata = {"experiment": experiment}
         events = _event_count(metadata, opened)
-        return RtdcResource(original, condensed, events, self._derived)
+        return RtdcResource(original, condensed, events, self._derived, workers=self._workers)
 
     def _ask_logs(
         self, catalog: Catalog, resource_id: str, made: concurrent.futures.Future[RtdcSource]
@@ -450,7 +454,12 @@ class Resources:
             first_read = functools.partial(self._warmer.fetch_whole_later, obj)
         remote = RemoteFile(self._cache, obj, timeout=self._timeout)
         return RtdcSource(
-            remote, kind=kind, prepare=prepare, first_read=first_read, whole=obj.size <= whole
+            remote,
+            kind=kind,
+            prepare=prepare,
+            first_read=first_read,
+            whole=obj.size <= whole,
+            workers=self._workers,
         )
 
     def texts(self, dataset: Dataset, resource: Resource) -> Texts:

@@ -36,6 +36,7 @@ from ..mounts import (
     mounted,
     needs_fuse,
     read_file,
+    steady,
 )
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -247,6 +248,8 @@ def test_two_daemons_share_one_small_cache_dir(
         runs = [pool.submit(tree_files, m / GENERATED) for m in (first, second) * 3]
         for run in runs:
             assert run.result() == truth
+        # (blocks still queued for the disk are written behind the readers, evicting others)
+        assert steady(lambda: on_disk(cache))
         stored = on_disk(cache)
         assert stored <= limit + 4096 * len(object_files(cache)), stored  # + entry tables
     info = json.loads(dcorfs("cache", "info", "--cache-dir", str(cache), "--json").stdout)

@@ -30,7 +30,7 @@ import numpy as np
 from ...cache import answers
 from ...errors import ProtocolError
 from ...hdf5.contour import GROUP, Contour, contour_of, register_points
-from ...hdf5.rtdc import OWN_SOURCES, Outline, RtdcResource
+from ...hdf5.rtdc import OWN_SOURCES, Outline, OutlineImages, RtdcResource, outline_of_images
 from ...hdf5.skeleton import Skeleton, Spec, build
 from ...hdf5.structure import TRACE_PREFIX, Feature
 from ..content import FileContent, PartsContent, StaticContent
@@ -85,7 +85,9 @@ def _text(value: Any) -> Any:
 
 
 def specs(
-    resource: RtdcResource, outline: Outline, contour: tuple[np.dtype, np.ndarray] | None = None
+    features: dict[str, Feature],
+    outline: Outline,
+    contour: tuple[np.dtype, np.ndarray] | None = None,
 ) -> list[Spec]:
     """The datasets of the synthesized file: logs, tables, then the lazy event data, the
     contour's last (`contour`: its dtype and offsets)."""
@@ -94,8 +96,8 @@ def specs(
         for group, arrays in (("logs", outline.logs), ("tables", outline.tables))
         for n, a in (arrays or {}).items()
     ]
-    features = sorted(resource.features.values(), key=_order)
-    first_large = next((f.name for f in features if not f.scalar), None)
+    ordered = sorted(features.values(), key=_order)
+    first_large = next((f.name for f in ordered if not f.scalar), None)
     made += [
         Spec(
             "events/" + f.name,
@@ -104,7 +106,7 @@ def specs(
             outline.feature_attrs.get(f.name, {}),
             gap_before=f.name == first_large,
         )
-        for f in features
+        for f in ordered
     ]
     if contour is not None:
         dtype, offsets = contour
@@ -188,15 +190,37 @@ def _skeleton_key(
 def _build_skeleton(
     resource: RtdcResource, contour: tuple[np.dtype, np.ndarray] | None, *, deadline: float
 ) -> Skeleton:
-    """Blocking (reads attributes, logs and tables of the source files)."""
+    """Blocking: the outline (attributes, logs and tables of the source files) read, and
+    the skeleton built, in an HDF5 worker process (`hdf5.workers`), in one call when the
+    files are small ones read from memory."""
+    run, features = resource.workers.run, resource.features
+    images = resource.outline_images(deadline=deadline)
+    if images is not None:
+        return run(skeleton_of_images, images, features, contour, deadline=deadline)
     outline = resource.outline(deadline=deadline)
+    return run(skeleton_of, outline, features, contour, deadline=deadline)
+
+
+def skeleton_of_images(
+    images: OutlineImages,
+    features: dict[str, Feature],
+    contour: tuple[np.dtype, np.ndarray] | None,
+) -> Skeleton:
+    """`skeleton_of` the outline read from files in memory (in an HDF5 worker)."""
+    return skeleton_of(outline_of_images(images), features, contour)
+
+
+def skeleton_of(
+    outline: Outline, features: dict[str, Feature], contour: tuple[np.dtype, np.ndarray] | None
+) -> Skeleton:
+    """The synthesized file's structure (`skeleton.build`; in an HDF5 worker)."""
     attrs = {name: _text(value) for name, value in outline.attrs.items()}
     groups = ["events"] + [
         name
         for name, arrays in (("logs", outline.logs), ("tables", outline.tables))
         if arrays is not None
     ]
-    skeleton = build(attrs, specs(resource, outline, contour), groups)
+    skeleton = build(attrs, specs(features, outline, contour), groups)
     if contour is not None:
         skeleton.extents = _joined(skeleton.extents, len(contour[1]) - 1)
     return skeleton

@@ -1,0 +1,219 @@
+"""HDF5 work on bytes in memory, in processes of their own (doc/ARCHITECTURE.md, "HDF5
+workers").
+
+h5py runs every call under one global lock, and the daemon's Python under one GIL: listing a
+dataset of many small resources spent 70% of the time the GIL was held reading their files'
+structure and writing their synthesized files' skeletons, on one core. That work needs
+nothing of the mount's state when the file is in memory (a small file fetched whole) or is
+being written (a skeleton): its input and its result are plain values. `HDF5Workers.run`
+hands such a call to a pool of worker processes (fresh interpreters, not forks of the
+daemon's threads), so it runs beside the daemon on the other cores. They stop when idle.
+
+A call's exceptions come back as they were raised (dcorfs' errors are plain values too); its
+log records (at the level the daemon logs) are emitted in the daemon, as if the daemon had
+made them. A worker that dies (libhdf5 crashing on a damaged file) fails the calls it was
+running with a `ProtocolError`; the next call starts a new pool, so one bad file never ends
+the mount. `HDF5Workers(0)` runs every call in the calling thread instead (unit tests, and
+`--hdf5-workers 0`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import DeadlineExceeded, ProtocolError, TransientError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+IDLE = 60.0  # seconds without a call after which the processes are stopped
+
+
+class HDF5Workers:
+    """`processes` worker processes for HDF5 work on in-memory bytes (0: none, every call
+    runs in the caller's thread). Started on `start` or on the first call, each a fresh
+    interpreter (not a fork of the daemon's threads) that imports `preload` (the modules of
+    the functions it runs, with h5py and NumPy) first; stopped once no call came for `idle`
+    seconds (their memory is the daemon's: ~50 MB each), started again by the next."""
+
+    def __init__(
+        self,
+        processes: int,
+        preload: Sequence[str] = ("dcorfs.hdf5.rtdc",),
+        *,
+        idle: float = IDLE,
+    ) -> None:
+        self.processes = processes
+        self._preload = tuple(preload)
+        self._idle = idle
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._closed = threading.Event()
+        self._running = 0  # calls under way
+        self._last = time.monotonic()  # when the last call ended
+        self._watch: threading.Thread | None = None
+        self.calls = 0
+        self.crashes = 0
+        self.started = 0  # pools started (again after being idle, or after a crash)
+
+    def start(self) -> None:
+        """Start the processes now, in the background (their imports take ~0.5 s): the
+        first calls then do not wait for them."""
+        if self.processes > 0:
+            pool = self._executor()
+            for _ in range(self.processes):
+                pool.submit(os.getpid)
+
+    def run(self, fn: Callable[..., T], *args: Any, deadline: float) -> T:
+        """`fn(*args)` in a worker (blocking until `deadline`). `fn` and its arguments and
+        result are pickled: module-level functions and plain values only."""
+        if self.processes <= 0:
+            self.calls += 1
+            return fn(*args)
+        level = logging.getLogger("dcorfs").getEffectiveLevel()
+        with self._lock:
+            self.calls += 1
+            self._running += 1
+        try:
+            pool = self._executor()
+            try:
+                future = pool.submit(_traced, level, fn, args)
+            except BrokenProcessPool:  # (it died between two calls: a new pool for this one)
+                self._broken(pool)
+                pool = self._executor()
+                future = pool.submit(_traced, level, fn, args)
+            try:
+                result, records = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise DeadlineExceeded("timed out waiting for an HDF5 worker") from None
+            except BrokenProcessPool:
+                self._broken(pool)
+                raise ProtocolError("an HDF5 worker process died reading this file") from None
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._last = time.monotonic()
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+        return result
+
+    def pids(self) -> list[int]:
+        """The running worker processes' ids."""
+        processes = getattr(self._pool, "_processes", None) or {}
+        return sorted(int(pid) for pid in processes)
+
+    def stats(self) -> dict[str, Any]:
+        """For status.json: processes (at most), running ones and their resident memory,
+        calls, pools started, crashes."""
+        running = self.pids()
+        return {
+            "processes": self.processes,
+            "running": len(running),
+            "rss_bytes": sum(_rss(pid) for pid in running),
+            "calls": self.calls,
+            "started": self.started,
+            "crashes": self.crashes,
+        }
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._closed.is_set():
+                raise TransientError("the mount is closing")
+            if self._pool is None:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_preload,
+                    initargs=(self._preload,),
+                )
+                self.started += 1
+                self._last = time.monotonic()
+                if self._watch is None:
+                    self._watch = threading.Thread(
+                        target=self._stop_when_idle, name="hdf5-idle", daemon=True
+                    )
+                    self._watch.start()
+            return self._pool
+
+    def _stop_when_idle(self) -> None:
+        while not self._closed.wait(min(5.0, self._idle / 2)):
+            with self._lock:
+                pool = self._pool
+                idle = time.monotonic() - self._last >= self._idle and not self._running
+                if pool is None or not idle:
+                    continue
+                self._pool = None
+            log.debug("HDF5 workers idle for %.0f s: stopped", self._idle)
+            pool.shutdown(wait=True)
+
+    def _broken(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self.crashes += 1
+                log.warning("an HDF5 worker process died; starting new ones")
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the processes (calls under way fail)."""
+        with self._lock:
+            self._closed.set()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+INLINE = HDF5Workers(0)
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of a process (0 once it is gone)."""
+    try:
+        statm = Path(f"/proc/{pid}/statm").read_text()
+        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _preload(modules: tuple[str, ...]) -> None:
+    """In a new worker: import what its calls run (before the first call)."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def _traced(level: int, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, list[Any]]:
+    """In a worker: `fn(*args)` and the log records it made at `level` or above, made
+    picklable (their message formatted, their traceback as text)."""
+    records: list[logging.LogRecord] = []
+    handler = _Keep(records)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(level)
+    try:
+        return fn(*args), records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+class _Keep(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self._records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None
+        self._records.append(record)

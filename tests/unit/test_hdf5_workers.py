@@ -1,0 +1,195 @@
+"""HDF5 work in worker processes (`hdf5.workers`): what a call returns, raises and logs, a
+worker that dies or is idle, and the structure of small files and skeletons made there equal
+to the same read in the daemon through a file object."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcorfs.cache.blockcache import BlockCache
+from dcorfs.cache.derived import DerivedCache
+from dcorfs.cache.identity import ObjectId
+from dcorfs.devserver.sample import SampleSpec, write_rtdc
+from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
+from dcorfs.fs.producers.rtdc_file import _build_skeleton
+from dcorfs.hdf5.rtdc import GROUPS, RemoteFile, RtdcResource, RtdcSource
+from dcorfs.hdf5.workers import INLINE, HDF5Workers
+
+from ..conftest import FIXTURE_FILES
+
+log = logging.getLogger("dcorfs.tests.workers")
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[HDF5Workers]:
+    made = HDF5Workers(1)
+    made.start()
+    yield made
+    made.close()
+
+
+def soon() -> float:
+    return time.monotonic() + 60
+
+
+def warn_and_return(value: int) -> int:
+    log.warning("made %d in process %d", value, os.getpid())
+    return value * 2
+
+
+def fail(message: str) -> None:
+    raise ProtocolError(message)
+
+
+def test_a_call_runs_in_another_process_and_its_warnings_reach_the_daemon(
+    workers: HDF5Workers, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert workers.run(os.getpid, deadline=soon()) != os.getpid()
+    assert workers.pids() and os.getpid() not in workers.pids()
+    stats = workers.stats()
+    assert stats["running"] == 1 and stats["rss_bytes"] > 10 << 20 and stats["crashes"] == 0
+    with caplog.at_level(logging.WARNING, logger="dcorfs"):
+        assert workers.run(warn_and_return, 21, deadline=soon()) == 42
+    said = [r for r in caplog.records if r.name == "dcorfs.tests.workers"]
+    assert len(said) == 1 and said[0].getMessage().startswith("made 21 in process ")
+    assert str(os.getpid()) not in said[0].getMessage().split()[-1:]
+    with pytest.raises(ProtocolError, match="^a bad file$"):
+        workers.run(fail, "a bad file", deadline=soon())
+    assert INLINE.run(os.getpid, deadline=soon()) == os.getpid()  # no processes: here
+
+
+def test_a_worker_that_dies_fails_its_call_and_the_next_call_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    made = HDF5Workers(1)
+    try:
+        with pytest.raises(ProtocolError, match="died"), caplog.at_level(logging.WARNING):
+            made.run(os._exit, 3, deadline=soon())
+        assert made.crashes == 1
+        assert "died" in caplog.text
+        assert made.run(os.getpid, deadline=soon()) != os.getpid()
+        assert made.started == 2
+    finally:
+        made.close()
+
+
+def test_a_call_past_its_deadline_fails_and_idle_workers_stop(workers: HDF5Workers) -> None:
+    made = HDF5Workers(1, idle=0.4)
+    try:
+        with pytest.raises(DeadlineExceeded):
+            made.run(time.sleep, 3, deadline=time.monotonic() + 0.5)
+        first = made.pids()
+        assert first
+        until = time.monotonic() + 30
+        while made.pids() and time.monotonic() < until:  # (the sleep ends, then idle)
+            time.sleep(0.1)
+        assert not made.pids(), "still running while idle"
+        while any(_state(pid) not in ("gone", "Z") for pid in first) and time.monotonic() < until:
+            time.sleep(0.1)  # (stopped once the sleep it still runs has ended)
+        assert all(_state(pid) in ("gone", "Z") for pid in first)
+        assert made.run(os.getpid, deadline=soon()) not in first  # started again
+        assert made.started == 2
+    finally:
+        made.close()
+    with pytest.raises(TransientError):
+        made.run(os.getpid, deadline=soon())
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _sources(path: Path, kind: str, workers: HDF5Workers) -> tuple[RtdcSource, RtdcSource]:
+    """The file as a small source read from memory in `workers`, and opened through a file
+    object in this process."""
+    data = path.read_bytes()
+    obj = ObjectId(key=f"local/{path.name}", etag="e", size=len(data))
+
+    def fetch(_: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        return data[start:stop]
+
+    made = []
+    for whole, where in ((True, workers), (False, INLINE)):
+        cache = BlockCache(fetch=fetch, store=None, block_size=1 << 16, parallel=1)
+        remote = RemoteFile(cache, obj, timeout=60)
+        made.append(RtdcSource(remote, kind=kind, whole=whole, workers=where))
+    return made[0], made[1]
+
+
+def _equal(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(a, b)) and np.asarray(a).dtype == np.asarray(b).dtype  # type: ignore[arg-type]
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and _equal(vars(a), vars(b))
+    return type(a) is type(b) and bool(a == b)
+
+
+FILES = [
+    ("images and traces", SampleSpec(events=40, seed=3)),
+    ("contour", SampleSpec(events=25, seed=4, contour=True, image_shape=(30, 40))),
+    ("scalars only", SampleSpec(events=60, seed=5, images=False, traces=False)),
+]
+
+
+@pytest.mark.parametrize("name", [n for n, _ in FILES] + [p.name for p in FIXTURE_FILES])
+def test_small_files_read_in_a_worker_equal_them_read_through_a_file_object(
+    name: str, workers: HDF5Workers, tmp_path: Path
+) -> None:
+    spec = dict(FILES).get(name)
+    path = (
+        write_rtdc(tmp_path / "m.rtdc", spec)
+        if spec
+        else next(p for p in FIXTURE_FILES if p.name == name)
+    )
+    in_worker, opened = _sources(path, "resource", workers)
+    calls = workers.calls
+    try:
+        features = in_worker.scan(soon())
+        assert features and _equal(features, opened.scan(soon()))
+        paths = ["/", *(f"events/{n}" for n in features if n != "contour")]
+        assert _equal(in_worker.attrs(paths, deadline=soon()), opened.attrs(paths, deadline=soon()))
+        groups = [*GROUPS, "basins", "no-such-group"]
+        assert _equal(
+            in_worker.arrays(groups, deadline=soon()), opened.arrays(groups, deadline=soon())
+        )
+        layouts = in_worker._all_layouts(soon())
+        assert layouts and _equal(layouts, opened._all_layouts(soon()))
+        assert not in_worker.is_open  # read from memory, never opened here
+        assert workers.calls == calls + 4
+        # the synthesized file's skeleton: outline and build in one call, from memory
+        in_worker.features, opened.features = features, opened.features or features
+        derived = DerivedCache(store=None, block_size=1 << 20)
+        events = next(iter(features.values())).shape[0]
+        made = RtdcResource(in_worker, None, events, derived, workers=workers)
+        here = RtdcResource(opened, None, events, derived)
+        assert made.outline_images(deadline=soon()) is not None
+        assert here.outline_images(deadline=soon()) is None  # opened: read here
+        skeleton = _build_skeleton(made, None, deadline=soon())
+        assert workers.calls == calls + 5
+        assert skeleton == _build_skeleton(here, None, deadline=soon())
+    finally:
+        in_worker.close()
+        opened.close()
+
+
+def test_a_damaged_small_file_fails_in_the_worker_with_its_name(
+    workers: HDF5Workers, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.rtdc"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8)
+    in_worker, _ = _sources(path, "resource", workers)
+    with pytest.raises(ProtocolError, match=r"^local/bad.rtdc is not a readable HDF5 file"):
+        in_worker.scan(soon())
+    assert workers.run(os.getpid, deadline=soon()) != os.getpid()  # the worker serves on
