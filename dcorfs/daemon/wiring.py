@@ -161,7 +161,6 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     )
     # (each worker imports first what it runs: small files' structure, skeletons)
     workers = HDF5Workers(settings.hdf5_workers, preload=["dcorfs.fs.producers.rtdc_file"])
-    workers.start()
     objects = Objects(
         api=api,
         memo=memo,

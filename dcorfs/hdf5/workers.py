@@ -1,5 +1,5 @@
-"""HDF5 work on bytes in memory, in processes of their own (doc/ARCHITECTURE.md, "HDF5
-workers").
+"""HDF5 work on bytes in memory, in processes of their own (doc/ARCHITECTURE.md, "Speed"
+and "Memory").
 
 h5py runs every call under one global lock, and the daemon's Python under one GIL: listing a
 dataset of many small resources spent 70% of the time the GIL was held reading their files'
@@ -7,14 +7,15 @@ structure and writing their synthesized files' skeletons, on one core. That work
 nothing of the mount's state when the file is in memory (a small file fetched whole) or is
 being written (a skeleton): its input and its result are plain values. `HDF5Workers.run`
 hands such a call to a pool of worker processes (fresh interpreters, not forks of the
-daemon's threads), so it runs beside the daemon on the other cores. They stop when idle.
+daemon's threads), so it runs beside the daemon on the other cores. They start only for
+work side by side, and stop when idle (see `HDF5Workers`).
 
 A call's exceptions come back as they were raised (dcorfs' errors are plain values too); its
 log records (at the level the daemon logs) are emitted in the daemon, as if the daemon had
 made them. A worker that dies (libhdf5 crashing on a damaged file) fails the calls it was
-running with a `ProtocolError`; the next call starts a new pool, so one bad file never ends
-the mount. `HDF5Workers(0)` runs every call in the calling thread instead (unit tests, and
-`--hdf5-workers 0`).
+running with a `ProtocolError`; later calls run in the daemon until new ones are started,
+so one bad file never ends the mount. `HDF5Workers(0)` runs every call in the calling
+thread instead (unit tests, and `--hdf5-workers 0`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ IDLE = 60.0  # seconds without a call after which the processes are stopped
 
 class HDF5Workers:
     """`processes` worker processes for HDF5 work on in-memory bytes (0: none, every call
-    runs in the caller's thread). Started on `start` or on the first call, each a fresh
-    interpreter (not a fork of the daemon's threads) that imports `preload` (the modules of
-    the functions it runs, with h5py and NumPy) first; stopped once no call came for `idle`
-    seconds (their memory is the daemon's: ~50 MB each), started again by the next."""
+    runs in the caller's thread). Each is a fresh interpreter (not a fork of the daemon's
+    threads) that imports `preload` (the modules of the functions it runs, with h5py and
+    NumPy) first, ~0.5 CPU-s. So they are started only when there is HDF5 work side by side
+    (a call comes while another runs: a listed dataset's resources opened together), or by
+    `start`, not for a reader's one resource; until they are ready calls run in the calling
+    thread (never waiting for their start). Stopped once no call came for `idle` seconds
+    (their memory is the daemon's: ~50 MB each)."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class HDF5Workers:
         self._idle = idle
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._warming: list[concurrent.futures.Future[int]] = []  # the pool's first calls
         self._closed = threading.Event()
         self._running = 0  # calls under way
         self._last = time.monotonic()  # when the last call ended
@@ -66,12 +71,18 @@ class HDF5Workers:
         self.started = 0  # pools started (again after being idle, or after a crash)
 
     def start(self) -> None:
-        """Start the processes now, in the background (their imports take ~0.5 s): the
-        first calls then do not wait for them."""
+        """Start the processes now, in the background (calls run here until they are
+        ready)."""
         if self.processes > 0:
-            pool = self._executor()
-            for _ in range(self.processes):
-                pool.submit(os.getpid)
+            with self._lock:
+                self._ready_pool(start=True)
+
+    def ready(self, timeout: float) -> bool:
+        """Wait until the processes started are ready (for tests); whether they are."""
+        with self._lock:
+            warming = list(self._warming) if self._pool is not None else []
+        done, _ = concurrent.futures.wait(warming, timeout=timeout)
+        return bool(warming) and len(done) == len(warming)
 
     def run(self, fn: Callable[..., T], *args: Any, deadline: float) -> T:
         """`fn(*args)` in a worker (blocking until `deadline`). `fn` and its arguments and
@@ -83,14 +94,15 @@ class HDF5Workers:
         with self._lock:
             self.calls += 1
             self._running += 1
+            pool = self._ready_pool(start=self._running > 1)
         try:
-            pool = self._executor()
+            if pool is None:  # not started, or starting: here
+                return fn(*args)
             try:
                 future = pool.submit(_traced, level, fn, args)
-            except BrokenProcessPool:  # (it died between two calls: a new pool for this one)
+            except BrokenProcessPool:  # (it died between two calls: here, new ones start)
                 self._broken(pool)
-                pool = self._executor()
-                future = pool.submit(_traced, level, fn, args)
+                return fn(*args)
             try:
                 result, records = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
@@ -125,25 +137,31 @@ class HDF5Workers:
             "crashes": self.crashes,
         }
 
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        with self._lock:
-            if self._closed.is_set():
-                raise TransientError("the mount is closing")
-            if self._pool is None:
-                self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.processes,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_preload,
-                    initargs=(self._preload,),
+    def _ready_pool(self, *, start: bool) -> concurrent.futures.ProcessPoolExecutor | None:
+        """The pool if its processes are ready, else None; `start`: start it if there is
+        none. Call with the lock held."""
+        if self._closed.is_set():
+            raise TransientError("the mount is closing")
+        if self._pool is None:
+            if not start:
+                return None
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_preload,
+                initargs=(self._preload,),
+            )
+            self._warming = [self._pool.submit(os.getpid) for _ in range(self.processes)]
+            self.started += 1
+            self._last = time.monotonic()
+            if self._watch is None:
+                self._watch = threading.Thread(
+                    target=self._stop_when_idle, name="hdf5-idle", daemon=True
                 )
-                self.started += 1
-                self._last = time.monotonic()
-                if self._watch is None:
-                    self._watch = threading.Thread(
-                        target=self._stop_when_idle, name="hdf5-idle", daemon=True
-                    )
-                    self._watch.start()
+                self._watch.start()
+        if all(future.done() for future in self._warming):
             return self._pool
+        return None
 
     def _stop_when_idle(self) -> None:
         while not self._closed.wait(min(5.0, self._idle / 2)):

@@ -4,6 +4,7 @@ to the same read in the daemon through a file object."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ log = logging.getLogger("dcorfs.tests.workers")
 def workers() -> Iterator[HDF5Workers]:
     made = HDF5Workers(1)
     made.start()
+    assert made.ready(60)
     yield made
     made.close()
 
@@ -69,11 +71,16 @@ def test_a_worker_that_dies_fails_its_call_and_the_next_call_is_served(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     made = HDF5Workers(1)
+    made.start()
     try:
+        assert made.ready(60)
         with pytest.raises(ProtocolError, match="died"), caplog.at_level(logging.WARNING):
             made.run(os._exit, 3, deadline=soon())
         assert made.crashes == 1
         assert "died" in caplog.text
+        assert made.run(os.getpid, deadline=soon()) == os.getpid()  # here, none started
+        made.start()
+        assert made.ready(60)
         assert made.run(os.getpid, deadline=soon()) != os.getpid()
         assert made.started == 2
     finally:
@@ -82,7 +89,9 @@ def test_a_worker_that_dies_fails_its_call_and_the_next_call_is_served(
 
 def test_a_call_past_its_deadline_fails_and_idle_workers_stop(workers: HDF5Workers) -> None:
     made = HDF5Workers(1, idle=0.4)
+    made.start()
     try:
+        assert made.ready(60)
         with pytest.raises(DeadlineExceeded):
             made.run(time.sleep, 3, deadline=time.monotonic() + 0.5)
         first = made.pids()
@@ -94,8 +103,14 @@ def test_a_call_past_its_deadline_fails_and_idle_workers_stop(workers: HDF5Worke
         while any(_state(pid) not in ("gone", "Z") for pid in first) and time.monotonic() < until:
             time.sleep(0.1)  # (stopped once the sleep it still runs has ended)
         assert all(_state(pid) in ("gone", "Z") for pid in first)
-        assert made.run(os.getpid, deadline=soon()) not in first  # started again
-        assert made.started == 2
+        # one call at a time runs here and starts none; calls side by side start them again
+        assert made.run(os.getpid, deadline=soon()) == os.getpid()
+        assert made.started == 1
+        with concurrent.futures.ThreadPoolExecutor(2) as two:
+            both = [two.submit(made.run, time.sleep, 0.5, deadline=soon()) for _ in range(2)]
+            concurrent.futures.wait(both)
+        assert made.started == 2 and made.ready(60)
+        assert made.run(os.getpid, deadline=soon()) not in (*first, os.getpid())
     finally:
         made.close()
     with pytest.raises(TransientError):
