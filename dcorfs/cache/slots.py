@@ -192,8 +192,8 @@ def present(fd: int, layout: Layout) -> list[int]:
 def erase(fd: int, layout: Layout, index: int, *, punch: bool) -> None:
     """Forget block `index`: its entry zeroed, its data punched out of the file (`punch`)."""
     _pwrite_all(fd, bytes(layout.entry_size), layout.entry_at(index))
-    if punch:
-        punch_hole(fd, layout.data_at(index), layout.length(index))
+    if punch:  # its whole slot: the last partial page of a block stays allocated otherwise
+        punch_hole(fd, layout.data_at(index), -(-layout.length(index) // ALIGN) * ALIGN)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

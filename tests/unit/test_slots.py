@@ -148,6 +148,24 @@ def test_evicted_blocks_give_their_space_back_and_empty_files_go(tmp_path: Path)
     store.close()
 
 
+def test_evicted_blocks_of_a_size_off_the_page_give_all_their_pages_back(tmp_path: Path) -> None:
+    """Blocks whose size is no multiple of 4 KiB (whole HDF5 chunks of decoded values): an
+    evicted one leaves no page behind (its last page is part of its slot)."""
+    odd = 3 * PAGE + 1000
+    obj = ObjectId(key="odd", etag="e", size=4 * odd)
+    layout = Layout.of(obj, odd)
+    data = os.urandom(obj.size)
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=4 * odd, block_size=odd)
+    store.put_many(obj, {i: data[i * odd : (i + 1) * odd] for i in range(4)})
+    other = ObjectId(key="other", etag="e", size=3 * odd)
+    store.put_many(other, {i: os.urandom(odd) for i in range(3)})  # evicts 3 of the 4
+    assert [store.get(obj, i) is not None for i in range(4)] == [False, False, False, True]
+    path = cache / cachedir.OBJECTS / layout.name
+    assert on_disk(path) <= layout.table + layout.stride, on_disk(path)
+    store.close()
+
+
 def test_without_holes_eviction_takes_whole_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
