@@ -346,7 +346,7 @@ class RtdcSource:
 
     @property
     def _in_memory(self) -> bool:
-        """Whether its structure is read from an in-memory copy (see `_file`)."""
+        """Whether its structure is read from an in-memory copy (see `_structure`)."""
         return self._whole and not self.is_open
 
     def _structure(self, what: str, deadline: float, op: Callable[..., T], *args: Any) -> T:
@@ -579,7 +579,7 @@ def layouts_of(fid: h5py.h5f.FileID, where: str) -> dict[str, _Layout | None]:
 
 
 @dataclass
-class OutlineImages:
+class _OutlineImages:
     """The files an outline is read from, in memory: (name in messages, bytes) by kind; the
     kind of the file whose root attributes, logs and tables are taken; the paths whose
     attributes are read, by kind; the features (see `RtdcResource._outline_plan`)."""
@@ -590,9 +590,9 @@ class OutlineImages:
     features: list[str]
 
 
-def outline_of_images(plan: OutlineImages) -> Outline:
-    """The outline `RtdcResource.outline` reads, from files in memory (in an HDF5 worker:
-    each file opened once)."""
+def _on_outline(plan: _OutlineImages, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(outline, *args)`, the outline read from files in memory (in an HDF5 worker: see
+    `RtdcResource.with_outline`; each file opened once)."""
     attrs: dict[str, dict[str, Any]] = {}
     arrays: dict[str, dict[str, Array] | None] = {}
     for kind, (where, data) in plan.images.items():
@@ -602,7 +602,7 @@ def outline_of_images(plan: OutlineImages) -> Outline:
         found, more = on_image(data, where, what, _attrs_and_arrays, wanted, groups, where)
         attrs.update(found)
         arrays.update(more)
-    return _outline(attrs, arrays, plan.features)
+    return fn(_outline(attrs, arrays, plan.features), *args)
 
 
 def _attrs_and_arrays(
@@ -856,19 +856,22 @@ class RtdcResource:
         arrays = self._sources[root].arrays(GROUPS, deadline=deadline)
         return _outline(attrs, arrays, list(self.features))
 
-    def outline_images(self, *, deadline: float) -> OutlineImages | None:
-        """What `outline_of_images` needs to make the outline in an HDF5 worker (one call)
-        when every file it reads is a small one read from memory (`RtdcSource.image`); else
-        None (`outline` reads it)."""
+    def with_outline(self, fn: Callable[..., T], *args: Any, deadline: float) -> T:
+        """`fn(outline, *args)` in an HDF5 worker (`fn` module-level, its arguments plain
+        values): when every file the outline comes from is a small one read from memory, the
+        outline is read there too, in the same call (each file opened once); else it is read
+        here, through the cache (`outline`)."""
         root, paths = self._outline_plan()
         images = {}
         for kind in {root, *paths}:
             source = self._sources[kind]
             data = source.image(deadline)
             if data is None:
-                return None
+                outline = self.outline(deadline=deadline)
+                return self.workers.run(fn, outline, *args, deadline=deadline)
             images[kind] = (source.remote.obj.key, data)
-        return OutlineImages(images, root, paths, list(self.features))
+        plan = _OutlineImages(images, root, paths, list(self.features))
+        return cast(T, self.workers.run(_on_outline, plan, fn, *args, deadline=deadline))
 
     def close(self) -> None:
         for kind in OWN_SOURCES:  # not those of upstream resources (they close their own)

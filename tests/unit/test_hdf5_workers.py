@@ -189,11 +189,11 @@ def test_small_files_read_in_a_worker_equal_them_read_through_a_file_object(
         events = next(iter(features.values())).shape[0]
         made = RtdcResource(in_worker, None, events, derived, workers=workers)
         here = RtdcResource(opened, None, events, derived)
-        assert made.outline_images(deadline=soon()) is not None
-        assert here.outline_images(deadline=soon()) is None  # opened: read here
         skeleton = _build_skeleton(made, None, deadline=soon())
-        assert workers.calls == calls + 5
+        assert workers.calls == calls + 5  # the outline from memory, in the same call
+        assert not in_worker.is_open
         assert skeleton == _build_skeleton(here, None, deadline=soon())
+        assert opened.is_open  # opened: its outline read here, through the file object
     finally:
         in_worker.close()
         opened.close()

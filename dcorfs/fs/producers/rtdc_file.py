@@ -30,7 +30,7 @@ import numpy as np
 from ...cache import answers
 from ...errors import ProtocolError
 from ...hdf5.contour import GROUP, Contour, contour_of, register_points
-from ...hdf5.rtdc import OWN_SOURCES, Outline, OutlineImages, RtdcResource, outline_of_images
+from ...hdf5.rtdc import OWN_SOURCES, Outline, RtdcResource
 from ...hdf5.skeleton import Skeleton, Spec, build
 from ...hdf5.structure import TRACE_PREFIX, Feature
 from ..content import FileContent, PartsContent, StaticContent
@@ -190,24 +190,9 @@ def _skeleton_key(
 def _build_skeleton(
     resource: RtdcResource, contour: tuple[np.dtype, np.ndarray] | None, *, deadline: float
 ) -> Skeleton:
-    """Blocking: the outline (attributes, logs and tables of the source files) read, and
-    the skeleton built, in an HDF5 worker process (`hdf5.workers`), in one call when the
-    files are small ones read from memory."""
-    run, features = resource.workers.run, resource.features
-    images = resource.outline_images(deadline=deadline)
-    if images is not None:
-        return run(skeleton_of_images, images, features, contour, deadline=deadline)
-    outline = resource.outline(deadline=deadline)
-    return run(skeleton_of, outline, features, contour, deadline=deadline)
-
-
-def skeleton_of_images(
-    images: OutlineImages,
-    features: dict[str, Feature],
-    contour: tuple[np.dtype, np.ndarray] | None,
-) -> Skeleton:
-    """`skeleton_of` the outline read from files in memory (in an HDF5 worker)."""
-    return skeleton_of(outline_of_images(images), features, contour)
+    """Blocking: the outline (attributes, logs and tables of the source files) read and the
+    skeleton built in an HDF5 worker process (`RtdcResource.with_outline`)."""
+    return resource.with_outline(skeleton_of, resource.features, contour, deadline=deadline)
 
 
 def skeleton_of(
