@@ -512,13 +512,17 @@ class DiskStore:
         chosen: dict[int, bytes] = {}
         total = 0
         for index, data in sorted(blocks.items()):
-            if total + len(data) > self.limit:
+            if total + slots.footprint(len(data)) > self.limit:
                 break  # never more than the limit, even in one batch
             chosen[index] = data
-            total += len(data)
+            total += slots.footprint(len(data))
         if not chosen:
             return 0
-        entries = [(block_name(layout, index), len(data)) for index, data in chosen.items()]
+        # accounted as the disk space they take (whole pages: a small block takes one)
+        entries = [
+            (block_name(layout, index), slots.footprint(len(data)))
+            for index, data in chosen.items()
+        ]
         names = [name for name, _ in entries]
         try:
             self._admit(obj, entries, now)

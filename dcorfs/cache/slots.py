@@ -114,6 +114,11 @@ class Layout:
         return self.table + index * self.stride
 
 
+def footprint(length: int) -> int:
+    """The disk space a block's data of `length` bytes take in its slot: whole pages."""
+    return -(-length // ALIGN) * ALIGN
+
+
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -193,7 +198,7 @@ def erase(fd: int, layout: Layout, index: int, *, punch: bool) -> None:
     """Forget block `index`: its entry zeroed, its data punched out of the file (`punch`)."""
     _pwrite_all(fd, bytes(layout.entry_size), layout.entry_at(index))
     if punch:  # its whole slot: the last partial page of a block stays allocated otherwise
-        punch_hole(fd, layout.data_at(index), -(-layout.length(index) // ALIGN) * ALIGN)
+        punch_hole(fd, layout.data_at(index), footprint(layout.length(index)))
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
