@@ -11,10 +11,12 @@ multiple of 4 KiB, such as whole HDF5 chunks of decoded values, leaves a gap aft
 Blocks never stored are holes (the file is sparse), so an object's blocks cost only what is
 stored, and a reader of many blocks of one object reads one file (the filesystem's read-ahead
 works across blocks). An entry holds MAGIC, the first 8 bytes of the object's identity, the
-block's index and length and the CRC32 of each `PAGE` of its data. A block's data are written
-before its entry. A reader checks the entry (all zero: not stored) and the CRC of every page it
-reads, and of no other: a read of a few KiB of a 1 MiB block reads and checks 32 KiB, not the
-block. So a torn, truncated, flipped or misplaced block is damage (`Damaged`), never data.
+block's index and length and the CRC32 of each `PAGE` of its data (zlib's CRC, computed with
+zlib-ng's vectorised code: 16 GB/s per 32 KiB page here against zlib's 3.7, the same values).
+A block's data are written before its entry. A reader checks the entry (all zero: not
+stored) and the CRC of every page it reads, and of no other: a read of a few KiB of a 1 MiB
+block reads and checks 32 KiB, not the block. So a torn, truncated, flipped or misplaced
+block is damage (`Damaged`), never data.
 
 Erasing a block zeroes its entry and punches its data out of the file (fallocate
 PUNCH_HOLE), which gives the disk space back; where the filesystem cannot punch holes
@@ -30,11 +32,12 @@ import functools
 import os
 import struct
 import tempfile
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+from zlib_ng.zlib_ng import crc32
 
 from .identity import ObjectId
 
@@ -129,7 +132,7 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def entry(layout: Layout, index: int, data: bytes) -> bytes:
     """The table entry of block `index` holding `data`."""
     view = memoryview(data)
-    crcs = [zlib.crc32(view[at : at + PAGE]) for at in range(0, len(data), PAGE)]
+    crcs = [crc32(view[at : at + PAGE]) for at in range(0, len(data), PAGE)]
     packed = ENTRY.pack(MAGIC, layout.identity[:8], index, len(data))
     packed += struct.pack(f"<{len(crcs)}I", *crcs)
     return packed.ljust(layout.entry_size, b"\0")
@@ -169,7 +172,7 @@ def read(
     view = memoryview(data)
     crcs = struct.unpack_from(f"<{last - first}I", raw, ENTRY.size + 4 * first)
     for n, crc in enumerate(crcs):
-        if zlib.crc32(view[n * PAGE : (n + 1) * PAGE]) != crc:
+        if crc32(view[n * PAGE : (n + 1) * PAGE]) != crc:
             raise Damaged(f"block {index}: page {first + n} fails its CRC")
     if (begin, end) == (start, stop):
         return data  # the block's bytes themselves: no copy
