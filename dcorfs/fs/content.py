@@ -1,7 +1,8 @@
 """What a file of the tree holds: a size known up front and reads of any byte range.
 
 `FileContent.read` may block (network, decoding) and runs in a worker thread; `peek` must not
-block and returns the bytes only when they are at hand (served on the trio thread).
+block and returns the bytes only when they are at hand (served on the trio thread), possibly
+as a view of bytes kept elsewhere (`Buffer`: the FUSE reply copies them once, into the kernel).
 `read_pieces` is `read` for large ranges (read-ahead windows): the same bytes as a list of
 pieces, for contents that can give them without joining them first (`Pieced`; one large
 join copies more bytes than fit in the CPU's caches, measured 2.5 GB/s for 16 MiB here).
@@ -13,6 +14,8 @@ import bisect
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
+Buffer = bytes | memoryview  # bytes, or a read-only view of bytes held elsewhere
+
 
 class FileContent(Protocol):
     @property
@@ -20,7 +23,7 @@ class FileContent(Protocol):
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes: ...
 
-    def peek(self, offset: int, length: int) -> bytes | None: ...
+    def peek(self, offset: int, length: int) -> Buffer | None: ...
 
 
 @runtime_checkable
@@ -134,8 +137,8 @@ class PartsContent:
                 pieces += read_pieces(part, at, n, deadline=deadline)
         return pieces or [b""]
 
-    def peek(self, offset: int, length: int) -> bytes | None:
-        pieces = []
+    def peek(self, offset: int, length: int) -> Buffer | None:
+        pieces: list[Buffer] = []
         for at, n, part in self._pieces(offset, length):
             data = bytes(n) if part is None else part.peek(at, n)
             if data is None:

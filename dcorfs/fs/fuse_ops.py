@@ -21,7 +21,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Concatenate, NewType, ParamSpec, TypeVar
+from typing import Any, Concatenate, NewType, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -373,7 +373,8 @@ class Operations(pyfuse3.Operations):
             self.activity.counters["reads_inline"] += 1
         self.activity.counters["bytes_served"] += len(data)
         self.activity.observe_read(time.monotonic() - started)
-        return data
+        # pyfuse3 replies with any buffer (it takes `data`'s buffer): a view is not copied here
+        return cast(bytes, data)
 
     @_handler
     async def release(self, fh: int) -> None:

@@ -33,7 +33,7 @@ from ...hdf5.contour import GROUP, Contour, contour_of, register_points
 from ...hdf5.rtdc import OWN_SOURCES, Outline, RtdcResource
 from ...hdf5.skeleton import Skeleton, Spec, build
 from ...hdf5.structure import TRACE_PREFIX, Feature
-from ..content import FileContent, PartsContent, StaticContent
+from ..content import Buffer, FileContent, PartsContent, StaticContent
 from .npy import feature_values
 from .passthrough import ObjectContent
 
@@ -55,14 +55,14 @@ class StoredMask:
         self.size = values.size
 
     @staticmethod
-    def _stored(data: bytes) -> bytes:
+    def _stored(data: Buffer) -> bytes:
         stored: np.ndarray = np.frombuffer(data, np.uint8) * np.uint8(255)
         return stored.tobytes()
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
         return self._stored(self._values.read(offset, length, deadline=deadline))
 
-    def peek(self, offset: int, length: int) -> bytes | None:
+    def peek(self, offset: int, length: int) -> Buffer | None:
         data = self._values.peek(offset, length)
         return None if data is None else self._stored(data)
 
@@ -142,7 +142,7 @@ class _Window:
         length = max(0, min(length, self.size - offset))
         return self._content.read(self._start + offset, length, deadline=deadline)
 
-    def peek(self, offset: int, length: int) -> bytes | None:
+    def peek(self, offset: int, length: int) -> Buffer | None:
         length = max(0, min(length, self.size - offset))
         return self._content.peek(self._start + offset, length)
 
