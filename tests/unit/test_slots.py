@@ -66,6 +66,35 @@ def test_any_part_of_a_block_reads_back(index: int, a: int, b: int) -> None:
         path.unlink()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3), st.integers(0, PAGE - 1), st.integers(1, 3))
+def test_a_read_names_the_damaged_page_and_notices_pages_out_of_order(
+    page: int, byte: int, other: int
+) -> None:
+    """A read checks all its pages in one CRC against their CRCs joined (`slots._joined`):
+    a flipped bit in any page is still found and named, and so are two pages swapped (each
+    page intact, so only their order is wrong)."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dcorfs-slots-damage-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        slots.write(fd, LAYOUT, 1, blocks()[1])
+        at = LAYOUT.data_at(1) + page * PAGE
+        good = os.pread(fd, BLOCK, LAYOUT.data_at(1))
+        os.pwrite(fd, bytes([good[page * PAGE + byte] ^ 0x01]), at + byte)
+        with pytest.raises(Damaged, match=f"page {page} fails its CRC"):
+            slots.read(fd, LAYOUT, 1)
+        swap = (page + other) % 4  # another page of the block
+        os.pwrite(fd, good[swap * PAGE : (swap + 1) * PAGE], at)
+        os.pwrite(fd, good[page * PAGE : (page + 1) * PAGE], LAYOUT.data_at(1) + swap * PAGE)
+        with pytest.raises(Damaged, match="fails its CRC"):
+            slots.read(fd, LAYOUT, 1)
+        os.pwrite(fd, good, LAYOUT.data_at(1))
+        assert slots.read(fd, LAYOUT, 1) == blocks()[1]
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def test_a_short_read_reads_and_checks_only_its_pages(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK)
     assert store.put_many(OBJ, blocks()) == 6
