@@ -510,19 +510,17 @@ class DiskStore:
             return 0
         layout = Layout.of(obj, block_size or self.block_size)
         chosen: dict[int, bytes] = {}
+        entries: list[tuple[str, int]] = []  # accounted as the disk space each block takes
         total = 0
         for index, data in sorted(blocks.items()):
-            if total + slots.footprint(len(data)) > self.limit:
+            taken = slots.footprint(len(data))  # whole pages: a small block takes one
+            if total + taken > self.limit:
                 break  # never more than the limit, even in one batch
             chosen[index] = data
-            total += slots.footprint(len(data))
+            entries.append((block_name(layout, index), taken))
+            total += taken
         if not chosen:
             return 0
-        # accounted as the disk space they take (whole pages: a small block takes one)
-        entries = [
-            (block_name(layout, index), slots.footprint(len(data)))
-            for index, data in chosen.items()
-        ]
         names = [name for name, _ in entries]
         try:
             self._admit(obj, entries, now)
