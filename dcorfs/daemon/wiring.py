@@ -43,6 +43,8 @@ from ..remote.s3 import ObjectStore, sigv4_presigner
 from ..remote.shared import SharedTier
 from ..settings import MountSettings
 
+WORKERS_READY = 10.0  # seconds the start waits at most for the HDF5 workers
+
 
 def scope(settings: MountSettings) -> str:
     """Whose answers the metadata store holds: answers given for a token (or S3 credentials)
@@ -159,8 +161,10 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         ahead=settings.build_threads,
         listing=settings.listing_threads,
     )
-    # (each worker imports first what it runs: small files' structure, skeletons)
+    # (what the workers run, imported once by the server they are forked from: small files'
+    # structure, skeletons); started now, beside the rest of the start (`build_front` waits)
     workers = HDF5Workers(settings.hdf5_workers, preload=["dcorfs.fs.producers.rtdc_file"])
+    workers.start()
     objects = Objects(
         api=api,
         memo=memo,
@@ -283,6 +287,9 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
         prefetcher.close()
         layers.close()
 
+    # served once the HDF5 workers are ready (their server's imports, ~0.3 CPU-s, paid here
+    # rather than by the first listing; calls run in the daemon until then, if it is slow)
+    layers.workers.ready(WORKERS_READY)
     return Front(root, prefetcher, activity, report, close)
 
 
