@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ EVENT_COUNT = b"experiment:event count"
 CONTOUR = "contour"  # a group of one (n_i, 2) dataset of points per event, named "0", "1" …
 H5PY_ERRORS = (OSError, ValueError, KeyError, TypeError)  # what h5py raises for a bad file
 GROUPS = ("logs", "tables")  # groups of small datasets an .rtdc file may have
+BASINS = "basins"  # the group of a file's basins (each a dataset of JSON text lines)
 _images = itertools.count()
 
 
@@ -55,7 +57,7 @@ class Feature:
 
     @property
     def row_bytes(self) -> int:
-        return int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
+        return self.dtype.itemsize * math.prod(self.shape[1:])
 
 
 @dataclass

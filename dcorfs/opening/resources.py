@@ -49,6 +49,7 @@ from ..hdf5.rtdc import (
     describe,
     described,
 )
+from ..hdf5.structure import BASINS
 from ..hdf5.workers import INLINE, HDF5Workers
 from ..remote.catalog import Catalog, Dataset, Resource
 from ..remote.dcserv import (
@@ -237,7 +238,7 @@ class Resources:
             self.remembered(
                 answers.intra_basins(obj.identity),
                 lambda deadline: upstream.intra_basins(
-                    condensed.arrays(["basins"], deadline=deadline)["basins"],
+                    condensed.arrays([BASINS], deadline=deadline)[BASINS],
                     own_id=resource.id,
                     host=host,
                 ),

@@ -17,10 +17,12 @@ import pytest
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.derived import DerivedCache
 from dcorfs.cache.identity import ObjectId
+from dcorfs.devserver.condense import condensed_path
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 from dcorfs.fs.producers.rtdc_file import _build_skeleton
 from dcorfs.hdf5.rtdc import GROUPS, RemoteFile, RtdcResource, RtdcSource
+from dcorfs.hdf5.structure import BASINS
 from dcorfs.hdf5.workers import INLINE, HDF5Workers
 
 from ..conftest import FIXTURE_FILES
@@ -194,6 +196,39 @@ def test_small_files_read_in_a_worker_equal_them_read_through_a_file_object(
         assert not in_worker.is_open
         assert skeleton == _build_skeleton(here, None, deadline=soon())
         assert opened.is_open  # opened: its outline read here, through the file object
+    finally:
+        in_worker.close()
+        opened.close()
+
+
+def test_a_small_condensed_file_has_its_basins_read_with_its_features(
+    workers: HDF5Workers, tmp_path: Path
+) -> None:
+    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=6, images=False))
+    path = condensed_path(
+        original,
+        "0" * 64,
+        tmp_path / "state",
+        resource_id="r1",
+        site_url="http://127.0.0.1:9",
+        object_url="http://127.0.0.1:9/o",
+    )
+    in_worker, opened = _sources(path, "condensed", workers)
+    calls = workers.calls
+    try:
+        assert _equal(in_worker.scan(soon()), opened.scan(soon()))
+        basins = in_worker.arrays([BASINS], deadline=soon())  # read with the features
+        assert workers.calls == calls + 1
+        assert len(basins[BASINS] or {}) == 3
+        assert _equal(basins, opened.arrays([BASINS], deadline=soon()))
+        # kept for that one call: asked again, read again
+        assert _equal(in_worker.arrays([BASINS], deadline=soon()), basins)
+        assert workers.calls == calls + 2
+        # an original's scan reads nothing more
+        in_original, _ = _sources(original, "resource", workers)
+        in_original.scan(soon())
+        in_original.arrays([BASINS], deadline=soon())
+        assert workers.calls == calls + 4
     finally:
         in_worker.close()
         opened.close()
