@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
@@ -155,6 +155,27 @@ def _check_object_status(response: requests.Response, url: str) -> None:
         raise Moved(f"HTTP {response.status_code} (a redirect) for {redact_url(url)}")
 
 
+class _Session(requests.Session):
+    """A session that looks at the environment (proxies, CA bundle: `trust_env`) once per
+    scheme and host, not for every request (~0.1 ms each: the daemon's environment does not
+    change while it runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple[Any, ...], Any] = {}
+
+    def merge_environment_settings(
+        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> Any:
+        parts = urlsplit(str(url))
+        key = (parts.scheme, parts.netloc, stream, verify, cert, tuple(sorted(proxies.items())))
+        made = self._environment.get(key)
+        if made is None:
+            made = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            self._environment[key] = made
+        return {**made, "proxies": dict(made["proxies"])}
+
+
 class Http:
     """Thread-safe: each worker thread gets its own session (connection pool)."""
 
@@ -180,7 +201,7 @@ class Http:
     def _session(self) -> requests.Session:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
+            session = _Session()
             adapter = requests.adapters.HTTPAdapter(
                 pool_connections=4, pool_maxsize=self._pool_size, max_retries=0
             )

@@ -127,6 +127,33 @@ def test_a_range_is_held_once(data_dir: Path, devserver: DevServer) -> None:
         server.close()
 
 
+def test_the_environment_is_looked_at_once_per_host(
+    devserver: DevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, data, _ = object_and_bytes(devserver)
+    assert "//127.0.0.1:" in url
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy that is not there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    looked: list[str] = []
+    merge = requests.Session.merge_environment_settings
+
+    def counted(self: requests.Session, *args: object) -> object:
+        looked.append(str(args[0]))
+        return merge(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(requests.Session, "merge_environment_settings", counted)
+    http = Http(policy=RetryPolicy(attempts=2, base_delay=0.001))
+    deadline = time.monotonic() + 30
+    for start in range(3):
+        assert http.get_range(url, start, start + 10, deadline=deadline) == data[start : start + 10]
+    assert len(looked) == 1  # (not proxied: NO_PROXY names the host)
+    # another name of the same host is proxied, as the environment says: through nothing
+    with pytest.raises(TransientError):
+        http.get_range(url.replace("127.0.0.1", "localhost"), 0, 10, deadline=deadline)
+    assert len(looked) == 2
+    http.close()
+
+
 def test_deadline_bounds_the_retries() -> None:
     clock = [0.0]
 
