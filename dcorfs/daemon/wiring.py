@@ -43,7 +43,7 @@ from ..remote.s3 import ObjectStore, sigv4_presigner
 from ..remote.shared import SharedTier
 from ..settings import MountSettings
 
-WORKERS_READY = 10.0  # seconds the start waits at most for the HDF5 workers
+WORKERS_READY = 10.0  # seconds the start waits at most for the HDF5 workers' server
 
 
 def scope(settings: MountSettings) -> str:
@@ -162,9 +162,10 @@ def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
         listing=settings.listing_threads,
     )
     # (what the workers run, imported once by the server they are forked from: small files'
-    # structure, skeletons); started now, beside the rest of the start (`build_front` waits)
+    # structure, skeletons); the server started now, beside the rest of the start
+    # (`build_front` waits for it)
     workers = HDF5Workers(settings.hdf5_workers, preload=["dcorfs.fs.producers.rtdc_file"])
-    workers.start()
+    workers.serve()
     objects = Objects(
         api=api,
         memo=memo,
@@ -287,9 +288,9 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
         prefetcher.close()
         layers.close()
 
-    # served once the HDF5 workers are ready (their server's imports, ~0.3 CPU-s, paid here
+    # served once the HDF5 workers' server can fork them (its imports, ~0.3 CPU-s, paid here
     # rather than by the first listing; calls run in the daemon until then, if it is slow)
-    layers.workers.ready(WORKERS_READY)
+    layers.workers.served(WORKERS_READY)
     return Front(root, prefetcher, activity, report, close)
 
 

@@ -45,14 +45,16 @@ IDLE = 60.0  # seconds without a call after which the processes are stopped
 class HDF5Workers:
     """`processes` worker processes for HDF5 work on in-memory bytes (0: none, every call
     runs in the caller's thread). They are forked from one server process (the forkserver,
-    a fresh interpreter started by the first `start`) that imported `preload` (the modules
-    of the functions they run, with h5py and NumPy: ~0.3 CPU-s) once, so each is ready in
-    ~10 ms and shares the server's pages. Started by `start` (the mount, which waits until
-    they are `ready`) or when there is HDF5 work side by side (a call comes while another
-    runs: a listed dataset's resources opened together), not for a reader's one resource;
-    until they are ready calls run in the calling thread (never waiting for their start).
-    Stopped once no call came for `idle` seconds (their memory is the daemon's: ~50 MB,
-    mostly shared with the server, which stays: see `stats`)."""
+    a fresh interpreter started by `serve`: the mount, which waits until it can fork,
+    `served`) that imported `preload` (the modules of the functions they run, with h5py and
+    NumPy: ~0.3 CPU-s) once, so each is ready in ~10 ms and shares the server's pages. They
+    are started when there is HDF5 work side by side (a call comes while another runs: a
+    listed dataset's resources opened together), or by `start`, not for a reader's one
+    resource (a call alone runs in the caller's thread: sending a condensed file of a few MB
+    to a worker and back costs more than the work); until they are ready calls run in the
+    calling thread (never waiting for their start). Stopped once no call came for `idle`
+    seconds (their memory is the daemon's: ~30 MB each, mostly shared with the server, which
+    stays: see `stats`)."""
 
     def __init__(
         self,
@@ -74,6 +76,23 @@ class HDF5Workers:
         self.calls = 0
         self.crashes = 0
         self.started = 0  # pools started (again after being idle, or after a crash)
+
+    def serve(self) -> None:
+        """Start the server the workers are forked from, in the background (it imports what
+        they run: ~0.3 CPU-s, once); see `served`."""
+        if self.processes > 0:
+            _forkserver(self._preload)
+            multiprocessing.forkserver.ensure_running()
+
+    def served(self, timeout: float) -> bool:
+        """Wait (at most `timeout` seconds) until the server can fork workers, its imports
+        done (a process that does nothing is forked and joined); whether it can."""
+        if self.processes <= 0:
+            return False
+        process = _forkserver(self._preload).Process(target=_nothing, daemon=True)
+        process.start()
+        process.join(timeout)
+        return bool(process.exitcode == 0)
 
     def start(self) -> None:
         """Start the processes now, in the background (calls run here until they are
@@ -211,13 +230,17 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def _forkserver(preload: tuple[str, ...]) -> multiprocessing.context.BaseContext:
+def _forkserver(preload: tuple[str, ...]) -> multiprocessing.context.ForkServerContext:
     """The context whose processes are forked from multiprocessing's forkserver (one per
     daemon, started at its first use, ended with the daemon), which imports `preload` (those
     of the first pool started) before it forks any."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__, *preload])
     return context
+
+
+def _nothing() -> None:
+    """What `served` has a forked process do."""
 
 
 def _server_pid() -> int | None:

@@ -69,6 +69,27 @@ def test_a_call_runs_in_another_process_and_its_warnings_reach_the_daemon(
     assert INLINE.run(os.getpid, deadline=soon()) == os.getpid()  # no processes: here
 
 
+def test_workers_are_forked_from_a_server_that_the_mount_starts_first() -> None:
+    made = HDF5Workers(1)
+    try:
+        made.serve()
+        assert made.served(60)  # its imports done: it forked a process that did nothing
+        server = made.stats()["server_rss_bytes"]
+        assert server > 10 << 20 and made.stats()["running"] == 0  # no worker yet
+        assert made.run(os.getpid, deadline=soon()) == os.getpid()  # alone: here
+        made.start()
+        assert made.ready(60)
+        worker = made.run(os.getpid, deadline=soon())
+        assert worker != os.getpid() and _parent(worker) == _parent(made.pids()[0]) != os.getpid()
+    finally:
+        made.close()
+    assert not HDF5Workers(0).served(1)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def test_a_worker_that_dies_fails_its_call_and_the_next_call_is_served(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
