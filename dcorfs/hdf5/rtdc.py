@@ -375,13 +375,13 @@ class RtdcSource:
             self._prepare(deadline)
         return self.remote.read_all(deadline)
 
-    def scan(self, deadline: float) -> dict[str, Feature]:
-        """The features of the file that dclab shows (`featurerule.innate`). A condensed
-        file read from memory has its basins read in the same call, kept for the one `arrays`
-        that asks for them next (`Resources` does, to join the resource with its upstreams):
-        one call to an HDF5 worker instead of two."""
+    def scan(self, deadline: float, *, basins: bool = False) -> dict[str, Feature]:
+        """The features of the file that dclab shows (`featurerule.innate`). `basins`: they
+        will be asked for next (`Resources` does, to join a resource with its upstreams);
+        a file read from memory then has them read in the same call, kept for the one `arrays`
+        that asks for them: one call to an HDF5 worker instead of two."""
         where = self.remote.obj.key
-        if self.kind != "condensed" or not self._in_memory:
+        if not basins or not self._in_memory:
             return self._structure("the features", deadline, scan_file, self.kind, where)
         features, kept = self._structure(
             "the features, basins", deadline, scan_file_and, self.kind, where, [BASINS]

@@ -26,6 +26,7 @@ import concurrent.futures
 import importlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import threading
@@ -76,23 +77,41 @@ class HDF5Workers:
         self.calls = 0
         self.crashes = 0
         self.started = 0  # pools started (again after being idle, or after a crash)
+        self._retry_at = 0.0  # no pool started before then (the last start failed)
 
     def serve(self) -> None:
         """Start the server the workers are forked from, in the background (it imports what
-        they run: ~0.3 CPU-s, once); see `served`."""
+        they run: ~0.3 CPU-s, once); see `served`. A server that cannot start is logged:
+        calls then run in the daemon."""
         if self.processes > 0:
-            _forkserver(self._preload)
-            multiprocessing.forkserver.ensure_running()
+            try:
+                _forkserver(self._preload)
+                multiprocessing.forkserver.ensure_running()
+            except (OSError, EOFError) as exc:
+                log.warning("HDF5 workers' server not started (%s): HDF5 work in the daemon", exc)
 
     def served(self, timeout: float) -> bool:
         """Wait (at most `timeout` seconds) until the server can fork workers, its imports
-        done (a process that does nothing is forked and joined); whether it can."""
+        done (a process that does nothing is forked, in a thread of its own, and joined);
+        whether it can."""
         if self.processes <= 0:
             return False
-        process = _forkserver(self._preload).Process(target=_nothing, daemon=True)
-        process.start()
-        process.join(timeout)
-        return bool(process.exitcode == 0)
+        forked: list[multiprocessing.process.BaseProcess] = []
+
+        def fork() -> None:
+            process = _forkserver(self._preload).Process(target=_nothing, daemon=True)
+            try:
+                process.start()  # (blocks until the server has imported what it preloads)
+            except (OSError, EOFError) as exc:
+                log.warning("HDF5 workers' server cannot fork (%s): HDF5 work in the daemon", exc)
+                return
+            process.join()
+            forked.append(process)
+
+        thread = threading.Thread(target=fork, name="hdf5-served", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        return bool(forked and forked[0].exitcode == 0)
 
     def start(self) -> None:
         """Start the processes now, in the background (calls run here until they are
@@ -172,13 +191,22 @@ class HDF5Workers:
         if self._pool is None:
             if not start:
                 return None
-            self._pool = concurrent.futures.ProcessPoolExecutor(
+            if time.monotonic() < self._retry_at:
+                return None
+            pool = concurrent.futures.ProcessPoolExecutor(
                 self.processes,
                 mp_context=_forkserver(self._preload),
                 initializer=_preload,
                 initargs=(self._preload,),
             )
-            self._warming = [self._pool.submit(os.getpid) for _ in range(self.processes)]
+            try:
+                self._warming = [pool.submit(os.getpid) for _ in range(self.processes)]
+            except (OSError, EOFError, BrokenProcessPool) as exc:  # (the server is gone)
+                log.warning("HDF5 workers not started (%s): HDF5 work in the daemon", exc)
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._retry_at = time.monotonic() + self._idle
+                return None
+            self._pool = pool
             self.started += 1
             self._last = time.monotonic()
             if self._watch is None:
@@ -251,9 +279,20 @@ def _server_pid() -> int | None:
 
 
 def _preload(modules: tuple[str, ...]) -> None:
-    """In a new worker: import what its calls run (before the first call)."""
+    """In a new worker: end it when the daemon ends, however it ends (its pool's shutdown is
+    not waited for: `os._exit` or SIGKILL would leave the worker waiting for calls, and with
+    it the server it was forked from); import what its calls run (before the first call)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent,), name="parent", daemon=True).start()
     for name in modules:
         importlib.import_module(name)
+
+
+def _end_with(parent: multiprocessing.process.BaseProcess) -> None:
+    """Wait until the process that started this one has ended, then end this one."""
+    multiprocessing.connection.wait([parent.sentinel])
+    os._exit(0)
 
 
 def _traced(level: int, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, list[Any]]:

@@ -425,7 +425,9 @@ class Resources:
                 # at most half the time left: the rest is this file's own
                 left = max(0.0, deadline - time.monotonic())
                 concurrent.futures.wait([after], timeout=left / 2)
-            found = describe(source.scan(deadline))
+            # a condensed file's basins are read next when upstreams are joined
+            basins = kind == "condensed" and self._catalog is not None and self._api is not None
+            found = describe(source.scan(deadline, basins=basins))
             if ahead:
                 try:  # only saves time later: a failure is left to the reads that need them
                     source.layouts_ahead(deadline)

@@ -132,6 +132,8 @@ def test_the_environment_is_looked_at_once_per_host(
 ) -> None:
     url, data, _ = object_and_bytes(devserver)
     assert "//127.0.0.1:" in url
+    for name in ("http_proxy", "no_proxy", "all_proxy", "ALL_PROXY"):  # (lower case wins)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy that is not there
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     looked: list[str] = []

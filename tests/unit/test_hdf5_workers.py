@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +86,62 @@ def test_workers_are_forked_from_a_server_that_the_mount_starts_first() -> None:
     finally:
         made.close()
     assert not HDF5Workers(0).served(1)
+
+
+def _in_a_process(tmp_path: Path, code: str) -> list[str]:
+    """Run `code` in a Python of its own (its own forkserver: the one of this process may run
+    already), with `tmp_path` importable; its output's words."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, str(tmp_path)])}
+    script = tmp_path / "main.py"
+    script.write_text(code)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_workers_and_their_server_end_when_the_daemon_ends_abruptly(tmp_path: Path) -> None:
+    # the daemon ends with os._exit (its pools not shut down), or is killed
+    pids = _in_a_process(
+        tmp_path,
+        "import os\n"
+        "from dcorfs.hdf5 import workers\n"
+        "if __name__ == '__main__':\n"
+        "    made = workers.HDF5Workers(1)\n"
+        "    made.serve()\n"
+        "    made.start()\n"
+        "    assert made.ready(60)\n"
+        "    print(*made.pids(), workers._server_pid(), flush=True)\n"
+        "    os._exit(0)\n",
+    )
+    assert len(pids) == 2
+    until = time.monotonic() + 60
+    while any(_state(int(pid)) not in ("gone", "Z") for pid in pids):
+        assert time.monotonic() < until, f"still running: {pids}"
+        time.sleep(0.1)
+
+
+def test_the_wait_for_the_server_is_bounded(tmp_path: Path) -> None:
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(4)\n")
+    said = _in_a_process(
+        tmp_path,
+        "import time\n"
+        "from dcorfs.hdf5 import workers\n"
+        "if __name__ == '__main__':\n"
+        "    made = workers.HDF5Workers(1, preload=['slow_to_import'])\n"
+        "    made.serve()\n"
+        "    started = time.monotonic()\n"
+        "    ready = made.served(0.5)\n"
+        "    print(ready, time.monotonic() - started < 3, made.served(30), flush=True)\n",
+    )
+    assert said == ["False", "True", "True"]  # not ready within 0.5 s, told so in time
 
 
 def _parent(pid: int) -> int:
@@ -237,7 +295,7 @@ def test_a_small_condensed_file_has_its_basins_read_with_its_features(
     in_worker, opened = _sources(path, "condensed", workers)
     calls = workers.calls
     try:
-        assert _equal(in_worker.scan(soon()), opened.scan(soon()))
+        assert _equal(in_worker.scan(soon(), basins=True), opened.scan(soon(), basins=True))
         basins = in_worker.arrays([BASINS], deadline=soon())  # read with the features
         assert workers.calls == calls + 1
         assert len(basins[BASINS] or {}) == 3
@@ -245,10 +303,11 @@ def test_a_small_condensed_file_has_its_basins_read_with_its_features(
         # kept for that one call: asked again, read again
         assert _equal(in_worker.arrays([BASINS], deadline=soon()), basins)
         assert workers.calls == calls + 2
-        # an original's scan reads nothing more
+        # a scan not told that basins come next reads nothing more
         in_original, _ = _sources(original, "resource", workers)
         in_original.scan(soon())
         in_original.arrays([BASINS], deadline=soon())
+        in_original.close()
         assert workers.calls == calls + 4
     finally:
         in_worker.close()
