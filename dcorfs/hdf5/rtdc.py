@@ -384,11 +384,14 @@ class RtdcSource:
         if not basins or not self._in_memory:
             return self._structure("the features", deadline, scan_file, self.kind, where)
         features, kept = self._structure(
-            "the features, basins", deadline, scan_file_and, self.kind, where, [BASINS]
+            "the features, basins",
+            deadline,
+            several,
+            [(scan_file, (self.kind, where)), (arrays_of, ([BASINS], where))],
         )
         with self._lock:
             self._kept.update(kept)
-        return features
+        return cast(dict[str, Feature], features)
 
     def attrs(self, paths: Sequence[str], *, deadline: float) -> dict[str, dict[str, Any]]:
         """The attributes of objects ("/", "events/deform" …) by path; those h5py cannot
@@ -566,11 +569,11 @@ def scan_file(fid: h5py.h5f.FileID, kind: str, where: str) -> dict[str, Feature]
     return innate(found, file_facts(root, member_names(fid, "logs")))
 
 
-def scan_file_and(
-    fid: h5py.h5f.FileID, kind: str, where: str, groups: list[str]
-) -> tuple[dict[str, Feature], dict[str, dict[str, Array] | None]]:
-    """`scan_file` and `arrays_of` these groups, of one opened file."""
-    return scan_file(fid, kind, where), arrays_of(fid, groups, where)
+def several(
+    fid: h5py.h5f.FileID, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+) -> list[Any]:
+    """`fn(fid, *args)` for each call, in order, on one opened file (one trip to a worker)."""
+    return [fn(fid, *args) for fn, args in calls]
 
 
 def attrs_of(fid: h5py.h5f.FileID, paths: list[str], where: str) -> dict[str, dict[str, Any]]:
@@ -622,16 +625,12 @@ def _on_outline(plan: _OutlineImages, fn: Callable[..., T], *args: Any) -> T:
         groups = list(GROUPS) if kind == plan.root else []
         what = ", ".join(["attributes", *groups])
         wanted = plan.paths.get(kind, [])
-        found, more = on_image(data, where, what, _attrs_and_arrays, wanted, groups, where)
+        found, more = on_image(
+            data, where, what, several, [(attrs_of, (wanted, where)), (arrays_of, (groups, where))]
+        )
         attrs.update(found)
         arrays.update(more)
     return fn(_outline(attrs, arrays, plan.features), *args)
-
-
-def _attrs_and_arrays(
-    fid: h5py.h5f.FileID, paths: list[str], groups: list[str], where: str
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Array] | None]]:
-    return attrs_of(fid, paths, where), arrays_of(fid, groups, where)
 
 
 def _outline(

@@ -41,6 +41,7 @@ from ..errors import DeadlineExceeded, ProtocolError, TransientError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 IDLE = 60.0  # seconds without a call after which the processes are stopped
+SERVER_ERRORS = (OSError, EOFError)  # what starting the forkserver or forking from it raises
 
 
 class HDF5Workers:
@@ -66,6 +67,7 @@ class HDF5Workers:
     ) -> None:
         self.processes = processes
         self._preload = tuple(preload)
+        self._context = _forkserver(self._preload) if processes > 0 else None
         self._idle = idle
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
@@ -85,33 +87,32 @@ class HDF5Workers:
         calls then run in the daemon."""
         if self.processes > 0:
             try:
-                _forkserver(self._preload)
-                multiprocessing.forkserver.ensure_running()
-            except (OSError, EOFError) as exc:
+                multiprocessing.forkserver.ensure_running()  # (with `_context`'s preload)
+            except SERVER_ERRORS as exc:
                 log.warning("HDF5 workers' server not started (%s): HDF5 work in the daemon", exc)
 
     def served(self, timeout: float) -> bool:
         """Wait (at most `timeout` seconds) until the server can fork workers, its imports
         done (a process that does nothing is forked, in a thread of its own, and joined);
         whether it can."""
-        if self.processes <= 0:
+        if self._context is None:
             return False
-        forked: list[multiprocessing.process.BaseProcess] = []
+        process = self._context.Process(target=_nothing, daemon=True)
+        forked: list[bool] = []
 
         def fork() -> None:
-            process = _forkserver(self._preload).Process(target=_nothing, daemon=True)
             try:
                 process.start()  # (blocks until the server has imported what it preloads)
-            except (OSError, EOFError) as exc:
+            except SERVER_ERRORS as exc:
                 log.warning("HDF5 workers' server cannot fork (%s): HDF5 work in the daemon", exc)
                 return
             process.join()
-            forked.append(process)
+            forked.append(process.exitcode == 0)
 
         thread = threading.Thread(target=fork, name="hdf5-served", daemon=True)
         thread.start()
         thread.join(timeout)
-        return bool(forked and forked[0].exitcode == 0)
+        return forked == [True]
 
     def start(self) -> None:
         """Start the processes now, in the background (calls run here until they are
@@ -195,13 +196,13 @@ class HDF5Workers:
                 return None
             pool = concurrent.futures.ProcessPoolExecutor(
                 self.processes,
-                mp_context=_forkserver(self._preload),
+                mp_context=self._context,
                 initializer=_preload,
                 initargs=(self._preload,),
             )
             try:
                 self._warming = [pool.submit(os.getpid) for _ in range(self.processes)]
-            except (OSError, EOFError, BrokenProcessPool) as exc:  # (the server is gone)
+            except (*SERVER_ERRORS, BrokenProcessPool) as exc:  # (the server is gone)
                 log.warning("HDF5 workers not started (%s): HDF5 work in the daemon", exc)
                 pool.shutdown(wait=False, cancel_futures=True)
                 self._retry_at = time.monotonic() + self._idle

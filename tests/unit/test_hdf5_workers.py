@@ -145,7 +145,7 @@ def test_the_wait_for_the_server_is_bounded(tmp_path: Path) -> None:
 
 
 def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return int(_stat(pid)[1])
 
 
 def test_a_worker_that_dies_fails_its_call_and_the_next_call_is_served(
@@ -200,9 +200,14 @@ def test_a_call_past_its_deadline_fails_and_idle_workers_stop(workers: HDF5Worke
 
 def _state(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return _stat(pid)[0]
     except OSError:
         return "gone"
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command (state, parent, …)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def _sources(path: Path, kind: str, workers: HDF5Workers) -> tuple[RtdcSource, RtdcSource]:
