@@ -1,12 +1,15 @@
-"""libhdf5 called directly (ctypes) for the calls a skeleton build makes by the hundred.
+"""libhdf5 called directly (ctypes) for the calls listing a resource makes by the hundred.
 
-Listing a resource writes the structure of its synthesized `.rtdc` (`hdf5.skeleton`): a few
-dozen datasets and a few hundred attributes. Through h5py each of those calls makes Python
-objects for every identifier (types, dataspaces, attributes, property lists), registers them
-and checks errors on its own; measured here, that was 70% of the build and libhdf5 itself
-25% (doc/ARCHITECTURE.md, "Speed"). These functions make the same libhdf5
-calls h5py makes, with plain integer identifiers, on the very library h5py has loaded (so
-one HDF5 library state, one set of identifiers: h5py's objects and these mix freely).
+Listing a resource reads the structure of its small files (`hdf5.structure`: a few dozen
+datasets, a few hundred attributes) and writes the structure of its synthesized `.rtdc`
+(`hdf5.skeleton`). Through h5py each of those calls makes Python objects for every
+identifier (types, dataspaces, attributes, property lists), registers them and checks errors
+on its own; measured here, that was 70% of the build and libhdf5 itself 25%
+(doc/ARCHITECTURE.md, "Speed"); scanning the two small files of a listed resource (37
+features each) took 4.1 ms through h5py, 1.9 ms here. These functions make the same
+libhdf5 calls h5py makes, with plain integer identifiers, on the very library h5py has
+loaded (so one HDF5 library state, one set of identifiers: h5py's objects and these mix
+freely). Reads give up (None) where h5py's own calls are left to tell what is wrong.
 
 Callers hold h5py's lock (`h5py._objects.phil`) around every call: h5py serialises all its
 calls to libhdf5 under that lock (whether or not the library was built thread-safe), and so
@@ -31,6 +34,13 @@ from ..errors import ProtocolError
 
 HADDR_UNDEF = (1 << 64) - 1  # haddr_t's "no address" (H5public.h)
 _SCALAR = 0  # H5S_SCALAR (H5Spublic.h, H5S_class_t)
+_SIMPLE = 1  # H5S_SIMPLE
+_DATASET = 5  # H5I_DATASET (H5Ipublic.h, H5I_type_t)
+_CHUNKED = 2  # H5D_CHUNKED (H5Dpublic.h, H5D_layout_t)
+_GROUP = 2  # H5I_GROUP
+_INDEX_NAME, _INDEX_CRT_ORDER = 0, 1  # H5_INDEX_NAME, H5_INDEX_CRT_ORDER (H5public.h)
+_ITER_INC = 0  # H5_ITER_INC
+_CRT_ORDER_TRACKED = 1  # H5P_CRT_ORDER_TRACKED (H5Ppublic.h)
 _SELECT_SET = 0  # H5S_SELECT_SET (H5Spublic.h, H5S_seloper_t)
 _DEFAULT = 0  # H5P_DEFAULT, and H5S_ALL
 
@@ -38,6 +48,8 @@ _hid = ctypes.c_int64  # hid_t (64 bits since HDF5 1.10)
 _herr = ctypes.c_int  # herr_t
 _haddr = ctypes.c_uint64  # haddr_t, hsize_t
 _ptr = ctypes.c_void_p
+# herr_t (*H5A_operator2_t)(hid_t, const char *name, const H5A_info_t *, void *data)
+_ATTR_OPERATOR = ctypes.CFUNCTYPE(_herr, _hid, ctypes.c_char_p, _ptr, _ptr)
 
 
 def _library() -> ctypes.PyDLL:
@@ -66,6 +78,27 @@ _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "H5Dwrite": ([_hid, _hid, _hid, _hid, _hid, _ptr], _herr),
     "H5Dget_offset": ([_hid], _haddr),
     "H5Dget_storage_size": ([_hid], _haddr),
+    "H5Aopen": ([_hid, ctypes.c_char_p, _hid], _hid),
+    "H5Aget_type": ([_hid], _hid),
+    "H5Aget_space": ([_hid], _hid),
+    "H5Aread": ([_hid, _hid, _ptr], _herr),
+    "H5Tencode": ([_hid, _ptr, ctypes.POINTER(ctypes.c_size_t)], _herr),
+    "H5Tclose": ([_hid], _herr),
+    "H5Sget_simple_extent_type": ([_hid], ctypes.c_int),
+    "H5Sget_simple_extent_ndims": ([_hid], ctypes.c_int),
+    "H5Sget_simple_extent_dims": ([_hid, _ptr, _ptr], ctypes.c_int),
+    "H5Treclaim": ([_hid, _hid, _hid, _ptr], _herr),
+    "H5Oopen": ([_hid, ctypes.c_char_p, _hid], _hid),
+    "H5Oclose": ([_hid], _herr),
+    "H5Iget_type": ([_hid], ctypes.c_int),
+    "H5Dget_type": ([_hid], _hid),
+    "H5Dget_create_plist": ([_hid], _hid),
+    "H5Pget_layout": ([_hid], ctypes.c_int),
+    "H5Pget_chunk": ([_hid, ctypes.c_int, _ptr], ctypes.c_int),
+    "H5Pclose": ([_hid], _herr),
+    "H5Gget_create_plist": ([_hid], _hid),
+    "H5Pget_attr_creation_order": ([_hid, ctypes.POINTER(ctypes.c_uint)], _herr),
+    "H5Aiterate2": ([_hid, ctypes.c_int, ctypes.c_int, _ptr, _ptr, _ptr], _herr),
 }
 for _name, (_args, _result) in _SIGNATURES.items():
     _function = getattr(_lib, _name)
@@ -166,3 +199,156 @@ def extent(dataset: int, *, name: bytes) -> tuple[int, int] | None:
             )
         return None
     return int(offset), int(size)
+
+
+@contextmanager
+def attribute(holder: int, name: bytes) -> Iterator[int | None]:
+    """Attribute `name` of object `holder` opened (closed on leaving), or None where libhdf5
+    cannot open it (h5py's own call then tells why)."""
+    attr = _lib.H5Aopen(holder, name, _DEFAULT)
+    if attr < 0:
+        yield None
+        return
+    try:
+        yield attr
+    finally:
+        _lib.H5Aclose(attr)
+
+
+def _encoded(tid: int) -> bytes:
+    """A type serialized (`H5Tencode`, as h5py's `TypeID.encode`); `tid` closed."""
+    try:
+        size = ctypes.c_size_t(0)
+        _checked("H5Tencode", _lib.H5Tencode(tid, None, ctypes.byref(size)))
+        encoded = ctypes.create_string_buffer(size.value)
+        _checked("H5Tencode", _lib.H5Tencode(tid, encoded, ctypes.byref(size)))
+        return encoded.raw[: size.value]
+    finally:
+        _lib.H5Tclose(tid)
+
+
+def attribute_type(attr: int) -> bytes:
+    """The attribute's file type, serialized."""
+    return _encoded(_checked("H5Aget_type", _lib.H5Aget_type(attr)))
+
+
+def _shape(space: int) -> tuple[int, ...] | None:
+    """A dataspace's shape (() for a scalar one), or None for a null one or another kind;
+    `space` closed."""
+    try:
+        kind = _lib.H5Sget_simple_extent_type(space)
+        if kind == _SCALAR:
+            return ()
+        if kind != _SIMPLE:
+            return None
+        rank = _checked("H5Sget_simple_extent_ndims", _lib.H5Sget_simple_extent_ndims(space))
+        dims = (ctypes.c_uint64 * rank)()
+        _checked("H5Sget_simple_extent_dims", _lib.H5Sget_simple_extent_dims(space, dims, None))
+        return tuple(dims)
+    finally:
+        _lib.H5Sclose(space)
+
+
+def dataset(parent: int, name: bytes) -> tuple[bytes, tuple[int, ...], int] | None:
+    """Of member `name` of group `parent`, when it is a dataset of a simple or scalar
+    dataspace: its type serialized, its shape and, for a rank above 1, its events per chunk
+    (0: not chunked); else None (a group, a broken link, an error: h5py's own calls on it
+    then tell what it is)."""
+    oid = _lib.H5Oopen(parent, name, _DEFAULT)
+    if oid < 0:
+        return None
+    try:
+        if _lib.H5Iget_type(oid) != _DATASET:
+            return None
+        encoded = _encoded(_checked("H5Dget_type", _lib.H5Dget_type(oid), name))
+        shape = _shape(_checked("H5Dget_space", _lib.H5Dget_space(oid), name))
+        if shape is None:
+            return None
+        return encoded, shape, _chunk_rows(oid, len(shape), name) if len(shape) > 1 else 0
+    except HDF5CallError:
+        return None
+    finally:
+        _lib.H5Oclose(oid)
+
+
+def _chunk_rows(dataset: int, rank: int, name: bytes) -> int:
+    plist = _checked("H5Dget_create_plist", _lib.H5Dget_create_plist(dataset), name)
+    try:
+        if _lib.H5Pget_layout(plist) != _CHUNKED:
+            return 0
+        dims = (ctypes.c_uint64 * rank)()
+        _checked("H5Pget_chunk", _lib.H5Pget_chunk(plist, rank, dims), name)
+        return int(dims[0])
+    finally:
+        _lib.H5Pclose(plist)
+
+
+def attribute_shape(attr: int) -> tuple[int, ...] | None:
+    """The attribute's shape (() for a scalar one), or None for a null dataspace (h5py's
+    `Empty`) or another kind."""
+    return _shape(_checked("H5Aget_space", _lib.H5Aget_space(attr)))
+
+
+def read_attribute(attr: int, memory_type: int, buffer: int) -> None:
+    """Read the attribute's values into memory at `buffer`, as values of `memory_type`."""
+    _checked("H5Aread", _lib.H5Aread(attr, memory_type, buffer))
+
+
+def read_texts(attr: int, memory_type: int, count: int) -> list[bytes]:
+    """The strings of a variable-length text attribute of `count` elements, read as C
+    strings of `memory_type` (a variable-length C string type); libhdf5's copies freed."""
+    pointers = (ctypes.c_char_p * count)()
+    read_attribute(attr, memory_type, ctypes.addressof(pointers))
+    try:
+        return [value or b"" for value in pointers]
+    finally:
+        space = _checked("H5Aget_space", _lib.H5Aget_space(attr))
+        try:
+            _lib.H5Treclaim(memory_type, space, _DEFAULT, ctypes.addressof(pointers))
+        finally:
+            _lib.H5Sclose(space)
+
+
+def attribute_names(holder: int) -> list[bytes] | None:
+    """The attribute names of a group or dataset, in h5py's order (creation order where the
+    object tracks it, else by name); None for another kind of object, or where libhdf5
+    cannot list them (h5py's own calls then tell why)."""
+    kind = _lib.H5Iget_type(holder)
+    if kind == _GROUP:
+        plist = _lib.H5Gget_create_plist(holder)
+    elif kind == _DATASET:
+        plist = _lib.H5Dget_create_plist(holder)
+    else:
+        return None
+    if plist < 0:
+        return None
+    flags = ctypes.c_uint(0)
+    try:
+        if _lib.H5Pget_attr_creation_order(plist, ctypes.byref(flags)) < 0:
+            return None
+    finally:
+        _lib.H5Pclose(plist)
+    index = _INDEX_CRT_ORDER if flags.value & _CRT_ORDER_TRACKED else _INDEX_NAME
+    found: list[bytes] = []
+
+    def note(_: int, name: bytes, *__: Any) -> int:
+        found.append(name)
+        return 0
+
+    if _lib.H5Aiterate2(holder, index, _ITER_INC, None, _ATTR_OPERATOR(note), None) < 0:
+        return None
+    return found
+
+
+@contextmanager
+def opened(parent: int, path: bytes) -> Iterator[int | None]:
+    """The object at `path` from `parent` opened (closed on leaving), or None where libhdf5
+    cannot open it."""
+    oid = _lib.H5Oopen(parent, path, _DEFAULT)
+    if oid < 0:
+        yield None
+        return
+    try:
+        yield oid
+    finally:
+        _lib.H5Oclose(oid)

@@ -16,8 +16,10 @@ through h5py's high-level API.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import h5py
 import numpy as np
@@ -47,27 +49,58 @@ class _Types:
             self._made[key] = value
 
 
-_READ = _Types()  # encoded file type -> (dtype, memory type, is vlen text)
+_READ = _Types()  # encoded file type -> _ReadTypes
 _WRITE = _Types()  # numpy dtype key -> (file type, memory type)
 
 
-def _read_types(attr: h5a.AttrID) -> tuple[np.dtype, h5t.TypeID, bool]:
+@dataclass(frozen=True)
+class _ReadTypes:
+    """How values of one file type are read: their dtype, the memory type h5py reads them
+    as, and for variable-length text the C string type `capi` reads them as (else None)."""
+
+    dtype: np.dtype
+    memory: h5t.TypeID
+    text: h5t.TypeID | None
+
+    @property
+    def vlen_text(self) -> bool:
+        return self.text is not None
+
+
+def _read_types(attr: h5a.AttrID) -> _ReadTypes:
     tid = attr.get_type()
-    key = tid.encode()
+    return _types_of(tid.encode(), tid)
+
+
+def _types_of(key: bytes, tid: h5t.TypeID | None = None) -> _ReadTypes:
+    """How values of the type encoded as `key` are read (`tid`: that type, if at hand)."""
     made = _READ.get(key)
     if made is None:
+        tid = tid if tid is not None else h5t.decode(key)
         dtype = tid.dtype
         text = h5t.check_string_dtype(dtype)
-        made = (dtype, h5t.py_create(dtype), bool(text and text.length is None))
+        c_text = None
+        if text and text.length is None and dtype.subdtype is None:
+            c_text = h5t.C_S1.copy()
+            c_text.set_size(h5t.VARIABLE)
+            c_text.set_cset(tid.get_cset())
+        made = _ReadTypes(dtype, h5t.py_create(dtype), c_text)
         _READ.put(key, made)
-    dtype, htype, vlen_text = made
-    return dtype, htype, vlen_text
+    return cast(_ReadTypes, made)
+
+
+def dtype_of(key: bytes) -> np.dtype:
+    """The dtype h5py gives values of the type encoded as `key` (`capi`'s encoding); made
+    once per kind of type."""
+    with phil:
+        return _types_of(key).dtype
 
 
 def value(attr: h5a.AttrID) -> Any:
     """The value of an opened attribute, as `obj.attrs[name]` gives it."""
     with phil:
-        dtype, htype, vlen_text = _read_types(attr)
+        types = _read_types(attr)
+        dtype, vlen_text = types.dtype, types.vlen_text
         shape = attr.shape
         if shape is None:
             return h5py.Empty(dtype)
@@ -79,14 +112,49 @@ def value(attr: h5a.AttrID) -> Any:
             text = h5t.check_string_dtype(dtype)
             vlen_text = bool(text and text.length is None)
         arr = np.zeros(shape, dtype=dtype, order="C")
-        attr.read(arr, mtype=htype)
+        attr.read(arr, mtype=types.memory)
     if vlen_text:
-        arr = np.array(
-            [b.decode("utf-8", "surrogateescape") for b in arr.flat], dtype=dtype
-        ).reshape(arr.shape)
-    if arr.ndim == 0:
-        return arr[()]
-    return arr
+        return _texts(list(arr.flat), dtype, arr.shape)
+    return _unwrapped(arr)
+
+
+def _texts(items: list[bytes], dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+    """Variable-length text read as bytes, as h5py gives it (decoded, in an array of its
+    object dtype; a scalar one as its string)."""
+    decoded = [item.decode("utf-8", "surrogateescape") for item in items]
+    return _unwrapped(np.array(decoded, dtype=dtype).reshape(shape))
+
+
+def _unwrapped(arr: np.ndarray) -> Any:
+    return arr[()] if arr.ndim == 0 else arr
+
+
+def _value_by_name(holder: Any, name: bytes) -> Any:
+    """The value of attribute `name` of an object (an object identifier, not a file's)
+    through `capi`, for numbers and text: h5py's calls without its objects (the types of
+    each kind of value made once, `_types_of`); `_UNREAD` where that does not apply (empty,
+    array-typed: `value` then reads it as h5py does). Called with h5py's lock held."""
+    with capi.attribute(holder.id, name) as attr:
+        if attr is None:
+            return _UNREAD
+        try:
+            types = _types_of(capi.attribute_type(attr))
+            if types.dtype.subdtype is not None:
+                return _UNREAD
+            shape = capi.attribute_shape(attr)
+            if shape is None or 0 in shape:
+                return _UNREAD
+            if types.text is not None:
+                items = capi.read_texts(attr, types.text.id, math.prod(shape))
+                return _texts(items, types.dtype, shape)
+            arr = np.empty(shape, dtype=types.dtype)
+            capi.read_attribute(attr, types.memory.id, arr.ctypes.data)
+        except capi.HDF5CallError:
+            return _UNREAD
+        return _unwrapped(arr)
+
+
+_UNREAD = object()
 
 
 def _holder(oid: Any) -> Any:
@@ -100,6 +168,9 @@ def names(oid: Any) -> list[bytes]:
     tracks it, else by name)."""
     with phil:
         oid = _holder(oid)
+        listed = capi.attribute_names(oid.id)
+        if listed is not None:
+            return listed
         plist = oid.get_create_plist()
         try:
             tracked = plist.get_attr_creation_order() & h5p.CRT_ORDER_TRACKED
@@ -118,7 +189,11 @@ def names(oid: Any) -> list[bytes]:
 def read(oid: Any, name: bytes) -> Any:
     """The value of attribute `name` of an object (h5py's errors for a bad one)."""
     with phil:
-        attr = h5a.open(_holder(oid), name)
+        holder = _holder(oid)
+        found = _value_by_name(holder, name)
+        if found is not _UNREAD:
+            return found
+        attr = h5a.open(holder, name)
         try:
             return value(attr)
         finally:

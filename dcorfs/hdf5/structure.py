@@ -18,16 +18,17 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import hdf5plugin  # noqa: F401  (logs and tables may be Zstd-compressed)
 import numpy as np
+from h5py._objects import phil
 
 from ..errors import DcorfsError, ProtocolError
-from . import h5attrs
+from . import capi, h5attrs
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,24 @@ def read_features(fid: h5py.h5f.FileID, *, kind: str, where: str) -> dict[str, F
     if not isinstance(events, h5py.h5g.GroupID):
         raise ProtocolError(f"{where} has no /events group (not an .rtdc file)")
     found: dict[str, Feature] = {}
-    for name, item in _members(events, where):
-        if name == CONTOUR:  # dclab reads a contour group only
+    for name, item in _members(events, where, plain=_plain_feature):
+        if isinstance(item, _Plain):  # a dataset read through `capi`
+            if item.shape:
+                found[name] = _feature_of(name, item, kind)
+        elif name == CONTOUR:  # dclab reads a contour group only
             contour = _contour(item, kind, _stated_events(fid)) if _is_group(item) else None
             if contour is not None:
                 found[CONTOUR] = contour
         elif isinstance(item, h5py.h5d.DatasetID) and item.rank >= 1:
             found[name] = _feature(name, item, kind)
         elif name == "trace" and isinstance(item, h5py.h5g.GroupID):
-            for trace, data in _members(item, where):
-                if isinstance(data, h5py.h5d.DatasetID) and data.rank == 2:
-                    found[TRACE_PREFIX + trace] = _feature(TRACE_PREFIX + trace, data, kind)
+            for trace, data in _members(item, where, plain=_plain_feature):
+                named = TRACE_PREFIX + trace
+                if isinstance(data, _Plain):
+                    if len(data.shape) == 2:
+                        found[named] = _feature_of(named, data, kind)
+                elif isinstance(data, h5py.h5d.DatasetID) and data.rank == 2:
+                    found[named] = _feature(named, data, kind)
     return found
 
 
@@ -142,6 +150,35 @@ def _contour(group: h5py.h5g.GroupID, kind: str, stated: int) -> Feature | None:
     return Feature(name=CONTOUR, dtype=dtype, shape=(events, 2), source=kind)
 
 
+class _Plain(NamedTuple):
+    """A dataset as `_plain_feature` reads it."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    chunk_rows: int
+
+
+def _plain_feature(group: h5py.h5g.GroupID, name: bytes) -> _Plain | None:
+    """Member `name` of `group` read through `capi` (no h5py objects) when it is a dataset,
+    but the contour group's and the traces' names; else None."""
+    if name in (CONTOUR.encode(), b"trace"):
+        return None
+    with phil:
+        found = capi.dataset(group.id, name)
+    if found is None:
+        return None
+    encoded, shape, chunk_rows = found
+    return _Plain(h5attrs.dtype_of(encoded), shape, chunk_rows)
+
+
+def _feature_of(name: str, data: _Plain, kind: str) -> Feature:
+    """A feature from what `_plain_feature` read, as `_feature` makes it from h5py's."""
+    dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
+    return Feature(
+        name=name, dtype=dtype, shape=data.shape, source=kind, chunk_rows=data.chunk_rows
+    )
+
+
 def _feature(name: str, data: h5py.h5d.DatasetID, kind: str) -> Feature:
     dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
     return Feature(
@@ -159,12 +196,22 @@ def _chunk_rows(data: h5py.h5d.DatasetID) -> int:
     return int(plist.get_chunk()[0]) if plist.get_layout() == h5py.h5d.CHUNKED else 0
 
 
-def _members(group: h5py.h5g.GroupID, where: str) -> list[tuple[str, Any]]:
+def _members(
+    group: h5py.h5g.GroupID,
+    where: str,
+    *,
+    plain: Callable[[h5py.h5g.GroupID, bytes], Any] | None = None,
+) -> list[tuple[str, Any]]:
     """(name, opened object, or None where it cannot be opened: a broken link), in h5py's
-    order (by name, or by creation order where the file tracks it)."""
+    order (by name, or by creation order where the file tracks it); `plain`: what it gives
+    for a member instead of opening it, unless None."""
     found = []
     for name in list(group):
         text = name.decode("utf-8", "surrogateescape")
+        read = None if plain is None else plain(group, name)
+        if read is not None:
+            found.append((text, read))
+            continue
         try:
             found.append((text, h5py.h5o.open(group, name)))
         except H5PY_ERRORS as exc:

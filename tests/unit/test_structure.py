@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
-from dcorfs.hdf5 import h5attrs
+from dcorfs.hdf5 import h5attrs, structure
 from dcorfs.hdf5.rtdc import describe, described
 from dcorfs.hdf5.structure import (
     file_image,
@@ -123,6 +123,59 @@ def test_attributes_read_as_h5py_reads_them() -> None:
         assert read_attributes(fid, "/", where="image").keys() == VALUES.keys()
     finally:
         fid.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.text("abcxyz:", min_size=1, max_size=8), values, max_size=6))
+def test_any_attributes_are_read_as_h5py_reads_them(given: dict[str, Any]) -> None:
+    """Read through `capi` (numbers, text) or h5py's objects (the rest): h5py's values, in
+    h5py's order (by name: the file does not track creation order)."""
+    try:
+        image = written(given, False)
+    except ValueError:  # text h5py does not write
+        return
+    with h5py.File(io.BytesIO(image), "r") as h5:
+        for obj in (h5, h5["events/deform"]):
+            names = h5attrs.names(obj.id)
+            assert [n.decode() for n in names] == list(obj.attrs)
+            for name in names:
+                ours, theirs = h5attrs.read(obj.id, name), obj.attrs[name]
+                assert same(ours, theirs), (name, ours, theirs)
+
+
+def test_features_read_through_capi_equal_those_read_through_h5py(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Datasets of every kind under /events (byte orders, ranks, chunked or not, scalar,
+    empty, compound, text, a broken link): the features found are h5py's."""
+    path = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=20, seed=9, contour=True))
+    with h5py.File(path, "a") as h5:
+        events = h5["events"]
+        events["big"] = np.arange(20, dtype=">f8")
+        events["ints"] = np.arange(20, dtype="<i2")
+        events.create_dataset("chunked", data=np.zeros((20, 3, 4), "u2"), chunks=(7, 3, 4))
+        events["plain2d"] = np.zeros((20, 5), ">i4")
+        events["one"] = 3.0
+        events["none"] = h5py.Empty("f4")
+        events["pairs"] = np.zeros(20, dtype=[("a", "<i4"), ("b", "<f8")])
+        events["texts"] = np.array([b"ab"] * 20)
+        if "mask" not in events:
+            events["mask"] = np.zeros((20, 4, 4), bool)
+        events["nowhere"] = h5py.SoftLink("/no/such/thing")
+        events["trace/odd"] = np.zeros((20, 10), ">u2")
+    image = path.read_bytes()
+    found = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(structure, "_plain_feature", lambda *_: None)
+        fid = file_image(image)
+        try:
+            found.append(read_features(fid, kind="resource", where="m"))
+        finally:
+            fid.close()
+    assert {"big", "chunked", "pairs", "texts", "mask", "trace/odd", "contour"} <= found[0].keys()
+    assert found[0] == found[1]
+    assert [f.dtype.str for f in found[0].values()] == [f.dtype.str for f in found[1].values()]
 
 
 def test_uncommon_names_and_array_types_as_h5py_has_them() -> None:
