@@ -240,6 +240,7 @@ class RtdcSource:
         self._opening = threading.Lock()
         self._layouts: dict[str, _Layout | None] = {}
         self._kept: dict[str, dict[str, Array] | None] = {}  # groups read ahead (`scan`)
+        self._kept_attrs: dict[str, dict[str, Any]] = {}  # attributes read ahead (`scan`)
         self._lock = threading.Lock()
 
     @property
@@ -375,28 +376,51 @@ class RtdcSource:
             self._prepare(deadline)
         return self.remote.read_all(deadline)
 
-    def scan(self, deadline: float, *, basins: bool = False) -> dict[str, Feature]:
-        """The features of the file that dclab shows (`featurerule.innate`). `basins`: they
-        will be asked for next (`Resources` does, to join a resource with its upstreams);
-        a file read from memory then has them read in the same call, kept for the one `arrays`
-        that asks for them: one call to an HDF5 worker instead of two."""
+    def scan(
+        self, deadline: float, *, basins: bool = False, outline: bool = False
+    ) -> dict[str, Feature]:
+        """The features of the file that dclab shows (`featurerule.innate`). A file read from
+        memory may have more read in the same call (one call to an HDF5 worker instead of
+        several), kept for the one `arrays` or `attrs` that asks: `basins`, its basins
+        (`Resources` asks for them next, to join a resource with its upstreams); `outline`,
+        what a resource's outline takes from it (`outline_parts`: its synthesized file is
+        built next when its directory is listed)."""
         where = self.remote.obj.key
-        if not basins or not self._in_memory:
+        if not (basins or outline) or not self._in_memory:
             return self._structure("the features", deadline, scan_file, self.kind, where)
-        features, kept = self._structure(
-            "the features, basins",
+        groups = [BASINS] if basins else []
+        features, attrs, arrays = self._structure(
+            "the features, attributes, " + ", ".join([*GROUPS, *groups]),
             deadline,
-            several,
-            [(scan_file, (self.kind, where)), (arrays_of, ([BASINS], where))],
+            scan_ahead,
+            self.kind,
+            where,
+            outline,
+            groups,
         )
         with self._lock:
-            self._kept.update(kept)
-        return cast(dict[str, Feature], features)
+            self._kept.update(arrays)
+            self._kept_attrs.update(attrs)
+        return features
+
+    def kept(self, paths: Sequence[str], groups: Sequence[str]) -> bool:
+        """Whether the attributes of `paths` and the datasets of `groups` were read ahead
+        (`scan`): asking for them then costs no call."""
+        with self._lock:
+            return all(p in self._kept_attrs for p in paths) and all(
+                g in self._kept for g in groups
+            )
 
     def attrs(self, paths: Sequence[str], *, deadline: float) -> dict[str, dict[str, Any]]:
         """The attributes of objects ("/", "events/deform" …) by path; those h5py cannot
         read are left out (with a warning)."""
-        return self._structure("attributes", deadline, attrs_of, list(paths), self.remote.obj.key)
+        with self._lock:
+            found = {p: self._kept_attrs.pop(p) for p in paths if p in self._kept_attrs}
+        missing = [path for path in paths if path not in found]
+        if missing:
+            where = self.remote.obj.key
+            found.update(self._structure("attributes", deadline, attrs_of, missing, where))
+        return found
 
     def arrays(
         self, groups: Sequence[str], *, deadline: float
@@ -574,6 +598,26 @@ def several(
 ) -> list[Any]:
     """`fn(fid, *args)` for each call, in order, on one opened file (one trip to a worker)."""
     return [fn(fid, *args) for fn, args in calls]
+
+
+def outline_parts(kind: str, features: dict[str, Feature]) -> tuple[list[str], list[str]]:
+    """The paths whose attributes and the groups whose datasets a resource's outline takes
+    from its file of `kind` with these features, when it has both files (as
+    `featurerule.shown` takes features: scalar ones from the condensed file, the others
+    from the original, whose root attributes, logs and tables are taken too)."""
+    scalar = kind == "condensed"
+    paths = ["events/" + name for name, f in features.items() if f.scalar == scalar]
+    return (paths, []) if scalar else (["/", *paths], list(GROUPS))
+
+
+def scan_ahead(
+    fid: h5py.h5f.FileID, kind: str, where: str, outline: bool, groups: list[str]
+) -> tuple[dict[str, Feature], dict[str, dict[str, Any]], dict[str, dict[str, Array] | None]]:
+    """`scan_file`, then the attributes and groups its outline takes (`outline_parts`,
+    with `outline`) and the datasets of `groups`, on one opened file (see `RtdcSource.scan`)."""
+    features = scan_file(fid, kind, where)
+    paths, more = outline_parts(kind, features) if outline else ([], [])
+    return features, attrs_of(fid, paths, where), arrays_of(fid, [*more, *groups], where)
 
 
 def attrs_of(fid: h5py.h5f.FileID, paths: list[str], where: str) -> dict[str, dict[str, Any]]:
@@ -880,18 +924,26 @@ class RtdcResource:
 
     def with_outline(self, fn: Callable[..., T], *args: Any, deadline: float) -> T:
         """`fn(outline, *args)` in an HDF5 worker (`fn` module-level, its arguments plain
-        values): when every file the outline comes from is a small one read from memory, the
-        outline is read there too, in the same call (each file opened once); else it is read
-        here, through the cache (`outline`)."""
+        values). The outline is read here (`outline`) when every part of it was read ahead
+        (`RtdcSource.scan`: no call), or when a file it comes from is not a small one read
+        from memory (through the cache); else in the worker, in the same call, from the
+        files' bytes (each opened once)."""
         root, paths = self._outline_plan()
+        kinds = {root, *paths}
         images = {}
-        for kind in {root, *paths}:
+        ahead = all(
+            self._sources[kind].kept(paths.get(kind, []), GROUPS if kind == root else [])
+            for kind in kinds
+        )
+        for kind in [] if ahead else kinds:
             source = self._sources[kind]
             data = source.image(deadline)
             if data is None:
-                outline = self.outline(deadline=deadline)
-                return self.workers.run(fn, outline, *args, deadline=deadline)
+                break
             images[kind] = (source.remote.obj.key, data)
+        if ahead or len(images) < len(kinds):
+            outline = self.outline(deadline=deadline)
+            return self.workers.run(fn, outline, *args, deadline=deadline)
         plan = _OutlineImages(images, root, paths, list(self.features))
         return cast(T, self.workers.run(_on_outline, plan, fn, *args, deadline=deadline))
 

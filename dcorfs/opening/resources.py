@@ -427,7 +427,8 @@ class Resources:
                 concurrent.futures.wait([after], timeout=left / 2)
             # a condensed file's basins are read next when upstreams are joined
             basins = kind == "condensed" and self._catalog is not None and self._api is not None
-            found = describe(source.scan(deadline, basins=basins))
+            # and its synthesized file's outline when its directory is listed
+            found = describe(source.scan(deadline, basins=basins, outline=True))
             if ahead:
                 try:  # only saves time later: a failure is left to the reads that need them
                     source.layouts_ahead(deadline)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -317,6 +318,59 @@ def test_a_small_condensed_file_has_its_basins_read_with_its_features(
     finally:
         in_worker.close()
         opened.close()
+
+
+def test_a_resource_of_small_files_has_its_outline_read_with_their_features(
+    workers: HDF5Workers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scanned with `outline`, each file has what the outline takes from it read in the same
+    call: building the synthesized file's skeleton is then one call (no file sent, none
+    opened), and gives the skeleton read from the files through file objects."""
+    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=8))
+    condensed = condensed_path(
+        original,
+        "0" * 64,
+        tmp_path / "state",
+        resource_id="r1",
+        site_url="http://127.0.0.1:9",
+        object_url="http://127.0.0.1:9/o",
+    )
+    sources = [
+        _sources(path, kind, workers)
+        for path, kind in ((original, "resource"), (condensed, "condensed"))
+    ]
+    derived = DerivedCache(store=None, block_size=1 << 20)
+    try:
+        calls = workers.calls
+        for in_worker, opened in sources:
+            in_worker.features = in_worker.scan(soon(), outline=True)
+            opened.features = opened.scan(soon(), outline=True)  # (opened: nothing kept)
+            assert _equal(in_worker.features, opened.features)
+        assert workers.calls == calls + 2
+        (original_in, original_here), (condensed_in, condensed_here) = sources
+        made = RtdcResource(original_in, condensed_in, 30, derived, workers=workers)
+        here = RtdcResource(original_here, condensed_here, 30, derived)
+        assert {f.source for f in made.features.values()} == {"resource", "condensed"}
+        run, ran = workers.run, []
+
+        def spied(fn: Any, *args: Any, deadline: float) -> Any:
+            ran.append(fn.__name__)
+            return run(fn, *args, deadline=deadline)
+
+        monkeypatch.setattr(workers, "run", spied)
+        skeleton = _build_skeleton(made, None, deadline=soon())
+        assert workers.calls == calls + 3  # the build alone, given the outline (no file)
+        assert ran == ["skeleton_of"]
+        assert not original_in.is_open and not condensed_in.is_open
+        assert skeleton == _build_skeleton(here, None, deadline=soon())
+        # what was kept is given once: built again, the outline is read from the files
+        assert _build_skeleton(made, None, deadline=soon()) == skeleton
+        assert workers.calls == calls + 4
+        assert ran[1] == "_on_outline"  # the files' bytes sent
+    finally:
+        for pair in sources:
+            for source in pair:
+                source.close()
 
 
 def test_a_damaged_small_file_fails_in_the_worker_with_its_name(
