@@ -1,16 +1,18 @@
-"""HDF5 attributes read through h5py's low-level API and written through libhdf5 itself
-(`capi`), as h5py's high-level API would.
+"""HDF5 attributes read and written through libhdf5 itself (`capi`), as h5py's high-level
+API would.
 
 h5py's `obj.attrs[name]` and `obj.attrs[name] = value` make the HDF5 datatypes of every value
 anew (a numpy dtype from the file's type, a memory type from that dtype: ~30 µs), and more
 besides; an .rtdc file has a few hundred attributes (metadata, each feature's min/max/mean),
 and listing a resource reads them all and writes them again into the synthesized file. Here
-the types are made once per kind of value and kept; everything else is what h5py does
+the types are made once per kind of value and kept (by the type's encoding for reads, by
+dtype for writes); everything else is what h5py does
 (`h5py._hl.attrs.AttributeManager.__getitem__` and `.create`), step by step, so values read
 are equal and files written byte for byte the same (tests compare both with h5py's own).
-Writing numbers and text makes h5py's libhdf5 calls without h5py's objects (`capi`); values of
-uncommon kinds (empty, array-typed, compound, text arrays holding other objects) are written
-through h5py's high-level API.
+Values are read, and numbers and text written, with h5py's libhdf5 calls without h5py's
+objects (`capi`); empty, zero-sized and array-typed values are read through h5py's low-level
+API, and values of uncommon kinds (empty, array-typed, compound, text arrays holding other
+objects) written through its high-level API.
 """
 
 from __future__ import annotations
