@@ -338,17 +338,3 @@ def attribute_names(holder: int) -> list[bytes] | None:
     if _lib.H5Aiterate2(holder, index, _ITER_INC, None, _ATTR_OPERATOR(note), None) < 0:
         return None
     return found
-
-
-@contextmanager
-def opened(parent: int, path: bytes) -> Iterator[int | None]:
-    """The object at `path` from `parent` opened (closed on leaving), or None where libhdf5
-    cannot open it."""
-    oid = _lib.H5Oopen(parent, path, _DEFAULT)
-    if oid < 0:
-        yield None
-        return
-    try:
-        yield oid
-    finally:
-        _lib.H5Oclose(oid)

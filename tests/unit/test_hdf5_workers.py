@@ -286,11 +286,9 @@ def test_small_files_read_in_a_worker_equal_them_read_through_a_file_object(
         opened.close()
 
 
-def test_a_small_condensed_file_has_its_basins_read_with_its_features(
-    workers: HDF5Workers, tmp_path: Path
-) -> None:
-    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=6, images=False))
-    path = condensed_path(
+def _condensed(original: Path, tmp_path: Path) -> Path:
+    """The condensed file of `original` as the devserver makes it."""
+    return condensed_path(
         original,
         "0" * 64,
         tmp_path / "state",
@@ -298,6 +296,13 @@ def test_a_small_condensed_file_has_its_basins_read_with_its_features(
         site_url="http://127.0.0.1:9",
         object_url="http://127.0.0.1:9/o",
     )
+
+
+def test_a_small_condensed_file_has_its_basins_read_with_its_features(
+    workers: HDF5Workers, tmp_path: Path
+) -> None:
+    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=6, images=False))
+    path = _condensed(original, tmp_path)
     in_worker, opened = _sources(path, "condensed", workers)
     calls = workers.calls
     try:
@@ -327,14 +332,7 @@ def test_a_resource_of_small_files_has_its_outline_read_with_their_features(
     call: building the synthesized file's skeleton is then one call (no file sent, none
     opened), and gives the skeleton read from the files through file objects."""
     original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=8))
-    condensed = condensed_path(
-        original,
-        "0" * 64,
-        tmp_path / "state",
-        resource_id="r1",
-        site_url="http://127.0.0.1:9",
-        object_url="http://127.0.0.1:9/o",
-    )
+    condensed = _condensed(original, tmp_path)
     sources = [
         _sources(path, kind, workers)
         for path, kind in ((original, "resource"), (condensed, "condensed"))
