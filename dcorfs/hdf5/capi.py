@@ -78,6 +78,7 @@ _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "H5Dwrite": ([_hid, _hid, _hid, _hid, _hid, _ptr], _herr),
     "H5Dget_offset": ([_hid], _haddr),
     "H5Dget_storage_size": ([_hid], _haddr),
+    "H5Dclose": ([_hid], _herr),
     "H5Aopen": ([_hid, ctypes.c_char_p, _hid], _hid),
     "H5Aget_type": ([_hid], _hid),
     "H5Aget_space": ([_hid], _hid),
@@ -136,14 +137,30 @@ def _dataspace(shape: Sequence[int]) -> Iterator[int]:
         _lib.H5Sclose(space)
 
 
+_SCALAR_SPACE: list[int] = []  # a scalar dataspace, made once (never closed)
+
+
+def _scalar_space() -> int:
+    """The scalar dataspace that most attributes are written with (libhdf5 copies it into
+    each attribute; made once instead of for each)."""
+    if not _SCALAR_SPACE:
+        _SCALAR_SPACE.append(_checked("H5Screate", _lib.H5Screate(_SCALAR)))
+    return _SCALAR_SPACE[0]
+
+
 def write_attribute(
     holder: int, name: bytes, file_type: int, *, memory_type: int, shape: Sequence[int], buffer: Any
 ) -> None:
     """Create attribute `name` of object `holder`, of type `file_type`, and write it from
     memory at `buffer`, whose values are of `memory_type` (text: pointers to its strings).
     A failed write leaves no attribute behind."""
-    with _dataspace(shape) as space:
+    space = _scalar_space() if not shape else None
+    if space is not None:
         attr = _checked("H5Acreate2", _lib.H5Acreate2(holder, name, file_type, space, 0, 0), name)
+    else:
+        with _dataspace(shape) as space:
+            made = _lib.H5Acreate2(holder, name, file_type, space, 0, 0)
+            attr = _checked("H5Acreate2", made, name)
     written = -1
     try:  # (an exception a callback left pending is raised by the call itself)
         written = _lib.H5Awrite(attr, memory_type, buffer)
@@ -162,6 +179,11 @@ def create_dataset(
     with _dataspace(shape) as space:
         made = _lib.H5Dcreate2(parent, name, file_type, space, 0, dcpl, 0)
         return _checked("H5Dcreate2", made, name)
+
+
+def close_dataset(dataset: int) -> None:
+    """Close a dataset's identifier (made by `create_dataset`)."""
+    _lib.H5Dclose(dataset)
 
 
 def write_first(dataset: int, rank: int, memory_type: int, buffer: int, *, name: bytes) -> None:

@@ -9,10 +9,12 @@ the types are made once per kind of value and kept (by the type's encoding for r
 dtype for writes); everything else is what h5py does
 (`h5py._hl.attrs.AttributeManager.__getitem__` and `.create`), step by step, so values read
 are equal and files written byte for byte the same (tests compare both with h5py's own).
-Values are read, and numbers and text written, with h5py's libhdf5 calls without h5py's
-objects (`capi`); empty, zero-sized and array-typed values are read through h5py's low-level
-API, and values of uncommon kinds (empty, array-typed, compound, text arrays holding other
-objects) written through its high-level API.
+Numbers, byte strings, text and compounds of them are read, and numbers and text written,
+with h5py's libhdf5 calls without h5py's objects (`capi`); values h5py converts to Python
+objects on its own (references, variable-length sequences, compounds holding text) and
+empty, zero-sized and array-typed ones are read through h5py's low-level API, and values
+of uncommon kinds (empty, array-typed, compound, text arrays holding other objects) written
+through its high-level API.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -141,15 +144,15 @@ def _value_by_name(holder: Any, name: bytes) -> Any:
             return _UNREAD
         try:
             types = _types_of(capi.attribute_type(attr))
-            if types.dtype.subdtype is not None:
-                return _UNREAD
+            if types.dtype.subdtype is not None or (types.dtype.hasobject and not types.text):
+                return _UNREAD  # (objects other than text: h5py converts them on its own)
             shape = capi.attribute_shape(attr)
             if shape is None or 0 in shape:
                 return _UNREAD
             if types.text is not None:
                 items = capi.read_texts(attr, types.text.id, math.prod(shape))
                 return _texts(items, types.dtype, shape)
-            arr = np.empty(shape, dtype=types.dtype)
+            arr = np.zeros(shape, dtype=types.dtype)  # (as h5py: a compound's gaps zeros)
             capi.read_attribute(attr, types.memory.id, arr.ctypes.data)
         except capi.HDF5CallError:
             return _UNREAD
@@ -246,9 +249,25 @@ def _text_pointers(data: np.ndarray, encoding: str) -> ctypes.Array[ctypes.c_cha
     return (ctypes.c_char_p * len(encoded))(*encoded)
 
 
+def _plain(given: Any) -> bool:
+    """Whether `given` is a value h5py makes a 0-d array of its own dtype of, whatever its
+    value: a NumPy number or bool, a Python float (not a Python int, whose dtype depends on
+    its size)."""
+    return isinstance(given, (np.number, np.bool_, float))
+
+
 def write(obj: h5py.HLObject, name: str, given: Any) -> None:
     """`obj.attrs[name] = given` for an attribute `obj` does not have yet."""
-    data = array_for_new_object(given)
+    with phil:
+        holder = _holder(obj.id)  # (kept: its identifier is closed when it is collected)
+        write_to(holder.id, name, given, lambda: obj)
+
+
+def write_to(holder: int, name: str, given: Any, obj: Callable[[], h5py.HLObject]) -> None:
+    """`write` to the object whose identifier is `holder` (not a file's); `obj()` gives it as
+    h5py's object, for values of the kinds written through h5py."""
+    # (what h5py's `array_for_new_object` makes of them, without its steps)
+    data = np.asarray(given) if _plain(given) else array_for_new_object(given)
     key = _write_key(data.dtype)
     pointers = None
     if key is not None and data.dtype.kind == "O" and data.size:
@@ -258,11 +277,10 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
         or isinstance(given, h5py.Empty)
         or (data.dtype.kind == "O" and pointers is None)
     ):
-        obj.attrs[name] = given
+        obj().attrs[name] = given
         return
     with phil:
         htype, mtype = types(data.dtype)
-        holder = _holder(obj.id)
         encoded = name.encode("utf-8", "surrogateescape")
         buffer: Any
         if pointers is not None:  # text: pointers to its strings, of the file's vlen type
@@ -271,7 +289,7 @@ def write(obj: h5py.HLObject, name: str, given: Any) -> None:
             data = np.require(data, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
             memory_type, buffer = mtype, data.ctypes.data
         capi.write_attribute(
-            holder.id,
+            holder,
             encoded,
             htype.id,
             memory_type=memory_type.id,

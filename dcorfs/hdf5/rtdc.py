@@ -54,6 +54,7 @@ from .fileobj import SeekableFile
 from .groupindex import root_header, symbol_tables
 from .structure import (
     BASINS,
+    CONTOUR,
     GROUPS,
     H5PY_ERRORS,
     Array,
@@ -210,6 +211,31 @@ class _Layout:
     row_bytes: int
     masks: list[int]
     codec: Codec | None
+
+
+class _Keeping:
+    """The sources that keep parts of an outline read ahead (`RtdcSource.scan`), oldest
+    first: at most `KEPT_OUTLINES`, the oldest forget theirs (a resource opened but never
+    listed, or whose synthesized file was remembered, would keep them for the mount's life)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[int, weakref.ref[RtdcSource]] = {}
+
+    def add(self, source: RtdcSource) -> None:
+        with self._lock:
+            self._sources.pop(id(source), None)
+            self._sources[id(source)] = weakref.ref(source)
+            evicted = []
+            while len(self._sources) > KEPT_OUTLINES:
+                evicted.append(self._sources.pop(next(iter(self._sources)))())
+        for old in evicted:
+            if old is not None:
+                old.forget_outline()
+
+
+KEPT_OUTLINES = 64
+_KEEPING = _Keeping()
 
 
 class RtdcSource:
@@ -381,16 +407,17 @@ class RtdcSource:
     ) -> dict[str, Feature]:
         """The features of the file that dclab shows (`featurerule.innate`). A file read from
         memory may have more read in the same call (one call to an HDF5 worker instead of
-        several), kept for the one `arrays` or `attrs` that asks: `basins`, its basins
-        (`Resources` asks for them next, to join a resource with its upstreams); `outline`,
-        what a resource's outline takes from it (`outline_parts`: its synthesized file is
-        built next when its directory is listed)."""
+        several), kept until the first `arrays` or `attrs` that asks for them: `basins`, its
+        basins (`Resources` asks for them next, to join a resource with its upstreams);
+        `outline`, what a resource's outline takes from it (`outline_parts`: its synthesized
+        file is built when its directory is listed; dropped after that build, or when more
+        than `KEPT_OUTLINES` sources keep theirs, the oldest first)."""
         where = self.remote.obj.key
         if not (basins or outline) or not self._in_memory:
             return self._structure("the features", deadline, scan_file, self.kind, where)
         groups = [BASINS] if basins else []
         features, attrs, arrays = self._structure(
-            "the features, attributes, " + ", ".join([*GROUPS, *groups]),
+            ", ".join(["the features", *groups, *(["the outline"] if outline else [])]),
             deadline,
             scan_ahead,
             self.kind,
@@ -401,7 +428,16 @@ class RtdcSource:
         with self._lock:
             self._kept.update(arrays)
             self._kept_attrs.update(attrs)
+        if attrs:
+            _KEEPING.add(self)
         return features
+
+    def forget_outline(self) -> None:
+        """Drop what was read ahead for an outline (`scan`) and not asked for."""
+        with self._lock:
+            self._kept_attrs.clear()
+            for group in GROUPS:
+                self._kept.pop(group, None)
 
     def kept(self, paths: Sequence[str], groups: Sequence[str]) -> bool:
         """Whether the attributes of `paths` and the datasets of `groups` were read ahead
@@ -604,20 +640,33 @@ def outline_parts(kind: str, features: dict[str, Feature]) -> tuple[list[str], l
     """The paths whose attributes and the groups whose datasets a resource's outline takes
     from its file of `kind` with these features, when it has both files (as
     `featurerule.shown` takes features: scalar ones from the condensed file, the others
-    from the original, whose root attributes, logs and tables are taken too)."""
+    but the contour from the original, whose root attributes, logs and tables are taken
+    too)."""
     scalar = kind == "condensed"
-    paths = ["events/" + name for name, f in features.items() if f.scalar == scalar]
+    paths = [
+        "events/" + name for name, f in features.items() if f.scalar == scalar and name != CONTOUR
+    ]
     return (paths, []) if scalar else (["/", *paths], list(GROUPS))
 
 
 def scan_ahead(
     fid: h5py.h5f.FileID, kind: str, where: str, outline: bool, groups: list[str]
 ) -> tuple[dict[str, Feature], dict[str, dict[str, Any]], dict[str, dict[str, Array] | None]]:
-    """`scan_file`, then the attributes and groups its outline takes (`outline_parts`,
-    with `outline`) and the datasets of `groups`, on one opened file (see `RtdcSource.scan`)."""
+    """`scan_file`, the datasets of `groups`, and with `outline` the attributes and groups
+    its outline takes (`outline_parts`: none where reading them fails, they are read again
+    when asked for) on one opened file (see `RtdcSource.scan`)."""
     features = scan_file(fid, kind, where)
-    paths, more = outline_parts(kind, features) if outline else ([], [])
-    return features, attrs_of(fid, paths, where), arrays_of(fid, [*more, *groups], where)
+    arrays = arrays_of(fid, groups, where)
+    attrs: dict[str, dict[str, Any]] = {}
+    if outline:
+        paths, more = outline_parts(kind, features)
+        try:
+            attrs, parts = attrs_of(fid, paths, where), arrays_of(fid, more, where)
+        except (ProtocolError, *H5PY_ERRORS) as exc:
+            log.debug("%s: outline not read ahead: %s", where, exc)
+        else:
+            arrays.update(parts)
+    return features, attrs, arrays
 
 
 def attrs_of(fid: h5py.h5f.FileID, paths: list[str], where: str) -> dict[str, dict[str, Any]]:
@@ -943,9 +992,18 @@ class RtdcResource:
             images[kind] = (source.remote.obj.key, data)
         if ahead or len(images) < len(kinds):
             outline = self.outline(deadline=deadline)
+            self.forget_outline()
             return self.workers.run(fn, outline, *args, deadline=deadline)
+        self.forget_outline()
         plan = _OutlineImages(images, root, paths, list(self.features))
         return cast(T, self.workers.run(_on_outline, plan, fn, *args, deadline=deadline))
+
+    def forget_outline(self) -> None:
+        """Its own files drop what they read ahead for its outline (`RtdcSource.scan`)."""
+        for kind in OWN_SOURCES:
+            source = self._sources.get(kind)
+            if source is not None:
+                source.forget_outline()
 
     def close(self) -> None:
         for kind in OWN_SOURCES:  # not those of upstream resources (they close their own)

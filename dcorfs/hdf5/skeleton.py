@@ -25,7 +25,7 @@ import contextlib
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h5py
 import numpy as np
@@ -148,16 +148,24 @@ def _lazy_dcpl(scalar: bool) -> h5py.h5p.PropDCID:
 
 
 class _Lazy:
-    """A lazy dataset made through `capi` (its storage allocated by `allocate`); `dataset`
-    is h5py's object for it, which owns (and closes) its identifier `id`. Made and used
-    with h5py's lock held."""
+    """A lazy dataset made through `capi` (its storage allocated by `allocate`), known by
+    its identifier `id` (closed by `close`, or by h5py when the file is closed). Made and
+    used with h5py's lock held."""
 
     def __init__(self, parent: h5py.Group, name: str, dtype: np.dtype, shape: tuple[int, ...]):
         self.dtype, self.shape, self.name = dtype, shape, name.encode()
+        self._parent = parent
         file_type = h5attrs.types(dtype)[0]
         dcpl = _lazy_dcpl(scalar=not shape).id
         self.id = capi.create_dataset(parent.id.id, self.name, file_type.id, shape, dcpl)
-        self.dataset = h5py.Dataset(h5py.h5d.DatasetID(self.id))
+
+    def dataset(self) -> h5py.Dataset:
+        """The dataset as h5py's object (an identifier of its own)."""
+        return cast(h5py.Dataset, self._parent[self.name.decode("utf-8", "surrogateescape")])
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        for name, value in attrs.items():
+            h5attrs.write_to(self.id, name, value, self.dataset)
 
     def allocate(self) -> None:
         """Make HDF5 allocate the storage now, by writing the first element: a zero (as
@@ -171,6 +179,9 @@ class _Lazy:
 
     def extent(self) -> tuple[int, int] | None:
         return capi.extent(self.id, name=self.name)
+
+    def close(self) -> None:
+        capi.close_dataset(self.id)
 
 
 def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
@@ -201,12 +212,11 @@ def _write(
             with phil:
                 where = group(parent)
                 if spec.data is not None:
-                    made = where.create_dataset(name, data=spec.data)
+                    _set_attrs(where.create_dataset(name, data=spec.data), spec.attrs)
                 else:
                     created = _Lazy(where, name, spec.dtype, spec.shape)
                     lazy.append((spec, created))
-                    made = created.dataset
-                _set_attrs(made, spec.attrs)
+                    created.set_attrs(spec.attrs)
         with phil:
             gap = _Lazy(out, _GAP_NAME, np.dtype("u1"), (GAP,))
         gap_made = False
@@ -218,8 +228,11 @@ def _write(
                     gap_made = True
                 created.allocate()  # its storage's place is then fixed
                 found = created.extent()
+                created.close()
             if found is not None:
                 extents[spec.path] = found
+        with phil:
+            gap.close()
         del out[_GAP_NAME]  # its storage stays a hole; no object refers to it
     return extents
 

@@ -3,9 +3,11 @@
 The features (dtype and shape of every dataset under `/events` and `/events/trace`, and of
 the contour group `/events/contour`: its number of events and its points' dtype), the
 attributes of the root and of each feature, and the datasets of `/logs` and `/tables` read
-whole: all that listing a resource and building its synthesized file need. Read with h5py's
-low-level API (`h5attrs`), each object opened once; a small file can be read from an
-in-memory copy (`file_image`: HDF5's core driver) instead of through a Python file object.
+whole: all that listing a resource and building its synthesized file need. Datasets'
+types, shapes and chunks and attributes are read through libhdf5 directly (`capi`,
+`h5attrs`: no h5py objects), the rest, and what those calls give up on, with h5py's
+low-level API; a small file can be read from an in-memory copy (`file_image`: HDF5's core
+driver) instead of through a Python file object.
 
 Errors: a file without `/events` is not an .rtdc file (`ProtocolError`); an attribute, log or
 table that cannot be read is left out with a warning; failing to list the features or the
@@ -255,7 +257,7 @@ def _attributes(oid: Any, names: list[bytes], path: str, where: str) -> dict[str
         text = name.decode("utf-8", "surrogateescape")
         try:
             found[text] = h5attrs.read(oid, name)
-        except H5PY_ERRORS as exc:
+        except (*H5PY_ERRORS, ProtocolError) as exc:  # (ours: from a `capi` call's read)
             _left_out(h5py_failure(exc, f"{where}: cannot read attribute {text!r} of {path}"))
     return found
 

@@ -24,6 +24,7 @@ from dcorfs.devserver.condense import condensed_path
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 from dcorfs.fs.producers.rtdc_file import _build_skeleton
+from dcorfs.hdf5 import rtdc
 from dcorfs.hdf5.rtdc import GROUPS, RemoteFile, RtdcResource, RtdcSource
 from dcorfs.hdf5.structure import BASINS
 from dcorfs.hdf5.workers import INLINE, HDF5Workers
@@ -331,7 +332,7 @@ def test_a_resource_of_small_files_has_its_outline_read_with_their_features(
     """Scanned with `outline`, each file has what the outline takes from it read in the same
     call: building the synthesized file's skeleton is then one call (no file sent, none
     opened), and gives the skeleton read from the files through file objects."""
-    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=8))
+    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=8, contour=True))
     condensed = _condensed(original, tmp_path)
     sources = [
         _sources(path, kind, workers)
@@ -360,6 +361,7 @@ def test_a_resource_of_small_files_has_its_outline_read_with_their_features(
         assert workers.calls == calls + 3  # the build alone, given the outline (no file)
         assert ran == ["skeleton_of"]
         assert not original_in.is_open and not condensed_in.is_open
+        assert not _keeps(original_in) and not _keeps(condensed_in)  # nothing left behind
         assert skeleton == _build_skeleton(here, None, deadline=soon())
         # what was kept is given once: built again, the outline is read from the files
         assert _build_skeleton(made, None, deadline=soon()) == skeleton
@@ -369,6 +371,57 @@ def test_a_resource_of_small_files_has_its_outline_read_with_their_features(
         for pair in sources:
             for source in pair:
                 source.close()
+
+
+def _keeps(source: RtdcSource) -> bool:
+    """Whether a source keeps parts of an outline read ahead."""
+    return bool(source._kept_attrs) or any(group in source._kept for group in GROUPS)
+
+
+@pytest.mark.parametrize("kind", ["resource", "condensed"])
+def test_a_resource_of_one_small_file_keeps_nothing_after_its_skeleton(
+    kind: str, workers: HDF5Workers, tmp_path: Path
+) -> None:
+    """The original alone (no condensed file yet) or the condensed file alone (the original
+    refused): what the scan read ahead is not all the outline needs; the skeleton is that
+    read through a file object, and nothing read ahead is kept after it."""
+    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=30, seed=8, contour=True))
+    path = original if kind == "resource" else _condensed(original, tmp_path)
+    in_worker, opened = _sources(path, kind, workers)
+    derived = DerivedCache(store=None, block_size=1 << 20)
+    try:
+        for source in (in_worker, opened):
+            source.features = source.scan(soon(), outline=True)
+        assert _keeps(in_worker)
+        pair = [
+            RtdcResource(*((s, None) if kind == "resource" else (None, s)), 30, derived)
+            for s in (in_worker, opened)
+        ]
+        skeleton = _build_skeleton(pair[0], None, deadline=soon())
+        assert not _keeps(in_worker)
+        assert skeleton == _build_skeleton(pair[1], None, deadline=soon())
+    finally:
+        in_worker.close()
+        opened.close()
+
+
+def test_at_most_so_many_sources_keep_outlines_read_ahead(
+    workers: HDF5Workers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resource opened but never listed keeps what was read ahead for its outline only
+    until `KEPT_OUTLINES` later ones keep theirs."""
+    monkeypatch.setattr(rtdc, "KEPT_OUTLINES", 2)
+    original = write_rtdc(tmp_path / "m.rtdc", SampleSpec(events=20, seed=9, images=False))
+    made = [_sources(original, "resource", workers)[0] for _ in range(3)]
+    try:
+        for source in made:
+            source.scan(soon(), outline=True)
+        assert [_keeps(source) for source in made] == [False, True, True]
+        made[1].attrs(["/"], deadline=soon())  # taken: the rest is kept
+        assert _keeps(made[1]) and "/" not in made[1]._kept_attrs
+    finally:
+        for source in made:
+            source.close()
 
 
 def test_a_damaged_small_file_fails_in_the_worker_with_its_name(

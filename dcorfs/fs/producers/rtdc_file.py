@@ -224,6 +224,7 @@ def rtdc_content(
             lambda deadline: _build_skeleton(resource, contour, deadline=deadline).to_json(),
         )
     )
+    resource.forget_outline()  # (read ahead for a build that was remembered instead)
     parts: list[tuple[int, FileContent]] = [(o, StaticContent(b)) for o, b in skeleton.runs]
     for name, feature in resource.features.items():
         extent = skeleton.extents.get("events/" + name)
