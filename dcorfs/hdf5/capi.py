@@ -331,6 +331,17 @@ def read_texts(attr: int, memory_type: int, count: int) -> list[bytes]:
             _lib.H5Sclose(space)
 
 
+def open_object(parent: int, path: bytes) -> int | None:
+    """The object at `path` from `parent` opened (the caller closes it: `close_object`), or
+    None where libhdf5 cannot open it (h5py's own call then tells why)."""
+    oid = _lib.H5Oopen(parent, path, _DEFAULT)
+    return None if oid < 0 else int(oid)
+
+
+def close_object(oid: int) -> None:
+    _lib.H5Oclose(oid)
+
+
 def attribute_names(holder: int) -> list[bytes] | None:
     """The attribute names of a group or dataset, in h5py's order (creation order where the
     object tracks it, else by name); None for another kind of object, or where libhdf5

@@ -134,12 +134,12 @@ def _unwrapped(arr: np.ndarray) -> Any:
     return arr[()] if arr.ndim == 0 else arr
 
 
-def _value_by_name(holder: Any, name: bytes) -> Any:
+def _value_by_id(holder: int, name: bytes) -> Any:
     """The value of attribute `name` of an object (an object identifier, not a file's)
     through `capi`, for numbers and text: h5py's calls without its objects (the types of
     each kind of value made once, `_types_of`); `_UNREAD` where that does not apply (empty,
     array-typed: `value` then reads it as h5py does). Called with h5py's lock held."""
-    with capi.attribute(holder.id, name) as attr:
+    with capi.attribute(holder, name) as attr:
         if attr is None:
             return _UNREAD
         try:
@@ -195,7 +195,7 @@ def read(oid: Any, name: bytes) -> Any:
     """The value of attribute `name` of an object (h5py's errors for a bad one)."""
     with phil:
         holder = _holder(oid)
-        found = _value_by_name(holder, name)
+        found = _value_by_id(holder.id, name)
         if found is not _UNREAD:
             return found
         attr = h5a.open(holder, name)
@@ -203,6 +203,14 @@ def read(oid: Any, name: bytes) -> Any:
             return value(attr)
         finally:
             attr.close()
+
+
+def read_by_id(holder: int, name: bytes, obj: Callable[[], Any]) -> Any:
+    """`read` of the object (not a file) whose identifier is `holder`; `obj()` gives it as
+    h5py's object, for values read through h5py."""
+    with phil:
+        found = _value_by_id(holder, name)
+        return read(obj(), name) if found is _UNREAD else found
 
 
 def _write_key(dtype: np.dtype) -> Any:

@@ -17,6 +17,7 @@ object). Failures of our own file object (network) come out as they are.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -239,24 +240,44 @@ def read_attributes(
     fid: h5py.h5f.FileID, path: str, *, where: str, only: Collection[str] | None = None
 ) -> dict[str, Any]:
     """The attributes of the object at `path` ("/", "events/deform" …) that h5py can read
-    (`only`: of these names)."""
+    (`only`: of these names). The object is opened and its attributes listed through `capi`
+    (h5py's object for it made only for a value read through h5py), else through h5py."""
+    encoded = path.encode("utf-8", "surrogateescape")
+    with phil:
+        held = capi.open_object(fid.id, encoded)
+        names = None if held is None else capi.attribute_names(held)
+    if held is not None:
+        try:
+            if names is not None:
+                opened = functools.cache(lambda: h5py.h5o.open(fid, encoded))
+                read = functools.partial(h5attrs.read_by_id, held, obj=opened)
+                return _attributes(read, _only(names, only), path, where)
+        finally:
+            with phil:
+                capi.close_object(held)
     try:
-        oid = h5py.h5o.open(fid, path.encode("utf-8", "surrogateescape"))
+        oid = h5py.h5o.open(fid, encoded)
         names = h5attrs.names(oid)
     except H5PY_ERRORS as exc:
         raise h5py_failure(exc, f"{where}: cannot read attributes of {path}") from None
-    if only is not None:
-        wanted = {name.encode("utf-8", "surrogateescape") for name in only}
-        names = [name for name in names if name in wanted]
-    return _attributes(oid, names, path, where)
+    return _attributes(functools.partial(h5attrs.read, oid), _only(names, only), path, where)
 
 
-def _attributes(oid: Any, names: list[bytes], path: str, where: str) -> dict[str, Any]:
+def _only(names: list[bytes], only: Collection[str] | None) -> list[bytes]:
+    if only is None:
+        return names
+    wanted = {name.encode("utf-8", "surrogateescape") for name in only}
+    return [name for name in names if name in wanted]
+
+
+def _attributes(
+    read: Callable[[bytes], Any], names: list[bytes], path: str, where: str
+) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in names:
         text = name.decode("utf-8", "surrogateescape")
         try:
-            found[text] = h5attrs.read(oid, name)
+            found[text] = read(name)
         except (*H5PY_ERRORS, ProtocolError) as exc:  # (ours: from a `capi` call's read)
             _left_out(h5py_failure(exc, f"{where}: cannot read attribute {text!r} of {path}"))
     return found
@@ -284,7 +305,9 @@ def read_arrays(fid: h5py.h5f.FileID, group: str, *, where: str) -> dict[str, Ar
         except H5PY_ERRORS as exc:
             _left_out(h5py_failure(exc, f"{where}: cannot read {path}"), note=" (left out)")
             continue
-        found[name] = Array(data, _attributes(item, names, path, where))
+        found[name] = Array(
+            data, _attributes(functools.partial(h5attrs.read, item), names, path, where)
+        )
     return found
 
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
+from dcorfs.errors import ProtocolError
 from dcorfs.hdf5 import h5attrs, structure
 from dcorfs.hdf5.rtdc import describe, described
 from dcorfs.hdf5.structure import (
@@ -130,7 +131,14 @@ def test_attributes_read_as_h5py_reads_them() -> None:
                 assert same(ours, theirs), (name, ours, theirs)
     fid = file_image(image)
     try:
-        assert read_attributes(fid, "/", where="image").keys() == VALUES.keys()
+        with h5py.File(io.BytesIO(image), "r") as h5:
+            for path in ("/", "events/deform"):
+                found, theirs = read_attributes(fid, path, where="image"), h5[path].attrs
+                assert list(found) == list(theirs)  # h5py's order (the root's: creation)
+                assert found.keys() == VALUES.keys()
+                assert all(same(found[k], theirs[k]) for k in VALUES), path
+        with pytest.raises(ProtocolError, match="cannot read attributes of no/such"):
+            read_attributes(fid, "no/such", where="image")
     finally:
         fid.close()
 
