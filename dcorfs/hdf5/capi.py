@@ -79,6 +79,7 @@ _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "H5Dget_offset": ([_hid], _haddr),
     "H5Dget_storage_size": ([_hid], _haddr),
     "H5Dclose": ([_hid], _herr),
+    "H5Dread": ([_hid, _hid, _hid, _hid, _hid, _ptr], _herr),
     "H5Aopen": ([_hid, ctypes.c_char_p, _hid], _hid),
     "H5Aget_type": ([_hid], _hid),
     "H5Aget_space": ([_hid], _hid),
@@ -291,6 +292,17 @@ def dataset(parent: int, name: bytes) -> tuple[bytes, tuple[int, ...], int] | No
         return None
     finally:
         _lib.H5Oclose(oid)
+
+
+def dataset_type(dataset: int) -> tuple[bytes, tuple[int, ...] | None]:
+    """An opened dataset's type serialized and its shape (None: a null dataspace)."""
+    encoded = _encoded(_checked("H5Dget_type", _lib.H5Dget_type(dataset)))
+    return encoded, _shape(_checked("H5Dget_space", _lib.H5Dget_space(dataset)))
+
+
+def read_dataset(dataset: int, memory_type: int, buffer: int) -> None:
+    """Read a whole dataset into memory at `buffer`, as values of `memory_type`."""
+    _checked("H5Dread", _lib.H5Dread(dataset, memory_type, _DEFAULT, _DEFAULT, _DEFAULT, buffer))
 
 
 def _chunk_rows(dataset: int, rank: int, name: bytes) -> int:

@@ -162,6 +162,23 @@ def _value_by_id(holder: int, name: bytes) -> Any:
 _UNREAD = object()
 
 
+def dataset_value(dataset: h5py.h5d.DatasetID) -> Any:
+    """A whole dataset's values as h5py's `Dataset[()]` gives them, read through `capi` for
+    values of plain types (numbers, byte strings, compounds of them); through h5py for the
+    rest (objects, null or zero-sized dataspaces, array types)."""
+    with phil:
+        try:
+            key, shape = capi.dataset_type(dataset.id)
+            types = _types_of(key)
+            if shape is None or 0 in shape or types.dtype.hasobject or types.dtype.subdtype:
+                return h5py.Dataset(dataset)[()]
+            arr = np.zeros(shape, dtype=types.dtype)
+            capi.read_dataset(dataset.id, types.memory.id, arr.ctypes.data)
+        except capi.HDF5CallError:
+            return h5py.Dataset(dataset)[()]
+    return _unwrapped(arr)
+
+
 def _holder(oid: Any) -> Any:
     """The object whose attributes these are: a file's are its root group's (whose creation
     properties, not the file's, say whether their order is tracked)."""

@@ -300,9 +300,9 @@ def read_arrays(fid: h5py.h5f.FileID, group: str, *, where: str) -> dict[str, Ar
                 raise KeyError("cannot open it")
             if not isinstance(item, h5py.h5d.DatasetID):
                 continue
-            data = np.asarray(h5py.Dataset(item)[()])
+            data = np.asarray(h5attrs.dataset_value(item))
             names = h5attrs.names(item)
-        except H5PY_ERRORS as exc:
+        except (*H5PY_ERRORS, ProtocolError) as exc:  # (ours: from a `capi` call's read)
             _left_out(h5py_failure(exc, f"{where}: cannot read {path}"), note=" (left out)")
             continue
         found[name] = Array(

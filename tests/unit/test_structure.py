@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.errors import ProtocolError
-from dcorfs.hdf5 import h5attrs, structure
+from dcorfs.hdf5 import capi, h5attrs, structure
 from dcorfs.hdf5.rtdc import describe, described
 from dcorfs.hdf5.structure import (
     file_image,
@@ -201,6 +201,43 @@ def test_features_read_through_capi_equal_those_read_through_h5py(
     assert found[0] == found[1]
     assert sum(plain) >= len(found[0]) - 1  # every feature through `capi` but the contour
     assert [f.dtype.str for f in found[0].values()] == [f.dtype.str for f in found[1].values()]
+
+
+def test_groups_of_small_datasets_read_as_h5py_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Logs, tables and basins of every kind of dataset: h5py's values (`Dataset[()]`), read
+    through `capi` where they are plain values (numbers, byte strings, compounds of them)."""
+    import hdf5plugin
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        logs = h5.create_group("logs")
+        logs["fixed"] = np.array([b"line one", b"two"], dtype="S100")
+        logs["texts"] = np.array(["a", "bc"], dtype=h5py.string_dtype())
+        logs["table"] = np.zeros(3, dtype=[("time", "<f8"), ("n", ">i2")])
+        logs["one"] = 2.5
+        logs["big"] = np.arange(6, dtype=">i4").reshape(2, 3)
+        logs["flags"] = np.array([True, False])
+        logs["none"] = h5py.Empty("f4")
+        logs["nothing"] = np.zeros(0, "<f8")
+        logs.create_dataset("packed", data=np.arange(1000.0), **hdf5plugin.Zstd())
+        logs["packed"].attrs["unit"] = "s"
+    image = buffer.getvalue()
+    reads = []
+    read = capi.read_dataset
+    monkeypatch.setattr(capi, "read_dataset", lambda *a: reads.append(1) or read(*a))
+    fid = file_image(image)
+    try:
+        found = read_arrays(fid, "logs", where="image")
+    finally:
+        fid.close()
+    with h5py.File(io.BytesIO(image), "r") as h5:
+        assert found is not None and list(found) == list(h5["logs"])
+        for name, item in h5["logs"].items():
+            assert same(found[name].data, np.asarray(item[()])), name  # (as read_arrays keeps it)
+    assert found["packed"].attrs == {"unit": "s"}
+    assert len(reads) == 6  # all but text, null and zero-sized
 
 
 def test_uncommon_names_and_array_types_as_h5py_has_them() -> None:
