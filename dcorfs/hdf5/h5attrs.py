@@ -170,13 +170,14 @@ def dataset_value(dataset: h5py.h5d.DatasetID) -> Any:
         try:
             key, shape = capi.dataset_type(dataset.id)
             types = _types_of(key)
-            if shape is None or 0 in shape or types.dtype.hasobject or types.dtype.subdtype:
-                return h5py.Dataset(dataset)[()]
-            arr = np.zeros(shape, dtype=types.dtype)
-            capi.read_dataset(dataset.id, types.memory.id, arr.ctypes.data)
+            plain = not (types.dtype.hasobject or types.dtype.subdtype is not None)
+            if shape is not None and 0 not in shape and plain:
+                arr = np.zeros(shape, dtype=types.dtype)
+                capi.read_dataset(dataset.id, types.memory.id, arr.ctypes.data)
+                return _unwrapped(arr)
         except capi.HDF5CallError:
-            return h5py.Dataset(dataset)[()]
-    return _unwrapped(arr)
+            pass  # (h5py's own read below tells why, its error not chained to this one)
+        return h5py.Dataset(dataset)[()]
 
 
 def _holder(oid: Any) -> Any:

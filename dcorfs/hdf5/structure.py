@@ -245,9 +245,10 @@ def read_attributes(
     encoded = path.encode("utf-8", "surrogateescape")
     with phil:
         held = capi.open_object(fid.id, encoded)
-        names = None if held is None else capi.attribute_names(held)
     if held is not None:
         try:
+            with phil:  # (our file object's error may come out of it: closed below)
+                names = capi.attribute_names(held)
             if names is not None:
                 opened = functools.cache(lambda: h5py.h5o.open(fid, encoded))
                 read = functools.partial(h5attrs.read_by_id, held, obj=opened)

@@ -120,7 +120,7 @@ def test_any_attributes_are_written_as_h5py_writes_them(given: dict[str, Any]) -
     assert made[0] == made[1]
 
 
-def test_attributes_read_as_h5py_reads_them() -> None:
+def test_attributes_read_as_h5py_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
     image = written(VALUES, False, track_order=True)
     with h5py.File(io.BytesIO(image), "r") as h5:
         for obj in (h5, h5["events/deform"]):
@@ -130,6 +130,9 @@ def test_attributes_read_as_h5py_reads_them() -> None:
                 ours, theirs = h5attrs.read(obj.id, name), obj.attrs[name]
                 assert same(ours, theirs), (name, ours, theirs)
     fid = file_image(image)
+    reads = []
+    read = h5attrs.read_by_id
+    monkeypatch.setattr(h5attrs, "read_by_id", lambda *a, **k: reads.append(1) or read(*a, **k))
     try:
         with h5py.File(io.BytesIO(image), "r") as h5:
             for path in ("/", "events/deform"):
@@ -137,6 +140,7 @@ def test_attributes_read_as_h5py_reads_them() -> None:
                 assert list(found) == list(theirs)  # h5py's order (the root's: creation)
                 assert found.keys() == VALUES.keys()
                 assert all(same(found[k], theirs[k]) for k in VALUES), path
+        assert len(reads) == 2 * len(VALUES)  # each through the object opened by `capi`
         with pytest.raises(ProtocolError, match="cannot read attributes of no/such"):
             read_attributes(fid, "no/such", where="image")
     finally:
@@ -238,6 +242,28 @@ def test_groups_of_small_datasets_read_as_h5py_reads_them(
             assert same(found[name].data, np.asarray(item[()])), name  # (as read_arrays keeps it)
     assert found["packed"].attrs == {"unit": "s"}
     assert len(reads) == 6  # all but text, null and zero-sized
+    # where libhdf5's read through `capi` fails, h5py's tells why (its error not chained)
+
+    def refused(*_: Any) -> None:
+        raise capi.HDF5CallError("libhdf5's H5Dread failed")
+
+    def broken(*_: Any) -> None:
+        raise OSError("h5py's reason")
+
+    monkeypatch.setattr(capi, "read_dataset", refused)
+    fid = file_image(image)
+    try:
+        logs = h5py.h5o.open(fid, b"logs")
+        assert same(
+            h5attrs.dataset_value(h5py.h5o.open(logs, b"big")),
+            np.arange(6).reshape(2, 3).astype(">i4"),
+        )
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", broken)
+        with pytest.raises(OSError, match="h5py's reason") as failed:
+            h5attrs.dataset_value(h5py.h5o.open(logs, b"big"))
+        assert failed.value.__context__ is None
+    finally:
+        fid.close()
 
 
 def test_uncommon_names_and_array_types_as_h5py_has_them() -> None:
