@@ -277,21 +277,20 @@ def dataset(parent: int, name: bytes) -> tuple[bytes, tuple[int, ...], int] | No
     dataspace: its type serialized, its shape and, for a rank above 1, its events per chunk
     (0: not chunked); else None (a group, a broken link, an error: h5py's own calls on it
     then tell what it is)."""
-    oid = _lib.H5Oopen(parent, name, _DEFAULT)
-    if oid < 0:
+    oid = open_object(parent, name)
+    if oid is None:
         return None
     try:
         if _lib.H5Iget_type(oid) != _DATASET:
             return None
-        encoded = _encoded(_checked("H5Dget_type", _lib.H5Dget_type(oid), name))
-        shape = _shape(_checked("H5Dget_space", _lib.H5Dget_space(oid), name))
+        encoded, shape = dataset_type(oid)
         if shape is None:
             return None
         return encoded, shape, _chunk_rows(oid, len(shape), name) if len(shape) > 1 else 0
     except HDF5CallError:
         return None
     finally:
-        _lib.H5Oclose(oid)
+        close_object(oid)
 
 
 def dataset_type(dataset: int) -> tuple[bytes, tuple[int, ...] | None]:

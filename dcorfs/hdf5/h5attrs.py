@@ -14,15 +14,18 @@ with h5py's libhdf5 calls without h5py's objects (`capi`); values h5py converts 
 objects on its own (references, variable-length sequences, compounds holding text) and
 empty, zero-sized and array-typed ones are read through h5py's low-level API, and values
 of uncommon kinds (empty, array-typed, compound, text arrays holding other objects) written
-through its high-level API.
+through its high-level API. The same kept types serve small datasets read whole
+(`dataset_value`, as `Dataset[()]`) and the dtypes of datasets `capi` describes (`dtype_of`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -70,6 +73,12 @@ class _ReadTypes:
     @property
     def vlen_text(self) -> bool:
         return self.text is not None
+
+    @property
+    def plain(self) -> bool:
+        """Whether values are read into memory as they are (`capi`): no objects h5py makes
+        (text, references, sequences), no array type."""
+        return not self.dtype.hasobject and self.dtype.subdtype is None
 
 
 def _read_types(attr: h5a.AttrID) -> _ReadTypes:
@@ -144,7 +153,7 @@ def _value_by_id(holder: int, name: bytes) -> Any:
             return _UNREAD
         try:
             types = _types_of(capi.attribute_type(attr))
-            if types.dtype.subdtype is not None or (types.dtype.hasobject and not types.text):
+            if not (types.plain or types.vlen_text):
                 return _UNREAD  # (objects other than text: h5py converts them on its own)
             shape = capi.attribute_shape(attr)
             if shape is None or 0 in shape:
@@ -170,8 +179,7 @@ def dataset_value(dataset: h5py.h5d.DatasetID) -> Any:
         try:
             key, shape = capi.dataset_type(dataset.id)
             types = _types_of(key)
-            plain = not (types.dtype.hasobject or types.dtype.subdtype is not None)
-            if shape is not None and 0 not in shape and plain:
+            if shape is not None and 0 not in shape and types.plain:
                 arr = np.zeros(shape, dtype=types.dtype)
                 capi.read_dataset(dataset.id, types.memory.id, arr.ctypes.data)
                 return _unwrapped(arr)
@@ -229,6 +237,28 @@ def read_by_id(holder: int, name: bytes, obj: Callable[[], Any]) -> Any:
     with phil:
         found = _value_by_id(holder, name)
         return read(obj(), name) if found is _UNREAD else found
+
+
+@contextmanager
+def listed(
+    fid: h5py.h5f.FileID, path: bytes
+) -> Iterator[tuple[list[bytes], Callable[[bytes], Any]] | None]:
+    """The attribute names of the object at `path` (`names`' order) and what reads one by
+    name (`read`), the object opened through `capi` meanwhile (h5py's object for it made
+    only for a value read through h5py); None where `capi` cannot open or list it."""
+    with phil:
+        held = capi.open_object(fid.id, path)
+    if held is None:
+        yield None
+        return
+    try:
+        with phil:  # (our file object's error may come out of it: closed below)
+            found = capi.attribute_names(held)
+        opened = functools.cache(lambda: h5py.h5o.open(fid, path))
+        yield None if found is None else (found, functools.partial(read_by_id, held, obj=opened))
+    finally:
+        with phil:
+            capi.close_object(held)
 
 
 def _write_key(dtype: np.dtype) -> Any:

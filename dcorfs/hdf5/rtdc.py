@@ -629,11 +629,12 @@ def scan_file(fid: h5py.h5f.FileID, kind: str, where: str) -> dict[str, Feature]
     return innate(found, file_facts(root, member_names(fid, "logs")))
 
 
-def several(
-    fid: h5py.h5f.FileID, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]
-) -> list[Any]:
-    """`fn(fid, *args)` for each call, in order, on one opened file (one trip to a worker)."""
-    return [fn(fid, *args) for fn, args in calls]
+def parts_of(
+    fid: h5py.h5f.FileID, paths: list[str], groups: list[str], where: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Array] | None]]:
+    """The attributes of `paths` and the datasets of `groups` of one opened file (parts of
+    an outline)."""
+    return attrs_of(fid, paths, where), arrays_of(fid, groups, where)
 
 
 def outline_parts(kind: str, features: dict[str, Feature]) -> tuple[list[str], list[str]]:
@@ -661,7 +662,7 @@ def scan_ahead(
     if outline:
         paths, more = outline_parts(kind, features)
         try:
-            attrs, parts = attrs_of(fid, paths, where), arrays_of(fid, more, where)
+            attrs, parts = parts_of(fid, paths, more, where)
         except (ProtocolError, *H5PY_ERRORS) as exc:
             log.debug("%s: outline not read ahead: %s", where, exc)
         else:
@@ -718,9 +719,7 @@ def _on_outline(plan: _OutlineImages, fn: Callable[..., T], *args: Any) -> T:
         groups = list(GROUPS) if kind == plan.root else []
         what = ", ".join(["attributes", *groups])
         wanted = plan.paths.get(kind, [])
-        found, more = on_image(
-            data, where, what, several, [(attrs_of, (wanted, where)), (arrays_of, (groups, where))]
-        )
+        found, more = on_image(data, where, what, parts_of, wanted, groups, where)
         attrs.update(found)
         arrays.update(more)
     return fn(_outline(attrs, arrays, plan.features), *args)
@@ -978,25 +977,32 @@ class RtdcResource:
         from memory (through the cache); else in the worker, in the same call, from the
         files' bytes (each opened once)."""
         root, paths = self._outline_plan()
-        kinds = {root, *paths}
-        images = {}
         ahead = all(
             self._sources[kind].kept(paths.get(kind, []), GROUPS if kind == root else [])
-            for kind in kinds
+            for kind in {root, *paths}
         )
-        for kind in [] if ahead else kinds:
+        images = None if ahead else self._images({root, *paths}, deadline)
+        if images is not None:  # read in the worker, from the files' bytes
+            self.forget_outline()
+            plan = _OutlineImages(images, root, paths, list(self.features))
+            return cast(T, self.workers.run(_on_outline, plan, fn, *args, deadline=deadline))
+        try:
+            outline = self.outline(deadline=deadline)
+        finally:
+            self.forget_outline()  # (what was read ahead and not taken)
+        return self.workers.run(fn, outline, *args, deadline=deadline)
+
+    def _images(self, kinds: set[str], deadline: float) -> dict[str, tuple[str, bytes]] | None:
+        """(name in messages, bytes) of the files of these kinds, or None where one is not a
+        small file read from memory (blocking: network)."""
+        images = {}
+        for kind in kinds:
             source = self._sources[kind]
             data = source.image(deadline)
             if data is None:
-                break
+                return None
             images[kind] = (source.remote.obj.key, data)
-        if ahead or len(images) < len(kinds):
-            outline = self.outline(deadline=deadline)
-            self.forget_outline()
-            return self.workers.run(fn, outline, *args, deadline=deadline)
-        self.forget_outline()
-        plan = _OutlineImages(images, root, paths, list(self.features))
-        return cast(T, self.workers.run(_on_outline, plan, fn, *args, deadline=deadline))
+        return images
 
     def forget_outline(self) -> None:
         """Its own files drop what they read ahead for its outline (`RtdcSource.scan`)."""

@@ -101,23 +101,19 @@ def read_features(fid: h5py.h5f.FileID, *, kind: str, where: str) -> dict[str, F
         raise ProtocolError(f"{where} has no /events group (not an .rtdc file)")
     found: dict[str, Feature] = {}
     for name, item in _members(events, where, plain=_plain_feature):
-        if isinstance(item, _Plain):  # a dataset read through `capi`
-            if item.shape:
-                found[name] = _feature_of(name, item, kind)
-        elif name == CONTOUR:  # dclab reads a contour group only
+        if name == CONTOUR:  # dclab reads a contour group only
             contour = _contour(item, kind, _stated_events(fid)) if _is_group(item) else None
             if contour is not None:
                 found[CONTOUR] = contour
-        elif isinstance(item, h5py.h5d.DatasetID) and item.rank >= 1:
-            found[name] = _feature(name, item, kind)
-        elif name == "trace" and isinstance(item, h5py.h5g.GroupID):
-            for trace, data in _members(item, where, plain=_plain_feature):
-                named = TRACE_PREFIX + trace
-                if isinstance(data, _Plain):
-                    if len(data.shape) == 2:
-                        found[named] = _feature_of(named, data, kind)
-                elif isinstance(data, h5py.h5d.DatasetID) and data.rank == 2:
-                    found[named] = _feature(named, data, kind)
+            continue
+        data = _as_plain(item)
+        if data is not None and data.shape:
+            found[name] = _feature_of(name, data, kind)
+        elif name == "trace" and _is_group(item):
+            for trace, member in _members(item, where, plain=_plain_feature):
+                data = _as_plain(member)
+                if data is not None and len(data.shape) == 2:
+                    found[TRACE_PREFIX + trace] = _feature_of(TRACE_PREFIX + trace, data, kind)
     return found
 
 
@@ -174,22 +170,20 @@ def _plain_feature(group: h5py.h5g.GroupID, name: bytes) -> _Plain | None:
     return _Plain(h5attrs.dtype_of(encoded), shape, chunk_rows)
 
 
+def _as_plain(item: Any) -> _Plain | None:
+    """A member of a group as `_members` gives it, if it is a dataset of rank 1 or more, as
+    `_plain_feature` reads it (through h5py, if `capi` gave up on it); else None."""
+    if isinstance(item, _Plain):
+        return item
+    if not isinstance(item, h5py.h5d.DatasetID) or item.rank < 1:
+        return None
+    return _Plain(item.dtype, tuple(item.shape), _chunk_rows(item) if item.rank > 1 else 0)
+
+
 def _feature_of(name: str, data: _Plain, kind: str) -> Feature:
-    """A feature from what `_plain_feature` read, as `_feature` makes it from h5py's."""
     dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
     return Feature(
         name=name, dtype=dtype, shape=data.shape, source=kind, chunk_rows=data.chunk_rows
-    )
-
-
-def _feature(name: str, data: h5py.h5d.DatasetID, kind: str) -> Feature:
-    dtype = np.dtype(bool) if name == "mask" else data.dtype.newbyteorder("<")
-    return Feature(
-        name=name,
-        dtype=dtype,
-        shape=tuple(data.shape),
-        source=kind,
-        chunk_rows=_chunk_rows(data) if data.rank > 1 else 0,
     )
 
 
@@ -243,19 +237,10 @@ def read_attributes(
     (`only`: of these names). The object is opened and its attributes listed through `capi`
     (h5py's object for it made only for a value read through h5py), else through h5py."""
     encoded = path.encode("utf-8", "surrogateescape")
-    with phil:
-        held = capi.open_object(fid.id, encoded)
-    if held is not None:
-        try:
-            with phil:  # (our file object's error may come out of it: closed below)
-                names = capi.attribute_names(held)
-            if names is not None:
-                opened = functools.cache(lambda: h5py.h5o.open(fid, encoded))
-                read = functools.partial(h5attrs.read_by_id, held, obj=opened)
-                return _attributes(read, _only(names, only), path, where)
-        finally:
-            with phil:
-                capi.close_object(held)
+    with h5attrs.listed(fid, encoded) as listed:
+        if listed is not None:
+            names, read = listed
+            return _attributes(read, _only(names, only), path, where)
     try:
         oid = h5py.h5o.open(fid, encoded)
         names = h5attrs.names(oid)
