@@ -514,6 +514,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, {"dataset": ds.name, "state": ds.state})
             except (ValueError, TypeError, KeyError) as exc:
                 self._json(400, {"error": str(exc)})
+        elif path == "/_devserver/clock" and method in ("PUT", "POST"):
+            # the site's lags (SiteOptions.condensed_lag, fields_lag) count this much further:
+            # DCOR's background jobs have run, for a server in another process
+            try:
+                advance = float(json.loads(body or b"{}")["advance"])
+                if not advance >= 0:
+                    raise ValueError(f"advance must be seconds >= 0, not {advance}")
+                app.site.started -= advance
+                self._json(200, {"elapsed": time.monotonic() - app.site.started})
+            except (ValueError, TypeError, KeyError) as exc:
+                self._json(400, {"error": str(exc)})
         elif path == "/_devserver/info" and method == "GET":
             self._json(200, _info(app.site))
         else:

@@ -211,11 +211,11 @@ def test_dclab_with_the_condensed_file_missing(data_dir: Path, devserver: DevSer
 
 def test_dclab_sees_a_condensed_file_that_appears(data_dir: Path, devserver: DevServer) -> None:
     """Before condensing has run, as with the file missing; after, a new client finds the
-    condensed basin's `features`, its object and the condensing logs."""
-    from dcorfs.devserver.site import SiteOptions
-
+    condensed basin's `features`, its object and the condensing logs. (The server in a
+    process of its own, as for every client reading with h5py while a lag ends: see
+    `ServerProcess`.)"""
     entry = resource(devserver, "generated", "M001_data.rtdc")
-    with DevServer(data_dir, options=SiteOptions(condensed_lag=LAG)) as server:
+    with ServerProcess(data_dir, "--condensed-lag", str(LAG)) as server:
         with open_remote(server, entry["id"]) as remote:
             assert not _basin(remote, "condensed").is_available()
             assert "dclab-condense" not in remote.logs
@@ -233,10 +233,8 @@ def test_dclab_with_late_fields_and_public_tag(data_dir: Path, devserver: DevSer
     """Until DCOR's jobs ran, records lack the fields they fill and the original is not
     tagged public: dclab finds the resource basin unavailable (403) and serves the scalar
     features of the condensed file only; afterwards everything."""
-    from dcorfs.devserver.site import SiteOptions
-
     entry = resource(devserver, "generated", "M001_data.rtdc")
-    with DevServer(data_dir, options=SiteOptions(fields_lag=LAG)) as server:
+    with ServerProcess(data_dir, "--fields-lag", str(LAG)) as server:
         status, record = api(server, "resource_show", id=entry["id"])
         assert status == 200
         fields = record["result"]
@@ -274,19 +272,16 @@ def assert_lagging(url: str, rid: str, lagging: bool) -> None:
 def test_the_lags_combine(data_dir: Path, devserver: DevServer) -> None:
     """`dcorfs devserver --condensed-lag S --fields-lag S`: both at once (lags far longer than
     the test, so no race with the server's start-up), then neither once they are over."""
-    from dcorfs.devserver.site import SiteOptions
-
     entry = resource(devserver, "generated", "M001_data.rtdc")
     lag = str(int(LAG))
-    server = ServerProcess(data_dir, "--condensed-lag", lag, "--fields-lag", lag)
-    try:
+    with ServerProcess(data_dir, "--condensed-lag", lag, "--fields-lag", lag) as server:
         assert_lagging(server.url, entry["id"], lagging=True)
-    finally:
-        server.close()
-    with DevServer(data_dir, options=SiteOptions(condensed_lag=LAG, fields_lag=LAG)) as inside:
-        assert_lagging(inside.url, entry["id"], lagging=True)
-        lag_over(inside)
-        assert_lagging(inside.url, entry["id"], lagging=False)
+        clock = f"{server.url}/_devserver/clock"
+        for wrong in ({}, {"advance": -1}, {"advance": "nan"}, {"advance": "soon"}):
+            assert requests.post(clock, json=wrong, timeout=10).status_code == 400, wrong
+        assert_lagging(server.url, entry["id"], lagging=True)
+        lag_over(server)
+        assert_lagging(server.url, entry["id"], lagging=False)
 
 
 # -- intra-dataset basins (doc/DCOR.md §3) -------------------------------------------------------
