@@ -1,4 +1,5 @@
-"""HTTP for dcorfs: per-thread `requests` sessions, strict range GETs, the one retry policy.
+"""HTTP for dcorfs: one urllib3 connection pool per host, strict range GETs, the one retry
+policy.
 
 Promises: a ranged GET returns exactly the bytes asked for or raises (206 with the exact
 `Content-Range`, length and, when known, ETag and total size are checked; a 200 to a ranged
@@ -9,22 +10,34 @@ and full jitter, never past the caller's deadline. Messages never contain header
 API token) nor query strings (presigned signatures); an S3 store's error code
 (`AccessDenied`, `SignatureDoesNotMatch`, `NoSuchKey` …) is quoted, since it tells a private
 object from rejected credentials.
+
+urllib3 itself, not `requests` over it: `requests` spent about as much CPU again per request
+preparing and merging settings (listing a dataset of small resources sends six a resource).
+What `requests` took from the environment is taken here too, once per scheme and host: a
+proxy (`https_proxy`, `http_proxy`, `all_proxy`, `no_proxy`, as `urllib.request` reads them)
+and the CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, else certifi's).
 """
 
 from __future__ import annotations
 
 import collections
+import http.client
+import json
 import logging
+import os
 import random
 import re
+import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
-import requests
+import certifi
 import urllib3
 
 from .. import __version__
@@ -42,18 +55,14 @@ from ..errors import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_NOT_JSON = object()
 DOCUMENT_LIMIT = 64 << 20  # bytes of a document (an S3 listing page) at most
 READ_PIECE = 256 << 10  # bytes of a range's body read at a time (see `_read_body`)
 _QUERY = re.compile(r"\?[^\s'\")]*")
 _S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
-NETWORK_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-    urllib3.exceptions.HTTPError,
-    OSError,
-)
+DRAIN_LIMIT = 64 << 10  # bytes of a body left unread that are read to keep the connection
+NETWORK_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+Response = urllib3.BaseHTTPResponse
 
 
 @dataclass(frozen=True)
@@ -101,41 +110,37 @@ def _range_stop(content_range: str | None) -> int:
         raise TransientError(f"bad Content-Range {content_range!r} for a probe") from None
 
 
-def _raise_if_busy(response: requests.Response, url: str) -> None:
+def _raise_if_busy(response: Response, url: str) -> None:
     """5xx and 429 are transient; the server may say how long to wait."""
-    status = response.status_code
+    status = response.status
     if status == 429 or status >= 500:
         raise TransientError(
             f"HTTP {status} for {redact_url(url)}", retry_after=_retry_after(response)
         )
 
 
-def _internal_error(response: requests.Response) -> bool:
-    """Whether a 500 is CKAN's answer to an action that raised (`views/api.py`: error type
-    "Internal Server Error"), which a retry at once does not cure (doc/DCOR.md §8); other 500s
-    (a proxy, the search index unreachable) stay transient."""
-    try:
-        body = response.json()
-    except ValueError:
-        return False
+def _internal_error(body: Any) -> bool:
+    """Whether a 500's body (JSON) is CKAN's answer to an action that raised (`views/api.py`:
+    error type "Internal Server Error"), which a retry at once does not cure (doc/DCOR.md §8);
+    other 500s (a proxy, the search index unreachable) stay transient."""
     error = body.get("error") if isinstance(body, dict) else None
     return isinstance(error, dict) and error.get("__type") == "Internal Server Error"
 
 
-def _s3_code(response: requests.Response) -> str:
+def _s3_code(response: Response) -> str:
     """The `<Code>` of an S3 error body ("AccessDenied"), or "" when there is none."""
     if "xml" not in response.headers.get("Content-Type", ""):
         return ""
     try:
-        head = response.raw.read(4096, decode_content=True)
+        head = response.read(4096, decode_content=True)
     except NETWORK_ERRORS:
         return ""
     match = _S3_CODE.search(head or b"")
     return match[1].decode() if match else ""
 
 
-def _check_status(response: requests.Response, url: str) -> None:
-    status = response.status_code
+def _check_status(response: Response, url: str) -> None:
+    status = response.status
     if status in (403, 404):
         code = _s3_code(response)
         message = f"HTTP {status}{f' ({code})' if code else ''} for {redact_url(url)}"
@@ -147,37 +152,52 @@ def _check_status(response: requests.Response, url: str) -> None:
         raise ProtocolError(f"HTTP 416 (range not satisfiable) for {redact_url(url)}")
 
 
-def _check_object_status(response: requests.Response, url: str) -> None:
+def _check_object_status(response: Response, url: str) -> None:
     """As `_check_status`; a redirect is not followed: it would take a presigned query (or a
     request that should stay on its host) somewhere else."""
     _check_status(response, url)
-    if 300 <= response.status_code < 400:
-        raise Moved(f"HTTP {response.status_code} (a redirect) for {redact_url(url)}")
+    if 300 <= response.status < 400:
+        raise Moved(f"HTTP {response.status} (a redirect) for {redact_url(url)}")
 
 
-class _Session(requests.Session):
-    """A session that looks at the environment (proxies, CA bundle: `trust_env`) once per
-    scheme and host, not for every request (~0.1 ms each: the daemon's environment does not
-    change while it runs)."""
+def _ca_bundle() -> str:
+    """The CA certificates HTTPS is checked against, as `requests` finds them."""
+    return (
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._environment: dict[tuple[Any, ...], Any] = {}
 
-    def merge_environment_settings(
-        self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
-    ) -> Any:
-        parts = urlsplit(str(url))
-        key = (parts.scheme, parts.netloc, stream, verify, cert, tuple(sorted(proxies.items())))
-        made = self._environment.get(key)
-        if made is None:
-            made = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            self._environment[key] = made
-        return {**made, "proxies": dict(made["proxies"])}
+def proxy_for(scheme: str, netloc: str) -> str | None:
+    """The proxy the environment names for this scheme and host, or None (direct)."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(netloc):
+        return None
+    return proxy
+
+
+@contextmanager
+def _answer(response: Response) -> Iterator[Response]:
+    """The response, its connection given back to the pool afterwards when its body was
+    read to the end or what is left is short (read now); else the connection is closed
+    (a 200 to a ranged GET may be a whole large object)."""
+    try:
+        yield response
+    finally:
+        try:
+            left = response.length_remaining
+            if left is not None and left <= DRAIN_LIMIT:
+                response.drain_conn()
+            else:
+                response.close()
+        except NETWORK_ERRORS:
+            response.close()
+        response.release_conn()
 
 
 class Http:
-    """Thread-safe: each worker thread gets its own session (connection pool)."""
+    """Thread-safe: urllib3's pools are shared by the threads; a pool keeps at most
+    `pool_size` idle connections to a host."""
 
     def __init__(
         self,
@@ -190,42 +210,86 @@ class Http:
     ) -> None:
         self.policy = policy
         self._pool_size = pool_size
-        self._user_agent = user_agent
+        self._headers = {"User-Agent": user_agent, "Accept": "*/*"}
         self._sleep = sleep
         self._clock = clock
-        self._local = threading.local()
-        self._sessions: dict[int, requests.Session] = {}  # by thread ident
         self._lock = threading.Lock()
+        # by (scheme, host): a direct pool manager, or one through the environment's proxy
+        self._managers: dict[tuple[str, str], urllib3.PoolManager] = {}
+        self._proxied: dict[str, urllib3.ProxyManager] = {}  # by proxy URL
+        self._direct: urllib3.PoolManager | None = None
         self._requests: collections.Counter[str] = collections.Counter()  # attempts, by kind
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = _Session()
-            adapter = requests.adapters.HTTPAdapter(
-                pool_connections=4, pool_maxsize=self._pool_size, max_retries=0
-            )
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = self._user_agent
-            self._local.session = session
-            me = threading.get_ident()
-            with self._lock:
-                # worker threads come and go (trio ends idle ones): close the sessions, and
-                # so the sockets, of threads that have ended (an ident may be reused: ours)
-                living = {thread.ident for thread in threading.enumerate()} - {me}
-                ended = [s for ident, s in self._sessions.items() if ident not in living]
-                self._sessions = {i: s for i, s in self._sessions.items() if i in living}
-                self._sessions[me] = session
-            for old in ended:
-                old.close()
-        return session
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        """Who sends requests to `url`'s host: the environment is looked at once a host."""
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        manager = self._managers.get(key)
+        if manager is not None:
+            return manager
+        proxy = proxy_for(parts.scheme, parts.netloc)
+        options: dict[str, Any] = {
+            "num_pools": 8,
+            "maxsize": self._pool_size,
+            "block": False,
+            "retries": False,
+            "cert_reqs": "CERT_REQUIRED",
+            "ca_certs": _ca_bundle(),
+        }
+        with self._lock:
+            if proxy is None:
+                if self._direct is None:
+                    self._direct = urllib3.PoolManager(**options)
+                manager = self._direct
+            else:
+                if proxy not in self._proxied:
+                    try:
+                        self._proxied[proxy] = urllib3.ProxyManager(proxy, **options)
+                    except ValueError as exc:  # (a socks proxy, a malformed URL)
+                        raise ProtocolError(
+                            f"the proxy {redact_url(proxy)} for {parts.netloc} cannot be "
+                            f"used: {exc}"
+                        ) from None
+                manager = self._proxied[proxy]
+            self._managers[key] = manager
+        return manager
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        timeout: tuple[float, float],
+        *,
+        encoded: bool = False,
+        body: bytes | None = None,
+    ) -> Response:
+        """A request whose body is read as needed; redirects are not followed (a presigned
+        query must not travel to another host). `encoded`: the body may come compressed
+        (gzip, deflate) and is read decoded; otherwise bytes are read as sent."""
+        wanted = {
+            **self._headers,
+            "Accept-Encoding": "gzip, deflate" if encoded else "identity",
+            **(headers or {}),
+        }
+        return self._manager(url).request(
+            method,
+            url,
+            body=body,
+            headers=wanted,
+            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+            retries=False,
+            redirect=False,
+            preload_content=False,
+            decode_content=encoded,
+        )
 
     def close(self) -> None:
         with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            session.close()
+            managers = [*self._proxied.values(), *([self._direct] if self._direct else [])]
+            self._managers, self._proxied, self._direct = {}, {}, None
+        for manager in managers:
+            manager.clear()
 
     def request_counts(self) -> dict[str, int]:
         """Requests sent so far, by kind (range, probe, api, document, redirect)."""
@@ -276,15 +340,6 @@ class Http:
         log.warning("%s", message)
         raise TransientError(message)
 
-    def _stream(
-        self, url: str, headers: Mapping[str, str] | None, timeout: tuple[float, float]
-    ) -> requests.Response:
-        """A GET whose body is read as needed; redirects are not followed (a presigned query
-        must not travel to another host)."""
-        return self._session().get(
-            url, headers=headers, timeout=timeout, allow_redirects=False, stream=True
-        )
-
     def get_json(
         self,
         url: str,
@@ -293,22 +348,23 @@ class Http:
         headers: Mapping[str, str] | None = None,
         deadline: float,
     ) -> tuple[int, Any]:
+        query = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}" if params else url
+
         def attempt(timeout: tuple[float, float]) -> tuple[int, Any]:
-            response = self._session().get(
-                url, params=params, headers=headers, timeout=timeout, allow_redirects=False
-            )
-            with response:
-                if response.status_code == 500 and _internal_error(response):
-                    return 500, response.json()  # not busy: the action itself failed
-                _raise_if_busy(response, url)
+            with _answer(self._send("GET", query, headers, timeout, encoded=True)) as response:
+                status = response.status
                 try:
-                    return response.status_code, response.json()
+                    body = json.loads(response.read())
                 except ValueError:
-                    if response.ok:
-                        raise TransientError(f"invalid JSON from {redact_url(url)}") from None
-                    raise ProtocolError(
-                        f"HTTP {response.status_code} without JSON from {redact_url(url)}"
-                    ) from None
+                    body = _NOT_JSON
+                if status == 500 and _internal_error(body):
+                    return 500, body  # not busy: the action itself failed
+                _raise_if_busy(response, url)
+                if body is _NOT_JSON:
+                    if status < 400:
+                        raise TransientError(f"invalid JSON from {redact_url(url)}")
+                    raise ProtocolError(f"HTTP {status} without JSON from {redact_url(url)}")
+                return status, body
 
         return self._retry(url, deadline, attempt, "api")
 
@@ -317,12 +373,11 @@ class Http:
         cache: `kind` counts it apart); 403/404 as for objects."""
 
         def attempt(timeout: tuple[float, float]) -> bytes:
-            response = self._stream(url, None, timeout)
-            with response:
+            with _answer(self._send("GET", url, None, timeout, encoded=True)) as response:
                 _check_status(response, url)
-                if response.status_code != 200:
-                    raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
-                data: bytes = response.raw.read(DOCUMENT_LIMIT + 1, decode_content=True)
+                if response.status != 200:
+                    raise ProtocolError(f"HTTP {response.status} from {redact_url(url)}")
+                data: bytes = response.read(DOCUMENT_LIMIT + 1)
                 if len(data) > DOCUMENT_LIMIT:
                     raise ProtocolError(
                         f"{redact_url(url)}: answer larger than {DOCUMENT_LIMIT} bytes"
@@ -336,15 +391,10 @@ class Http:
         objects, 5xx and 429 transient."""
 
         def attempt(timeout: tuple[float, float]) -> None:
-            response = self._session().put(
-                url, data=body, timeout=timeout, allow_redirects=False, stream=True
-            )
-            with response:
+            with _answer(self._send("PUT", url, None, timeout, body=body)) as response:
                 _check_object_status(response, url)
-                if response.status_code not in (200, 201, 204):
-                    raise ProtocolError(
-                        f"HTTP {response.status_code} to a PUT of {redact_url(url)}"
-                    )
+                if response.status not in (200, 201, 204):
+                    raise ProtocolError(f"HTTP {response.status} to a PUT of {redact_url(url)}")
 
         self._retry(url, deadline, attempt, kind)
 
@@ -366,11 +416,10 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> memoryview:
             wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
-            response = self._stream(url, wanted, timeout)
-            with response:
+            with _answer(self._send("GET", url, wanted, timeout)) as response:
                 _check_object_status(response, url)
-                if response.status_code != 206:
-                    raise TransientError(f"HTTP {response.status_code} to a ranged GET")
+                if response.status != 206:
+                    raise TransientError(f"HTTP {response.status} to a ranged GET")
                 total = _total(response.headers.get("Content-Range"), start, stop)
                 etag = _etag(response.headers.get("ETag"))
                 if expect_etag is not None and etag != expect_etag:
@@ -398,20 +447,19 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> ObjectInfo:
             wanted = {**(headers or {}), "Range": f"bytes=0-{head - 1}"}
-            response = self._stream(url, wanted, timeout)
-            with response:
+            with _answer(self._send("GET", url, wanted, timeout)) as response:
                 _check_object_status(response, url)
                 data: bytes | memoryview = b""
-                if response.status_code == 206:
+                if response.status == 206:
                     stop = _range_stop(response.headers.get("Content-Range"))
                     size = _total(response.headers.get("Content-Range"), 0, stop)
                     if stop != min(head, size):
                         raise TransientError(f"a probe of {redact_url(url)} got a wrong range")
                     data = _read_body(response, stop)
-                elif response.status_code == 200 and "Content-Length" in response.headers:
+                elif response.status == 200 and "Content-Length" in response.headers:
                     size = int(response.headers["Content-Length"])  # body not read: maybe huge
                 else:
-                    raise TransientError(f"HTTP {response.status_code} to a size probe")
+                    raise TransientError(f"HTTP {response.status} to a size probe")
                 etag = _etag(response.headers.get("ETag"))
                 if not etag:
                     raise ProtocolError(f"{redact_url(url)} has no ETag")
@@ -425,37 +473,35 @@ class Http:
         """Where a download route points (the presigned object URL)."""
 
         def attempt(timeout: tuple[float, float]) -> str:
-            response = self._stream(url, headers, timeout)
-            with response:
+            with _answer(self._send("GET", url, headers, timeout)) as response:
                 _check_status(response, url)
-                if response.status_code in (301, 302, 303, 307, 308):
+                if response.status in (301, 302, 303, 307, 308):
                     return urljoin(url, response.headers.get("Location", ""))
-                if response.status_code == 200:
+                if response.status == 200:
                     return url
-                raise ProtocolError(f"HTTP {response.status_code} from {redact_url(url)}")
+                raise ProtocolError(f"HTTP {response.status} from {redact_url(url)}")
 
         return self._retry(url, deadline, attempt, "redirect")
 
 
-def _read_body(response: requests.Response, length: int) -> memoryview:
+def _read_body(response: Response, length: int) -> memoryview:
     """Read exactly `length` bytes into one buffer (no joining of chunks), handed on as a
     read-only view of it: a copy into `bytes` would hold the range twice at once."""
     buffer = bytearray(length)
     view = memoryview(buffer)
     done = 0
-    raw = response.raw
     while done < length:
         # in pieces: urllib3's readinto reads into a temporary buffer of the size asked for
-        n = raw.readinto(view[done : done + READ_PIECE])
+        n = response.readinto(view[done : done + READ_PIECE])
         if not n:
             raise TransientError(f"short body: {done} of {length} bytes")
         done += n
-    if raw.read(1):
+    if response.read(1):
         raise TransientError(f"body longer than the {length} bytes asked for")
     return view.toreadonly()
 
 
-def _retry_after(response: requests.Response) -> float:
+def _retry_after(response: Response) -> float:
     try:
         return min(float(response.headers.get("Retry-After", "0")), 30.0)
     except ValueError:
@@ -473,11 +519,11 @@ _REASONS = (
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, (urllib3.exceptions.TimeoutError, socket.timeout)):
         return "timed out"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if isinstance(exc, requests.ConnectionError):
+    if isinstance(exc, NETWORK_ERRORS):
         for needles, reason in _REASONS:
             if any(needle in text for needle in needles):
                 return reason
-    return _QUERY.sub("?…", text)[:200]  # requests' messages may quote a presigned URL
+    return _QUERY.sub("?…", text)[:200]  # urllib3's messages may quote a presigned URL
