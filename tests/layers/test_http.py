@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import logging
 import random
+import threading
 import time
 import tracemalloc
 import urllib.request
@@ -13,7 +15,13 @@ import pytest
 import requests
 
 from dcorfs.devserver.server import DevServer
-from dcorfs.errors import AccessDenied, DcorfsError, DeadlineExceeded, TransientError
+from dcorfs.errors import (
+    AccessDenied,
+    DcorfsError,
+    DeadlineExceeded,
+    NotFound,
+    TransientError,
+)
 from dcorfs.remote.http import Http, RetryPolicy
 
 from ..conftest import TOKENS, ServerProcess, api, resource
@@ -190,3 +198,81 @@ def test_token_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     http.close()
     assert caplog.records
     assert TOKENS["alice"] not in caplog.text and "secret-sig" not in caplog.text
+
+
+class _Counting(http.server.BaseHTTPRequestHandler):
+    """Serves BLOB with ranges over keep-alive connections; counts connections and bytes
+    sent. `/whole` answers a ranged GET with 200 and all of it (a store ignoring ranges);
+    `/gone` with a 404 and a short S3 error body, `/busy` with a 503 and a short page."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+    sent = 0
+
+    def setup(self) -> None:
+        super().setup()
+        type(self).connections += 1
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/gone":
+            body = b"<Error><Code>NoSuchKey</Code></Error>"
+            self.send_response(404)
+            self.send_header("Content-Type", "application/xml")
+        elif self.path == "/busy":
+            body = b"<html>the server is busy</html>" * 100
+            self.send_response(503)
+        elif self.path == "/whole":
+            body = BLOB
+            self.send_response(200)
+        else:
+            first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+            body = BLOB[int(first) : int(last) + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(BLOB)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"blob"')
+        self.end_headers()
+        try:
+            for piece in range(0, len(body), 1 << 16):
+                self.wfile.write(body[piece : piece + (1 << 16)])
+                type(self).sent += min(1 << 16, len(body) - piece)
+        except OSError:
+            pass  # the client closed the connection: the rest is not sent
+
+
+BLOB = random.Random(7).randbytes(64 << 20)
+
+
+def test_connections_are_kept_unless_a_large_body_is_left() -> None:
+    """Range GETs one after another, and short error bodies, use one connection; a 200 with
+    a whole object to a ranged GET is not read to its end (its connection closed): the next
+    request opens another."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    client = Http(policy=RetryPolicy(attempts=1))
+    deadline = time.monotonic() + 30
+    try:
+        for start in range(0, 10 << 20, 1 << 20):
+            got = client.get_range(f"{url}/blob", start, start + (1 << 20), deadline=deadline)
+            assert got == BLOB[start : start + (1 << 20)]
+        with pytest.raises(NotFound, match="NoSuchKey"):
+            client.get_range(f"{url}/gone", 0, 10, deadline=deadline)
+        with pytest.raises(TransientError, match="503"):  # (its body not looked at: read)
+            client.get_range(f"{url}/busy", 0, 10, deadline=deadline)
+        assert client.probe(f"{url}/blob", deadline=deadline).size == len(BLOB)
+        assert _Counting.connections == 1
+        with pytest.raises(TransientError, match="HTTP 200"):
+            client.get_range(f"{url}/whole", 0, 10, deadline=deadline)
+        assert client.get_range(f"{url}/blob", 5, 9, deadline=deadline) == BLOB[5:9]
+        assert _Counting.connections == 2
+        assert _Counting.sent < 11 * (1 << 20) + len(BLOB) // 2
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
