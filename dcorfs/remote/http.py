@@ -519,7 +519,9 @@ _REASONS = (
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, (urllib3.exceptions.TimeoutError, socket.timeout)):
+    # (urllib3's NewConnectionError is a ConnectTimeoutError too: a refusal is no timeout)
+    timeout = (urllib3.exceptions.TimeoutError, socket.timeout)
+    if isinstance(exc, timeout) and not isinstance(exc, urllib3.exceptions.NewConnectionError):
         return "timed out"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, NETWORK_ERRORS):
