@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[ObjectId, int, int, float], bytes | memoryview]  # a view: blocks are copied out
 BlockKey = tuple[ObjectId, int]
 PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
+# runs of blocks one read fetches at once: the HDF5 object headers of a large original come in
+# batches of tens of small ranges (`RtdcSource._fetch_headers`); 16 instead of 8 opened the
+# image.npy of a 100,000-event original in ~0.49 s instead of ~0.61 s (20 ms a request)
+PARALLEL = 16
 PARTS_AT_MOST = 2  # reads over this many blocks are served in whole blocks (see `_parts`)
 
 
@@ -72,7 +76,7 @@ class BlockCache:
         block_size: int = 1 << 20,
         memory_bytes: int = 128 << 20,
         max_fetch_bytes: int = 8 << 20,
-        parallel: int = 8,
+        parallel: int = PARALLEL,
         in_flight: InFlight | None = None,
     ) -> None:
         """`in_flight`: the bound on bytes held by fetches in flight (shared with others)."""
