@@ -19,11 +19,6 @@ read"):
 
 A chunk's filter mask (one bit per filter skipped when it was written) is honoured. Edge
 chunks are stored whole and cropped by the caller (`rows`).
-
-A read that needs only a chunk's first rows (a random event, a block of decoded values that
-ends inside a chunk) decodes only those when the pipeline allows it (`Codec.prefix`): Zstd or
-deflate alone (with a shuffle of one-byte elements, which changes nothing), no checksum (HDF5's
-fletcher32 or Zstd's own covers the whole chunk: such chunks are decoded whole, and checked).
 """
 
 from __future__ import annotations
@@ -77,42 +72,10 @@ class Codec:
             filters.append((int(ident), tuple(int(v) for v in values)))
         return cls(tuple(filters), np.dtype(dtype), tuple(int(c) for c in chunks))
 
-    def prefix(self, raw: bytes | memoryview, mask: int) -> int | None:
-        """The compression filter (ZSTD or DEFLATE) that alone stands between this stored
-        chunk and its values, so that its first rows can be decoded without the rest: None
-        when another filter is active (a shuffle of elements of more than one byte, a
-        checksum), none is, or the Zstd frame carries a checksum of its content."""
-        active = [
-            (ident, values)
-            for index, (ident, values) in enumerate(self.filters)
-            if not mask & (1 << index)
-        ]
-        codecs = [ident for ident, _ in active if ident in (ZSTD, DEFLATE)]
-        others = [
-            ident
-            for ident, values in active
-            if ident not in (ZSTD, DEFLATE)
-            and not (ident == SHUFFLE and (values[0] if values else self.dtype.itemsize) <= 1)
-        ]
-        if len(codecs) != 1 or others:
-            return None
-        if codecs[0] == ZSTD:
-            try:
-                if zstandard.get_frame_parameters(raw).has_checksum:
-                    return None
-            except zstandard.ZstdError as exc:
-                raise ChunkError(f"a chunk does not decompress: {exc}") from None
-        return codecs[0]
-
-    def decode(self, raw: bytes | memoryview, mask: int = 0, rows: int | None = None) -> np.ndarray:
+    def decode(self, raw: bytes | memoryview, mask: int = 0) -> np.ndarray:
         """The values of one stored chunk (its whole shape; `mask`: the chunk's filter
-        mask), or of its first `rows` rows (decoding only those where `prefix` allows).
-        Releases the GIL in the codecs; raises `ChunkError` on bytes that do not decode."""
-        if rows is not None and rows < self.chunk[0]:
-            codec = self.prefix(raw, mask)
-            if codec is not None:
-                return self._first(codec, raw, rows)
-            return self.decode(raw, mask)[:rows]
+        mask). Releases the GIL in the codecs; raises `ChunkError` on bytes that do not
+        decode."""
         data: bytes | memoryview | np.ndarray = raw
         for index in range(len(self.filters) - 1, -1, -1):
             if mask & (1 << index):
@@ -123,31 +86,6 @@ class Codec:
         if array.size != self.nbytes:
             raise ChunkError(f"a chunk decoded to {array.size} bytes, not {self.nbytes}")
         return array.view(self.dtype).reshape(self.chunk)
-
-    def _first(self, codec: int, raw: bytes | memoryview, rows: int) -> np.ndarray:
-        """The first `rows` rows of a chunk compressed by `codec` alone (see `prefix`)."""
-        shape = (rows, *self.chunk[1:])
-        size = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
-        out = bytearray(size)
-        done = 0
-        try:
-            if codec == ZSTD:
-                with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
-                    view = memoryview(out)
-                    while done < size:
-                        n = reader.readinto(view[done:])
-                        if not n:
-                            break
-                        done += n
-            else:
-                part = zlib.decompressobj().decompress(raw, size)
-                done = len(part)
-                out[:done] = part
-        except (zstandard.ZstdError, zlib.error) as exc:
-            raise ChunkError(f"a chunk does not decompress: {exc}") from None
-        if done != size:
-            raise ChunkError(f"a chunk decoded to {done} bytes, less than its first {rows} rows")
-        return np.frombuffer(out, dtype=self.dtype).reshape(shape)
 
 
 def _undo(
@@ -255,7 +193,7 @@ def rows(
         lo, hi = max(start, first), min(stop, first + per_chunk)
         if lo >= hi:
             continue
-        values = codec.decode(raw, mask, rows=hi - first)  # (the rows up to `hi` only)
+        values = codec.decode(raw, mask)
         out[lo - start : hi - start] = values[lo - first : hi - first]
         filled += hi - lo
     if filled != stop - start:

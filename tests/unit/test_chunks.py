@@ -15,7 +15,6 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
-import zstandard
 from h5py._objects import phil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -113,64 +112,6 @@ def test_generated_datasets_decode_as_h5py_does(made: tuple[bytes, str, int, int
     with h5py.File(io.BytesIO(data), "r") as h5:
         dataset = h5["x"]
         assert same(decoded(data, dataset, start, stop), dataset[start:stop]), pipeline
-
-
-PREFIXED = {"gzip", "zstd"}  # pipelines whose chunks' first rows decode alone
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(datasets(), st.data())
-def test_a_chunks_first_rows_decode_as_the_whole_chunks_first_rows(
-    made: tuple[bytes, str, int, int], draw: st.DataObject
-) -> None:
-    """`decode(rows=k)`: the first k rows of the chunk, decoded alone where the pipeline
-    allows (`prefix`), for every pipeline and dtype; `rows` reads a slice the same way."""
-    data, pipeline, start, stop = made
-    with h5py.File(io.BytesIO(data), "r") as h5:
-        dataset = h5["x"]
-        codec = Codec.of(dataset)
-        assert codec is not None
-        for _, raw, mask in stored_chunks(data, dataset):
-            k = draw.draw(st.integers(1, codec.chunk[0]), label="rows")
-            alone = codec.prefix(raw, mask) is not None
-            # (a shuffle of one-byte elements leaves them as they were)
-            shuffled = pipeline.startswith("shuffle+") and codec.dtype.itemsize == 1
-            if mask == 0:
-                assert alone == (pipeline in PREFIXED or shuffled), pipeline
-            assert same(codec.decode(raw, mask, rows=k), codec.decode(raw, mask)[:k]), pipeline
-        assert same(decoded(data, dataset, start, stop), dataset[start:stop]), pipeline
-
-
-@pytest.mark.parametrize("pipeline", sorted(PREFIXED))
-def test_first_rows_need_only_the_bytes_they_come_from(pipeline: str) -> None:
-    """A chunk's first rows decode from the start of its bytes: cut after them it still
-    gives them (the rest is never decoded), cut inside them it is refused. (Zstd decodes
-    blocks of up to 128 KiB whole: the chunk here spans several.)"""
-    values = np.random.default_rng(3).integers(0, 300, (400, 500), dtype="<u2")
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as h5:
-        h5.create_dataset("x", data=values, chunks=(400, 500), **FILTERS[pipeline])
-    data = buffer.getvalue()
-    with h5py.File(io.BytesIO(data), "r") as h5:
-        codec = Codec.of(h5["x"])
-        ((_, stored, mask),) = stored_chunks(data, h5["x"])
-    assert codec is not None and codec.prefix(stored, mask) is not None
-    assert same(codec.decode(stored[: len(stored) * 9 // 10], mask, rows=5), values[:5])
-    with pytest.raises(ChunkError):
-        codec.decode(stored[:12], mask, rows=400 - 1)
-
-
-def test_a_zstd_frame_with_a_checksum_is_decoded_whole_and_checked() -> None:
-    """Zstd's content checksum covers the whole chunk: such a chunk is never decoded in
-    part, and a damaged one is refused even when its first rows are asked for."""
-    values = np.arange(3000, dtype="u1").reshape(300, 10)
-    codec = Codec(filters=((32015, ()),), dtype=np.dtype("u1"), chunk=(300, 10))
-    stored = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(values.tobytes()))
-    assert codec.prefix(bytes(stored), 0) is None
-    assert same(codec.decode(bytes(stored), 0, rows=3), values[:3])
-    stored[-1] ^= 0x01  # (the checksum's last byte)
-    with pytest.raises(ChunkError):
-        codec.decode(bytes(stored), 0, rows=3)
 
 
 def test_a_chunk_written_without_its_filter_decodes_by_its_mask() -> None:
