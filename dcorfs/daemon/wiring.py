@@ -18,7 +18,7 @@ import trio
 
 from .. import __version__
 from ..cache import cachedir
-from ..cache.blockcache import BlockCache
+from ..cache.blockcache import PARALLEL, BlockCache
 from ..cache.budget import InFlight, MemoryPlan
 from ..cache.derived import DerivedCache
 from ..cache.diskstore import DiskStore
@@ -109,7 +109,9 @@ class Layers:
 
 def build_layers(settings: MountSettings, http: Http | None = None) -> Layers:
     """Wire the layers from HTTP up to `Resources` (imports and data flow one way)."""
-    http = http or Http(pool_size=settings.network_threads)
+    # connections kept per host: one for each thread that may send at once (FUSE handlers'
+    # threads, the block cache's fetches, the read-ahead's makes)
+    http = http or Http(pool_size=settings.network_threads + PARALLEL + settings.prefetch_threads)
     disk = DiskStore(  # first: it takes the cache dir's lock and renews damaged databases
         settings.cache_dir, limit_bytes=settings.cache_size, block_size=settings.block_size
     )

@@ -13,9 +13,10 @@ object from rejected credentials.
 
 urllib3 itself, not `requests` over it: `requests` spent about as much CPU again per request
 preparing and merging settings (listing a dataset of small resources sends six a resource).
-What `requests` took from the environment is taken here too, once per scheme and host: a
-proxy (`https_proxy`, `http_proxy`, `all_proxy`, `no_proxy`, as `urllib.request` reads them)
-and the CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, else certifi's).
+What `requests` took from the environment is taken here too, once per scheme and host, with
+`requests`' own functions: a proxy (`https_proxy`, `http_proxy`, `all_proxy`, `no_proxy`,
+credentials in the proxy's URL) and the CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`,
+else certifi's).
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import certifi
+import requests.utils
 import urllib3
 
 from .. import __version__
@@ -60,7 +62,6 @@ DOCUMENT_LIMIT = 64 << 20  # bytes of a document (an S3 listing page) at most
 READ_PIECE = 256 << 10  # bytes of a range's body read at a time (see `_read_body`)
 _QUERY = re.compile(r"\?[^\s'\")]*")
 _S3_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
-DRAIN_LIMIT = 64 << 10  # bytes of a body left unread that are read to keep the connection
 NETWORK_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
 Response = urllib3.BaseHTTPResponse
 
@@ -160,38 +161,53 @@ def _check_object_status(response: Response, url: str) -> None:
         raise Moved(f"HTTP {response.status} (a redirect) for {redact_url(url)}")
 
 
-def _ca_bundle() -> str:
-    """The CA certificates HTTPS is checked against, as `requests` finds them."""
-    return (
-        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
-    )
+def ca_options() -> dict[str, str]:
+    """Where HTTPS certificates are checked against, as `requests` finds them: a bundle file
+    or a directory of hashed certificates (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`), else
+    certifi's bundle. ProtocolError (not retried) when the path named does not exist."""
+    named = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if not named:
+        return {"ca_certs": certifi.where()}
+    if Path(named).is_dir():
+        return {"ca_cert_dir": named}
+    if not Path(named).is_file():
+        raise ProtocolError(
+            f"the CA bundle {named} (REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE) is missing"
+        )
+    return {"ca_certs": named}
 
 
-def proxy_for(scheme: str, netloc: str) -> str | None:
-    """The proxy the environment names for this scheme and host, or None (direct)."""
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(netloc):
-        return None
-    return proxy
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url`'s scheme and host, or None (direct): as
+    `requests` decides it (`no_proxy` with host names, ports, IP ranges in CIDR form)."""
+    proxy: str | None = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    return proxy or None
+
+
+def _proxy_manager(proxy: str, options: dict[str, Any]) -> urllib3.ProxyManager:
+    """A pool manager through `proxy` (`http://` when it names no scheme), with the
+    credentials it carries sent as `Proxy-Authorization` (as `requests` sends them)."""
+    proxy = requests.utils.prepend_scheme_if_needed(proxy, "http")  # type: ignore[no-untyped-call]
+    user, password = requests.utils.get_auth_from_url(proxy)
+    headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}") if user else None
+    try:
+        parts = urllib3.util.parse_url(proxy)
+        return urllib3.ProxyManager(parts._replace(auth=None).url, proxy_headers=headers, **options)
+    except ValueError as exc:  # (a socks proxy, a malformed URL): named without credentials
+        where = urlsplit(proxy)
+        shown = f"{where.scheme}://{where.hostname}:{where.port}" if where.hostname else "named"
+        raise ProtocolError(f"the proxy {shown} cannot be used ({type(exc).__name__})") from None
 
 
 @contextmanager
 def _answer(response: Response) -> Iterator[Response]:
-    """The response, its connection given back to the pool afterwards when its body was
-    read to the end or what is left is short (read now); else the connection is closed
-    (a 200 to a ranged GET may be a whole large object)."""
+    """The response; afterwards its connection goes back to the pool only if its body was
+    read to the end (urllib3 gives it back then), else it is closed, as `requests` did: a
+    body left unread may be a whole large object (a 200 to a ranged GET), or trickle."""
     try:
         yield response
     finally:
-        try:
-            left = response.length_remaining
-            if left is not None and left <= DRAIN_LIMIT:
-                response.drain_conn()
-            else:
-                response.close()
-        except NETWORK_ERRORS:
-            response.close()
+        response.close()
         response.release_conn()
 
 
@@ -227,14 +243,14 @@ class Http:
         manager = self._managers.get(key)
         if manager is not None:
             return manager
-        proxy = proxy_for(parts.scheme, parts.netloc)
+        proxy = proxy_for(url)
         options: dict[str, Any] = {
             "num_pools": 8,
             "maxsize": self._pool_size,
             "block": False,
             "retries": False,
             "cert_reqs": "CERT_REQUIRED",
-            "ca_certs": _ca_bundle(),
+            **ca_options(),
         }
         with self._lock:
             if proxy is None:
@@ -243,13 +259,7 @@ class Http:
                 manager = self._direct
             else:
                 if proxy not in self._proxied:
-                    try:
-                        self._proxied[proxy] = urllib3.ProxyManager(proxy, **options)
-                    except ValueError as exc:  # (a socks proxy, a malformed URL)
-                        raise ProtocolError(
-                            f"the proxy {redact_url(proxy)} for {parts.netloc} cannot be "
-                            f"used: {exc}"
-                        ) from None
+                    self._proxied[proxy] = _proxy_manager(proxy, options)
                 manager = self._proxied[proxy]
             self._managers[key] = manager
         return manager
@@ -272,17 +282,20 @@ class Http:
             "Accept-Encoding": "gzip, deflate" if encoded else "identity",
             **(headers or {}),
         }
-        return self._manager(url).request(
-            method,
-            url,
-            body=body,
-            headers=wanted,
-            timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-            retries=False,
-            redirect=False,
-            preload_content=False,
-            decode_content=encoded,
-        )
+        try:
+            return self._manager(url).request(
+                method,
+                url,
+                body=body,
+                headers=wanted,
+                timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+                retries=False,
+                redirect=False,
+                preload_content=False,
+                decode_content=encoded,
+            )
+        except urllib3.exceptions.LocationValueError as exc:  # (not worth a retry)
+            raise ProtocolError(f"{redact_url(url)}: not a URL to fetch ({exc})") from None
 
     def close(self) -> None:
         with self._lock:

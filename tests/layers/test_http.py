@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
 import logging
 import random
 import threading
 import time
 import tracemalloc
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,11 @@ from dcorfs.errors import (
     DcorfsError,
     DeadlineExceeded,
     NotFound,
+    ProtocolError,
     TransientError,
 )
-from dcorfs.remote.http import Http, RetryPolicy
+from dcorfs.remote import http as remote_http
+from dcorfs.remote.http import Http, RetryPolicy, ca_options, proxy_for
 
 from ..conftest import TOKENS, ServerProcess, api, resource
 
@@ -146,13 +148,13 @@ def test_the_environment_is_looked_at_once_per_host(
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy that is not there
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     looked: list[str] = []
-    getproxies = urllib.request.getproxies
+    proxy_for = remote_http.proxy_for
 
-    def counted() -> dict[str, str]:
-        looked.append("environment")
-        return getproxies()
+    def counted(url: str) -> str | None:
+        looked.append(url)
+        return proxy_for(url)
 
-    monkeypatch.setattr(urllib.request, "getproxies", counted)
+    monkeypatch.setattr(remote_http, "proxy_for", counted)
     http = Http(policy=RetryPolicy(attempts=2, base_delay=0.001))
     deadline = time.monotonic() + 30
     for start in range(3):
@@ -247,9 +249,9 @@ BLOB = random.Random(7).randbytes(64 << 20)
 
 
 def test_connections_are_kept_unless_a_large_body_is_left() -> None:
-    """Range GETs one after another, and short error bodies, use one connection; a 200 with
-    a whole object to a ranged GET is not read to its end (its connection closed): the next
-    request opens another."""
+    """Range GETs one after another, a probe and an S3 error (its body read for its code) use
+    one connection; a body left unread (an error page, a 200 with a whole object to a ranged
+    GET: not read to its end) closes its connection, as `requests` did."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -260,19 +262,98 @@ def test_connections_are_kept_unless_a_large_body_is_left() -> None:
         for start in range(0, 10 << 20, 1 << 20):
             got = client.get_range(f"{url}/blob", start, start + (1 << 20), deadline=deadline)
             assert got == BLOB[start : start + (1 << 20)]
-        with pytest.raises(NotFound, match="NoSuchKey"):
+        with pytest.raises(NotFound, match="NoSuchKey"):  # (its body read for the code)
             client.get_range(f"{url}/gone", 0, 10, deadline=deadline)
-        with pytest.raises(TransientError, match="503"):  # (its body not looked at: read)
-            client.get_range(f"{url}/busy", 0, 10, deadline=deadline)
         assert client.probe(f"{url}/blob", deadline=deadline).size == len(BLOB)
         assert _Counting.connections == 1
+        with pytest.raises(TransientError, match="503"):  # its page not read: closed
+            client.get_range(f"{url}/busy", 0, 10, deadline=deadline)
         with pytest.raises(TransientError, match="HTTP 200"):
             client.get_range(f"{url}/whole", 0, 10, deadline=deadline)
         assert client.get_range(f"{url}/blob", 5, 9, deadline=deadline) == BLOB[5:9]
-        assert _Counting.connections == 2
+        assert _Counting.connections == 3
         assert _Counting.sent < 11 * (1 << 20) + len(BLOB) // 2
     finally:
         client.close()
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy for plain HTTP that answers every request itself (JSON), recording
+    the request line and the proxy credentials it was sent."""
+
+    seen: list[tuple[str, str | None]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).seen.append((self.path, self.headers.get("Proxy-Authorization")))
+        body = b'{"success": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_proxies_as_requests_takes_them_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy's credentials go to the proxy (Proxy-Authorization), never into a message;
+    a proxy named without a scheme is HTTP; `no_proxy` with an IP range (CIDR), a host name
+    and a port keeps those hosts direct."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    for name in ("http_proxy", "https_proxy", "all_proxy", "ALL_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:s%40cret@127.0.0.1:{port}")
+    monkeypatch.setenv("no_proxy", "10.0.0.0/8,direct.example,::1")
+    client = Http(policy=RetryPolicy(attempts=1))
+    try:
+        status, body = client.get_json(
+            "http://dcor.example.invalid/api/3/action/status_show", deadline=time.monotonic() + 10
+        )
+        assert (status, body) == (200, {"success": True})
+        expected = "Basic " + base64.b64encode(b"user:s@cret").decode()
+        assert _Proxy.seen == [("http://dcor.example.invalid/api/3/action/status_show", expected)]
+        for direct in ("http://10.1.2.3:8080/x", "http://direct.example/x", "http://[::1]:80/x"):
+            assert proxy_for(direct) is None, direct
+        assert proxy_for("http://elsewhere.example/x") is not None
+        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{port}")  # (no scheme: HTTP)
+        plain = Http(policy=RetryPolicy(attempts=1))
+        assert plain.get_json("http://other.invalid/a", deadline=time.monotonic() + 10)[0] == 200
+        assert _Proxy.seen[-1] == ("http://other.invalid/a", None)
+        plain.close()
+        monkeypatch.setenv("HTTP_PROXY", "socks5://user:hunter2@127.0.0.1:1080")
+        socks = Http(policy=RetryPolicy(attempts=3))
+        with pytest.raises(ProtocolError, match="cannot be used") as refused:
+            socks.get_json("http://third.invalid/a", deadline=time.monotonic() + 10)
+        assert "hunter2" not in str(refused.value)
+        socks.close()
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_ca_directory_is_used_and_a_missing_bundle_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REQUESTS_CA_BUNDLE naming a directory of certificates is taken as one (as `requests`
+    does); naming nothing that exists fails at once, not after retries."""
+    sleeps: list[float] = []
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path))
+    assert ca_options() == {"ca_cert_dir": str(tmp_path)}
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    client = Http(policy=RetryPolicy(attempts=3, base_delay=0.001), sleep=sleeps.append)
+    with pytest.raises(ProtocolError, match="missing.pem"):
+        client.get_json("https://127.0.0.1:9/x", deadline=time.monotonic() + 10)
+    assert sleeps == []
+    client.close()
