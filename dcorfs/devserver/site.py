@@ -99,14 +99,24 @@ class Site:
         self.started = time.monotonic()  # the lags of `options` count from here
         self.external: ExternalServer | None = None  # where link resources point, if any
 
+    def elapsed(self) -> float:
+        """Seconds the site's clock has run (the lags of `options` count on it)."""
+        return time.monotonic() - self.started
+
+    def advance(self, seconds: float) -> None:
+        """Move the site's clock on: what DCOR's background jobs do in that time has been
+        done (the test hook `POST /_devserver/clock`). ValueError unless seconds >= 0."""
+        if not seconds >= 0:  # (NaN too)
+            raise ValueError(f"advance must be seconds >= 0, not {seconds}")
+        self.started -= seconds
+
     def condensed_ready(self) -> bool:
         """Whether DCOR's condensing job has run (its object, features and logs exist)."""
-        options = self.options
-        return options.condensed and time.monotonic() - self.started >= options.condensed_lag
+        return self.options.condensed and self.elapsed() >= self.options.condensed_lag
 
     def fields_ready(self) -> bool:
         """Whether DCOR's jobs have filled the resource records and tagged the objects."""
-        return time.monotonic() - self.started >= self.options.fields_lag
+        return self.elapsed() >= self.options.fields_lag
 
     def stored_object(self, bucket: str, key: str) -> StoredObject | None:
         """The object at bucket/key as the store holds it now: a condensed object only once

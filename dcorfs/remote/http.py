@@ -199,18 +199,6 @@ def _proxy_manager(proxy: str, options: dict[str, Any]) -> urllib3.ProxyManager:
         raise ProtocolError(f"the proxy {shown} cannot be used ({type(exc).__name__})") from None
 
 
-@contextmanager
-def _answer(response: Response) -> Iterator[Response]:
-    """The response; afterwards its connection goes back to the pool only if its body was
-    read to the end (urllib3 gives it back then), else it is closed, as `requests` did: a
-    body left unread may be a whole large object (a 200 to a ranged GET), or trickle."""
-    try:
-        yield response
-    finally:
-        response.close()
-        response.release_conn()
-
-
 class Http:
     """Thread-safe: urllib3's pools are shared by the threads; a pool keeps at most
     `pool_size` idle connections to a host."""
@@ -230,10 +218,9 @@ class Http:
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()
-        # by (scheme, host): a direct pool manager, or one through the environment's proxy
-        self._managers: dict[tuple[str, str], urllib3.PoolManager] = {}
-        self._proxied: dict[str, urllib3.ProxyManager] = {}  # by proxy URL
-        self._direct: urllib3.PoolManager | None = None
+        # pool managers by the proxy they send through (None: direct), and which serves a host
+        self._by_proxy: dict[str | None, urllib3.PoolManager] = {}
+        self._managers: dict[tuple[str, str], urllib3.PoolManager] = {}  # by (scheme, host)
         self._requests: collections.Counter[str] = collections.Counter()  # attempts, by kind
 
     def _manager(self, url: str) -> urllib3.PoolManager:
@@ -244,27 +231,28 @@ class Http:
         if manager is not None:
             return manager
         proxy = proxy_for(url)
-        options: dict[str, Any] = {
-            "num_pools": 8,
-            "maxsize": self._pool_size,
-            "block": False,
-            "retries": False,
-            "cert_reqs": "CERT_REQUIRED",
-            **ca_options(),
-        }
         with self._lock:
-            if proxy is None:
-                if self._direct is None:
-                    self._direct = urllib3.PoolManager(**options)
-                manager = self._direct
-            else:
-                if proxy not in self._proxied:
-                    self._proxied[proxy] = _proxy_manager(proxy, options)
-                manager = self._proxied[proxy]
+            manager = self._by_proxy.get(proxy)
+            if manager is None:
+                options: dict[str, Any] = {
+                    "num_pools": 8,
+                    "maxsize": self._pool_size,
+                    "block": False,
+                    "retries": False,
+                    "cert_reqs": "CERT_REQUIRED",
+                    **ca_options(),
+                }
+                manager = (
+                    urllib3.PoolManager(**options)
+                    if proxy is None
+                    else (_proxy_manager(proxy, options))
+                )
+                self._by_proxy[proxy] = manager
             self._managers[key] = manager
         return manager
 
-    def _send(
+    @contextmanager
+    def _request(
         self,
         method: str,
         url: str,
@@ -273,17 +261,20 @@ class Http:
         *,
         encoded: bool = False,
         body: bytes | None = None,
-    ) -> Response:
+    ) -> Iterator[Response]:
         """A request whose body is read as needed; redirects are not followed (a presigned
         query must not travel to another host). `encoded`: the body may come compressed
-        (gzip, deflate) and is read decoded; otherwise bytes are read as sent."""
+        (gzip, deflate) and is read decoded; otherwise bytes are read as sent. Afterwards the
+        connection goes back to the pool only if the body was read to the end (urllib3 gives
+        it back then), else it is closed, as `requests` did: a body left unread may be a whole
+        large object (a 200 to a ranged GET), or trickle."""
         wanted = {
             **self._headers,
             "Accept-Encoding": "gzip, deflate" if encoded else "identity",
             **(headers or {}),
         }
         try:
-            return self._manager(url).request(
+            response = self._manager(url).request(
                 method,
                 url,
                 body=body,
@@ -296,11 +287,16 @@ class Http:
             )
         except urllib3.exceptions.LocationValueError as exc:  # (not worth a retry)
             raise ProtocolError(f"{redact_url(url)}: not a URL to fetch ({exc})") from None
+        try:
+            yield response
+        finally:
+            response.close()
+            response.release_conn()
 
     def close(self) -> None:
         with self._lock:
-            managers = [*self._proxied.values(), *([self._direct] if self._direct else [])]
-            self._managers, self._proxied, self._direct = {}, {}, None
+            managers = list(self._by_proxy.values())
+            self._by_proxy, self._managers = {}, {}
         for manager in managers:
             manager.clear()
 
@@ -364,7 +360,7 @@ class Http:
         query = f"{url}{'&' if '?' in url else '?'}{urlencode(params)}" if params else url
 
         def attempt(timeout: tuple[float, float]) -> tuple[int, Any]:
-            with _answer(self._send("GET", query, headers, timeout, encoded=True)) as response:
+            with self._request("GET", query, headers, timeout, encoded=True) as response:
                 status = response.status
                 try:
                     body = json.loads(response.read())
@@ -386,7 +382,7 @@ class Http:
         cache: `kind` counts it apart); 403/404 as for objects."""
 
         def attempt(timeout: tuple[float, float]) -> bytes:
-            with _answer(self._send("GET", url, None, timeout, encoded=True)) as response:
+            with self._request("GET", url, None, timeout, encoded=True) as response:
                 _check_status(response, url)
                 if response.status != 200:
                     raise ProtocolError(f"HTTP {response.status} from {redact_url(url)}")
@@ -404,7 +400,7 @@ class Http:
         objects, 5xx and 429 transient."""
 
         def attempt(timeout: tuple[float, float]) -> None:
-            with _answer(self._send("PUT", url, None, timeout, body=body)) as response:
+            with self._request("PUT", url, None, timeout, body=body) as response:
                 _check_object_status(response, url)
                 if response.status not in (200, 201, 204):
                     raise ProtocolError(f"HTTP {response.status} to a PUT of {redact_url(url)}")
@@ -429,7 +425,7 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> memoryview:
             wanted = {**(headers or {}), "Range": f"bytes={start}-{stop - 1}"}
-            with _answer(self._send("GET", url, wanted, timeout)) as response:
+            with self._request("GET", url, wanted, timeout) as response:
                 _check_object_status(response, url)
                 if response.status != 206:
                     raise TransientError(f"HTTP {response.status} to a ranged GET")
@@ -460,7 +456,7 @@ class Http:
 
         def attempt(timeout: tuple[float, float]) -> ObjectInfo:
             wanted = {**(headers or {}), "Range": f"bytes=0-{head - 1}"}
-            with _answer(self._send("GET", url, wanted, timeout)) as response:
+            with self._request("GET", url, wanted, timeout) as response:
                 _check_object_status(response, url)
                 data: bytes | memoryview = b""
                 if response.status == 206:
@@ -486,7 +482,7 @@ class Http:
         """Where a download route points (the presigned object URL)."""
 
         def attempt(timeout: tuple[float, float]) -> str:
-            with _answer(self._send("GET", url, headers, timeout)) as response:
+            with self._request("GET", url, headers, timeout) as response:
                 _check_status(response, url)
                 if response.status in (301, 302, 303, 307, 308):
                     return urljoin(url, response.headers.get("Location", ""))

@@ -40,7 +40,7 @@ pytestmark = [
     # a field fixture stores `roi position x` as a float; dclab says so when opening it
     pytest.mark.filterwarnings("ignore::dclab.rtdc_dataset.config.WrongConfigurationTypeWarning"),
 ]
-LAG = 3600.0  # lags the test ends (`server.site.started -= LAG`) rather than waits for
+LAG = 3600.0  # lags the test ends (`Site.advance`) rather than waits for
 REFRESH = 2.0  # --dir-cache-time of the mounts
 BROKEN = ("upload-failed", "truncated.rtdc")  # the resource DCOR cannot open
 CLOSED = "closed-study"  # private, in a circle the user is no member of
@@ -224,7 +224,7 @@ def test_a_site_in_motion_lists_and_reads_everything(
             assert_refused_private(mnt, user)
         for phase in ("lagging", "condensed", "settled"):
             if phase != "lagging":
-                server.site.started -= LAG  # one more of DCOR's background jobs has run
+                server.site.advance(LAG)  # one more of DCOR's background jobs has run
                 time.sleep(REFRESH + 0.5)  # one --dir-cache-time
             # a stale resource directory is served while it is made again in the background:
             # each mount is walked until it shows the phase (a few walks at most)
