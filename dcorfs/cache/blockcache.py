@@ -148,26 +148,17 @@ class BlockCache:
         size = self.size_of(obj)
         return range(start // size, (stop - 1) // size + 1)
 
-    def peek(self, obj: ObjectId, start: int, stop: int) -> bytes | None:
-        """The bytes if every block is in memory; never blocks."""
+    def peek(self, obj: ObjectId, start: int, stop: int, *, disk: bool = False) -> bytes | None:
+        """The bytes if every block is in memory, or with `disk` in memory or in the disk
+        store (read on this thread, see `_parts`); never fetches, never waits for a fetch."""
         stop = min(stop, obj.size)
         if stop <= start:
             return b""
-        parts = []
-        for index in self._indices(obj, start, stop):
-            data = self._recall((obj, index))
-            if data is None:
-                return None
-            parts.append(data)
-        self._counts["memory_hits"] += 1
+        parts = self._parts(obj, self._indices(obj, start, stop), start, stop, disk=disk)
+        if parts is None:
+            return None
         self._counts["served_bytes"] += stop - start
-        return self._slice(parts, start, stop, self.size_of(obj))
-
-    @staticmethod
-    def _slice(parts: list[bytes], start: int, stop: int, size: int) -> bytes:
-        first = (start // size) * size
-        joined = parts[0] if len(parts) == 1 else b"".join(parts)
-        return joined[start - first : stop - first]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> bytes:
         pieces = self.read_pieces(obj, start, stop, deadline=deadline)
@@ -195,11 +186,14 @@ class BlockCache:
         # (a slice of the whole of a bytes object is that object: no copy)
         return [blocks[0][start - first :], *blocks[1:-1], blocks[-1][: stop - last]]
 
-    def _parts(self, obj: ObjectId, indices: range, start: int, stop: int) -> list[bytes] | None:
-        """A short read served from memory and disk without whole blocks: of a block in memory
-        its part, of a block on disk only the pages holding the part (not kept in memory: the
-        kernel keeps what it was served). None when a block is in neither (then it is
-        fetched, whole)."""
+    def _parts(
+        self, obj: ObjectId, indices: range, start: int, stop: int, *, disk: bool = True
+    ) -> list[bytes] | None:
+        """A read served from memory and (`disk`) the disk store without fetching: of a block
+        in memory its part; of a block on disk of at least `DISK_PARTS_FROM` bytes only the
+        pages holding the part (not kept in memory: the kernel keeps what it was served), of
+        a smaller one the whole block (kept, as a fetched one). None when a block is in
+        neither (then it is fetched, whole)."""
         parts = []
         hits = collections.Counter[str]()  # counted once the whole read is served here
         size = self.size_of(obj)
@@ -211,9 +205,15 @@ class BlockCache:
                 hits["memory_hits"] += 1
                 parts.append(data if (a, b) == (0, len(data)) else data[a:b])
                 continue
-            if self._store is None:
+            if not disk or self._store is None:
                 return None
-            data = self._store.get(obj, index, block_size=size, start=a, stop=b)
+            if size >= DISK_PARTS_FROM:
+                data = self._store.get(obj, index, block_size=size, start=a, stop=b)
+            else:
+                data = self._store.get(obj, index, block_size=size)
+                if data is not None:
+                    self._remember((obj, index), data)
+                    data = data if (a, b) == (0, len(data)) else data[a:b]
             if data is None:
                 return None
             hits["disk_hits"] += 1

@@ -3,6 +3,9 @@
 `FileContent.read` may block (network, decoding) and runs in a worker thread; `peek` must not
 block and returns the bytes only when they are at hand (served on the trio thread), possibly
 as a view of bytes kept elsewhere (`Buffer`: the FUSE reply copies them once, into the kernel).
+`peek(…, disk=True)` counts the local disk cache as at hand too: it may read it (a short,
+blocking read of a local file), but never waits for the network, for decoding or for another
+thread's work (doc/ARCHITECTURE.md, "Speed": warm reads on the FUSE thread).
 `read_pieces` is `read` for large ranges (read-ahead windows): the same bytes as a list of
 pieces, for contents that can give them without joining them first (`Pieced`; one large
 join copies more bytes than fit in the CPU's caches, measured 2.5 GB/s for 16 MiB here).
@@ -23,7 +26,7 @@ class FileContent(Protocol):
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes: ...
 
-    def peek(self, offset: int, length: int) -> Buffer | None: ...
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None: ...
 
 
 @runtime_checkable
@@ -51,7 +54,7 @@ class StaticContent:
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
         return self._data[offset : offset + length]
 
-    def peek(self, offset: int, length: int) -> bytes | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> bytes | None:
         return self._data[offset : offset + length]
 
 
@@ -88,7 +91,7 @@ class RowContent:
             out += data[begin - first * self._row : end - first * self._row]
         return out
 
-    def peek(self, offset: int, length: int) -> bytes | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> bytes | None:
         if min(offset + length, self.size) <= len(self._header):
             return self._header[offset : offset + length]
         return None
@@ -137,10 +140,10 @@ class PartsContent:
                 pieces += read_pieces(part, at, n, deadline=deadline)
         return pieces or [b""]
 
-    def peek(self, offset: int, length: int) -> Buffer | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None:
         pieces: list[Buffer] = []
         for at, n, part in self._pieces(offset, length):
-            data = bytes(n) if part is None else part.peek(at, n)
+            data = bytes(n) if part is None else part.peek(at, n, disk=disk)
             if data is None:
                 return None
             pieces.append(data)

@@ -1,8 +1,10 @@
 """The kernel-facing adapter: inodes, handles, lookup counts, attributes and errno mapping.
 
-A thin layer over `tree`: resolve, delegate, reply. Blocking work (network, HDF5, disk) goes
-to worker threads under one `CapacityLimiter`, once per operation; answers at hand (loaded
-listings, bytes in the memory cache) are served inline on the trio thread. Every handler is
+A thin layer over `tree`: resolve, delegate, reply. Blocking work (network, HDF5, decoding)
+goes to worker threads under one `CapacityLimiter`, once per operation; answers at hand
+(loaded listings, bytes in the memory cache or in the local disk cache: `FileContent.peek`
+with `disk`, while that disk answers fast, `prefetch.DISK_INLINE_SLOW`) are served inline on
+the trio thread. Every handler is
 wrapped: `DcorfsError` becomes its errno, anything else is logged with its traceback and
 becomes EIO, so no handler can end `pyfuse3.main()` and leave a dead mount.
 
@@ -26,6 +28,7 @@ from typing import Any, Concatenate, NewType, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from ..cache.prefetch import DISK_INLINE_PAUSE, DISK_INLINE_SLOW
 from ..errors import DcorfsError, NotFound
 from .activity import Activity
 from .content import FileContent, StaticContent
@@ -131,6 +134,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[DirHandle, list[tuple[str, Node]]] = {}
         self._dirs_parent: dict[DirHandle, Inode] = {}
         self._next_fh = 1  # one sequence for both kinds of handle
+        self._disk_inline_from = 0.0  # reads from the disk cache inline from then on
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
 
     def init(self) -> None:
@@ -364,7 +368,11 @@ class Operations(pyfuse3.Operations):
         if content is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         started = time.monotonic()
-        data = content.peek(off, size)
+        disk = started >= self._disk_inline_from
+        data = content.peek(off, size, disk=disk)
+        if disk and (took := time.monotonic() - started) > DISK_INLINE_SLOW:
+            log.debug("a read on the FUSE thread took %.3f s: the disk cache from threads", took)
+            self._disk_inline_from = time.monotonic() + DISK_INLINE_PAUSE
         if data is None:
             deadline = started + self._timeout
             data = await self._blocking(lambda: content.read(off, size, deadline=deadline))

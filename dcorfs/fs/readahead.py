@@ -184,7 +184,11 @@ class ReadAhead:
             return self._windows[i]
         return None
 
-    def peek(self, offset: int, length: int) -> Buffer | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None:
+        """A window's bytes when it is made, else the content's at hand; with `disk` (see
+        `FileContent.peek`) not for a window still being made (the reader waits for it in a
+        thread, rather than reading the same bytes twice), and a small file's first read
+        makes it whole from the disk cache, as `read` would from anywhere."""
         stop = min(offset + length, self.size)
         with self._lock:
             window = self._covering(offset, stop)
@@ -194,11 +198,29 @@ class ReadAhead:
                 self._pf.counters["hits"] += 1
                 self._advance(offset, stop)
                 return window.cut(pieces, offset, stop)
-        data = self._content.peek(offset, length)
+            first = self._first()
+        if disk and window is not None:
+            return None
+        if disk and first and self.size <= self._pf.small:
+            whole = self._made_here(0, self.size, offset, stop, self._stored_whole, whole=True)
+            if whole is not None:
+                self._pf.counters["misses"] += 1
+                return whole
+        data = self._content.peek(offset, length, disk=disk)
         if data is not None:
             with self._lock:
                 self._advance(offset, stop)
         return data
+
+    def _first(self) -> bool:
+        """Whether nothing was read yet (call with the lock held)."""
+        return self._end == 0 and self._streak == 0 and not self._windows
+
+    def _stored_whole(self, start: int, n: int) -> list[bytes] | None:
+        data = self._content.peek(start, n, disk=True)
+        if data is None:
+            return None
+        return [data if isinstance(data, bytes) else bytes(data)]
 
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
         stop = min(offset + length, self.size)
@@ -208,7 +230,7 @@ class ReadAhead:
             window = self._covering(offset, stop)
             sequential = self._continues(offset)
             ahead = self._window_size() if sequential and self._streak >= self._pf.stream else 0
-            first = self._end == 0 and self._streak == 0 and not self._windows
+            first = self._first()
         if window is not None:
             made = window.made(max(0.0, deadline - time.monotonic()))
             if made is not None:
@@ -218,12 +240,16 @@ class ReadAhead:
                 return bytes(window.cut(made, offset, stop))
         self._pf.counters["misses"] += 1
         data = None
+
+        def fetched(start: int, n: int) -> list[bytes]:
+            return read_pieces(self._content, start, n, deadline=deadline)
+
         if first and self.size <= self._pf.small:  # a small file's first read: all of it
-            data = self._made_here(0, self.size, offset, stop, deadline, whole=True)
+            data = self._made_here(0, self.size, offset, stop, fetched, whole=True)
         elif ahead > stop - offset:
             # a stream: read a whole window now and keep what the reader has not asked yet
             big = min(self.size, offset + ahead)
-            data = self._made_here(offset, big, offset, stop, deadline)
+            data = self._made_here(offset, big, offset, stop, fetched)
         if data is None:
             data = self._content.read(offset, stop - offset, deadline=deadline)
             with self._lock:
@@ -231,20 +257,30 @@ class ReadAhead:
         return data
 
     def _made_here(
-        self, start: int, end: int, offset: int, stop: int, deadline: float, *, whole: bool = False
+        self,
+        start: int,
+        end: int,
+        offset: int,
+        stop: int,
+        make: Callable[[int, int], list[bytes] | None],
+        *,
+        whole: bool = False,
     ) -> bytes | None:
-        """Bytes [start, end) made by the reader's own read of [offset, stop) and kept as a
-        window: the reader's bytes cut from them. None when the budget has no room for them
-        now, or making them failed (the reader then reads its own bytes alone: bytes it did
-        not ask for never fail its read)."""
+        """Bytes [start, end) made by the reader's own read of [offset, stop) (`make(start,
+        n)`: their pieces, or None where they are not at hand) and kept as a window: the
+        reader's bytes cut from them. None when the budget has no room for them now, or
+        making them failed (the reader then reads its own bytes alone: bytes it did not ask
+        for never fail its read)."""
         n = end - start
         if not self._take(n, whole):
             return None
         try:
-            pieces = read_pieces(self._content, start, n, deadline=deadline)
+            pieces = make(start, n)
         except Exception as exc:
-            self._give(n, whole)
+            pieces = None
             log.debug("read-ahead of [%d, %d) failed: %s", start, end, exc)
+        if pieces is None:
+            self._give(n, whole)
             return None
         window = _Window.of(start, end, pieces, whole=whole)
         with self._lock:

@@ -415,6 +415,41 @@ def test_decoded_values_are_kept_checked_and_made_again(data_dir: Path, tmp_path
         assert server.stats.snapshot()["object_requests"] > 0
 
 
+def test_warm_reads_are_served_on_the_fuse_thread(data_dir: Path, tmp_path: Path) -> None:
+    """Bytes the disk cache holds are read on the FUSE thread itself, without a worker
+    thread (`FileContent.peek` with `disk`): after a remount, random reads of image.npy and
+    whole reads of small feature files read before wait for nothing."""
+    cache = tmp_path / "cache"
+    rng = np.random.default_rng(7)
+
+    def fuse(mnt: Path) -> Any:
+        return json.loads((mnt / ".dcorfs" / "status.json").read_text())["fuse"]
+
+    with DevServer(data_dir) as server:
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            directory = mnt / "datasets" / "generated" / "M001_data"
+            small = {p.name: p.read_bytes() for p in sorted(directory.glob("*.npy"))[:8]}
+            image = (directory / "image.npy").read_bytes()
+        server.stats.reset()
+        with mounted(tmp_path / "mnt", server.url, cache) as mnt:
+            assert any(directory.iterdir())  # (the listing: opened before the reads)
+            before = fuse(mnt)
+            for name, data in small.items():
+                assert (directory / name).read_bytes() == data, name
+            fd = os.open(directory / "image.npy", os.O_RDONLY)
+            try:
+                for offset in rng.integers(0, len(image) - 4096, 40):
+                    got = os.pread(fd, 4096, int(offset))
+                    assert got == image[offset : offset + 4096], offset
+            finally:
+                os.close(fd)
+            after = fuse(mnt)
+        assert server.stats.snapshot()["object_requests"] == 0
+    waited = after.get("reads_waited", 0) - before.get("reads_waited", 0)
+    assert waited == 0, (before, after)
+    assert after["reads_inline"] - before["reads_inline"] >= len(small) + 40, (before, after)
+
+
 def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> None:
     entry = rtdc_entries(devserver, private=True)[0]
     cache = tmp_path / "cache"

@@ -23,6 +23,7 @@ from dcorfs.cache.diskstore import (
 )
 from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.metastore import MetaStore
+from dcorfs.cache.prefetch import DISK_PARTS_FROM
 from dcorfs.cache.slots import Layout
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 
@@ -169,6 +170,42 @@ def test_memory_only_ensure_still_uses_what_the_disk_has(tmp_path: Path) -> None
     again.ensure(OBJ, [(0, len(DATA))], deadline=later(), disk=False)
     assert source.calls == [(3 * BLOCK, len(DATA))]
     assert again.stats().disk_bytes == stored  # nothing written
+
+
+def test_peek_from_the_disk_never_fetches(tmp_path: Path) -> None:
+    """`peek(disk=True)` (a read on the FUSE thread): blocks in memory or in the disk store,
+    read on the calling thread (small blocks kept in memory, as fetched ones); None as soon
+    as one would have to be fetched, and nothing is fetched."""
+    first = make(tmp_path, Source())
+    first.read(OBJ, 0, 3 * BLOCK, deadline=later())  # blocks 0-2 stored
+    source = Source()
+    again = BlockCache(fetch=source, store=first._store, block_size=BLOCK)  # empty memory
+    assert again.peek(OBJ, 100, 2 * BLOCK + 50) is None  # memory alone: not at hand
+    assert again.peek(OBJ, 100, 2 * BLOCK + 50, disk=True) == DATA[100 : 2 * BLOCK + 50]
+    assert again.stats().disk_hits == 3
+    assert again.peek(OBJ, 100, 2 * BLOCK + 50) == DATA[100 : 2 * BLOCK + 50]  # kept
+    assert again.peek(OBJ, 2 * BLOCK, 4 * BLOCK, disk=True) is None  # block 3: not stored
+    assert again.peek(OBJ, len(DATA), len(DATA) + 5, disk=True) == b""
+    assert source.calls == []
+    assert again.stats().disk_hits == 3 and again.stats().memory_hits == 3
+
+
+def test_peek_from_the_disk_reads_only_the_pages_of_large_blocks(tmp_path: Path) -> None:
+    """Of a block of decoded values on disk, a peek reads the pages it needs and keeps
+    nothing in memory (the kernel keeps what it was served), as a short read does."""
+    size = DISK_PARTS_FROM
+    data = os.urandom(2 * size + 77)
+    obj = ObjectId(key="circle-x/derived/big", etag="e1", size=len(data))
+    store = DiskStore(tmp_path / "cache", limit_bytes=8 * size, block_size=size)
+    BlockCache(fetch=Source(data), store=store, block_size=size).read(
+        obj, 0, len(data), deadline=later()
+    )
+    source = Source(data)
+    again = BlockCache(fetch=source, store=store, block_size=size)
+    assert again.peek(obj, size - 10, size + 5000, disk=True) == data[size - 10 : size + 5000]
+    assert again.peek(obj, size - 10, size + 5000) is None  # nothing kept in memory
+    assert again.peek(obj, 2 * size, len(data), disk=True) == data[2 * size :]
+    assert source.calls == [] and again.stats().memory_bytes == 0
 
 
 def test_wrong_length_and_waiter_deadline(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.cache.blockcache import BlockCache
+from dcorfs.cache.diskstore import DiskStore
 from dcorfs.cache.identity import ObjectId
 from dcorfs.errors import TransientError
 from dcorfs.fs.content import FileContent, PartsContent, RowContent, StaticContent
@@ -290,6 +292,86 @@ def test_a_small_file_is_made_whole_at_its_first_read(first: int) -> None:
             assert handle.peek(offset, 32 * KIB) == expected(offset, 32 * KIB, small.size)
         assert rows.calls == 1
         assert made.budget.used == 0 and made.small_budget.used == 0
+        handle.close()
+
+
+def test_a_small_file_on_disk_is_made_whole_by_a_peek(tmp_path: Path) -> None:
+    """`peek(disk=True)` of a small file whose blocks are all in the disk cache makes it
+    whole at its first read, as `read` would (later peeks, even without the disk, are served
+    from that window); with a block not on disk it gives nothing and fetches nothing."""
+    size = 200 * KIB + 7
+    obj = ObjectId(key="small", etag="1", size=size)
+    fetched: list[tuple[int, int]] = []
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        fetched.append((start, stop))
+        return TRUTH[start:stop]
+
+    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=64 * KIB)
+    BlockCache(fetch=fetch, store=store, block_size=64 * KIB).read(
+        obj, 0, size - 1, deadline=time.monotonic() + 30
+    )  # all but the last block's last byte: the last block is stored too
+    stored = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)  # an empty memory
+    fetched.clear()
+    with prefetcher(budget=1024 * KIB) as made:
+        handle = made.wrap(ObjectContent(stored, obj))
+        assert handle.peek(70 * KIB, 4 * KIB) is None  # memory alone
+        assert handle.peek(70 * KIB, 4 * KIB, disk=True) == TRUTH[70 * KIB : 74 * KIB]
+        assert made.budget.used == size  # the whole file, one window
+        for offset in range(0, size, 32 * KIB):
+            assert handle.peek(offset, 32 * KIB) == TRUTH[offset : min(size, offset + 32 * KIB)]
+        handle.close()
+        other = ObjectId(key="other", etag="1", size=size)  # nothing of it stored
+        handle = made.wrap(ObjectContent(stored, other))
+        assert handle.peek(0, 4 * KIB, disk=True) is None
+        assert made.budget.used == 0
+        handle.close()
+    assert fetched == []
+
+
+def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -> None:
+    """A read covered by a window still being made is not read from the disk as well, though
+    its bytes are there: the peek gives nothing (the reader waits for the window in a
+    thread)."""
+    gate = threading.Event()
+    obj = ObjectId(key="big", etag="1", size=len(TRUTH))
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        return TRUTH[start:stop]
+
+    store = DiskStore(tmp_path / "cache", limit_bytes=8 << 20, block_size=64 * KIB)
+    stored = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)
+    stored.read(obj, 0, obj.size, deadline=time.monotonic() + 30)
+    on_disk = ObjectContent(BlockCache(fetch=fetch, store=store, block_size=64 * KIB), obj)
+
+    class Held:
+        """The stored object, whose reads (windows) wait for the gate; its peeks do not."""
+
+        size = obj.size
+
+        def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+            gate.wait(30)
+            return on_disk.read(offset, length, deadline=deadline)
+
+        def peek(self, offset: int, length: int, *, disk: bool = False) -> bytes | None:
+            return on_disk.peek(offset, length, disk=disk)
+
+    with prefetcher(budget=1024 * KIB) as made:
+        handle = made.wrap(Held())
+        gate.set()
+        for offset in range(0, 64 * KIB, 16 * KIB):  # a stream: windows are made ahead
+            data = handle.read(offset, 16 * KIB, deadline=time.monotonic() + 30)
+            assert data == TRUTH[offset : offset + 16 * KIB]
+        gate.clear()  # windows scheduled from now on are held
+        offset, held = 64 * KIB, []
+        while not held and offset < 1024 * KIB:
+            handle.peek(offset, 16 * KIB)  # served from made windows, moves the stream on
+            held = [w for w in handle._windows if not w.future.done()]
+            offset += 16 * KIB
+        assert held, "no window was being made"
+        assert handle.peek(held[0].start, 4 * KIB, disk=True) is None
+        assert on_disk.peek(held[0].start, 4 * KIB, disk=True) is not None  # (it is there)
+        gate.set()
         handle.close()
 
 

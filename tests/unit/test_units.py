@@ -282,6 +282,42 @@ async def test_fuse_ops_called_directly() -> None:
         await ops.getattr(entry.st_ino, ctx)
 
 
+class SlowDisk:
+    """Bytes that are on a disk answering slowly: `peek` with `disk` takes 20 ms."""
+
+    size = 5
+
+    def __init__(self) -> None:
+        self.disk_peeks = 0
+
+    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+        return b"hello"[offset : offset + length]
+
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> bytes | None:
+        if not disk:
+            return None
+        self.disk_peeks += 1
+        time.sleep(0.02)
+        return b"hello"[offset : offset + length]
+
+
+async def test_a_slow_disk_cache_is_read_in_threads_for_a_while() -> None:
+    """Reads from the disk cache are served on the FUSE thread while it answers fast; one
+    slower than `DISK_INLINE_SLOW` sends them to worker threads for `DISK_INLINE_PAUSE`."""
+    content = SlowDisk()
+    node = File("/slow", size=5, make=lambda: content)
+    ops = operations(StaticDir("/", {"slow": node}))
+    entry = await ops.lookup(pyfuse3.ROOT_INODE, b"slow", cast(Any, None))
+    info = await ops.open(entry.st_ino, os.O_RDONLY, cast(Any, None))
+    assert await ops.read(info.fh, 0, 5) == b"hello"  # on the FUSE thread, slowly
+    assert ops.activity.counters["reads_inline"] == 1 and content.disk_peeks == 1
+    assert await ops.read(info.fh, 1, 3) == b"ell"  # now in a thread
+    assert ops.activity.counters["reads_waited"] == 1 and content.disk_peeks == 1
+    ops._disk_inline_from = time.monotonic()  # (the pause is over)
+    assert await ops.read(info.fh, 0, 2) == b"he"
+    assert ops.activity.counters["reads_inline"] == 2 and content.disk_peeks == 2
+
+
 class Swapping(Dir):
     """A directory whose one file is replaced by the test (as a resource directory replaces
     its volatile files once the condensed file comes)."""

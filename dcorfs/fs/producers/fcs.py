@@ -148,7 +148,7 @@ class _Head:
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
         return self._make(deadline)[offset : offset + length]
 
-    def peek(self, offset: int, length: int) -> bytes | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> bytes | None:
         made = self._made
         return None if made is None else made[offset : offset + length]
 

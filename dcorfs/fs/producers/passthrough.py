@@ -24,8 +24,8 @@ class ObjectContent:
             return [b""]
         return self._cache.read_pieces(self._obj, offset, stop, deadline=deadline)
 
-    def peek(self, offset: int, length: int) -> bytes | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> bytes | None:
         stop = min(offset + length, self.size)
         if offset >= stop:
             return b""
-        return self._cache.peek(self._obj, offset, stop)
+        return self._cache.peek(self._obj, offset, stop, disk=disk)

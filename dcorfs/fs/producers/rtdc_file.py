@@ -62,8 +62,8 @@ class StoredMask:
     def read(self, offset: int, length: int, *, deadline: float) -> bytes:
         return self._stored(self._values.read(offset, length, deadline=deadline))
 
-    def peek(self, offset: int, length: int) -> Buffer | None:
-        data = self._values.peek(offset, length)
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None:
+        data = self._values.peek(offset, length, disk=disk)
         return None if data is None else self._stored(data)
 
 
@@ -142,9 +142,9 @@ class _Window:
         length = max(0, min(length, self.size - offset))
         return self._content.read(self._start + offset, length, deadline=deadline)
 
-    def peek(self, offset: int, length: int) -> Buffer | None:
+    def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None:
         length = max(0, min(length, self.size - offset))
-        return self._content.peek(self._start + offset, length)
+        return self._content.peek(self._start + offset, length, disk=disk)
 
 
 def contour_parts(
