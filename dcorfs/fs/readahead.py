@@ -187,8 +187,9 @@ class ReadAhead:
     def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None:
         """A window's bytes when it is made, else the content's at hand; with `disk` (see
         `FileContent.peek`) not for a window still being made (the reader waits for it in a
-        thread, rather than reading the same bytes twice), and a small file's first read
-        makes it whole from the disk cache, as `read` would from anywhere."""
+        thread, rather than reading the same bytes twice) nor within a stream (`read` makes
+        the next window there, in a thread), and a small file's first read makes it whole
+        from the disk cache, as `read` would from anywhere."""
         stop = min(offset + length, self.size)
         with self._lock:
             window = self._covering(offset, stop)
@@ -199,7 +200,8 @@ class ReadAhead:
                 self._advance(offset, stop)
                 return window.cut(pieces, offset, stop)
             first = self._first()
-        if disk and window is not None:
+            stream = self._continues(offset) and self._streak >= self._pf.stream
+        if disk and (window is not None or stream):
             return None
         if disk and first and self.size <= self._pf.small:
             whole = self._made_here(0, self.size, offset, stop, self._stored_whole, whole=True)

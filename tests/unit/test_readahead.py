@@ -375,6 +375,31 @@ def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -
         handle.close()
 
 
+def test_a_stream_is_not_read_from_the_disk_on_the_fuse_thread(tmp_path: Path) -> None:
+    """Within a stream a read not covered by a window is left to `read` (which makes the
+    next window in a thread, from the disk as from anywhere); a read elsewhere, random, is
+    served from the disk by the peek (here no window can be made: no budget)."""
+    obj = ObjectId(key="big", etag="1", size=len(TRUTH))
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        return TRUTH[start:stop]
+
+    store = DiskStore(tmp_path / "cache", limit_bytes=8 << 20, block_size=64 * KIB)
+    BlockCache(fetch=fetch, store=store, block_size=64 * KIB).read(
+        obj, 0, obj.size, deadline=time.monotonic() + 30
+    )
+    stored = ObjectContent(BlockCache(fetch=fetch, store=store, block_size=64 * KIB), obj)
+    with prefetcher(budget=0) as made:
+        handle = made.wrap(stored)
+        for offset in (0, 16 * KIB):  # then a stream: 32 KiB read in sequence
+            assert handle.peek(offset, 16 * KIB, disk=True) == TRUTH[offset : offset + 16 * KIB]
+        assert not handle._windows
+        assert handle.peek(32 * KIB, 16 * KIB, disk=True) is None  # the stream's next bytes
+        far = 2 << 20  # a jump: random access, served
+        assert handle.peek(far, 4 * KIB, disk=True) == TRUTH[far : far + 4 * KIB]
+        handle.close()
+
+
 def test_small_files_made_whole_take_a_quarter_of_the_budget_at_most() -> None:
     """Handles of small files kept open (and not read to their end) leave room for streams."""
     with prefetcher(budget=1024 * KIB) as made:
