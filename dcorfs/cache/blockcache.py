@@ -154,7 +154,8 @@ class BlockCache:
         stop = min(stop, obj.size)
         if stop <= start:
             return b""
-        parts = self._parts(obj, self._indices(obj, start, stop), start, stop, disk=disk)
+        indices = self._indices(obj, start, stop)
+        parts = self._parts(obj, indices, start, stop, disk=disk, inline=True)
         if parts is None:
             return None
         self._counts["served_bytes"] += stop - start
@@ -187,13 +188,20 @@ class BlockCache:
         return [blocks[0][start - first :], *blocks[1:-1], blocks[-1][: stop - last]]
 
     def _parts(
-        self, obj: ObjectId, indices: range, start: int, stop: int, *, disk: bool = True
+        self,
+        obj: ObjectId,
+        indices: range,
+        start: int,
+        stop: int,
+        *,
+        disk: bool = True,
+        inline: bool = False,
     ) -> list[bytes] | None:
         """A read served from memory and (`disk`) the disk store without fetching: of a block
         in memory its part; of a block on disk of at least `DISK_PARTS_FROM` bytes only the
         pages holding the part (not kept in memory: the kernel keeps what it was served), of
         a smaller one the whole block (kept, as a fetched one). None when a block is in
-        neither (then it is fetched, whole)."""
+        neither (then it is fetched, whole). `inline`: see `DiskStore.get`."""
         parts = []
         hits = collections.Counter[str]()  # counted once the whole read is served here
         size = self.size_of(obj)
@@ -208,9 +216,9 @@ class BlockCache:
             if not disk or self._store is None:
                 return None
             if size >= DISK_PARTS_FROM:
-                data = self._store.get(obj, index, block_size=size, start=a, stop=b)
+                data = self._store.get(obj, index, block_size=size, start=a, stop=b, inline=inline)
             else:
-                data = self._store.get(obj, index, block_size=size)
+                data = self._store.get(obj, index, block_size=size, inline=inline)
                 if data is not None:
                     self._remember((obj, index), data)
                     data = data if (a, b) == (0, len(data)) else data[a:b]

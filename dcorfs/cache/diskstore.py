@@ -442,10 +442,14 @@ class DiskStore:
         block_size: int | None = None,
         start: int = 0,
         stop: int | None = None,
+        inline: bool = False,
     ) -> bytes | None:
         """Bytes [start, stop) of block `index` of `obj` (blocks of `block_size`, by default
         the store's; offsets within the block, the whole block by default), or None. Only the
-        pages of the block holding those bytes are read and checked (`slots`)."""
+        pages of the block holding those bytes are read and checked (`slots`). `inline` (a
+        read on the FUSE thread): nothing is written, not even waited for (the mark of use is
+        kept for a later write; a damaged block is None, left to be erased by the read that
+        follows in a worker thread), since the index may be busy with another writer."""
         layout = Layout.of(obj, block_size or self.block_size)
         try:
             fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
@@ -457,7 +461,7 @@ class DiskStore:
         try:
             data = slots.read(fd, layout, index, start, stop)
         except Damaged as exc:
-            if not slots.stored(fd, layout, index):  # evicted while it was read: a miss
+            if inline or not slots.stored(fd, layout, index):  # (evicted while read: a miss)
                 return None
             self.errors += 1
             log.warning("cache block %s failed its integrity check (%s): erased", layout.name, exc)
@@ -469,19 +473,22 @@ class DiskStore:
         finally:
             os.close(fd)
         if data is not None:
-            self._touch(block_name(layout, index))
+            self._touch(block_name(layout, index), write=not inline)
         return data
 
-    def _touch(self, name: str) -> None:
+    def _touch(self, name: str, *, write: bool = True) -> None:
         """Mark a block used: at most every TOUCH_EVERY seconds per block, written in batches
-        (and before any eviction by this process, so that its LRU order is exact)."""
+        (and before any eviction by this process, so that its LRU order is exact); not
+        `write`: only kept for the next batch."""
         now = time.time()
         if now - self._touched.get(name, 0.0) <= TOUCH_EVERY:
             return
         self._touched[name] = now
         with self._touch_lock:
             self._pending[name] = now
-            if len(self._pending) < TOUCH_BATCH and now - self._flushed < TOUCH_EVERY:
+            if not write or (
+                len(self._pending) < TOUCH_BATCH and now - self._flushed < TOUCH_EVERY
+            ):
                 return
         with contextlib.suppress(sqlite3.Error), self._transaction() as db:
             self._write_touches(db)

@@ -86,13 +86,16 @@ class WriteBehind:
         block_size: int | None = None,
         start: int = 0,
         stop: int | None = None,
+        inline: bool = False,
     ) -> bytes | None:
         """As `DiskStore.get`; a block still queued is served from the queue."""
         size = block_size or self._store.block_size
         with self._cond:
             data = self._pending.get((obj, size, index))
         if data is None:
-            return self._store.get(obj, index, block_size=size, start=start, stop=stop)
+            return self._store.get(
+                obj, index, block_size=size, start=start, stop=stop, inline=inline
+            )
         stop = len(data) if stop is None else min(stop, len(data))
         return data if (start, stop) == (0, len(data)) else data[start:stop]
 

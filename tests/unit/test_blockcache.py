@@ -208,6 +208,35 @@ def test_peek_from_the_disk_reads_only_the_pages_of_large_blocks(tmp_path: Path)
     assert source.calls == [] and again.stats().memory_bytes == 0
 
 
+def test_an_inline_disk_read_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the disk store on the FUSE thread (`inline`) never writes the index (its
+    lock may be held by a writer, of this process or another): marks of use are kept for a
+    later write, a damaged block is None and left for the read that follows in a thread to
+    count and erase."""
+    make(tmp_path, Source()).read(OBJ, 0, len(DATA), deadline=later())
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    store._flushed = 0.0  # (a batch of marks of use would be due now)
+
+    def written() -> None:
+        raise AssertionError("the index written by an inline read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_transaction", written)
+        patched.setattr(store, "_sql", written)
+        assert store.get(OBJ, 1, inline=True) == DATA[BLOCK : 2 * BLOCK]
+        layout, path = object_file(tmp_path / "cache", OBJ)
+        raw = bytearray(path.read_bytes())
+        raw[layout.data_at(0) + 5] ^= 0xFF
+        path.write_bytes(raw)
+        assert store.get(OBJ, 0, inline=True) is None
+        assert store.errors == 0 and store._pending
+    assert store.get(OBJ, 0) is None and store.errors == 1  # erased now
+    assert store.get(OBJ, 2) == DATA[2 * BLOCK : 3 * BLOCK] and not store._pending  # written
+    store.close()
+
+
 def test_wrong_length_and_waiter_deadline(tmp_path: Path) -> None:
     cache = make(tmp_path, Source(data=DATA[:-5]))
     with pytest.raises(ProtocolError):
