@@ -79,7 +79,7 @@ are asked for, within a memory budget. In the order a resource meets them:
    objects, where HDF5 reads a block's structure piece by piece) are read whole and kept.
    A read whose bytes are all in memory or in the disk cache is served on the FUSE thread
    itself (a read of a local file, no worker thread: 200 random images warm, 20,000 events,
-   0.136–0.166 s against 0.164–0.202 s), unless such a read took longer than
+   0.130–0.168 s against 0.181–0.228 s), unless such a read took longer than
    `DISK_INLINE_SLOW`: then for `DISK_INLINE_PAUSE` seconds they go to worker threads, as
    reads that wait for the network do (a slow or remote cache disk must not hold up every
    other request of the mount).

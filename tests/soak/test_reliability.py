@@ -379,6 +379,14 @@ def test_killed_daemon_leaves_a_clearable_mount_and_a_valid_cache(
     with mounted(tmp_path / "mnt", server.url, cache) as mnt:
         pid = daemon_pid(mnt)
         first = {name: read_file(mnt / name) for name in first_files}
+        # what they need is on disk before the kill: small blocks are written behind the
+        # readers (`cache.writebehind`), once small puts pause or within MAX_AGE
+        deadline = time.monotonic() + 30
+        while json.loads((mnt / ".dcorfs" / "status.json").read_text())["memory"]["writing"][
+            "queued"
+        ]:
+            assert time.monotonic() < deadline, "the disk cache's queue was never written"
+            time.sleep(0.05)
         errors: list[int] = []
 
         def busy(name: Path) -> None:  # readers in the middle of fetching when the daemon dies
