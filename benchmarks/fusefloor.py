@@ -6,8 +6,10 @@ Mounts SOURCE (a directory of plain files, read once at start for its names and 
 read-only at MOUNTPOINT and serves every read with one `os.pread` on the trio thread, nothing
 else: no cache, no threads, no bookkeeping beyond a dict of inodes. With --memory, every file
 is read into memory at start and reads are slices of it (no disk at all). With --thread,
-each `os.pread` runs in a worker thread (`trio.to_thread`), as a filesystem serving many
-readers must do it: a read of the disk on the trio thread stalls every other request.
+each `os.pread` runs in a worker thread (`trio.to_thread`), as a filesystem must for reads
+that may take long: a slow read on the trio thread stalls every other request (dcorfs reads
+what its disk cache holds on the trio thread while that disk answers fast, and what it must
+fetch or decode in worker threads).
 
 It is mounted with the options dcorfs uses and answers the kernel as dcorfs does (long
 entry/attr timeouts, kept page cache, FLUSH and xattrs ENOSYS), so a row of

@@ -406,8 +406,8 @@ def fuse_floor(source: Path, mnt: Path, *extra: str) -> Iterator[Path]:
 def floors(runs: Path, name: str, scalars: Sequence[str], picks: Any) -> dict[str, float]:
     """The warm rows read through fusefloor.py (a trivial pyfuse3 filesystem) from local copies
     of the same files, after the page cache is dropped as for dcorfs' rows: what any pyfuse3
-    filesystem costs on this machine, reading on the trio thread (`_floor`), in a worker thread
-    (`_floor_thread`: as one serving many readers must), and for the scalars from memory."""
+    filesystem costs on this machine, reading on the trio thread (`_floor`, as dcorfs reads its
+    disk cache), in a worker thread (`_floor_thread`), and for the scalars from memory."""
     m: dict[str, float] = {}
     mnt = runs / "floor-mnt"
 
