@@ -81,8 +81,9 @@ are asked for, within a memory budget. In the order a resource meets them:
    itself (a read of a local file, no worker thread: 200 random images warm, 20,000 events,
    0.130–0.168 s against 0.181–0.228 s), unless such a read took longer than
    `DISK_INLINE_SLOW`: then for `DISK_INLINE_PAUSE` seconds they go to worker threads, as
-   reads that wait for the network do (a slow or remote cache disk must not hold up every
-   other request of the mount).
+   reads that wait for the network do (a slow or remote cache disk, or other threads keeping
+   the GIL between the read's system calls, then holds up the mount's other requests once,
+   not at every read).
 """
 
 from __future__ import annotations

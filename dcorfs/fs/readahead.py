@@ -185,12 +185,15 @@ class ReadAhead:
         return None
 
     def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None:
-        """A window's bytes when it is made, else the content's at hand; with `disk` (see
-        `FileContent.peek`) not for a window still being made (the reader waits for it in a
-        thread, rather than reading the same bytes twice) nor within a stream (`read` makes
-        the next window there, in a thread), and a small file's first read makes it whole
-        from the disk cache, as `read` would from anywhere."""
+        """A window's bytes when it is made, else the content's at hand. With `disk` (see
+        `FileContent.peek`): a small file's first read makes it whole from the disk cache, as
+        `read` would from anywhere, or is left to `read` (a file only partly on disk is made
+        whole there, its missing blocks fetched in one go); within a stream, or under a window
+        still being made, only memory counts as at hand (`read` makes the stream's next window
+        in a thread, or waits for the one being made, rather than reading the bytes twice)."""
         stop = min(offset + length, self.size)
+        if stop <= offset:
+            return b""
         with self._lock:
             window = self._covering(offset, stop)
             done = window is not None and window.future.done()
@@ -201,13 +204,12 @@ class ReadAhead:
                 return window.cut(pieces, offset, stop)
             first = self._first()
             stream = self._continues(offset) and self._streak >= self._pf.stream
-        if disk and (window is not None or stream):
-            return None
+        disk = disk and window is None and not stream
         if disk and first and self.size <= self._pf.small:
             whole = self._made_here(0, self.size, offset, stop, self._stored_whole, whole=True)
             if whole is not None:
                 self._pf.counters["misses"] += 1
-                return whole
+            return whole  # else `read` makes it whole, what is not on disk fetched at once
         data = self._content.peek(offset, length, disk=disk)
         if data is not None:
             with self._lock:

@@ -330,9 +330,10 @@ def test_a_small_file_on_disk_is_made_whole_by_a_peek(tmp_path: Path) -> None:
 
 
 def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -> None:
-    """A read covered by a window still being made is not read from the disk as well, though
-    its bytes are there: the peek gives nothing (the reader waits for the window in a
-    thread)."""
+    """A read of a stream covered by a window still being made is not read from the disk as
+    well, though its bytes are there: the peek gives nothing (the reader waits for the window
+    in a thread). (Windows are made for streams only, so the stream's rule alone gives this
+    too: the window's is a guard.)"""
     gate = threading.Event()
     obj = ObjectId(key="big", etag="1", size=len(TRUTH))
 
@@ -369,8 +370,14 @@ def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -
             held = [w for w in handle._windows if not w.future.done()]
             offset += 16 * KIB
         assert held, "no window was being made"
-        assert handle.peek(held[0].start, 4 * KIB, disk=True) is None
-        assert on_disk.peek(held[0].start, 4 * KIB, disk=True) is not None  # (it is there)
+        # bytes of the held window that are on disk, not in memory: left to the window
+        window = held[0]
+        spots = range(window.start, window.stop - 4 * KIB + 1, 4 * KIB)
+        spot = next((a for a in spots if on_disk.peek(a, 4 * KIB) is None), None)
+        assert spot is not None, "every byte of the window is in memory"
+        assert handle.peek(spot, 4 * KIB, disk=True) is None
+        other = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)
+        assert other.peek(obj, spot, spot + 4 * KIB, disk=True) is not None  # (on disk)
         gate.set()
         handle.close()
 
@@ -394,9 +401,38 @@ def test_a_stream_is_not_read_from_the_disk_on_the_fuse_thread(tmp_path: Path) -
         for offset in (0, 16 * KIB):  # then a stream: 32 KiB read in sequence
             assert handle.peek(offset, 16 * KIB, disk=True) == TRUTH[offset : offset + 16 * KIB]
         assert not handle._windows
-        assert handle.peek(32 * KIB, 16 * KIB, disk=True) is None  # the stream's next bytes
+        # the stream's next bytes: from memory (the first block, kept), not from the disk
+        assert handle.peek(32 * KIB, 16 * KIB, disk=True) == TRUTH[32 * KIB : 48 * KIB]
+        assert handle.peek(64 * KIB, 16 * KIB, disk=True) is None
         far = 2 << 20  # a jump: random access, served
         assert handle.peek(far, 4 * KIB, disk=True) == TRUTH[far : far + 4 * KIB]
+        handle.close()
+
+
+def test_a_small_file_partly_on_disk_is_left_to_read(tmp_path: Path) -> None:
+    """Its first read is not served from the disk by a peek (its next reads would each fetch
+    one block): `read` makes it whole, fetching what is missing at once; a read past its end
+    is empty."""
+    size = 200 * KIB + 7
+    obj = ObjectId(key="small", etag="1", size=size)
+    fetched: list[tuple[int, int]] = []
+
+    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        fetched.append((start, stop))
+        return TRUTH[start:stop]
+
+    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=64 * KIB)
+    BlockCache(fetch=fetch, store=store, block_size=64 * KIB).read(
+        obj, 0, 4 * KIB, deadline=time.monotonic() + 30
+    )  # block 0 alone on disk
+    stored = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)
+    fetched.clear()
+    with prefetcher(budget=1024 * KIB) as made:
+        handle = made.wrap(ObjectContent(stored, obj))
+        assert handle.peek(size + 10, 4 * KIB, disk=True) == b""
+        assert handle.peek(0, 4 * KIB, disk=True) is None and made.budget.used == 0
+        assert handle.read(0, 4 * KIB, deadline=time.monotonic() + 30) == TRUTH[: 4 * KIB]
+        assert fetched == [(64 * KIB, size)] and made.budget.used == size
         handle.close()
 
 
