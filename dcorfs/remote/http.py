@@ -245,7 +245,7 @@ class Http:
                 manager = (
                     urllib3.PoolManager(**options)
                     if proxy is None
-                    else (_proxy_manager(proxy, options))
+                    else _proxy_manager(proxy, options)
                 )
                 self._by_proxy[proxy] = manager
             self._managers[key] = manager

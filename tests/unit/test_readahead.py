@@ -295,26 +295,36 @@ def test_a_small_file_is_made_whole_at_its_first_read(first: int) -> None:
         handle.close()
 
 
+class OnDisk:
+    """An object of TRUTH's first `size` bytes whose bytes [0, `upto`) are in a disk store
+    (fetched through a cache of their own): `cache()` is a new cache over that store, its
+    memory empty; `fetched` the ranges fetched since."""
+
+    def __init__(self, tmp_path: Path, size: int, upto: int, key: str = "obj") -> None:
+        self.obj = ObjectId(key=key, etag="1", size=size)
+        self.fetched: list[tuple[int, int]] = []
+        self.store = DiskStore(tmp_path / "cache", limit_bytes=8 << 20, block_size=64 * KIB)
+        self.cache().read(self.obj, 0, upto, deadline=time.monotonic() + 30)
+        self.fetched.clear()
+
+    def fetch(self, obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
+        self.fetched.append((start, stop))
+        return TRUTH[start:stop]
+
+    def cache(self) -> BlockCache:
+        return BlockCache(fetch=self.fetch, store=self.store, block_size=64 * KIB)
+
+
 def test_a_small_file_on_disk_is_made_whole_by_a_peek(tmp_path: Path) -> None:
     """`peek(disk=True)` of a small file whose blocks are all in the disk cache makes it
     whole at its first read, as `read` would (later peeks, even without the disk, are served
     from that window); with a block not on disk it gives nothing and fetches nothing."""
     size = 200 * KIB + 7
-    obj = ObjectId(key="small", etag="1", size=size)
-    fetched: list[tuple[int, int]] = []
-
-    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
-        fetched.append((start, stop))
-        return TRUTH[start:stop]
-
-    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=64 * KIB)
-    BlockCache(fetch=fetch, store=store, block_size=64 * KIB).read(
-        obj, 0, size - 1, deadline=time.monotonic() + 30
-    )  # all but the last block's last byte: the last block is stored too
-    stored = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)  # an empty memory
-    fetched.clear()
+    # all but the last block's last byte: the last block is stored too
+    disk = OnDisk(tmp_path, size, size - 1, key="small")
+    stored = disk.cache()
     with prefetcher(budget=1024 * KIB) as made:
-        handle = made.wrap(ObjectContent(stored, obj))
+        handle = made.wrap(ObjectContent(stored, disk.obj))
         assert handle.peek(70 * KIB, 4 * KIB) is None  # memory alone
         assert handle.peek(70 * KIB, 4 * KIB, disk=True) == TRUTH[70 * KIB : 74 * KIB]
         assert made.budget.used == size  # the whole file, one window
@@ -326,7 +336,7 @@ def test_a_small_file_on_disk_is_made_whole_by_a_peek(tmp_path: Path) -> None:
         assert handle.peek(0, 4 * KIB, disk=True) is None
         assert made.budget.used == 0
         handle.close()
-    assert fetched == []
+    assert disk.fetched == []
 
 
 def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -> None:
@@ -335,15 +345,9 @@ def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -
     in a thread). (Windows are made for streams only, so the stream's rule alone gives this
     too: the window's is a guard.)"""
     gate = threading.Event()
-    obj = ObjectId(key="big", etag="1", size=len(TRUTH))
-
-    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
-        return TRUTH[start:stop]
-
-    store = DiskStore(tmp_path / "cache", limit_bytes=8 << 20, block_size=64 * KIB)
-    stored = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)
-    stored.read(obj, 0, obj.size, deadline=time.monotonic() + 30)
-    on_disk = ObjectContent(BlockCache(fetch=fetch, store=store, block_size=64 * KIB), obj)
+    disk = OnDisk(tmp_path, len(TRUTH), len(TRUTH))
+    obj = disk.obj
+    on_disk = ObjectContent(disk.cache(), obj)
 
     class Held:
         """The stored object, whose reads (windows) wait for the gate; its peeks do not."""
@@ -376,8 +380,7 @@ def test_a_peek_from_the_disk_leaves_a_window_being_made_to_it(tmp_path: Path) -
         spot = next((a for a in spots if on_disk.peek(a, 4 * KIB) is None), None)
         assert spot is not None, "every byte of the window is in memory"
         assert handle.peek(spot, 4 * KIB, disk=True) is None
-        other = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)
-        assert other.peek(obj, spot, spot + 4 * KIB, disk=True) is not None  # (on disk)
+        assert disk.cache().peek(obj, spot, spot + 4 * KIB, disk=True) is not None  # on disk
         gate.set()
         handle.close()
 
@@ -386,16 +389,8 @@ def test_a_stream_is_not_read_from_the_disk_on_the_fuse_thread(tmp_path: Path) -
     """Within a stream a read not covered by a window is left to `read` (which makes the
     next window in a thread, from the disk as from anywhere); a read elsewhere, random, is
     served from the disk by the peek (here no window can be made: no budget)."""
-    obj = ObjectId(key="big", etag="1", size=len(TRUTH))
-
-    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
-        return TRUTH[start:stop]
-
-    store = DiskStore(tmp_path / "cache", limit_bytes=8 << 20, block_size=64 * KIB)
-    BlockCache(fetch=fetch, store=store, block_size=64 * KIB).read(
-        obj, 0, obj.size, deadline=time.monotonic() + 30
-    )
-    stored = ObjectContent(BlockCache(fetch=fetch, store=store, block_size=64 * KIB), obj)
+    disk = OnDisk(tmp_path, len(TRUTH), len(TRUTH))
+    stored = ObjectContent(disk.cache(), disk.obj)
     with prefetcher(budget=0) as made:
         handle = made.wrap(stored)
         for offset in (0, 16 * KIB):  # then a stream: 32 KiB read in sequence
@@ -414,25 +409,13 @@ def test_a_small_file_partly_on_disk_is_left_to_read(tmp_path: Path) -> None:
     one block): `read` makes it whole, fetching what is missing at once; a read past its end
     is empty."""
     size = 200 * KIB + 7
-    obj = ObjectId(key="small", etag="1", size=size)
-    fetched: list[tuple[int, int]] = []
-
-    def fetch(obj: ObjectId, start: int, stop: int, deadline: float) -> bytes:
-        fetched.append((start, stop))
-        return TRUTH[start:stop]
-
-    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=64 * KIB)
-    BlockCache(fetch=fetch, store=store, block_size=64 * KIB).read(
-        obj, 0, 4 * KIB, deadline=time.monotonic() + 30
-    )  # block 0 alone on disk
-    stored = BlockCache(fetch=fetch, store=store, block_size=64 * KIB)
-    fetched.clear()
+    disk = OnDisk(tmp_path, size, 4 * KIB, key="small")  # block 0 alone on disk
     with prefetcher(budget=1024 * KIB) as made:
-        handle = made.wrap(ObjectContent(stored, obj))
+        handle = made.wrap(ObjectContent(disk.cache(), disk.obj))
         assert handle.peek(size + 10, 4 * KIB, disk=True) == b""
         assert handle.peek(0, 4 * KIB, disk=True) is None and made.budget.used == 0
         assert handle.read(0, 4 * KIB, deadline=time.monotonic() + 30) == TRUTH[: 4 * KIB]
-        assert fetched == [(64 * KIB, size)] and made.budget.used == size
+        assert disk.fetched == [(64 * KIB, size)] and made.budget.used == size
         handle.close()
 
 
