@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def stored_blocks(cache: Path, identities: set[str] | None = None) -> list[Store
             finally:
                 os.close(fd)
     return blocks
+
+
+def index_rows(cache: Path) -> dict[str, float]:
+    """Last use of every block the cache dir's index accounts for, by block name."""
+    db = sqlite3.connect(cache / cachedir.INDEX)
+    try:
+        return {
+            str(name): float(used) for name, used in db.execute("SELECT name, used FROM blocks")
+        }
+    finally:
+        db.close()
 
 
 def on_disk(cache: Path) -> int:

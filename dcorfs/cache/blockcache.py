@@ -155,7 +155,7 @@ class BlockCache:
         if stop <= start:
             return b""
         indices = self._indices(obj, start, stop)
-        parts = self._parts(obj, indices, start, stop, disk=disk, inline=True)
+        parts = self._parts(obj, indices, start, stop, disk=disk)
         if parts is None:
             return None
         self._counts["served_bytes"] += stop - start
@@ -195,13 +195,13 @@ class BlockCache:
         stop: int,
         *,
         disk: bool = True,
-        inline: bool = False,
     ) -> list[bytes] | None:
         """A read served from memory and (`disk`) the disk store without fetching: of a block
         in memory its part; of a block on disk of at least `DISK_PARTS_FROM` bytes only the
         pages holding the part (not kept in memory: the kernel keeps what it was served), of
         a smaller one the whole block (kept, as a fetched one). None when a block is in
-        neither (then it is fetched, whole). `inline`: see `DiskStore.get`."""
+        neither (then it is fetched, whole). Nothing is written (`DiskStore.get`): fit for
+        the FUSE thread."""
         parts = []
         hits = collections.Counter[str]()  # counted once the whole read is served here
         size = self.size_of(obj)
@@ -216,9 +216,9 @@ class BlockCache:
             if not disk or self._store is None:
                 return None
             if size >= DISK_PARTS_FROM:
-                data = self._store.get(obj, index, block_size=size, start=a, stop=b, inline=inline)
+                data = self._store.get(obj, index, block_size=size, start=a, stop=b)
             else:
-                data = self._store.get(obj, index, block_size=size, inline=inline)
+                data = self._store.get(obj, index, block_size=size)
                 if data is not None:
                     self._remember((obj, index), data)
                     data = data if (a, b) == (0, len(data)) else data[a:b]

@@ -11,7 +11,8 @@ Layout under the cache dir (0700; every file 0600):
 
 A block is named `<object file>-<index>` in the accounting. `get` reads a block, or only the
 pages of it a read needs, and checks what it read (`slots`): a torn, truncated, flipped or
-misplaced block is a miss (and is erased), never data. A block is first admitted (its row,
+misplaced block is a miss (erased by the next `settle`), never data. A read writes nothing:
+its mark of use (for LRU eviction) waits for `settle` too. A block is first admitted (its row,
 evicting others), then written into its object's file; a block whose row is gone by then
 (evicted by another process) is erased again. The size bound (on the blocks' data; the entry
 tables add under 0.1%) is enforced at admission inside one SQLite `BEGIN IMMEDIATE`
@@ -220,9 +221,12 @@ class DiskStore:
         self._sql_lock = threading.RLock()
         self._full_until = 0.0
         self._touched: dict[str, float] = {}
-        self._pending: dict[str, float] = {}  # marks of use not written yet
-        self._touch_lock = threading.Lock()
-        self._flushed = time.time()
+        # what reads left to be written (`settle`): marks of use (the oldest made at
+        # `_marked`, monotonic) and damaged blocks to erase
+        self._pending: dict[str, float] = {}
+        self._marked = 0.0
+        self._damaged: dict[str, tuple[Layout, int]] = {}
+        self._marks_lock = threading.Lock()
         self.errors = 0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._objects.mkdir(mode=0o700, exist_ok=True)
@@ -442,15 +446,17 @@ class DiskStore:
         block_size: int | None = None,
         start: int = 0,
         stop: int | None = None,
-        inline: bool = False,
     ) -> bytes | None:
         """Bytes [start, stop) of block `index` of `obj` (blocks of `block_size`, by default
         the store's; offsets within the block, the whole block by default), or None. Only the
-        pages of the block holding those bytes are read and checked (`slots`). `inline` (a
-        read on the FUSE thread): nothing is written, not even waited for (the mark of use is
-        kept for a later write; a damaged block is None, left to be erased by the read that
-        follows in a worker thread), since the index may be busy with another writer."""
+        pages of the block holding those bytes are read and checked (`slots`). Nothing is
+        written here, nor waited for (reads run on the FUSE thread too, and the index may be
+        busy with another writer, of this process or another): the block's mark of use, and
+        the erasure of a block found damaged (a miss from then on), wait for `settle`."""
         layout = Layout.of(obj, block_size or self.block_size)
+        name = block_name(layout, index)
+        if name in self._damaged:
+            return None
         try:
             fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -461,11 +467,12 @@ class DiskStore:
         try:
             data = slots.read(fd, layout, index, start, stop)
         except Damaged as exc:
-            if inline or not slots.stored(fd, layout, index):  # (evicted while read: a miss)
+            if not slots.stored(fd, layout, index):  # (evicted while read: a miss)
                 return None
             self.errors += 1
             log.warning("cache block %s failed its integrity check (%s): erased", layout.name, exc)
-            self._drop(layout, index)
+            with self._marks_lock:
+                self._damaged[name] = (layout, index)
             return None
         except OSError as exc:
             log.warning("cache file %s unreadable: %s", layout.name, exc)
@@ -473,40 +480,57 @@ class DiskStore:
         finally:
             os.close(fd)
         if data is not None:
-            self._touch(block_name(layout, index), write=not inline)
+            self._touch(name)
         return data
 
-    def _touch(self, name: str, *, write: bool = True) -> None:
-        """Mark a block used: at most every TOUCH_EVERY seconds per block, written in batches
-        (and before any eviction by this process, so that its LRU order is exact); not
-        `write`: only kept for the next batch."""
+    def _touch(self, name: str) -> None:
+        """Mark a block used (at most every TOUCH_EVERY seconds per block), for `settle`."""
         now = time.time()
         if now - self._touched.get(name, 0.0) <= TOUCH_EVERY:
             return
         self._touched[name] = now
-        with self._touch_lock:
+        with self._marks_lock:
+            if not self._pending:
+                self._marked = time.monotonic()
             self._pending[name] = now
-            if not write or (
-                len(self._pending) < TOUCH_BATCH and now - self._flushed < TOUCH_EVERY
-            ):
-                return
+
+    def settle_in(self) -> float | None:
+        """Seconds until `settle` is due (0: now), None when reads left nothing to write:
+        a damaged block is erased at once, marks of use once there are TOUCH_BATCH of them
+        or the oldest waited TOUCH_EVERY seconds."""
+        with self._marks_lock:
+            if self._damaged or len(self._pending) >= TOUCH_BATCH:
+                return 0.0
+            if not self._pending:
+                return None
+            return max(0.0, self._marked + TOUCH_EVERY - time.monotonic())
+
+    def settle(self) -> None:
+        """Write what reads left to be written (`get`): the damaged blocks they found erased
+        (their slots, then their rows), their marks of use written (so that other stores of
+        the directory evict in LRU order). Called by the disk writer (`WriteBehind`) when
+        due, and by `close`; marks are also written by any admission (`put_many`, before it
+        evicts). A failure of the index loses the marks (they only order evictions) and
+        leaves the damaged blocks' rows (the blocks are misses: fetched and written anew)."""
+        with self._marks_lock:
+            damaged, self._damaged = self._damaged, {}
+        by_file: dict[Layout, list[int]] = defaultdict(list)
+        for layout, index in damaged.values():
+            by_file[layout].append(index)
+        for layout, indices in by_file.items():
+            with contextlib.suppress(OSError):
+                self._erase(layout, indices)
         with contextlib.suppress(sqlite3.Error), self._transaction() as db:
             self._write_touches(db)
+            db.executemany("DELETE FROM blocks WHERE name=?", [(name,) for name in damaged])
 
     def _write_touches(self, db: sqlite3.Connection) -> None:
         """Write the pending marks of use (inside the caller's transaction)."""
-        with self._touch_lock:
+        with self._marks_lock:
             pending, self._pending = self._pending, {}
-            self._flushed = time.time()
         db.executemany(
             "UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in pending.items()]
         )
-
-    def _drop(self, layout: Layout, index: int) -> None:
-        with contextlib.suppress(OSError):
-            self._erase(layout, [index])
-        with contextlib.suppress(sqlite3.Error), self._sql() as db:
-            db.execute("DELETE FROM blocks WHERE name=?", (block_name(layout, index),))
 
     def put_many(
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
@@ -529,6 +553,10 @@ class DiskStore:
         if not chosen:
             return 0
         names = [name for name, _ in entries]
+        if self._damaged:  # written anew: no longer to be erased
+            with self._marks_lock:
+                for name in names:
+                    self._damaged.pop(name, None)
         try:
             self._admit(obj, entries, now)
             self._write(layout, chosen)
@@ -671,17 +699,17 @@ class DiskStore:
         for _, path in list(self._files()):  # rows are gone: any block left is unaccounted
             path.unlink(missing_ok=True)  # (a writer at work erases it, seeing its row gone)
         self._touched.clear()
-        with self._touch_lock:
+        with self._marks_lock:
             self._pending.clear()
+            self._damaged.clear()
         return int(nbytes), int(count)
 
     def close(self) -> None:
+        if self.settle_in() is not None:
+            self.settle()
         with self._sql_lock:
             db, self._conn = self._conn, None
             if db is not None:
-                if self._pending:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._write_touches(db)
                 db.close()
         if self._hold >= 0:
             os.close(self._hold)  # releases the lock

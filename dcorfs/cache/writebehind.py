@@ -17,6 +17,9 @@ both. `flush` waits until what was queued before it is written; `close` writes e
 queued and stops the writer. A block the store cannot take (a full disk, an error), queued
 or not, is lost to the cache only: its readers have it already (the failure is logged and
 counted in `errors`; the writer thread never ends on one).
+
+The writer also writes what the store's reads leave (`DiskStore.settle`: marks of use, the
+erasure of damaged blocks) when it is due, woken by a read even when no put comes.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class WriteBehind:
         self._flush_to = 0  # puts a `flush` waits for
         self._failed = 0  # writes that failed
         self._closing = False
+        self._idle = False  # the writer sleeps until woken (nothing queued nor to settle)
         self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
         self._thread.start()
 
@@ -86,16 +90,17 @@ class WriteBehind:
         block_size: int | None = None,
         start: int = 0,
         stop: int | None = None,
-        inline: bool = False,
     ) -> bytes | None:
         """As `DiskStore.get`; a block still queued is served from the queue."""
         size = block_size or self._store.block_size
         with self._cond:
             data = self._pending.get((obj, size, index))
         if data is None:
-            return self._store.get(
-                obj, index, block_size=size, start=start, stop=stop, inline=inline
-            )
+            data = self._store.get(obj, index, block_size=size, start=start, stop=stop)
+            if self._idle and self._store.settle_in() is not None:
+                with self._cond:  # the writer sleeps until a put: it settles the read too
+                    self._cond.notify_all()
+            return data
         stop = len(data) if stop is None else min(stop, len(data))
         return data if (start, stop) == (0, len(data)) else data[start:stop]
 
@@ -152,13 +157,18 @@ class WriteBehind:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._due():
-                    self._cond.wait(self._wait())
-                if not self._queue:
-                    return  # closing, and nothing left
-                batch = list(self._queue)
-                self._queue.clear()
-                self._taken += len(batch)
+                while not self._closing and not self._due() and self._store.settle_in() != 0.0:
+                    self._sleep()
+                if self._closing and not self._queue:
+                    return  # nothing left (the store settles at its close)
+                batch = []
+                if self._closing or self._due():
+                    batch = list(self._queue)
+                    self._queue.clear()
+                    self._taken += len(batch)
+            self._settle()
+            if not batch:
+                continue
             try:
                 for obj, size, blocks in batch:
                     self._write(obj, size, blocks)
@@ -185,12 +195,26 @@ class WriteBehind:
             or self._flush_to > self._taken
         )
 
-    def _wait(self) -> float | None:
-        """How long the writer sleeps before looking again (holding the lock)."""
-        if not self._queue:
-            return None  # until a put (or close) wakes it
-        due = min(self._last_put + QUIET, self._oldest + MAX_AGE)
-        return max(0.001, due - time.monotonic())
+    def _sleep(self) -> None:
+        """Sleep until the queue or the store's `settle` is due, or until woken (holding
+        the lock): by a put, a close, or a read that left the store something to settle."""
+        due = [] if not self._queue else [min(self._last_put + QUIET, self._oldest + MAX_AGE)]
+        settle = self._store.settle_in()
+        if settle is not None:
+            due.append(time.monotonic() + settle)
+        self._idle = not due
+        try:
+            self._cond.wait(max(0.001, min(due) - time.monotonic()) if due else None)
+        finally:
+            self._idle = False
+
+    def _settle(self) -> None:
+        """The store's `settle`, when due (its failures are its own: logged, never raised)."""
+        if self._store.settle_in() == 0.0:
+            try:
+                self._store.settle()
+            except Exception:  # a bug: never the end of the writer
+                log.exception("cache: marks of use and damaged blocks not settled")
 
     def _write(self, obj: ObjectId, size: int, blocks: dict[int, bytes]) -> int:
         """Blocks written to the store now; how many it took. A failure is lost to the cache

@@ -27,6 +27,8 @@ from dcorfs.cache.prefetch import DISK_PARTS_FROM
 from dcorfs.cache.slots import Layout
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 
+from ..cachefiles import index_rows
+
 BLOCK = 4096  # a filesystem block: an evicted block's space comes back whole
 DATA = os.urandom(10 * BLOCK + 123)
 OBJ = ObjectId(key="circle-x/resource/abc/def/ghi", etag="e1", size=len(DATA))
@@ -208,32 +210,46 @@ def test_peek_from_the_disk_reads_only_the_pages_of_large_blocks(tmp_path: Path)
     assert source.calls == [] and again.stats().memory_bytes == 0
 
 
-def test_an_inline_disk_read_writes_nothing(
+def test_a_disk_read_writes_nothing_and_leaves_its_marks_to_settle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read of the disk store on the FUSE thread (`inline`) never writes the index (its
-    lock may be held by a writer, of this process or another): marks of use are kept for a
-    later write, a damaged block is None and left for the read that follows in a thread to
-    count and erase."""
+    """A read of the disk store never writes the index (it may run on the FUSE thread, and
+    the index's lock may be held by a writer, of this process or another): its mark of use
+    and the erasure of a damaged block it found wait for `settle`, which writes both; a
+    damaged block is a miss at once, counted once, and a block written anew before the
+    settling is not erased by it."""
     make(tmp_path, Source()).read(OBJ, 0, len(DATA), deadline=later())
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
-    store._flushed = 0.0  # (a batch of marks of use would be due now)
+    layout, path = object_file(tmp_path / "cache", OBJ)
 
     def written() -> None:
-        raise AssertionError("the index written by an inline read")
+        raise AssertionError("the index written by a read")
 
+    def used(index: int) -> float | None:
+        return index_rows(tmp_path / "cache").get(f"{layout.name}-{index}")
+
+    before = used(1)
+    assert before is not None
+    assert store.settle_in() is None  # nothing to settle yet
+    raw = bytearray(path.read_bytes())
+    for index in (0, 3):
+        raw[layout.data_at(index) + 5] ^= 0xFF
+    path.write_bytes(raw)
     with monkeypatch.context() as patched:
         patched.setattr(store, "_transaction", written)
         patched.setattr(store, "_sql", written)
-        assert store.get(OBJ, 1, inline=True) == DATA[BLOCK : 2 * BLOCK]
-        layout, path = object_file(tmp_path / "cache", OBJ)
-        raw = bytearray(path.read_bytes())
-        raw[layout.data_at(0) + 5] ^= 0xFF
-        path.write_bytes(raw)
-        assert store.get(OBJ, 0, inline=True) is None
-        assert store.errors == 0 and store._pending
-    assert store.get(OBJ, 0) is None and store.errors == 1  # erased now
-    assert store.get(OBJ, 2) == DATA[2 * BLOCK : 3 * BLOCK] and not store._pending  # written
+        time.sleep(0.01)
+        assert store.get(OBJ, 1) == DATA[BLOCK : 2 * BLOCK]
+        assert 0 < store.settle_in() <= 5.0  # (a mark: due once TOUCH_EVERY old)
+        assert store.get(OBJ, 0) is None and store.get(OBJ, 3) is None
+        assert store.get(OBJ, 0) is None and store.errors == 2  # a miss, counted once
+        assert store.settle_in() == 0.0  # a damaged block: due at once
+    assert store.put_many(OBJ, {3: DATA[3 * BLOCK : 4 * BLOCK]}) == 1  # 3 written anew
+    store.settle()
+    assert store.settle_in() is None and (used(1) or 0.0) > before  # the mark written
+    assert store.get(OBJ, 3) == DATA[3 * BLOCK : 4 * BLOCK]  # kept
+    assert store.get(OBJ, 0) is None and store.errors == 2  # erased: no longer damaged
+    assert used(0) is None and used(3) is not None
     store.close()
 
 

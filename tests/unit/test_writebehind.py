@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from dcorfs.cache import writebehind
+from dcorfs.cache import diskstore, writebehind
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.diskstore import DiskStore
 from dcorfs.cache.identity import ObjectId
+from dcorfs.cache.slots import Layout
 from dcorfs.cache.writebehind import BEHIND_UP_TO, WriteBehind
+
+from ..cachefiles import index_rows, stored_blocks
 
 BLOCK = 4096
 DATA = os.urandom(8 * BLOCK)
@@ -199,3 +202,39 @@ def test_a_waiter_has_its_block_before_the_maker_has_written_it(tmp_path: Path) 
         waiter.join(10)
         cache.close()
     assert got["maker"] == block(0) and store.get(OBJ, 0) == block(0)
+
+
+def test_the_writer_settles_what_reads_left_without_any_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount that only reads (a warm one) has its marks of use written, and a damaged
+    block it found erased, by the writer thread: not only at a next put or at close."""
+    monkeypatch.setattr(diskstore, "TOUCH_EVERY", 0.2)
+    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
+    assert store.put_many(OBJ, {i: block(i) for i in range(3)}) == 3
+    layout = Layout.of(OBJ, BLOCK)
+    path = tmp_path / "cache" / "objects" / layout.name
+    raw = bytearray(path.read_bytes())
+    raw[layout.data_at(2) + 9] ^= 0x10
+    path.write_bytes(raw)
+    before = index_rows(tmp_path / "cache")
+    writer = WriteBehind(store, limit=1 << 20)
+    try:
+        time.sleep(0.01)
+        assert writer.get(OBJ, 0) == block(0)
+        assert writer.get(OBJ, 2) is None and store.errors == 1
+        name = f"{layout.name}-"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = index_rows(tmp_path / "cache")
+            if name + "2" not in now and now[name + "0"] > before[name + "0"]:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"not settled: {now}")
+        assert now[name + "1"] == before[name + "1"]  # (not read: not marked)
+        assert [b.index for b in stored_blocks(tmp_path / "cache")] == [0, 1]  # 2's slot too
+        assert writer.get(OBJ, 2) is None and store.errors == 1  # a miss, no longer damaged
+    finally:
+        writer.close()
+        store.close()
