@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,13 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 RETRY_FULL = 30.0
 TOUCH_EVERY = 5.0
 TOUCH_BATCH = 64  # marks of use written together
+SETTLE_RETRY = 5.0  # seconds before a failed `settle` is tried again
 SETTLED = 60.0  # seconds after which no writer of a block or file can be at work any more
+
+
+def _marks(pending: dict[str, float]) -> list[tuple[float, str]]:
+    """Marks of use as the parameters of `UPDATE blocks SET used=? WHERE name=?`."""
+    return [(used, name) for name, used in pending.items()]
 
 
 @dataclass(frozen=True)
@@ -226,7 +232,12 @@ class DiskStore:
         self._pending: dict[str, float] = {}
         self._marked = 0.0
         self._damaged: dict[str, tuple[Layout, int]] = {}
+        self._retry_at = 0.0  # (monotonic) no `settle` before then: the last one failed
         self._marks_lock = threading.Lock()
+        self._closed = False
+        # called when `settle` comes due sooner (a first mark, a full batch, a damaged block):
+        # the disk writer (`WriteBehind`) wakes for it; never called holding a lock here
+        self.on_unsettled: Callable[[], None] | None = None
         self.errors = 0
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._objects.mkdir(mode=0o700, exist_ok=True)
@@ -470,9 +481,12 @@ class DiskStore:
             if not slots.stored(fd, layout, index):  # (evicted while read: a miss)
                 return None
             self.errors += 1
-            log.warning("cache block %s failed its integrity check (%s): erased", layout.name, exc)
+            log.warning(
+                "cache block %s failed its integrity check (%s): to be erased", layout.name, exc
+            )
             with self._marks_lock:
                 self._damaged[name] = (layout, index)
+            self._unsettled()
             return None
         except OSError as exc:
             log.warning("cache file %s unreadable: %s", layout.name, exc)
@@ -490,47 +504,94 @@ class DiskStore:
             return
         self._touched[name] = now
         with self._marks_lock:
-            if not self._pending:
+            first = not self._pending
+            if first:
                 self._marked = time.monotonic()
             self._pending[name] = now
+            batch = len(self._pending) == TOUCH_BATCH
+        if first or batch:
+            self._unsettled()
+
+    def _unsettled(self) -> None:
+        """Tell `on_unsettled` (whoever runs `settle`) that its due time came nearer."""
+        wake = self.on_unsettled
+        if wake is not None:
+            wake()
 
     def settle_in(self) -> float | None:
         """Seconds until `settle` is due (0: now), None when reads left nothing to write:
         a damaged block is erased at once, marks of use once there are TOUCH_BATCH of them
-        or the oldest waited TOUCH_EVERY seconds."""
+        or the oldest waited TOUCH_EVERY seconds; after a failed `settle`, not before
+        SETTLE_RETRY seconds."""
         with self._marks_lock:
-            if self._damaged or len(self._pending) >= TOUCH_BATCH:
-                return 0.0
-            if not self._pending:
+            if not (self._damaged or self._pending):
                 return None
-            return max(0.0, self._marked + TOUCH_EVERY - time.monotonic())
+            due = self._marked + TOUCH_EVERY
+            if self._damaged or len(self._pending) >= TOUCH_BATCH:
+                due = 0.0
+            return max(0.0, due - time.monotonic(), self._retry_at - time.monotonic())
 
     def settle(self) -> None:
-        """Write what reads left to be written (`get`): the damaged blocks they found erased
-        (their slots, then their rows), their marks of use written (so that other stores of
-        the directory evict in LRU order). Called by the disk writer (`WriteBehind`) when
-        due, and by `close`; marks are also written by any admission (`put_many`, before it
-        evicts). A failure of the index loses the marks (they only order evictions) and
-        leaves the damaged blocks' rows (the blocks are misses: fetched and written anew)."""
+        """Write what reads left to be written (`get`), in one transaction: their marks of
+        use (so that other stores of the directory evict in LRU order), and the rows of the
+        damaged blocks they found, each checked again there (a block written anew meanwhile,
+        by this process or another, stays); the slots of those blocks are erased after the
+        commit, as evictions are (a writer that still saw a row erases its own block). Called
+        by the disk writer (`WriteBehind`) when due, and by `close`; marks are also written by
+        any admission (`put_many`, before it evicts). A failure of the index (busy beyond its
+        timeout, damaged) loses the marks taken (they only order evictions) and keeps the
+        damaged blocks (misses meanwhile) for a retry in SETTLE_RETRY seconds."""
+        if self._closed:
+            return
         with self._marks_lock:
-            damaged, self._damaged = self._damaged, {}
+            marks, self._pending = self._pending, {}
+            damaged = dict(self._damaged)
+            # (until it ends well: whatever fails, it is not tried again at once)
+            self._retry_at = time.monotonic() + SETTLE_RETRY
+        erase: list[tuple[Layout, int]] = []
+        try:
+            with self._transaction() as db:
+                db.executemany("UPDATE blocks SET used=? WHERE name=?", _marks(marks))
+                erase = [(layout, i) for layout, i in damaged.values() if self._bad(layout, i)]
+                db.executemany(
+                    "DELETE FROM blocks WHERE name=?", [(block_name(*b),) for b in erase]
+                )
+        except sqlite3.Error as exc:
+            log.warning("cache accounting failed (%s): marks of use lost, erasing later", exc)
+            return
         by_file: dict[Layout, list[int]] = defaultdict(list)
-        for layout, index in damaged.values():
+        for layout, index in erase:
             by_file[layout].append(index)
         for layout, indices in by_file.items():
             with contextlib.suppress(OSError):
                 self._erase(layout, indices)
-        with contextlib.suppress(sqlite3.Error), self._transaction() as db:
-            self._write_touches(db)
-            db.executemany("DELETE FROM blocks WHERE name=?", [(name,) for name in damaged])
+        with self._marks_lock:
+            for name, block in damaged.items():
+                if self._damaged.get(name) == block:
+                    del self._damaged[name]
+            self._retry_at = 0.0
+
+    def _bad(self, layout: Layout, index: int) -> bool:
+        """Whether a block found damaged is to be erased: it still fails its check, or it is
+        gone from its file (its row, if any, goes); not one written anew since."""
+        try:
+            fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            return slots.read(fd, layout, index) is None
+        except Damaged:
+            return True
+        except OSError:
+            return False  # (not to be judged now: left as it is)
+        finally:
+            os.close(fd)
 
     def _write_touches(self, db: sqlite3.Connection) -> None:
         """Write the pending marks of use (inside the caller's transaction)."""
         with self._marks_lock:
             pending, self._pending = self._pending, {}
-        db.executemany(
-            "UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in pending.items()]
-        )
+        db.executemany("UPDATE blocks SET used=? WHERE name=?", _marks(pending))
 
     def put_many(
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
@@ -553,10 +614,6 @@ class DiskStore:
         if not chosen:
             return 0
         names = [name for name, _ in entries]
-        if self._damaged:  # written anew: no longer to be erased
-            with self._marks_lock:
-                for name in names:
-                    self._damaged.pop(name, None)
         try:
             self._admit(obj, entries, now)
             self._write(layout, chosen)
@@ -574,6 +631,10 @@ class DiskStore:
         except sqlite3.Error as exc:
             log.warning("cache accounting failed (%s): blocks not stored", exc)
             return 0
+        if self._damaged:  # written anew: no longer misses, nor to be erased
+            with self._marks_lock:
+                for name in names:
+                    self._damaged.pop(name, None)
         return len(chosen)
 
     def _write(self, layout: Layout, blocks: dict[int, bytes]) -> None:
@@ -706,7 +767,10 @@ class DiskStore:
 
     def close(self) -> None:
         if self.settle_in() is not None:
+            with self._marks_lock:
+                self._retry_at = 0.0  # (the last chance)
             self.settle()
+        self._closed = True
         with self._sql_lock:
             db, self._conn = self._conn, None
             if db is not None:

@@ -19,7 +19,8 @@ or not, is lost to the cache only: its readers have it already (the failure is l
 counted in `errors`; the writer thread never ends on one).
 
 The writer also writes what the store's reads leave (`DiskStore.settle`: marks of use, the
-erasure of damaged blocks) when it is due, woken by a read even when no put comes.
+erasure of damaged blocks) when it is due, woken by the store (`DiskStore.on_unsettled`) even
+when no put comes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class WriteBehind:
         self._flush_to = 0  # puts a `flush` waits for
         self._failed = 0  # writes that failed
         self._closing = False
-        self._idle = False  # the writer sleeps until woken (nothing queued nor to settle)
+        store.on_unsettled = self._wake  # (reads leave the store something to settle)
         self._thread = threading.Thread(target=self._run, name="disk-writer", daemon=True)
         self._thread.start()
 
@@ -96,11 +97,7 @@ class WriteBehind:
         with self._cond:
             data = self._pending.get((obj, size, index))
         if data is None:
-            data = self._store.get(obj, index, block_size=size, start=start, stop=stop)
-            if self._idle and self._store.settle_in() is not None:
-                with self._cond:  # the writer sleeps until a put: it settles the read too
-                    self._cond.notify_all()
-            return data
+            return self._store.get(obj, index, block_size=size, start=start, stop=stop)
         stop = len(data) if stop is None else min(stop, len(data))
         return data if (start, stop) == (0, len(data)) else data[start:stop]
 
@@ -197,16 +194,18 @@ class WriteBehind:
 
     def _sleep(self) -> None:
         """Sleep until the queue or the store's `settle` is due, or until woken (holding
-        the lock): by a put, a close, or a read that left the store something to settle."""
+        the lock): by a put, a close, or the store (`_wake`)."""
         due = [] if not self._queue else [min(self._last_put + QUIET, self._oldest + MAX_AGE)]
         settle = self._store.settle_in()
         if settle is not None:
             due.append(time.monotonic() + settle)
-        self._idle = not due
-        try:
-            self._cond.wait(max(0.001, min(due) - time.monotonic()) if due else None)
-        finally:
-            self._idle = False
+        self._cond.wait(max(0.001, min(due) - time.monotonic()) if due else None)
+
+    def _wake(self) -> None:
+        """The store's `settle` came due sooner (`DiskStore.on_unsettled`: a read's first
+        mark of use, a full batch of them, a damaged block): the writer looks again."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _settle(self) -> None:
         """The store's `settle`, when due (its failures are its own: logged, never raised)."""

@@ -216,8 +216,9 @@ def test_a_disk_read_writes_nothing_and_leaves_its_marks_to_settle(
     """A read of the disk store never writes the index (it may run on the FUSE thread, and
     the index's lock may be held by a writer, of this process or another): its mark of use
     and the erasure of a damaged block it found wait for `settle`, which writes both; a
-    damaged block is a miss at once, counted once, and a block written anew before the
-    settling is not erased by it."""
+    damaged block is a miss at once, counted once; one written anew before the settling,
+    by this store or another, is kept; a failed settling loses the marks, keeps the damaged
+    blocks and is not tried again at once; `close` settles what is left."""
     make(tmp_path, Source()).read(OBJ, 0, len(DATA), deadline=later())
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
     layout, path = object_file(tmp_path / "cache", OBJ)
@@ -228,29 +229,53 @@ def test_a_disk_read_writes_nothing_and_leaves_its_marks_to_settle(
     def used(index: int) -> float | None:
         return index_rows(tmp_path / "cache").get(f"{layout.name}-{index}")
 
-    before = used(1)
-    assert before is not None
+    def block(index: int) -> bytes:
+        return DATA[index * BLOCK : (index + 1) * BLOCK]
+
+    before = {i: used(i) or 0.0 for i in range(6)}
     assert store.settle_in() is None  # nothing to settle yet
     raw = bytearray(path.read_bytes())
-    for index in (0, 3):
+    for index in (0, 3, 5):
         raw[layout.data_at(index) + 5] ^= 0xFF
     path.write_bytes(raw)
     with monkeypatch.context() as patched:
         patched.setattr(store, "_transaction", written)
         patched.setattr(store, "_sql", written)
         time.sleep(0.01)
-        assert store.get(OBJ, 1) == DATA[BLOCK : 2 * BLOCK]
-        assert 0 < store.settle_in() <= 5.0  # (a mark: due once TOUCH_EVERY old)
-        assert store.get(OBJ, 0) is None and store.get(OBJ, 3) is None
-        assert store.get(OBJ, 0) is None and store.errors == 2  # a miss, counted once
+        assert store.get(OBJ, 1) == block(1)
+        assert 0 < (store.settle_in() or 0.0) <= 5.0  # (a mark: due once TOUCH_EVERY old)
+        assert [store.get(OBJ, i) for i in (0, 3, 5)] == [None] * 3
+        assert store.get(OBJ, 0) is None and store.errors == 3  # a miss, counted once
         assert store.settle_in() == 0.0  # a damaged block: due at once
-    assert store.put_many(OBJ, {3: DATA[3 * BLOCK : 4 * BLOCK]}) == 1  # 3 written anew
+
+    def busy() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_transaction", busy)
+        store.settle()  # fails: marks lost, damaged blocks kept, tried again later
+    assert 4.0 < (store.settle_in() or 0.0) <= 5.0 and store.get(OBJ, 0) is None
+    assert store.put_many(OBJ, {3: block(3)}) == 1  # 3 written anew by this store
+    other = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
+    assert other.put_many(OBJ, {5: block(5)}) == 1  # 5 by another one
+    other.close()
+    assert store.get(OBJ, 3) == block(3) and store.get(OBJ, 5) is None  # (5: not known yet)
+    time.sleep(0.01)
+    assert store.get(OBJ, 2) == block(2)
+    store._retry_at = 0.0  # (the retry is due)
     store.settle()
-    assert store.settle_in() is None and (used(1) or 0.0) > before  # the mark written
-    assert store.get(OBJ, 3) == DATA[3 * BLOCK : 4 * BLOCK]  # kept
-    assert store.get(OBJ, 0) is None and store.errors == 2  # erased: no longer damaged
-    assert used(0) is None and used(3) is not None
+    assert store.settle_in() is None and (used(2) or 0.0) > before[2]  # its mark written
+    assert used(1) == before[1]  # (lost with the failed settling)
+    assert store.get(OBJ, 3) == block(3) and store.get(OBJ, 5) == block(5)  # kept
+    assert store.get(OBJ, 0) is None and store.errors == 3  # erased: no longer damaged
+    assert used(0) is None and used(3) is not None and used(5) is not None
+    time.sleep(0.01)
+    marked = used(4)
+    assert store.get(OBJ, 4) == block(4)
     store.close()
+    assert (used(4) or 0.0) > (marked or 0.0)  # written at close
+    store.settle()  # (closed: nothing, no index opened again)
+    assert store._conn is None
 
 
 def test_wrong_length_and_waiter_deadline(tmp_path: Path) -> None:

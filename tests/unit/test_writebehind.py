@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -208,33 +210,85 @@ def test_the_writer_settles_what_reads_left_without_any_put(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A mount that only reads (a warm one) has its marks of use written, and a damaged
-    block it found erased, by the writer thread: not only at a next put or at close."""
-    monkeypatch.setattr(diskstore, "TOUCH_EVERY", 0.2)
+    block it found erased, by the writer thread, woken by the store: a damaged block at
+    once (even while the writer waits for the marks), a full batch of marks at once, the
+    marks of a batch not full once the oldest is TOUCH_EVERY old; not only at a next put
+    or at close."""
+    monkeypatch.setattr(diskstore, "TOUCH_EVERY", 1.5)
+    monkeypatch.setattr(diskstore, "TOUCH_BATCH", 3)
     store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
-    assert store.put_many(OBJ, {i: block(i) for i in range(3)}) == 3
+    assert store.put_many(OBJ, {i: block(i) for i in range(8)}) == 8
     layout = Layout.of(OBJ, BLOCK)
     path = tmp_path / "cache" / "objects" / layout.name
     raw = bytearray(path.read_bytes())
     raw[layout.data_at(2) + 9] ^= 0x10
     path.write_bytes(raw)
     before = index_rows(tmp_path / "cache")
+    name = f"{layout.name}-"
+
+    def wait_for(done: Callable[[dict[str, float]], bool], within: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < within:
+            if done(index_rows(tmp_path / "cache")):
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise AssertionError(f"not settled within {within} s: {index_rows(tmp_path / 'cache')}")
+
+    def marked(*indices: int) -> Callable[[dict[str, float]], bool]:
+        return lambda rows: all(rows[name + str(i)] > before[name + str(i)] for i in indices)
+
     writer = WriteBehind(store, limit=1 << 20)
     try:
         time.sleep(0.01)
-        assert writer.get(OBJ, 0) == block(0)
+        assert writer.get(OBJ, 0) == block(0)  # a mark: the writer waits 1.5 s for it
+        time.sleep(0.2)
         assert writer.get(OBJ, 2) is None and store.errors == 1
-        name = f"{layout.name}-"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            now = index_rows(tmp_path / "cache")
-            if name + "2" not in now and now[name + "0"] > before[name + "0"]:
-                break
-            time.sleep(0.02)
-        else:
-            raise AssertionError(f"not settled: {now}")
-        assert now[name + "1"] == before[name + "1"]  # (not read: not marked)
-        assert [b.index for b in stored_blocks(tmp_path / "cache")] == [0, 1]  # 2's slot too
+        wait_for(lambda rows: name + "2" not in rows, within=0.8)  # erased at once …
+        assert marked(0)(index_rows(tmp_path / "cache"))  # … the mark written with it
+        assert [b.index for b in stored_blocks(tmp_path / "cache")] == [0, 1, *range(3, 8)]
         assert writer.get(OBJ, 2) is None and store.errors == 1  # a miss, no longer damaged
+        assert writer.get(OBJ, 6) == block(6)
+        time.sleep(0.8)
+        assert not marked(6)(index_rows(tmp_path / "cache"))  # not before it is due …
+        wait_for(marked(6), within=3.0)  # … but then
+        assert index_rows(tmp_path / "cache")[name + "1"] == before[name + "1"]  # not read
+        time.sleep(0.01)
+        for i in (3, 4, 5):  # a full batch: at once
+            assert writer.get(OBJ, i) == block(i)
+        wait_for(marked(3, 4, 5), within=0.8)
     finally:
         writer.close()
         store.close()
+
+
+def test_a_failed_settling_is_not_tried_again_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index failing at every try (busy beyond its timeout, damaged) never makes the
+    writer spin: a failed `settle` waits SETTLE_RETRY before the next one."""
+    monkeypatch.setattr(diskstore, "SETTLE_RETRY", 0.5)
+    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
+    assert store.put_many(OBJ, {i: block(i) for i in range(3)}) == 3
+    layout = Layout.of(OBJ, BLOCK)
+    path = tmp_path / "cache" / "objects" / layout.name
+    raw = bytearray(path.read_bytes())
+    raw[layout.data_at(1) + 9] ^= 0x10
+    path.write_bytes(raw)
+    tries = []
+
+    def busy() -> None:
+        tries.append(time.monotonic())
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "_transaction", busy)
+    writer = WriteBehind(store, limit=1 << 20)
+    try:
+        assert writer.get(OBJ, 1) is None  # damaged: due at once, failing every time
+        time.sleep(1.2)
+        assert 2 <= len(tries) <= 4, tries  # at once, then every 0.5 s
+        assert writer.get(OBJ, 1) is None and store.errors == 1
+    finally:
+        writer.close()
+        monkeypatch.undo()
+        store.close()
+    assert f"{layout.name}-1" not in index_rows(tmp_path / "cache")  # erased at close
