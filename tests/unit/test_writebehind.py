@@ -206,6 +206,18 @@ def test_a_waiter_has_its_block_before_the_maker_has_written_it(tmp_path: Path) 
     assert got["maker"] == block(0) and store.get(OBJ, 0) == block(0)
 
 
+def damaged_store(tmp_path: Path, *, blocks: int, bad: int) -> tuple[DiskStore, Layout]:
+    """A disk store holding the first `blocks` blocks of OBJ, block `bad` with a bit flipped."""
+    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
+    assert store.put_many(OBJ, {i: block(i) for i in range(blocks)}) == blocks
+    layout = Layout.of(OBJ, BLOCK)
+    path = tmp_path / "cache" / "objects" / layout.name
+    raw = bytearray(path.read_bytes())
+    raw[layout.data_at(bad) + 9] ^= 0x10
+    path.write_bytes(raw)
+    return store, layout
+
+
 def test_the_writer_settles_what_reads_left_without_any_put(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,13 +228,7 @@ def test_the_writer_settles_what_reads_left_without_any_put(
     or at close."""
     monkeypatch.setattr(diskstore, "TOUCH_EVERY", 1.5)
     monkeypatch.setattr(diskstore, "TOUCH_BATCH", 3)
-    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
-    assert store.put_many(OBJ, {i: block(i) for i in range(8)}) == 8
-    layout = Layout.of(OBJ, BLOCK)
-    path = tmp_path / "cache" / "objects" / layout.name
-    raw = bytearray(path.read_bytes())
-    raw[layout.data_at(2) + 9] ^= 0x10
-    path.write_bytes(raw)
+    store, layout = damaged_store(tmp_path, blocks=8, bad=2)
     before = index_rows(tmp_path / "cache")
     name = f"{layout.name}-"
 
@@ -267,13 +273,7 @@ def test_a_failed_settling_is_not_tried_again_at_once(
     """The index failing at every try (busy beyond its timeout, damaged) never makes the
     writer spin: a failed `settle` waits SETTLE_RETRY before the next one."""
     monkeypatch.setattr(diskstore, "SETTLE_RETRY", 0.5)
-    store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
-    assert store.put_many(OBJ, {i: block(i) for i in range(3)}) == 3
-    layout = Layout.of(OBJ, BLOCK)
-    path = tmp_path / "cache" / "objects" / layout.name
-    raw = bytearray(path.read_bytes())
-    raw[layout.data_at(1) + 9] ^= 0x10
-    path.write_bytes(raw)
+    store, layout = damaged_store(tmp_path, blocks=3, bad=1)
     tries = []
 
     def busy() -> None:
