@@ -297,7 +297,10 @@ def _add_source_options(parser: argparse.ArgumentParser) -> None:
         help="seconds listings of datasets/circles/collections are kept (300)",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
     )
     parser.add_argument("--log-file", type=Path, help="default: CACHE_DIR/dcorfs.log")
     parser.add_argument(

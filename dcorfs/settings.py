@@ -65,11 +65,7 @@ def read_token(key_file: Path | None, environ: dict[str, str] | None = None) -> 
     """The token from `--api-key-file` or else `DCOR_API_KEY`; None for anonymous access."""
     env = os.environ if environ is None else environ
     if key_file is not None:
-        try:
-            text = key_file.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read API key file {key_file}: {exc.strerror}") from None
-        return Token(text)
+        return Token(_private_text(key_file, "API key file"))
     value = env.get("DCOR_API_KEY", "")
     return Token(value) if value.strip() else None
 
@@ -354,16 +350,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_password_file(path: Path) -> dict[str, str]:
-    """The users of `--password-file`: one `user:password` per line (# comments, blank lines
-    skipped). One-line errors; the passwords never appear in them."""
+def _private_text(path: Path, what: str) -> str:
+    """The text of a file of secrets (`what` names it in one-line errors), refused when its
+    group or others may read or write it (as ssh refuses such a key)."""
     try:
         text = path.read_text()
         mode = path.stat().st_mode
     except OSError as exc:
-        raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     if mode & 0o077:
-        raise ConfigError(f"password file {path} is readable by others: chmod 600 {path}")
+        raise ConfigError(f"{what} {path} is readable by others: chmod 600 {path}")
+    return text
+
+
+def read_password_file(path: Path) -> dict[str, str]:
+    """The users of `--password-file`: one `user:password` per line (# comments, blank lines
+    skipped). One-line errors; the passwords never appear in them."""
+    text = _private_text(path, "password file")
     users: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

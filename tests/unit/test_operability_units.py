@@ -231,3 +231,48 @@ def test_the_daemons_threads_share_at_most_two_malloc_arenas() -> None:
 
     assert arenas("default") > 2
     assert arenas("limit") <= 2
+
+
+def test_umount_of_what_is_not_mounted_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dcorfs umount` of a directory nothing is mounted at: one line saying so (not
+    fusermount's "Invalid argument"); the kernel's mount table decides, by the absolute or
+    the resolved path, and an unreadable table leaves it to fusermount."""
+    from dcorfs.admin.unmount import mounted, unmount
+
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "36 35 0:40 / /proc rw - proc proc rw\n"
+        f"90 29 0:71 / {tmp_path}/with\\040space rw,nosuid - fuse.dcorfs dcorfs rw\n"
+    )
+    (tmp_path / "with space").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "with space")
+    assert mounted(tmp_path / "with space", table)
+    assert mounted(tmp_path / "link", table)  # (resolved)
+    assert not mounted(tmp_path / "other", table)
+    assert mounted(tmp_path / "other", tmp_path / "missing")  # (fusermount tells)
+    assert unmount(tmp_path) == 1
+    assert capsys.readouterr().err == f"dcorfs: {tmp_path} is not mounted\n"
+
+
+def test_files_of_secrets_others_may_read_are_refused(tmp_path: Path) -> None:
+    """An API key file, like a share's password file, is refused (one line, without its
+    text) when its group or others may read it: chmod 600."""
+    from dcorfs.errors import ConfigError
+    from dcorfs.settings import read_password_file, read_token
+
+    key = tmp_path / "key"
+    key.write_text("secret-token\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError) as refused:
+        read_token(key)
+    assert str(refused.value) == f"API key file {key} is readable by others: chmod 600 {key}"
+    key.chmod(0o600)
+    token = read_token(key)
+    assert token is not None and token.reveal() == "secret-token"
+    users = tmp_path / "users"
+    users.write_text("alice:pw\n")
+    users.chmod(0o640)
+    with pytest.raises(ConfigError, match="password file .* is readable by others"):
+        read_password_file(users)
