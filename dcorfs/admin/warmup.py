@@ -36,7 +36,7 @@ class Mount:
     root: Path
     host: str
     cache_dir: Path
-    cache_limit: int
+    cache_limit: int | None  # bytes (None: not said); 0: no disk cache (`--cache-size 0`)
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,12 @@ def find_mount(path: Path) -> Mount:
         root=root,
         host=str(status.get("host", "")),
         cache_dir=Path(status.get("cache_dir", "")),
-        cache_limit=int(status.get("cache", {}).get("disk_limit", 0)),
+        cache_limit=_limit(status.get("cache", {}).get("disk_limit")),
     )
+
+
+def _limit(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _files(path: Path) -> Iterator[Path]:
@@ -246,7 +250,7 @@ def warmup(
         + (f"; {skipped} done by an interrupted run (--again re-reads them)" if skipped else "")
         + f"; to read: {len(todo)} files, {size(left)}\n"
     )
-    if mount.cache_limit and total > mount.cache_limit:
+    if mount.cache_limit is not None and total > mount.cache_limit:
         out.write(
             f"warning: the cache holds {size(mount.cache_limit)}: not all of this stays "
             "cached (mount with a larger --cache-size)\n"

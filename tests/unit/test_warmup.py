@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
+import pytest
 from tqdm import tqdm
 
-from dcorfs.admin.warmup import Item, Journal, Mount, Reader, collect
+from dcorfs.admin.warmup import Item, Journal, Mount, Reader, collect, warmup
 
 
 def tree(root: Path) -> Mount:
@@ -59,3 +61,20 @@ def test_readers_read_every_byte_and_journal_only_what_they_finished(tmp_path: P
     assert reader.finished == 2 and reader.nbytes == 1005
     assert [item.relative for item, _ in reader.failed] == ["gone"]
     assert all(item in journal for item in items[:2]) and items[2] not in journal
+
+
+@pytest.mark.parametrize(("limit", "warned"), [(0, True), (1000, True), (1 << 20, False)])
+def test_a_warmup_larger_than_the_cache_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, warned: bool
+) -> None:
+    """A warm-up of more bytes than the disk cache holds says so before it reads, also for
+    a mount without a disk cache (`--cache-size 0`: nothing warmed stays)."""
+    root = tmp_path / "mnt"
+    (root / ".dcorfs").mkdir(parents=True)
+    report = {"host": "h", "cache_dir": str(tmp_path / "cache"), "cache": {"disk_limit": limit}}
+    (root / ".dcorfs" / "status.json").write_text(json.dumps(report))
+    (root / "a.npy").write_bytes(bytes(5000))
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == root)
+    out = io.StringIO()
+    assert warmup([root / "a.npy"], dry_run=True, again=False, jobs=1, out=out) == 0
+    assert ("warning: the cache holds" in out.getvalue()) is warned, out.getvalue()
