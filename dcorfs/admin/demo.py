@@ -5,6 +5,7 @@ the temporary data and cache."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import selectors
 import shlex
@@ -123,10 +124,20 @@ def _interrupt(number: int, frame: object) -> None:
 
 
 def demo(mountpoint: Path, *, events: int) -> int:
+    made = not mountpoint.exists()  # (removed again at the end, when empty)
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"mount point {mountpoint}: {exc.strerror}") from None
+    try:
+        return _demo(mountpoint, events=events)
+    finally:
+        if made:
+            with contextlib.suppress(OSError):  # (not empty, or still mounted: left)
+                mountpoint.rmdir()
+
+
+def _demo(mountpoint: Path, *, events: int) -> int:
     check_mountpoint(mountpoint)  # before minutes of sample data, not after
     for number in (signal.SIGTERM, signal.SIGHUP):  # the mount installs its own later
         signal.signal(number, _interrupt)

@@ -257,6 +257,7 @@ def test_demo_mounts_reads_and_cleans_up(
         process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 0
     assert not os.path.ismount(mnt)
+    assert not mnt.exists()  # the mount point it made, removed again
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/api/3/action/status_show", timeout=10)
     assert list((mnt.parent / "tmp").iterdir()) == []  # sample data and cache removed
