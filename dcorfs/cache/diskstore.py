@@ -55,11 +55,6 @@ SETTLE_RETRY = 5.0  # seconds before a failed `settle` is tried again
 SETTLED = 60.0  # seconds after which no writer of a block or file can be at work any more
 
 
-def _marks(pending: dict[str, float]) -> list[tuple[float, str]]:
-    """Marks of use as the parameters of `UPDATE blocks SET used=? WHERE name=?`."""
-    return [(used, name) for name, used in pending.items()]
-
-
 @dataclass(frozen=True)
 class StoredObject:
     """What the cache holds of one object (key/etag/size None for blocks stored before the
@@ -231,7 +226,7 @@ class DiskStore:
         # `_marked`, monotonic) and damaged blocks to erase
         self._pending: dict[str, float] = {}
         self._marked = 0.0
-        self._damaged: dict[str, tuple[Layout, int]] = {}
+        self._damaged: set[str] = set()  # block names
         self._retry_at = 0.0  # (monotonic) no `settle` before then: the last one failed
         self._marks_lock = threading.Lock()
         self._closed = False
@@ -485,7 +480,7 @@ class DiskStore:
                 "cache block %s failed its integrity check (%s): to be erased", layout.name, exc
             )
             with self._marks_lock:
-                self._damaged[name] = (layout, index)
+                self._damaged.add(name)
             self._unsettled()
             return None
         except OSError as exc:
@@ -543,37 +538,31 @@ class DiskStore:
         damaged blocks (misses meanwhile) for a retry in SETTLE_RETRY seconds."""
         if self._closed:
             return
+        marks = self._take_marks()
         with self._marks_lock:
-            marks, self._pending = self._pending, {}
-            damaged = dict(self._damaged)
+            damaged = set(self._damaged)
             # (until it ends well: whatever fails, it is not tried again at once)
             self._retry_at = time.monotonic() + SETTLE_RETRY
-        erase: list[tuple[Layout, int]] = []
         try:
             with self._transaction() as db:
-                db.executemany("UPDATE blocks SET used=? WHERE name=?", _marks(marks))
-                erase = [(layout, i) for layout, i in damaged.values() if self._bad(layout, i)]
-                db.executemany(
-                    "DELETE FROM blocks WHERE name=?", [(block_name(*b),) for b in erase]
-                )
+                self._write_marks(db, marks)
+                erase = dict.fromkeys(name for name in damaged if self._bad(name))
+                db.executemany("DELETE FROM blocks WHERE name=?", [(name,) for name in erase])
         except sqlite3.Error as exc:
             log.warning("cache accounting failed (%s): marks of use lost, erasing later", exc)
             return
-        by_file: dict[Layout, list[int]] = defaultdict(list)
-        for layout, index in erase:
-            by_file[layout].append(index)
-        for layout, indices in by_file.items():
-            with contextlib.suppress(OSError):
-                self._erase(layout, indices)
+        self._free(erase, set())
         with self._marks_lock:
-            for name, block in damaged.items():
-                if self._damaged.get(name) == block:
-                    del self._damaged[name]
+            self._damaged -= damaged
             self._retry_at = 0.0
 
-    def _bad(self, layout: Layout, index: int) -> bool:
+    def _bad(self, name: str) -> bool:
         """Whether a block found damaged is to be erased: it still fails its check, or it is
         gone from its file (its row, if any, goes); not one written anew since."""
+        split = split_name(name)
+        if split is None:
+            return True
+        layout, index = split
         try:
             fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -587,11 +576,16 @@ class DiskStore:
         finally:
             os.close(fd)
 
-    def _write_touches(self, db: sqlite3.Connection) -> None:
-        """Write the pending marks of use (inside the caller's transaction)."""
+    def _take_marks(self) -> dict[str, float]:
+        """The pending marks of use (last use by block name), to be written by the taker."""
         with self._marks_lock:
-            pending, self._pending = self._pending, {}
-        db.executemany("UPDATE blocks SET used=? WHERE name=?", _marks(pending))
+            marks, self._pending = self._pending, {}
+        return marks
+
+    @staticmethod
+    def _write_marks(db: sqlite3.Connection, marks: dict[str, float]) -> None:
+        """Write marks of use (inside the caller's transaction)."""
+        db.executemany("UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in marks.items()])
 
     def put_many(
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
@@ -633,8 +627,7 @@ class DiskStore:
             return 0
         if self._damaged:  # written anew: no longer misses, nor to be erased
             with self._marks_lock:
-                for name in names:
-                    self._damaged.pop(name, None)
+                self._damaged.difference_update(names)
         return len(chosen)
 
     def _write(self, layout: Layout, blocks: dict[int, bytes]) -> None:
@@ -652,7 +645,7 @@ class DiskStore:
         size = sum(nbytes for _, nbytes in entries)
         names = [(name,) for name, _ in entries]
         with self._transaction() as db:
-            self._write_touches(db)
+            self._write_marks(db, self._take_marks())
             db.executemany("DELETE FROM blocks WHERE name=?", names)
             (used,) = db.execute("SELECT bytes FROM total").fetchone()
             victims: dict[str, None] = {}
@@ -708,7 +701,8 @@ class DiskStore:
         }
 
     def _free(self, victims: dict[str, None], emptied: set[str]) -> None:
-        """Give the evicted blocks' disk space back: whole files removed, blocks erased."""
+        """Give the disk space of blocks whose rows are gone back (evicted, or found damaged:
+        `settle`): whole files removed, blocks erased."""
         by_file: dict[str, list[int]] = defaultdict(list)
         for victim in victims:
             split = split_name(victim)
