@@ -182,12 +182,9 @@ def read_s3_credentials(
     env = os.environ if environ is None else environ
     if credentials_file is not None:
         parser = configparser.ConfigParser(interpolation=None)
+        text = _private_text(credentials_file, "S3 credentials file")
         try:
-            parser.read_string(credentials_file.read_text(), source=str(credentials_file))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read S3 credentials file {credentials_file}: {exc.strerror}"
-            ) from None
+            parser.read_string(text, source=str(credentials_file))
         except configparser.Error:
             raise ConfigError(
                 f"S3 credentials file {credentials_file} is not an INI file"

@@ -100,14 +100,17 @@ def test_credentials_from_env_or_file(tmp_path: Path) -> None:
         f"[other]\naws_access_key_id = x\naws_secret_access_key = y\n"
         f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"
     )
+    aws.chmod(0o600)
     other = {"DCORFS_S3_ACCESS_KEY_ID": "k", "DCORFS_S3_SECRET_ACCESS_KEY": "s"}
     assert read_s3_credentials(aws, other) == S3Credentials(KEY_ID, SECRET)  # the file wins
     single = tmp_path / "single"
     single.write_text(f"[dcor]\naccess_key_id={KEY_ID}\nsecret_access_key={SECRET}\n")
+    single.chmod(0o600)
     assert read_s3_credentials(single, env) == S3Credentials(KEY_ID, SECRET)
     for text in (f"{SECRET}\n", f"[a]\nx=1\n[b]\naws_secret_access_key={SECRET}\n", "[default]\n"):
         broken = tmp_path / "broken"
         broken.write_text(text)
+        broken.chmod(0o600)
         with pytest.raises(ConfigError) as caught:
             read_s3_credentials(broken, env)
         assert SECRET not in str(caught.value)

@@ -257,10 +257,11 @@ def test_umount_of_what_is_not_mounted_says_so(
 
 
 def test_files_of_secrets_others_may_read_are_refused(tmp_path: Path) -> None:
-    """An API key file, like a share's password file, is refused (one line, without its
-    text) when its group or others may read it: chmod 600."""
+    """An API key file, like a share's password file and an S3 credentials file (also the
+    shared cache's), is refused (one line, without its text) when its group or others may
+    read it: chmod 600."""
     from dcorfs.errors import ConfigError
-    from dcorfs.settings import read_password_file, read_token
+    from dcorfs.settings import read_password_file, read_s3_credentials, read_token
 
     key = tmp_path / "key"
     key.write_text("secret-token\n")
@@ -276,3 +277,11 @@ def test_files_of_secrets_others_may_read_are_refused(tmp_path: Path) -> None:
     users.chmod(0o640)
     with pytest.raises(ConfigError, match="password file .* is readable by others"):
         read_password_file(users)
+    s3 = tmp_path / "s3.ini"
+    s3.write_text("[default]\naws_access_key_id = k\naws_secret_access_key = secret-s3\n")
+    s3.chmod(0o604)
+    with pytest.raises(
+        ConfigError, match="S3 credentials file .* is readable by others"
+    ) as s3_refused:
+        read_s3_credentials(s3, {})
+    assert "secret-s3" not in str(s3_refused.value)
