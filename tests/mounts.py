@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from dcorfs.admin.unmount import is_mounted
 from dcorfs.cache.cachedir import META
 from dcorfs.cache.metastore import read_answers
-from dcorfs.daemon.tuning import device_of
 
 FUSE_MISSING = (
     "/dev/fuse is missing"
@@ -121,10 +121,6 @@ def _wait_gone(pid: int, seconds: float = 30.0) -> None:
         time.sleep(0.05)
     os.kill(pid, 9)
     raise AssertionError(f"the daemon {pid} did not exit after unmount")
-
-
-def is_mounted(path: Path) -> bool:
-    return device_of(path.absolute(), Path("/proc/self/mountinfo").read_text()) is not None
 
 
 def kill_and_unmount(process: subprocess.Popen[Any], mountpoint: Path) -> None:

@@ -16,7 +16,7 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=False)
 
 
-def mounted(mountpoint: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+def is_mounted(mountpoint: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
     """Whether something is mounted at `mountpoint` (by its absolute or its resolved path),
     as the kernel's mount table says: stat would hang on, or fail at, a stale FUSE mount;
     True when the table cannot be read (then fusermount is left to tell)."""
@@ -29,7 +29,7 @@ def mounted(mountpoint: Path, mountinfo: Path = Path("/proc/self/mountinfo")) ->
 
 
 def unmount(mountpoint: Path) -> int:
-    if not mounted(mountpoint):
+    if not is_mounted(mountpoint):
         print(f"dcorfs: {mountpoint} is not mounted", file=sys.stderr)
         return 1
     first = _fusermount("-u", str(mountpoint))

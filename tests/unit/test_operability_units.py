@@ -239,7 +239,7 @@ def test_umount_of_what_is_not_mounted_says_so(
     """`dcorfs umount` of a directory nothing is mounted at: one line saying so (not
     fusermount's "Invalid argument"); the kernel's mount table decides, by the absolute or
     the resolved path, and an unreadable table leaves it to fusermount."""
-    from dcorfs.admin.unmount import mounted, unmount
+    from dcorfs.admin.unmount import is_mounted, unmount
 
     table = tmp_path / "mountinfo"
     table.write_text(
@@ -248,10 +248,10 @@ def test_umount_of_what_is_not_mounted_says_so(
     )
     (tmp_path / "with space").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "with space")
-    assert mounted(tmp_path / "with space", table)
-    assert mounted(tmp_path / "link", table)  # (resolved)
-    assert not mounted(tmp_path / "other", table)
-    assert mounted(tmp_path / "other", tmp_path / "missing")  # (fusermount tells)
+    assert is_mounted(tmp_path / "with space", table)
+    assert is_mounted(tmp_path / "link", table)  # (resolved)
+    assert not is_mounted(tmp_path / "other", table)
+    assert is_mounted(tmp_path / "other", tmp_path / "missing")  # (fusermount tells)
     assert unmount(tmp_path) == 1
     assert capsys.readouterr().err == f"dcorfs: {tmp_path} is not mounted\n"
 
