@@ -27,7 +27,7 @@ from dcorfs.cache.prefetch import DISK_PARTS_FROM
 from dcorfs.cache.slots import Layout
 from dcorfs.errors import DeadlineExceeded, ProtocolError, TransientError
 
-from ..cachefiles import index_rows
+from ..cachefiles import StoredBlock, flip, index_rows
 
 BLOCK = 4096  # a filesystem block: an evicted block's space comes back whole
 DATA = os.urandom(10 * BLOCK + 123)
@@ -234,10 +234,8 @@ def test_a_disk_read_writes_nothing_and_leaves_its_marks_to_settle(
 
     before = {i: used(i) or 0.0 for i in range(6)}
     assert store.settle_in() is None  # nothing to settle yet
-    raw = bytearray(path.read_bytes())
     for index in (0, 3, 5):
-        raw[layout.data_at(index) + 5] ^= 0xFF
-    path.write_bytes(raw)
+        flip(StoredBlock(path, layout, index))
     with monkeypatch.context() as patched:
         patched.setattr(store, "_transaction", written)
         patched.setattr(store, "_sql", written)

@@ -22,7 +22,7 @@ from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.slots import Layout
 from dcorfs.cache.writebehind import BEHIND_UP_TO, WriteBehind
 
-from ..cachefiles import index_rows, stored_blocks
+from ..cachefiles import StoredBlock, flip, index_rows, stored_blocks
 
 BLOCK = 4096
 DATA = os.urandom(8 * BLOCK)
@@ -207,14 +207,11 @@ def test_a_waiter_has_its_block_before_the_maker_has_written_it(tmp_path: Path) 
 
 
 def damaged_store(tmp_path: Path, *, blocks: int, bad: int) -> tuple[DiskStore, Layout]:
-    """A disk store holding the first `blocks` blocks of OBJ, block `bad` with a bit flipped."""
+    """A disk store holding the first `blocks` blocks of OBJ, block `bad` with a byte flipped."""
     store = DiskStore(tmp_path / "cache", limit_bytes=4 << 20, block_size=BLOCK)
     assert store.put_many(OBJ, {i: block(i) for i in range(blocks)}) == blocks
     layout = Layout.of(OBJ, BLOCK)
-    path = tmp_path / "cache" / "objects" / layout.name
-    raw = bytearray(path.read_bytes())
-    raw[layout.data_at(bad) + 9] ^= 0x10
-    path.write_bytes(raw)
+    flip(StoredBlock(tmp_path / "cache" / "objects" / layout.name, layout, bad))
     return store, layout
 
 
