@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from ..cache import cachedir
-from ..daemon.report import size
+from ..daemon.report import counted, size
 from ..errors import ConfigError
 from .status import read_status
 
@@ -246,9 +246,9 @@ def warmup(
     left = sum(item.size for item in todo)
     skipped = len(items) - len(todo)
     out.write(
-        f"{len(items)} files, {size(total)}"
+        f"{counted(len(items), 'file')}, {size(total)}"
         + (f"; {skipped} done by an interrupted run (--again re-reads them)" if skipped else "")
-        + f"; to read: {len(todo)} files, {size(left)}\n"
+        + f"; to read: {counted(len(todo), 'file')}, {size(left)}\n"
     )
     if mount.cache_limit is not None and total > mount.cache_limit:
         out.write(
@@ -273,9 +273,10 @@ def warmup(
         )
         return 130
     bar.close()
-    out.write(f"warmed {reader.finished} files, {size(reader.nbytes)} read\n")
+    out.write(f"warmed {counted(reader.finished, 'file')}, {size(reader.nbytes)} read\n")
     if reader.failed:
-        out.write(f"{len(reader.failed)} files failed (see above); run again to retry them\n")
+        failed = counted(len(reader.failed), "file")
+        out.write(f"{failed} failed (see above); run again to retry them\n")
         return 1
     journal.forget(list(items.values()))
     return 0

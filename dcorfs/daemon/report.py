@@ -19,6 +19,11 @@ def size(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def counted(number: int, noun: str) -> str:
+    """(1, 'file') → '1 file'; (3, 'file') → '3 files'."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def duration(seconds: float) -> str:
     """3725 → '1h 2m'; 42 → '42s'."""
     seconds = max(0, int(seconds))

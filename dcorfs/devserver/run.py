@@ -79,10 +79,11 @@ def serve(
         signal.signal(signal.SIGTERM, on_signal)
         site = server.site
         assert site is not None
+        datasets = len(site.repo.datasets)
+        resources = sum(len(d.resources) for d in site.repo.datasets.values())
         say(
-            f"serving {len(site.repo.datasets)} datasets with "
-            f"{sum(len(d.resources) for d in site.repo.datasets.values())} resources "
-            f"from {data}"
+            f"serving {datasets} dataset{'' if datasets == 1 else 's'} with "
+            f"{resources} resource{'' if resources == 1 else 's'} from {data}"
         )
         print(server.url, flush=True)
         while not stop.wait(0.5):

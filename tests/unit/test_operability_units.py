@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dcorfs.daemon.notify import Notifier, watchdog_interval
-from dcorfs.daemon.report import duration, hit_ratio, one_line, size, summary
+from dcorfs.daemon.report import counted, duration, hit_ratio, one_line, size, summary
 from dcorfs.remote.dcserv import parse_resource_key, resource_key
 
 from ..conftest import REPO
@@ -49,6 +49,11 @@ def test_report_texts() -> None:
     assert size(1536) == "1.5 KiB"
     assert size(10 << 30) == "10.0 GiB"
     assert duration(42) == "42s"
+    assert (counted(0, "file"), counted(1, "file"), counted(2, "file")) == (
+        "0 files",
+        "1 file",
+        "2 files",
+    )
     assert duration(3725) == "1h 2m"
     assert duration(2 * 86400 + 3600) == "2d 1h"
     cache = {"memory_hits": 3, "disk_hits": 1, "misses": 4, "disk_bytes": 2048}
