@@ -56,6 +56,9 @@ are asked for, within a memory budget. In the order a resource meets them:
    up to `WINDOWS_AHEAD` windows ahead; all windows of all files share the budget
    `MemoryPlan.prefetch` (a share of `--memory-limit`, `cache.budget`). A jump elsewhere
    ends the stream; a failed window is not used (prefetch never changes what a read returns).
+   Through FUSE, the made bytes of a stream from `PUSH_GAP` to `PUSH_AHEAD` beyond its last
+   request are pushed into the kernel's page cache (`fs.pagepush`), so that the reader finds
+   them there without a request per 128 KiB; windows are then made ahead of what was pushed.
    A file of at most `SMALL_FILE` bytes is made whole at its handle's first read (one window):
    `numpy.load` of a scalar feature's file reads it all, in the kernel's 128 KiB requests,
    each otherwise a trip to a worker thread and a read of the disk tier of its own (100,000
@@ -114,6 +117,8 @@ FORWARD = 16 << 20  # ... and this far ahead
 WINDOW_INITIAL = 1 << 20  # the first window; then as large as what was read so far …
 WINDOW_CAP = 16 << 20  # … up to this (and a quarter of the budget)
 WINDOWS_AHEAD = 2  # windows made ahead of the reader
+PUSH_GAP = 4 << 20  # made windows this far beyond a FUSE stream's last request: pushed …
+PUSH_AHEAD = 32 << 20  # … into the kernel's page cache, up to this far beyond it
 SMALL_FILE = 2 << 20  # files up to this size: made whole at their first read
 
 # 7. the disk tier

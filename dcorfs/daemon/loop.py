@@ -74,6 +74,8 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     finally:
         notifier.send("STOPPING=1", "STATUS=unmounting")
         collector.stop()
+        if ops.pusher is not None:
+            ops.pusher.close()  # its pushes need the FUSE session, which close() ends
         pyfuse3.close(unmount=True)
         close()
         log.info("unmounted %s", settings.mountpoint)

@@ -103,6 +103,12 @@ def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
         [({}, int(front.get("bytes_served", 0)))],
     )
     lines += family(
+        "pushed_bytes",
+        "counter",
+        "Bytes of read-ahead pushed into the kernel's page cache (read there without a request).",
+        [({}, int(front.get("pushed_bytes", 0)))],
+    )
+    lines += family(
         "block_reads",
         "counter",
         "Block reads by tier: memory, disk (hits) or network (misses; decoded: made).",

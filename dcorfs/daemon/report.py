@@ -104,7 +104,8 @@ def summary(report: dict[str, Any], now: float | None = None) -> str:
             f"{fuse.get('opens', 0)} opens, "
             f"{fuse.get('reads_inline', 0) + fuse.get('reads_waited', 0)} reads "
             f"({fuse.get('reads_waited', 0)} waited for the network or disk), "
-            f"{size(fuse.get('bytes_served', 0))} read",
+            f"{size(fuse.get('bytes_served', 0))} read"
+            + (f", {size(pushed)} pushed ahead" if (pushed := fuse.get("pushed_bytes", 0)) else ""),
         ),
         (
             "errors",

@@ -12,8 +12,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import pyfuse3
 import trio
 
 from .. import __version__
@@ -27,6 +28,7 @@ from ..cache.prefetch import DECODED_BLOCK
 from ..cache.writebehind import WriteBehind
 from ..fs.activity import Activity
 from ..fs.fuse_ops import Operations
+from ..fs.pagepush import PagePusher, Store
 from ..fs.readahead import Prefetcher
 from ..fs.s3tree import build_s3_root
 from ..fs.tree import Context, Dir, build_root
@@ -311,5 +313,7 @@ def build(
         limiter=trio.CapacityLimiter(settings.network_threads),
         activity=front.activity,
         prefetcher=front.prefetcher,
+        # notify_store takes any contiguous buffer (pyfuse3 reads it with PyObject_GetBuffer)
+        pusher=PagePusher(cast(Store, pyfuse3.notify_store), front.activity.counters),
     )
     return ops, front.report, front.close

@@ -32,6 +32,7 @@ from ..cache.prefetch import DISK_INLINE_PAUSE, DISK_INLINE_SLOW
 from ..errors import DcorfsError, NotFound
 from .activity import Activity
 from .content import FileContent, StaticContent
+from .pagepush import PagePusher
 from .readahead import Prefetcher, ReadAhead
 from .tree import Dir, File, Node
 
@@ -114,6 +115,7 @@ class Operations(pyfuse3.Operations):
         limiter: trio.CapacityLimiter,
         activity: Activity | None = None,
         prefetcher: Prefetcher | None = None,
+        pusher: PagePusher | None = None,
     ) -> None:
         super().__init__()
         self.activity = activity or Activity()
@@ -123,6 +125,7 @@ class Operations(pyfuse3.Operations):
         self._negative_time = negative_time
         self._limiter = limiter
         self._prefetcher = prefetcher
+        self.pusher = pusher  # made read-ahead windows into the page cache (stop before close)
         self._uid, self._gid = os.getuid(), os.getgid()
         self._nodes: dict[Inode, Node] = {ROOT: root}
         self._inodes: dict[str, Inode] = {root.path: ROOT}
@@ -354,7 +357,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         content = await self._blocking(node.content) if node.blocking else node.content()
         if self._prefetcher is not None and not isinstance(content, StaticContent):
-            content = self._prefetcher.wrap(content)  # lazy bytes: read-ahead for streams
+            # lazy bytes: read-ahead for streams, pushed into the kernel's page cache
+            push = None if self.pusher is None else functools.partial(self.pusher.wake, inode)
+            content = self._prefetcher.wrap(content, push=push)
         fh = FileHandle(self._handle())
         self._files[fh] = content
         self.activity.counters["opens"] += 1

@@ -35,6 +35,8 @@ from ..cache.budget import Budget
 from ..cache.prefetch import (
     BACK,
     FORWARD,
+    PUSH_AHEAD,
+    PUSH_GAP,
     SMALL_FILE,
     STREAM,
     WINDOW_CAP,
@@ -43,6 +45,7 @@ from ..cache.prefetch import (
 )
 from ..errors import DeadlineExceeded
 from .content import Buffer, FileContent, read_pieces
+from .pagepush import PAGE, Pushable
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +103,23 @@ class _Window:
         piece a view of it (no copy: the FUSE reply copies it into the kernel once, and a
         128 KiB copy per read on the trio thread was 6% of the daemon's CPU re-reading
         image.npy), across pieces those bytes joined."""
+        views = self.views(pieces, offset, stop)
+        if len(views) == 1:
+            piece = pieces[bisect.bisect_right(self._starts, offset) - 1]
+            whole = len(views[0]) == len(piece)
+            return piece if whole else views[0]
+        return b"".join(views)  # copied once, by the join
+
+    def views(self, pieces: list[bytes], offset: int, stop: int) -> list[memoryview]:
+        """Bytes [offset, stop) of the window as views of its pieces, in order."""
         i = bisect.bisect_right(self._starts, offset) - 1
-        piece, at = pieces[i], self._starts[i]
-        if stop <= at + len(piece):  # within one piece
-            whole = offset == at and stop == at + len(piece)
-            return piece if whole else memoryview(piece)[offset - at : stop - at]
         out = []
         while offset < stop:
             piece, at = pieces[i], self._starts[i]
             end = min(stop, at + len(piece))
-            out.append(memoryview(piece)[offset - at : end - at])  # copied once, by the join
+            out.append(memoryview(piece)[offset - at : end - at])
             offset, i = end, i + 1
-        return b"".join(out)
+        return out
 
 
 class Prefetcher:
@@ -129,8 +137,11 @@ class Prefetcher:
         forward: int = FORWARD,
         timeout: float = 60.0,
         small: int = SMALL_FILE,
+        push_gap: int = PUSH_GAP,
+        push_ahead: int = PUSH_AHEAD,
     ) -> None:
         self.back, self.forward = back, forward
+        self.push_gap, self.push_ahead = push_gap, push_ahead
         self.small = small
         self.budget = Budget(budget_bytes)
         # small files made whole hold at most a quarter of it together (they are kept while
@@ -146,8 +157,11 @@ class Prefetcher:
         )
         self.counters = {"windows": 0, "window_bytes": 0, "hits": 0, "misses": 0}
 
-    def wrap(self, content: FileContent) -> ReadAhead:
-        return ReadAhead(content, self)
+    def wrap(
+        self, content: FileContent, *, push: Callable[[Pushable], None] | None = None
+    ) -> ReadAhead:
+        """`push`: wakes a pusher of made windows into the kernel's page cache (FUSE)."""
+        return ReadAhead(content, self, push=push)
 
     def submit(self, content: FileContent, start: int, stop: int) -> _Window:
         deadline = time.monotonic() + self.timeout
@@ -163,7 +177,13 @@ class Prefetcher:
 class ReadAhead:
     """A `FileContent` for one open handle, with read-ahead for sequential readers."""
 
-    def __init__(self, content: FileContent, prefetcher: Prefetcher) -> None:
+    def __init__(
+        self,
+        content: FileContent,
+        prefetcher: Prefetcher,
+        *,
+        push: Callable[[Pushable], None] | None = None,
+    ) -> None:
         self._content = content
         self._pf = prefetcher
         self._lock = threading.Lock()
@@ -171,6 +191,8 @@ class ReadAhead:
         self._end = 0  # where the stream's last read ended
         self._streak = 0  # bytes read sequentially so far
         self._closed = False
+        self._push = push
+        self._pushed = 0  # the stream's bytes up to here were pushed (`pagepush`)
 
     @property
     def size(self) -> int:
@@ -313,7 +335,8 @@ class ReadAhead:
     # -- the stream (called with the lock held) ----------------------------------------------------
 
     def _continues(self, offset: int) -> bool:
-        return self._end - self._pf.back <= offset <= self._end + self._pf.forward
+        ahead = max(self._end, self._pushed)  # pushed bytes are read without requests
+        return self._end - self._pf.back <= offset <= ahead + self._pf.forward
 
     def _window_size(self) -> int:
         return min(self._pf.cap, max(self._pf.initial, self._streak))
@@ -330,22 +353,90 @@ class ReadAhead:
             self._drop(lambda w: not w.whole)
             self._streak = 0
             self._end = stop
+            self._pushed = 0
         if stop >= self.size:  # read to its end: a small file made whole has been read
             self._drop(lambda w: w.whole)
         self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed
         if self._streak >= self._pf.stream:
             self._schedule()
+            if self._push is not None and self._push_from() is not None:
+                self._push(self)
 
     def _schedule(self) -> None:
         size = self._window_size()
-        horizon = min(self.size, self._end + WINDOWS_AHEAD * size)
-        made = max([self._end] + [w.stop for w in self._windows if w.stop > self._end])
+        # windows are made ahead of what was pushed too, while that is not too far ahead
+        base = min(max(self._end, self._pushed), self._end + self._pf.push_ahead)
+        horizon = min(self.size, base + WINDOWS_AHEAD * size)
+        made = max([self._end, self._pushed] + [w.stop for w in self._windows])
         while made < horizon and not self._closed:
             stop = min(self.size, made + size)
             if not self._pf.budget.try_take(stop - made):
                 break
-            self._insert(self._pf.submit(self._content, made, stop))
+            window = self._pf.submit(self._content, made, stop)
+            self._insert(window)
+            if self._push is not None:
+                window.future.add_done_callback(self._window_made)
             made = stop
+
+    def _window_made(self, future: concurrent.futures.Future[list[bytes]]) -> None:
+        """(Any thread, maybe holding the lock: the pusher takes it, not this.)"""
+        push = self._push
+        if push is not None:
+            push(self)
+
+    # -- pushing made windows into the kernel (`fs.pagepush`) ------------------------------------
+
+    def _push_from(self) -> int | None:
+        """Where the next push would start, if the window there is made (lock held)."""
+        if self._push is None or self._closed or self._streak < self._pf.stream:
+            return None
+        start = -(-max(self._pushed, self._end + self._pf.push_gap) // PAGE) * PAGE  # whole pages
+        if start >= min(self.size, self._end + self._pf.push_ahead):
+            return None
+        window = self._covering(start, start + 1)
+        return start if window is not None and window.future.done() else None
+
+    def pushable(self) -> tuple[int, list[Buffer]] | None:
+        """The made bytes of the stream to push now, from where they start, in whole pages
+        but at the file's end (called by the pusher's thread)."""
+        with self._lock:
+            start = self._push_from()
+            if start is None:
+                return None
+            stop, limit = start, min(self.size, self._end + self._pf.push_ahead)
+            if limit < self.size:
+                limit -= limit % PAGE  # a push ends at a page boundary, or at the file's end
+            spans: list[tuple[_Window, list[bytes], int]] = []
+            while stop < limit and (window := self._covering(stop, stop + 1)) is not None:
+                pieces = window.made(0) if window.future.done() else None
+                if pieces is None:
+                    break
+                spans.append((window, pieces, stop))
+                stop = min(window.stop, limit)
+            if stop < self.size:
+                stop -= stop % PAGE  # a part of a page waits for the window after it
+            if stop <= start:
+                return None
+            views: list[Buffer] = []
+            for window, pieces, at in spans:
+                if at < stop:
+                    views += window.views(pieces, at, min(window.stop, stop))
+            self._pushed = stop
+            self._schedule()
+            return start, views
+
+    def pushed(self, start: int, stop: int) -> None:
+        """Bytes [start, stop) are in the kernel now: the windows within them are let go
+        (kept until then: a reader that catches up with the pusher is served from them)."""
+        with self._lock:
+            self._drop(lambda w: w.start >= start and w.stop <= stop)
+
+    def push_failed(self, offset: int) -> None:
+        """Bytes from `offset` on did not reach the kernel: no more pushes for this handle,
+        the reader's requests from there on are served as without pushes."""
+        with self._lock:
+            self._push = None
+            self._pushed = min(self._pushed, offset)
 
     def _drop(self, which: Callable[[_Window], bool]) -> None:
         keep: list[_Window] = []

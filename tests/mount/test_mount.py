@@ -24,6 +24,8 @@ import requests
 from dcorfs.cache.derived import is_derived
 from dcorfs.cache.diskstore import read_inventory
 from dcorfs.cache.identity import ObjectId
+from dcorfs.devserver.datadir import write_json
+from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
 from ..cachefiles import StoredBlock, flip, object_files, on_disk, stored_blocks
@@ -448,6 +450,38 @@ def test_warm_reads_are_served_on_the_fuse_thread(data_dir: Path, tmp_path: Path
     waited = after.get("reads_waited", 0) - before.get("reads_waited", 0)
     assert waited == 0, (before, after)
     assert after["reads_inline"] - before["reads_inline"] >= len(small) + 40, (before, after)
+
+
+def test_a_streams_bytes_are_pushed_into_the_page_cache(tmp_path: Path) -> None:
+    """A sequential reader of a large file finds much of it pushed into the kernel's page
+    cache (`fs.pagepush`, FUSE notify_store) rather than asked for 128 KiB at a time, when
+    its windows are made faster than it reads (warm, from the disk cache; cold, the reader
+    here mostly waits for the network and decoding, and what is pushed then is little);
+    every byte is the file's either way, and a second read comes from the page cache alone."""
+    data = tmp_path / "data"
+    write_json(data / "public-lab" / "big" / "dataset.json", {"title": "Big"})
+    write_rtdc(data / "public-lab" / "big" / "M001_data.rtdc", SampleSpec(events=2000, seed=5))
+    with dclab.new_dataset(data / "public-lab" / "big" / "M001_data.rtdc") as ds:
+        truth = ds["image"][:]
+
+    def fuse(mnt: Path) -> tuple[Any, int]:
+        """The counters, and the bytes of this report (counted in the next one)."""
+        text = (mnt / ".dcorfs" / "status.json").read_bytes()
+        return json.loads(text)["fuse"], len(text)
+
+    with DevServer(data) as server:
+        for warm in (False, True):
+            with mounted(tmp_path / "mnt", server.url, tmp_path / "cache") as mnt:
+                path = mnt / "datasets" / "big" / "M001_data" / "image.npy"
+                size = path.stat().st_size
+                with path.open("rb", buffering=0) as handle:
+                    streamed = b"".join(iter(lambda: handle.read(1 << 20), b""))
+                counted, report = fuse(mnt)
+                assert np.array_equal(np.load(io.BytesIO(streamed)), truth), warm
+                assert counted["push_failures"] == 0, counted
+                assert counted["pushed_bytes"] > (size // 3 if warm else -1), (size, counted)
+                assert path.read_bytes() == streamed  # from the page cache: no request
+                assert fuse(mnt)[0]["bytes_served"] == counted["bytes_served"] + report
 
 
 def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> None:

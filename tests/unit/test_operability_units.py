@@ -64,7 +64,7 @@ def test_report_texts() -> None:
         "mountpoint": "/mnt/dcor",
         "started": 1000.0,
         "cache": {**cache, "disk_limit": 1 << 30, "in_flight": 2},
-        "fuse": {"errors": 1},
+        "fuse": {"errors": 1, "bytes_served": 1536, "pushed_bytes": 2048},
         "recent_errors": [{"time": 1000.0, "operation": "read", "error": "HTTP 503"}],
     }
     assert one_line(report) == (
@@ -73,6 +73,7 @@ def test_report_texts() -> None:
     text = summary(report, now=1000.0 + 90)
     assert "https://dcor.example at /mnt/dcor" in text
     assert "up 1m 30s" in text
+    assert "1.5 KiB read, 2.0 KiB pushed ahead" in text
     assert "50.0 % of block reads (3 memory, 1 disk, 4 network)" in text
     assert "read: HTTP 503" in text
 

@@ -1,0 +1,209 @@
+"""Made read-ahead windows pushed into the kernel's page cache (`fs.pagepush`): what reaches
+the kernel is the file's bytes, in whole pages, never past its end; a failed push leaves the
+reader served as without pushes. The kernel is a fake here (the transport boundary: FUSE's
+notify_store); a real mount pushes in tests/mount/test_mount.py."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcorfs.fs.content import Buffer
+from dcorfs.fs.pagepush import PAGE, PagePusher, whole_pages
+from dcorfs.fs.readahead import Prefetcher, ReadAhead
+
+from .test_readahead import KIB, Rows, content, expected
+
+INODE = 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3 * PAGE + 5), max_size=12), st.integers(0, 3))
+def test_whole_pages_cut_any_pieces_at_page_boundaries(lengths: list[int], page: int) -> None:
+    pieces = [bytes([i % 251]) * n for i, n in enumerate(lengths)]
+    out = whole_pages(page * PAGE, pieces)
+    assert b"".join(bytes(data) for _, data in out) == b"".join(pieces)
+    at = page * PAGE
+    for i, (offset, data) in enumerate(out):
+        assert offset == at and offset % PAGE == 0
+        assert len(data) > 0
+        assert len(data) % PAGE == 0 or i == len(out) - 1
+        at += len(data)
+
+
+class Kernel:
+    """The page cache of one file, as FUSE keeps it: pushed pages (notify_store marks a page
+    read only when one push fills it from its start, or up to the file's end) and pages a
+    read request filled. `fail`: (errno, from which push) the store raises."""
+
+    def __init__(self, size: int, fail: tuple[int, int] | None = None) -> None:
+        self.size = size
+        self.pages: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+        self.stores = 0
+        self.pushed_pages = 0
+        self.requests = 0
+        self.fail = fail
+
+    def store(self, inode: int, offset: int, data: Buffer) -> None:
+        assert inode == INODE
+        assert offset % PAGE == 0, offset
+        assert offset + len(data) <= self.size, (offset, len(data))  # would grow the file
+        assert len(data) % PAGE == 0 or offset + len(data) == self.size, (offset, len(data))
+        with self.lock:
+            self.stores += 1
+            if self.fail is not None and self.stores > self.fail[1]:
+                raise OSError(self.fail[0], "injected")
+            for at in range(0, len(data), PAGE):
+                self.pages[(offset + at) // PAGE] = bytes(data[at : at + PAGE])
+                self.pushed_pages += 1
+
+    def read_all(self, reader: ReadAhead, *, pause: int | None = None, stores: int = 1) -> bytes:
+        """A sequential reader: cached pages from the page cache, the rest asked for in
+        requests of up to 128 KiB (each up to the next cached page), as the kernel does.
+        `pause`: having read that many bytes, wait (up to 10 s) for `stores` pushes."""
+        out = bytearray()
+        while len(out) < self.size:
+            if pause is not None and len(out) >= pause:
+                pause, deadline = None, time.monotonic() + 10
+                while self.stores < stores and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            page = len(out) // PAGE
+            with self.lock:
+                cached = self.pages.get(page)
+            if cached is not None:
+                out += cached
+                continue
+            stop = min(self.size, len(out) + 128 * KIB)
+            with self.lock:
+                for later in range(page + 1, -(-stop // PAGE)):
+                    if later in self.pages:
+                        stop = later * PAGE
+                        break
+            offset, length = len(out), stop - len(out)
+            self.requests += 1
+            data = reader.peek(offset, length)
+            if data is None:
+                data = reader.read(offset, length, deadline=time.monotonic() + 30)
+            assert len(data) == length
+            out += data
+            time.sleep(0.0002)  # the reader's own work: the pusher gets ahead now and then
+        return bytes(out)
+
+
+@contextmanager
+def pushing(
+    kernel: Kernel, budget: int = 512 * KIB
+) -> Iterator[tuple[Prefetcher, PagePusher, ReadAhead]]:
+    pf = Prefetcher(
+        budget_bytes=budget,
+        workers=3,
+        initial=16 * KIB,
+        cap=64 * KIB,
+        stream=32 * KIB,
+        back=32 * KIB,
+        forward=256 * KIB,
+        timeout=30,
+        push_gap=64 * KIB,
+        push_ahead=256 * KIB,
+    )
+    pusher = PagePusher(kernel.store)
+    reader = pf.wrap(content(Rows(), pieced=True), push=lambda source: pusher.wake(INODE, source))
+    try:
+        yield pf, pusher, reader
+    finally:
+        reader.close()
+        pusher.close()
+        pf.close()
+
+
+def settled(pf: Prefetcher) -> None:
+    deadline = time.monotonic() + 10
+    while pf.budget.used and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_stream_is_pushed_and_reads_the_truth() -> None:
+    probe = content(Rows(), pieced=True)
+    kernel = Kernel(probe.size)
+    with pushing(kernel) as (pf, pusher, reader):
+        assert kernel.read_all(reader, pause=256 * KIB) == expected(0, probe.size, probe.size)
+        assert pusher.counters["pushes"] > 0 and pusher.counters["push_failures"] == 0
+        assert kernel.pushed_pages > 0  # and those pages were not asked for (`read_all`)
+        assert pusher.counters["pushed_bytes"] == kernel.pushed_pages * PAGE - (
+            -probe.size % PAGE if (probe.size - 1) // PAGE in kernel.pages else 0
+        )
+        reader.close()
+        settled(pf)
+        assert pf.budget.used == 0  # windows pushed or read were all given back
+        assert pf.budget.peak <= pf.budget.limit
+
+
+def test_a_failed_push_leaves_the_reader_served_without_pushes() -> None:
+    probe = content(Rows(), pieced=True)
+    kernel = Kernel(probe.size, fail=(errno.ENOENT, 5))  # as when the kernel forgot the inode
+    with pushing(kernel) as (pf, pusher, reader):
+        got = kernel.read_all(reader, pause=256 * KIB, stores=6)  # the pusher meets the failure
+        assert got == expected(0, probe.size, probe.size)
+        assert pusher.counters["push_failures"] == 1  # and that handle pushed no more
+        assert kernel.stores == 6
+        assert pusher.active  # another handle would still push
+        reader.close()
+        settled(pf)
+        assert pf.budget.used == 0
+
+
+def test_a_kernel_without_pushes_turns_the_pusher_off() -> None:
+    probe = content(Rows(), pieced=True)
+    kernel = Kernel(probe.size, fail=(errno.ENOSYS, 0))
+    with pushing(kernel) as (_, pusher, reader):
+        assert kernel.read_all(reader) == expected(0, probe.size, probe.size)
+        assert not pusher.active
+        assert kernel.stores == 1 and kernel.pushed_pages == 0
+
+
+def test_random_reads_push_nothing() -> None:
+    probe = content(Rows(), pieced=True)
+    kernel = Kernel(probe.size)
+    with pushing(kernel) as (_, pusher, reader):
+        for offset in range(probe.size - 4 * KIB, 0, -97 * KIB):
+            got = reader.read(offset, 4 * KIB, deadline=time.monotonic() + 30)
+            assert got == expected(offset, 4 * KIB, probe.size)
+        time.sleep(0.05)
+        assert kernel.stores == 0 and pusher.counters["pushes"] == 0
+
+
+def test_a_closed_pusher_stops_and_takes_no_more() -> None:
+    kernel = Kernel(1 << 20)
+    pusher = PagePusher(kernel.store)
+
+    class Source:
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def pushable(self) -> tuple[int, list[Buffer]] | None:
+            self.asked += 1
+            return (0, [b"x" * PAGE]) if self.asked == 1 else None
+
+        def pushed(self, start: int, stop: int) -> None:
+            pass
+
+        def push_failed(self, offset: int) -> None:
+            raise AssertionError("no failure here")
+
+    source = Source()
+    pusher.wake(INODE, source)
+    deadline = time.monotonic() + 10
+    while kernel.stores == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pusher.close()
+    assert not any(t.name == "page-push" and t.is_alive() for t in threading.enumerate())
+    pusher.wake(INODE, source)
+    time.sleep(0.05)
+    assert kernel.stores == 1 and source.asked == 2
