@@ -105,7 +105,7 @@ async def _serve(
     metrics_file: Path | None,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals)
+        nursery.start_soon(_signals, ops.pusher.close if ops.pusher else lambda: None)
         nursery.start_soon(_after_init, ops, after_init)
         if metrics_file is not None:
             nursery.start_soon(_keep_metrics, metrics_file, report)
@@ -137,10 +137,13 @@ def _tune(settings: MountSettings) -> None:
         )
 
 
-async def _signals() -> None:
+async def _signals(stop_pushing: Callable[[], None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
         async for number in received:
             log.info("received %s: unmounting", signal.Signals(number).name)
+            # pushes into the page cache may wait for requests this loop answers: they
+            # stop while it still does
+            await trio.to_thread.run_sync(stop_pushing)
             pyfuse3.terminate()
             return
 

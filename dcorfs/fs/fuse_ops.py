@@ -357,8 +357,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         content = await self._blocking(node.content) if node.blocking else node.content()
         if self._prefetcher is not None and not isinstance(content, StaticContent):
-            # lazy bytes: read-ahead for streams, pushed into the kernel's page cache
-            push = None if self.pusher is None else functools.partial(self.pusher.wake, inode)
+            # lazy bytes: read-ahead for streams, pushed into the kernel's page cache where
+            # the kernel's size of the file is the content's (a push past it would grow the
+            # file) and the reader reads through that cache (not O_DIRECT)
+            push = None
+            if self.pusher is not None and content.size == node.size and not flags & os.O_DIRECT:
+                push = functools.partial(self.pusher.wake, inode)
             content = self._prefetcher.wrap(content, push=push)
         fh = FileHandle(self._handle())
         self._files[fh] = content

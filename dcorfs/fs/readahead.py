@@ -45,7 +45,7 @@ from ..cache.prefetch import (
 )
 from ..errors import DeadlineExceeded
 from .content import Buffer, FileContent, read_pieces
-from .pagepush import PAGE, Pushable
+from .pagepush import PAGE, Push, Pushable
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ class ReadAhead:
         self._closed = False
         self._push = push
         self._pushed = 0  # the stream's bytes up to here were pushed (`pagepush`)
+        self._generation = 0  # of the stream: a jump elsewhere or a close makes a new one
 
     @property
     def size(self) -> int:
@@ -218,6 +219,7 @@ class ReadAhead:
             return b""
         with self._lock:
             window = self._covering(offset, stop)
+            self._asked_pushed(offset, stop)
             done = window is not None and window.future.done()
             pieces = window.made(0) if window is not None and done else None
             if pieces is not None and window is not None:
@@ -254,6 +256,7 @@ class ReadAhead:
             return b""
         with self._lock:
             window = self._covering(offset, stop)
+            self._asked_pushed(offset, stop)
             sequential = self._continues(offset)
             ahead = self._window_size() if sequential and self._streak >= self._pf.stream else 0
             first = self._first()
@@ -354,6 +357,7 @@ class ReadAhead:
             self._streak = 0
             self._end = stop
             self._pushed = 0
+            self._generation += 1
         if stop >= self.size:  # read to its end: a small file made whole has been read
             self._drop(lambda w: w.whole)
         self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed
@@ -394,9 +398,10 @@ class ReadAhead:
         if start >= min(self.size, self._end + self._pf.push_ahead):
             return None
         window = self._covering(start, start + 1)
-        return start if window is not None and window.future.done() else None
+        made = window is not None and window.future.done() and window.made(0) is not None
+        return start if made else None
 
-    def pushable(self) -> tuple[int, list[Buffer]] | None:
+    def pushable(self) -> Push | None:
         """The made bytes of the stream to push now, from where they start, in whole pages
         but at the file's end (called by the pusher's thread)."""
         with self._lock:
@@ -423,20 +428,38 @@ class ReadAhead:
                     views += window.views(pieces, at, min(window.stop, stop))
             self._pushed = stop
             self._schedule()
-            return start, views
+            return Push(start, views, self._generation)
 
-    def pushed(self, start: int, stop: int) -> None:
-        """Bytes [start, stop) are in the kernel now: the windows within them are let go
-        (kept until then: a reader that catches up with the pusher is served from them)."""
+    def current(self, push: Push) -> bool:
+        """Whether `push` is still of this stream (no jump elsewhere, no close since)."""
+        return push.generation == self._generation
+
+    def pushed(self, push: Push) -> None:
+        """Its bytes are in the kernel now: the windows within them are let go (kept until
+        then: a reader that catches up with the pusher is served from them)."""
         with self._lock:
-            self._drop(lambda w: w.start >= start and w.stop <= stop)
+            if self.current(push):
+                self._drop(lambda w: w.start >= push.start and w.stop <= push.stop)
 
-    def push_failed(self, offset: int) -> None:
+    def push_failed(self, push: Push, offset: int) -> None:
         """Bytes from `offset` on did not reach the kernel: no more pushes for this handle,
         the reader's requests from there on are served as without pushes."""
         with self._lock:
-            self._push = None
-            self._pushed = min(self._pushed, offset)
+            if self.current(push):
+                self._stop_pushing(offset)
+
+    def _asked_pushed(self, offset: int, stop: int) -> None:
+        """A read of pushed bytes whose window was let go (lock held): the kernel dropped the
+        pages, or the reader reads past them (O_DIRECT): pushing does not serve this reader,
+        it is served as without pushes from here on. (While a push is under way its windows
+        are kept, and a request in flight holds its pages from the push until answered.)"""
+        last = min(stop, self._pushed) - 1
+        if self._push is not None and offset <= last and self._covering(last, last + 1) is None:
+            self._stop_pushing(offset)
+
+    def _stop_pushing(self, offset: int) -> None:
+        self._push = None
+        self._pushed = min(self._pushed, offset)
 
     def _drop(self, which: Callable[[_Window], bool]) -> None:
         keep: list[_Window] = []
@@ -457,4 +480,5 @@ class ReadAhead:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._generation += 1
             self._drop(lambda w: True)

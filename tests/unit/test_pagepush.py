@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcorfs.fs.content import Buffer
-from dcorfs.fs.pagepush import PAGE, PagePusher, whole_pages
+from dcorfs.fs.pagepush import PAGE, PagePusher, Push, whole_pages
 from dcorfs.fs.readahead import Prefetcher, ReadAhead
 
 from .test_readahead import KIB, Rows, content, expected
@@ -42,8 +42,12 @@ class Kernel:
     read only when one push fills it from its start, or up to the file's end) and pages a
     read request filled. `fail`: (errno, from which push) the store raises."""
 
-    def __init__(self, size: int, fail: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, size: int, fail: tuple[int, int] | None = None, *, keep: bool = True
+    ) -> None:
+        """`keep` False: pushed pages are dropped at once (as under memory pressure)."""
         self.size = size
+        self.keep = keep
         self.pages: dict[int, bytes] = {}
         self.lock = threading.Lock()
         self.stores = 0
@@ -61,7 +65,8 @@ class Kernel:
             if self.fail is not None and self.stores > self.fail[1]:
                 raise OSError(self.fail[0], "injected")
             for at in range(0, len(data), PAGE):
-                self.pages[(offset + at) // PAGE] = bytes(data[at : at + PAGE])
+                if self.keep:
+                    self.pages[(offset + at) // PAGE] = bytes(data[at : at + PAGE])
                 self.pushed_pages += 1
 
     def read_all(self, reader: ReadAhead, *, pause: int | None = None, stores: int = 1) -> bytes:
@@ -97,11 +102,9 @@ class Kernel:
         return bytes(out)
 
 
-@contextmanager
-def pushing(
-    kernel: Kernel, budget: int = 512 * KIB
-) -> Iterator[tuple[Prefetcher, PagePusher, ReadAhead]]:
-    pf = Prefetcher(
+def small_prefetcher(budget: int = 512 * KIB) -> Prefetcher:
+    """test_readahead's sizes, with pushes from 64 to 256 KiB beyond the last read."""
+    return Prefetcher(
         budget_bytes=budget,
         workers=3,
         initial=16 * KIB,
@@ -113,6 +116,11 @@ def pushing(
         push_gap=64 * KIB,
         push_ahead=256 * KIB,
     )
+
+
+@contextmanager
+def pushing(kernel: Kernel) -> Iterator[tuple[Prefetcher, PagePusher, ReadAhead]]:
+    pf = small_prefetcher()
     pusher = PagePusher(kernel.store)
     reader = pf.wrap(content(Rows(), pieced=True), push=lambda source: pusher.wake(INODE, source))
     try:
@@ -121,6 +129,18 @@ def pushing(
         reader.close()
         pusher.close()
         pf.close()
+
+
+def first_push(reader: ReadAhead, at: int) -> Push:
+    """Read on in 16 KiB from `at` until the reader has bytes to push (no pusher thread)."""
+    while at < reader.size:
+        reader.read(at, 16 * KIB, deadline=time.monotonic() + 30)
+        at += 16 * KIB
+        for _ in range(50):  # the windows ahead being made
+            if (push := reader.pushable()) is not None:
+                return push
+            time.sleep(0.001)
+    raise AssertionError("nothing to push")
 
 
 def settled(pf: Prefetcher) -> None:
@@ -136,34 +156,81 @@ def test_a_stream_is_pushed_and_reads_the_truth() -> None:
         assert kernel.read_all(reader, pause=256 * KIB) == expected(0, probe.size, probe.size)
         assert pusher.counters["pushes"] > 0 and pusher.counters["push_failures"] == 0
         assert kernel.pushed_pages > 0  # and those pages were not asked for (`read_all`)
+        truth = expected(0, probe.size, probe.size)
+        for page, data in kernel.pages.items():  # pushed behind the reader too: all right
+            assert data == truth[page * PAGE : page * PAGE + PAGE], page
         assert pusher.counters["pushed_bytes"] == kernel.pushed_pages * PAGE - (
             -probe.size % PAGE if (probe.size - 1) // PAGE in kernel.pages else 0
         )
         reader.close()
         settled(pf)
         assert pf.budget.used == 0  # windows pushed or read were all given back
-        assert pf.budget.peak <= pf.budget.limit
 
 
 def test_a_failed_push_leaves_the_reader_served_without_pushes() -> None:
     probe = content(Rows(), pieced=True)
-    kernel = Kernel(probe.size, fail=(errno.ENOENT, 5))  # as when the kernel forgot the inode
+    kernel = Kernel(probe.size, fail=(errno.ENOENT, 0))  # as when the kernel forgot the inode
     with pushing(kernel) as (pf, pusher, reader):
-        got = kernel.read_all(reader, pause=256 * KIB, stores=6)  # the pusher meets the failure
+        got = kernel.read_all(reader, pause=256 * KIB, stores=1)  # the pusher meets the failure
         assert got == expected(0, probe.size, probe.size)
         assert pusher.counters["push_failures"] == 1  # and that handle pushed no more
-        assert kernel.stores == 6
+        assert kernel.stores == 1
         assert pusher.active  # another handle would still push
         reader.close()
         settled(pf)
         assert pf.budget.used == 0
 
 
+def test_a_reader_that_does_not_use_pushed_pages_stops_the_pushing() -> None:
+    """Pushed pages the kernel dropped (memory pressure; an O_DIRECT reader reads past them)
+    and whose window was let go: the reader asks for them, is served right, and the handle
+    pushes no more (bytes still in a window are simply served from it)."""
+    pf = small_prefetcher()
+    try:
+        reader = pf.wrap(content(Rows(), pieced=True), push=lambda source: None)
+        at, dropped = 0, None
+        while dropped is None:  # a push that let a window go (windows need not align with it)
+            push = first_push(reader, at)
+            reader.pushed(push)  # pushed, and its windows let go; then the pages are dropped
+            at = reader._end
+            gone = (o for o in range(push.start, push.stop, PAGE) if not reader._covering(o, o + 1))
+            dropped = next(gone, None)
+        offset = reader._end
+        while offset < reader.size:  # up to those bytes, through them, and on
+            got = reader.read(offset, 16 * KIB, deadline=time.monotonic() + 30)
+            assert got == expected(offset, 16 * KIB, reader.size)
+            offset += 16 * KIB
+            if offset > dropped:
+                assert reader.pushable() is None, offset
+        reader.close()
+    finally:
+        pf.close()
+
+
+def test_a_push_of_a_stream_that_went_elsewhere_is_stale() -> None:
+    wakes: list[object] = []
+    pf = small_prefetcher()
+    try:
+        reader = pf.wrap(content(Rows(), pieced=True), push=wakes.append)
+        push = first_push(reader, 0)
+        assert reader.current(push) and wakes
+        reader.read(2 << 20, 4 * KIB, deadline=time.monotonic() + 30)  # elsewhere
+        assert not reader.current(push)
+        reader.push_failed(push, push.start)  # a stale failure does not stop the new stream
+        again = first_push(reader, (2 << 20) + 4 * KIB)
+        assert again.start > 2 << 20 and reader.current(again)
+        reader.close()
+        assert not reader.current(again)
+    finally:
+        pf.close()
+
+
 def test_a_kernel_without_pushes_turns_the_pusher_off() -> None:
     probe = content(Rows(), pieced=True)
     kernel = Kernel(probe.size, fail=(errno.ENOSYS, 0))
     with pushing(kernel) as (_, pusher, reader):
-        assert kernel.read_all(reader) == expected(0, probe.size, probe.size)
+        got = kernel.read_all(reader, pause=256 * KIB, stores=1)
+        assert got == expected(0, probe.size, probe.size)
         assert not pusher.active
         assert kernel.stores == 1 and kernel.pushed_pages == 0
 
@@ -187,23 +254,27 @@ def test_a_closed_pusher_stops_and_takes_no_more() -> None:
         def __init__(self) -> None:
             self.asked = 0
 
-        def pushable(self) -> tuple[int, list[Buffer]] | None:
+        def pushable(self) -> Push | None:
             self.asked += 1
-            return (0, [b"x" * PAGE]) if self.asked == 1 else None
+            return Push(0, [b"x" * PAGE], 0) if self.asked == 1 else None
 
-        def pushed(self, start: int, stop: int) -> None:
+        def current(self, push: Push) -> bool:
+            return True
+
+        def pushed(self, push: Push) -> None:
             pass
 
-        def push_failed(self, offset: int) -> None:
+        def push_failed(self, push: Push, offset: int) -> None:
             raise AssertionError("no failure here")
 
     source = Source()
     pusher.wake(INODE, source)
     deadline = time.monotonic() + 10
-    while kernel.stores == 0 and time.monotonic() < deadline:
+    while source.asked < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     pusher.close()
     assert not any(t.name == "page-push" and t.is_alive() for t in threading.enumerate())
     pusher.wake(INODE, source)
     time.sleep(0.05)
     assert kernel.stores == 1 and source.asked == 2
+    assert not any(t.name == "page-push" and t.is_alive() for t in threading.enumerate())
