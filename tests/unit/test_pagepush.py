@@ -19,6 +19,7 @@ from dcorfs.fs.pagepush import PAGE, PagePusher, Push, whole_pages
 from dcorfs.fs.readahead import Prefetcher, ReadAhead
 
 from .test_readahead import KIB, Rows, content, expected
+from .test_readahead import small_prefetcher as readahead_prefetcher
 
 INODE = 7
 
@@ -102,20 +103,9 @@ class Kernel:
         return bytes(out)
 
 
-def small_prefetcher(budget: int = 512 * KIB) -> Prefetcher:
+def small_prefetcher() -> Prefetcher:
     """test_readahead's sizes, with pushes from 64 to 256 KiB beyond the last read."""
-    return Prefetcher(
-        budget_bytes=budget,
-        workers=3,
-        initial=16 * KIB,
-        cap=64 * KIB,
-        stream=32 * KIB,
-        back=32 * KIB,
-        forward=256 * KIB,
-        timeout=30,
-        push_gap=64 * KIB,
-        push_ahead=256 * KIB,
-    )
+    return readahead_prefetcher(512 * KIB, push_gap=64 * KIB, push_ahead=256 * KIB)
 
 
 @contextmanager

@@ -68,9 +68,9 @@ def expected(offset: int, length: int, size: int) -> bytes:
     return whole[offset : offset + length]
 
 
-@contextmanager
-def prefetcher(budget: int = 256 * KIB) -> Iterator[Prefetcher]:
-    made = Prefetcher(
+def small_prefetcher(budget: int = 256 * KIB, **more: int) -> Prefetcher:
+    """A prefetcher of small windows (`more`: other settings, e.g. of pushes)."""
+    return Prefetcher(
         budget_bytes=budget,
         workers=3,
         initial=16 * KIB,
@@ -79,7 +79,13 @@ def prefetcher(budget: int = 256 * KIB) -> Iterator[Prefetcher]:
         back=32 * KIB,
         forward=256 * KIB,
         timeout=30,
+        **more,
     )
+
+
+@contextmanager
+def prefetcher(budget: int = 256 * KIB) -> Iterator[Prefetcher]:
+    made = small_prefetcher(budget)
     try:
         yield made
     finally:
