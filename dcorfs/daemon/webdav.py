@@ -138,7 +138,9 @@ def serve(settings: MountSettings, web: WebDavSettings, *, ready: Callable[[str]
 def _share_handlers(*names: str) -> None:
     """The WebDAV server's own loggers write where dcorfs's do (errors only: its warnings
     at start are about its own settings, which `check` has made; the redacting filter is on
-    each handler)."""
+    each handler). But for the refusals of writes: the share is read-only, and WsgiDAV
+    answers PUT, DELETE, MKCOL … with 405 and logs each as an ERROR "Invalid HTTP method"
+    (Finder and Explorer try to write at every step): a client's attempt, not a failure."""
     handlers = logging.getLogger("dcorfs").handlers
     for name in names:
         logger = logging.getLogger(name)
@@ -146,6 +148,14 @@ def _share_handlers(*names: str) -> None:
         logger.propagate = False
         for handler in handlers:
             logger.addHandler(handler)
+    requests = logging.getLogger("wsgidav.request_server")
+    if not any(isinstance(f, _Refusals) for f in requests.filters):
+        requests.addFilter(_Refusals())
+
+
+class _Refusals(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Invalid HTTP method")
 
 
 def _keep_informed(

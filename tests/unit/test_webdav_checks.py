@@ -3,6 +3,7 @@ macOS") and what the command prints once serving (the URL, the TLS warning beyon
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,29 @@ def test_the_command_prints_the_url_and_beyond_loopback_a_tls_warning(
     assert out == f"dcorfs webdav: serving http://{host}:8080/\n"
     assert (err.count("\n"), "TLS" in err) == ((1, True) if warned else (0, False))
     assert USERS["carol"] not in out + err
+
+
+def test_refused_writes_are_not_logged_as_errors() -> None:
+    """WsgiDAV logs every write refused by the read-only share (PUT, DELETE, MKCOL: 405) as an
+    ERROR "Invalid HTTP method" (wsgidav/request_server.py); dcorfs's log leaves those out and
+    keeps WsgiDAV's other errors."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    keep = Keep()
+    ours, theirs = logging.getLogger("dcorfs"), logging.getLogger("wsgidav")
+    ours.addHandler(keep)
+    try:
+        webdav._share_handlers("wsgidav")
+        server_log = logging.getLogger("wsgidav.request_server")
+        server_log.error("Invalid HTTP method 'PUT'")  # as WsgiDAV says it
+        server_log.error("something else went wrong")
+    finally:
+        ours.removeHandler(keep)
+        theirs.removeHandler(keep)
+        theirs.setLevel(logging.NOTSET)
+        theirs.propagate = True
+    assert records == ["something else went wrong"]
