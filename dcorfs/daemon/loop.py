@@ -74,8 +74,7 @@ def run(settings: MountSettings, *, ready: Callable[[str], None]) -> int:
     finally:
         notifier.send("STOPPING=1", "STATUS=unmounting")
         collector.stop()
-        if ops.pusher is not None:
-            ops.pusher.close()  # its pushes need the FUSE session, which close() ends
+        ops.stop_pushing()  # (done already on a signal)
         pyfuse3.close(unmount=True)
         close()
         log.info("unmounted %s", settings.mountpoint)
@@ -105,7 +104,7 @@ async def _serve(
     metrics_file: Path | None,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, ops.pusher.close if ops.pusher else lambda: None)
+        nursery.start_soon(_signals, ops.stop_pushing)
         nursery.start_soon(_after_init, ops, after_init)
         if metrics_file is not None:
             nursery.start_soon(_keep_metrics, metrics_file, report)
@@ -141,9 +140,7 @@ async def _signals(stop_pushing: Callable[[], None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
         async for number in received:
             log.info("received %s: unmounting", signal.Signals(number).name)
-            # pushes into the page cache may wait for requests this loop answers: they
-            # stop while it still does
-            await trio.to_thread.run_sync(stop_pushing)
+            await trio.to_thread.run_sync(stop_pushing)  # while this loop still answers
             pyfuse3.terminate()
             return
 

@@ -125,7 +125,7 @@ class Operations(pyfuse3.Operations):
         self._negative_time = negative_time
         self._limiter = limiter
         self._prefetcher = prefetcher
-        self.pusher = pusher  # made read-ahead windows into the page cache (stop before close)
+        self._pusher = pusher  # made read-ahead windows into the page cache
         self._uid, self._gid = os.getuid(), os.getgid()
         self._nodes: dict[Inode, Node] = {ROOT: root}
         self._inodes: dict[str, Inode] = {root.path: ROOT}
@@ -361,8 +361,8 @@ class Operations(pyfuse3.Operations):
             # the kernel's size of the file is the content's (a push past it would grow the
             # file) and the reader reads through that cache (not O_DIRECT)
             push = None
-            if self.pusher is not None and content.size == node.size and not flags & os.O_DIRECT:
-                push = functools.partial(self.pusher.wake, inode)
+            if self._pusher is not None and content.size == node.size and not flags & os.O_DIRECT:
+                push = functools.partial(self._pusher.wake, inode)
             content = self._prefetcher.wrap(content, push=push)
         fh = FileHandle(self._handle())
         self._files[fh] = content
@@ -370,6 +370,13 @@ class Operations(pyfuse3.Operations):
         # a volatile file's bytes never change either: its replacement has its own inode
         keep = not node.dynamic
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=node.dynamic)
+
+    def stop_pushing(self) -> None:
+        """Stop pushing into the page cache (blocks until the push under way stops): while
+        the loop still answers requests (a push may wait for one) and before the FUSE
+        session is closed (a push needs it). Again: nothing."""
+        if self._pusher is not None:
+            self._pusher.close()
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -104,11 +104,10 @@ class _Window:
         128 KiB copy per read on the trio thread was 6% of the daemon's CPU re-reading
         image.npy), across pieces those bytes joined."""
         views = self.views(pieces, offset, stop)
-        if len(views) == 1:
-            piece = pieces[bisect.bisect_right(self._starts, offset) - 1]
-            whole = len(views[0]) == len(piece)
-            return piece if whole else views[0]
-        return b"".join(views)  # copied once, by the join
+        if len(views) > 1:
+            return b"".join(views)  # copied once, by the join
+        view, piece = views[0], views[0].obj
+        return piece if isinstance(piece, bytes) and len(piece) == len(view) else view
 
     def views(self, pieces: list[bytes], offset: int, stop: int) -> list[memoryview]:
         """Bytes [offset, stop) of the window as views of its pieces, in order."""
@@ -437,9 +436,10 @@ class ReadAhead:
     def pushed(self, push: Push) -> None:
         """Its bytes are in the kernel now: the windows within them are let go (kept until
         then: a reader that catches up with the pusher is served from them)."""
+        start, stop = push.start, push.stop
         with self._lock:
             if self.current(push):
-                self._drop(lambda w: w.start >= push.start and w.stop <= push.stop)
+                self._drop(lambda w: w.start >= start and w.stop <= stop)
 
     def push_failed(self, push: Push, offset: int) -> None:
         """Bytes from `offset` on did not reach the kernel: no more pushes for this handle,
