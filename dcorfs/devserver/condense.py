@@ -6,8 +6,12 @@ tables) and then stores three remote basins in the result, each listing the orig
 features that the condensed file lacks: "DCOR dcserv" (format dcor), "DCOR direct S3"
 (format s3) and "DCOR public S3 via HTTP" (format http).
 
-The expensive part (condensing) depends only on the source bytes and is cached by SHA-256;
-the basins hold this server's URLs, so the final file is derived per site URL (a cheap copy).
+The expensive part (condensing) depends only on the source bytes and is cached by SHA-256
+(`STATE/condensed`, shared by every server of the data directory); the basins hold this
+server's URLs, so the final file is derived per server (a cheap copy) into a directory of its
+own (`STATE/sites/<pid>-…`, `site_dir`), removed when the server stops (`remove_site_dir`), or
+by the next server to start once its process is gone: a server on a free port (the default)
+has other URLs every time, and its files must not pile up with every start.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,17 +34,55 @@ from . import intra
 log = logging.getLogger(__name__)
 
 
+SITES = "sites"  # under the state directory: one directory per running server
+# per-URL files that earlier versions left among the shared ones (`<resource id>-<key>.rtdc`)
+_LEGACY_SITE_FILE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-[0-9a-f]{12}\.rtdc")
+
+
+def site_dir(state_dir: Path) -> Path:
+    """A new directory for one server's own files (see the module's docstring), after
+    removing those of servers whose process is gone."""
+    sites = state_dir / SITES
+    sites.mkdir(parents=True, exist_ok=True)
+    for old in sites.iterdir():
+        pid = old.name.partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    shared = state_dir / "condensed"
+    if shared.is_dir():
+        for old in shared.iterdir():
+            if _LEGACY_SITE_FILE.fullmatch(old.name):
+                old.unlink(missing_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=sites))
+
+
+def remove_site_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    return True
+
+
 def condensed_path(
     source: Path,
     source_sha256: str,
     state_dir: Path,
     *,
+    site: Path,
     resource_id: str,
     site_url: str,
     object_url: str,
     upstream: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Return the condensed file for `source`, making it if needed (cached in `state_dir`).
+    """Return the condensed file for `source`, making it if needed: its condensed core is
+    cached in `state_dir`, the file with this server's basins made in `site` (`site_dir`).
 
     `object_url` is the original resource's object-store URL (for the S3/HTTP basins);
     `upstream`: intra-dataset basins (`store_basin` arguments, see `intra`).
@@ -48,7 +92,7 @@ def condensed_path(
     site_key = hashlib.sha1(
         f"{site_url}|{object_url}|{intra.digest(upstream)}".encode()
     ).hexdigest()[:12]
-    final = core.with_name(f"{resource_id}-{site_key}.rtdc")
+    final = site / f"{resource_id}-{site_key}.rtdc"
     if not final.exists():
         _with_dcor_basins(
             core,

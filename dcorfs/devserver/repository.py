@@ -442,6 +442,11 @@ class DigestCache:
                 self._entries = json.loads(path.read_text())
             except ValueError:
                 log.warning("ignoring unreadable digest cache %s", path)
+        # those of files gone are dropped (earlier versions kept every start's condensed files)
+        gone = [key for key in self._entries if not Path(key).exists()]
+        for key in gone:
+            del self._entries[key]
+        self._dirty = bool(gone)
 
     def get(self, file: Path) -> Digests:
         stat = file.stat()

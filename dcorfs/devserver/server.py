@@ -115,6 +115,8 @@ class DevServer:
             self._thread.join()
             self._thread = None
         self._httpd.server_close()
+        if self.site is not None:
+            self.site.close()
         if self.external is not None:
             self.external.stop()
             self.external = None

@@ -88,8 +88,11 @@ class Site:
         kernels: dict[str, kernel.Kernel | None],
         presigner: Presigner,
         options: SiteOptions,
+        own: Path | None = None,
     ) -> None:
+        """`own`: this site's own files (`condense.site_dir`), removed by `close`."""
         self.repo = repo
+        self._own = own
         self.url = url
         self.objects_url = objects_url(url, options.object_host)
         self.objects = objects
@@ -98,6 +101,11 @@ class Site:
         self.options = options
         self.started = time.monotonic()  # the lags of `options` count from here
         self.external: ExternalServer | None = None  # where link resources point, if any
+
+    def close(self) -> None:
+        """Remove the site's own files (its condensed files: the server has stopped)."""
+        if self._own is not None:
+            condense.remove_site_dir(self._own)
 
     def elapsed(self) -> float:
         """Seconds the site's clock has run (the lags of `options` count on it)."""
@@ -144,55 +152,60 @@ class Site:
         if not repo.datasets:
             log.warning("%s holds no datasets (see the README for the layout)", data_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        digests = repository.DigestCache(state_dir / "digests.json", progress)
-        objects: dict[tuple[str, str], StoredObject] = {}
-        kernels: dict[str, kernel.Kernel | None] = {}
         # files not on S3 are neither condensed nor opened by dcserv (it reads S3 objects)
         rtdc = [
             (ds, res) for ds, res in repo.iter_resources() if res.is_rtdc and res.storage == "s3"
         ]
         upstream = _Upstream(url, state_dir, options)
-        for number, (ds, res) in enumerate(rtdc, start=1):
-            if progress is not None and len(rtdc) > 3:
-                progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
-            with warnings.catch_warnings(record=True) as caught:
-                # dclab's warnings about old files are logged, whatever the caller's filters
-                warnings.simplefilter("always")
-                prepared = _prepare(
-                    ds,
-                    res,
-                    url=url,
-                    state_dir=state_dir,
-                    options=options,
-                    digests=digests,
-                    upstream=upstream,
+        own = condense.site_dir(state_dir) if options.condensed and rtdc else None
+        try:
+            objects: dict[tuple[str, str], StoredObject] = {}
+            kernels: dict[str, kernel.Kernel | None] = {}
+            for number, (ds, res) in enumerate(rtdc, start=1):
+                if progress is not None and len(rtdc) > 3:
+                    progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
+                with warnings.catch_warnings(record=True) as caught:
+                    # dclab's warnings about old files are logged, whatever the caller's filters
+                    warnings.simplefilter("always")
+                    prepared = _prepare(
+                        ds,
+                        res,
+                        url=url,
+                        state_dir=state_dir,
+                        own=own,
+                        options=options,
+                        upstream=upstream,
+                    )
+                for warning in caught:
+                    log.info("%s: %s", res.name, warning.message)
+                kernels[res.id], condensed = prepared
+                if condensed is not None:
+                    objects[(condensed.bucket, condensed.key)] = condensed
+            for ds, res in repo.iter_resources():
+                if res.storage != "s3":
+                    continue
+                obj = _stored(
+                    bucket_name(ds.circle.id, options.bucket_template),
+                    "resource",
+                    resource_id=res.id,
+                    path=res.path,
+                    digest=res.digests,
+                    private=ds.private,
                 )
-            for warning in caught:
-                log.info("%s: %s", res.name, warning.message)
-            kernels[res.id], condensed = prepared
-            if condensed is not None:
-                objects[(condensed.bucket, condensed.key)] = condensed
-        digests.save()
-        for ds, res in repo.iter_resources():
-            if res.storage != "s3":
-                continue
-            obj = _stored(
-                bucket_name(ds.circle.id, options.bucket_template),
-                "resource",
-                resource_id=res.id,
-                path=res.path,
-                digest=res.digests,
-                private=ds.private,
+                objects[(obj.bucket, obj.key)] = obj
+            return cls(
+                repo=repo,
+                url=url,
+                objects=objects,
+                kernels=kernels,
+                presigner=Presigner(_secret(state_dir)),
+                options=options,
+                own=own,
             )
-            objects[(obj.bucket, obj.key)] = obj
-        return cls(
-            repo=repo,
-            url=url,
-            objects=objects,
-            kernels=kernels,
-            presigner=Presigner(_secret(state_dir)),
-            options=options,
-        )
+        except BaseException:
+            if own is not None:
+                condense.remove_site_dir(own)
+            raise
 
     def resource_object(self, resource_id: str, artifact: str) -> StoredObject | None:
         found = self.repo.resource(resource_id)
@@ -230,19 +243,21 @@ def _prepare(
     *,
     url: str,
     state_dir: Path,
+    own: Path | None,
     options: SiteOptions,
-    digests: repository.DigestCache,
     upstream: _Upstream,
 ) -> tuple[kernel.Kernel | None, StoredObject | None]:
-    """Condense one RT-DC resource and compute its dcserv kernel; failures are logged."""
+    """Condense one RT-DC resource (its file with this site's basins in `own`) and compute
+    its dcserv kernel; failures are logged."""
     bucket = bucket_name(ds.circle.id, options.bucket_template)
     condensed_file = condensed = None
-    if options.condensed:
+    if own is not None:
         try:
             condensed_file = condense.condensed_path(
                 res.path,
                 res.digests.sha256,
                 state_dir,
+                site=own,
                 resource_id=res.id,
                 site_url=url,
                 object_url=f"{objects_url(url, options.object_host)}/{bucket}/"
@@ -252,7 +267,8 @@ def _prepare(
         except Exception as exc:
             log.warning("cannot condense %s (%s): %s", res.name, res.id, exc)
     if condensed_file is not None:
-        digest = digests.get(condensed_file)
+        # (not remembered: the file is this server's alone, made anew at every start)
+        digest = repository.file_digests(condensed_file)
         condensed = _stored(
             bucket,
             "condensed",

@@ -293,6 +293,7 @@ def _condensed(original: Path, tmp_path: Path) -> Path:
         original,
         "0" * 64,
         tmp_path / "state",
+        site=tmp_path,
         resource_id="r1",
         site_url="http://127.0.0.1:9",
         object_url="http://127.0.0.1:9/o",
