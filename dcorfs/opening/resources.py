@@ -320,13 +320,20 @@ class Resources:
         # layouts are read ahead (`prefetch.original_after_condensed`)
         large = prefetch.original_after_condensed(resource.size)
         if "condensed" in keys:  # side by side with the original
-            condensed_made = self._pools.ask.submit(
-                self._described, "condensed", keys["condensed"], None, None, ahead=large
-            )
-            # logs are final once the condensed file exists (doc/DCOR.md §7)
+            # logs are final once the condensed file exists (doc/DCOR.md §7): asked as soon
+            # as it is found (not after it is described: the listing waits for them)
+            found = None
             if catalog is not None:
-                ask_logs = functools.partial(self._ask_logs, catalog, resource.id)
-                condensed_made.add_done_callback(ask_logs)
+                found = functools.partial(self._ask_logs, catalog, resource.id)
+            condensed_made = self._pools.ask.submit(
+                self._described,
+                "condensed",
+                keys["condensed"],
+                None,
+                None,
+                ahead=large,
+                found=found,
+            )
             stated = _stated_events(metadata)
             if stated:
                 warm = functools.partial(self._warmer.warm_condensed, early, events=stated)
@@ -392,12 +399,8 @@ class Resources:
         events = _event_count(metadata, opened)
         return RtdcResource(original, condensed, events, self._derived, workers=self._workers)
 
-    def _ask_logs(
-        self, catalog: Catalog, resource_id: str, made: concurrent.futures.Future[RtdcSource]
-    ) -> None:
-        """Once the condensed file is described: dcserv's logs, final now (in the background)."""
-        if made.cancelled() or made.exception() is not None:
-            return
+    def _ask_logs(self, catalog: Catalog, resource_id: str) -> None:
+        """Once the condensed file is found: dcserv's logs, final now (in the background)."""
         with contextlib.suppress(RuntimeError):  # shut down: the mount is closing
             self._pools.ask.submit(catalog.dcserv, resource_id, "logs")
 
@@ -410,13 +413,17 @@ class Resources:
         *,
         ahead: bool = False,
         after: concurrent.futures.Future[RtdcSource] | None = None,
+        found: Callable[[], None] | None = None,
     ) -> RtdcSource:
         """A source with its features: remembered for this version of its object, or read
         from the file (which opens it). If it is read now: `ahead`, the layouts of its event
         data are read too (`RtdcSource.layouts_ahead`: reading its features later needs no
         HDF5); `after`, another file is described first (what HDF5 reads first
-        of this one is fetched meanwhile)."""
+        of this one is fetched meanwhile); `found`, called once the file is known to exist
+        (identified: probed, or remembered), before it is described."""
         source = self._source(kind, key, size, etag)
+        if found is not None:
+            found()
         remembered_as = answers.features(source.remote.obj.identity)
 
         def scan(deadline: float) -> Any:

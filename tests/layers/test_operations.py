@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +16,12 @@ from typing import Any
 import dclab
 import numpy as np
 import pyfuse3
+import pytest
 
 from dcorfs.daemon.wiring import build
 from dcorfs.fs.fuse_ops import Operations
+from dcorfs.hdf5.rtdc import RtdcSource
+from dcorfs.remote.catalog import Catalog
 from dcorfs.settings import MountSettings, S3Credentials
 
 from ..conftest import DevServer, api, info
@@ -125,6 +129,39 @@ async def test_every_level_of_the_tree(devserver: DevServer, tmp_path: Path) -> 
         assert await errno_of(ops, "/datasets/no-such-dataset") == errno.ENOENT
         assert await errno_of(ops, "/datasets/secret-study") == errno.EACCES
         assert await errno_of(ops, f"{directory}/no-such-feature.npy") == errno.ENOENT
+
+
+async def test_a_resources_logs_are_asked_once_its_condensed_file_is_found(
+    devserver: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resource's listing waits for its logs (a view of them), final once its condensed
+    file exists: they are asked as soon as that file is found, while HDF5 describes it (not
+    after: a round trip more in a row, behind the HDF5 workers' queue when a dataset's
+    resources are opened together)."""
+    entry = next(e for e in info(devserver) if e["dataset"] == "generated" and e["rtdc"])
+    asked: list[str] = []
+    waited: list[bool] = []
+    dcserv, scan = Catalog.dcserv, RtdcSource.scan
+
+    def asking(self: Catalog, resource_id: str, query: str, **options: Any) -> Any:
+        if query == "logs":
+            asked.append(resource_id)
+        return dcserv(self, resource_id, query, **options)
+
+    def describing(self: RtdcSource, deadline: float, **options: Any) -> Any:
+        if self.kind == "condensed":  # (its key: …/condensed/<id[:3]>/<id[3:6]>/<id[6:]>)
+            resource_id = "".join(self.remote.obj.key.split("/")[-3:])
+            until = time.monotonic() + 10
+            while resource_id not in asked and time.monotonic() < until:
+                time.sleep(0.01)
+            waited.append(resource_id in asked)
+        return scan(self, deadline, **options)
+
+    monkeypatch.setattr(Catalog, "dcserv", asking)
+    monkeypatch.setattr(RtdcSource, "scan", describing)
+    with wired(tmp_path, host=devserver.url) as ops:
+        assert "logs" in await names(ops, f"/by-id/{entry['id']}")
+    assert waited == [True]
 
 
 async def test_the_s3_only_tree(seaweedfs: SeaweedFS, devserver: DevServer, tmp_path: Path) -> None:
