@@ -109,6 +109,16 @@ def openmetrics(report: dict[str, Any], *, text: bool = False) -> str:
         [({}, int(front.get("pushed_bytes", 0)))],
     )
     lines += family(
+        "pushes",
+        "counter",
+        "Pushes of read-ahead into the kernel's page cache, by result (failed: the kernel "
+        "took no more of that stream's, which it then reads through requests).",
+        [
+            ({"result": "pushed"}, int(front.get("pushes", 0))),
+            ({"result": "failed"}, int(front.get("push_failures", 0))),
+        ],
+    )
+    lines += family(
         "block_reads",
         "counter",
         "Block reads by tier: memory, disk (hits) or network (misses; decoded: made).",

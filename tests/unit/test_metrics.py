@@ -27,7 +27,9 @@ def report() -> dict[str, Any]:
     activity = Activity()
     for seconds in (0.00005, 0.002, 0.002, 0.3, 99.0):
         activity.observe_read(seconds)
-    activity.counters.update({"bytes_served": 4096, "pushed_bytes": 8192, "errors": 2})
+    activity.counters.update(
+        {"bytes_served": 4096, "pushed_bytes": 8192, "pushes": 3, "push_failures": 1, "errors": 2}
+    )
     return {
         "version": "0.1",
         "host": 'http://h"st',
@@ -49,6 +51,8 @@ def test_the_parser_reads_every_family_with_its_values(tmp_path: Path) -> None:
     assert values[("dcorfs_fetched_bytes_total", (("source", "dcor"),))] == 10
     assert values[("dcorfs_served_bytes_total", ())] == 4096
     assert values[("dcorfs_pushed_bytes_total", ())] == 8192
+    assert values[("dcorfs_pushes_total", (("result", "pushed"),))] == 3
+    assert values[("dcorfs_pushes_total", (("result", "failed"),))] == 1
     assert values[("dcorfs_block_reads_total", (("cache", "remote"), ("tier", "disk")))] == 4
     assert values[("dcorfs_block_reads_total", (("cache", "decoded"), ("tier", "network")))] == 1
     assert values[("dcorfs_errors_total", (("where", "cache"),))] == 1
