@@ -9,14 +9,15 @@ features that the condensed file lacks: "DCOR dcserv" (format dcor), "DCOR direc
 The expensive part (condensing) depends only on the source bytes and is cached by SHA-256
 (`STATE/condensed`, shared by every server of the data directory); the basins hold this
 server's URLs, so the final file is derived per server (a cheap copy) into a directory of its
-own (`STATE/sites/<pid>-…`, `site_dir`), removed when the server stops (`remove_site_dir`), or
-by the next server to start once its process is gone: a server on a free port (the default)
-has other URLs every time, and its files must not pile up with every start.
+own (`STATE/sites/<pid>-…`, `SiteDir`), removed when the server stops, or by the next server
+to start once no server holds it (`tidy`): a server on a free port (the default) has other
+URLs every time, and its files must not pile up with every start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,39 +37,74 @@ log = logging.getLogger(__name__)
 
 
 SITES = "sites"  # under the state directory: one directory per running server
-# per-URL files that earlier versions left among the shared ones (`<resource id>-<key>.rtdc`)
-_LEGACY_SITE_FILE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-[0-9a-f]{12}\.rtdc")
+LOCK = "lock"  # in a server's directory, locked (flock) by it while it runs
+STARTING = 600.0  # seconds a server's directory may be without its lock file (being made)
+ABANDONED = 3600.0  # seconds after its last change a temporary file is taken as left behind
+# per-URL copies that earlier versions kept among the shared files (`<resource id>-<12 hex>.rtdc`,
+# and their temporary files); the shared ones are `<sha256>.core.rtdc` and `….features.json`
+_LEGACY_SITE_FILE = re.compile(r".+-[0-9a-f]{12}\.rtdc(\.\d+\.tmp)?")
 
 
-def site_dir(state_dir: Path) -> Path:
-    """A new directory for one server's own files (see the module's docstring), after
-    removing those of servers whose process is gone."""
+def tidy(state_dir: Path) -> None:
+    """Remove what servers no longer running left in `state_dir`: their own directories
+    (`SiteDir`: locked by the server while it runs, across processes, containers and hosts
+    sharing the directory), and the per-URL copies earlier versions kept."""
     sites = state_dir / SITES
-    sites.mkdir(parents=True, exist_ok=True)
-    for old in sites.iterdir():
-        pid = old.name.partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+    if sites.is_dir():
+        for old in sites.iterdir():
+            if old.is_dir() and _abandoned(old):
+                shutil.rmtree(old, ignore_errors=True)
     shared = state_dir / "condensed"
     if shared.is_dir():
         for old in shared.iterdir():
-            if _LEGACY_SITE_FILE.fullmatch(old.name):
+            if _LEGACY_SITE_FILE.fullmatch(old.name) or _left_behind(old):
                 old.unlink(missing_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=sites))
 
 
-def remove_site_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
+def _left_behind(path: Path) -> bool:
+    """A temporary file of a condensing that ended without its file (interrupted)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return path.name.endswith(".tmp") and time.time() - path.stat().st_mtime > ABANDONED
+    except OSError:
         return False
-    except PermissionError:  # (another user's)
-        return True
+
+
+def _abandoned(directory: Path) -> bool:
+    """Whether no server holds `directory` (its lock is free, or it never got one)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:  # being made, or its server died making it
+        try:
+            return time.time() - directory.stat().st_mtime > STARTING
+        except OSError:
+            return False
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # its server runs
+    finally:
+        os.close(fd)  # (and with it the lock taken here)
     return True
+
+
+class SiteDir:
+    """A new directory for one server's own files (see the module's docstring), locked while
+    the server runs; `remove` it when the server stops."""
+
+    def __init__(self, state_dir: Path) -> None:
+        sites = state_dir / SITES
+        sites.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=sites))
+        self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+
+    def remove(self) -> None:
+        if self._lock >= 0:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self._lock)
+            self._lock = -1
 
 
 def condensed_path(
@@ -82,7 +119,7 @@ def condensed_path(
     upstream: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Return the condensed file for `source`, making it if needed: its condensed core is
-    cached in `state_dir`, the file with this server's basins made in `site` (`site_dir`).
+    cached in `state_dir`, the file with this server's basins made in `site` (`SiteDir`).
 
     `object_url` is the original resource's object-store URL (for the S3/HTTP basins);
     `upstream`: intra-dataset basins (`store_basin` arguments, see `intra`).

@@ -65,18 +65,25 @@ def serve(
         except OSError as exc:
             say(f"cannot listen on {bind}:{port}: {exc.strerror or exc}")
             return 1
+        stop = threading.Event()
+        starting = True
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if starting:  # (condensing may take minutes: what it made so far is removed)
+                raise KeyboardInterrupt
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         try:
             server.start()
         except DataDirError as exc:
             say(str(exc))
             return 1
-        stop = threading.Event()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        except KeyboardInterrupt:
+            say("stopped while starting")
+            return 1
+        starting = False
         site = server.site
         assert site is not None
         datasets = len(site.repo.datasets)

@@ -93,20 +93,24 @@ class DevServer:
         except BaseException:
             self._httpd.server_close()
             raise
-        if self._options.external_host:
-            self.external = ExternalServer(self.data_dir, bind=self._options.external_host)
-            self.site.external = self.external
-            self.external.start()
-        self._httpd.app = _App(
-            self.site, CkanApi(self.site, lambda: self.faults.config.url_lifetime), self
-        )
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="devserver",
-            daemon=True,
-        )
-        self._thread.start()
+        try:
+            if self._options.external_host:
+                self.external = ExternalServer(self.data_dir, bind=self._options.external_host)
+                self.site.external = self.external
+                self.external.start()
+            self._httpd.app = _App(
+                self.site, CkanApi(self.site, lambda: self.faults.config.url_lifetime), self
+            )
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                name="devserver",
+                daemon=True,
+            )
+            self._thread.start()
+        except BaseException:
+            self.stop()  # (the site's own files go too)
+            raise
         return self.url
 
     def stop(self) -> None:

@@ -88,9 +88,9 @@ class Site:
         kernels: dict[str, kernel.Kernel | None],
         presigner: Presigner,
         options: SiteOptions,
-        own: Path | None = None,
+        own: condense.SiteDir | None = None,
     ) -> None:
-        """`own`: this site's own files (`condense.site_dir`), removed by `close`."""
+        """`own`: this site's own files, removed by `close`."""
         self.repo = repo
         self._own = own
         self.url = url
@@ -105,7 +105,7 @@ class Site:
     def close(self) -> None:
         """Remove the site's own files (its condensed files: the server has stopped)."""
         if self._own is not None:
-            condense.remove_site_dir(self._own)
+            self._own.remove()
 
     def elapsed(self) -> float:
         """Seconds the site's clock has run (the lags of `options` count on it)."""
@@ -148,6 +148,7 @@ class Site:
         options: SiteOptions,
         progress: Callable[[str], None] | None = None,
     ) -> Site:
+        condense.tidy(state_dir)  # (first: its digests go with them)
         repo = repository.load(data_dir, state_dir, progress)
         if not repo.datasets:
             log.warning("%s holds no datasets (see the README for the layout)", data_dir)
@@ -157,7 +158,7 @@ class Site:
             (ds, res) for ds, res in repo.iter_resources() if res.is_rtdc and res.storage == "s3"
         ]
         upstream = _Upstream(url, state_dir, options)
-        own = condense.site_dir(state_dir) if options.condensed and rtdc else None
+        own = condense.SiteDir(state_dir) if options.condensed and rtdc else None
         try:
             objects: dict[tuple[str, str], StoredObject] = {}
             kernels: dict[str, kernel.Kernel | None] = {}
@@ -172,7 +173,7 @@ class Site:
                         res,
                         url=url,
                         state_dir=state_dir,
-                        own=own,
+                        own=None if own is None else own.path,
                         options=options,
                         upstream=upstream,
                     )
@@ -204,7 +205,7 @@ class Site:
             )
         except BaseException:
             if own is not None:
-                condense.remove_site_dir(own)
+                own.remove()
             raise
 
     def resource_object(self, resource_id: str, artifact: str) -> StoredObject | None:

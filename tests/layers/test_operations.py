@@ -159,7 +159,9 @@ async def test_a_resources_logs_are_asked_once_its_condensed_file_is_found(
 
     monkeypatch.setattr(Catalog, "dcserv", asking)
     monkeypatch.setattr(RtdcSource, "scan", describing)
-    with wired(tmp_path, host=devserver.url) as ops:
+    # (the patched description waits in a thread of the `ask` pool for the logs asked in
+    # another: more than one thread)
+    with wired(tmp_path, host=devserver.url, ask_threads=8) as ops:
         assert "logs" in await names(ops, f"/by-id/{entry['id']}")
     assert waited == [True]
 
