@@ -41,33 +41,20 @@ def test_whole_pages_cut_any_pieces_at_page_boundaries(lengths: list[int], page:
 class Kernel:
     """The page cache of one file, as FUSE keeps it: pushed pages (notify_store marks a page
     read only when one push fills it from its start, or up to the file's end) and pages a
-    read request filled; the pages of a request in flight are locked until it is answered
-    (a push into one would wait for that answer: counted in `collisions`). `fail`: (errno,
-    from which push) the store raises."""
+    read request filled. `fail`: (errno, from which push) the store raises."""
 
     def __init__(
-        self,
-        size: int,
-        fail: tuple[int, int] | None = None,
-        *,
-        keep: bool = True,
-        request: int = 128 * KIB,
-        hold: float = 0.0,
+        self, size: int, fail: tuple[int, int] | None = None, *, keep: bool = True
     ) -> None:
-        """`keep` False: pushed pages are dropped at once (as under memory pressure);
-        `request`: the most a read request asks for; `hold`: seconds a request's pages are
-        locked before the daemon is asked (the kernel queueing it)."""
+        """`keep` False: pushed pages are dropped at once (as under memory pressure)."""
         self.size = size
         self.keep = keep
-        self.request, self.hold = request, hold
         self.pages: dict[int, bytes] = {}
         self.lock = threading.Lock()
         self.stores = 0
         self.pushed_pages = 0
         self.requests = 0
         self.fail = fail
-        self.in_flight = range(0)  # the pages of the request being answered
-        self.collisions = 0
 
     def store(self, inode: int, offset: int, data: Buffer) -> None:
         assert inode == INODE
@@ -75,9 +62,6 @@ class Kernel:
         assert offset + len(data) <= self.size, (offset, len(data))  # would grow the file
         assert len(data) % PAGE == 0 or offset + len(data) == self.size, (offset, len(data))
         with self.lock:
-            first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
-            if self.in_flight and first <= self.in_flight[-1] and last >= self.in_flight[0]:
-                self.collisions += 1
             self.stores += 1
             if self.fail is not None and self.stores > self.fail[1]:
                 raise OSError(self.fail[0], "injected")
@@ -88,7 +72,7 @@ class Kernel:
 
     def read_all(self, reader: ReadAhead, *, pause: int | None = None, stores: int = 1) -> bytes:
         """A sequential reader: cached pages from the page cache, the rest asked for in
-        requests of up to `request` bytes (each up to the next cached page), as the kernel does.
+        requests of up to 128 KiB (each up to the next cached page), as the kernel does.
         `pause`: having read that many bytes, wait (up to 10 s) for `stores` pushes."""
         out = bytearray()
         while len(out) < self.size:
@@ -102,37 +86,31 @@ class Kernel:
             if cached is not None:
                 out += cached
                 continue
-            stop = min(self.size, len(out) + self.request)
+            stop = min(self.size, len(out) + 128 * KIB)
             with self.lock:
                 for later in range(page + 1, -(-stop // PAGE)):
                     if later in self.pages:
                         stop = later * PAGE
                         break
-                self.in_flight = range(page, -(-stop // PAGE))
             offset, length = len(out), stop - len(out)
             self.requests += 1
-            time.sleep(self.hold)
             data = reader.peek(offset, length)
             if data is None:
                 data = reader.read(offset, length, deadline=time.monotonic() + 30)
-            with self.lock:
-                self.in_flight = range(0)
             assert len(data) == length
             out += data
             time.sleep(0.0002)  # the reader's own work: the pusher gets ahead now and then
         return bytes(out)
 
 
-def small_prefetcher(push_gap: int = 64 * KIB) -> Prefetcher:
-    """test_readahead's sizes, with pushes from `push_gap` to 256 KiB beyond the last read."""
-    return readahead_prefetcher(512 * KIB, push_gap=push_gap, push_ahead=256 * KIB)
+def small_prefetcher() -> Prefetcher:
+    """test_readahead's sizes, with pushes from 64 to 256 KiB beyond the last read."""
+    return readahead_prefetcher(512 * KIB, push_gap=64 * KIB, push_ahead=256 * KIB)
 
 
 @contextmanager
-def pushing(
-    kernel: Kernel, push_gap: int = 64 * KIB
-) -> Iterator[tuple[Prefetcher, PagePusher, ReadAhead]]:
-    pf = small_prefetcher(push_gap)
+def pushing(kernel: Kernel) -> Iterator[tuple[Prefetcher, PagePusher, ReadAhead]]:
+    pf = small_prefetcher()
     pusher = PagePusher(kernel.store)
     reader = pf.wrap(content(Rows(), pieced=True), push=lambda source: pusher.wake(INODE, source))
     try:
@@ -177,28 +155,6 @@ def test_a_stream_is_pushed_and_reads_the_truth() -> None:
         reader.close()
         settled(pf)
         assert pf.budget.used == 0  # windows pushed or read were all given back
-
-
-def collisions(gap: int) -> int:
-    """Pushes into the pages of a request in flight, a stream read with pushes from `gap`
-    beyond the last request the daemon had, in requests of 32 KiB."""
-    probe = content(Rows(), pieced=True)
-    kernel = Kernel(probe.size, request=32 * KIB, hold=0.001)
-    with pushing(kernel, push_gap=gap) as (_, pusher, reader):
-        assert kernel.read_all(reader, pause=128 * KIB) == expected(0, probe.size, probe.size)
-        assert pusher.counters["pushes"] > 0 and kernel.pushed_pages > 0
-    return kernel.collisions
-
-
-def test_no_push_reaches_the_pages_of_a_request_in_flight() -> None:
-    """The kernel locks a read request's pages until the daemon answers it, and may have
-    queued it before the daemon hears of it: a push into them would wait for that answer
-    (at unmount, one that never comes: `PagePusher`). Pushes begin `push_gap` beyond the
-    last request the daemon had, more than one request asks for (4 MiB against 128 KiB, 1
-    MiB with --kernel-tuning; here 64 KiB against 32 KiB). A gap smaller than a request
-    does collide (the fake sees it; a few tries: it takes the pusher's timing)."""
-    assert collisions(64 * KIB) == 0
-    assert any(collisions(16 * KIB) for _ in range(5))
 
 
 def test_a_failed_push_leaves_the_reader_served_without_pushes() -> None:
