@@ -191,7 +191,8 @@ class ReadAhead:
         self._streak = 0  # bytes read sequentially so far
         self._closed = False
         self._push = push
-        self._pushed = 0  # the stream's bytes up to here were pushed (`pagepush`)
+        self._pushed = 0  # the stream's bytes up to here were handed to the pusher (`pagepush`)
+        self._pushing: int | None = None  # where the push under way starts
         self._generation = 0  # of the stream: a jump elsewhere or a close makes a new one
 
     @property
@@ -349,6 +350,8 @@ class ReadAhead:
 
     def _advance(self, offset: int, stop: int) -> None:
         if self._continues(offset):
+            if self._pushing is not None and self._pushing < stop and offset < self._pushed:
+                self._caught_up(stop)
             self._streak += stop - offset
             self._end = max(self._end, stop)
         else:  # random access: the stream ends here (a small file made whole stays made)
@@ -356,6 +359,7 @@ class ReadAhead:
             self._streak = 0
             self._end = stop
             self._pushed = 0
+            self._pushing = None
             self._generation += 1
         if stop >= self.size:  # read to its end: a small file made whole has been read
             self._drop(lambda w: w.whole)
@@ -425,9 +429,19 @@ class ReadAhead:
             for window, pieces, at in spans:
                 if at < stop:
                     views += window.views(pieces, at, min(window.stop, stop))
-            self._pushed = stop
+            self._pushed, self._pushing = stop, start
             self._schedule()
             return Push(start, views, self._generation)
+
+    def _caught_up(self, stop: int) -> None:
+        """The reader asks for bytes of the push under way (up to `stop`): it reads pushed
+        pages faster than they are pushed and has caught up with the pusher, whose push would
+        go on copying pages the reader now asks for anyway (waiting for its requests in
+        flight first, the kernel's read-ahead of them too): that push is stale (it stops at
+        its next piece), and pushing goes on from `push_gap` beyond this read (lock held)."""
+        self._generation += 1
+        self._pushed = stop
+        self._pushing = None
 
     def current(self, push: Push) -> bool:
         """Whether `push` is still of this stream (no jump elsewhere, no close since)."""
@@ -439,6 +453,7 @@ class ReadAhead:
         start, stop = push.start, push.stop
         with self._lock:
             if self.current(push):
+                self._pushing = None
                 self._drop(lambda w: w.start >= start and w.stop <= stop)
 
     def push_failed(self, push: Push, offset: int) -> None:
@@ -460,6 +475,7 @@ class ReadAhead:
     def _stop_pushing(self, offset: int) -> None:
         self._push = None
         self._pushed = min(self._pushed, offset)
+        self._pushing = None
 
     def _drop(self, which: Callable[[_Window], bool]) -> None:
         keep: list[_Window] = []

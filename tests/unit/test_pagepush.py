@@ -197,6 +197,37 @@ def test_a_reader_that_does_not_use_pushed_pages_stops_the_pushing() -> None:
         pf.close()
 
 
+def test_a_reader_that_catches_up_with_the_push_under_way_makes_it_stale() -> None:
+    """Pushes begin `push_gap` beyond the last request, so the kernel's requests of the
+    stream (and its read-ahead) are before them; but a reader that reads pushed pages faster
+    than they are pushed asks for pages of the push under way: the rest of that push would
+    copy pages being asked for anyway (after waiting for those requests), so it stops, and
+    pushing goes on from `push_gap` beyond that read. Reads before the push leave it be."""
+    pf = small_prefetcher()
+    try:
+        reader = pf.wrap(content(Rows(), pieced=True), push=lambda source: None)
+        push = first_push(reader, 0)
+        before = reader._end
+        assert before + 16 * KIB <= push.start  # (the gap)
+        reader.read(before, 16 * KIB, deadline=time.monotonic() + 30)
+        assert reader.current(push)  # a request before the push: no matter
+        at = push.start + PAGE  # read through pushed pages up to here, then a request
+        assert reader.read(at, 16 * KIB, deadline=time.monotonic() + 30) == expected(
+            at, 16 * KIB, reader.size
+        )
+        assert not reader.current(push)
+        reader.pushed(push)  # (what the pusher does not do with a stale push: no matter)
+        following = None
+        for _ in range(500):  # the windows there being made
+            if (following := reader.pushable()) is not None:
+                break
+            time.sleep(0.002)
+        assert following is not None and following.start >= at + 16 * KIB + 64 * KIB
+        reader.close()
+    finally:
+        pf.close()
+
+
 def test_a_push_of_a_stream_that_went_elsewhere_is_stale() -> None:
     wakes: list[object] = []
     pf = small_prefetcher()
