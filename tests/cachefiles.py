@@ -52,6 +52,17 @@ def stored_blocks(cache: Path, identities: set[str] | None = None) -> list[Store
     return blocks
 
 
+def intact(block: StoredBlock) -> bool:
+    """Whether a stored block passes the disk store's checks (its entry, length, CRCs)."""
+    fd = os.open(block.path, os.O_RDONLY)
+    try:
+        return slots.read(fd, block.layout, block.index) is not None
+    except slots.Damaged:
+        return False
+    finally:
+        os.close(fd)
+
+
 def index_rows(cache: Path) -> dict[str, float]:
     """Last use of every block the cache dir's index accounts for, by block name."""
     db = sqlite3.connect(cache / cachedir.INDEX)
