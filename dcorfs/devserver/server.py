@@ -87,19 +87,15 @@ class DevServer:
     def start(self) -> str:
         """Build the site (condensing what is new) and serve in a background thread."""
         try:
-            self.site = Site.build(
+            site = self.site = Site.build(
                 self.data_dir, self.state_dir, self.url, self._options, self._progress
             )
-        except BaseException:
-            self._httpd.server_close()
-            raise
-        try:
             if self._options.external_host:
                 self.external = ExternalServer(self.data_dir, bind=self._options.external_host)
-                self.site.external = self.external
+                site.external = self.external
                 self.external.start()
             self._httpd.app = _App(
-                self.site, CkanApi(self.site, lambda: self.faults.config.url_lifetime), self
+                site, CkanApi(site, lambda: self.faults.config.url_lifetime), self
             )
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever,
@@ -109,7 +105,7 @@ class DevServer:
             )
             self._thread.start()
         except BaseException:
-            self.stop()  # (the site's own files go too)
+            self.stop()  # (what was made of the site goes too)
             raise
         return self.url
 

@@ -157,56 +157,41 @@ class Site:
         rtdc = [
             (ds, res) for ds, res in repo.iter_resources() if res.is_rtdc and res.storage == "s3"
         ]
-        upstream = _Upstream(url, state_dir, options)
         own = condense.SiteDir(state_dir) if options.condensed and rtdc else None
         try:
-            objects: dict[tuple[str, str], StoredObject] = {}
-            kernels: dict[str, kernel.Kernel | None] = {}
-            for number, (ds, res) in enumerate(rtdc, start=1):
-                if progress is not None and len(rtdc) > 3:
-                    progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
-                with warnings.catch_warnings(record=True) as caught:
-                    # dclab's warnings about old files are logged, whatever the caller's filters
-                    warnings.simplefilter("always")
-                    prepared = _prepare(
-                        ds,
-                        res,
-                        url=url,
-                        state_dir=state_dir,
-                        own=None if own is None else own.path,
-                        options=options,
-                        upstream=upstream,
-                    )
-                for warning in caught:
-                    log.info("%s: %s", res.name, warning.message)
-                kernels[res.id], condensed = prepared
-                if condensed is not None:
-                    objects[(condensed.bucket, condensed.key)] = condensed
-            for ds, res in repo.iter_resources():
-                if res.storage != "s3":
-                    continue
-                obj = _stored(
-                    bucket_name(ds.circle.id, options.bucket_template),
-                    "resource",
-                    resource_id=res.id,
-                    path=res.path,
-                    digest=res.digests,
-                    private=ds.private,
-                )
-                objects[(obj.bucket, obj.key)] = obj
-            return cls(
-                repo=repo,
+            kernels, objects = _prepare_all(
+                rtdc,
                 url=url,
-                objects=objects,
-                kernels=kernels,
-                presigner=Presigner(_secret(state_dir)),
+                state_dir=state_dir,
+                own=None if own is None else own.path,
                 options=options,
-                own=own,
+                progress=progress,
             )
         except BaseException:
             if own is not None:
                 own.remove()
             raise
+        for ds, res in repo.iter_resources():
+            if res.storage != "s3":
+                continue
+            obj = _stored(
+                bucket_name(ds.circle.id, options.bucket_template),
+                "resource",
+                resource_id=res.id,
+                path=res.path,
+                digest=res.digests,
+                private=ds.private,
+            )
+            objects[(obj.bucket, obj.key)] = obj
+        return cls(
+            repo=repo,
+            url=url,
+            objects=objects,
+            kernels=kernels,
+            presigner=Presigner(_secret(state_dir)),
+            options=options,
+            own=own,
+        )
 
     def resource_object(self, resource_id: str, artifact: str) -> StoredObject | None:
         found = self.repo.resource(resource_id)
@@ -236,6 +221,43 @@ class Site:
         if self.external is None:
             return f"http://external.invalid/{quote(res.name)}"
         return self.external.url_of(self.external.root / res.link_to if res.link_to else res.path)
+
+
+def _prepare_all(
+    rtdc: list[tuple[repository.Dataset, repository.Resource]],
+    *,
+    url: str,
+    state_dir: Path,
+    own: Path | None,
+    options: SiteOptions,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[str, kernel.Kernel | None], dict[tuple[str, str], StoredObject]]:
+    """Every RT-DC resource condensed (`_prepare`): their dcserv kernels, and their condensed
+    files as objects."""
+    upstream = _Upstream(url, state_dir, options)
+    kernels: dict[str, kernel.Kernel | None] = {}
+    objects: dict[tuple[str, str], StoredObject] = {}
+    for number, (ds, res) in enumerate(rtdc, start=1):
+        if progress is not None and len(rtdc) > 3:
+            progress(f"preparing RT-DC resource {number}/{len(rtdc)}: {res.name}")
+        with warnings.catch_warnings(record=True) as caught:
+            # dclab's warnings about old files are logged, whatever the caller's filters
+            warnings.simplefilter("always")
+            prepared = _prepare(
+                ds,
+                res,
+                url=url,
+                state_dir=state_dir,
+                own=own,
+                options=options,
+                upstream=upstream,
+            )
+        for warning in caught:
+            log.info("%s: %s", res.name, warning.message)
+        kernels[res.id], condensed = prepared
+        if condensed is not None:
+            objects[(condensed.bucket, condensed.key)] = condensed
+    return kernels, objects
 
 
 def _prepare(

@@ -351,16 +351,17 @@ class ReadAhead:
     def _advance(self, offset: int, stop: int) -> None:
         if self._continues(offset):
             if self._pushing is not None and self._pushing < stop and offset < self._pushed:
-                self._caught_up(stop)
+                # the reader caught up with the push under way (it reads pushed pages faster
+                # than they are pushed): the rest of that push would copy pages it now asks
+                # for anyway, after waiting for their requests; pushing goes on beyond
+                self._new_pushes(stop)
             self._streak += stop - offset
             self._end = max(self._end, stop)
         else:  # random access: the stream ends here (a small file made whole stays made)
             self._drop(lambda w: not w.whole)
             self._streak = 0
             self._end = stop
-            self._pushed = 0
-            self._pushing = None
-            self._generation += 1
+            self._new_pushes(0)
         if stop >= self.size:  # read to its end: a small file made whole has been read
             self._drop(lambda w: w.whole)
         self._drop(lambda w: w.stop <= offset - self._pf.back)  # consumed
@@ -433,14 +434,11 @@ class ReadAhead:
             self._schedule()
             return Push(start, views, self._generation)
 
-    def _caught_up(self, stop: int) -> None:
-        """The reader asks for bytes of the push under way (up to `stop`): it reads pushed
-        pages faster than they are pushed and has caught up with the pusher, whose push would
-        go on copying pages the reader now asks for anyway (waiting for its requests in
-        flight first, the kernel's read-ahead of them too): that push is stale (it stops at
-        its next piece), and pushing goes on from `push_gap` beyond this read (lock held)."""
+    def _new_pushes(self, pushed: int) -> None:
+        """Pushes begin anew (lock held): the one under way is stale (it stops at its next
+        piece), the next starts at `pushed` or `push_gap` beyond the last read."""
         self._generation += 1
-        self._pushed = stop
+        self._pushed = pushed
         self._pushing = None
 
     def current(self, push: Push) -> bool:
@@ -496,5 +494,5 @@ class ReadAhead:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._generation += 1
+            self._new_pushes(0)
             self._drop(lambda w: True)

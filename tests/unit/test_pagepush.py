@@ -155,6 +155,7 @@ def test_a_stream_is_pushed_and_reads_the_truth() -> None:
         reader.close()
         settled(pf)
         assert pf.budget.used == 0  # windows pushed or read were all given back
+        assert pf.budget.peak <= pf.budget.limit
 
 
 def test_a_failed_push_leaves_the_reader_served_without_pushes() -> None:
