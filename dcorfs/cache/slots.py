@@ -18,6 +18,12 @@ stored) and the CRC of every page it reads, and of no other: a read of a few KiB
 block reads and checks 32 KiB, not the block. So a torn, truncated, flipped or misplaced
 block is damage (`Damaged`), never data.
 
+A block's data may be written past the page cache (`write` with `direct`: a descriptor of
+the file opened with O_DIRECT, where its filesystem takes it, `can_direct`): copied into a
+page-aligned buffer and padded with zeros to whole 4 KiB pages of its slot, as O_DIRECT wants
+its memory, offsets and lengths aligned. The file is the same either way; the kernel drops
+any cached pages of the range it writes so.
+
 Erasing a block zeroes its entry and punches its data out of the file (fallocate
 PUNCH_HOLE), which gives the disk space back; where the filesystem cannot punch holes
 (`can_punch`), the disk store evicts whole files instead (doc/ARCHITECTURE.md, "Cache").
@@ -29,9 +35,12 @@ import contextlib
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import struct
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -138,13 +147,56 @@ def entry(layout: Layout, index: int, data: bytes) -> bytes:
     return packed.ljust(layout.entry_size, b"\0")
 
 
-def write(fd: int, layout: Layout, index: int, data: bytes) -> None:
-    """Store block `index` (its data, then its entry)."""
+def write(fd: int, layout: Layout, index: int, data: bytes, *, direct: int = -1) -> None:
+    """Store block `index` (its data, then its entry); its data through `direct`, when
+    given, a descriptor of the same file opened with O_DIRECT (past the page cache)."""
     if len(data) != layout.length(index):
         wanted = layout.length(index)
         raise ValueError(f"block {index} of {layout.name}: {len(data)} bytes, not {wanted}")
-    _pwrite_all(fd, data, layout.data_at(index))
+    if direct >= 0:
+        _write_direct(direct, data, layout.data_at(index))
+    else:
+        _pwrite_all(fd, data, layout.data_at(index))
     _pwrite_all(fd, entry(layout, index, data), layout.entry_at(index))
+
+
+class _Aligned:
+    """Page-aligned buffers (anonymous maps) for O_DIRECT writes, kept for reuse: as many as
+    threads wrote at once, at most `KEEP` (each as large as the largest block written)."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def buffer(self, size: int) -> Iterator[memoryview]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or len(buf) < size:
+            buf = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        view = memoryview(buf)
+        try:
+            yield view[:size]
+        finally:
+            view.release()
+            with self._lock:
+                if len(self._free) < self.KEEP:
+                    self._free.append(buf)
+
+
+_ALIGNED = _Aligned()
+
+
+def _write_direct(fd: int, data: bytes, offset: int) -> None:
+    """Write `data` at `offset` (a slot's start) through an O_DIRECT descriptor: padded with
+    zeros to whole pages of its slot (`footprint`)."""
+    length = len(data)
+    with _ALIGNED.buffer(footprint(length)) as view:
+        view[:length] = data
+        view[length:] = bytes(len(view) - length)
+        _pwrite_all(fd, view, offset)
 
 
 def read(
@@ -235,6 +287,24 @@ def _fallocate() -> Any:
     if function is not None:
         function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     return function
+
+
+def open_direct(path: Path) -> int:
+    """A descriptor of the file at `path` that writes past the page cache (O_DIRECT); raises
+    OSError where its filesystem does not take O_DIRECT (EINVAL)."""
+    return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+
+
+def can_direct(directory: Path) -> bool:
+    """Whether files in `directory` can be written past the page cache (`write`'s `direct`)."""
+    with contextlib.suppress(OSError), tempfile.NamedTemporaryFile(dir=directory) as handle:
+        fd = open_direct(Path(handle.name))
+        try:
+            _write_direct(fd, bytes(ALIGN + 1), 0)
+        finally:
+            os.close(fd)
+        return True
+    return False
 
 
 def can_punch(directory: Path) -> bool:

@@ -1,10 +1,14 @@
 """The disk store's object files (cache/slots.py): short reads check only their pages, space of
-evicted blocks comes back, and what a crash or an earlier layout leaves is cleaned up."""
+evicted blocks comes back, what a crash or an earlier layout leaves is cleaned up, and large
+blocks are written past the page cache where the filesystem allows it."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -309,4 +313,90 @@ def test_a_block_evicted_while_it_is_read_is_a_miss_not_damage(tmp_path: Path) -
         slots.read = real_read
     assert store.errors == 0
     assert store.get(OBJ, 2) == blocks()[2]
+    store.close()
+
+
+def resident(path: Path) -> int:
+    """Bytes of the file at `path` in the page cache now (util-linux's fincore)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def test_large_blocks_are_written_past_the_page_cache_small_ones_through_it(
+    tmp_path: Path,
+) -> None:
+    kind = subprocess.run(["stat", "-f", "-c", "%T", tmp_path], capture_output=True, check=True)
+    if b"tmpfs" in kind.stdout:
+        pytest.skip("the test's directory is on tmpfs, whose files are all page cache")
+    if not slots.can_direct(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} does not take O_DIRECT")
+    size = 1 << 20
+    data = os.urandom(3 * size - 1000)  # the last block ends within a page
+    large = ObjectId(key="large", etag="e", size=len(data))
+    small = ObjectId(key="small", etag="e", size=len(DATA))
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 30, block_size=size, direct_from=size // 2)
+    store.put_many(large, {i: data[i * size : (i + 1) * size] for i in range(3)})
+    store.put_many(small, blocks(), block_size=BLOCK)
+    layout = Layout.of(large, size)
+    path = cache / cachedir.OBJECTS / layout.name
+    assert resident(path) <= layout.table  # its entries only: written through the page cache
+    assert resident(file_of(cache, small)) >= len(DATA)
+    assert b"".join(store.get(large, i) or b"" for i in range(3)) == data
+    assert [store.get(small, i, block_size=BLOCK) for i in range(6)] == list(blocks().values())
+    with path.open("rb") as handle:  # the padding: the same zeros as a hole's
+        assert os.pread(handle.fileno(), 4096, layout.data_at(3) - 1000) == bytes(1000)
+    store.close()
+
+
+@pytest.mark.parametrize("direct_from", [None, 0], ids=["through", "past the page cache"])
+def test_damage_is_found_however_blocks_were_written(tmp_path: Path, direct_from: int) -> None:
+    """Flipped, truncated, misplaced and missing blocks written either way."""
+    if direct_from is not None and not slots.can_direct(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} does not take O_DIRECT")
+    cache = tmp_path / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 30, block_size=BLOCK, direct_from=direct_from)
+    assert store.put_many(OBJ, blocks()) == 6
+    store.close()
+    path = file_of(cache)
+    raw = bytearray(path.read_bytes())
+    raw[LAYOUT.data_at(0) + PAGE + 7] ^= 0x01  # block 0: a bit of its second page
+    raw[LAYOUT.entry_at(1) : LAYOUT.entry_at(2)] = bytes(LAYOUT.entry_size)  # 1: not stored
+    raw[LAYOUT.data_at(2) : LAYOUT.data_at(3)] = raw[LAYOUT.data_at(3) : LAYOUT.data_at(4)]
+    path.write_bytes(raw[: LAYOUT.data_at(5) + 100])  # 5 (the last): truncated
+    store = DiskStore(cache, limit_bytes=1 << 30, block_size=BLOCK, direct_from=direct_from)
+    got = [store.get(OBJ, i) for i in range(6)]
+    assert got == [None, None, None, blocks()[3], blocks()[4], None]
+    assert store.errors == 3  # damage, not the block never stored
+    store.close()
+
+
+def test_a_refused_write_past_the_page_cache_is_written_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe passed, the file's filesystem refuses (EINVAL): the block is stored all the
+    same, and the store writes through the page cache from then on, saying so once."""
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK, direct_from=0)
+    store._direct_from = 0  # as if the probe passed (it may not, where the tests run)
+    opened: list[Path] = []
+
+    def refused(path: Path) -> int:
+        opened.append(path)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(slots, "open_direct", refused)
+    with caplog.at_level(logging.WARNING, logger="dcorfs.cache.diskstore"):
+        assert store.put_many(OBJ, blocks()) == 6
+        other = ObjectId(key="other", etag="e", size=BLOCK)
+        assert store.put_many(other, {0: DATA[:BLOCK]}) == 1
+    assert len(opened) == 1 and [r.getMessage() for r in caplog.records] == [
+        "cache writes past the page cache refused (Invalid argument): written through it"
+    ]
+    assert [store.get(OBJ, i) for i in range(6)] == list(blocks().values())
+    assert store.get(other, 0) == DATA[:BLOCK]
     store.close()
