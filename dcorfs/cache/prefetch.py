@@ -91,9 +91,9 @@ are asked for, within a memory budget. In the order a resource meets them:
    written past the page cache (O_DIRECT, where the cache's filesystem takes it): a cold
    stream of 2 GB otherwise also filled 2 GB of page cache with the cache files' pages,
    pushing out what the machine had cached, and on this VM writing into pages it had not
-   touched yet ran at ~0.4 GB/s (`image.npy` of 100,000 events cold: 8.8–9.9 s against
-   11.4–15.8 s, the daemon's CPU 9.8–11.3 s against 14.4–21.1 s). Smaller blocks (remote
-   objects' bytes, small features) stay in the page cache, where warm reads find them.
+   touched yet ran at ~0.4 GB/s (`image.npy` of 100,000 events cold: 8.4–9.5 s against
+   10.8–11.1 s; doc/ARCHITECTURE.md, "Speed"). Smaller blocks (remote objects' bytes, small
+   features) stay in the page cache, where warm reads find them.
 """
 
 from __future__ import annotations
