@@ -217,7 +217,8 @@ class DiskStore:
     ) -> None:
         """`exclusive`: fail with CacheInUse unless no other store uses the directory.
         Blocks of at least `direct_from` bytes (None: none) are written past the page cache
-        where the filesystem allows it (`slots.write`; `cache.prefetch`, 7.)."""
+        where the directory is on a local disk's filesystem that takes it (`slots.can_direct`;
+        `cache.prefetch`, 7.)."""
         self.directory = directory
         self.limit = limit_bytes
         self.block_size = block_size
@@ -244,6 +245,7 @@ class DiskStore:
         self._direct_from = direct_from
         if direct_from is not None and not slots.can_direct(self._objects):
             self._direct_from = None
+        self._direct_lock = threading.Lock()
         if not self._punch:
             log.warning("%s cannot punch holes: the cache evicts whole objects", directory)
         for path in (directory, self._objects):
@@ -641,36 +643,36 @@ class DiskStore:
         path = self._objects / layout.name
         path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        direct = -1
         try:
             for index, data in blocks.items():
-                if self._direct_from is not None and len(data) >= self._direct_from:
+                least = self._direct_from  # (read once: another thread may turn it off)
+                if least is not None and len(data) >= least:
                     with self._refused_direct():  # refused: on to the write below
-                        direct = slots.open_direct(path) if direct < 0 else direct
-                        slots.write(fd, layout, index, data, direct=direct)
+                        slots.write(fd, layout, index, data, direct=True)
                         continue
                 slots.write(fd, layout, index, data)
         finally:
             os.close(fd)
-            if direct >= 0:
-                os.close(direct)
 
     @contextmanager
     def _refused_direct(self) -> Iterator[None]:
         """Where a write past the page cache is refused (EINVAL: the probe passed, but this
-        file's filesystem or device wants other alignments), every block is written through
-        the page cache from then on; the caller writes this one so too."""
+        file's filesystem or device wants other alignments, or a write came back short),
+        every block is written through the page cache from then on, said once; the caller
+        writes this one so too."""
         try:
             yield
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            if self._direct_from is not None:
-                log.warning(
-                    "cache writes past the page cache refused (%s): written through it",
-                    exc.strerror or exc,
-                )
-            self._direct_from = None
+            with self._direct_lock:
+                if self._direct_from is None:
+                    return
+                self._direct_from = None
+            log.warning(
+                "cache writes past the page cache refused (%s): written through it",
+                exc.strerror or exc,
+            )
 
     def _admit(self, obj: ObjectId, entries: list[tuple[str, int]], now: float) -> None:
         """Record blocks and evict LRU blocks so that the total stays within the limit."""

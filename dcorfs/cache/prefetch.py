@@ -88,12 +88,14 @@ are asked for, within a memory budget. In the order a resource meets them:
    the GIL between the read's system calls, then holds up the mount's other requests once,
    not at every read).
    Blocks of at least `DISK_DIRECT_FROM` bytes (decoded values, the bulk of a stream) are
-   written past the page cache (O_DIRECT, where the cache's filesystem takes it): a cold
+   written past the page cache (O_DIRECT, where the cache is on a local disk's filesystem
+   that takes it; not tmpfs, nor a network filesystem): a cold
    stream of 2 GB otherwise also filled 2 GB of page cache with the cache files' pages,
    pushing out what the machine had cached, and on this VM writing into pages it had not
    touched yet ran at ~0.4 GB/s (`image.npy` of 100,000 events cold: 8.4–9.5 s against
-   10.8–11.1 s; doc/ARCHITECTURE.md, "Speed"). Smaller blocks (remote objects' bytes, small
-   features) stay in the page cache, where warm reads find them.
+   10.8–11.1 s; doc/ARCHITECTURE.md, "Speed"). Smaller blocks (the remote objects' blocks
+   of `--block-size`, 64 KiB by default; small features) stay in the page cache, where warm
+   reads find them.
 """
 
 from __future__ import annotations

@@ -18,11 +18,16 @@ stored) and the CRC of every page it reads, and of no other: a read of a few KiB
 block reads and checks 32 KiB, not the block. So a torn, truncated, flipped or misplaced
 block is damage (`Damaged`), never data.
 
-A block's data may be written past the page cache (`write` with `direct`: a descriptor of
-the file opened with O_DIRECT, where its filesystem takes it, `can_direct`): copied into a
-page-aligned buffer and padded with zeros to whole 4 KiB pages of its slot, as O_DIRECT wants
-its memory, offsets and lengths aligned. The file is the same either way; the kernel drops
-any cached pages of the range it writes so.
+A block's data may be written past the page cache (`write` with `direct`, where the file's
+filesystem is a local disk's that takes O_DIRECT, `can_direct`): the file's descriptor is
+switched to O_DIRECT for that write, the data copied into an aligned buffer (one per thread)
+and padded with zeros to whole 4 KiB filesystem blocks of its slot, as O_DIRECT wants memory,
+offsets and lengths aligned; the entry is then written through the page cache as ever. Every
+byte reads the same either way (the padding is zeros, as a hole's are), but a last block so
+written ends the file on a 4 KiB boundary. The kernel drops what it has cached of the range
+written so, but only as far as it can: a cached page that another writer dirties meanwhile
+(an entry or an erasure in the same large folio) may keep stale bytes, which a reader's CRC
+check then takes for damage (a miss, refetched), never for data.
 
 Erasing a block zeroes its entry and punches its data out of the file (fallocate
 PUNCH_HOLE), which gives the disk space back; where the filesystem cannot punch holes
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import mmap
 import os
@@ -147,55 +153,50 @@ def entry(layout: Layout, index: int, data: bytes) -> bytes:
     return packed.ljust(layout.entry_size, b"\0")
 
 
-def write(fd: int, layout: Layout, index: int, data: bytes, *, direct: int = -1) -> None:
-    """Store block `index` (its data, then its entry); its data through `direct`, when
-    given, a descriptor of the same file opened with O_DIRECT (past the page cache)."""
+def write(fd: int, layout: Layout, index: int, data: bytes, *, direct: bool = False) -> None:
+    """Store block `index` (its data, then its entry); its data past the page cache if
+    `direct` (`fd`, opened for writing, switched to O_DIRECT meanwhile). OSError with EINVAL
+    where the filesystem refuses that (nothing of the block's entry written then)."""
     if len(data) != layout.length(index):
         wanted = layout.length(index)
         raise ValueError(f"block {index} of {layout.name}: {len(data)} bytes, not {wanted}")
-    if direct >= 0:
-        _write_direct(direct, data, layout.data_at(index))
+    if direct and data:
+        _write_direct(fd, data, layout.data_at(index))
     else:
         _pwrite_all(fd, data, layout.data_at(index))
     _pwrite_all(fd, entry(layout, index, data), layout.entry_at(index))
 
 
-class _Aligned:
-    """Page-aligned buffers (anonymous maps) for O_DIRECT writes, kept for reuse: as many as
-    threads wrote at once, at most `KEEP` (each as large as the largest block written)."""
-
-    KEEP = 4
-
-    def __init__(self) -> None:
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def buffer(self, size: int) -> Iterator[memoryview]:
-        with self._lock:
-            buf = self._free.pop() if self._free else None
-        if buf is None or len(buf) < size:
-            buf = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
-        view = memoryview(buf)
-        try:
-            yield view[:size]
-        finally:
-            view.release()
-            with self._lock:
-                if len(self._free) < self.KEEP:
-                    self._free.append(buf)
+O_DIRECT = getattr(os, "O_DIRECT", 0)  # (0: a system without it, such as macOS)
+_BUFFERS = threading.local()  # each writing thread's aligned buffer, as large as it needed
 
 
-_ALIGNED = _Aligned()
+def _aligned(size: int) -> mmap.mmap:
+    """This thread's page-aligned buffer (an anonymous map) of at least `size` bytes."""
+    buffer: mmap.mmap | None = getattr(_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _BUFFERS.buffer = mmap.mmap(-1, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+    return buffer
+
+
+@contextlib.contextmanager
+def _direct_io(fd: int) -> Iterator[None]:
+    """`fd` switched to O_DIRECT meanwhile."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT)
+    try:
+        yield
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
 
 
 def _write_direct(fd: int, data: bytes, offset: int) -> None:
-    """Write `data` at `offset` (a slot's start) through an O_DIRECT descriptor: padded with
-    zeros to whole pages of its slot (`footprint`)."""
-    length = len(data)
-    with _ALIGNED.buffer(footprint(length)) as view:
+    """Write `data` (not empty) at `offset` (a slot's start) past the page cache: padded with
+    zeros to whole 4 KiB filesystem blocks of its slot (`footprint`)."""
+    length, padded = len(data), footprint(len(data))
+    with memoryview(_aligned(padded)) as whole, whole[:padded] as view, _direct_io(fd):
         view[:length] = data
-        view[length:] = bytes(len(view) - length)
+        view[length:] = bytes(padded - length)
         _pwrite_all(fd, view, offset)
 
 
@@ -289,20 +290,31 @@ def _fallocate() -> Any:
     return function
 
 
-def open_direct(path: Path) -> int:
-    """A descriptor of the file at `path` that writes past the page cache (O_DIRECT); raises
-    OSError where its filesystem does not take O_DIRECT (EINVAL)."""
-    return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+# local disks' filesystems (statfs's f_type): where O_DIRECT writes go to the disk itself (not
+# tmpfs, whose files are memory, nor a network filesystem, where each would wait for a server)
+LOCAL_DISK = {0xEF53: "ext2/3/4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0xF2F52010: "f2fs"}
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 256)]
+
+
+def filesystem_type(directory: Path) -> int | None:
+    """The f_type statfs(2) gives for `directory` (None where it cannot be asked)."""
+    statfs = getattr(ctypes.CDLL(None, use_errno=True), "statfs", None)
+    found = _StatFs()
+    if statfs is None or statfs(os.fsencode(directory), ctypes.byref(found)) != 0:
+        return None
+    return int(found.f_type) & 0xFFFFFFFF
 
 
 def can_direct(directory: Path) -> bool:
-    """Whether files in `directory` can be written past the page cache (`write`'s `direct`)."""
-    with contextlib.suppress(OSError), tempfile.NamedTemporaryFile(dir=directory) as handle:
-        fd = open_direct(Path(handle.name))
-        try:
-            _write_direct(fd, bytes(ALIGN + 1), 0)
-        finally:
-            os.close(fd)
+    """Whether blocks of files in `directory` are written past the page cache (`write`'s
+    `direct`): on a local disk's filesystem that takes an O_DIRECT write."""
+    if not O_DIRECT or filesystem_type(directory) not in LOCAL_DISK:
+        return False
+    with contextlib.suppress(OSError), tempfile.TemporaryFile(dir=directory) as handle:
+        _write_direct(handle.fileno(), bytes(ALIGN + 1), 0)
         return True
     return False
 

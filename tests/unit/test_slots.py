@@ -4,13 +4,18 @@ blocks are written past the page cache where the filesystem allows it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
@@ -327,41 +332,87 @@ def resident(path: Path) -> int:
     return int(out.stdout)
 
 
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a local disk: the test's own, or where that is tmpfs (as /tmp is on
+    some systems) one under /var/tmp."""
+    if slots.can_direct(tmp_path) or not Path("/var/tmp").is_dir():
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="dcorfs-test-") as made:
+        yield Path(made)
+
+
+def direct_writes_skip_the_page_cache(directory: Path) -> None:
+    """Skip (saying why) unless a block written past the page cache in `directory` really
+    leaves no page of it there, measured."""
+    if not slots.can_direct(directory):
+        kind = slots.LOCAL_DISK.get(slots.filesystem_type(directory) or 0, "not a local disk's")
+        pytest.skip(f"the filesystem of {directory} ({kind}) is not written with O_DIRECT")
+    if shutil.which("fincore") is None:
+        pytest.skip("util-linux's fincore is not installed")
+    probe = directory / "probe"
+    with probe.open("wb") as handle:
+        slots._write_direct(handle.fileno(), bytes(1 << 20), 0)
+    if resident(probe):
+        pytest.skip(f"the filesystem of {directory} keeps O_DIRECT writes in the page cache")
+    probe.unlink()
+
+
+class Counted:
+    """`slots._write_direct`, counting its calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self._real = slots._write_direct
+        monkeypatch.setattr(slots, "_write_direct", self)
+
+    def __call__(self, fd: int, data: bytes, offset: int) -> None:
+        self.calls += 1
+        self._real(fd, data, offset)
+
+
+@pytest.mark.parametrize("size", [1 << 20, 1_000_000], ids=["1 MiB", "1,000,000 bytes"])
 def test_large_blocks_are_written_past_the_page_cache_small_ones_through_it(
-    tmp_path: Path,
+    disk_dir: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    kind = subprocess.run(["stat", "-f", "-c", "%T", tmp_path], capture_output=True, check=True)
-    if b"tmpfs" in kind.stdout:
-        pytest.skip("the test's directory is on tmpfs, whose files are all page cache")
-    if not slots.can_direct(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} does not take O_DIRECT")
-    size = 1 << 20
-    data = os.urandom(3 * size - 1000)  # the last block ends within a page
+    """Blocks of a size off the 4 KiB grid too (whole chunks of decoded values)."""
+    tmp_path = disk_dir
+    direct_writes_skip_the_page_cache(tmp_path)
+    data = os.urandom(3 * size - 1000)  # the last block ends within a filesystem block
     large = ObjectId(key="large", etag="e", size=len(data))
     small = ObjectId(key="small", etag="e", size=len(DATA))
     cache = tmp_path / "cache"
     store = DiskStore(cache, limit_bytes=1 << 30, block_size=size, direct_from=size // 2)
-    store.put_many(large, {i: data[i * size : (i + 1) * size] for i in range(3)})
+    written = Counted(monkeypatch)  # (after the store's own probe)
+    store.put_many(large, {i: data[i * size : (i + 1) * size] for i in [1, 2, 0]})
     store.put_many(small, blocks(), block_size=BLOCK)
+    assert written.calls == 3
     layout = Layout.of(large, size)
     path = cache / cachedir.OBJECTS / layout.name
     assert resident(path) <= layout.table  # its entries only: written through the page cache
     assert resident(file_of(cache, small)) >= len(DATA)
     assert b"".join(store.get(large, i) or b"" for i in range(3)) == data
     assert [store.get(small, i, block_size=BLOCK) for i in range(6)] == list(blocks().values())
+    end = layout.data_at(2) + layout.length(2)
     with path.open("rb") as handle:  # the padding: the same zeros as a hole's
-        assert os.pread(handle.fileno(), 4096, layout.data_at(3) - 1000) == bytes(1000)
+        assert os.pread(handle.fileno(), 8192, end) == bytes(slots.footprint(end) - end)
     store.close()
 
 
-@pytest.mark.parametrize("direct_from", [None, 0], ids=["through", "past the page cache"])
-def test_damage_is_found_however_blocks_were_written(tmp_path: Path, direct_from: int) -> None:
+@pytest.mark.parametrize("direct_from", [None, 1], ids=["through", "past the page cache"])
+def test_damage_is_found_however_blocks_were_written(
+    disk_dir: Path, monkeypatch: pytest.MonkeyPatch, direct_from: int | None
+) -> None:
     """Flipped, truncated, misplaced and missing blocks written either way."""
-    if direct_from is not None and not slots.can_direct(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} does not take O_DIRECT")
+    tmp_path = disk_dir
+    if direct_from is not None:
+        direct_writes_skip_the_page_cache(tmp_path)
     cache = tmp_path / "cache"
     store = DiskStore(cache, limit_bytes=1 << 30, block_size=BLOCK, direct_from=direct_from)
+    written = Counted(monkeypatch)  # (after the store's own probe)
     assert store.put_many(OBJ, blocks()) == 6
+    assert written.calls == (0 if direct_from is None else 6)
     store.close()
     path = file_of(cache)
     raw = bytearray(path.read_bytes())
@@ -376,27 +427,64 @@ def test_damage_is_found_however_blocks_were_written(tmp_path: Path, direct_from
     store.close()
 
 
-def test_a_refused_write_past_the_page_cache_is_written_through_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The probe passed, the file's filesystem refuses (EINVAL): the block is stored all the
-    same, and the store writes through the page cache from then on, saying so once."""
-    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK, direct_from=0)
-    store._direct_from = 0  # as if the probe passed (it may not, where the tests run)
-    opened: list[Path] = []
+def open_object_files(cache: Path) -> list[str]:
+    """The object files of the cache at `cache` this process holds open."""
+    held = []
+    for link in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # (one closed meanwhile)
+            target = str(link.readlink())
+            if target.startswith(str(cache / cachedir.OBJECTS)):
+                held.append(target)
+    return held
 
-    def refused(path: Path) -> int:
-        opened.append(path)
+
+@pytest.mark.parametrize("where", ["switch", "write"])
+def test_a_refused_write_past_the_page_cache_is_written_through_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """The probe passed, the file's filesystem refuses (EINVAL) the switch to O_DIRECT or the
+    write itself (after part of the block was written): the block is stored all the same,
+    and the store writes through the page cache from then on, saying so once."""
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK, direct_from=1)
+    store._direct_from = 1  # as if the probe passed (it may not, where the tests run)
+    caplog.clear()
+    tried: list[int] = []
+    real_pwrite = os.pwrite
+
+    def refused(fd: int, *args: Any) -> Any:
+        tried.append(fd)
+        if where == "write":
+            real_pwrite(fd, b"\xff" * 100, LAYOUT.data_at(0))  # a part written, then refused
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(slots, "open_direct", refused)
+    monkeypatch.setattr(slots, "_direct_io" if where == "switch" else "_write_direct", refused)
     with caplog.at_level(logging.WARNING, logger="dcorfs.cache.diskstore"):
         assert store.put_many(OBJ, blocks()) == 6
         other = ObjectId(key="other", etag="e", size=BLOCK)
         assert store.put_many(other, {0: DATA[:BLOCK]}) == 1
-    assert len(opened) == 1 and [r.getMessage() for r in caplog.records] == [
+    assert open_object_files(tmp_path / "cache") == []
+    assert len(tried) == 1 and [r.getMessage() for r in caplog.records] == [
         "cache writes past the page cache refused (Invalid argument): written through it"
     ]
     assert [store.get(OBJ, i) for i in range(6)] == list(blocks().values())
     assert store.get(other, 0) == DATA[:BLOCK]
+    store.close()
+
+
+def test_a_failed_write_past_the_page_cache_is_a_failed_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any other error (a full disk) is the store's as for any write: nothing stored, the
+    cache off for a while, and writes past the page cache not turned off."""
+    store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK, direct_from=1)
+    store._direct_from = 1
+
+    def full(fd: int, data: bytes, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(slots, "_write_direct", full)
+    assert store.put_many(OBJ, blocks()) == 0
+    assert open_object_files(tmp_path / "cache") == []
+    assert store._direct_from == 1 and store.usage() == (0, 0)
+    assert [store.get(OBJ, i) for i in range(6)] == [None] * 6
     store.close()
