@@ -645,34 +645,35 @@ class DiskStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             for index, data in blocks.items():
-                least = self._direct_from  # (read once: another thread may turn it off)
-                if least is not None and len(data) >= least:
-                    with self._refused_direct():  # refused: on to the write below
-                        slots.write(fd, layout, index, data, direct=True)
-                        continue
-                slots.write(fd, layout, index, data)
+                self._write_block(fd, layout, index, data)
         finally:
             os.close(fd)
 
-    @contextmanager
-    def _refused_direct(self) -> Iterator[None]:
-        """Where a write past the page cache is refused (EINVAL: the probe passed, but this
-        file's filesystem or device wants other alignments, or a write came back short),
-        every block is written through the page cache from then on, said once; the caller
-        writes this one so too."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            with self._direct_lock:
-                if self._direct_from is None:
-                    return
-                self._direct_from = None
-            log.warning(
-                "cache writes past the page cache refused (%s): written through it",
-                exc.strerror or exc,
-            )
+    def _write_block(self, fd: int, layout: Layout, index: int, data: bytes) -> None:
+        """A block of at least `direct_from` bytes past the page cache; where that is refused
+        (EINVAL: the probe passed, but this file's filesystem or device wants other
+        alignments, or a write came back short) every block goes through the page cache
+        from then on, said once, this one too."""
+        least = self._direct_from  # (read once: another thread may turn it off)
+        if least is not None and len(data) >= least:
+            try:
+                slots.write(fd, layout, index, data, direct=True)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._no_direct(exc)
+        slots.write(fd, layout, index, data)
+
+    def _no_direct(self, refused: OSError) -> None:
+        with self._direct_lock:
+            if self._direct_from is None:
+                return
+            self._direct_from = None
+        log.warning(
+            "cache writes past the page cache refused (%s): written through it",
+            refused.strerror or refused,
+        )
 
     def _admit(self, obj: ObjectId, entries: list[tuple[str, int]], now: float) -> None:
         """Record blocks and evict LRU blocks so that the total stays within the limit."""

@@ -273,7 +273,7 @@ def erase(fd: int, layout: Layout, index: int, *, punch: bool) -> None:
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Give back the disk space of [offset, offset + length) of a file (reads as zeros)."""
-    fallocate = _fallocate()
+    fallocate = _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     if fallocate is None:
         raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
     if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
@@ -282,11 +282,12 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 @functools.cache
-def _fallocate() -> Any:
-    """Linux's fallocate(2) from the C library (Python's os module has no PUNCH_HOLE)."""
-    function = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+def _libc(name: str, *argtypes: Any) -> Any:
+    """A function of the C library that Python's os module lacks (fallocate with PUNCH_HOLE,
+    statfs's f_type), its errors in `ctypes.get_errno`; None where the library has none."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), name, None)
     if function is not None:
-        function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        function.argtypes = argtypes
     return function
 
 
@@ -301,7 +302,7 @@ class _StatFs(ctypes.Structure):
 
 def filesystem_type(directory: Path) -> int | None:
     """The f_type statfs(2) gives for `directory` (None where it cannot be asked)."""
-    statfs = getattr(ctypes.CDLL(None, use_errno=True), "statfs", None)
+    statfs = _libc("statfs", ctypes.c_char_p, ctypes.POINTER(_StatFs))
     found = _StatFs()
     if statfs is None or statfs(os.fsencode(directory), ctypes.byref(found)) != 0:
         return None
