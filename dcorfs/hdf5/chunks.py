@@ -14,7 +14,9 @@ read"):
 - 1, deflate (gzip): `zlib`
 - 2, shuffle: the bytes of each element were grouped by position; regrouped with numpy
 - 3, fletcher32: HDF5's checksum of the filtered bytes, verified (`ChunkError` on a mismatch,
-  also the byte-swapped form HDF5 before 1.6.3 wrote, as libhdf5 accepts it) and stripped
+  also the byte-swapped form HDF5 before 1.6.3 wrote, as libhdf5 accepts it) and stripped;
+  computed by libhdf5's own function where the library h5py loaded exports it (~5× faster
+  than NumPy's, and the GIL released), else with NumPy
 - 32015, Zstd (hdf5plugin's, in modern .rtdc files): `zstandard`
 
 A chunk's filter mask (one bit per filter skipped when it was written) is honoured. Edge
@@ -23,14 +25,19 @@ chunks are stored whole and cropped by the caller (`rows`).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 import zstandard
 
+log = logging.getLogger(__name__)
 DEFLATE, SHUFFLE, FLETCHER32, ZSTD = 1, 2, 3, 32015
 DECODED = {DEFLATE, SHUFFLE, FLETCHER32, ZSTD}
 
@@ -126,8 +133,18 @@ def unshuffle(data: bytes | memoryview | np.ndarray, size: int) -> np.ndarray:
 
 
 def fletcher32(data: bytes | memoryview | np.ndarray) -> int:
+    """HDF5's Fletcher-32 of the bytes: libhdf5's own where it is at hand (`_native`: 0.3 ms
+    a MB here, in C, with the GIL released by ctypes), else `fletcher32_numpy` (1.5 ms)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    native = _native()
+    if native is None or not raw.size:
+        return fletcher32_numpy(raw)
+    return int(native(raw.ctypes.data, raw.size))
+
+
+def fletcher32_numpy(data: bytes | memoryview | np.ndarray) -> int:
     """HDF5's Fletcher-32 (H5checksum.c: 16-bit big-endian words, sums reduced with an
-    end-around carry, an odd last byte taken as the high byte of a word).
+    end-around carry, an odd last byte taken as the high byte of a word), with NumPy.
 
     Word i of n counts once in the first sum and n - i times in the second; both are formed
     exactly (blocks of `_BLOCK` words weighted by a matrix-vector product in float64, whose
@@ -157,6 +174,44 @@ def fletcher32(data: bytes | memoryview | np.ndarray) -> int:
 
 _BLOCK = 1024
 _WEIGHTS = np.arange(_BLOCK, 0, -1, dtype=np.float64)  # word j of a block: _BLOCK - j more
+_PROBE = bytes(range(256)) * 3 + b"\xff" * 7  # odd length, a word sum past 0xffff
+
+
+@functools.cache
+def _native() -> Callable[[int, int], int] | None:
+    """libhdf5's `H5_checksum_fletcher32(data, len)` from the HDF5 library h5py loaded into
+    this process (found in /proc/self/maps; exported by libhdf5, though not in its public
+    headers), once it gives `fletcher32_numpy`'s value for a probe; None where there is no
+    such library or function (then NumPy computes it)."""
+    for path in _hdf5_libraries():
+        try:
+            function = getattr(ctypes.CDLL(path), "H5_checksum_fletcher32", None)
+        except OSError:
+            continue
+        if function is None:
+            continue
+        function.restype = ctypes.c_uint32
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        if function(_PROBE, len(_PROBE)) == fletcher32_numpy(_PROBE):
+            return function  # type: ignore[no-any-return]
+        log.warning("%s: its fletcher32 differs from HDF5's; computed with NumPy", path)
+    return None
+
+
+def _hdf5_libraries(maps: Path = Path("/proc/self/maps")) -> list[str]:
+    """The files of the HDF5 C library mapped into this process (not its high-level one)."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return []
+    found: list[str] = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+        path = fields[5] if len(fields) == 6 else ""
+        name = Path(path).name
+        if name.startswith("libhdf5") and "_hl" not in name and path not in found:
+            found.append(path)
+    return found
 
 
 def fletcher32_checked(data: bytes | memoryview | np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from hypothesis.extra import numpy as hnp
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.identity import ObjectId
 from dcorfs.errors import ProtocolError
-from dcorfs.hdf5.chunks import ChunkError, Codec, fletcher32, rows
+from dcorfs.hdf5 import chunks
+from dcorfs.hdf5.chunks import ChunkError, Codec, fletcher32, fletcher32_numpy, rows
 from dcorfs.hdf5.rtdc import RemoteFile, RtdcSource
 
 from ..conftest import FIXTURE_FILES, needs_fixtures
@@ -131,9 +133,10 @@ def test_a_chunk_written_without_its_filter_decodes_by_its_mask() -> None:
         assert same(decoded(data, h5["x"], 0, 8), h5["x"][...])
 
 
-def test_fletcher32_is_hdf5s() -> None:
+@pytest.mark.parametrize("checksum", [fletcher32, fletcher32_numpy])
+def test_fletcher32_is_hdf5s(checksum: Callable[[bytes], int]) -> None:
     """The checksum libhdf5 writes (read back from a file it wrote), for even and odd
-    lengths, and 0 for no bytes."""
+    lengths, and 0 for no bytes: libhdf5's own function where found, and NumPy's."""
     randoms = [np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8) for n in (1, 2, 3, 721)]
     # sums that are multiples of 0xffff: the end-around carry keeps them 0xffff, not 0
     for payload in [*randoms, np.full(2, 0xFF, np.uint8), np.full(6, 0xFF, np.uint8)]:
@@ -145,8 +148,41 @@ def test_fletcher32_is_hdf5s() -> None:
         with h5py.File(io.BytesIO(data), "r") as h5:
             ((_, stored, _),) = stored_chunks(data, h5["x"])
         assert stored[:-4] == payload.tobytes()
-        assert fletcher32(stored[:-4]) == int.from_bytes(stored[-4:], "little")
-    assert fletcher32(b"") == 0 and fletcher32(bytes(10)) == 0
+        assert checksum(stored[:-4]) == int.from_bytes(stored[-4:], "little")
+    assert checksum(b"") == 0 and checksum(bytes(10)) == 0
+
+
+def test_fletcher32_native_agrees_with_numpy() -> None:
+    """libhdf5's function (found in the HDF5 library h5py loaded) gives NumPy's values for
+    random bytes of many lengths, from bytes, views and arrays alike."""
+    if chunks._native() is None:
+        pytest.skip("libhdf5 of this h5py exports no H5_checksum_fletcher32: NumPy's is used")
+    rng = np.random.default_rng(7)
+    for n in [*range(1, 40), 1023, 2048, 2049, 1_040_000, 1_040_001]:
+        payload = rng.integers(0, 256, n, dtype=np.uint8)
+        expected = fletcher32_numpy(payload)
+        assert fletcher32(payload.tobytes()) == expected
+        assert fletcher32(memoryview(payload.tobytes())[0:n]) == expected
+        assert fletcher32(payload) == expected
+    assert fletcher32(np.full(1_000_001, 0xFF, np.uint8)) == fletcher32_numpy(
+        np.full(1_000_001, 0xFF, np.uint8)
+    )
+
+
+def test_hdf5_libraries_from_maps(tmp_path: Path) -> None:
+    """The HDF5 C library's files among the mapped ones, each once, not the high-level one's
+    nor lines without a file."""
+    maps = tmp_path / "maps"
+    lib = "/x/h5py.libs/libhdf5-9e18f0c6.so.320.0.0"
+    maps.write_text(
+        f"7f00-7f01 r--p 00000000 08:01 42  {lib}\n"
+        f"7f01-7f02 r-xp 00001000 08:01 42  {lib}\n"
+        "7f02-7f03 r--p 00000000 08:01 43  /x/h5py.libs/libhdf5_hl-69da89c9.so.320.0.0\n"
+        "7f03-7f04 rw-p 00000000 00:00 0 \n"
+        "7f04-7f05 r--p 00000000 08:01 44  /usr/lib/x86_64-linux-gnu/libz.so.1\n"
+    )
+    assert chunks._hdf5_libraries(maps) == [lib]
+    assert chunks._hdf5_libraries(tmp_path / "absent") == []
 
 
 @pytest.mark.parametrize(
