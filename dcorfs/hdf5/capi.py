@@ -17,8 +17,9 @@ must these. The library is reached through h5py's own extension module (`ctypes.
 `h5py.h5`'s file: its symbols resolve to exactly the libhdf5 h5py uses, whatever its name or
 place), and `PyDLL` keeps the GIL through each call: they are short, and a thread giving the
 GIL up and taking it back around each of hundreds of calls would queue behind every other
-thread of the daemon each time. Identifiers made here are closed here, but for a created
-dataset's, which its caller owns.
+thread of the daemon each time. `released` gives the few long ones that touch no library
+state (a checksum of a chunk) through `ctypes.CDLL` instead, without h5py's lock.
+Identifiers made here are closed here, but for a created dataset's, which its caller owns.
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ def _library() -> ctypes.PyDLL:
 
 
 _lib = _library()
+
+
+def released(name: str, restype: Any, argtypes: Sequence[Any]) -> Any:
+    """A function of that same libhdf5 through `ctypes.CDLL`, which gives the GIL up during
+    each call: for the few that only read their arguments (no library state, no error stack),
+    which are called outside h5py's lock too (`chunks.fletcher32`); None where the library
+    does not export it."""
+    function = getattr(ctypes.CDLL(h5py.h5.__file__), name, None)
+    if function is not None:
+        function.restype = restype
+        function.argtypes = list(argtypes)
+    return function
+
+
 _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "H5Screate": ([ctypes.c_int], _hid),
     "H5Screate_simple": ([ctypes.c_int, _ptr, _ptr], _hid),

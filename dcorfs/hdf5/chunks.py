@@ -36,6 +36,8 @@ import h5py
 import numpy as np
 import zstandard
 
+from . import capi
+
 log = logging.getLogger(__name__)
 DEFLATE, SHUFFLE, FLETCHER32, ZSTD = 1, 2, 3, 32015
 DECODED = {DEFLATE, SHUFFLE, FLETCHER32, ZSTD}
@@ -186,22 +188,16 @@ _PROBES = (
 
 @functools.cache
 def _native() -> Callable[[int, int], int] | None:
-    """libhdf5's `H5_checksum_fletcher32(data, len)`, from exactly the library h5py uses
-    (reached through h5py's own extension module, as `capi` reaches it: its symbols resolve to
-    that library's, whatever its name or place), once it gives `fletcher32_numpy`'s values
-    for the probes; None where it is not exported (then NumPy computes it). libhdf5 exports
-    it (H5_DLL) though it is not in its public headers; it only reads the bytes (no library
-    state, no error stack), so it is called outside h5py's lock, and through `ctypes.CDLL`,
-    which gives the GIL up during the call (`capi`'s `PyDLL` keeps it)."""
-    try:
-        function = getattr(ctypes.CDLL(h5py.h5.__file__), "H5_checksum_fletcher32", None)
-    except OSError:
-        function = None
+    """libhdf5's `H5_checksum_fletcher32(data, len)` from the library h5py uses
+    (`capi.released`: the GIL given up, outside h5py's lock), once it gives
+    `fletcher32_numpy`'s values for the probes; None where it is not exported (then NumPy
+    computes it). libhdf5 exports it (H5_DLL) though it is not in its public headers."""
+    function = capi.released(
+        "H5_checksum_fletcher32", ctypes.c_uint32, [ctypes.c_void_p, ctypes.c_size_t]
+    )
     if function is None:
         log.debug("libhdf5 exports no H5_checksum_fletcher32: Fletcher-32 with NumPy")
         return None
-    function.restype = ctypes.c_uint32
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     if not _agrees(function):
         log.warning("libhdf5's H5_checksum_fletcher32 differs from HDF5's; NumPy computes it")
         return None
