@@ -457,7 +457,9 @@ def test_a_streams_bytes_are_pushed_into_the_page_cache(tmp_path: Path) -> None:
     ahead of it (`fs.pagepush`, FUSE notify_store) rather than asking for them 128 KiB at a
     time, when its windows are made before it reads on (warm, from the disk cache; this
     reader pauses for them); every byte is the file's, cold (from the network, where little
-    is pushed) and warm, and a second read comes from the page cache without a request."""
+    is pushed) and warm, and a second read comes from the page cache: at most a few pages are
+    asked for again (the kernel may reclaim some meanwhile — a VM's memory can be taken back by
+    its host — but the file's pages are kept across opens: without that all of it would be)."""
     data = tmp_path / "data"
     write_json(data / "public-lab" / "big" / "dataset.json", {"title": "Big"})
     write_rtdc(data / "public-lab" / "big" / "M001_data.rtdc", SampleSpec(events=2000, seed=5))
@@ -483,8 +485,9 @@ def test_a_streams_bytes_are_pushed_into_the_page_cache(tmp_path: Path) -> None:
                 counted, report = fuse(mnt)
                 assert np.array_equal(np.load(io.BytesIO(streamed)), truth), warm
                 assert counted["push_failures"] == 0, counted
-                assert path.read_bytes() == streamed  # from the page cache: no request
-                assert fuse(mnt)[0]["bytes_served"] == counted["bytes_served"] + report
+                assert path.read_bytes() == streamed  # from the page cache
+                again = fuse(mnt)[0]["bytes_served"] - counted["bytes_served"] - report
+                assert 0 <= again <= len(streamed) // 100, (again, warm)
 
 
 def test_private_data_needs_the_token(devserver: DevServer, tmp_path: Path) -> None:
