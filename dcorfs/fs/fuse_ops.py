@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
-BLOCK_SIZE = 1 << 20
+BLOCK_SIZE = 1 << 20  # statfs' block size
+# st_blksize: what buffered readers read at once (Python's `open` takes it as its buffer, so
+# `numpy.load`'s header read is one such read): the kernel's own request size, not more —
+# 1 MiB made the header of a large `image.npy` wait for its second decoded block too
+IO_SIZE = 128 << 10
 
 # The kernel's numbers, kept apart by type: an inode, a file's handle and a directory's handle
 # are all ints to the kernel and to pyfuse3 (whose InodeT and FileHandleT are plain aliases of
@@ -236,7 +240,7 @@ class Operations(pyfuse3.Operations):
         attr.st_uid, attr.st_gid = self._uid, self._gid
         mtime_ns = int(node.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
-        attr.st_blksize = BLOCK_SIZE
+        attr.st_blksize = IO_SIZE
         timeout = self._attr_time
         if isinstance(node, Dir):
             attr.st_mode = stat.S_IFDIR | 0o555

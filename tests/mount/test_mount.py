@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -300,22 +300,46 @@ def test_listing_a_dataset_whole_decodes_nothing(
         assert status["decoded"]["fetched_bytes"] > 0, status["decoded"]
 
 
-def test_a_random_event_fetches_only_the_chunk_that_holds_it(
-    fresh_devserver: DevServer, tmp_path: Path
-) -> None:
-    """Decoded values are made in blocks of whole chunks (`cache.prefetch.decoded_block`): one
-    image of a file written by dclab (chunks of 52 images, 1,040,000 bytes: no multiple of
-    1 MiB) fetches its own chunk, not the next one too."""
+def generated_images(devserver: DevServer) -> tuple[dict[str, Any], list[tuple[int, int]], int]:
+    """The generated dataset's M001 (written by dclab: chunks of 52 images, 1,040,000 bytes,
+    no multiple of 1 MiB): its entry, the byte spans of its image chunks, images per chunk."""
     entry = next(
         e
-        for e in rtdc_entries(fresh_devserver)
+        for e in rtdc_entries(devserver)
         if e["name"] == "M001_data.rtdc" and e["dataset"] == "generated"
     )
     with h5py.File(entry["path"]) as h5:
         image = h5["events/image"]
         spans: list[tuple[int, int]] = []
         image.id.chunk_iter(lambda c: spans.append((c.byte_offset, c.byte_offset + c.size)))
-        rows = image.chunks[0]
+        return entry, spans, image.chunks[0]
+
+
+def fetched_of(devserver: DevServer, entry: dict[str, Any]) -> Callable[[tuple[int, int]], int]:
+    """How many bytes of a span of the entry's original file the devserver has sent."""
+    stats = devserver.stats.snapshot(with_log=True)
+    paths = {
+        path
+        for path, o in stats["objects"].items()
+        if o["resource_id"] == entry["id"] and o["artifact"] == "resource"
+    }
+    ranges = [e["range"] for e in stats["log"] if e.get("object") in paths and e.get("range")]
+
+    def fetched(span: tuple[int, int]) -> int:
+        return sum(max(0, min(b, span[1]) - max(a, span[0])) for a, b in ranges)
+
+    return fetched
+
+
+def test_a_random_event_fetches_only_the_chunk_that_holds_it(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    """Decoded values are made in blocks of whole chunks (`cache.prefetch.decoded_block`): one
+    image of a file written by dclab (chunks of 52 images, 1,040,000 bytes: no multiple of
+    1 MiB) fetches its own chunk, not the next one too."""
+    entry, spans, rows = generated_images(fresh_devserver)
+    with h5py.File(entry["path"]) as h5:
+        image = h5["events/image"]
         event = 4 * rows + rows // 2  # mid-chunk: the kernel's read-ahead stays inside it
         shape, truth = image.shape, image[event]
     # with blocks of 1 MiB, the one holding this image would hold the start of chunk 5 too
@@ -335,22 +359,32 @@ def test_a_random_event_fetches_only_the_chunk_that_holds_it(
         finally:
             os.close(fd)
         assert got == truth.tobytes()
-    stats = fresh_devserver.stats.snapshot(with_log=True)
-    paths = {
-        path
-        for path, o in stats["objects"].items()
-        if o["resource_id"] == entry["id"] and o["artifact"] == "resource"
-    }
-    ranges = [e["range"] for e in stats["log"] if e.get("object") in paths and e.get("range")]
-
-    def fetched(span: tuple[int, int]) -> int:
-        return sum(max(0, min(b, span[1]) - max(a, span[0])) for a, b in ranges)
-
-    assert fetched(spans[4]) == spans[4][1] - spans[4][0], ranges
+    fetched = fetched_of(fresh_devserver, entry)
+    assert fetched(spans[4]) == spans[4][1] - spans[4][0]
     # of its neighbours only what the alignment of remote blocks and the file's structure
     # fetched on opening take along (64-128 KiB), not the chunk
     for n in (3, 5):
-        assert fetched(spans[n]) < (spans[n][1] - spans[n][0]) / 2, (n, ranges)
+        assert fetched(spans[n]) < (spans[n][1] - spans[n][0]) / 2, n
+
+
+def test_a_memory_mapped_npy_opens_with_its_first_chunk_alone(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    """`numpy.load(mmap_mode="r")` reads the header through Python's buffered `open`, which
+    reads `st_blksize` bytes: the kernel's request size (128 KiB), so only the first chunk of
+    a large image.npy is fetched and decoded (with 1 MiB, the second too: chunk 1 of a
+    dclab-written file starts 1,040,128 bytes into the .npy)."""
+    entry, spans, rows = generated_images(fresh_devserver)
+    with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
+        path = resource_dir(mnt, entry) / "image.npy"
+        assert path.stat().st_blksize == 128 << 10
+        images = np.load(path, mmap_mode="r")
+        with h5py.File(entry["path"]) as h5:
+            assert images.shape == h5["events/image"].shape
+        del images
+    fetched = fetched_of(fresh_devserver, entry)
+    assert fetched(spans[0]) == spans[0][1] - spans[0][0]
+    assert fetched(spans[1]) < (spans[1][1] - spans[1][0]) / 2
 
 
 def read_everything(mnt: Path) -> dict[str, bytes]:
