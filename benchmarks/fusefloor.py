@@ -61,7 +61,7 @@ class Floor(pyfuse3.Operations):
         attr.st_mode = (stat.S_IFDIR | 0o555) if stat.S_ISDIR(st.st_mode) else stat.S_IFREG | 0o444
         attr.st_nlink = 1
         attr.st_size = st.st_size
-        attr.st_blksize = 1 << 20
+        attr.st_blksize = 128 << 10  # as dcorfs: the kernel's request size
         attr.st_blocks = -(-st.st_size // 512)
         attr.st_mtime_ns = attr.st_atime_ns = attr.st_ctime_ns = st.st_mtime_ns
         attr.entry_timeout = attr.attr_timeout = TIMEOUT

@@ -240,7 +240,7 @@ def random_floor(url: str, rid: str, path: Path, picks: Any, *, decode: bool = F
     image events, each chunk once, in the order of the picks: the least a reader of random
     events waits for the network. `decode`: each chunk, once fetched, also decoded (by h5py,
     from the local copy `path`) before the next is asked for — a reader of one event after
-    another has the event only then, and cannot know the next (the least it waits)."""
+    another that decodes whole chunks has the event only then, and cannot know the next."""
     object_url, spans, rows = image_chunks(url, rid, path)
     chunks = list(dict.fromkeys(int(i) // rows for i in picks))
     with requests.Session() as session, h5py.File(path) as h5:
@@ -777,8 +777,8 @@ def table(runs: list[dict[str, float]]) -> list[tuple[str, str, str, str, str]]:
             "",
         ),
         (
-            "(d) … that floor over dclab (the least ratio a reader of one event after another "
-            "reaches here)",
+            "(d) … that floor over dclab (the least ratio here of a reader that fetches, then "
+            "decodes whole chunks, one event after another)",
             "",
             "",
             ratio(med("d_net_decode"), med("d_dclab")),

@@ -40,11 +40,8 @@ BlockKey = tuple[ObjectId, int]
 PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
 # runs of blocks one read fetches at once: the HDF5 object headers of a large original come in
 # batches of tens of small ranges (`RtdcSource._fetch_headers`); 16 instead of 8 opened the
-# image.npy of a 100,000-event original in ~0.49 s instead of ~0.61 s (20 ms a request); 32
-# instead of 16 fetch the ~25 symbol table nodes of its `events` group and the ~35 leaves of
-# its image chunk index in one round trip each instead of two and three (`np.load` of that
-# image.npy, mmap, on a fresh mount, alternated: 0.40-0.48 s instead of 0.47-0.55 s)
-PARALLEL = 32
+# image.npy of a 100,000-event original in ~0.49 s instead of ~0.61 s (20 ms a request)
+PARALLEL = 16
 PARTS_AT_MOST = 2  # reads over this many blocks are served in whole blocks (see `_parts`)
 
 

@@ -42,8 +42,9 @@ P = ParamSpec("P")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 BLOCK_SIZE = 1 << 20  # statfs' block size
 # st_blksize: what buffered readers read at once (Python's `open` takes it as its buffer, so
-# `numpy.load`'s header read is one such read): the kernel's own request size, not more —
-# 1 MiB made the header of a large `image.npy` wait for its second decoded block too
+# `numpy.load`'s header read is one such read): the kernel's default request size (128 KiB;
+# 1 MiB with `--kernel-tuning`), not more — 1 MiB made the header of a large `image.npy` wait
+# for its second decoded block too
 IO_SIZE = 128 << 10
 
 # The kernel's numbers, kept apart by type: an inode, a file's handle and a directory's handle

@@ -27,6 +27,7 @@ from dcorfs.cache.identity import ObjectId
 from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
+from dcorfs.fs.fuse_ops import IO_SIZE
 
 from ..cachefiles import StoredBlock, flip, object_files, on_disk, stored_blocks
 from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
@@ -315,8 +316,11 @@ def generated_images(devserver: DevServer) -> tuple[dict[str, Any], list[tuple[i
         return entry, spans, image.chunks[0]
 
 
-def fetched_of(devserver: DevServer, entry: dict[str, Any]) -> Callable[[tuple[int, int]], int]:
-    """How many bytes of a span of the entry's original file the devserver has sent."""
+def fetched_of(
+    devserver: DevServer, entry: dict[str, Any]
+) -> tuple[Callable[[tuple[int, int]], int], list[tuple[int, int]]]:
+    """How many bytes of a span of the entry's original file the devserver has sent (and the
+    ranges it sent, for messages)."""
     stats = devserver.stats.snapshot(with_log=True)
     paths = {
         path
@@ -328,7 +332,7 @@ def fetched_of(devserver: DevServer, entry: dict[str, Any]) -> Callable[[tuple[i
     def fetched(span: tuple[int, int]) -> int:
         return sum(max(0, min(b, span[1]) - max(a, span[0])) for a, b in ranges)
 
-    return fetched
+    return fetched, ranges
 
 
 def test_a_random_event_fetches_only_the_chunk_that_holds_it(
@@ -359,32 +363,32 @@ def test_a_random_event_fetches_only_the_chunk_that_holds_it(
         finally:
             os.close(fd)
         assert got == truth.tobytes()
-    fetched = fetched_of(fresh_devserver, entry)
-    assert fetched(spans[4]) == spans[4][1] - spans[4][0]
+    fetched, ranges = fetched_of(fresh_devserver, entry)
+    assert fetched(spans[4]) == spans[4][1] - spans[4][0], ranges
     # of its neighbours only what the alignment of remote blocks and the file's structure
     # fetched on opening take along (64-128 KiB), not the chunk
     for n in (3, 5):
-        assert fetched(spans[n]) < (spans[n][1] - spans[n][0]) / 2, n
+        assert fetched(spans[n]) < (spans[n][1] - spans[n][0]) / 2, (n, ranges)
 
 
 def test_a_memory_mapped_npy_opens_with_its_first_chunk_alone(
     fresh_devserver: DevServer, tmp_path: Path
 ) -> None:
     """`numpy.load(mmap_mode="r")` reads the header through Python's buffered `open`, which
-    reads `st_blksize` bytes: the kernel's request size (128 KiB), so only the first chunk of
-    a large image.npy is fetched and decoded (with 1 MiB, the second too: chunk 1 of a
-    dclab-written file starts 1,040,128 bytes into the .npy)."""
+    reads `st_blksize` bytes: the kernel's default request size (128 KiB), so only the first
+    chunk of a large image.npy is fetched and decoded (with 1 MiB, the second too: chunk 1 of
+    a dclab-written file starts 1,040,128 bytes into the .npy)."""
     entry, spans, rows = generated_images(fresh_devserver)
     with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
         path = resource_dir(mnt, entry) / "image.npy"
-        assert path.stat().st_blksize == 128 << 10
+        assert path.stat().st_blksize == IO_SIZE
         images = np.load(path, mmap_mode="r")
         with h5py.File(entry["path"]) as h5:
             assert images.shape == h5["events/image"].shape
         del images
-    fetched = fetched_of(fresh_devserver, entry)
-    assert fetched(spans[0]) == spans[0][1] - spans[0][0]
-    assert fetched(spans[1]) < (spans[1][1] - spans[1][0]) / 2
+    fetched, ranges = fetched_of(fresh_devserver, entry)
+    assert fetched(spans[0]) == spans[0][1] - spans[0][0], ranges
+    assert fetched(spans[1]) < (spans[1][1] - spans[1][0]) / 2, ranges
 
 
 def read_everything(mnt: Path) -> dict[str, bytes]:
@@ -491,7 +495,7 @@ def test_a_streams_bytes_are_pushed_into_the_page_cache(tmp_path: Path) -> None:
     ahead of it (`fs.pagepush`, FUSE notify_store) rather than asking for them 128 KiB at a
     time, when its windows are made before it reads on (warm, from the disk cache; this
     reader pauses for them); every byte is the file's, cold (from the network, where little
-    is pushed) and warm, and a second read comes from the page cache: at most a few pages are
+    is pushed) and warm, and a second read comes from the page cache: at most 1% of the file is
     asked for again (the kernel may reclaim some meanwhile — a VM's memory can be taken back by
     its host — but the file's pages are kept across opens: without that all of it would be)."""
     data = tmp_path / "data"
