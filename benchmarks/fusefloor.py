@@ -29,6 +29,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from dcorfs.fs.fuse_ops import IO_SIZE
+
 TIMEOUT = 86400.0  # a benchmark's files never change
 IN_MEMORY = 1 << 40  # file handles from here: files served from memory (--memory)
 
@@ -61,7 +63,7 @@ class Floor(pyfuse3.Operations):
         attr.st_mode = (stat.S_IFDIR | 0o555) if stat.S_ISDIR(st.st_mode) else stat.S_IFREG | 0o444
         attr.st_nlink = 1
         attr.st_size = st.st_size
-        attr.st_blksize = 128 << 10  # as dcorfs: the kernel's request size
+        attr.st_blksize = IO_SIZE  # as dcorfs: what buffered readers read at once
         attr.st_blocks = -(-st.st_size // 512)
         attr.st_mtime_ns = attr.st_atime_ns = attr.st_ctime_ns = st.st_mtime_ns
         attr.entry_timeout = attr.attr_timeout = TIMEOUT

@@ -378,7 +378,7 @@ def test_a_memory_mapped_npy_opens_with_its_first_chunk_alone(
     reads `st_blksize` bytes: the kernel's default request size (128 KiB), so only the first
     chunk of a large image.npy is fetched and decoded (with 1 MiB, the second too: chunk 1 of
     a dclab-written file starts 1,040,128 bytes into the .npy)."""
-    entry, spans, rows = generated_images(fresh_devserver)
+    entry, spans, _ = generated_images(fresh_devserver)
     with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
         path = resource_dir(mnt, entry) / "image.npy"
         assert path.stat().st_blksize == IO_SIZE
