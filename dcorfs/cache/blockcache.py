@@ -29,7 +29,8 @@ from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
 from .budget import InFlight
 from .diskstore import DiskStore
 from .identity import ObjectId
-from .prefetch import DISK_PARTS_FROM
+from .prefetch import DISK_PARTS_FROM, DISK_RUN
+from .slots import Block
 from .writebehind import WriteBehind
 
 __all__ = ["BlockCache", "CacheStats", "Fetch"]
@@ -63,7 +64,7 @@ class CacheStats:
 class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.data: bytes | None = None
+        self.data: Block | None = None
         self.error: BaseException | None = None
 
 
@@ -87,7 +88,7 @@ class BlockCache:
         self._memory_limit = memory_bytes
         self._max_fetch_bytes = max_fetch_bytes
         self._lock = threading.Lock()
-        self._memory: collections.OrderedDict[BlockKey, bytes] = collections.OrderedDict()
+        self._memory: collections.OrderedDict[BlockKey, Block] = collections.OrderedDict()
         self._memory_used = 0
         # passing blocks (fetched for `ensure(disk=False)`: read once, turned into something
         # kept elsewhere) in the order they came, their bytes bounded on their own, so that a
@@ -104,7 +105,7 @@ class BlockCache:
 
     # -- memory tier ---------------------------------------------------------------------------
 
-    def _remember(self, key: BlockKey, data: bytes, *, passing: bool = False) -> None:
+    def _remember(self, key: BlockKey, data: Block, *, passing: bool = False) -> None:
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -128,7 +129,7 @@ class BlockCache:
             self._memory_used -= len(data)
         self._passing_used -= self._passing.pop(key, 0)
 
-    def _recall(self, key: BlockKey) -> bytes | None:
+    def _recall(self, key: BlockKey) -> Block | None:
         with self._lock:
             data = self._memory.get(key)
             if data is not None:
@@ -148,7 +149,7 @@ class BlockCache:
         size = self.size_of(obj)
         return range(start // size, (stop - 1) // size + 1)
 
-    def peek(self, obj: ObjectId, start: int, stop: int, *, disk: bool = False) -> bytes | None:
+    def peek(self, obj: ObjectId, start: int, stop: int, *, disk: bool = False) -> Block | None:
         """The bytes if every block is in memory, or with `disk` in memory or in the disk
         store (read on this thread, see `_parts`); never fetches, never waits for a fetch."""
         stop = min(stop, obj.size)
@@ -161,11 +162,11 @@ class BlockCache:
         self._counts["served_bytes"] += stop - start
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def read(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> bytes:
+    def read(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> Block:
         pieces = self.read_pieces(obj, start, stop, deadline=deadline)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def read_pieces(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> list[bytes]:
+    def read_pieces(self, obj: ObjectId, start: int, stop: int, *, deadline: float) -> list[Block]:
         """`read` as the blocks themselves (the first and last cut to the range), not joined."""
         stop = min(stop, obj.size)
         if stop <= start:
@@ -195,7 +196,7 @@ class BlockCache:
         stop: int,
         *,
         disk: bool = True,
-    ) -> list[bytes] | None:
+    ) -> list[Block] | None:
         """A read served from memory and (`disk`) the disk store without fetching: of a block
         in memory its part; of a block on disk of at least `DISK_PARTS_FROM` bytes only the
         pages holding the part (not kept in memory: the kernel keeps what it was served), of
@@ -316,19 +317,31 @@ class BlockCache:
 
     # -- the miss path ---------------------------------------------------------------------------
 
-    def _store_get(self, key: BlockKey) -> bytes | None:
+    def _store_get(self, key: BlockKey) -> Block | None:
         if self._store is None:
             return None
         return self._store.get(*key, block_size=self.size_of(key[0]))
 
-    def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[bytes | None]:
+    def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[Block | None]:
         """The blocks from the disk store (None where missing), several read in parallel
-        unless `parallel` is False (when misses are expected: a miss is one failed open)."""
+        unless `parallel` is False (when misses are expected: a miss is one failed open).
+        Consecutive blocks of one object are read together, up to `DISK_RUN` bytes a run
+        (`DiskStore.get_run`), the runs in parallel."""
         if self._store is None:
             return [None] * len(keys)
         if len(keys) <= 1 or self._parallel <= 1 or not parallel:
             return [self._store_get(key) for key in keys]
-        return list(self._pool.map(self._store_get, keys))
+        runs = _key_runs(keys, lambda obj: max(1, DISK_RUN // self.size_of(obj)))
+        if len(runs) == len(keys):  # (no two blocks in a row)
+            return list(self._pool.map(self._store_get, keys))
+        return [data for run in self._pool.map(self._stored_run, runs) for data in run]
+
+    def _stored_run(self, run: list[BlockKey]) -> list[Block | None]:
+        assert self._store is not None
+        obj, first = run[0]
+        if len(run) == 1:
+            return [self._store_get(run[0])]
+        return self._store.get_run(obj, first, len(run), block_size=self.size_of(obj))
 
     def _blocks(
         self,
@@ -338,8 +351,8 @@ class BlockCache:
         *,
         keep: bool = True,
         disk: bool = True,
-    ) -> list[bytes]:
-        found: dict[int, bytes] = {}
+    ) -> list[Block]:
+        found: dict[int, Block] = {}
         waits: dict[int, _Flight] = {}
         missing: list[int] = []
         not_in_memory: list[int] = []
@@ -380,11 +393,11 @@ class BlockCache:
 
     def _fetch_runs(
         self, obj: ObjectId, runs: list[list[int]], deadline: float, disk: bool
-    ) -> dict[int, bytes]:
+    ) -> dict[int, Block]:
         """Fetch runs of blocks, up to `parallel` at once; the first error is raised after
         all have ended (every run resolves its own flights either way)."""
         if len(runs) <= 1 or self._parallel <= 1:
-            found: dict[int, bytes] = {}
+            found: dict[int, Block] = {}
             for n, run in enumerate(runs):
                 try:
                     found.update(self._fetch_run(obj, run, deadline, disk))
@@ -424,7 +437,7 @@ class BlockCache:
 
     def _fetch_run(
         self, obj: ObjectId, run: list[int], deadline: float, disk: bool = True
-    ) -> dict[int, bytes]:
+    ) -> dict[int, Block]:
         size = self.size_of(obj)
         start = run[0] * size
         stop = min((run[-1] + 1) * size, obj.size)
@@ -442,7 +455,7 @@ class BlockCache:
                         f"{obj.key}: fetched {len(data)} bytes for [{start}, {stop})"
                     )
                 self._counts["fetched_bytes"] += len(data)
-                blocks = {}
+                blocks: dict[int, bytes] = {}
                 for index in run:
                     offset = index * size - start
                     block = bytes(data[offset : offset + size])
@@ -456,7 +469,7 @@ class BlockCache:
                     flight.done.set()
                 if self._store is not None and disk:
                     self._store.put_many(obj, blocks, block_size=size)
-            return blocks
+            return dict(blocks)
         except BaseException as exc:
             if isinstance(exc, DcorfsError | OSError):
                 self._counts["errors"] += 1
@@ -470,6 +483,19 @@ class BlockCache:
                     self._flights.pop((obj, index), None)
             for flight in flights.values():
                 flight.done.set()
+
+
+def _key_runs(keys: list[BlockKey], limit: Callable[[ObjectId], int]) -> list[list[BlockKey]]:
+    """Keys in their order, grouped into runs of consecutive blocks of one object, each of at
+    most `limit(object)` blocks."""
+    runs: list[list[BlockKey]] = []
+    for obj, index in keys:
+        last = runs[-1][-1] if runs else None
+        if last == (obj, index - 1) and len(runs[-1]) < limit(obj):
+            runs[-1].append((obj, index))
+        else:
+            runs.append([(obj, index)])
+    return runs
 
 
 def _runs(indices: list[int], limit: int) -> list[list[int]]:

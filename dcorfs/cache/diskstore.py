@@ -44,7 +44,7 @@ from ..errors import ConfigError
 from . import cachedir, slots
 from .identity import ObjectId
 from .prefetch import DISK_DIRECT_FROM
-from .slots import Damaged, Layout
+from .slots import Block, Damaged, Layout
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +500,39 @@ class DiskStore:
         if data is not None:
             self._touch(name)
         return data
+
+    def get_run(
+        self, obj: ObjectId, first: int, count: int, *, block_size: int | None = None
+    ) -> list[Block | None]:
+        """Whole blocks `first` … `first + count - 1` of `obj` (each as `get` gives it, or
+        None), read from their file together (`slots.read_run`); a block that fails a check
+        there is read alone by `get`, which finds and handles its damage."""
+        layout = Layout.of(obj, block_size or self.block_size)
+        indices = range(first, first + count)
+        try:
+            fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return [None] * count
+        except OSError:  # (each `get` then says what)
+            return [self.get(obj, index, block_size=block_size) for index in indices]
+        try:
+            found, failed = slots.read_run(fd, layout, first, count)
+        except OSError:
+            found, failed = [None] * count, list(indices)
+        finally:
+            os.close(fd)
+        again = set(failed)
+        blocks: list[Block | None] = []
+        for index, read in zip(indices, found, strict=True):
+            name = block_name(layout, index)
+            if index in again:
+                blocks.append(self.get(obj, index, block_size=block_size))
+            elif read is None or name in self._damaged:  # (so found by another reader)
+                blocks.append(None)
+            else:
+                self._touch(name)
+                blocks.append(read)
+        return blocks
 
     def _touch(self, name: str) -> None:
         """Mark a block used (at most every TOUCH_EVERY seconds per block), for `settle`."""

@@ -29,6 +29,10 @@ written so, but only as far as it can: a cached page that another writer dirties
 (an entry or an erasure in the same large folio) may keep stale bytes, which a reader's CRC
 check then takes for damage (a miss, refetched), never for data.
 
+Consecutive blocks are also read together (`read_run`: their entries in one read, their slots
+in another, scattered into a buffer per block), each checked as a read of the whole block is;
+a block that fails a check is named, not returned, and read alone (`read`) to say why.
+
 Erasing a block zeroes its entry and punches its data out of the file (fallocate
 PUNCH_HOLE), which gives the disk space back; where the filesystem cannot punch holes
 (`can_punch`), the disk store evicts whole files instead (doc/ARCHITECTURE.md, "Cache").
@@ -52,6 +56,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from zlib_ng.zlib_ng import crc32, crc32_combine
 
 from .identity import ObjectId
@@ -62,6 +67,9 @@ MAGIC = b"DCS1"
 ENTRY = struct.Struct("<4s8sQI")  # magic, identity prefix, index, length; then one CRC per page
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+Block = bytes | memoryview  # a block's bytes: as read, or a read-only view of a buffer of its own
 
 
 class Damaged(Exception):
@@ -208,7 +216,7 @@ def read(
     length = layout.length(index)
     stop = length if stop is None else min(stop, length)
     raw = os.pread(fd, layout.entry_size, layout.entry_at(index))
-    if raw.count(0) == len(raw):
+    if _empty(raw):
         return None
     if len(raw) != layout.entry_size:
         raise Damaged(f"block {index}: entry cut short")
@@ -231,6 +239,106 @@ def read(
     if (begin, end) == (start, stop):
         return data  # the block's bytes themselves: no copy
     return data[start - begin : stop - begin]
+
+
+def read_run(
+    fd: int, layout: Layout, first: int, count: int
+) -> tuple[list[Block | None], list[int]]:
+    """Whole blocks `first` … `first + count - 1`: their entries in one read, then the slots
+    of each stretch of blocks with entries in one more (each block's bytes into a buffer of
+    its own, read-only; the gaps between slots into a scratch buffer): (each block's bytes,
+    None where it is not stored or failed a check; the indices that failed one: an entry
+    naming another block or cut short, a CRC that does not match, a slot past the file's
+    end). Nothing is raised for damage: the caller reads those blocks alone (`read`), which
+    says what is wrong. Blocks never stored cost no read of their slots (a cold stream asks
+    for blocks its file does not hold yet)."""
+    size = layout.entry_size
+    table = os.pread(fd, count * size, layout.entry_at(first))
+    entries = [table[n * size : (n + 1) * size] for n in range(count)]
+    found: list[Block | None] = [None] * count
+    failed: list[int] = []
+    n = 0
+    while n < count:
+        if _empty(entries[n]):  # never stored (or erased)
+            n += 1
+            continue
+        end = n + 1
+        while end < count and not _empty(entries[end]):
+            end += 1
+        for m, data in enumerate(_read_stretch(fd, layout, first + n, end - n), start=n):
+            index = first + m
+            if (
+                data is not None
+                and len(entries[m]) == size
+                and _holds(entries[m], layout, index, data)
+            ):
+                data.flags.writeable = False
+                found[m] = data.data
+            else:
+                failed.append(index)
+        n = end
+    return found, failed
+
+
+def _empty(entry: bytes) -> bool:
+    """Whether a block's entry says it is not stored (all zeros, or past the file's end)."""
+    return entry.count(0) == len(entry)
+
+
+def _read_stretch(fd: int, layout: Layout, first: int, count: int) -> list[np.ndarray | None]:
+    """The slots of blocks `first` … in one read, each block's bytes a buffer of its own (None
+    for a block the file ends within)."""
+    lengths = [layout.length(first + n) for n in range(count)]
+    buffers = [np.empty(length, dtype=np.uint8) for length in lengths]
+    scratch = np.empty(layout.stride, dtype=np.uint8)  # (a gap is less than a page)
+    into: list[np.ndarray] = []
+    for n, buffer in enumerate(buffers):
+        into.append(buffer)
+        gap = layout.stride - lengths[n]
+        if gap and n < count - 1:
+            into.append(scratch[:gap])
+    got = _preadv_all(fd, into, layout.data_at(first))
+    return [
+        buffer if n * layout.stride + lengths[n] <= got else None
+        for n, buffer in enumerate(buffers)
+    ]
+
+
+def _holds(raw: bytes, layout: Layout, index: int, data: np.ndarray) -> bool:
+    """Whether `raw`, the entry of block `index`, describes it and its pages match `data`."""
+    magic, prefix, stored_index, stored_length = ENTRY.unpack_from(raw)
+    if (magic, prefix, stored_index, stored_length) != (
+        MAGIC,
+        layout.identity[:8],
+        index,
+        len(data),
+    ):
+        return False
+    if not len(data):
+        return True
+    crcs = struct.unpack_from(f"<{-(-len(data) // PAGE)}I", raw, ENTRY.size)
+    return bool(crc32(data) == _joined(crcs, len(data)))
+
+
+def _preadv_all(fd: int, buffers: list[np.ndarray], offset: int) -> int:
+    """Read into `buffers` in order from `offset` on (`preadv`, again where the kernel read
+    less than asked, until the file ends); the bytes read."""
+    total, wanted = 0, sum(buffer.nbytes for buffer in buffers)
+    views = [buffer.data for buffer in buffers]  # (writable, C-contiguous)
+    while views and total < wanted:
+        got = os.preadv(fd, views[:_IOV_MAX], offset + total)
+        if got == 0:
+            break  # the file ends here
+        total += got
+        while views and got >= len(views[0]):
+            got -= len(views[0])
+            views.pop(0)
+        if views and got:
+            views[0] = views[0][got:]
+    return total
+
+
+_IOV_MAX = 1024  # buffers one preadv takes at most (Linux's UIO_MAXIOV)
 
 
 def _joined(crcs: tuple[int, ...], length: int) -> int:

@@ -33,6 +33,7 @@ import time
 
 from .diskstore import DiskStore
 from .identity import ObjectId
+from .slots import Block
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,21 @@ class WriteBehind:
             return self._store.get(obj, index, block_size=size, start=start, stop=stop)
         stop = len(data) if stop is None else min(stop, len(data))
         return data if (start, stop) == (0, len(data)) else data[start:stop]
+
+    def get_run(
+        self, obj: ObjectId, first: int, count: int, *, block_size: int | None = None
+    ) -> list[Block | None]:
+        """As `DiskStore.get_run`; blocks still queued are served from the queue."""
+        size = block_size or self._store.block_size
+        with self._cond:
+            queued = [self._pending.get((obj, size, first + n)) for n in range(count)]
+        if all(data is not None for data in queued):
+            return list(queued)
+        stored = self._store.get_run(obj, first, count, block_size=size)
+        return [
+            data if data is not None else on_disk
+            for data, on_disk in zip(queued, stored, strict=True)
+        ]
 
     def put_many(
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None

@@ -24,17 +24,17 @@ class FileContent(Protocol):
     @property
     def size(self) -> int: ...
 
-    def read(self, offset: int, length: int, *, deadline: float) -> bytes: ...
+    def read(self, offset: int, length: int, *, deadline: float) -> Buffer: ...
 
     def peek(self, offset: int, length: int, *, disk: bool = False) -> Buffer | None: ...
 
 
 @runtime_checkable
 class Pieced(Protocol):
-    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[bytes]: ...
+    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[Buffer]: ...
 
 
-def read_pieces(content: FileContent, offset: int, length: int, *, deadline: float) -> list[bytes]:
+def read_pieces(content: FileContent, offset: int, length: int, *, deadline: float) -> list[Buffer]:
     """`content.read(offset, length)` as pieces that, joined, are the same bytes."""
     if isinstance(content, Pieced):
         return content.read_pieces(offset, length, deadline=deadline)
@@ -127,12 +127,12 @@ class PartsContent:
             yield pos - start, end - pos, part
             pos = end
 
-    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+    def read(self, offset: int, length: int, *, deadline: float) -> Buffer:
         pieces = self.read_pieces(offset, length, deadline=deadline)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[bytes]:
-        pieces: list[bytes] = []
+    def read_pieces(self, offset: int, length: int, *, deadline: float) -> list[Buffer]:
+        pieces: list[Buffer] = []
         for at, n, part in self._pieces(offset, length):
             if part is None:
                 pieces.append(bytes(n))

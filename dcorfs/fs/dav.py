@@ -261,7 +261,7 @@ class ContentStream(SeekableFile):
         self._pos += len(data)
         self._activity.counters["reads"] += 1
         self._activity.counters["bytes_served"] += len(data)
-        return data
+        return data if isinstance(data, bytes) else bytes(data)  # (WSGI wants bytes)
 
     def close(self) -> None:
         if isinstance(self._content, ReadAhead):

@@ -57,7 +57,7 @@ class _Window:
         self,
         start: int,
         stop: int,
-        future: concurrent.futures.Future[list[bytes]],
+        future: concurrent.futures.Future[list[Buffer]],
         *,
         whole: bool = False,
     ) -> None:
@@ -68,15 +68,15 @@ class _Window:
         self._starts: list[int] = []
 
     @classmethod
-    def of(cls, start: int, stop: int, pieces: list[bytes], *, whole: bool = False) -> _Window:
+    def of(cls, start: int, stop: int, pieces: list[Buffer], *, whole: bool = False) -> _Window:
         """A window made already (by a reader's own read)."""
-        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        future: concurrent.futures.Future[list[Buffer]] = concurrent.futures.Future()
         future.set_result(pieces)
         window = cls(start, stop, future, whole=whole)
         window.made(0)
         return window
 
-    def made(self, timeout: float) -> list[bytes] | None:
+    def made(self, timeout: float) -> list[Buffer] | None:
         """The pieces once made (waiting up to `timeout` seconds); None if making them failed
         (the reader then reads on its own)."""
         try:
@@ -98,7 +98,7 @@ class _Window:
             self._starts = starts
         return pieces
 
-    def cut(self, pieces: list[bytes], offset: int, stop: int) -> Buffer:
+    def cut(self, pieces: list[Buffer], offset: int, stop: int) -> Buffer:
         """Bytes [offset, stop) of the window, from the pieces `made` returned: within one
         piece a view of it (no copy: the FUSE reply copies it into the kernel once, and a
         128 KiB copy per read on the trio thread was 6% of the daemon's CPU re-reading
@@ -109,7 +109,7 @@ class _Window:
         view, piece = views[0], views[0].obj
         return piece if isinstance(piece, bytes) and len(piece) == len(view) else view
 
-    def views(self, pieces: list[bytes], offset: int, stop: int) -> list[memoryview]:
+    def views(self, pieces: list[Buffer], offset: int, stop: int) -> list[memoryview]:
         """Bytes [offset, stop) of the window as views of its pieces, in order."""
         i = bisect.bisect_right(self._starts, offset) - 1
         out = []
@@ -244,13 +244,13 @@ class ReadAhead:
         """Whether nothing was read yet (call with the lock held)."""
         return self._end == 0 and self._streak == 0 and not self._windows
 
-    def _stored_whole(self, start: int, n: int) -> list[bytes] | None:
+    def _stored_whole(self, start: int, n: int) -> list[Buffer] | None:
         data = self._content.peek(start, n, disk=True)
         if data is None:
             return None
         return [data if isinstance(data, bytes) else bytes(data)]
 
-    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+    def read(self, offset: int, length: int, *, deadline: float) -> Buffer:
         stop = min(offset + length, self.size)
         if stop <= offset:
             return b""
@@ -268,9 +268,9 @@ class ReadAhead:
                     self._advance(offset, stop)
                 return bytes(window.cut(made, offset, stop))
         self._pf.counters["misses"] += 1
-        data = None
+        data: Buffer | None = None
 
-        def fetched(start: int, n: int) -> list[bytes]:
+        def fetched(start: int, n: int) -> list[Buffer]:
             return read_pieces(self._content, start, n, deadline=deadline)
 
         if first and self.size <= self._pf.small:  # a small file's first read: all of it
@@ -291,7 +291,7 @@ class ReadAhead:
         end: int,
         offset: int,
         stop: int,
-        make: Callable[[int, int], list[bytes] | None],
+        make: Callable[[int, int], list[Buffer] | None],
         *,
         whole: bool = False,
     ) -> bytes | None:
@@ -386,7 +386,7 @@ class ReadAhead:
                 window.future.add_done_callback(self._window_made)
             made = stop
 
-    def _window_made(self, future: concurrent.futures.Future[list[bytes]]) -> None:
+    def _window_made(self, future: concurrent.futures.Future[list[Buffer]]) -> None:
         """(Any thread, maybe holding the lock: the pusher takes it, not this.)"""
         push = self._push
         if push is not None:
@@ -415,7 +415,7 @@ class ReadAhead:
             stop, limit = start, min(self.size, self._end + self._pf.push_ahead)
             if limit < self.size:
                 limit -= limit % PAGE  # a push ends at a page boundary, or at the file's end
-            spans: list[tuple[_Window, list[bytes], int]] = []
+            spans: list[tuple[_Window, list[Buffer], int]] = []
             while stop < limit and (window := self._covering(stop, stop + 1)) is not None:
                 pieces = window.made(0) if window.future.done() else None
                 if pieces is None:

@@ -46,6 +46,7 @@ from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache, derived_id
 from ..cache.identity import ObjectId
 from ..cache.prefetch import HEADER_GUESS, STRUCTURE, decoded_block
+from ..cache.slots import Block
 from ..errors import ProtocolError
 from .chunkindex import Fetch, NotFollowed, Read, index_nodes
 from .chunks import ChunkError, Codec, rows
@@ -173,9 +174,10 @@ class RemoteFile(SeekableFile):
 
     def read_all(self, deadline: float) -> bytes:
         """The whole object (blocking: network)."""
-        return self._cache.read(self.obj, 0, self.obj.size, deadline=deadline)
+        data = self._cache.read(self.obj, 0, self.obj.size, deadline=deadline)
+        return data if isinstance(data, bytes) else bytes(data)
 
-    def read_range(self, start: int, stop: int, deadline: float) -> bytes:
+    def read_range(self, start: int, stop: int, deadline: float) -> Block:
         """Bytes [start, stop) of the object (blocking unless they are in the cache)."""
         return self._cache.read(self.obj, start, stop, deadline=deadline)
 
@@ -340,7 +342,8 @@ class RtdcSource:
         batches of ranges into it."""
 
         def read(offset: int, size: int) -> bytes:
-            return self.remote.read_range(offset, offset + size, deadline)
+            data = self.remote.read_range(offset, offset + size, deadline)
+            return data if isinstance(data, bytes) else bytes(data)
 
         def fetch(ranges: Sequence[tuple[int, int]]) -> None:
             self.remote.ensure(list(ranges), deadline=deadline)

@@ -7,12 +7,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcorfs.cache import cachedir
+from dcorfs.cache import cachedir, slots
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.diskstore import (
     TOTAL_TRIGGERS,
@@ -317,6 +318,42 @@ def test_disk_tier_survives_and_checks_integrity(tmp_path: Path) -> None:
     fourth = Source(data=bytes(len(DATA)))
     assert make(tmp_path, fourth).read(other, 0, 10, deadline=later()) == bytes(10)
     assert fourth.calls  # another version never reuses blocks
+
+
+def test_stored_blocks_in_a_row_are_read_from_disk_in_one_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of many blocks the disk tier holds reads them with one read of their entries
+    and one of their slots, not one read (and a thread's turn) per block; a block that fails
+    its check there is read alone, found damaged and fetched again."""
+    make(tmp_path, Source()).read(OBJ, 0, len(DATA), deadline=later())
+    runs: list[tuple[int, int]] = []
+    alone: list[int] = []
+    real_run, real_read = slots.read_run, slots.read
+
+    def read_run(fd: int, layout: Layout, first: int, count: int) -> Any:
+        runs.append((first, count))
+        return real_run(fd, layout, first, count)
+
+    def read(fd: int, layout: Layout, index: int, *args: Any) -> Any:
+        alone.append(index)
+        return real_read(fd, layout, index, *args)
+
+    monkeypatch.setattr(slots, "read_run", read_run)
+    monkeypatch.setattr(slots, "read", read)
+    source = Source()
+    again = make(tmp_path, source)
+    assert again.read(OBJ, BLOCK, len(DATA), deadline=later()) == DATA[BLOCK:]
+    assert runs == [(1, 10)] and alone == [] and source.calls == []
+    layout, path = object_file(tmp_path / "cache", OBJ)
+    raw = bytearray(path.read_bytes())
+    raw[layout.data_at(5) + 7] ^= 0x01
+    path.write_bytes(raw)
+    runs.clear()
+    third = make(tmp_path, source)
+    assert third.read(OBJ, 0, len(DATA), deadline=later()) == DATA
+    assert runs == [(0, 11)] and alone == [5]  # (read alone to say what is wrong)
+    assert source.calls == [(5 * BLOCK, 6 * BLOCK)] and third.stats().errors == 1
 
 
 def test_size_bound_and_lru(tmp_path: Path) -> None:

@@ -104,6 +104,44 @@ def test_a_read_names_the_damaged_page_and_notices_pages_out_of_order(
         path.unlink()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(0, 5)), st.integers(0, 5), st.integers(1, 6))
+@example({0, 1, 2, 3, 4, 5}, 0, 6)  # all of them, the short last block too
+@example(set(), 0, 6)  # none stored: nothing but the entries read
+def test_a_run_of_blocks_reads_as_each_block_alone(
+    stored: set[int], first: int, count: int
+) -> None:
+    """`read_run` gives every block `read` gives, each a read-only buffer of its own, reads the
+    slots of stored blocks only (one read per stretch of them) and names no failure."""
+    count = min(count, 6 - first)
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dcorfs-slots-run-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def counted(fd: int, buffers: Any, offset: int) -> int:
+        reads.append(offset)
+        return real_preadv(fd, buffers, offset)
+
+    try:
+        for index in sorted(stored):
+            slots.write(fd, LAYOUT, index, blocks()[index])
+        os.preadv = counted
+        try:
+            found, failed = slots.read_run(fd, LAYOUT, first, count)
+        finally:
+            os.preadv = real_preadv
+        indices = range(first, first + count)
+        assert found == [slots.read(fd, LAYOUT, index) for index in indices]
+        assert failed == []
+        assert all(isinstance(b, memoryview) and b.readonly for b in found if b is not None)
+        starts = [i for i in indices if i in stored and i - 1 not in stored or i == first]
+        assert len(reads) == len([i for i in starts if i in stored])
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def test_a_short_read_reads_and_checks_only_its_pages(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=BLOCK)
     assert store.put_many(OBJ, blocks()) == 6
@@ -400,11 +438,13 @@ def test_large_blocks_are_written_past_the_page_cache_small_ones_through_it(
     store.close()
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["read alone", "read in one run"])
 @pytest.mark.parametrize("direct_from", [None, 1], ids=["through", "past the page cache"])
 def test_damage_is_found_however_blocks_were_written(
-    disk_dir: Path, monkeypatch: pytest.MonkeyPatch, direct_from: int | None
+    disk_dir: Path, monkeypatch: pytest.MonkeyPatch, direct_from: int | None, together: bool
 ) -> None:
-    """Flipped, truncated, misplaced and missing blocks written either way."""
+    """Flipped, truncated, misplaced and missing blocks written either way, read one by one
+    or all in one run (`DiskStore.get_run`: the same blocks, the same damage counted)."""
     tmp_path = disk_dir
     if direct_from is not None:
         direct_writes_skip_the_page_cache(tmp_path)
@@ -421,9 +461,11 @@ def test_damage_is_found_however_blocks_were_written(
     raw[LAYOUT.data_at(2) : LAYOUT.data_at(3)] = raw[LAYOUT.data_at(3) : LAYOUT.data_at(4)]
     path.write_bytes(raw[: LAYOUT.data_at(5) + 100])  # 5 (the last): truncated
     store = DiskStore(cache, limit_bytes=1 << 30, block_size=BLOCK, direct_from=direct_from)
-    got = [store.get(OBJ, i) for i in range(6)]
+    got = store.get_run(OBJ, 0, 6) if together else [store.get(OBJ, i) for i in range(6)]
     assert got == [None, None, None, blocks()[3], blocks()[4], None]
     assert store.errors == 3  # damage, not the block never stored
+    assert store.get_run(OBJ, 3, 2) == [blocks()[3], blocks()[4]]
+    assert store.errors == 3  # (the damaged ones not read again)
     store.close()
 
 

@@ -138,7 +138,7 @@ class _Window:
         self._start = start
         self.size = size
 
-    def read(self, offset: int, length: int, *, deadline: float) -> bytes:
+    def read(self, offset: int, length: int, *, deadline: float) -> Buffer:
         length = max(0, min(length, self.size - offset))
         return self._content.read(self._start + offset, length, deadline=deadline)
 
