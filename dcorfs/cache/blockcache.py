@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
 from .budget import InFlight
@@ -184,9 +185,13 @@ class BlockCache:
         first = (start // size) * size
         last = first + (len(blocks) - 1) * size
         if len(blocks) == 1:
-            return [blocks[0][start - first : stop - first]]
+            return [_cut(blocks[0], start - first, stop - first)]
         # (a slice of the whole of a bytes object is that object: no copy)
-        return [blocks[0][start - first :], *blocks[1:-1], blocks[-1][: stop - last]]
+        return [
+            _cut(blocks[0], start - first, size),
+            *blocks[1:-1],
+            _cut(blocks[-1], 0, stop - last),
+        ]
 
     def _parts(
         self,
@@ -323,15 +328,19 @@ class BlockCache:
         return self._store.get(*key, block_size=self.size_of(key[0]))
 
     def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[Block | None]:
-        """The blocks from the disk store (None where missing), several read in parallel
-        unless `parallel` is False (when misses are expected: a miss is one failed open).
-        Consecutive blocks of one object are read together, up to `DISK_RUN` bytes a run
-        (`DiskStore.get_run`), the runs in parallel."""
+        """The blocks from the disk store (None where missing). Consecutive blocks of one
+        object are read together, up to `DISK_RUN` bytes a run (`DiskStore.get_run`: one
+        read of their entries and one of the slots of each stretch of stored blocks; on
+        this VM's disk one reader of large reads is also the fastest), several runs, or
+        blocks, in parallel unless `parallel` is False (when misses are expected: a miss is
+        one failed open)."""
         if self._store is None:
             return [None] * len(keys)
         if len(keys) <= 1 or self._parallel <= 1 or not parallel:
             return [self._store_get(key) for key in keys]
         runs = _key_runs(keys, lambda obj: max(1, DISK_RUN // self.size_of(obj)))
+        if len(runs) == 1:
+            return self._stored_run(runs[0])  # (here: no other thread would do anything)
         if len(runs) == len(keys):  # (no two blocks in a row)
             return list(self._pool.map(self._store_get, keys))
         return [data for run in self._pool.map(self._stored_run, runs) for data in run]
@@ -469,7 +478,7 @@ class BlockCache:
                     flight.done.set()
                 if self._store is not None and disk:
                     self._store.put_many(obj, blocks, block_size=size)
-            return dict(blocks)
+            return cast(dict[int, Block], blocks)
         except BaseException as exc:
             if isinstance(exc, DcorfsError | OSError):
                 self._counts["errors"] += 1
@@ -483,6 +492,15 @@ class BlockCache:
                     self._flights.pop((obj, index), None)
             for flight in flights.values():
                 flight.done.set()
+
+
+def _cut(block: Block, start: int, stop: int) -> Block:
+    """Bytes [start, stop) of a block: of bytes a slice (the block itself when it is all of
+    it), of a view (a block read from disk) a copy unless it is all of it, so that a piece
+    of a read does not keep a whole block alive outside the cache's bound."""
+    if isinstance(block, bytes) or (start, stop) == (0, len(block)):
+        return block[start:stop]
+    return bytes(block[start:stop])
 
 
 def _key_runs(keys: list[BlockKey], limit: Callable[[ObjectId], int]) -> list[list[BlockKey]]:

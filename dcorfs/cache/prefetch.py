@@ -95,13 +95,15 @@ are asked for, within a memory budget. In the order a resource meets them:
    touched yet ran at ~0.4 GB/s (`image.npy` of 100,000 events cold: 8.4–9.5 s against
    10.8–11.1 s; doc/ARCHITECTURE.md, "Speed"). Smaller blocks (the remote objects' blocks
    of `--block-size`, 64 KiB by default; small features) stay in the page cache, where warm
-   reads find them. Consecutive blocks of one object that a read (a window) finds neither in
-   memory nor in flight are read from their file in one read of their entries and one of
-   their slots, up to `DISK_RUN` bytes (`slots.read_run`), each run in a thread of the
-   cache's pool, instead of a read (and a thread's turn, and the GIL's) per block: on this
-   VM's disk one reader of large sequential reads is also the fastest (1.8–2.3 GB/s, against
-   0.9–2.0 GB/s for four threads reading 1 MiB each), and re-reading `image.npy` of 20,000
-   events from the disk cache went from 0.71–0.89 to 0.84–0.94 GB/s (alternated).
+   reads find them. Consecutive blocks of one object that a read (a window) does not find in
+   memory are read from their file together, up to `DISK_RUN` bytes a run
+   (`slots.read_run`: their entries in one read, the slots of each stretch of stored blocks
+   in one more), each run in a thread of the cache's pool, instead of a read (and a
+   thread's turn, and the GIL's) per block: on this VM's disk one reader of large
+   sequential reads is also the fastest (1.8–2.3 GB/s, against 0.9–2.0 GB/s for four
+   threads reading 1 MiB each), and re-reading `image.npy` of 20,000 events from the disk
+   cache went from 0.56–0.91 GB/s (median 0.66) to 0.65–0.95 GB/s (0.81), six alternated
+   pairs of two re-reads.
 """
 
 from __future__ import annotations

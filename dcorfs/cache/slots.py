@@ -290,7 +290,7 @@ def _read_stretch(fd: int, layout: Layout, first: int, count: int) -> list[np.nd
     for a block the file ends within)."""
     lengths = [layout.length(first + n) for n in range(count)]
     buffers = [np.empty(length, dtype=np.uint8) for length in lengths]
-    scratch = np.empty(layout.stride, dtype=np.uint8)  # (a gap is less than a page)
+    scratch = np.empty(ALIGN, dtype=np.uint8)  # (a gap is less than a filesystem block)
     into: list[np.ndarray] = []
     for n, buffer in enumerate(buffers):
         into.append(buffer)
@@ -323,18 +323,18 @@ def _holds(raw: bytes, layout: Layout, index: int, data: np.ndarray) -> bool:
 def _preadv_all(fd: int, buffers: list[np.ndarray], offset: int) -> int:
     """Read into `buffers` in order from `offset` on (`preadv`, again where the kernel read
     less than asked, until the file ends); the bytes read."""
-    total, wanted = 0, sum(buffer.nbytes for buffer in buffers)
     views = [buffer.data for buffer in buffers]  # (writable, C-contiguous)
-    while views and total < wanted:
-        got = os.preadv(fd, views[:_IOV_MAX], offset + total)
+    total, at = 0, 0  # bytes read; the first view not yet filled
+    while at < len(views):
+        got = os.preadv(fd, views[at : at + _IOV_MAX], offset + total)
         if got == 0:
             break  # the file ends here
         total += got
-        while views and got >= len(views[0]):
-            got -= len(views[0])
-            views.pop(0)
-        if views and got:
-            views[0] = views[0][got:]
+        while at < len(views) and got >= len(views[at]):
+            got -= len(views[at])
+            at += 1
+        if got:
+            views[at] = views[at][got:]
     return total
 
 

@@ -105,17 +105,25 @@ class WriteBehind:
     def get_run(
         self, obj: ObjectId, first: int, count: int, *, block_size: int | None = None
     ) -> list[Block | None]:
-        """As `DiskStore.get_run`; blocks still queued are served from the queue."""
+        """As `DiskStore.get_run`; blocks still queued are served from the queue, the
+        stretches between them read from the store (a queued block's file is never read: its
+        entry may be half written)."""
         size = block_size or self._store.block_size
         with self._cond:
-            queued = [self._pending.get((obj, size, first + n)) for n in range(count)]
-        if all(data is not None for data in queued):
-            return list(queued)
-        stored = self._store.get_run(obj, first, count, block_size=size)
-        return [
-            data if data is not None else on_disk
-            for data, on_disk in zip(queued, stored, strict=True)
-        ]
+            found: list[Block | None] = [
+                self._pending.get((obj, size, first + n)) for n in range(count)
+            ]
+        n = 0
+        while n < count:
+            if found[n] is not None:
+                n += 1
+                continue
+            end = n + 1
+            while end < count and found[end] is None:
+                end += 1
+            found[n:end] = self._store.get_run(obj, first + n, end - n, block_size=size)
+            n = end
+        return found
 
     def put_many(
         self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None

@@ -17,7 +17,9 @@ import bisect
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
-Buffer = bytes | memoryview  # bytes, or a read-only view of bytes held elsewhere
+from ..cache.slots import Block
+
+Buffer = Block  # bytes, or a read-only view of bytes held elsewhere
 
 
 class FileContent(Protocol):

@@ -37,7 +37,7 @@ from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider, _
 from ..errors import AccessDenied, DcorfsError, DeadlineExceeded, NotFound
 from ..hdf5.fileobj import SeekableFile
 from .activity import Activity
-from .content import FileContent, StaticContent
+from .content import Buffer, FileContent, StaticContent
 from .readahead import Prefetcher, ReadAhead
 from .tree import Dir, File, Node
 
@@ -242,11 +242,15 @@ class ContentStream(SeekableFile):
         return self._content.size
 
     def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
+        data = self._read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
 
     def read(self, size: int | None = -1) -> bytes:
+        data = self._read(size)
+        return data if isinstance(data, bytes) else bytes(data)  # (WSGI wants bytes)
+
+    def _read(self, size: int | None) -> Buffer:
         remaining = max(0, self._content.size - self._pos)
         length = remaining if size is None or size < 0 else min(size, remaining)
         if length == 0:
@@ -261,7 +265,7 @@ class ContentStream(SeekableFile):
         self._pos += len(data)
         self._activity.counters["reads"] += 1
         self._activity.counters["bytes_served"] += len(data)
-        return data if isinstance(data, bytes) else bytes(data)  # (WSGI wants bytes)
+        return data
 
     def close(self) -> None:
         if isinstance(self._content, ReadAhead):

@@ -104,16 +104,31 @@ def test_a_read_names_the_damaged_page_and_notices_pages_out_of_order(
         path.unlink()
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.sets(st.integers(0, 5)), st.integers(0, 5), st.integers(1, 6))
-@example({0, 1, 2, 3, 4, 5}, 0, 6)  # all of them, the short last block too
-@example(set(), 0, 6)  # none stored: nothing but the entries read
+ODD = 3 * PAGE + 1000  # a block size off the filesystem's blocks: slots with gaps between
+ODD_LAYOUT = Layout.of(OBJ, ODD)  # (OBJ's data in 8 such blocks, the last one short)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from([LAYOUT, ODD_LAYOUT]),
+    st.sets(st.integers(0, 7)),
+    st.integers(0, 7),
+    st.integers(1, 8),
+    st.sampled_from([None, 1000, PAGE]),
+)
+@example(LAYOUT, {0, 1, 2, 3, 4, 5}, 0, 6, None)  # all of them, the short last block too
+@example(ODD_LAYOUT, set(range(8)), 0, 8, 1000)  # every gap, reads cut short
+@example(LAYOUT, set(), 0, 6, None)  # none stored: nothing but the entries read
 def test_a_run_of_blocks_reads_as_each_block_alone(
-    stored: set[int], first: int, count: int
+    layout: Layout, stored: set[int], first: int, count: int, most: int | None
 ) -> None:
     """`read_run` gives every block `read` gives, each a read-only buffer of its own, reads the
-    slots of stored blocks only (one read per stretch of them) and names no failure."""
-    count = min(count, 6 - first)
+    slots of stored blocks only (one read per stretch of them, more where the kernel reads
+    less than asked: `most` bytes a call) and names no failure."""
+    first = min(first, layout.blocks - 1)
+    count = min(count, layout.blocks - first)
+    size = layout.block_size
+    data = [DATA[i * size : (i + 1) * size] for i in range(layout.blocks)]
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dcorfs-slots-run-{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     reads: list[int] = []
@@ -121,25 +136,53 @@ def test_a_run_of_blocks_reads_as_each_block_alone(
 
     def counted(fd: int, buffers: Any, offset: int) -> int:
         reads.append(offset)
-        return real_preadv(fd, buffers, offset)
+        if most is None:
+            return real_preadv(fd, buffers, offset)
+        part = os.pread(fd, min(most, sum(len(b) for b in buffers)), offset)
+        at = 0
+        for buffer in buffers:
+            n = min(len(buffer), len(part) - at)
+            buffer[:n] = part[at : at + n]
+            at += n
+        return len(part)
 
     try:
         for index in sorted(stored):
-            slots.write(fd, LAYOUT, index, blocks()[index])
+            if index < layout.blocks:
+                slots.write(fd, layout, index, data[index])
         os.preadv = counted
         try:
-            found, failed = slots.read_run(fd, LAYOUT, first, count)
+            found, failed = slots.read_run(fd, layout, first, count)
         finally:
             os.preadv = real_preadv
         indices = range(first, first + count)
-        assert found == [slots.read(fd, LAYOUT, index) for index in indices]
+        assert found == [slots.read(fd, layout, index) for index in indices]
+        assert found == [data[i] if i in stored else None for i in indices]
         assert failed == []
         assert all(isinstance(b, memoryview) and b.readonly for b in found if b is not None)
-        starts = [i for i in indices if i in stored and i - 1 not in stored or i == first]
-        assert len(reads) == len([i for i in starts if i in stored])
+        if most is None:
+            starts = [i for i in indices if i in stored and (i - 1 not in stored or i == first)]
+            assert len(reads) == len(starts)
     finally:
         os.close(fd)
         path.unlink()
+
+
+def test_a_run_of_more_blocks_than_one_read_takes_buffers_reads_them_all(tmp_path: Path) -> None:
+    """A stretch of more buffers (blocks and the gaps between their slots) than one `preadv`
+    takes (1024) is read in several."""
+    size = 1000  # (gaps of 3096 bytes: two buffers a block)
+    data = os.urandom(700 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/ghi#many", etag="d1", size=len(data))
+    layout = Layout.of(obj, size)
+    fd = os.open(tmp_path / "many", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for index in range(700):
+            slots.write(fd, layout, index, data[index * size : (index + 1) * size])
+        found, failed = slots.read_run(fd, layout, 0, 700)
+        assert failed == [] and b"".join(b for b in found if b is not None) == data
+    finally:
+        os.close(fd)
 
 
 def test_a_short_read_reads_and_checks_only_its_pages(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +70,31 @@ def test_a_small_put_is_served_from_the_queue_until_it_is_written(tmp_path: Path
         writer.flush()
         assert store.get(OBJ, 0) == block(0) and store.get(OBJ, 1) == block(1)
         assert writer.stats() == {"queued": 0, "peak": 2 * BLOCK, "limit": 1 << 20}
+    finally:
+        store.gate.set()
+        writer.close()
+
+
+def test_a_run_takes_queued_blocks_from_the_queue_and_the_rest_from_disk(tmp_path: Path) -> None:
+    """`get_run`: blocks still queued come from the queue (their file is not read for them:
+    its entries may be half written), the stretches between them from the disk store."""
+    store = GatedStore(tmp_path / "cache")
+    writer = WriteBehind(store, limit=1 << 20)
+    asked: list[tuple[int, int]] = []
+    real = store.get_run
+
+    def get_run(obj: ObjectId, first: int, count: int, **kw: Any) -> Any:
+        asked.append((first, count))
+        return real(obj, first, count, **kw)
+
+    store.get_run = get_run  # type: ignore[method-assign]
+    try:
+        assert DiskStore.put_many(store, OBJ, {1: block(1), 2: block(2), 5: block(5)}) == 3
+        assert writer.put_many(OBJ, {3: block(3)}) == 1
+        assert store.entered.wait(5)  # block 3 queued, its writer held at the gate
+        got = writer.get_run(OBJ, 0, 7)
+        assert got == [None, block(1), block(2), block(3), None, block(5), None]
+        assert asked == [(0, 3), (4, 3)]
     finally:
         store.gate.set()
         writer.close()
