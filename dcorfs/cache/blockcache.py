@@ -176,7 +176,7 @@ class BlockCache:
         size = self.size_of(obj)
         parts = None
         if len(indices) <= PARTS_AT_MOST and size >= DISK_PARTS_FROM:
-            parts = self._parts(obj, indices, start, stop)
+            parts = self._parts(obj, indices, start, stop, kept=True)
         if parts is not None:
             self._counts["served_bytes"] += stop - start
             return parts
@@ -201,11 +201,13 @@ class BlockCache:
         stop: int,
         *,
         disk: bool = True,
+        kept: bool = False,
     ) -> list[Block] | None:
         """A read served from memory and (`disk`) the disk store without fetching: of a block
-        in memory its part; of a block on disk of at least `DISK_PARTS_FROM` bytes only the
-        pages holding the part (not kept in memory: the kernel keeps what it was served), of
-        a smaller one the whole block (kept, as a fetched one). None when a block is in
+        in memory its part (copied out of a block read from disk where the caller keeps the
+        parts, `kept`: see `_cut`); of a block on disk of at least `DISK_PARTS_FROM` bytes
+        only the pages holding the part (not kept in memory: the kernel keeps what it was
+        served), of a smaller one the whole block (kept, as a fetched one). None when a block is in
         neither (then it is fetched, whole). Nothing is written (`DiskStore.get`): fit for
         the FUSE thread."""
         parts = []
@@ -217,7 +219,7 @@ class BlockCache:
             data = self._recall((obj, index))
             if data is not None:
                 hits["memory_hits"] += 1
-                parts.append(data if (a, b) == (0, len(data)) else data[a:b])
+                parts.append(_cut(data, a, b) if kept else data[a:b])
                 continue
             if not disk or self._store is None:
                 return None
@@ -331,19 +333,19 @@ class BlockCache:
         """The blocks from the disk store (None where missing). Consecutive blocks of one
         object are read together, up to `DISK_RUN` bytes a run (`DiskStore.get_run`: one
         read of their entries and one of the slots of each stretch of stored blocks; on
-        this VM's disk one reader of large reads is also the fastest), several runs, or
-        blocks, in parallel unless `parallel` is False (when misses are expected: a miss is
-        one failed open)."""
+        this VM's disk one reader of large reads is also the fastest; a miss costs one
+        failed open, or one read of entries, a run), the first run on this thread and the
+        others in parallel unless `parallel` is False (when misses are expected)."""
         if self._store is None:
             return [None] * len(keys)
-        if len(keys) <= 1 or self._parallel <= 1 or not parallel:
-            return [self._store_get(key) for key in keys]
         runs = _key_runs(keys, lambda obj: max(1, DISK_RUN // self.size_of(obj)))
-        if len(runs) == 1:
-            return self._stored_run(runs[0])  # (here: no other thread would do anything)
-        if len(runs) == len(keys):  # (no two blocks in a row)
-            return list(self._pool.map(self._store_get, keys))
-        return [data for run in self._pool.map(self._stored_run, runs) for data in run]
+        if len(runs) <= 1 or self._parallel <= 1 or not parallel:
+            return [data for run in runs for data in self._stored_run(run)]
+        others = [self._pool.submit(self._stored_run, run) for run in runs[1:]]
+        found = self._stored_run(runs[0])  # (as `_fetch_runs`: a pool thread never only waits)
+        for other in others:
+            found += other.result()
+        return found
 
     def _stored_run(self, run: list[BlockKey]) -> list[Block | None]:
         assert self._store is not None

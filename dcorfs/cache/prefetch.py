@@ -98,12 +98,12 @@ are asked for, within a memory budget. In the order a resource meets them:
    reads find them. Consecutive blocks of one object that a read (a window) does not find in
    memory are read from their file together, up to `DISK_RUN` bytes a run
    (`slots.read_run`: their entries in one read, the slots of each stretch of stored blocks
-   in one more), each run in a thread of the cache's pool, instead of a read (and a
-   thread's turn, and the GIL's) per block: on this VM's disk one reader of large
-   sequential reads is also the fastest (1.8–2.3 GB/s, against 0.9–2.0 GB/s for four
-   threads reading 1 MiB each), and re-reading `image.npy` of 20,000 events from the disk
-   cache went from 0.56–0.91 GB/s (median 0.66) to 0.65–0.95 GB/s (0.81), six alternated
-   pairs of two re-reads.
+   in one more), runs side by side in the cache's pool (the first on the reading thread),
+   instead of a read (and a thread's turn, and the GIL's) per block: on this VM's disk one
+   reader of large sequential reads is also the fastest (1.8–2.3 GB/s, against 0.9–2.0
+   GB/s for four threads reading 1 MiB each), and re-reading `image.npy` of 20,000 events
+   from the disk cache went from 0.56–0.91 GB/s (median 0.66) to 0.65–0.95 GB/s (0.81),
+   six alternated pairs of two re-reads.
 """
 
 from __future__ import annotations

@@ -296,6 +296,7 @@ def _read_stretch(fd: int, layout: Layout, first: int, count: int) -> list[np.nd
         into.append(buffer)
         gap = layout.stride - lengths[n]
         if gap and n < count - 1:
+            assert gap < ALIGN  # (only an object's last block is short, and it is last here)
             into.append(scratch[:gap])
     got = _preadv_all(fd, into, layout.data_at(first))
     return [

@@ -356,6 +356,34 @@ def test_stored_blocks_in_a_row_are_read_from_disk_in_one_run(
     assert source.calls == [(5 * BLOCK, 6 * BLOCK)] and third.stats().errors == 1
 
 
+def test_pieces_cut_from_blocks_read_from_disk_are_copies(tmp_path: Path) -> None:
+    """Blocks read from disk in runs are views of buffers of their own, kept in memory: a
+    read's pieces are those blocks where it takes them whole, copies where it cuts them (a
+    piece kept by a read-ahead window must not keep a whole block alive outside the
+    cache's bound), of small blocks as of large ones (read in parts: `_parts`)."""
+    for size in (BLOCK, DISK_PARTS_FROM):
+        data = os.urandom(6 * size)
+        obj = ObjectId(key=f"circle-x/resource/abc/def/cut{size}", etag="e1", size=len(data))
+
+        def cache(source: Source, size: int = size) -> BlockCache:
+            store = DiskStore(tmp_path / f"cache{size}", limit_bytes=1 << 30, block_size=size)
+            return BlockCache(fetch=source, store=store, block_size=size, parallel=4)
+
+        cache(Source(data)).read(obj, 0, len(data), deadline=later())
+        again = cache(Source(b""))
+        assert again.read(obj, 0, len(data), deadline=later()) == data  # (in memory now)
+        pieces = again.read_pieces(obj, size + 10, 5 * size - 10, deadline=later())
+        assert b"".join(pieces) == data[size + 10 : 5 * size - 10]
+        assert [type(p) for p in pieces] == [bytes, memoryview, memoryview, bytes]
+        assert [len(p) for p in pieces] == [size - 10, size, size, size - 10]
+        two = again.read_pieces(obj, 10, 2 * size - 10, deadline=later())
+        assert [type(p) for p in two] == [bytes, bytes] and b"".join(two) == data[
+            10 : 2 * size - 10
+        ]
+        whole = again.read_pieces(obj, 2 * size, 3 * size, deadline=later())
+        assert [type(p) for p in whole] == [memoryview] and whole[0] == data[2 * size : 3 * size]
+
+
 def test_size_bound_and_lru(tmp_path: Path) -> None:
     limit = 4 * (BLOCK + 64)
     objects = [ObjectId(key=f"k{i}", etag="e", size=len(DATA)) for i in range(3)]
