@@ -29,9 +29,10 @@ written so, but only as far as it can: a cached page that another writer dirties
 (an entry or an erasure in the same large folio) may keep stale bytes, which a reader's CRC
 check then takes for damage (a miss, refetched), never for data.
 
-Consecutive blocks are also read together (`read_run`: their entries in one read, their slots
-in another, scattered into a buffer per block), each checked as a read of the whole block is;
-a block that fails a check is named, not returned, and read alone (`read`) to say why.
+Consecutive blocks are also read together (`read_run`: their entries in one read, the slots
+of each stretch of stored blocks in one more, scattered into a buffer per block), each checked
+as a read of the whole block is; a block that fails a check is named, not returned, and read
+alone (`read`) to say why.
 
 Erasing a block zeroes its entry and punches its data out of the file (fallocate
 PUNCH_HOLE), which gives the disk space back; where the filesystem cannot punch holes
