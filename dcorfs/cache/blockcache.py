@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -506,16 +507,13 @@ def _cut(block: Block, start: int, stop: int) -> Block:
 
 
 def _key_runs(keys: list[BlockKey], limit: Callable[[ObjectId], int]) -> list[list[BlockKey]]:
-    """Keys in their order, grouped into runs of consecutive blocks of one object, each of at
-    most `limit(object)` blocks."""
-    runs: list[list[BlockKey]] = []
-    for obj, index in keys:
-        last = runs[-1][-1] if runs else None
-        if last == (obj, index - 1) and len(runs[-1]) < limit(obj):
-            runs[-1].append((obj, index))
-        else:
-            runs.append([(obj, index)])
-    return runs
+    """Keys in their order, grouped into runs of consecutive blocks of one object (`_runs`),
+    each of at most `limit(object)` blocks."""
+    return [
+        [(obj, index) for index in run]
+        for obj, group in itertools.groupby(keys, key=lambda key: key[0])
+        for run in _runs([index for _, index in group], limit(obj))
+    ]
 
 
 def _runs(indices: list[int], limit: int) -> list[list[int]]:

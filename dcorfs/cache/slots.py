@@ -221,8 +221,7 @@ def read(
         return None
     if len(raw) != layout.entry_size:
         raise Damaged(f"block {index}: entry cut short")
-    magic, prefix, stored_index, stored_length = ENTRY.unpack_from(raw)
-    if (magic, prefix, stored_index, stored_length) != (MAGIC, layout.identity[:8], index, length):
+    if not _names(raw, layout, index):
         raise Damaged(f"block {index}: entry names another block")
     if start >= stop:  # nothing of the block asked (a range at or past its end)
         return b""
@@ -231,8 +230,8 @@ def read(
     data = os.pread(fd, end - begin, layout.data_at(index) + begin)
     if len(data) != end - begin:
         raise Damaged(f"block {index}: {len(data)} of {end - begin} bytes (truncated)")
-    crcs = struct.unpack_from(f"<{last - first}I", raw, ENTRY.size + 4 * first)
-    if crc32(data) != _joined(crcs, len(data)):  # one pass over the bytes: see `_joined`
+    if not _pages_match(raw, first, data):
+        crcs = struct.unpack_from(f"<{last - first}I", raw, ENTRY.size + 4 * first)
         view = memoryview(data)
         for n, crc in enumerate(crcs):
             if crc32(view[n * PAGE : (n + 1) * PAGE]) != crc:
@@ -258,27 +257,26 @@ def read_run(
     entries = [table[n * size : (n + 1) * size] for n in range(count)]
     found: list[Block | None] = [None] * count
     failed: list[int] = []
-    n = 0
-    while n < count:
-        if _empty(entries[n]):  # never stored (or erased)
-            n += 1
-            continue
-        end = n + 1
-        while end < count and not _empty(entries[end]):
-            end += 1
+    for n, end in stretches([not _empty(entry) for entry in entries]):  # (the others: holes)
         for m, data in enumerate(_read_stretch(fd, layout, first + n, end - n), start=n):
             index = first + m
-            if (
-                data is not None
-                and len(entries[m]) == size
-                and _holds(entries[m], layout, index, data)
-            ):
+            if data is not None and _holds(entries[m], layout, index, data):
                 data.flags.writeable = False
                 found[m] = data.data
             else:
                 failed.append(index)
-        n = end
     return found, failed
+
+
+def stretches(marked: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each longest stretch of consecutive True in `marked`."""
+    found: list[tuple[int, int]] = []
+    for n, mark in enumerate(marked):
+        if mark and found and found[-1][1] == n:
+            found[-1] = (found[-1][0], n + 1)
+        elif mark:
+            found.append((n, n + 1))
+    return found
 
 
 def _empty(entry: bytes) -> bool:
@@ -307,18 +305,30 @@ def _read_stretch(fd: int, layout: Layout, first: int, count: int) -> list[np.nd
 
 
 def _holds(raw: bytes, layout: Layout, index: int, data: np.ndarray) -> bool:
-    """Whether `raw`, the entry of block `index`, describes it and its pages match `data`."""
+    """Whether `raw`, the whole entry of block `index`, describes it and its pages match
+    `data` (the checks `read` makes, without naming what fails)."""
+    return (
+        len(raw) == layout.entry_size and _names(raw, layout, index) and _pages_match(raw, 0, data)
+    )
+
+
+def _names(raw: bytes, layout: Layout, index: int) -> bool:
+    """Whether an entry names block `index` of this object, and its length."""
     magic, prefix, stored_index, stored_length = ENTRY.unpack_from(raw)
-    if (magic, prefix, stored_index, stored_length) != (
+    return (magic, prefix, stored_index, stored_length) == (
         MAGIC,
         layout.identity[:8],
         index,
-        len(data),
-    ):
-        return False
+        layout.length(index),
+    )
+
+
+def _pages_match(raw: bytes, first: int, data: bytes | np.ndarray) -> bool:
+    """Whether `data`, the pages of a block from page `first` on, match their CRCs in the
+    block's entry `raw`: one pass over the bytes against the CRCs joined (`_joined`)."""
     if not len(data):
         return True
-    crcs = struct.unpack_from(f"<{-(-len(data) // PAGE)}I", raw, ENTRY.size)
+    crcs = struct.unpack_from(f"<{-(-len(data) // PAGE)}I", raw, ENTRY.size + 4 * first)
     return bool(crc32(data) == _joined(crcs, len(data)))
 
 

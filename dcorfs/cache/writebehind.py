@@ -33,7 +33,7 @@ import time
 
 from .diskstore import DiskStore
 from .identity import ObjectId
-from .slots import Block
+from .slots import Block, stretches
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,8 @@ class WriteBehind:
             found: list[Block | None] = [
                 self._pending.get((obj, size, first + n)) for n in range(count)
             ]
-        n = 0
-        while n < count:
-            if found[n] is not None:
-                n += 1
-                continue
-            end = n + 1
-            while end < count and found[end] is None:
-                end += 1
+        for n, end in stretches([data is None for data in found]):
             found[n:end] = self._store.get_run(obj, first + n, end - n, block_size=size)
-            n = end
         return found
 
     def put_many(
