@@ -65,7 +65,7 @@ class Pushable(Protocol):
 
     def pushed(self, push: Push) -> None: ...
 
-    def push_failed(self, push: Push, offset: int) -> None: ...
+    def push_failed(self, push: Push, offset: int) -> bool: ...
 
 
 def whole_pages(offset: int, pieces: list[Buffer]) -> list[tuple[int, Buffer]]:
@@ -198,9 +198,11 @@ class PagePusher:
             source.pushed(push)
 
     def _failed(self, inode: int, source: Pushable, push: Push, at: int, exc: Exception) -> None:
-        """The handle's reads go through FUSE from `at` on, as without pushes."""
-        if not source.current(push):  # a closed handle's inode may be forgotten: no failure
-            log.debug("push of inode %d at %d after its stream ended: %r", inode, at, exc)
+        """The handle's reads go through FUSE from `at` on, as without pushes (its pushing
+        stopped in one step with the check that it is open: a read that made the push stale
+        meanwhile must not leave it pushing, to fail again)."""
+        if not source.push_failed(push, at):  # a closed handle's inode may be forgotten
+            log.debug("push of inode %d at %d after its handle closed: %r", inode, at, exc)
             return
         self.counters["push_failures"] += 1
         if isinstance(exc, OSError) and exc.errno == errno.ENOSYS:
@@ -208,4 +210,3 @@ class PagePusher:
             log.info("the kernel does not take pushed pages (notify_store): not pushing")
         else:
             log.debug("push of inode %d at %d failed: %r", inode, at, exc)
-        source.push_failed(push, at)

@@ -454,12 +454,16 @@ class ReadAhead:
                 self._pushing = None
                 self._drop(lambda w: w.start >= start and w.stop <= stop)
 
-    def push_failed(self, push: Push, offset: int) -> None:
-        """Bytes from `offset` on did not reach the kernel: no more pushes for this handle,
-        the reader's requests from there on are served as without pushes."""
+    def push_failed(self, push: Push, offset: int) -> bool:
+        """Bytes from `offset` on did not reach the kernel: no more pushes for this handle
+        (whatever made `push` stale since: a push of the stream's next part would meet the
+        same kernel), the reader's requests from there on are served as without pushes.
+        False for a closed handle (its inode may be forgotten: not a failure)."""
         with self._lock:
-            if self.current(push):
-                self._stop_pushing(offset)
+            if self._closed:
+                return False
+            self._stop_pushing(offset)
+            return True
 
     def _asked_pushed(self, offset: int, stop: int) -> None:
         """A read of pushed bytes whose window was let go (lock held): the kernel dropped the

@@ -238,11 +238,34 @@ def test_a_push_of_a_stream_that_went_elsewhere_is_stale() -> None:
         assert reader.current(push) and wakes
         reader.read(2 << 20, 4 * KIB, deadline=time.monotonic() + 30)  # elsewhere
         assert not reader.current(push)
-        reader.push_failed(push, push.start)  # a stale failure does not stop the new stream
-        again = first_push(reader, (2 << 20) + 4 * KIB)
+        again = first_push(reader, (2 << 20) + 4 * KIB)  # the new stream pushes
         assert again.start > 2 << 20 and reader.current(again)
         reader.close()
         assert not reader.current(again)
+    finally:
+        pf.close()
+
+
+def test_a_failed_push_stops_the_pushing_even_when_the_stream_went_on() -> None:
+    """The kernel refused a push (it forgot the inode, the mount is going away) that a read
+    made stale meanwhile: the stream's next pushes would meet the same kernel, so the handle
+    pushes no more (and is served as without pushes); a closed handle's failure is none."""
+    pf = small_prefetcher()
+    try:
+        reader = pf.wrap(content(Rows(), pieced=True), push=lambda source: None)
+        push = first_push(reader, 0)
+        reader.read(2 << 20, 4 * KIB, deadline=time.monotonic() + 30)  # elsewhere
+        assert not reader.current(push)
+        assert reader.push_failed(push, push.start)  # a failure, and the end of pushing
+        at = (2 << 20) + 4 * KIB
+        while at < reader.size:  # the new stream is served right, and pushes nothing
+            assert reader.read(at, 64 * KIB, deadline=time.monotonic() + 30) == expected(
+                at, 64 * KIB, reader.size
+            )
+            assert reader.pushable() is None, at
+            at += 64 * KIB
+        reader.close()
+        assert not reader.push_failed(push, push.start)  # closed: not a failure
     finally:
         pf.close()
 
@@ -286,7 +309,7 @@ def test_a_closed_pusher_stops_and_takes_no_more() -> None:
         def pushed(self, push: Push) -> None:
             pass
 
-        def push_failed(self, push: Push, offset: int) -> None:
+        def push_failed(self, push: Push, offset: int) -> bool:
             raise AssertionError("no failure here")
 
     source = Source()
