@@ -19,7 +19,9 @@ beyond it would grow the file in the kernel). A push that fails (the kernel forg
 inode, the mount is going away) is logged and counted, the handle stops pushing and its reads
 go through FUSE again from where the push failed (`ReadAhead.push_failed`); ENOSYS (a kernel
 without notify_store) stops pushing for the mount. A push of a stream that has since jumped
-elsewhere or closed is stale (`ReadAhead.current`): it stops at its next piece, uncounted.
+elsewhere or closed is stale (`ReadAhead.current`): it stops at its next piece; if the kernel
+refused it while its handle is open, that is a failure all the same (it ends the handle's
+pushing), but not once the handle closed.
 Design and measured effects: doc/ARCHITECTURE.md, "Speed".
 """
 
@@ -198,9 +200,10 @@ class PagePusher:
             source.pushed(push)
 
     def _failed(self, inode: int, source: Pushable, push: Push, at: int, exc: Exception) -> None:
-        """The handle's reads go through FUSE from `at` on, as without pushes (its pushing
-        stopped in one step with the check that it is open: a read that made the push stale
-        meanwhile must not leave it pushing, to fail again)."""
+        """The handle's reads go through FUSE from `at` on (from where its stream is, when a
+        read made the push stale meanwhile), as without pushes: its pushing is stopped in one
+        step with the check that it is open, so that such a read does not leave it pushing,
+        to fail again."""
         if not source.push_failed(push, at):  # a closed handle's inode may be forgotten
             log.debug("push of inode %d at %d after its handle closed: %r", inode, at, exc)
             return

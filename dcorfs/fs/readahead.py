@@ -462,7 +462,12 @@ class ReadAhead:
         with self._lock:
             if self._closed:
                 return False
-            self._stop_pushing(offset)
+            if self.current(push):
+                self._stop_pushing(offset)
+            else:  # (`offset` is of the stream before: the one pusher thread handed this
+                # stream no push yet, so nothing of it is believed pushed)
+                self._push = None
+                self._pushing = None
             return True
 
     def _asked_pushed(self, offset: int, stop: int) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -289,6 +290,55 @@ def test_random_reads_push_nothing() -> None:
             assert got == expected(offset, 4 * KIB, probe.size)
         time.sleep(0.05)
         assert kernel.stores == 0 and pusher.counters["pushes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("fail", "open_", "counted", "active"),
+    [
+        (errno.ENOENT, True, 1, True),  # stale but open: a failure, the pusher goes on
+        (errno.ENOSYS, True, 1, False),  # … and a kernel without pushes ends them all
+        (errno.ENOSYS, False, 0, True),  # closed meanwhile: no failure, whatever it was
+    ],
+)
+def test_the_pusher_counts_what_the_handle_says_is_a_failure(
+    fail: int, open_: bool, counted: int, active: bool
+) -> None:
+    """A push refused after a read made it stale (it was current when its piece was
+    stored): counted as the handle's `push_failed` says, not by asking `current` again."""
+    kernel = Kernel(1 << 20, fail=(fail, 0))
+    pusher = PagePusher(kernel.store)
+
+    class Source:
+        def __init__(self) -> None:
+            self.checks = 0
+            self.failed: list[int] = []
+
+        def pushable(self) -> Push | None:
+            return Push(0, [b"x" * PAGE], 0) if not self.failed else None
+
+        def current(self, push: Push) -> bool:
+            self.checks += 1
+            return self.checks == 1  # stale once its piece was handed to the kernel
+
+        def pushed(self, push: Push) -> None:
+            raise AssertionError("nothing was pushed")
+
+        def push_failed(self, push: Push, offset: int) -> bool:
+            self.failed.append(offset)
+            return open_
+
+    source = Source()
+    try:
+        pusher.wake(INODE, source)
+        deadline = time.monotonic() + 10
+        while not source.failed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert source.failed == [0] and kernel.stores == 1
+        assert pusher.counters["push_failures"] == counted
+        assert pusher.active is active
+    finally:
+        pusher.close()
 
 
 def test_a_closed_pusher_stops_and_takes_no_more() -> None:
