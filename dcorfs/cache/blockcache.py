@@ -19,13 +19,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from ..errors import DcorfsError, DeadlineExceeded, ProtocolError
 from .budget import InFlight
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[ObjectId, int, int, float], bytes | memoryview]  # a view: blocks are copied out
 BlockKey = tuple[ObjectId, int]
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 PASSING_SHARE = 4  # passing blocks hold at most this part of the memory tier (see `ensure`)
 # runs of blocks one read fetches at once: the HDF5 object headers of a large original come in
 # batches of tens of small ranges (`RtdcSource._fetch_headers`); 16 instead of 8 opened the
@@ -342,11 +345,7 @@ class BlockCache:
         runs = _key_runs(keys, lambda obj: max(1, DISK_RUN // self.size_of(obj)))
         if len(runs) <= 1 or self._parallel <= 1 or not parallel:
             return [data for run in runs for data in self._stored_run(run)]
-        others = [self._pool.submit(self._stored_run, run) for run in runs[1:]]
-        found = self._stored_run(runs[0])  # (as `_fetch_runs`: a pool thread never only waits)
-        for other in others:
-            found += other.result()
-        return found
+        return [data for run in self._side_by_side(self._stored_run, runs) for data in run]
 
     def _stored_run(self, run: list[BlockKey]) -> list[Block | None]:
         assert self._store is not None
@@ -417,21 +416,26 @@ class BlockCache:
                     self._abandon(obj, runs[n + 1 :], exc)  # their waiters must not hang
                     raise
             return found
-        others = [self._pool.submit(self._fetch_run, obj, run, deadline, disk) for run in runs[1:]]
-        found = {}
+        fetched = self._side_by_side(lambda run: self._fetch_run(obj, run, deadline, disk), runs)
+        return {index: data for part in fetched for index, data in part.items()}
+
+    def _side_by_side(self, fn: Callable[[_In], _Out], items: Sequence[_In]) -> list[_Out]:
+        """`fn` of each item, in their order: the first on this thread, the others in the
+        pool (so a pool thread running this never only waits for others); the first error
+        is raised once every call has ended."""
+        others = [self._pool.submit(fn, item) for item in items[1:]]
+        results: list[_Out] = []
         error: BaseException | None = None
-        try:
-            found.update(self._fetch_run(obj, runs[0], deadline, disk))
-        except BaseException as exc:
-            error = exc
-        for future in others:
+        calls: list[Callable[[], _Out]] = [functools.partial(fn, items[0])]
+        calls += [future.result for future in others]
+        for call in calls:
             try:
-                found.update(future.result())
+                results.append(call())
             except BaseException as exc:
                 error = error or exc
         if error is not None:
             raise error
-        return found
+        return results
 
     def _abandon(self, obj: ObjectId, runs: list[list[int]], error: BaseException) -> None:
         """Runs this thread owns but will not fetch: their flights end with `error`."""

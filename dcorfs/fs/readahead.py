@@ -462,12 +462,9 @@ class ReadAhead:
         with self._lock:
             if self._closed:
                 return False
-            if self.current(push):
-                self._stop_pushing(offset)
-            else:  # (`offset` is of the stream before: the one pusher thread handed this
-                # stream no push yet, so nothing of it is believed pushed)
-                self._push = None
-                self._pushing = None
+            # (a stale push's `offset` is of the stream before: the one pusher thread handed
+            # this stream no push yet, so where its pushes end stays)
+            self._stop_pushing(offset if self.current(push) else self._pushed)
             return True
 
     def _asked_pushed(self, offset: int, stop: int) -> None:
