@@ -236,7 +236,12 @@ class _Keeping:
                 old.forget_outline()
 
 
-KEPT_OUTLINES = 64
+# A listed dataset's resources are all scanned ahead (the mount's `prepare` pool) while their
+# builds trail behind in the same HDF5 worker's queue: the sources waiting for their build can
+# be most of the dataset's. 64 dropped a quarter of the outlines of 100 small resources on a
+# slow hour, read again from the files for their builds (doc/ARCHITECTURE.md, "Speed"). A
+# source keeps 0.3–35 KB (pickled) of attributes, logs and tables in the fixtures.
+KEPT_OUTLINES = 512
 _KEEPING = _Keeping()
 
 
