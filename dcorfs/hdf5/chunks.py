@@ -31,8 +31,8 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-import h5py
 import numpy as np
 import zstandard
 
@@ -45,6 +45,20 @@ DECODED = {DEFLATE, SHUFFLE, FLETCHER32, ZSTD}
 
 class ChunkError(ValueError):
     """A chunk that does not decode (corrupt bytes, a checksum mismatch)."""
+
+
+class DatasetLike(Protocol):
+    """What is asked of a dataset here: an h5py `Dataset`, or a lighter stand-in made from
+    its low-level identifier (`rtdc.layouts_of`)."""
+
+    @property
+    def id(self) -> Any: ...  # h5py.h5d.DatasetID
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def chunks(self) -> tuple[int, ...] | None: ...
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,7 @@ class Codec:
         return int(np.prod(self.chunk, dtype=np.int64)) * self.dtype.itemsize
 
     @classmethod
-    def of(cls, dataset: h5py.Dataset) -> Codec | None:
+    def of(cls, dataset: DatasetLike) -> Codec | None:
         """The dataset's codec, or None when this module does not decode it (h5py does):
         not chunked, chunked across the values of one event, a datatype that is not a plain
         number, or a filter other than those above."""

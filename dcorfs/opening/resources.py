@@ -418,7 +418,8 @@ class Resources:
         """A source with its features: remembered for this version of its object, or read
         from the file (which opens it). If it is read now: `ahead`, the layouts of its event
         data are read too (`RtdcSource.layouts_ahead`: reading its features later needs no
-        HDF5); `after`, another file is described first (what HDF5 reads first
+        HDF5; a file read from memory in the same opening of its bytes as its features);
+        `after`, another file is described first (what HDF5 reads first
         of this one is fetched meanwhile); `found`, called once the file is known to exist
         (identified: probed, or remembered), before it is described."""
         source = self._source(kind, key, size, etag)
@@ -435,7 +436,7 @@ class Resources:
             # a condensed file's basins are read next when upstreams are joined
             basins = kind == "condensed" and self._catalog is not None and self._api is not None
             # and its synthesized file's outline when its directory is listed
-            found = describe(source.scan(deadline, basins=basins, outline=True))
+            found = describe(source.scan(deadline, basins=basins, outline=True, layouts=ahead))
             if ahead:
                 try:  # only saves time later: a failure is left to the reads that need them
                     source.layouts_ahead(deadline)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 
@@ -282,6 +284,109 @@ def test_small_files_read_in_a_worker_equal_them_read_through_a_file_object(
         assert not in_worker.is_open
         assert skeleton == _build_skeleton(here, None, deadline=soon())
         assert opened.is_open  # opened: its outline read here, through the file object
+    finally:
+        in_worker.close()
+        opened.close()
+
+
+def _layouts_by_h5py(path: Path) -> dict[str, Any]:
+    """The layouts of a file's event data as h5py's high-level objects find them (the walk
+    that `rtdc.layouts_of` makes through low-level ones)."""
+    found: dict[str, Any] = {}
+
+    def visit(name: str, item: object) -> None:
+        if isinstance(item, h5py.Dataset):
+            found[name] = rtdc._layout_of(item, name, "here")
+
+    with h5py.File(path, "r") as h5:
+        events = h5.get("events")
+        if isinstance(events, h5py.Group):
+            events.visititems(visit)
+    return found
+
+
+def _odd_file(path: Path, how: str) -> Path:
+    """Files whose event data are laid out unusually, by `how`."""
+    with h5py.File(path, "w") as h5:
+        if how == "events is a dataset":
+            h5["events"] = np.arange(5.0)
+            return path
+        if how == "no events":
+            h5["other/deform"] = np.arange(5.0)
+            return path
+        events = h5.create_group("events")
+        events["contiguous"] = np.arange(10, dtype=np.uint16)
+        events.create_dataset("chunked", data=np.arange(30.0).reshape(10, 3), chunks=(4, 3))
+        events.create_dataset("zstd", data=np.arange(40.0), chunks=(8,), **hdf5plugin.Zstd())
+        events.create_dataset("never written", shape=(10,), dtype="f4", chunks=(5,))
+        events.create_dataset("empty", shape=(0,), dtype="f8")
+        events["trace/fl1_raw"] = np.zeros((10, 7), dtype=np.int16)
+        events["trace/deeper/x"] = np.ones(3)
+        events["hard link"] = events["contiguous"]  # one object, visited once
+        events["soft link"] = h5py.SoftLink("/events/chunked")
+        events["broken"] = h5py.SoftLink("/nowhere")
+        events.attrs["note"] = "attributes are no datasets"
+    return path
+
+
+ODD = ["nested, linked, unwritten", "events is a dataset", "no events"]
+
+
+@pytest.mark.parametrize("name", [n for n, _ in FILES] + [p.name for p in FIXTURE_FILES] + ODD)
+def test_layouts_read_through_low_level_objects_equal_h5pys_own_walk(
+    name: str, tmp_path: Path
+) -> None:
+    spec = dict(FILES).get(name)
+    if spec:
+        path = write_rtdc(tmp_path / "m.rtdc", spec)
+    elif name in ODD:
+        path = _odd_file(tmp_path / "odd.h5", name)
+    else:
+        path = next(p for p in FIXTURE_FILES if p.name == name)
+    expected = _layouts_by_h5py(path)
+    with h5py.File(path, "r") as h5:
+        found = rtdc.layouts_of(h5.id, "here")
+    assert _equal(found, expected)
+    if name == ODD[0]:
+        assert set(found) == {
+            "contiguous",
+            "chunked",
+            "zstd",
+            "never written",
+            "empty",
+            "trace/fl1_raw",
+            "trace/deeper/x",
+        }
+        assert found["never written"] is None and found["empty"] is None
+        assert found["zstd"] is not None and found["zstd"].codec is not None
+    elif name in ODD:
+        assert found == {}
+
+
+def test_a_scan_with_layouts_reads_them_in_the_same_call(
+    workers: HDF5Workers, tmp_path: Path
+) -> None:
+    path = write_rtdc(tmp_path / "m.rtdc", dict(FILES)["scalars only"])
+    in_worker, opened = _sources(path, "condensed", workers)
+    try:
+        calls = workers.calls
+        features = in_worker.scan(soon(), outline=True, layouts=True)
+        assert features and workers.calls == calls + 1
+        in_worker.layouts_ahead(soon())  # read already: nothing more
+        expected = opened._all_layouts(soon())
+        assert expected.keys() >= features.keys()
+        for name, layout in expected.items():
+            assert _equal(in_worker._layout(name, soon()), layout)
+        assert workers.calls == calls + 1 and not in_worker.is_open
+        # a file not read from memory: its layouts are read by `layouts_ahead`, opened
+        unused, other = _sources(path, "condensed", workers)
+        unused.close()
+        assert _equal(other.scan(soon(), layouts=True), features)
+        assert not other._all_layouts_read and workers.calls == calls + 1
+        other.layouts_ahead(soon())
+        assert other._all_layouts_read and other.is_open
+        assert _equal(other._layout("deform", soon()), expected["deform"])
+        other.close()
     finally:
         in_worker.close()
         opened.close()
