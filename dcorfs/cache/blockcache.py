@@ -289,7 +289,9 @@ class BlockCache:
 
     def admit(self, obj: ObjectId, data: bytes | memoryview) -> None:
         """Keep the object's first bytes, fetched by someone else (e.g. with its size probe):
-        every whole block of them, and a last partial block at the object's end."""
+        every whole block of them, and a last partial block at the object's end, written to
+        disk behind the caller (a probe that fetched a whole condensed file of 3 MB wrote it
+        before its file was read: ~3 ms before a reader's first scalar)."""
         blocks: dict[int, bytes] = {}
         size = self.size_of(obj)
         for index in range(-(-len(data) // size)):
@@ -298,7 +300,7 @@ class BlockCache:
                 blocks[index] = bytes(block)
                 self._remember((obj, index), blocks[index])
         if blocks and self._store is not None:
-            self._store.put_many(obj, blocks, block_size=size)
+            self._store.put_many(obj, blocks, block_size=size, behind=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -630,9 +630,16 @@ class DiskStore:
         db.executemany("UPDATE blocks SET used=? WHERE name=?", [(t, n) for n, t in marks.items()])
 
     def put_many(
-        self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
+        self,
+        obj: ObjectId,
+        blocks: dict[int, bytes],
+        *,
+        block_size: int | None = None,
+        behind: bool = False,
     ) -> int:
-        """Store blocks of one object (one accounting transaction); returns how many."""
+        """Store blocks of one object (one accounting transaction); returns how many.
+        (`behind`: as `WriteBehind.put_many` takes it; here, with no writer of its own,
+        written now either way.)"""
         now = time.time()
         if now < self._full_until:
             return 0

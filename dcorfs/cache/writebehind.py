@@ -8,7 +8,9 @@ reader of many small files (all scalar features of a resource, `numpy.load` one 
 another) is not slowed by the checksums, writes and accounting of the values it reads, which
 took three quarters of the time of warming each one (doc/ARCHITECTURE.md, "The cache"). A
 large put (a stream's run of
-decoded blocks) is written by its maker, as is a put that does not fit in the queue (at most
+decoded blocks) is written by its maker, unless told to be queued (`behind`: the first bytes
+of an object that its probe fetched, which no reader waits to see written), as is a put that
+does not fit in the queue (at most
 `limit` bytes, a share of the mount's memory limit, `cache.budget`): a stream's makers write
 side by side, where one writer thread fell behind.
 
@@ -118,15 +120,22 @@ class WriteBehind:
         return found
 
     def put_many(
-        self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
+        self,
+        obj: ObjectId,
+        blocks: dict[int, bytes],
+        *,
+        block_size: int | None = None,
+        behind: bool = False,
     ) -> int:
-        """Store blocks of one object: queued if small and there is room, else written now;
-        returns how many were taken (a write that fails is logged and counted, not raised:
-        the caller has the bytes)."""
+        """Store blocks of one object: queued if small (or `behind`: whatever their size,
+        blocks that no reader waits for the writing of) and there is room, else written
+        now; returns how many were taken (a write that fails is logged and counted, not
+        raised: the caller has the bytes)."""
         size = block_size or self._store.block_size
         n = sum(len(data) for data in blocks.values())
         with self._cond:
-            behind = 0 < n <= BEHIND_UP_TO and not self._closing and self._thread.is_alive()
+            small = n > 0 and (behind or n <= BEHIND_UP_TO)
+            behind = small and not self._closing and self._thread.is_alive()
             if behind and (not self._queued or self._queued + n <= self.queue_limit):
                 now = time.monotonic()
                 if not self._queue:

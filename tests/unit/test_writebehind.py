@@ -158,6 +158,32 @@ def test_large_puts_and_those_that_do_not_fit_are_written_by_their_caller(
     assert store.get(OBJ, 0) == block(0)
 
 
+def test_a_large_put_told_to_go_behind_is_queued_as_a_probes_first_bytes_are(
+    tmp_path: Path,
+) -> None:
+    store = GatedStore(tmp_path / "cache")  # the writer thread stays at the gate
+    writer = WriteBehind(store, limit=3 * BEHIND_UP_TO)
+    whole = os.urandom(2 * BEHIND_UP_TO)
+    big = ObjectId(key="circle-x/condensed/big", etag="e", size=len(whole))
+    pieces = {i: whole[i * BLOCK : (i + 1) * BLOCK] for i in range(len(whole) // BLOCK)}
+    cache = BlockCache(fetch=lambda *_: b"", store=writer, block_size=BLOCK, parallel=1)
+    try:
+        cache.admit(big, whole)  # (a probe that fetched the whole object)
+        assert store.entered.wait(5)  # queued: the writer has it, at its gate
+        assert store.get(big, 0) is None and writer.get(big, 0) == pieces[0]
+        assert writer.put_many(OBJ, {0: block(0)}, behind=True) == 1  # fits: queued too
+        assert store.get(OBJ, 0) is None
+        other = ObjectId(key="circle-x/condensed/other", etag="e", size=3 * BEHIND_UP_TO // 2)
+        too_big = {i: bytes(BLOCK) for i in range(other.size // BLOCK)}
+        assert writer.put_many(other, too_big, behind=True) == len(too_big)  # no room: now
+        assert store.get(other, 1) == bytes(BLOCK)
+    finally:
+        store.gate.set()
+        writer.close()
+    assert store.get(big, len(pieces) - 1) == pieces[len(pieces) - 1]
+    assert store.get(OBJ, 0) == block(0)
+
+
 def test_close_writes_everything_queued(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "cache", limit_bytes=1 << 20, block_size=BLOCK)
     writer = WriteBehind(store, limit=1 << 20)
