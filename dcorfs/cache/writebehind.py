@@ -8,11 +8,11 @@ reader of many small files (all scalar features of a resource, `numpy.load` one 
 another) is not slowed by the checksums, writes and accounting of the values it reads, which
 took three quarters of the time of warming each one (doc/ARCHITECTURE.md, "The cache"). A
 large put (a stream's run of
-decoded blocks) is written by its maker, unless told to be queued (`behind`: the first bytes
-of an object that its probe fetched, which no reader waits to see written), as is a put that
-does not fit in the queue (at most
+decoded blocks) is written by its maker, as is a put that does not fit in the queue (at most
 `limit` bytes, a share of the mount's memory limit, `cache.budget`): a stream's makers write
-side by side, where one writer thread fell behind.
+side by side, where one writer thread fell behind. A put told `behind` (an object's first
+bytes fetched by its probe, which nobody waits to see written) is queued whatever its size,
+where it fits.
 
 Until a queued block is written `get` serves it from the queue, so it is never absent from
 both. `flush` waits until what was queued before it is written; `close` writes everything
@@ -134,9 +134,12 @@ class WriteBehind:
         size = block_size or self._store.block_size
         n = sum(len(data) for data in blocks.values())
         with self._cond:
-            small = n > 0 and (behind or n <= BEHIND_UP_TO)
-            behind = small and not self._closing and self._thread.is_alive()
-            if behind and (not self._queued or self._queued + n <= self.queue_limit):
+            fits = self._queued + n <= self.queue_limit
+            # a small put is queued when the queue is empty even if it does not fit (it is
+            # at most BEHIND_UP_TO bytes over the limit); one told `behind` only if it fits
+            room = fits or (not self._queued and n <= BEHIND_UP_TO)
+            queued = n > 0 and (behind or n <= BEHIND_UP_TO) and room
+            if queued and not self._closing and self._thread.is_alive():
                 now = time.monotonic()
                 if not self._queue:
                     self._oldest = now

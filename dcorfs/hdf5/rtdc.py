@@ -440,7 +440,7 @@ class RtdcSource:
             scan_ahead,
             self.kind,
             where,
-            Ahead(outline, groups, layouts),
+            Ahead(outline, tuple(groups), layouts),
         )
         with self._lock:
             self._kept.update(arrays)
@@ -680,7 +680,7 @@ class Ahead:
     these groups, the layouts of the event data."""
 
     outline: bool
-    groups: list[str]
+    groups: tuple[str, ...]
     layouts: bool
 
 
@@ -695,9 +695,10 @@ def scan_ahead(
     """`scan_file`, the datasets of `ahead.groups`, with `ahead.outline` the attributes and
     groups its outline takes (`outline_parts`: none where reading them fails, they are read
     again when asked for) and with `ahead.layouts` those of its event data (`layouts_of`;
-    else None) on one opened file (see `RtdcSource.scan`)."""
+    else None; None too where reading them fails) on one opened file (see
+    `RtdcSource.scan`)."""
     features = scan_file(fid, kind, where)
-    arrays = arrays_of(fid, ahead.groups, where)
+    arrays = arrays_of(fid, list(ahead.groups), where)
     attrs: dict[str, dict[str, Any]] = {}
     if ahead.outline:
         paths, more = outline_parts(kind, features)
@@ -707,7 +708,13 @@ def scan_ahead(
             log.debug("%s: outline not read ahead: %s", where, exc)
         else:
             arrays.update(parts)
-    return features, attrs, arrays, layouts_of(fid, where) if ahead.layouts else None
+    layouts = None
+    if ahead.layouts:
+        try:
+            layouts = layouts_of(fid, where)
+        except LAYOUT_ERRORS as exc:  # left to `layouts_ahead`, which reports it
+            log.debug("%s: layouts not read with its features: %s", where, exc)
+    return features, attrs, arrays, layouts
 
 
 def attrs_of(fid: h5py.h5f.FileID, paths: list[str], where: str) -> dict[str, dict[str, Any]]:
@@ -722,17 +729,24 @@ def arrays_of(
     return {group: read_arrays(fid, group, where=where) for group in groups}
 
 
+# what reading a dataset's layout may raise besides h5py's usual errors: h5py 3.16 on HDF5 2.0
+# raises RuntimeError for an object whose information it cannot get (a missing one, a
+# dangling link)
+LAYOUT_ERRORS = (RuntimeError, *H5PY_ERRORS)
+
+
 def layouts_of(fid: h5py.h5f.FileID, where: str) -> dict[str, _Layout | None]:
     """The layouts of every dataset under `events` of an opened file (by path below it, each
     object once, as `Group.visititems` names them); one h5py cannot read is left out
-    (`RtdcSource._layout` reports it when it is read). Through h5py's low-level objects:
-    its high-level ones cost ~0.3 ms a dataset (a condensed file of 50 features: 14 ms)."""
+    (`RtdcSource._layout` reports it when it is read), as is one whose name is not UTF-8
+    (no feature's). Through h5py's low-level objects: its high-level ones cost ~0.3 ms a
+    dataset (a condensed file of 50 features: 14 ms)."""
     found: dict[str, _Layout | None] = {}
     try:
         if h5py.h5o.get_info(fid, b"events").type != h5py.h5o.TYPE_GROUP:
             return found
         events = h5py.h5o.open(fid, b"events")
-    except (RuntimeError, *H5PY_ERRORS):  # (none: h5py's RuntimeError)
+    except LAYOUT_ERRORS:
         return found
     names: list[bytes] = []
 
@@ -740,10 +754,10 @@ def layouts_of(fid: h5py.h5f.FileID, where: str) -> dict[str, _Layout | None]:
         if info.type == h5py.h5o.TYPE_DATASET:
             names.append(name)
 
-    with contextlib.suppress(*H5PY_ERRORS):
+    with contextlib.suppress(*LAYOUT_ERRORS):
         h5py.h5o.visit(events, visit, info=True)
     for name in names:
-        with contextlib.suppress(*H5PY_ERRORS):
+        with contextlib.suppress(*LAYOUT_ERRORS):
             text = name.decode()
             found[text] = _layout_of(_LowDataset(h5py.h5d.open(events, name)), text, where)
     return found

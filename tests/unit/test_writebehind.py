@@ -42,7 +42,12 @@ class GatedStore(DiskStore):
         self.error: OSError | None = None
 
     def put_many(
-        self, obj: ObjectId, blocks: dict[int, bytes], *, block_size: int | None = None
+        self,
+        obj: ObjectId,
+        blocks: dict[int, bytes],
+        *,
+        block_size: int | None = None,
+        behind: bool = False,
     ) -> int:
         if threading.current_thread().name == self.thread:
             self.entered.set()
@@ -177,11 +182,27 @@ def test_a_large_put_told_to_go_behind_is_queued_as_a_probes_first_bytes_are(
         too_big = {i: bytes(BLOCK) for i in range(other.size // BLOCK)}
         assert writer.put_many(other, too_big, behind=True) == len(too_big)  # no room: now
         assert store.get(other, 1) == bytes(BLOCK)
+        assert writer.stats()["queued"] <= writer.queue_limit
     finally:
         store.gate.set()
         writer.close()
     assert store.get(big, len(pieces) - 1) == pieces[len(pieces) - 1]
     assert store.get(OBJ, 0) == block(0)
+
+
+def test_a_put_told_to_go_behind_that_does_not_fit_an_empty_queue_is_written_now(
+    tmp_path: Path,
+) -> None:
+    store = GatedStore(tmp_path / "cache")
+    writer = WriteBehind(store, limit=BEHIND_UP_TO)
+    obj = ObjectId(key="circle-x/condensed/big", etag="e", size=2 * BEHIND_UP_TO)
+    pieces = {i: os.urandom(BLOCK) for i in range(obj.size // BLOCK)}
+    try:
+        assert writer.put_many(obj, pieces, behind=True) == len(pieces)
+        assert store.get(obj, 0) == pieces[0] and not store.entered.is_set()
+    finally:
+        store.gate.set()
+        writer.close()
 
 
 def test_close_writes_everything_queued(tmp_path: Path) -> None:
