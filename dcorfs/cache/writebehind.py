@@ -134,11 +134,11 @@ class WriteBehind:
         size = block_size or self._store.block_size
         n = sum(len(data) for data in blocks.values())
         with self._cond:
+            small = 0 < n <= BEHIND_UP_TO
             fits = self._queued + n <= self.queue_limit
-            # a small put is queued when the queue is empty even if it does not fit (it is
-            # at most BEHIND_UP_TO bytes over the limit); one told `behind` only if it fits
-            room = fits or (not self._queued and n <= BEHIND_UP_TO)
-            queued = n > 0 and (behind or n <= BEHIND_UP_TO) and room
+            # a small put also goes to an empty queue it does not fit (at most BEHIND_UP_TO
+            # bytes over the limit); one told `behind`, whatever its size, only where it fits
+            queued = (small and (fits or not self._queued)) or (behind and n > 0 and fits)
             if queued and not self._closing and self._thread.is_alive():
                 now = time.monotonic()
                 if not self._queue:

@@ -712,7 +712,7 @@ def scan_ahead(
     if ahead.layouts:
         try:
             layouts = layouts_of(fid, where)
-        except LAYOUT_ERRORS as exc:  # left to `layouts_ahead`, which reports it
+        except (ProtocolError, *H5PY_ERRORS) as exc:  # left to `layouts_ahead`, which reports it
             log.debug("%s: layouts not read with its features: %s", where, exc)
     return features, attrs, arrays, layouts
 
@@ -729,12 +729,6 @@ def arrays_of(
     return {group: read_arrays(fid, group, where=where) for group in groups}
 
 
-# what reading a dataset's layout may raise besides h5py's usual errors: h5py 3.16 on HDF5 2.0
-# raises RuntimeError for an object whose information it cannot get (a missing one, a
-# dangling link)
-LAYOUT_ERRORS = (RuntimeError, *H5PY_ERRORS)
-
-
 def layouts_of(fid: h5py.h5f.FileID, where: str) -> dict[str, _Layout | None]:
     """The layouts of every dataset under `events` of an opened file (by path below it, each
     object once, as `Group.visititems` names them); one h5py cannot read is left out
@@ -743,23 +737,20 @@ def layouts_of(fid: h5py.h5f.FileID, where: str) -> dict[str, _Layout | None]:
     dataset (a condensed file of 50 features: 14 ms)."""
     found: dict[str, _Layout | None] = {}
     try:
-        if h5py.h5o.get_info(fid, b"events").type != h5py.h5o.TYPE_GROUP:
-            return found
         events = h5py.h5o.open(fid, b"events")
-    except LAYOUT_ERRORS:
+    except H5PY_ERRORS:
+        return found
+    if not isinstance(events, h5py.h5g.GroupID):
         return found
     names: list[bytes] = []
-
-    def visit(name: bytes, info: Any) -> None:
-        if info.type == h5py.h5o.TYPE_DATASET:
-            names.append(name)
-
-    with contextlib.suppress(*LAYOUT_ERRORS):
-        h5py.h5o.visit(events, visit, info=True)
+    with contextlib.suppress(*H5PY_ERRORS):
+        h5py.h5o.visit(events, names.append)  # (None: goes on)
     for name in names:
-        with contextlib.suppress(*LAYOUT_ERRORS):
-            text = name.decode()
-            found[text] = _layout_of(_LowDataset(h5py.h5d.open(events, name)), text, where)
+        with contextlib.suppress(*H5PY_ERRORS):
+            item = h5py.h5o.open(events, name)
+            if isinstance(item, h5py.h5d.DatasetID):
+                text = name.decode()
+                found[text] = _layout_of(_LowDataset(item), text, where)
     return found
 
 

@@ -400,7 +400,7 @@ def test_layouts_that_fail_with_the_features_are_left_to_layouts_ahead(
     real = rtdc.layouts_of
 
     def failing(fid: Any, where: str) -> Any:
-        raise RuntimeError("Can't get deprecated info for object")
+        raise KeyError("Unable to synchronously open object (component not found)")
 
     try:
         monkeypatch.setattr(rtdc, "layouts_of", failing)
