@@ -276,8 +276,7 @@ class Operations(pyfuse3.Operations):
         if text == "..":
             up = self._parents.get(parent_ino, ROOT)
             return self._attributes(self._node(up), up)
-        ready = parent.ready_children()
-        node = ready.get(text) if ready is not None else None
+        node = parent.ready_child(text)
         if node is None:
             try:
                 node = await self._blocking(parent.lookup, text)

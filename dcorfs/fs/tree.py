@@ -292,6 +292,12 @@ class Dir(Node):
         """How old what `_load` returned is (seconds): 0 unless it came from a listing."""
         return 0.0
 
+    def ready_child(self, name: str) -> Node | None:
+        """Never blocks: the child `name` if it is known now; else None (then `lookup`, in a
+        worker thread, says)."""
+        ready = self.ready_children()
+        return None if ready is None else ready.get(name)
+
     def lookup(self, name: str) -> Node:
         """Blocking: the child `name`, or NotFound."""
         node = self.children().get(name)
@@ -351,7 +357,9 @@ class Opening(Protocol):
 
     def rtdc(self, dataset: Dataset, resource: Resource) -> RtdcResource: ...
 
-    def served_early(self, resource_id: str, loading: Future[Any]) -> Served | None: ...
+    def served_early(
+        self, resource_id: str, loading: Future[Any], *, timeout: float | None = None
+    ) -> Served | None: ...
 
     def settled(self, resource_id: str) -> bool: ...
 
@@ -689,6 +697,18 @@ class ResourceDir(Dir):
         self._made_from: RtdcResource | None = None
         self._reopened = False
 
+    def ready_child(self, name: str) -> Node | None:
+        """As `Dir.ready_child`; also a scalar feature's .npy file while the listing is still
+        being made, once the condensed file is described (no worker thread for each of the
+        files a reader of scalars looks up then)."""
+        ready = self.ready_children()
+        if ready is not None:
+            return ready.get(name)
+        loading = self._loading
+        if loading is None or loading.done() or not name.endswith(".npy"):
+            return None
+        return self._early_file(name, loading, timeout=0)
+
     def lookup(self, name: str) -> Node:
         if self.ready_children() is None and name.endswith(".npy"):
             node = self._early(name)
@@ -704,7 +724,14 @@ class ResourceDir(Dir):
             loading = self._loading
             if loading is None or loading.done():
                 loading = self._loading = self._ctx.pools.listing.submit(self.children)
-        served = self._ctx.resources.served_early(self.resource.id, loading)
+        return self._early_file(name, loading, timeout=None)
+
+    def _early_file(
+        self, name: str, loading: Future[dict[str, Node]], *, timeout: float | None
+    ) -> Node | None:
+        """`_early`'s file, waiting at most `timeout` seconds for the condensed file (0: never
+        blocks; None: until it is described or `loading` ends, whose error is raised)."""
+        served = self._ctx.resources.served_early(self.resource.id, loading, timeout=timeout)
         if served is None and loading.done():
             error = loading.exception()
             if error is not None:

@@ -278,17 +278,24 @@ class Resources:
             return self._early.setdefault(resource_id, concurrent.futures.Future())
 
     def served_early(
-        self, resource_id: str, loading: concurrent.futures.Future[Any]
+        self,
+        resource_id: str,
+        loading: concurrent.futures.Future[Any],
+        *,
+        timeout: float | None = None,
     ) -> Served | None:
         """Blocking, while `loading` (whatever opens the resource) runs: the features its
         condensed file serves, with their value objects, as soon as that file is described
-        (before the original is); None when `loading` ends first or nothing is served early.
+        (before the original is); None when `loading` ends first, nothing is served early,
+        or `timeout` seconds pass first (0: never blocks, on the event loop).
         A reader looks for one of them: all their values are warmed (`Warmer.warm_objects`)."""
         with self._lock:
             if resource_id in self._opened:  # nothing to wait for (and nothing to leave)
                 return None
         early = self._early_future(resource_id)
-        concurrent.futures.wait([early, loading], return_when=concurrent.futures.FIRST_COMPLETED)
+        concurrent.futures.wait(
+            [early, loading], timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
         if loading.done() or not early.done():
             return None
         served = early.result()

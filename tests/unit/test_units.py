@@ -514,12 +514,19 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
     directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert directory.ready_child("deform.npy") is None  # no listing started yet
             early = pool.submit(directory.lookup, "deform.npy")
             with pytest.raises(concurrent.futures.TimeoutError):  # nothing published yet
                 early.result(timeout=0.2)
+            assert directory.ready_child("deform.npy") is None  # and it does not wait
             resources._early_future("r1").set_result({"deform": (feature, obj)})
             node = early.result(timeout=30)
         assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
+        # now found without waiting (on the event loop), the same file; other names are not
+        inline = directory.ready_child("deform.npy")
+        assert isinstance(inline, File) and inline.path == node.path and inline.size == node.size
+        assert directory.ready_child("image.npy") is None
+        assert directory.ready_child("features.tsv") is None
         # a reader looked for one: the values of all of them are made in the background
         assert made.wait(30) and derived.peek(obj, 0, obj.size) == values.tobytes()
         buffer = io.BytesIO(node.content().read(0, node.size, deadline=time.monotonic() + 9))
