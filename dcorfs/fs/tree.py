@@ -8,7 +8,9 @@ its condensed file is there, else for `dir_cache_time` (doc/DCOR.md §1); for `d
 for listings of datasets, circles and collections, counted from when the server was asked for
 them. A stale listing is loaded again, which answers at once with the older listing while the
 catalog refreshes it in the background (doc/DCOR.md §4).
-`ready_children()` never blocks: it answers from what is loaded, or None.
+`ready_children()` and `ready_child(name)` never block: they answer from what is loaded
+(a resource directory's child also from what its condensed file serves early), or None; a
+lookup `fuse_ops` can answer so stays on the event loop.
 """
 
 from __future__ import annotations
