@@ -8,9 +8,9 @@ its condensed file is there, else for `dir_cache_time` (doc/DCOR.md §1); for `d
 for listings of datasets, circles and collections, counted from when the server was asked for
 them. A stale listing is loaded again, which answers at once with the older listing while the
 catalog refreshes it in the background (doc/DCOR.md §4).
-`ready_children()` and `ready_child(name)` never block: they answer from what is loaded
-(a resource directory's child also from what its condensed file serves early), or None; a
-lookup `fuse_ops` can answer so stays on the event loop.
+`ready_children()` and `ready_child(name)` never wait for the network or other work: they
+answer from what is loaded (a resource directory's child also from what its condensed file
+serves early), or None; a lookup `fuse_ops` can answer so stays on the event loop.
 """
 
 from __future__ import annotations
@@ -295,8 +295,8 @@ class Dir(Node):
         return 0.0
 
     def ready_child(self, name: str) -> Node | None:
-        """Never blocks: the child `name` if it is known now; else None (then `lookup`, in a
-        worker thread, says)."""
+        """The child `name` if it is known now, without waiting for the network or other
+        work and without raising; else None (then `lookup`, in a worker thread, says)."""
         ready = self.ready_children()
         return None if ready is None else ready.get(name)
 
@@ -700,16 +700,18 @@ class ResourceDir(Dir):
         self._reopened = False
 
     def ready_child(self, name: str) -> Node | None:
-        """As `Dir.ready_child`; also a scalar feature's .npy file while the listing is still
-        being made, once the condensed file is described (no worker thread for each of the
-        files a reader of scalars looks up then)."""
+        """As `Dir.ready_child`; also a scalar feature's .npy file while the listing a
+        lookup started (`_early`) is still being made, once the condensed file is described
+        (no worker thread for each of the files a reader of scalars looks up then; anything
+        else, an error too, is left to `lookup`)."""
         ready = self.ready_children()
         if ready is not None:
             return ready.get(name)
         loading = self._loading
         if loading is None or loading.done() or not name.endswith(".npy"):
             return None
-        return self._early_file(name, loading, timeout=0)
+        served = self._ctx.resources.served_early(self.resource.id, loading, timeout=0)
+        return None if served is None else self._served_file(name, served)
 
     def lookup(self, name: str) -> Node:
         if self.ready_children() is None and name.endswith(".npy"):
@@ -726,19 +728,16 @@ class ResourceDir(Dir):
             loading = self._loading
             if loading is None or loading.done():
                 loading = self._loading = self._ctx.pools.listing.submit(self.children)
-        return self._early_file(name, loading, timeout=None)
-
-    def _early_file(
-        self, name: str, loading: Future[dict[str, Node]], *, timeout: float | None
-    ) -> Node | None:
-        """`_early`'s file, waiting at most `timeout` seconds for the condensed file (0: never
-        blocks; None: until it is described or `loading` ends, whose error is raised)."""
-        served = self._ctx.resources.served_early(self.resource.id, loading, timeout=timeout)
+        served = self._ctx.resources.served_early(self.resource.id, loading)
         if served is None and loading.done():
             error = loading.exception()
             if error is not None:
                 raise error  # the listing's own error, rather than a second attempt
-        found = None if served is None else served.get(name[: -len(".npy")])
+        return None if served is None else self._served_file(name, served)
+
+    def _served_file(self, name: str, served: Served) -> Node | None:
+        """The .npy file `name` of a feature the condensed file serves, else None."""
+        found = served.get(name[: -len(".npy")])
         if found is None or sanitize(name) != name:
             return None
         feature, values = found

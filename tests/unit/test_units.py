@@ -514,11 +514,19 @@ def test_scalar_files_are_found_before_the_listing_is_made() -> None:
     directory = ResourceDir("/by-id/r1", ctx, cast(Any, None), resource)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            assert directory.ready_child("deform.npy") is None  # no listing started yet
+            assert directory.ready_child("deform.npy") is None  # no listing under way yet
+            time.sleep(0.1)
+            assert resources.attempts == 0  # nor started by it
             early = pool.submit(directory.lookup, "deform.npy")
             with pytest.raises(concurrent.futures.TimeoutError):  # nothing published yet
                 early.result(timeout=0.2)
-            assert directory.ready_child("deform.npy") is None  # and it does not wait
+            until = time.monotonic() + 10
+            while resources.attempts == 0 and time.monotonic() < until:
+                time.sleep(0.01)
+            assert resources.attempts == 1  # the lookup's listing, waiting for the original
+            started = time.monotonic()
+            assert directory.ready_child("deform.npy") is None  # and it does not wait for it
+            assert time.monotonic() - started < 1.0
             resources._early_future("r1").set_result({"deform": (feature, obj)})
             node = early.result(timeout=30)
         assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
@@ -559,6 +567,7 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
         with pytest.raises(NotFound, match="gone"):
             directory.lookup("area_um.npy")
         assert resources.attempts == 1
+        assert directory.ready_child("area_um.npy") is None  # the error is left to lookup
     finally:
         resources.pools.close()
 
