@@ -318,6 +318,38 @@ async def test_a_slow_disk_cache_is_read_in_threads_for_a_while() -> None:
     assert ops.activity.counters["reads_inline"] == 2 and content.disk_peeks == 2
 
 
+class Early(Dir):
+    """A directory whose listing is not made yet, with one child known without it (as a
+    resource directory knows a scalar file once its condensed file is described)."""
+
+    def __init__(self) -> None:
+        super().__init__("/")
+        self.known = File("/known.npy", size=2, make=lambda: StaticContent(b"ok"))
+        self.looked_up: list[tuple[str, bool]] = []  # (name, on the calling thread)
+
+    def ready_children(self) -> None:
+        return None
+
+    def ready_child(self, name: str) -> Node | None:
+        return self.known if name == "known.npy" else None
+
+    def lookup(self, name: str) -> Node:
+        self.looked_up.append((name, threading.current_thread() is threading.main_thread()))
+        raise NotFound(f"/{name} does not exist")
+
+
+async def test_a_child_known_without_the_listing_is_looked_up_on_the_event_loop() -> None:
+    """`lookup` answers from `ready_child` without a worker thread; other names go to the
+    directory's blocking `lookup`, in a worker thread."""
+    directory = Early()
+    ops = operations(cast(StaticDir, directory))
+    ctx: Any = None
+    entry = await ops.lookup(pyfuse3.ROOT_INODE, b"known.npy", ctx)
+    assert entry.st_size == 2 and directory.looked_up == []
+    negative = await ops.lookup(pyfuse3.ROOT_INODE, b"other.npy", ctx)
+    assert negative.st_ino == 0 and directory.looked_up == [("other.npy", False)]
+
+
 class Swapping(Dir):
     """A directory whose one file is replaced by the test (as a resource directory replaces
     its volatile files once the condensed file comes)."""
