@@ -432,7 +432,7 @@ class RtdcSource:
         where = self.remote.obj.key
         if not (basins or outline or layouts) or not self._in_memory:
             return self._structure("the features", deadline, scan_file, self.kind, where)
-        groups = [BASINS] if basins else []
+        groups: tuple[str, ...] = (BASINS,) if basins else ()
         more = [*groups, *(["the outline"] if outline else []), *(["layouts"] if layouts else [])]
         features, attrs, arrays, found = self._structure(
             ", ".join(["the features", *more]),
@@ -440,7 +440,7 @@ class RtdcSource:
             scan_ahead,
             self.kind,
             where,
-            Ahead(outline, tuple(groups), layouts),
+            Ahead(outline, groups, layouts),
         )
         with self._lock:
             self._kept.update(arrays)
@@ -698,7 +698,7 @@ def scan_ahead(
     else None; None too where reading them fails) on one opened file (see
     `RtdcSource.scan`)."""
     features = scan_file(fid, kind, where)
-    arrays = arrays_of(fid, list(ahead.groups), where)
+    arrays = arrays_of(fid, ahead.groups, where)
     attrs: dict[str, dict[str, Any]] = {}
     if ahead.outline:
         paths, more = outline_parts(kind, features)
@@ -723,7 +723,7 @@ def attrs_of(fid: h5py.h5f.FileID, paths: list[str], where: str) -> dict[str, di
 
 
 def arrays_of(
-    fid: h5py.h5f.FileID, groups: list[str], where: str
+    fid: h5py.h5f.FileID, groups: Sequence[str], where: str
 ) -> dict[str, dict[str, Array] | None]:
     """The datasets of groups of an opened file (see `RtdcSource.arrays`)."""
     return {group: read_arrays(fid, group, where=where) for group in groups}
