@@ -223,6 +223,7 @@ class DiskStore:
         self.limit = limit_bytes
         self.block_size = block_size
         self._objects = directory / cachedir.OBJECTS
+        self._objects_dir = str(self._objects)  # (joined by `_file` on every read: no Path)
         self._conn: sqlite3.Connection | None = None  # see `_sql`
         self._sql_lock = threading.RLock()
         self._full_until = 0.0
@@ -371,6 +372,11 @@ class DiskStore:
                 db.execute("ROLLBACK")
                 raise
 
+    def _file(self, layout: Layout) -> str:
+        """The path of an object's file (a string: `pathlib` joins cost more than the read
+        of a small block's entry)."""
+        return f"{self._objects_dir}/{layout.name}"
+
     def name(self, obj: ObjectId, index: int, block_size: int | None = None) -> str:
         """Block `index` of `obj`'s name in the accounting."""
         return block_name(Layout.of(obj, block_size or self.block_size), index)
@@ -444,7 +450,7 @@ class DiskStore:
     def _erase(self, layout: Layout, indices: list[int]) -> None:
         """Erase blocks of one object file (that has no rows for them any more)."""
         try:
-            fd = os.open(self._objects / layout.name, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self._file(layout), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             return
         try:
@@ -461,7 +467,7 @@ class DiskStore:
         block_size: int | None = None,
         start: int = 0,
         stop: int | None = None,
-    ) -> bytes | None:
+    ) -> Block | None:
         """Bytes [start, stop) of block `index` of `obj` (blocks of `block_size`, by default
         the store's; offsets within the block, the whole block by default), or None. Only the
         pages of the block holding those bytes are read and checked (`slots`). Nothing is
@@ -473,7 +479,7 @@ class DiskStore:
         if name in self._damaged:
             return None
         try:
-            fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._file(layout), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -510,7 +516,7 @@ class DiskStore:
         layout = Layout.of(obj, block_size or self.block_size)
         indices = range(first, first + count)
         try:
-            fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._file(layout), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return [None] * count
         except OSError:  # (each `get` then says what)
@@ -606,7 +612,7 @@ class DiskStore:
             return True
         layout, index = split
         try:
-            fd = os.open(self._objects / layout.name, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._file(layout), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return True
         try:

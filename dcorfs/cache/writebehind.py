@@ -94,7 +94,7 @@ class WriteBehind:
         block_size: int | None = None,
         start: int = 0,
         stop: int | None = None,
-    ) -> bytes | None:
+    ) -> Block | None:
         """As `DiskStore.get`; a block still queued is served from the queue."""
         size = block_size or self._store.block_size
         with self._cond:
