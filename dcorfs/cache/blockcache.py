@@ -229,6 +229,8 @@ class BlockCache:
                 return None
             if size >= DISK_PARTS_FROM:
                 data = self._store.get(obj, index, block_size=size, start=a, stop=b)
+                if kept and isinstance(data, memoryview):  # (a view of the pages read)
+                    data = bytes(data)  # a kept piece holds its bytes alone (see `_cut`)
             else:
                 data = self._store.get(obj, index, block_size=size)
                 if data is not None:

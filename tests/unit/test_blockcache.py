@@ -384,6 +384,28 @@ def test_pieces_cut_from_blocks_read_from_disk_are_copies(tmp_path: Path) -> Non
         assert [type(p) for p in whole] == [memoryview] and whole[0] == data[2 * size : 3 * size]
 
 
+def test_parts_of_large_blocks_read_from_disk_are_views_unless_kept(tmp_path: Path) -> None:
+    """A short read of a large block on disk reads only its pages (`_parts`): handed on as a
+    view of them where the caller keeps nothing (`peek`: a FUSE reply), as bytes of their own
+    where the caller keeps the pieces (`read_pieces`: a read-ahead window, whose budget counts
+    the piece, not the pages read around it)."""
+    size = DISK_PARTS_FROM
+    data = os.urandom(3 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/views", etag="e1", size=len(data))
+
+    def cache(source: Source) -> BlockCache:
+        store = DiskStore(tmp_path / "cache", limit_bytes=1 << 30, block_size=size)
+        return BlockCache(fetch=source, store=store, block_size=size, parallel=4)
+
+    cache(Source(data)).read(obj, 0, len(data), deadline=later())
+    fresh = cache(Source(b""))  # (nothing in memory: every part comes from disk)
+    seen = fresh.peek(obj, size + 10, size + 70_000, disk=True)
+    assert isinstance(seen, memoryview) and seen == data[size + 10 : size + 70_000]
+    kept = fresh.read_pieces(obj, 2 * size + 10, 2 * size + 70_000, deadline=later())
+    assert [type(p) for p in kept] == [bytes] and kept[0] == data[2 * size + 10 : 2 * size + 70_000]
+    assert fresh.stats().disk_hits == 2 and fresh.stats().memory_bytes == 0
+
+
 def test_size_bound_and_lru(tmp_path: Path) -> None:
     limit = 4 * (BLOCK + 64)
     objects = [ObjectId(key=f"k{i}", etag="e", size=len(DATA)) for i in range(3)]

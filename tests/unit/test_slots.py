@@ -61,8 +61,9 @@ def test_layout_names_parse_back_and_others_do_not() -> None:
 def test_a_layout_is_made_once_per_object_and_block_size() -> None:
     """Every read of a block asks for its object's layout: the same one, its name and offsets
     worked out once; another block size or another version of the object is another."""
+    first = Layout.of(OBJ, BLOCK)
     again = ObjectId(key=OBJ.key, etag=OBJ.etag, size=OBJ.size)
-    assert Layout.of(again, BLOCK) is LAYOUT
+    assert Layout.of(again, BLOCK) is first and first == LAYOUT
     assert Layout.of(OBJ, 2 * BLOCK) == Layout(OBJ.identity, 2 * BLOCK, OBJ.size)
     assert Layout.of(OBJ, 2 * BLOCK).name != LAYOUT.name
     other = ObjectId(key=OBJ.key, etag="d2", size=OBJ.size)
