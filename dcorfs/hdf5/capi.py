@@ -113,6 +113,7 @@ _SIGNATURES: dict[str, tuple[list[type], type]] = {
     "H5Pget_layout": ([_hid], ctypes.c_int),
     "H5Pget_chunk": ([_hid, ctypes.c_int, _ptr], ctypes.c_int),
     "H5Pclose": ([_hid], _herr),
+    "H5Pset_small_data_block_size": ([_hid, _haddr], _herr),
     "H5Gget_create_plist": ([_hid], _hid),
     "H5Pget_attr_creation_order": ([_hid, ctypes.POINTER(ctypes.c_uint)], _herr),
     "H5Aiterate2": ([_hid, ctypes.c_int, ctypes.c_int, _ptr, _ptr, _ptr], _herr),
@@ -202,6 +203,12 @@ def close_dataset(dataset: int) -> None:
     _lib.H5Dclose(dataset)
 
 
+def no_small_data_blocks(fapl: int) -> None:
+    """Turn off libhdf5's aggregation of small raw data allocations in a file access
+    property list (h5py has no call for it)."""
+    _checked("H5Pset_small_data_block_size", _lib.H5Pset_small_data_block_size(fapl, 0))
+
+
 def write_first(dataset: int, rank: int, memory_type: int, buffer: int, *, name: bytes) -> None:
     """Write the dataset's first element (all indices 0; the one element of a scalar one)
     from memory at `buffer`."""
@@ -253,11 +260,18 @@ def attribute(holder: int, name: bytes) -> Iterator[int | None]:
         _lib.H5Aclose(attr)
 
 
+_ENCODED = ctypes.create_string_buffer(512)  # for `_encoded` (its callers hold h5py's lock)
+
+
 def _encoded(tid: int) -> bytes:
-    """A type serialized (`H5Tencode`, as h5py's `TypeID.encode`); `tid` closed."""
+    """A type serialized (`H5Tencode`, as h5py's `TypeID.encode`); `tid` closed. Encoded
+    into one buffer kept for it, in one call where it is large enough (libhdf5 then writes
+    it; else it only says the size needed)."""
     try:
-        size = ctypes.c_size_t(0)
-        _checked("H5Tencode", _lib.H5Tencode(tid, None, ctypes.byref(size)))
+        size = ctypes.c_size_t(len(_ENCODED))
+        _checked("H5Tencode", _lib.H5Tencode(tid, _ENCODED, ctypes.byref(size)))
+        if size.value <= len(_ENCODED):
+            return _ENCODED.raw[: size.value]
         encoded = ctypes.create_string_buffer(size.value)
         _checked("H5Tencode", _lib.H5Tencode(tid, encoded, ctypes.byref(size)))
         return encoded.raw[: size.value]

@@ -279,7 +279,11 @@ def _write_key(dtype: np.dtype) -> Any:
 def types(dtype: np.dtype) -> tuple[h5t.TypeID, h5t.TypeID]:
     """The file and memory types h5py makes for values of `dtype` (for an attribute or a
     dataset), kept for the kinds `_write_key` tells apart. Called with h5py's lock held."""
-    key = _write_key(dtype)
+    return _types_of_key(_write_key(dtype), dtype)
+
+
+def _types_of_key(key: Any, dtype: np.dtype) -> tuple[h5t.TypeID, h5t.TypeID]:
+    """`types` of a dtype whose `_write_key` is `key`."""
     made = _WRITE.get(key) if key is not None else None
     if made is None:
         made = (h5t.py_create(dtype, logical=True), h5t.py_create(dtype))
@@ -312,11 +316,13 @@ def _plain(given: Any) -> bool:
     return isinstance(given, (np.number, np.bool_, float))
 
 
-def write(obj: h5py.HLObject, name: str, given: Any) -> None:
-    """`obj.attrs[name] = given` for an attribute `obj` does not have yet."""
+def write(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+    """`obj.attrs[name] = given` for each of `attrs`, attributes `obj` does not have yet
+    (a file's root group opened once for all: 27 µs an attribute opened for each, 15 once)."""
     with phil:
         holder = _holder(obj.id)  # (kept: its identifier is closed when it is collected)
-        write_to(holder.id, name, given, lambda: obj)
+        for name, given in attrs.items():
+            write_to(holder.id, name, given, lambda: obj)
 
 
 def write_to(holder: int, name: str, given: Any, obj: Callable[[], h5py.HLObject]) -> None:
@@ -336,13 +342,14 @@ def write_to(holder: int, name: str, given: Any, obj: Callable[[], h5py.HLObject
         obj().attrs[name] = given
         return
     with phil:
-        htype, mtype = types(data.dtype)
+        htype, mtype = _types_of_key(key, data.dtype)
         encoded = name.encode("utf-8", "surrogateescape")
         buffer: Any
         if pointers is not None:  # text: pointers to its strings, of the file's vlen type
             memory_type, buffer = htype, pointers
         else:
-            data = np.require(data, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
+            if not data.flags.c_contiguous:  # (ascontiguousarray makes 0-d 1-d)
+                data = np.require(data, requirements="C")
             memory_type, buffer = mtype, data.ctypes.data
         capi.write_attribute(
             holder,

@@ -1,20 +1,28 @@
 """The structure of an HDF5 file whose large datasets are filled in later, built locally.
 
-`build` lets libhdf5 write a complete file into a sparse in-memory buffer (the file, its
-groups and small datasets through h5py; lazy datasets and attributes, by the dozen, through
-`capi`, making the calls h5py makes, the same bytes):
-groups, attributes, small datasets with their data, and contiguous, uncompressed datasets
-whose storage is allocated but never written. What was written is the `Skeleton`: the file's
-size, the written byte runs, and the byte extent of every lazy dataset. Any byte of the file
-is then either in a run, in one lazy dataset's extent (C-order values of that dataset), or
-zero. HDF5 itself lays the file out, so the result is valid by construction; the format is
-capped at HDF5 1.10 (`libver`) so older readers (h5dump of Debian's hdf5-tools) open it.
+`build` lets libhdf5 write a complete file into a sparse scratch file in memory (the file,
+its groups and small datasets through h5py; lazy datasets and attributes, by the dozen,
+through `capi`, making the calls h5py makes, the same bytes): groups, attributes, small
+datasets with their data, and contiguous, uncompressed datasets whose storage is allocated
+but never written. What was written is the `Skeleton`: the file's size, the written byte
+runs, and the byte extent of every lazy dataset. Any byte of the file is then either in a
+run, in one lazy dataset's extent (C-order values of that dataset), or zero. HDF5 itself lays
+the file out, so the result is valid by construction; the format is capped at HDF5 1.10
+(`libver`) so older readers (h5dump of Debian's hdf5-tools) open it.
+
+The scratch file is written by libhdf5's own POSIX driver (`sec2`, h5py's default), in
+`/dev/shm` where that is a usable tmpfs (else the system's temporary directory), unlinked as
+soon as libhdf5 has it open; its runs are read back through the file's holes
+(`SEEK_DATA`/`SEEK_HOLE`), skipping the lazy extents. Written through a Python file object
+(h5py's `fileobj` driver) every one of libhdf5's ~120 writes of a small resource's file went
+through Python: a build took 5.1 ms instead of 4.4 (doc/ARCHITECTURE.md, "Speed").
 
 Layout: all metadata and small data come first (lazy datasets are created with late
 allocation and allocated only after every object exists), then the lazy datasets in the
 order given. A hole of `GAP` bytes precedes the first dataset marked `gap_before`, so that
 the kernel's read-ahead past the small datasets does not pull in image data. The build is
-deterministic (no timestamps): the same input gives the same bytes.
+deterministic (no timestamps): the same input gives the same bytes, wherever the scratch
+file lies (the bytes are libhdf5's; only which zeros a run holds may differ).
 """
 
 from __future__ import annotations
@@ -22,9 +30,14 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
+import errno
+import functools
+import os
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import h5py
@@ -32,7 +45,6 @@ import numpy as np
 from h5py._objects import phil
 
 from . import capi, h5attrs
-from .fileobj import SeekableFile
 
 PAGE = 4096
 GAP = 1 << 20
@@ -75,58 +87,37 @@ class Skeleton:
         )
 
 
-class _SparseBuffer(SeekableFile):
-    """A file object that keeps only the pages written to it (the rest reads as zeros)."""
+SHM = Path("/dev/shm")
+SHM_FREE = 64 << 20  # bytes free in /dev/shm to take it for scratch files (else the disk's)
+_ZERO_PAGE = bytes(PAGE)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.pages: dict[int, bytearray] = {}
-        self.size = 0
 
-    def end(self) -> int:
-        return self.size
-
-    def writable(self) -> bool:
-        return True
-
-    def truncate(self, size: int | None = None) -> int:
-        self.size = self._pos if size is None else size
-        for index in [i for i in self.pages if i * PAGE >= self.size]:
-            del self.pages[index]
-        return self.size
-
-    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        """(page index, begin, end) within each page covering [start, stop)."""
-        while start < stop:
-            index, begin = divmod(start, PAGE)
-            end = min(PAGE, begin + stop - start)
-            yield index, begin, end
-            start += end - begin
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        for index, begin, end in self._spans(self._pos, self._pos + len(view)):
-            page = self.pages.setdefault(index, bytearray(PAGE))
-            page[begin:end] = view[done : done + end - begin]
-            done += end - begin
-        self._pos += done
-        self.size = max(self.size, self._pos)
-        return done
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        stop = min(self._pos + len(view), self.size)
-        done = 0
-        for index, begin, end in self._spans(self._pos, stop):
-            page = self.pages.get(index)
-            view[done : done + end - begin] = page[begin:end] if page else bytes(end - begin)
-            done += end - begin
-        self._pos += done
-        return done
-
-    def flush(self) -> None:
+@functools.cache
+def scratch_dir() -> str:
+    """Where scratch files go: `/dev/shm` (memory) where a file can be made there and it has
+    room, else the system's temporary directory. Decided once per process."""
+    try:
+        found = os.statvfs(SHM)
+        if found.f_bavail * found.f_frsize >= SHM_FREE:
+            fd, name = tempfile.mkstemp(dir=SHM, prefix="dcorfs-probe-")
+            os.close(fd)
+            Path(name).unlink()
+            return str(SHM)
+    except OSError:
         pass
+    return tempfile.gettempdir()
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[tuple[str, int]]:
+    """A new empty file: its name (for libhdf5 to open, then unlink) and a descriptor
+    to read it back, closed (and the name removed, if still there) on leaving."""
+    fd, name = tempfile.mkstemp(dir=scratch_dir(), prefix="dcorfs-skeleton-")
+    try:
+        yield name, fd
+    finally:
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
 
 
 _DCPL: dict[bool, h5py.h5p.PropDCID] = {}  # the properties of lazy datasets, made once
@@ -184,19 +175,30 @@ class _Lazy:
         capi.close_dataset(self.id)
 
 
-def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
-    for name, value in attrs.items():
-        h5attrs.write(obj, name, value)
+def _created(scratch: str) -> h5py.h5f.FileID:
+    """The file `scratch` made anew, as h5py's `File(scratch, "w", libver=LIBVER,
+    locking=False)` makes it, but with libhdf5's metadata and small-data aggregation off: its
+    POSIX driver has them (h5py's file-object driver has not), and they would place pieces
+    of metadata after the lazy datasets' storage."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_V110)
+    fapl.set_file_locking(False, True)
+    fapl.set_meta_block_size(0)
+    capi.no_small_data_blocks(fapl.id)
+    return h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl)
 
 
 def _write(
-    buffer: _SparseBuffer, attrs: dict[str, Any], specs: list[Spec], groups: list[str]
+    scratch: str, attrs: dict[str, Any], specs: list[Spec], groups: list[str]
 ) -> dict[str, tuple[int, int]]:
-    """Write the file; returns the extent (offset, length) of each allocated lazy dataset.
-    Each step holds h5py's lock (`capi`); `build` may hold it throughout."""
-    with h5py.File(buffer, "w", libver=LIBVER, locking=False) as out:
+    """Write the file `scratch` (made empty; unlinked once libhdf5 has it open); returns the
+    extent (offset, length) of each allocated lazy dataset. Each step holds h5py's lock
+    (`capi`); `build` may hold it throughout."""
+    with h5py.File(_created(scratch)) as out:
+        Path(scratch).unlink()  # libhdf5 holds it open: nothing is left if this process dies
         with phil:
-            _set_attrs(out, attrs)
+            h5attrs.write(out, attrs)
         made_groups: dict[str, h5py.Group] = {"": out}
 
         def group(path: str) -> h5py.Group:
@@ -212,7 +214,7 @@ def _write(
             with phil:
                 where = group(parent)
                 if spec.data is not None:
-                    _set_attrs(where.create_dataset(name, data=spec.data), spec.attrs)
+                    h5attrs.write(where.create_dataset(name, data=spec.data), spec.attrs)
                 else:
                     created = _Lazy(where, name, spec.dtype, spec.shape)
                     lazy.append((spec, created))
@@ -240,38 +242,62 @@ def _write(
 def build(attrs: dict[str, Any], specs: list[Spec], groups: list[str] | None = None) -> Skeleton:
     """The skeleton of a file with root attributes `attrs`, the datasets `specs` and
     `groups` (made even when empty)."""
-    buffer = _SparseBuffer()
-    # all in memory: h5py's lock taken once, not per call; but not for a build of many
-    # datasets (a contour's, one per event: 7 s for 20,000), which would keep every other
-    # h5py read of the mount waiting that long (per call: measured no slower)
+    # h5py's lock taken once, not per call; but not for a build of many datasets (a
+    # contour's, one per event: 7 s for 20,000), which would keep every other h5py read of
+    # the mount waiting that long (per call: measured no slower)
     lock = phil if len(specs) <= MANY else contextlib.nullcontext()
-    with lock:
-        extents = _write(buffer, attrs, specs, groups or [])
-    return Skeleton(buffer.size, _runs(buffer, sorted(extents.values())), extents)
+    with _scratch() as (name, fd):
+        with lock:
+            extents = _write(name, attrs, specs, groups or [])
+        size = os.fstat(fd).st_size
+        runs = _runs(fd, size, sorted(extents.values()))
+    return Skeleton(size, runs, extents)
 
 
-def _runs(buffer: _SparseBuffer, extents: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
-    """The written pages merged into runs, minus the lazy extents, anything past the end and
-    trailing zeros (bytes in no run read as zeros)."""
-    runs: list[tuple[int, bytearray]] = []
-    for index in sorted(buffer.pages):
-        start = index * PAGE
-        if runs and runs[-1][0] + len(runs[-1][1]) == start:
-            runs[-1][1].extend(buffer.pages[index])
-        else:
-            runs.append((start, bytearray(buffer.pages[index])))
+def _data(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, stop) of each stretch of a file that is not a hole, within `size`."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here on
+                return
+            raise
+        pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if start < pos:
+            yield start, pos
+
+
+def _runs(fd: int, size: int, extents: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+    """The written bytes of the file, in runs, minus the lazy extents, whole pages of zeros
+    (a filesystem without holes has the gap's) and each run's trailing zeros (bytes in no
+    run read as zeros)."""
     starts = [offset for offset, _ in extents]
     out: list[tuple[int, bytes]] = []
-    for base, data in runs:
-        pos, stop = base, min(base + len(data), buffer.size)
+    for start, stop in _data(fd, size):
+        pos = start
         while pos < stop:
             i = bisect.bisect_right(starts, pos) - 1  # the last extent starting at or before pos
             if i >= 0 and pos < extents[i][0] + extents[i][1]:
                 pos = extents[i][0] + extents[i][1]
                 continue
             end = min(stop, extents[i + 1][0]) if i + 1 < len(extents) else stop
-            piece = bytes(data[pos - base : end - base]).rstrip(b"\0")  # zeros need no storing
-            if piece:
-                out.append((pos, piece))
+            out.extend(_nonzero(pos, os.pread(fd, end - pos, pos)))
             pos = end
     return out
+
+
+def _nonzero(offset: int, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """`data` (at `offset` in the file) cut where whole pages of zeros are, each piece
+    without its trailing zeros."""
+    begin = 0
+    for page in range(-offset % PAGE, len(data), PAGE):
+        if data[page : page + PAGE] == _ZERO_PAGE:
+            piece = data[begin:page].rstrip(b"\0")
+            if piece:
+                yield offset + begin, piece
+            begin = page + PAGE
+    piece = data[begin:].rstrip(b"\0")
+    if piece:
+        yield offset + begin, piece

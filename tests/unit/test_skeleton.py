@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +297,69 @@ def test_a_build_of_many_datasets_is_what_h5py_writes_too(monkeypatch: pytest.Mo
     image, extents = h5py_written({"title": "many"}, specs, ["events"])
     assert made.extents == extents
     assert skeleton_bytes(made) == image.ljust(made.size, b"\0")
+
+
+@pytest.fixture
+def scratch_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None]]:
+    """Builds' scratch files put in a directory of the test's (`/dev/shm` taken to be it)."""
+
+    def put(where: Path) -> None:
+        monkeypatch.setattr(skeleton, "SHM", where)
+        skeleton.scratch_dir.cache_clear()
+
+    yield put
+    skeleton.scratch_dir.cache_clear()
+
+
+def test_a_build_leaves_no_scratch_file_behind_even_when_it_fails(
+    tmp_path: Path, scratch_in: Callable[[Path], None]
+) -> None:
+    scratch_in(tmp_path)
+    attrs, specs, _ = sample_specs()
+    made = build(attrs, specs, ["events"])
+    assert skeleton.scratch_dir() == str(tmp_path)
+    spec = Spec("events/deform", np.dtype("<f8"), (3,))
+    with pytest.raises(HDF5CallError):
+        build({}, [spec, spec])
+    assert list(tmp_path.iterdir()) == []
+    image, extents = h5py_written(attrs, specs, ["events"])
+    assert made.extents == extents
+    assert skeleton_bytes(made) == image.ljust(made.size, b"\0")
+
+
+def test_without_a_usable_dev_shm_the_build_is_made_in_the_temporary_directory(
+    tmp_path: Path, scratch_in: Callable[[Path], None]
+) -> None:
+    scratch_in(tmp_path / "missing")
+    attrs, specs, _ = sample_specs()
+    made = build(attrs, specs)
+    assert skeleton.scratch_dir() == tempfile.gettempdir()
+    image, extents = h5py_written(attrs, specs, [])
+    assert made.extents == extents
+    assert skeleton_bytes(made) == image.ljust(made.size, b"\0")
+
+
+def test_runs_leave_out_extents_and_pages_of_zeros_a_file_without_holes_has(
+    tmp_path: Path,
+) -> None:
+    """Zeros written (as a filesystem without holes reads its gaps) are no run; a run's
+    leading zeros within its page stay, its trailing ones go."""
+    page = skeleton.PAGE
+    data = bytearray(6 * page)
+    data[10:20] = b"x" * 10  # page 0
+    # page 1: zeros; page 2: data around an extent at [2.5 pages, 3 pages)
+    data[2 * page + 5 : 2 * page + 9] = b"abcd"
+    data[2 * page + page // 2 : 3 * page] = b"e" * (page // 2)  # the extent's own values
+    data[4 * page - 3 : 4 * page + 2] = b"fghij"  # across a page boundary
+    path = tmp_path / "file"
+    path.write_bytes(bytes(data))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        runs = skeleton._runs(fd, len(data), [(2 * page + page // 2, page // 2)])
+    finally:
+        os.close(fd)
+    assert runs == [
+        (0, bytes(10) + b"x" * 10),
+        (2 * page, bytes(5) + b"abcd"),
+        (3 * page, bytes(page - 3) + b"fghij"),
+    ]

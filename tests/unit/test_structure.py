@@ -45,6 +45,8 @@ VALUES: dict[str, Any] = {
     "nothing": h5py.Empty("f8"),
     "zero length": np.zeros(0, dtype="<f4"),
     "compound": np.array([(1, 2.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    # a type whose encoding is larger than the buffer `capi` keeps for encoding types
+    "wide compound": np.zeros(1, dtype=[(f"member number {i}", "<f8") for i in range(40)]),
     # an enum (h5py keeps it in the dtype's metadata), then a plain value of its base type
     "enum": np.array(1, dtype=h5py.enum_dtype({"off": 0, "on": 1}, basetype="i1")),
     "int8": np.int8(1),
@@ -80,7 +82,7 @@ def written(values: dict[str, Any], fast: bool, *, track_order: bool = False) ->
         for obj in (h5, data):
             for name, value in values.items():
                 if fast:
-                    h5attrs.write(obj, name, value)
+                    h5attrs.write(obj, {name: value})
                 else:
                     obj.attrs[name] = value
     return buffer.getvalue()
@@ -282,7 +284,7 @@ def test_uncommon_names_and_array_types_as_h5py_has_them() -> None:
         out = io.BytesIO()
         with h5py.File(out, "w") as h5:
             if fast:
-                h5attrs.write(h5, b"\xffname".decode("utf-8", "surrogateescape"), 3)
+                h5attrs.write(h5, {b"\xffname".decode("utf-8", "surrogateescape"): 3})
             else:
                 h5.attrs[b"\xffname"] = 3
         made.append(out.getvalue())
