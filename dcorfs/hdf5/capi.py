@@ -260,18 +260,11 @@ def attribute(holder: int, name: bytes) -> Iterator[int | None]:
         _lib.H5Aclose(attr)
 
 
-_ENCODED = ctypes.create_string_buffer(512)  # for `_encoded` (its callers hold h5py's lock)
-
-
 def _encoded(tid: int) -> bytes:
-    """A type serialized (`H5Tencode`, as h5py's `TypeID.encode`); `tid` closed. Encoded
-    into one buffer kept for it, in one call where it is large enough (libhdf5 then writes
-    it; else it only says the size needed)."""
+    """A type serialized (`H5Tencode`, as h5py's `TypeID.encode`); `tid` closed."""
     try:
-        size = ctypes.c_size_t(len(_ENCODED))
-        _checked("H5Tencode", _lib.H5Tencode(tid, _ENCODED, ctypes.byref(size)))
-        if size.value <= len(_ENCODED):
-            return _ENCODED.raw[: size.value]
+        size = ctypes.c_size_t(0)
+        _checked("H5Tencode", _lib.H5Tencode(tid, None, ctypes.byref(size)))
         encoded = ctypes.create_string_buffer(size.value)
         _checked("H5Tencode", _lib.H5Tencode(tid, encoded, ctypes.byref(size)))
         return encoded.raw[: size.value]

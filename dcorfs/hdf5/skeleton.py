@@ -10,12 +10,16 @@ run, in one lazy dataset's extent (C-order values of that dataset), or zero. HDF
 the file out, so the result is valid by construction; the format is capped at HDF5 1.10
 (`libver`) so older readers (h5dump of Debian's hdf5-tools) open it.
 
-The scratch file is written by libhdf5's own POSIX driver (`sec2`, h5py's default), in
-`/dev/shm` where that is a usable tmpfs (else the system's temporary directory), unlinked as
-soon as libhdf5 has it open; its runs are read back through the file's holes
-(`SEEK_DATA`/`SEEK_HOLE`), skipping the lazy extents. Written through a Python file object
-(h5py's `fileobj` driver) every one of libhdf5's ~120 writes of a small resource's file went
-through Python: a build took 5.1 ms instead of 4.4 (doc/ARCHITECTURE.md, "Speed").
+The scratch file is written by libhdf5's own POSIX driver (`sec2`, h5py's default), with
+its aggregation of metadata and small data and its sieve buffer off (the bytes are those
+h5py's file-object driver writes), in `/dev/shm` where files can be made there and it has
+`SHM_FREE` bytes free (else in the system's temporary directory); it is unlinked as soon as
+libhdf5 has it open, and its runs are read back through the file's holes
+(`SEEK_DATA`/`SEEK_HOLE`), skipping the lazy extents and whole pages of zeros. Written
+through a Python file object (h5py's `fileobj` driver) every one of libhdf5's ~120 writes of
+a small resource's file went through Python: a build took 5.1 ms instead of 4.45
+(doc/ARCHITECTURE.md, "Speed"). A scratch file whose process was killed between its making
+and libhdf5's opening it is removed by the next process to build, once `STALE`.
 
 Layout: all metadata and small data come first (lazy datasets are created with late
 allocation and allocated only after every object exists), then the lazy datasets in the
@@ -34,6 +38,7 @@ import errno
 import functools
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,23 +93,44 @@ class Skeleton:
 
 
 SHM = Path("/dev/shm")
-SHM_FREE = 64 << 20  # bytes free in /dev/shm to take it for scratch files (else the disk's)
+SHM_FREE = 32 << 20  # bytes free in /dev/shm to build there (a contour's build writes ~10 MB)
+STALE = 600.0  # seconds after which a scratch file left by a process killed mid-build goes
+_PREFIX = "dcorfs-skeleton-"
 _ZERO_PAGE = bytes(PAGE)
 
 
 @functools.cache
-def scratch_dir() -> str:
-    """Where scratch files go: `/dev/shm` (memory) where a file can be made there and it has
-    room, else the system's temporary directory. Decided once per process."""
+def _shm_usable() -> bool:
+    """Whether files can be made in `/dev/shm` (looked at once per process, when scratch
+    files left there by killed processes are removed)."""
     try:
-        found = os.statvfs(SHM)
-        if found.f_bavail * found.f_frsize >= SHM_FREE:
-            fd, name = tempfile.mkstemp(dir=SHM, prefix="dcorfs-probe-")
-            os.close(fd)
-            Path(name).unlink()
-            return str(SHM)
+        fd, name = tempfile.mkstemp(dir=SHM, prefix="dcorfs-probe-")
     except OSError:
-        pass
+        return False
+    os.close(fd)
+    Path(name).unlink()
+    _sweep(SHM)
+    return True
+
+
+def _sweep(where: Path) -> None:
+    """Remove scratch files older than `STALE` (named, between their making and libhdf5's
+    opening them, when their process was killed)."""
+    with contextlib.suppress(OSError):
+        for path in where.glob(_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > STALE:
+                    path.unlink()
+
+
+def scratch_dir() -> str:
+    """Where the next scratch file goes: `/dev/shm` (memory) where files can be made there
+    and it has `SHM_FREE` bytes free now, else the system's temporary directory."""
+    if _shm_usable():
+        with contextlib.suppress(OSError):
+            found = os.statvfs(SHM)
+            if found.f_bavail * found.f_frsize >= SHM_FREE:
+                return str(SHM)
     return tempfile.gettempdir()
 
 
@@ -112,7 +138,7 @@ def scratch_dir() -> str:
 def _scratch() -> Iterator[tuple[str, int]]:
     """A new empty file: its name (for libhdf5 to open, then unlink) and a descriptor
     to read it back, closed (and the name removed, if still there) on leaving."""
-    fd, name = tempfile.mkstemp(dir=scratch_dir(), prefix="dcorfs-skeleton-")
+    fd, name = tempfile.mkstemp(dir=scratch_dir(), prefix=_PREFIX)
     try:
         yield name, fd
     finally:
@@ -177,16 +203,22 @@ class _Lazy:
 
 def _created(scratch: str) -> h5py.h5f.FileID:
     """The file `scratch` made anew, as h5py's `File(scratch, "w", libver=LIBVER,
-    locking=False)` makes it, but with libhdf5's metadata and small-data aggregation off: its
-    POSIX driver has them (h5py's file-object driver has not), and they would place pieces
-    of metadata after the lazy datasets' storage."""
+    locking=False)` makes it (its file creation and access properties), but with libhdf5's
+    aggregation of metadata and of small raw data off and no sieve buffer: its POSIX driver
+    has them (h5py's file-object driver has not), and they would place pieces of metadata
+    after the lazy datasets' storage, and write 64 KiB of zeros from the first element of
+    each lazy dataset."""
+    low, high = (getattr(h5py.h5f, "LIBVER_" + bound.upper()) for bound in LIBVER)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_V110)
+    fapl.set_libver_bounds(low, high)
     fapl.set_file_locking(False, True)
     fapl.set_meta_block_size(0)
+    fapl.set_sieve_buf_size(0)
     capi.no_small_data_blocks(fapl.id)
-    return h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl)
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_obj_track_times(False)
+    return h5py.h5f.create(scratch.encode(), h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl)
 
 
 def _write(
@@ -262,6 +294,9 @@ def _data(fd: int, size: int) -> Iterator[tuple[int, int]]:
             start = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data from here on
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP) and pos == 0:
+                yield 0, size  # a filesystem that cannot tell: all of it
                 return
             raise
         pos = min(os.lseek(fd, start, os.SEEK_HOLE), size)

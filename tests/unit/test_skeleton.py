@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -305,38 +306,65 @@ def scratch_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], Non
 
     def put(where: Path) -> None:
         monkeypatch.setattr(skeleton, "SHM", where)
-        skeleton.scratch_dir.cache_clear()
+        skeleton._shm_usable.cache_clear()
 
     yield put
-    skeleton.scratch_dir.cache_clear()
+    skeleton._shm_usable.cache_clear()
 
 
 def test_a_build_leaves_no_scratch_file_behind_even_when_it_fails(
-    tmp_path: Path, scratch_in: Callable[[Path], None]
+    tmp_path: Path, scratch_in: Callable[[Path], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scratch_in(tmp_path)
     attrs, specs, _ = sample_specs()
     made = build(attrs, specs, ["events"])
     assert skeleton.scratch_dir() == str(tmp_path)
     spec = Spec("events/deform", np.dtype("<f8"), (3,))
-    with pytest.raises(HDF5CallError):
+    with pytest.raises(HDF5CallError):  # failing in libhdf5, the file open (and unlinked)
         build({}, [spec, spec])
+    assert list(tmp_path.iterdir()) == []
+
+    def refused(fapl: int) -> None:
+        raise HDF5CallError("refused")
+
+    with monkeypatch.context() as patch:  # failing before libhdf5 has the file
+        patch.setattr(skeleton.capi, "no_small_data_blocks", refused)
+        with pytest.raises(HDF5CallError, match="refused"):
+            build(attrs, specs)
     assert list(tmp_path.iterdir()) == []
     image, extents = h5py_written(attrs, specs, ["events"])
     assert made.extents == extents
     assert skeleton_bytes(made) == image.ljust(made.size, b"\0")
 
 
+@pytest.mark.parametrize("why", ["missing", "full"])
 def test_without_a_usable_dev_shm_the_build_is_made_in_the_temporary_directory(
-    tmp_path: Path, scratch_in: Callable[[Path], None]
+    tmp_path: Path, scratch_in: Callable[[Path], None], monkeypatch: pytest.MonkeyPatch, why: str
 ) -> None:
-    scratch_in(tmp_path / "missing")
+    """Where `/dev/shm` cannot be written, or has too little room at the time of a build."""
+    scratch_in(tmp_path / "missing" if why == "missing" else tmp_path)
+    if why == "full":
+        assert skeleton.scratch_dir() == str(tmp_path)
+        monkeypatch.setattr(skeleton, "SHM_FREE", 1 << 62)
     attrs, specs, _ = sample_specs()
     made = build(attrs, specs)
     assert skeleton.scratch_dir() == tempfile.gettempdir()
     image, extents = h5py_written(attrs, specs, [])
     assert made.extents == extents
     assert skeleton_bytes(made) == image.ljust(made.size, b"\0")
+
+
+def test_scratch_files_left_by_killed_builds_are_removed_once_stale(
+    tmp_path: Path, scratch_in: Callable[[Path], None]
+) -> None:
+    stale, fresh = tmp_path / "dcorfs-skeleton-old", tmp_path / "dcorfs-skeleton-new"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    old = time.time() - skeleton.STALE - 60
+    os.utime(stale, (old, old))
+    scratch_in(tmp_path)
+    assert skeleton.scratch_dir() == str(tmp_path)
+    assert sorted(tmp_path.iterdir()) == [fresh]  # (a build under way may own it)
 
 
 def test_runs_leave_out_extents_and_pages_of_zeros_a_file_without_holes_has(
@@ -363,3 +391,21 @@ def test_runs_leave_out_extents_and_pages_of_zeros_a_file_without_holes_has(
         (2 * page, bytes(5) + b"abcd"),
         (3 * page, bytes(page - 3) + b"fghij"),
     ]
+
+
+def test_a_filesystem_that_cannot_tell_its_holes_gives_the_same_skeleton(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attrs, specs, _ = sample_specs()
+    expected = build(attrs, specs)
+    seek = os.lseek
+
+    def no_holes(fd: int, pos: int, how: int) -> int:
+        if how == os.SEEK_DATA:
+            raise OSError(errno.EINVAL, "not supported")
+        return seek(fd, pos, how)
+
+    monkeypatch.setattr(skeleton.os, "lseek", no_holes)
+    made = build(attrs, specs)
+    assert made.size == expected.size and made.extents == expected.extents
+    assert skeleton_bytes(made) == skeleton_bytes(expected)

@@ -10,6 +10,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from h5py._objects import phil
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,6 +121,20 @@ def test_any_attributes_are_written_as_h5py_writes_them(given: dict[str, Any]) -
         except ValueError as exc:
             made.append(str(exc))
     assert made[0] == made[1]
+
+
+def test_types_are_encoded_as_h5py_encodes_them() -> None:
+    """The encoding of each attribute's and dataset's type (the key its reading types are
+    kept by) is h5py's, also for a small type after a larger one (one buffer is kept for
+    encoding: a shorter encoding must not come with the rest of a longer one)."""
+    with h5py.File(io.BytesIO(written(VALUES, False)), "r") as h5:
+        names = list(h5.attrs) * 2
+        with phil:
+            for name in names:
+                attr = h5py.h5a.open(h5.id, name.encode())
+                assert capi.attribute_type(attr.id) == attr.get_type().encode(), name
+            data = h5["events/deform"].id
+            assert capi.dataset_type(data.id)[0] == data.get_type().encode()
 
 
 def test_attributes_read_as_h5py_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
