@@ -685,7 +685,7 @@ class DiskStore:
         return len(chosen)
 
     def _write(self, layout: Layout, blocks: dict[int, bytes]) -> None:
-        path = self._objects / layout.name
+        path = Path(self._file(layout))
         path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -93,23 +93,23 @@ class Skeleton:
 
 
 SHM = Path("/dev/shm")
-SHM_FREE = 32 << 20  # bytes free in /dev/shm to build there (a contour's build writes ~10 MB)
+SHM_FREE = 32 << 20  # bytes free in /dev/shm to build there (20,000 contours' build: ~7 MB)
 STALE = 600.0  # seconds after which a scratch file left by a process killed mid-build goes
 _PREFIX = "dcorfs-skeleton-"
 _ZERO_PAGE = bytes(PAGE)
 
 
 @functools.cache
-def _shm_usable() -> bool:
-    """Whether files can be made in `/dev/shm` (looked at once per process, when scratch
-    files left there by killed processes are removed)."""
+def _usable(where: str) -> bool:
+    """Whether files can be made in directory `where`; looked at once per process and
+    directory, when the scratch files that killed processes left there are removed."""
     try:
-        fd, name = tempfile.mkstemp(dir=SHM, prefix="dcorfs-probe-")
+        fd, name = tempfile.mkstemp(dir=where, prefix=_PREFIX)
     except OSError:
         return False
     os.close(fd)
     Path(name).unlink()
-    _sweep(SHM)
+    _sweep(Path(where))
     return True
 
 
@@ -126,12 +126,14 @@ def _sweep(where: Path) -> None:
 def scratch_dir() -> str:
     """Where the next scratch file goes: `/dev/shm` (memory) where files can be made there
     and it has `SHM_FREE` bytes free now, else the system's temporary directory."""
-    if _shm_usable():
+    if _usable(str(SHM)):
         with contextlib.suppress(OSError):
             found = os.statvfs(SHM)
             if found.f_bavail * found.f_frsize >= SHM_FREE:
                 return str(SHM)
-    return tempfile.gettempdir()
+    fallback = tempfile.gettempdir()
+    _usable(fallback)  # (swept once, as /dev/shm is)
+    return fallback
 
 
 @contextlib.contextmanager

@@ -306,10 +306,10 @@ def scratch_in(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], Non
 
     def put(where: Path) -> None:
         monkeypatch.setattr(skeleton, "SHM", where)
-        skeleton._shm_usable.cache_clear()
+        skeleton._usable.cache_clear()
 
     yield put
-    skeleton._shm_usable.cache_clear()
+    skeleton._usable.cache_clear()
 
 
 def test_a_build_leaves_no_scratch_file_behind_even_when_it_fails(
