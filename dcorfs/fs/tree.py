@@ -31,7 +31,7 @@ from ..cache.identity import ObjectId
 from ..errors import DcorfsError, NotFound
 from ..hdf5.contour import Contour, contour_of
 from ..hdf5.rtdc import RtdcResource
-from ..hdf5.structure import TRACE_PREFIX
+from ..hdf5.structure import TRACE_PREFIX, Feature
 from ..opening.resources import Texts
 from ..opening.warm import Served
 from ..remote.catalog import Catalog, Dataset, Group, Listing, Resource
@@ -365,6 +365,8 @@ class Opening(Protocol):
 
     def settled(self, resource_id: str) -> bool: ...
 
+    def settled_rtdc(self, resource_id: str) -> RtdcResource | None: ...
+
     def texts(self, dataset: Dataset, resource: Resource) -> Texts: ...
 
     def remembered(self, key: str, make: Callable[[float], Any]) -> Any: ...
@@ -680,9 +682,12 @@ class ContourDir(Dir):
 class ResourceDir(Dir):
     """An RT-DC resource: feature files, features.tsv, metadata, logs, tables.
 
-    Its listing waits for the original file to be described; the .npy files of the features
-    the condensed file serves (the scalars) are found as soon as that smaller file is
-    described, while the listing is still being made (`_early`)."""
+    Its listing waits for the original file to be described. A feature's .npy file is found
+    without it: as soon as the condensed file is described, the scalar features it serves,
+    while the resource is opened (`_early`); once the resource is settled, any feature's,
+    from the opened resource (`_feature_file`): a reader of a few feature files does not wait
+    for what the listing makes (TIFF preludes, the FCS text, tables), which is made when it
+    is asked for."""
 
     def __init__(self, path: str, ctx: Context, dataset: Dataset, resource: Resource) -> None:
         super().__init__(path, mtime=resource.mtime)
@@ -693,22 +698,32 @@ class ResourceDir(Dir):
         # (looking for its condensed file, doc/DCOR.md §1)
         self._background = ctx.pools.prepare.submit
         self._early_lock = threading.Lock()
-        self._loading: Future[dict[str, Node]] | None = None
+        self._loading: Future[RtdcResource] | None = None
         # the opened resource the listing was made from, and whether the last listing was
         # made from another one (then its files whose bytes may differ are new nodes)
         self._made_from: RtdcResource | None = None
         self._reopened = False
+        # the feature files made from an opened resource, by name (the listing made from it
+        # has the same nodes), and its features by file name
+        self._files_lock = threading.Lock()
+        self._files: tuple[RtdcResource | None, dict[str, Feature], dict[str, Node]]
+        self._files = (None, {}, {})
 
     def ready_child(self, name: str) -> Node | None:
-        """As `Dir.ready_child`; also a scalar feature's .npy file while the listing a
-        lookup started (`_early`) is still being made, once the condensed file is described
-        (no worker thread for each of the files a reader of scalars looks up then; anything
-        else, an error too, is left to `lookup`)."""
+        """As `Dir.ready_child`; also a feature's .npy file before the listing is made: of a
+        settled resource, or a scalar feature's while the resource is opened (by a lookup's
+        `_early`), once the condensed file is described (no worker thread for each of the
+        files a reader looks up then; anything else, an error too, is left to `lookup`)."""
         ready = self.ready_children()
         if ready is not None:
             return ready.get(name)
+        if not name.endswith(".npy"):
+            return None
+        opened = self._ctx.resources.settled_rtdc(self.resource.id)
+        if opened is not None:
+            return self._feature_file(opened, name)
         loading = self._loading
-        if loading is None or loading.done() or not name.endswith(".npy"):
+        if loading is None or loading.done():
             return None
         served = self._ctx.resources.served_early(self.resource.id, loading, timeout=0)
         return None if served is None else self._served_file(name, served)
@@ -721,19 +736,31 @@ class ResourceDir(Dir):
         return super().lookup(name)
 
     def _early(self, name: str) -> Node | None:
-        """Blocking: the .npy file `name` of a feature the condensed file serves, once it is
-        described, if that comes before the listing (which is made in the background);
-        else None. The listing then has the same file (same bytes, same path)."""
-        with self._early_lock:
-            loading = self._loading
-            if loading is None or loading.done():
-                loading = self._loading = self._ctx.pools.listing.submit(self.children)
-        served = self._ctx.resources.served_early(self.resource.id, loading)
-        if served is None and loading.done():
+        """Blocking: the .npy file `name` of a feature without the listing: the resource is
+        opened (in the background), and the file is found once it is settled; a feature the
+        condensed file serves as soon as that is described, if that comes first. Else None:
+        the listing says (the same file: same bytes, same path)."""
+        rid = self.resource.id
+        opened = self._ctx.resources.settled_rtdc(rid)
+        if opened is None:
+            with self._early_lock:
+                loading = self._loading
+                if loading is None or loading.done():
+                    loading = self._loading = self._ctx.pools.listing.submit(
+                        self._ctx.resources.rtdc, self.dataset, self.resource
+                    )
+            served = self._ctx.resources.served_early(rid, loading)
+            if served is not None:
+                return self._served_file(name, served)
+            if not loading.done():
+                return None
             error = loading.exception()
             if error is not None:
-                raise error  # the listing's own error, rather than a second attempt
-        return None if served is None else self._served_file(name, served)
+                raise error  # the opening's own error, rather than a second attempt
+            opened = self._ctx.resources.settled_rtdc(rid)
+            if opened is None:
+                return None
+        return self._feature_file(opened, name)
 
     def _served_file(self, name: str, served: Served) -> Node | None:
         """The .npy file `name` of a feature the condensed file serves, else None."""
@@ -743,6 +770,34 @@ class ResourceDir(Dir):
         feature, values = found
         content = npy_of(feature, ObjectContent(self._ctx.resources.derived, values))
         return content_file(self.child_path(name), content, self.mtime)
+
+    def _feature_file(self, opened: RtdcResource, name: str) -> Node | None:
+        """The .npy file `name` of a feature of `opened` (not a trace's: those are in
+        `trace/`), made once from it; None if no feature has that file. Never blocks."""
+        with self._files_lock:
+            made_from, features, files = self._files
+            if made_from is not opened:
+                features = {
+                    sanitize(f + ".npy"): feature
+                    for f, feature in opened.features.items()
+                    if not f.startswith(TRACE_PREFIX)
+                }
+                files = {}
+                self._files = (opened, features, files)
+            node = files.get(name)
+            if node is None:
+                feature = features.get(name)
+                if feature is None:
+                    return None
+                # whoever reads one scalar feature is likely to read more: all of them are
+                # brought into memory in the background (decoded, or from the disk cache)
+                warm = self._ctx.resources.warm_scalars
+                on_open = functools.partial(warm, opened) if feature.scalar else None
+                content = npy_content(opened, feature)
+                node = files[name] = content_file(
+                    self.child_path(name), content, self.mtime, on_open
+                )
+            return node
 
     def _merged(self, old: Node | None, new: Node) -> Node:
         """A new node only for a file (or directory) whose bytes may have changed: the
@@ -783,8 +838,9 @@ class ResourceDir(Dir):
                 traces[trace] = content_file(path, npy_content(opened, feature), mtime, on_open)
             else:
                 file_name = sanitize(name + ".npy")
-                path = self.child_path(file_name)
-                files[file_name] = content_file(path, npy_content(opened, feature), mtime, on_open)
+                node = self._feature_file(opened, file_name)
+                assert node is not None
+                files[file_name] = node
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
         contour = contour_of(opened)

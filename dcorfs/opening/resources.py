@@ -218,6 +218,20 @@ class Resources:
                 and resource_id not in self._partial
             )
 
+    def settled_rtdc(self, resource_id: str) -> RtdcResource | None:
+        """Never blocks: what `rtdc` answers for a `settled` resource (nothing more to come:
+        opened with its own files, joined for good with its upstreams), else None."""
+        with self._lock:
+            own = self._ready(resource_id)
+            if own is None or resource_id in self._unsettled or resource_id in self._partial:
+                return None
+            if own.source("condensed") is None or self._catalog is None or self._api is None:
+                return own  # nothing is joined to it (`_with_upstream`)
+            joined = self._joined.get(resource_id)
+            if joined is not None and joined[0] is own and joined[1] is None:
+                return joined[2]
+            return None
+
     def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
         """`own` joined with the resources its condensed file's intra-dataset basins name
         (doc/DCOR.md §3): each opened as itself (its own files only, so basins that name each

