@@ -84,8 +84,11 @@ class BucketResourceDir(ResourceDir):
     """A resource found in a bucket: an RT-DC resource directory if its object is HDF5,
     else a directory holding the object as the plain file `resource`."""
 
+    def _rtdc(self) -> bool:
+        return self._ctx.objects.is_hdf5(self.dataset, self.resource)
+
     def _load(self) -> dict[str, Node]:
-        if self._ctx.objects.is_hdf5(self.dataset, self.resource):
+        if self._rtdc():
             return super()._load()
         path = self.child_path(PLAIN_NAME)
         return {PLAIN_NAME: PlainFile(path, self._ctx, self.dataset, self.resource).node}

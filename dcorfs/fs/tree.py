@@ -9,12 +9,14 @@ for listings of datasets, circles and collections, counted from when the server 
 them. A stale listing is loaded again, which answers at once with the older listing while the
 catalog refreshes it in the background (doc/DCOR.md §4).
 `ready_children()` and `ready_child(name)` never wait for the network or other work: they
-answer from what is loaded (a resource directory's child also from what its condensed file
-serves early), or None; a lookup `fuse_ops` can answer so stays on the event loop.
+answer from what is loaded (a resource directory's feature file also from its resource once
+it is opened for good, or from what its condensed file serves early), or None; a lookup
+`fuse_ops` can answer so stays on the event loop.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import re
@@ -389,7 +391,7 @@ class Workers(Protocol):
     def prepare(self) -> Executor: ...  # resources of a listed dataset opened ahead of readers
 
     @property
-    def listing(self) -> Executor: ...  # resource directory listings a reader waits for
+    def listing(self) -> Executor: ...  # listings and openings of resources a reader waits for
 
     @property
     def build(self) -> Executor: ...  # structures of synthesized files
@@ -740,27 +742,35 @@ class ResourceDir(Dir):
         opened (in the background), and the file is found once it is settled; a feature the
         condensed file serves as soon as that is described, if that comes first. Else None:
         the listing says (the same file: same bytes, same path)."""
-        rid = self.resource.id
-        opened = self._ctx.resources.settled_rtdc(rid)
+        resources, rid = self._ctx.resources, self.resource.id
+        opened = resources.settled_rtdc(rid)
         if opened is None:
+            if not self._rtdc():
+                return None
             with self._early_lock:
                 loading = self._loading
                 if loading is None or loading.done():
                     loading = self._loading = self._ctx.pools.listing.submit(
-                        self._ctx.resources.rtdc, self.dataset, self.resource
+                        resources.rtdc, self.dataset, self.resource
                     )
-            served = self._ctx.resources.served_early(rid, loading)
+            served = resources.served_early(rid, loading)
             if served is not None:
-                return self._served_file(name, served)
-            if not loading.done():
-                return None
+                node = self._served_file(name, served)
+                if node is not None:
+                    return node
+            concurrent.futures.wait([loading])  # opened: then its file, or the listing says
             error = loading.exception()
             if error is not None:
                 raise error  # the opening's own error, rather than a second attempt
-            opened = self._ctx.resources.settled_rtdc(rid)
+            opened = resources.settled_rtdc(rid)
             if opened is None:
                 return None
         return self._feature_file(opened, name)
+
+    def _rtdc(self) -> bool:
+        """Blocking: whether the resource is opened as an RT-DC file (else its listing says
+        what it holds)."""
+        return True
 
     def _served_file(self, name: str, served: Served) -> Node | None:
         """The .npy file `name` of a feature the condensed file serves, else None."""

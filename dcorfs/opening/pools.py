@@ -14,7 +14,8 @@ class Pools:
     side; `prepare`: resources opened ahead of readers (a listed dataset's); `build`:
     synthesized files' structure (CPU work, apart from network work); `ahead`: the same,
     for resources opened ahead of readers (a reader's build never queues behind them);
-    `listing`: resource directory listings a reader waits for (not behind `prepare`)."""
+    `listing`: resource directory listings, and openings of resources, a reader waits for
+    (not behind `prepare`)."""
 
     def __init__(
         self,

@@ -280,6 +280,9 @@ class Resources:
         if made is None:
             made = own.with_upstream(found) if found else own
         with self._lock:
+            kept = self._joined.get(resource.id)
+            if kept is not None and kept[0] is own and kept[1] is None:
+                return kept[2]  # kept for good by a call side by side with this one
             self._joined[resource.id] = (own, None if complete else ups, made)
             if complete:
                 self._partial.discard(resource.id)

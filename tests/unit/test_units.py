@@ -30,10 +30,11 @@ from dcorfs.fs.names import sanitize, unique
 from dcorfs.fs.producers.npy import npy_header
 from dcorfs.fs.producers.text import table_bytes
 from dcorfs.fs.producers.tsv import _format
+from dcorfs.fs.s3tree import PLAIN_NAME, BucketResourceDir
 from dcorfs.fs.tree import Context, Dir, File, LazyFile, Node, ResourceDir, StaticDir, static_file
 from dcorfs.hdf5.rtdc import Feature
 from dcorfs.opening.pools import Pools
-from dcorfs.opening.resources import Resources
+from dcorfs.opening.resources import Resources, Texts
 from dcorfs.opening.warm import Warmer
 from dcorfs.remote.catalog import Catalog, Resource
 from dcorfs.remote.dcserv import DcorApi, Locator, object_key, parse_basin
@@ -605,8 +606,10 @@ def test_a_failed_listing_is_not_attempted_again_by_the_same_lookup() -> None:
 
 
 class Opened:
-    """An opened resource with its condensed file: features and their values (enough for
-    its feature files; a listing made from it is `Listed`'s)."""
+    """An opened resource with its condensed file: three events of two scalar features and a
+    trace, no images, no contour (enough for `ResourceDir`'s listing)."""
+
+    events = 3
 
     def __init__(self, derived: DerivedCache) -> None:
         self.derived = derived
@@ -627,40 +630,58 @@ class Opened:
     def scalar_features(self) -> list[Feature]:
         return [f for f in self.features.values() if f.scalar]
 
-    def source(self, kind: str) -> object:
-        return object()  # both files: nothing is to come
+    def event_table(self) -> list[Feature]:
+        return [f for f in self.scalar_features() if not f.name.startswith("trace/")]
+
+    def source(self, kind: str) -> None:
+        return None  # no contour (and without DCOR's API nothing is joined)
+
+    def complete(self) -> bool:
+        return True  # both files: nothing is to come
 
 
 class Listed(ResourceDir):
-    """A resource directory whose listing is its feature files (as `ResourceDir._load`
-    makes them), counted."""
+    """A resource directory whose listings are counted."""
 
     loads = 0
 
     def _load(self) -> dict[str, Node]:
         self.loads += 1
-        opened = self._ctx.resources.rtdc(self.dataset, self.resource)
-        files = {}
-        for name in opened.features:
-            if not name.startswith("trace/"):
-                node = self._feature_file(opened, sanitize(name + ".npy"))
-                assert node is not None
-                files[sanitize(name + ".npy")] = node
-        return files
+        return super()._load()
 
 
 class SettledResources(OpeningOnly):
-    """`Resources` whose opening of "r1" gives `opened` with its condensed file, counted."""
+    """`Resources` whose opening of "r1" gives `opened`, counted; with `hold`, it waits for
+    `release`, having published `deform` as served early by the condensed file."""
 
-    def __init__(self, derived: DerivedCache) -> None:
+    def __init__(self, derived: DerivedCache, *, hold: bool = False) -> None:
         super().__init__(derived)
         self.opened = Opened(derived)
         self.attempts = 0
+        self.hold = hold
+        self.release = threading.Event()
 
     def _open_rtdc(self, dataset: Any, resource: Any, early: Any) -> Any:
         self.attempts += 1
-        self.opened.complete = lambda: True  # type: ignore[attr-defined]
+        if self.hold:
+            features = self.opened.features
+            early.set_result({"deform": (features["deform"], self.opened.rows_object("deform"))})
+            assert self.release.wait(30)
         return self.opened
+
+    def texts(self, dataset: Any, resource: Any) -> Texts:
+        return Texts(metadata={}, logs={}, tables={})
+
+
+def _settled_dir(hold: bool = False) -> tuple[SettledResources, Listed]:
+    derived = DerivedCache(store=None)
+    resources = SettledResources(derived, hold=hold)
+    none = cast(Any, None)
+    ctx = Context(
+        resources=resources, objects=none, pools=resources.pools, cache=derived, dir_cache_time=60
+    )
+    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
+    return resources, Listed("/by-id/r1", ctx, none, resource)
 
 
 def test_a_settled_resources_feature_files_are_found_without_its_listing() -> None:
@@ -668,14 +689,7 @@ def test_a_settled_resources_feature_files_are_found_without_its_listing() -> No
     listing is made (its TIFF preludes, FCS text and tables wait until one is asked for),
     found again on the event loop without waiting; the listing made later has the same files.
     Other names, and names no feature has, are the listing's to say."""
-    derived = DerivedCache(store=None)
-    resources = SettledResources(derived)
-    none = cast(Any, None)
-    ctx = Context(
-        resources=resources, objects=none, pools=resources.pools, cache=derived, dir_cache_time=60
-    )
-    resource = Resource("r1", "M001.rtdc", "d1", "c1", None, None, 0.0, True, None)
-    directory = Listed("/by-id/r1", ctx, none, resource)
+    resources, directory = _settled_dir()
     try:
         assert resources.settled_rtdc("r1") is None  # not opened yet
         assert directory.ready_child("deform.npy") is None  # and not opened by this
@@ -699,8 +713,57 @@ def test_a_settled_resources_feature_files_are_found_without_its_listing() -> No
             directory.lookup("image.npy")
         assert directory.loads == 1
         listing = cast(dict[str, Node], directory.ready_children())
+        assert {"features.tsv", "features.fcs", "trace", "M001.rtdc"} <= set(listing)
         assert listing["deform.npy"] is node and listing["area_um.npy"] is area
         assert resources.attempts == 1
+    finally:
+        resources.pools.close()
+
+
+def test_a_feature_file_the_condensed_file_does_not_serve_waits_for_the_opening() -> None:
+    """While the resource is opened, a feature's file the condensed file does not serve (or
+    serves but is not described yet) is found once the opening ends, from it: no listing."""
+    resources, directory = _settled_dir(hold=True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            served = directory.lookup("deform.npy")  # published before the opening ends
+            assert isinstance(served, File) and resources.attempts == 1
+            waiting = pool.submit(directory.lookup, "area_um.npy")
+            with pytest.raises(concurrent.futures.TimeoutError):
+                waiting.result(timeout=0.2)
+            resources.release.set()
+            node = waiting.result(timeout=30)
+        assert isinstance(node, File) and node.path == "/by-id/r1/area_um.npy"
+        assert directory.ready_child("area_um.npy") is node
+        assert directory.loads == 0 and resources.attempts == 1
+    finally:
+        resources.release.set()
+        resources.pools.close()
+
+
+def test_a_bucket_object_that_is_not_hdf5_is_not_opened_for_a_feature_file() -> None:
+    """In a bucket, a resource whose object is not HDF5 is a directory holding it: a lookup
+    of a feature's file there is not found, without opening the object as RT-DC."""
+    resources, _ = _settled_dir()
+
+    class NotHdf5:
+        def is_hdf5(self, dataset: Any, resource: Any) -> bool:
+            return False
+
+    ctx = Context(
+        resources=resources,
+        objects=cast(Any, NotHdf5()),
+        pools=resources.pools,
+        cache=resources.derived,
+        dir_cache_time=60,
+    )
+    resource = Resource("r1", "r1", "d1", "c1", 5, "e", 0.0, True, None)
+    directory = BucketResourceDir("/circles/c/r1", ctx, cast(Any, None), resource)
+    try:
+        with pytest.raises(NotFound):
+            directory.lookup("deform.npy")
+        assert resources.attempts == 0
+        assert set(cast(dict[str, Node], directory.ready_children())) == {PLAIN_NAME}
     finally:
         resources.pools.close()
 
@@ -708,8 +771,13 @@ def test_a_settled_resources_feature_files_are_found_without_its_listing() -> No
 def test_only_a_settled_resource_is_answered_without_opening_it() -> None:
     """`settled_rtdc` never opens: the opened resource once nothing more is to come (its own
     files, and its upstreams joined for good), else None."""
+
+    class WithCondensed(Opened):
+        def source(self, kind: str) -> Any:
+            return object()
+
     resources = OpeningOnly()
-    opened = Opened(DerivedCache(store=None))
+    opened = WithCondensed(DerivedCache(store=None))
     try:
         resources._opened["r1"] = cast(Any, opened)
         assert resources.settled_rtdc("r1") is opened  # no DCOR API: nothing is joined
@@ -726,7 +794,7 @@ def test_only_a_settled_resource_is_answered_without_opening_it() -> None:
         assert resources.settled_rtdc("r1") is None  # joined until an upstream changes
         resources._joined["r1"] = (cast(Any, opened), None, cast(Any, joined))
         assert resources.settled_rtdc("r1") is joined  # kept for good
-        resources._joined["r1"] = (cast(Any, Opened(DerivedCache(store=None))), None, joined)
+        resources._joined["r1"] = (cast(Any, WithCondensed(DerivedCache(store=None))), None, joined)
         assert resources.settled_rtdc("r1") is None  # joined from an earlier opening
     finally:
         resources.pools.close()

@@ -22,10 +22,15 @@ from ..content import FileContent, PartsContent, StaticContent
 from .passthrough import ObjectContent
 
 
-@functools.lru_cache(maxsize=1024)
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The exact header `numpy.save` writes (format 1.0, padded to 64 bytes); made once per
-    dtype and shape (a resource's features share a few; ~3.5 µs each made, 0.2 cached)."""
+    """The exact header `numpy.save` writes (format 1.0, padded to 64 bytes)."""
+    return _header(dtype, tuple(int(n) for n in shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """Made once per dtype and shape (a resource's features share a few; ~3.5 µs each made,
+    0.2 cached), the shape's numbers Python's (NumPy's would be written as `np.int64(3)`)."""
     header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     buffer = io.BytesIO()
     npformat.write_array_header_1_0(buffer, header)
