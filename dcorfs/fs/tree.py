@@ -681,6 +681,16 @@ class ContourDir(Dir):
         }
 
 
+def _feature_names(opened: RtdcResource) -> dict[str, Feature]:
+    """The features of a resource that have a .npy file in its directory, by file name (a
+    trace's is in `trace/`; of two features with the same file name, the later)."""
+    return {
+        sanitize(name + ".npy"): feature
+        for name, feature in opened.features.items()
+        if not name.startswith(TRACE_PREFIX)
+    }
+
+
 class ResourceDir(Dir):
     """An RT-DC resource: feature files, features.tsv, metadata, logs, tables.
 
@@ -744,28 +754,28 @@ class ResourceDir(Dir):
         the listing says (the same file: same bytes, same path)."""
         resources, rid = self._ctx.resources, self.resource.id
         opened = resources.settled_rtdc(rid)
-        if opened is None:
-            if not self._rtdc():
-                return None
-            with self._early_lock:
-                loading = self._loading
-                if loading is None or loading.done():
-                    loading = self._loading = self._ctx.pools.listing.submit(
-                        resources.rtdc, self.dataset, self.resource
-                    )
+        if opened is None and self._rtdc():
+            loading = self._opening()
             served = resources.served_early(rid, loading)
-            if served is not None:
-                node = self._served_file(name, served)
-                if node is not None:
-                    return node
+            node = None if served is None else self._served_file(name, served)
+            if node is not None:
+                return node
             concurrent.futures.wait([loading])  # opened: then its file, or the listing says
             error = loading.exception()
             if error is not None:
                 raise error  # the opening's own error, rather than a second attempt
             opened = resources.settled_rtdc(rid)
-            if opened is None:
-                return None
-        return self._feature_file(opened, name)
+        return None if opened is None else self._feature_file(opened, name)
+
+    def _opening(self) -> Future[RtdcResource]:
+        """The resource's opening a lookup waits for, started unless one is under way."""
+        with self._early_lock:
+            loading = self._loading
+            if loading is None or loading.done():
+                loading = self._loading = self._ctx.pools.listing.submit(
+                    self._ctx.resources.rtdc, self.dataset, self.resource
+                )
+            return loading
 
     def _rtdc(self) -> bool:
         """Blocking: whether the resource is opened as an RT-DC file (else its listing says
@@ -782,32 +792,33 @@ class ResourceDir(Dir):
         return content_file(self.child_path(name), content, self.mtime)
 
     def _feature_file(self, opened: RtdcResource, name: str) -> Node | None:
-        """The .npy file `name` of a feature of `opened` (not a trace's: those are in
-        `trace/`), made once from it; None if no feature has that file. Never blocks."""
+        """The .npy file `name` of a feature of `opened`, None if no feature has that file
+        (see `_feature_files`). Never blocks."""
+        return self._feature_files(opened, [name]).get(name)
+
+    def _feature_files(
+        self, opened: RtdcResource, names: list[str] | None = None
+    ) -> dict[str, Node]:
+        """The .npy files of `opened`'s features (not the traces': those are in `trace/`) by
+        name, all or those of `names` it has; each made once from it, so the listing and the
+        files found before it are the same nodes. Never blocks."""
         with self._files_lock:
-            made_from, features, files = self._files
-            if made_from is not opened:
-                features = {
-                    sanitize(f + ".npy"): feature
-                    for f, feature in opened.features.items()
-                    if not f.startswith(TRACE_PREFIX)
-                }
-                files = {}
-                self._files = (opened, features, files)
-            node = files.get(name)
-            if node is None:
-                feature = features.get(name)
-                if feature is None:
-                    return None
-                # whoever reads one scalar feature is likely to read more: all of them are
-                # brought into memory in the background (decoded, or from the disk cache)
-                warm = self._ctx.resources.warm_scalars
-                on_open = functools.partial(warm, opened) if feature.scalar else None
-                content = npy_content(opened, feature)
-                node = files[name] = content_file(
-                    self.child_path(name), content, self.mtime, on_open
-                )
-            return node
+            if self._files[0] is not opened:
+                self._files = (opened, _feature_names(opened), {})
+            _, features, files = self._files
+            wanted = list(features) if names is None else [n for n in names if n in features]
+            for name in wanted:
+                if name not in files:
+                    files[name] = self._npy_file(self.child_path(name), opened, features[name])
+            return {name: files[name] for name in wanted}
+
+    def _npy_file(self, path: str, opened: RtdcResource, feature: Feature) -> File:
+        """A feature's .npy file; opening a scalar one warms them all: whoever reads one is
+        likely to read more (their values brought into memory in the background, decoded or
+        from the disk cache)."""
+        warm = functools.partial(self._ctx.resources.warm_scalars, opened)
+        on_open = warm if feature.scalar else None
+        return content_file(path, npy_content(opened, feature), self.mtime, on_open)
 
     def _merged(self, old: Node | None, new: Node) -> Node:
         """A new node only for a file (or directory) whose bytes may have changed: the
@@ -835,22 +846,13 @@ class ResourceDir(Dir):
         opened = ctx.resources.rtdc(self.dataset, self.resource)
         self._reopened = self._made_from is not None and opened is not self._made_from
         self._made_from = opened
-        # whoever reads one scalar feature is likely to read more: all of them are brought
-        # into memory in the background (decoded, or from the disk cache) on first open
-        warm = functools.partial(ctx.resources.warm_scalars, opened)
-        files: dict[str, Node] = {}
+        warm = functools.partial(ctx.resources.warm_scalars, opened)  # (see `_npy_file`)
+        files = self._feature_files(opened)
         traces: dict[str, Node] = {}
         for name, feature in opened.features.items():
-            on_open = warm if feature.scalar else None
             if name.startswith(TRACE_PREFIX):
                 trace = sanitize(name[len(TRACE_PREFIX) :] + ".npy")
-                path = f"{self.path}/trace/{trace}"
-                traces[trace] = content_file(path, npy_content(opened, feature), mtime, on_open)
-            else:
-                file_name = sanitize(name + ".npy")
-                node = self._feature_file(opened, file_name)
-                assert node is not None
-                files[file_name] = node
+                traces[trace] = self._npy_file(f"{self.path}/trace/{trace}", opened, feature)
         if traces:
             files["trace"] = StaticDir(self.child_path("trace"), traces, mtime=mtime)
         contour = contour_of(opened)

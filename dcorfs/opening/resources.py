@@ -212,25 +212,36 @@ class Resources:
         """Whether the resource is open with its own files and joined with its upstreams'
         (nothing more to come)."""
         with self._lock:
-            return (
-                resource_id in self._opened
-                and resource_id not in self._unsettled
-                and resource_id not in self._partial
-            )
+            return self._settled(resource_id)
+
+    def _settled(self, resource_id: str) -> bool:
+        """`settled`; call with the lock held."""
+        return (
+            resource_id in self._opened
+            and resource_id not in self._unsettled
+            and resource_id not in self._partial
+        )
 
     def settled_rtdc(self, resource_id: str) -> RtdcResource | None:
-        """Never blocks: what `rtdc` answers for a `settled` resource (nothing more to come:
-        opened with its own files, joined for good with its upstreams), else None."""
+        """Never blocks: what `rtdc` answers for a `settled` resource (its join with its
+        upstreams kept for good), else None."""
         with self._lock:
-            own = self._ready(resource_id)
-            if own is None or resource_id in self._unsettled or resource_id in self._partial:
+            if not self._settled(resource_id):
                 return None
-            if own.source("condensed") is None or self._catalog is None or self._api is None:
-                return own  # nothing is joined to it (`_with_upstream`)
-            joined = self._joined.get(resource_id)
-            if joined is not None and joined[0] is own and joined[1] is None:
-                return joined[2]
-            return None
+            own = self._opened[resource_id]
+            return own if self._alone(own) else self._kept(resource_id, own)
+
+    def _alone(self, own: RtdcResource) -> bool:
+        """Whether nothing is joined to an opened resource: without its condensed file (which
+        names the upstreams) or without DCOR's API."""
+        return own.source("condensed") is None or self._catalog is None or self._api is None
+
+    def _kept(self, resource_id: str, own: RtdcResource) -> RtdcResource | None:
+        """`own`'s join kept for good, else None; call with the lock held."""
+        joined = self._joined.get(resource_id)
+        if joined is not None and joined[0] is own and joined[1] is None:
+            return joined[2]
+        return None
 
     def _with_upstream(self, resource: Resource, own: RtdcResource) -> RtdcResource:
         """`own` joined with the resources its condensed file's intra-dataset basins name
@@ -239,13 +250,15 @@ class Resources:
         its condensed file and its original; an upstream that cannot be opened now is left out
         of this answer only, one whose original is refused for now (doc/DCOR.md §2) offers its
         condensed file's."""
-        condensed = own.source("condensed")
-        if condensed is None or self._catalog is None or self._api is None:
+        if self._alone(own):
             return own
         with self._lock:
+            kept = self._kept(resource.id, own)
             joined = self._joined.get(resource.id)
-            if joined is not None and joined[0] is own and joined[1] is None:
-                return joined[2]  # kept for good
+        if kept is not None:
+            return kept
+        condensed = own.source("condensed")
+        assert condensed is not None and self._catalog is not None and self._api is not None
         obj = condensed.remote.obj
         host = urlsplit(self._api.base_url).netloc
         basins = upstream.parsed(
@@ -280,9 +293,9 @@ class Resources:
         if made is None:
             made = own.with_upstream(found) if found else own
         with self._lock:
-            kept = self._joined.get(resource.id)
-            if kept is not None and kept[0] is own and kept[1] is None:
-                return kept[2]  # kept for good by a call side by side with this one
+            kept = self._kept(resource.id, own)
+            if kept is not None:
+                return kept  # kept for good by a call side by side with this one
             self._joined[resource.id] = (own, None if complete else ups, made)
             if complete:
                 self._partial.discard(resource.id)
