@@ -516,6 +516,12 @@ class ListingDir(Dir):
 
 
 class DatasetsDir(ListingDir):
+    """`datasets/`, or a circle's or collection's datasets (`fq`). A name looked up in
+    `datasets/` before its listing is made is asked of CKAN alone (`package_show`, one small
+    answer), not found in the listing of the whole site (`package_search`, page by page: the
+    real DCOR lists thousands of datasets) — a reader who opens a path by name never waits
+    for, nor parses, the catalogue (doc/ARCHITECTURE.md, "One read")."""
+
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, mtime: float, fq: str = ""
     ) -> None:
@@ -523,23 +529,42 @@ class DatasetsDir(ListingDir):
         self._ctx = ctx
         self._catalog = catalog
         self._fq = fq
+        self._named: dict[str, DatasetDir] = {}  # found by name (the listing takes them)
+        self._named_lock = threading.Lock()
 
     def _listing(self) -> Listing[Dataset]:
         return self._catalog.datasets(self._fq)
 
     def _make(self, entries: tuple[Dataset, ...]) -> dict[str, Node]:
         named = unique((ds.name, ds.id, ds) for ds in entries)
-        return {n: DatasetDir(self.child_path(n), self._ctx, ds) for n, ds in named.items()}
+        return {n: self._node(n, ds) for n, ds in named.items()}
+
+    def _node(self, name: str, dataset: Dataset, known: Node | None = None) -> DatasetDir:
+        """The node of `dataset` at `name`: the one found by name or `known` (listed before)
+        where there is one (given the dataset as now described), else a new one."""
+        made = DatasetDir(self.child_path(name), self._ctx, dataset)
+        with self._named_lock:
+            kept = _keep(self._named.get(name) or known, made)
+            assert isinstance(kept, DatasetDir)  # (the same path holds a dataset's node)
+            self._named[name] = kept
+        return kept
 
     def lookup(self, name: str) -> Node:
-        node = self.children().get(name)
+        ready = self.ready_children()
+        node = None if ready is None else ready.get(name)
         if node is not None:
             return node
         if not self._fq:  # datasets/: any dataset resolves by name, also unlisted ones
-            dataset = self._catalog.dataset(name)
-            if sanitize(dataset.name) == name:
-                return DatasetDir(self.child_path(name), self._ctx, dataset)
-        raise NotFound(f"{self.child_path(name)} does not exist")
+            try:
+                dataset = self._catalog.dataset(name)
+            except NotFound:
+                dataset = None  # a listed name may be made unique (`names.unique`)
+            if dataset is not None and sanitize(dataset.name) == name:
+                return self._node(name, dataset, (self._children or {}).get(name))
+        node = self.children().get(name)
+        if node is None:
+            raise NotFound(f"{self.child_path(name)} does not exist")
+        return node
 
 
 class GroupsDir(ListingDir):

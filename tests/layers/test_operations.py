@@ -131,6 +131,31 @@ async def test_every_level_of_the_tree(devserver: DevServer, tmp_path: Path) -> 
         assert await errno_of(ops, f"{directory}/no-such-feature.npy") == errno.ENOENT
 
 
+async def test_a_dataset_opened_by_name_is_asked_for_alone(
+    fresh_devserver: DevServer, tmp_path: Path
+) -> None:
+    """A path opened by name asks CKAN for its dataset alone (package_show), never for the
+    listing of the whole site (package_search, page by page: thousands of datasets on the
+    real DCOR); the listing, once made, takes the node found by name."""
+    devserver = fresh_devserver
+    entry = next(e for e in info(devserver) if e["dataset"] == "generated" and e["rtdc"])
+    directory = f"/datasets/generated/{entry['name'].rsplit('.', 1)[0]}"
+    with wired(tmp_path, host=devserver.url) as ops:
+        devserver.stats.reset()
+        deform = npy(await read(ops, f"{directory}/deform.npy"))
+        with dclab.new_dataset(entry["path"]) as ds:
+            assert np.array_equal(deform, ds["deform"][:])
+        asked = devserver.stats.snapshot()["api"]
+        assert asked.get("package_show", 0) >= 1 and "package_search" not in asked
+        found = (await walk(ops, "/datasets/generated")).st_ino
+        node = ops._nodes[found]
+        assert {"generated", "scalars-only"} <= set(await names(ops, "/datasets"))
+        assert devserver.stats.snapshot()["api"].get("package_search", 0) >= 1
+        assert (await walk(ops, "/datasets/generated")).st_ino == found
+        assert ops._nodes[found] is node  # one node for the dataset, its resources opened once
+        assert await errno_of(ops, "/datasets/no-such-dataset") == errno.ENOENT
+
+
 async def test_a_resources_logs_are_asked_once_its_condensed_file_is_found(
     devserver: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
