@@ -116,6 +116,23 @@ class MetaStore:
             with self._lock:
                 return self._memory.setdefault(key, value)
 
+    def has(self, key: str) -> bool:
+        """Whether a value is stored for `key` (without reading it)."""
+        with self._lock:
+            if key in self._memory:
+                return True
+        with self._db_lock:
+            if self._db is None:
+                return False
+            try:
+                row = self._db.execute(
+                    "SELECT 1 FROM answers WHERE scope=? AND key=?", (self._scope, key)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                log.warning("metadata store read failed: %s", exc)
+                return False
+            return row is not None
+
     def put(self, key: str, value: Any) -> None:
         now = time.time()
         text = json.dumps(value, separators=(",", ":"))
@@ -167,6 +184,10 @@ class Memo:
         self._warned: set[str] = set()
         self._refreshing: set[str] = set()
         self._failed: dict[str, float] = {}  # key -> when its last refresh failed (clock)
+
+    def stored(self, key: str) -> bool:
+        """Whether an answer is stored for `key` (any age)."""
+        return self._store.has(key)
 
     def _deadline(self) -> float:
         """A deadline for one question (one page of a listing)."""

@@ -30,7 +30,7 @@ from ..cache import prefetch
 from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
 from ..cache.identity import ObjectId
-from ..errors import DcorfsError, NotFound
+from ..errors import AccessDenied, DcorfsError, NotFound
 from ..hdf5.contour import Contour, contour_of
 from ..hdf5.rtdc import RtdcResource
 from ..hdf5.structure import TRACE_PREFIX, Feature
@@ -516,11 +516,16 @@ class ListingDir(Dir):
 
 
 class DatasetsDir(ListingDir):
-    """`datasets/`, or a circle's or collection's datasets (`fq`). A name looked up in
-    `datasets/` before its listing is made is asked of CKAN alone (`package_show`, one small
-    answer), not found in the listing of the whole site (`package_search`, page by page: the
-    real DCOR lists thousands of datasets) — a reader who opens a path by name never waits
-    for, nor parses, the catalogue (doc/ARCHITECTURE.md, "One read")."""
+    """`datasets/`, or a circle's or collection's datasets (`fq`).
+
+    A name looked up in `datasets/` while no listing of it is loaded or remembered is asked
+    of CKAN alone (`package_show`, one small answer), not found in the listing of the whole
+    site (`package_search`, page by page: the real DCOR lists thousands of datasets): a
+    reader who opens a path by name on a new cache never waits for, nor parses, the
+    catalogue; a name answered so before is answered from that at once (however old; asked
+    again in the background). Where a listing is loaded, or remembered and the name not, it
+    answers as before (a stale one at once, refreshed in the background; also offline). A
+    name the listing does not have is asked alone too (an unlisted dataset)."""
 
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, mtime: float, fq: str = ""
@@ -529,7 +534,9 @@ class DatasetsDir(ListingDir):
         self._ctx = ctx
         self._catalog = catalog
         self._fq = fq
-        self._named: dict[str, DatasetDir] = {}  # found by name (the listing takes them)
+        # nodes by name: those listed and those found by name alone (the listing takes them)
+        self._named: dict[str, DatasetDir] = {}
+        self._alone: set[str] = set()  # names found by name alone
         self._named_lock = threading.Lock()
 
     def _listing(self) -> Listing[Dataset]:
@@ -537,33 +544,59 @@ class DatasetsDir(ListingDir):
 
     def _make(self, entries: tuple[Dataset, ...]) -> dict[str, Node]:
         named = unique((ds.name, ds.id, ds) for ds in entries)
-        return {n: self._node(n, ds) for n, ds in named.items()}
+        made: dict[str, Node] = {n: self._node(n, ds) for n, ds in named.items()}
+        with self._named_lock:  # datasets no longer listed go (but those found by name)
+            for name in [n for n in self._named if n not in made and n not in self._alone]:
+                del self._named[name]
+        return made
 
-    def _node(self, name: str, dataset: Dataset, known: Node | None = None) -> DatasetDir:
-        """The node of `dataset` at `name`: the one found by name or `known` (listed before)
-        where there is one (given the dataset as now described), else a new one."""
-        made = DatasetDir(self.child_path(name), self._ctx, dataset)
+    def _node(self, name: str, dataset: Dataset) -> DatasetDir:
+        """The node of `dataset` at `name`: the one made before for that dataset (given the
+        dataset as now described), else a new one."""
         with self._named_lock:
-            kept = _keep(self._named.get(name) or known, made)
-            assert isinstance(kept, DatasetDir)  # (the same path holds a dataset's node)
-            self._named[name] = kept
-        return kept
+            old = self._named.get(name)
+            if old is not None and old.dataset.id == dataset.id:
+                old.update(dataset)
+                return old
+            node = self._named[name] = DatasetDir(self.child_path(name), self._ctx, dataset)
+            return node
 
     def lookup(self, name: str) -> Node:
-        ready = self.ready_children()
-        node = None if ready is None else ready.get(name)
-        if node is not None:
-            return node
-        if not self._fq:  # datasets/: any dataset resolves by name, also unlisted ones
+        asked, failed = False, None
+        if (
+            not self._fq
+            and self._children is None
+            and (self._catalog.remembers_dataset(name) or not self._catalog.remembers_datasets())
+        ):
+            asked = True
             try:
-                dataset = self._catalog.dataset(name)
-            except NotFound:
-                dataset = None  # a listed name may be made unique (`names.unique`)
-            if dataset is not None and sanitize(dataset.name) == name:
-                return self._node(name, dataset, (self._children or {}).get(name))
+                found = self._by_name(name)
+            except AccessDenied:
+                raise
+            except DcorfsError as exc:  # the listing may have it (else said): a name made
+                failed = exc  # unique, or CKAN failing on this one dataset
+            else:
+                if found is not None:
+                    return found
         node = self.children().get(name)
+        if node is None and not self._fq and not asked:
+            node = self._by_name(name)  # datasets/: any dataset resolves by name, also unlisted
         if node is None:
+            if failed is not None:
+                raise failed
             raise NotFound(f"{self.child_path(name)} does not exist")
+        return node
+
+    def _by_name(self, name: str) -> DatasetDir | None:
+        """The dataset `name` as CKAN shows it alone (`Catalog.dataset`, a stored answer at
+        once); None where it has another name (asked by id); NotFound where there is none
+        (a listed name may be made unique, `names.unique`: the listing has it)."""
+        dataset = self._catalog.dataset(name, at_once=True)
+        if sanitize(dataset.name) != name:
+            return None
+        node = self._node(name, dataset)
+        with self._named_lock:
+            self._alone.add(name)
         return node
 
 

@@ -156,6 +156,28 @@ async def test_a_dataset_opened_by_name_is_asked_for_alone(
         assert await errno_of(ops, "/datasets/no-such-dataset") == errno.ENOENT
 
 
+async def test_a_remembered_listing_answers_names_also_while_the_server_is_away(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A name the remembered listing of datasets/ has is answered from it, without asking
+    CKAN for that dataset alone (package_show, never asked for it): also while the server
+    cannot be reached."""
+    server = DevServer(data_dir)
+    server.start()
+    try:
+        with wired(tmp_path, host=server.url, timeout=3.0) as ops:
+            assert "generated" in await names(ops, "/datasets")
+        server.stats.reset()
+        with wired(tmp_path, host=server.url, timeout=3.0) as ops:
+            assert (await walk(ops, "/datasets/generated")).st_ino
+            assert "package_show" not in server.stats.snapshot()["api"]
+    finally:
+        server.stop()
+    with wired(tmp_path, host=server.url, timeout=3.0) as ops:
+        assert (await walk(ops, "/datasets/generated")).st_ino
+        assert "dataset.json" in await names(ops, "/datasets/generated")
+
+
 async def test_a_resources_logs_are_asked_once_its_condensed_file_is_found(
     devserver: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
