@@ -30,7 +30,7 @@ from ..cache import prefetch
 from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
 from ..cache.identity import ObjectId
-from ..errors import AccessDenied, DcorfsError, NotFound
+from ..errors import AccessDenied, DcorfsError, DeadlineExceeded, NotFound
 from ..hdf5.contour import Contour, contour_of
 from ..hdf5.rtdc import RtdcResource
 from ..hdf5.structure import TRACE_PREFIX, Feature
@@ -518,14 +518,14 @@ class ListingDir(Dir):
 class DatasetsDir(ListingDir):
     """`datasets/`, or a circle's or collection's datasets (`fq`).
 
-    A name looked up in `datasets/` while no listing of it is loaded or remembered is asked
-    of CKAN alone (`package_show`, one small answer), not found in the listing of the whole
-    site (`package_search`, page by page: the real DCOR lists thousands of datasets): a
-    reader who opens a path by name on a new cache never waits for, nor parses, the
-    catalogue; a name answered so before is answered from that at once (however old; asked
-    again in the background). Where a listing is loaded, or remembered and the name not, it
-    answers as before (a stale one at once, refreshed in the background; also offline). A
-    name the listing does not have is asked alone too (an unlisted dataset)."""
+    A name looked up in `datasets/` while no listing of it is loaded or remembered (a new
+    cache, or one that never listed it) is asked of CKAN alone (`package_show`, one small
+    answer, remembered as any answer), not found in the listing of the whole site
+    (`package_search`, page by page: the real DCOR lists thousands of datasets): a reader who
+    opens a path by name never waits for, nor parses, the catalogue. A name CKAN has no
+    dataset of (a name `names.unique` made), or fails on, is looked for in the listing. Once
+    a listing is loaded or remembered, it answers as any listing (a stale one at once, also
+    offline), and a name it lacks is asked alone (an unlisted dataset)."""
 
     def __init__(
         self, path: str, ctx: Context, catalog: Catalog, *, mtime: float, fq: str = ""
@@ -534,9 +534,7 @@ class DatasetsDir(ListingDir):
         self._ctx = ctx
         self._catalog = catalog
         self._fq = fq
-        # nodes by name: those listed and those found by name alone (the listing takes them)
-        self._named: dict[str, DatasetDir] = {}
-        self._alone: set[str] = set()  # names found by name alone
+        self._named: dict[str, DatasetDir] = {}  # the node of each name (listed, or asked)
         self._named_lock = threading.Lock()
 
     def _listing(self) -> Listing[Dataset]:
@@ -545,10 +543,13 @@ class DatasetsDir(ListingDir):
     def _make(self, entries: tuple[Dataset, ...]) -> dict[str, Node]:
         named = unique((ds.name, ds.id, ds) for ds in entries)
         made: dict[str, Node] = {n: self._node(n, ds) for n, ds in named.items()}
-        with self._named_lock:  # datasets no longer listed go (but those found by name)
-            for name in [n for n in self._named if n not in made and n not in self._alone]:
+        with self._named_lock:  # (a name asked alone again gets a node again)
+            for name in [n for n in self._named if n not in made]:
                 del self._named[name]
         return made
+
+    def _merged(self, old: Node | None, new: Node) -> Node:
+        return new  # `_node` kept the node of the same dataset
 
     def _node(self, name: str, dataset: Dataset) -> DatasetDir:
         """The node of `dataset` at `name`: the one made before for that dataset (given the
@@ -562,42 +563,31 @@ class DatasetsDir(ListingDir):
             return node
 
     def lookup(self, name: str) -> Node:
-        asked, failed = False, None
-        if (
-            not self._fq
-            and self._children is None
-            and (self._catalog.remembers_dataset(name) or not self._catalog.remembers_datasets())
-        ):
-            asked = True
+        if self._fq or self._children is not None or self._catalog.remembers_datasets():
+            node = self.children().get(name)
+            if node is None and not self._fq:
+                node = self._by_name(name)  # datasets/: any dataset resolves by name
+        else:
             try:
-                found = self._by_name(name)
-            except AccessDenied:
-                raise
-            except DcorfsError as exc:  # the listing may have it (else said): a name made
-                failed = exc  # unique, or CKAN failing on this one dataset
-            else:
-                if found is not None:
-                    return found
-        node = self.children().get(name)
-        if node is None and not self._fq and not asked:
-            node = self._by_name(name)  # datasets/: any dataset resolves by name, also unlisted
+                node = self._by_name(name)
+            except DcorfsError as exc:
+                if isinstance(exc, AccessDenied | DeadlineExceeded) or exc.transient:
+                    raise  # (the listing would wait for the same server again)
+                try:  # not a dataset's name in CKAN, or CKAN failing on this one
+                    node = self.children().get(name)
+                except DcorfsError:
+                    raise exc from None
+                if node is None:
+                    raise
         if node is None:
-            if failed is not None:
-                raise failed
             raise NotFound(f"{self.child_path(name)} does not exist")
         return node
 
     def _by_name(self, name: str) -> DatasetDir | None:
-        """The dataset `name` as CKAN shows it alone (`Catalog.dataset`, a stored answer at
-        once); None where it has another name (asked by id); NotFound where there is none
-        (a listed name may be made unique, `names.unique`: the listing has it)."""
-        dataset = self._catalog.dataset(name, at_once=True)
-        if sanitize(dataset.name) != name:
-            return None
-        node = self._node(name, dataset)
-        with self._named_lock:
-            self._alone.add(name)
-        return node
+        """The dataset `name` as CKAN shows it alone (`Catalog.dataset`); None where it has
+        another name (a lookup by id)."""
+        dataset = self._catalog.dataset(name)
+        return self._node(name, dataset) if sanitize(dataset.name) == name else None
 
 
 class GroupsDir(ListingDir):

@@ -280,29 +280,18 @@ class Catalog:
 
         return self._listing(answers.dataset_search(fq), ask, parse_dataset, "dataset")
 
-    def dataset(self, name_or_id: str, *, at_once: bool = False) -> Dataset:
+    def dataset(self, name_or_id: str) -> Dataset:
         """A dataset by name or id; a draft or deleted one, which CKAN shows to members of
-        its circle and collections, is not found, as it is never listed (doc/DCOR.md §11).
-        `at_once`: a stored answer is given however old (asked again in the background once
-        older than the listings' age), as a listing is: a lookup by name never waits for
-        the server where it has been answered before (also while it cannot be reached)."""
-        key = answers.dataset(name_or_id)
+        its circle and collections, is not found, as it is never listed (doc/DCOR.md §11)."""
 
         def ask(deadline: float) -> Any:
             return self._api.action("package_show", {"id": name_or_id}, deadline=deadline)
 
-        if at_once and self._memo.stored(key):
-            record = self._memo.listing(key, lambda d: ask(d()), max_age=self._listing_age)[0]
-        else:
-            record = self._ask(key, ask, self._listing_age)
+        record = self._ask(answers.dataset(name_or_id), ask, self._listing_age)
         dataset = parse_dataset(record)
         if dataset.state != "active":
             raise NotFound(f"dataset {dataset.name} is {dataset.state}")
         return dataset
-
-    def remembers_dataset(self, name_or_id: str) -> bool:
-        """Whether CKAN's answer for this dataset alone is stored (`dataset`)."""
-        return self._memo.stored(answers.dataset(name_or_id))
 
     def remembers_datasets(self, fq: str = "") -> bool:
         """Whether the listing `datasets(fq)` is stored (any age)."""

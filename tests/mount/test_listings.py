@@ -74,6 +74,26 @@ def test_a_stale_listing_is_shown_at_once_while_it_is_refreshed(
         assert eventually(lambda: names_in(datasets) == ["draft-study"])
 
 
+def test_a_dataset_opened_by_its_path_goes_once_deleted(tmp_path: Path) -> None:
+    """A dataset opened by its path on a new cache (asked of CKAN alone, not listed) is gone
+    once CKAN no longer shows it, as a listed one is (after `--dir-cache-time`)."""
+    with served(make_access_site(tmp_path / "data")) as server:
+        options = ("--dir-cache-time", "1")
+        with mounted(tmp_path / "mnt", server.url, tmp_path / "cache", *options) as mnt:
+            study = mnt / "datasets" / "open-study"
+            assert "dataset.json" in names_in(study)
+            set_state(server, "open-study", "deleted")
+
+            def gone() -> bool:
+                try:
+                    study.stat()
+                except OSError as exc:
+                    return exc.errno in (errno.ENOENT, errno.EACCES)
+                return False
+
+            assert eventually(gone)
+
+
 def test_a_real_size_listing_takes_pages_each_with_its_own_deadline(tmp_path: Path) -> None:
     """1001 datasets: two pages of package_search, 2.5 s each, with `--timeout 4`: the whole
     listing takes longer than the timeout and longer than the 5 s a stale listing used to be
