@@ -101,15 +101,7 @@ class MetaStore:
         if hit is not None:
             return hit
         with self._db_lock:
-            if self._db is None:
-                return None
-            try:
-                row = self._db.execute(
-                    "SELECT value, stored FROM answers WHERE scope=? AND key=?", (self._scope, key)
-                ).fetchone()
-            except sqlite3.Error as exc:
-                log.warning("metadata store read failed: %s", exc)
-                return None
+            row = self._row("value, stored", key)
             if row is None:
                 return None
             value = (json.loads(row[0]), float(row[1]))
@@ -122,16 +114,19 @@ class MetaStore:
             if key in self._memory:
                 return True
         with self._db_lock:
-            if self._db is None:
-                return False
-            try:
-                row = self._db.execute(
-                    "SELECT 1 FROM answers WHERE scope=? AND key=?", (self._scope, key)
-                ).fetchone()
-            except sqlite3.Error as exc:
-                log.warning("metadata store read failed: %s", exc)
-                return False
-            return row is not None
+            return self._row("1", key) is not None
+
+    def _row(self, columns: str, key: str) -> Any:
+        """The stored row of `key` (`columns` of it), None if none (call with `_db_lock`)."""
+        if self._db is None:
+            return None
+        try:
+            return self._db.execute(
+                f"SELECT {columns} FROM answers WHERE scope=? AND key=?", (self._scope, key)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            log.warning("metadata store read failed: %s", exc)
+            return None
 
     def put(self, key: str, value: Any) -> None:
         now = time.time()
