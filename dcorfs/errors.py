@@ -70,6 +70,12 @@ class DeadlineExceeded(DcorfsError):
     """Retries ran out of time (`--timeout`): the read fails with EIO instead of hanging."""
 
 
+def unreachable(exc: DcorfsError) -> bool:
+    """Whether `exc` says the server did not answer (a failure retries may cure that they did
+    not, or the deadline passed): not what it answered. Then a stored answer may serve."""
+    return exc.transient or isinstance(exc, DeadlineExceeded)
+
+
 class ProtocolError(DcorfsError):
     """The server answered something that cannot be right and will not change on retry."""
 

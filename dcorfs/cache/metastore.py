@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import DcorfsError, DeadlineExceeded
+from ..errors import DcorfsError, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class Memo:
             try:
                 value = ask(deadline)
             except DcorfsError as exc:
-                if stored is None or not (exc.transient or isinstance(exc, DeadlineExceeded)):
+                if stored is None or not unreachable(exc):
                     raise
                 if key not in self._warned:
                     self._warned.add(key)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..cache import cachedir
 from ..cache.metastore import MetaStore
-from ..errors import AccessDenied, ConfigError, DcorfsError, DeadlineExceeded, NotFound, StaleMount
+from ..errors import AccessDenied, ConfigError, DcorfsError, NotFound, StaleMount, unreachable
 from ..remote.dcserv import DcorApi, bucket_name
 from ..remote.http import Http, RetryPolicy
 from ..remote.s3 import sigv4_presigner
@@ -106,7 +106,7 @@ def _preflight(
     except ConfigError:
         raise
     except DcorfsError as exc:
-        if not (exc.transient or isinstance(exc, DeadlineExceeded)):
+        if not unreachable(exc):
             raise ConfigError(f"{origin} does not answer like {like}: {exc}") from None
         if store.get(marker) is None:
             raise ConfigError(f"cannot reach {origin}: {exc}") from None

@@ -30,7 +30,7 @@ from ..cache import prefetch
 from ..cache.blockcache import BlockCache
 from ..cache.derived import DerivedCache
 from ..cache.identity import ObjectId
-from ..errors import AccessDenied, DcorfsError, DeadlineExceeded, NotFound
+from ..errors import AccessDenied, DcorfsError, NotFound, unreachable
 from ..hdf5.contour import Contour, contour_of
 from ..hdf5.rtdc import RtdcResource
 from ..hdf5.structure import TRACE_PREFIX, Feature
@@ -568,19 +568,28 @@ class DatasetsDir(ListingDir):
             if node is None and not self._fq:
                 node = self._by_name(name)  # datasets/: any dataset resolves by name
         else:
-            try:
-                node = self._by_name(name)
-            except DcorfsError as exc:
-                if isinstance(exc, AccessDenied | DeadlineExceeded) or exc.transient:
-                    raise  # (the listing would wait for the same server again)
-                try:  # not a dataset's name in CKAN, or CKAN failing on this one
-                    node = self.children().get(name)
-                except DcorfsError:
-                    raise exc from None
-                if node is None:
-                    raise
+            node = self._alone_first(name)
         if node is None:
             raise NotFound(f"{self.child_path(name)} does not exist")
+        return node
+
+    def _alone_first(self, name: str) -> Node | None:
+        """With no listing loaded or remembered: the dataset asked alone (`_by_name`), else
+        the listing's (a name `names.unique` made, or CKAN failing on this one dataset),
+        whose own failure then says the first error; not when the server is away or refuses
+        (the listing would ask the same server)."""
+        try:
+            return self._by_name(name)
+        except DcorfsError as exc:
+            if isinstance(exc, AccessDenied) or unreachable(exc):
+                raise
+            failed = exc
+        try:
+            node = self.children().get(name)
+        except DcorfsError:
+            raise failed from None
+        if node is None:
+            raise failed
         return node
 
     def _by_name(self, name: str) -> DatasetDir | None:
