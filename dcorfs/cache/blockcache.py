@@ -33,6 +33,7 @@ from .budget import InFlight
 from .diskstore import DiskStore
 from .identity import ObjectId
 from .prefetch import DISK_PARTS_FROM, DISK_RUN
+from .runbuffers import pooled
 from .slots import Block
 from .writebehind import WriteBehind
 
@@ -286,7 +287,7 @@ class BlockCache:
                 incomplete[block[0]] = None
             else:
                 self._counts["disk_hits"] += 1
-                self._remember(block, data)
+                self._remember(block, bytes(data) if pooled(data) else data)
         return list(incomplete)
 
     def admit(self, obj: ObjectId, data: bytes | memoryview) -> None:
@@ -382,7 +383,8 @@ class BlockCache:
         for index, data in zip(not_in_memory, stored, strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1
-                self._remember((obj, index), data, passing=not disk)
+                if not pooled(data):  # (a stream's run, in a reused buffer: not held on)
+                    self._remember((obj, index), data, passing=not disk)
                 found[index] = data
             else:
                 missing.append(index)

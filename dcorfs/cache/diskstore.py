@@ -43,7 +43,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from . import cachedir, slots
 from .identity import ObjectId
-from .prefetch import DISK_DIRECT_FROM
+from .prefetch import DISK_DIRECT_FROM, DISK_RUN
+from .runbuffers import ALIGN, RunBuffers
 from .slots import Block, Damaged, Layout
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,10 @@ class DiskStore:
         self._direct_from = direct_from
         if direct_from is not None and not slots.can_direct(self._objects):
             self._direct_from = None
+        # runs of such blocks (a stream's) read past the page cache too: DISK_RUN bytes of
+        # blocks of at least `direct_from` bytes, each slot up to a filesystem block more
+        most_blocks = DISK_RUN // max(direct_from or DISK_RUN, 64 << 10)  # (more: not pooled)
+        self._runs = RunBuffers(DISK_RUN + most_blocks * ALIGN)
         self._direct_lock = threading.Lock()
         if not self._punch:
             log.warning("%s cannot punch holes: the cache evicts whole objects", directory)
@@ -514,18 +519,22 @@ class DiskStore:
         there is read alone by `get`, which finds and handles its damage."""
         layout = Layout.of(obj, block_size or self.block_size)
         indices = range(first, first + count)
+        path = self._file(layout)
         try:
-            fd = os.open(self._file(layout), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return [None] * count
         except OSError:  # (each `get` then says what)
             return [self.get(obj, index, block_size=block_size) for index in indices]
+        direct = self._direct_run(path, layout, count)
         try:
-            found, failed = slots.read_run(fd, layout, first, count)
+            found, failed = slots.read_run(fd, layout, first, count, direct=direct)
         except OSError:
             found, failed = [None] * count, list(indices)
         finally:
             os.close(fd)
+            if direct is not None:
+                os.close(direct[0])
         again = set(failed)
         blocks: list[Block | None] = []
         for index, read in zip(indices, found, strict=True):
@@ -538,6 +547,18 @@ class DiskStore:
                 self._touch(name)
                 blocks.append(read)
         return blocks
+
+    def _direct_run(self, path: str, layout: Layout, count: int) -> slots.Direct | None:
+        """For a run of `count` blocks, each written past the page cache (`direct_from`): the
+        file opened again with O_DIRECT, to read them past it too into the store's reused
+        buffers (`runbuffers`); None for other runs, or where the open is refused."""
+        least = self._direct_from
+        if least is None or count < 2 or layout.block_size < least:
+            return None
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | slots.O_DIRECT), self._runs
+        except OSError:
+            return None
 
     def _touch(self, name: str) -> None:
         """Mark a block used (at most every TOUCH_EVERY seconds per block), for `settle`."""

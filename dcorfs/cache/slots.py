@@ -61,9 +61,10 @@ import numpy as np
 from zlib_ng.zlib_ng import crc32, crc32_combine
 
 from .identity import ObjectId
+from .runbuffers import ALIGN, RunBuffers
 
 PAGE = 32 << 10  # bytes under one CRC: the least a read of a block reads and checks
-ALIGN = 4096  # the entry table is padded to this, so that blocks start on filesystem blocks
+# (ALIGN, 4096: the entry table is padded to it, so that blocks start on filesystem blocks)
 MAGIC = b"DCS1"
 ENTRY = struct.Struct("<4s8sQI")  # magic, identity prefix, index, length; then one CRC per page
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -251,8 +252,11 @@ def read(
     return memoryview(data)[start - begin : stop - begin]  # (a view: no copy of the part)
 
 
+Direct = tuple[int, RunBuffers]  # a file's descriptor opened with O_DIRECT, and the buffers
+
+
 def read_run(
-    fd: int, layout: Layout, first: int, count: int
+    fd: int, layout: Layout, first: int, count: int, *, direct: Direct | None = None
 ) -> tuple[list[Block | None], list[int]]:
     """Whole blocks `first` … `first + count - 1`: their entries in one read, then the slots
     of each stretch of blocks with entries in one more (each block's bytes into a buffer of
@@ -261,14 +265,17 @@ def read_run(
     naming another block or cut short, a CRC that does not match, a slot past the file's
     end). Nothing is raised for damage: the caller reads those blocks alone (`read`), which
     says what is wrong. Blocks never stored cost no read of their slots (a cold stream asks
-    for blocks its file does not hold yet)."""
+    for blocks its file does not hold yet). With `direct`, a stretch's slots are read past
+    the page cache into one of its buffers where one is free (`runbuffers`): the blocks are
+    then views of it."""
     size = layout.entry_size
     table = os.pread(fd, count * size, layout.entry_at(first))
     entries = [table[n * size : (n + 1) * size] for n in range(count)]
     found: list[Block | None] = [None] * count
     failed: list[int] = []
     for n, end in stretches([not _empty(entry) for entry in entries]):  # (the others: holes)
-        for m, data in enumerate(_read_stretch(fd, layout, first + n, end - n), start=n):
+        stretch = _read_stretch(fd, layout, first + n, end - n, direct)
+        for m, data in enumerate(stretch, start=n):
             index = first + m
             if data is not None and _holds(entries[m], layout, index, data):
                 data.flags.writeable = False
@@ -294,10 +301,17 @@ def _empty(entry: bytes) -> bool:
     return entry.count(0) == len(entry)
 
 
-def _read_stretch(fd: int, layout: Layout, first: int, count: int) -> list[np.ndarray | None]:
-    """The slots of blocks `first` … in one read, each block's bytes a buffer of its own (None
-    for a block the file ends within)."""
+def _read_stretch(
+    fd: int, layout: Layout, first: int, count: int, direct: Direct | None = None
+) -> list[np.ndarray | None]:
+    """The slots of blocks `first` … in one read, each block's bytes a buffer of its own, or
+    with `direct` views of one pooled buffer where one is free (None for a block the file
+    ends within)."""
     lengths = [layout.length(first + n) for n in range(count)]
+    if direct is not None:
+        found = _read_direct(*direct, layout, first, lengths)
+        if found is not None:
+            return found
     buffers = [np.empty(length, dtype=np.uint8) for length in lengths]
     scratch = np.empty(ALIGN, dtype=np.uint8)  # (a gap is less than a filesystem block)
     into: list[np.ndarray] = []
@@ -311,6 +325,32 @@ def _read_stretch(fd: int, layout: Layout, first: int, count: int) -> list[np.nd
     return [
         buffer if n * layout.stride + lengths[n] <= got else None
         for n, buffer in enumerate(buffers)
+    ]
+
+
+def _read_direct(
+    fd: int, buffers: RunBuffers, layout: Layout, first: int, lengths: list[int]
+) -> list[np.ndarray | None] | None:
+    """`_read_stretch` past the page cache (`fd` opened with O_DIRECT) into a free buffer of
+    `buffers`; None where none is free or the read is refused (the caller reads as without)."""
+    stride = layout.stride
+    total = footprint((len(lengths) - 1) * stride + lengths[-1])  # (whole filesystem blocks)
+    buffer = buffers.take(total)
+    if buffer is None:
+        return None
+    got, offset = 0, layout.data_at(first)
+    try:
+        with buffer.data as view:
+            while got < total:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                got += n
+                if n == 0 or got % ALIGN:
+                    break  # the file ends here
+    except OSError:  # (EINVAL: a filesystem that refuses O_DIRECT after all)
+        return None
+    return [
+        buffer[n * stride : n * stride + length] if n * stride + length <= got else None
+        for n, length in enumerate(lengths)
     ]
 
 

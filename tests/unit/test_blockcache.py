@@ -331,9 +331,9 @@ def test_stored_blocks_in_a_row_are_read_from_disk_in_one_run(
     alone: list[int] = []
     real_run, real_read = slots.read_run, slots.read
 
-    def read_run(fd: int, layout: Layout, first: int, count: int) -> Any:
+    def read_run(fd: int, layout: Layout, first: int, count: int, **kw: Any) -> Any:
         runs.append((first, count))
-        return real_run(fd, layout, first, count)
+        return real_run(fd, layout, first, count, **kw)
 
     def read(fd: int, layout: Layout, index: int, *args: Any) -> Any:
         alone.append(index)
@@ -360,13 +360,16 @@ def test_pieces_cut_from_blocks_read_from_disk_are_copies(tmp_path: Path) -> Non
     """Blocks read from disk in runs are views of buffers of their own, kept in memory: a
     read's pieces are those blocks where it takes them whole, copies where it cuts them (a
     piece kept by a read-ahead window must not keep a whole block alive outside the
-    cache's bound), of small blocks as of large ones (read in parts: `_parts`)."""
+    cache's bound), of small blocks as of large ones (read in parts: `_parts`; written and
+    read through the page cache here: runs read past it are not kept, next test)."""
     for size in (BLOCK, DISK_PARTS_FROM):
         data = os.urandom(6 * size)
         obj = ObjectId(key=f"circle-x/resource/abc/def/cut{size}", etag="e1", size=len(data))
 
         def cache(source: Source, size: int = size) -> BlockCache:
-            store = DiskStore(tmp_path / f"cache{size}", limit_bytes=1 << 30, block_size=size)
+            store = DiskStore(
+                tmp_path / f"cache{size}", limit_bytes=1 << 30, block_size=size, direct_from=None
+            )
             return BlockCache(fetch=source, store=store, block_size=size, parallel=4)
 
         cache(Source(data)).read(obj, 0, len(data), deadline=later())

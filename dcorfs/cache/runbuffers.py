@@ -1,0 +1,84 @@
+"""Page-aligned buffers, used again and again, for runs of blocks read past the page cache.
+
+A run of a stream's blocks read from the disk cache (`slots.read_run`) through the page cache
+costs the kernel twice: it fills fresh page-cache pages with the cache file's bytes, then
+copies them into the reader's buffers, themselves fresh memory for each run. Read with
+`O_DIRECT` into a buffer that earlier runs already touched, the disk's bytes land in the
+buffer directly. Re-reading `image.npy` of 100,000 events (2 GB) from the disk cache this way
+took the daemon 1.2–1.8 s of system time instead of 2.7–3.5 s, and ran at 0.69–0.94 GB/s
+instead of 0.56–0.67 (doc/ARCHITECTURE.md, "Speed").
+
+A run's blocks are views of its buffer, so a buffer is handed out again only once nothing
+refers to it: each buffer is a NumPy array owning its memory, and every view of it (a
+block's array, a memoryview of one, a slice of that) holds a reference to that owner (NumPy
+makes the owner every view's `base`), so the owner's reference count says exactly whether any
+view is alive (`_unused`). A buffer in use is never written. When every buffer is in use (a
+reader holding windows, blocks kept elsewhere) `take` gives None and the caller reads as
+without this pool, into buffers of their own; at most `spare` unused buffers are kept.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+ALIGN = 4096  # O_DIRECT: buffer addresses, offsets and lengths in multiples of this
+
+
+class Pooled(np.ndarray):
+    """A view of a pool's buffer (a block read into it): marks bytes not to keep for long
+    (`pooled`), since they hold the whole buffer from being used again."""
+
+
+def pooled(data: object) -> bool:
+    """Whether `data` (a block: bytes, or a memoryview of an array) lies in a pool's buffer."""
+    return isinstance(data, memoryview) and isinstance(data.obj, Pooled)
+
+
+class RunBuffers:
+    """Up to `most` buffers of `size` bytes each (page-aligned), at most `spare` of them kept
+    while unused."""
+
+    def __init__(self, size: int, *, most: int = 6, spare: int = 2) -> None:
+        self.size = -(-size // ALIGN) * ALIGN
+        self._most, self._spare = most, spare
+        self._owners: list[np.ndarray] = []  # each buffer's owning array (ALIGN bytes more)
+        self._offsets: list[int] = []  # where its aligned part starts
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> Pooled | None:
+        """A page-aligned buffer of `n` bytes (at most `size`) that nothing refers to, as a
+        writable `Pooled` view (the caller's reference marks it in use); None when `n` is too
+        large or every buffer is in use."""
+        if n > self.size:
+            return None
+        with self._lock:
+            free = [i for i in range(len(self._owners)) if _unused(self._owners, i)]
+            if len(free) > 1 + self._spare:  # keep `spare` unused besides the one taken now
+                drop = set(free[1 + self._spare :])
+                self._owners = [o for i, o in enumerate(self._owners) if i not in drop]
+                self._offsets = [o for i, o in enumerate(self._offsets) if i not in drop]
+            if free:
+                index = free[0]  # (before every dropped one: its place is unchanged)
+            elif len(self._owners) < self._most:
+                owner = np.empty(self.size + ALIGN, dtype=np.uint8)
+                self._owners.append(owner)
+                self._offsets.append(-owner.__array_interface__["data"][0] % ALIGN)
+                index = len(self._owners) - 1
+                del owner
+            else:
+                return None
+            start = self._offsets[index]
+            return self._owners[index][start : start + n].view(Pooled)  # (its base: the owner)
+
+    def __len__(self) -> int:
+        """Buffers made and kept (in use or not)."""
+        return len(self._owners)
+
+
+def _unused(owners: list[np.ndarray], index: int) -> bool:
+    """Whether only the list refers to `owners[index]` (`getrefcount` counts its own argument
+    too): no view of it is alive anywhere."""
+    return sys.getrefcount(owners[index]) <= 2

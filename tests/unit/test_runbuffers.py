@@ -1,0 +1,155 @@
+"""Reused buffers for runs of blocks read past the page cache (cache/runbuffers.py): a buffer
+is never handed out while any view of it lives, runs read into them give the blocks written,
+leave no page of the cache file behind, and are not kept in the memory tier."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcorfs.cache import cachedir, slots
+from dcorfs.cache.blockcache import BlockCache
+from dcorfs.cache.diskstore import DiskStore
+from dcorfs.cache.identity import ObjectId
+from dcorfs.cache.runbuffers import ALIGN, RunBuffers, pooled
+from dcorfs.cache.slots import Layout
+
+from .test_slots import direct_writes_skip_the_page_cache, disk_dir, resident  # noqa: F401
+
+
+def address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def test_a_buffer_is_taken_again_only_once_no_view_of_it_lives() -> None:
+    buffers = RunBuffers(64 << 10, most=2, spare=0)
+    first = buffers.take(10_000)
+    assert first is not None and address(first) % ALIGN == 0 and len(first) == 10_000
+    first[:] = 1
+    block = first[4096:8192]
+    block.flags.writeable = False
+    view = block.data  # (as `read_run` hands blocks on)
+    part = view[100:200]  # (as a reply or a window cuts them)
+    where = address(first)
+    del first, block, view
+    gc.collect()
+    second = buffers.take(ALIGN)
+    assert second is not None and address(second) != where  # the part holds the first one
+    assert buffers.take(ALIGN) is None  # both in use, no third (`most`)
+    second[:] = 2
+    assert bytes(part) == b"\x01" * 100  # never written while a view of it lives
+    del part
+    again = buffers.take(ALIGN)
+    assert again is not None and address(again) == where  # now unused: the same memory
+    assert buffers.take((64 << 10) + 1) is None  # larger than a buffer
+
+
+def test_at_most_spare_unused_buffers_are_kept() -> None:
+    buffers = RunBuffers(ALIGN, most=5, spare=1)
+    taken = [buffers.take(ALIGN) for _ in range(5)]
+    assert all(t is not None for t in taken) and len(buffers) == 5
+    del taken
+    assert buffers.take(ALIGN) is not None and len(buffers) == 2  # the one taken, one spare
+
+
+def test_a_run_read_past_the_page_cache_gives_the_blocks_in_a_reused_buffer(
+    disk_dir: Path,  # noqa: F811
+) -> None:
+    """Blocks written past the page cache and read in runs (`DiskStore.get_run`): the blocks
+    written, each a read-only view of the store's buffers, and no page of the file left in
+    the page cache; a buffer still held by blocks is not used for the next run."""
+    direct_writes_skip_the_page_cache(disk_dir)
+    size = 3 * 100_000 + 5  # (slots off the 4 KiB grid, as decoded chunks make them)
+    data = os.urandom(8 * size - 77)
+    obj = ObjectId(key="circle-x/resource/abc/def/run#rows/image", etag="e", size=len(data))
+    cache = disk_dir / "cache"
+    store = DiskStore(cache, limit_bytes=1 << 30, block_size=size, direct_from=size // 2)
+    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(8)})
+    path = cache / cachedir.OBJECTS / Layout.of(obj, size).name
+    first = store.get_run(obj, 0, 4)
+    assert all(pooled(b) and isinstance(b, memoryview) and b.readonly for b in first)
+    assert b"".join(b for b in first if b is not None) == data[: 4 * size]
+    assert resident(path) <= Layout.of(obj, size).table  # the entries only
+    rest = store.get_run(obj, 4, 4)  # (another buffer: the first run's blocks still live)
+    assert b"".join(b for b in rest if b is not None) == data[4 * size :]
+    assert b"".join(b for b in first if b is not None) == data[: 4 * size]
+    store.close()
+
+
+def test_without_a_free_buffer_a_run_is_read_into_buffers_of_its_own(
+    disk_dir: Path,  # noqa: F811
+) -> None:
+    direct_writes_skip_the_page_cache(disk_dir)
+    size = 1 << 20
+    data = os.urandom(4 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/busy#rows/image", etag="e", size=len(data))
+    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
+    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(4)})
+    held = [store.get_run(obj, 0, 2) for _ in range(6)]  # every buffer (`most`: 6) in use
+    assert all(pooled(b) for run in held for b in run)
+    more = store.get_run(obj, 2, 2)
+    assert not any(pooled(b) for b in more) and b"".join(more) == data[2 * size :]  # type: ignore[arg-type]
+    assert all(b"".join(run) == data[: 2 * size] for run in held)  # type: ignore[arg-type]
+    store.close()
+
+
+@pytest.mark.parametrize("size", [1 << 20])
+def test_blocks_of_a_run_read_past_the_page_cache_are_not_kept_in_memory(
+    disk_dir: Path,  # noqa: F811
+    size: int,
+) -> None:
+    """They would hold their whole buffer from being used again (the memory tier counts a
+    block, not its buffer): a read of them finds them on disk again; those asked to be
+    brought into memory (`recall_stored`) are kept as copies."""
+    direct_writes_skip_the_page_cache(disk_dir)
+    data = os.urandom(3 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/kept#rows/image", etag="e", size=len(data))
+    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
+    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(3)})
+
+    def fetch(*args: object) -> bytes:
+        raise AssertionError("all on disk")
+
+    cache = BlockCache(fetch=fetch, store=store, block_size=size, parallel=1)
+    pieces = cache.read_pieces(obj, 0, len(data), deadline=1e12)
+    assert any(pooled(p) for p in pieces) and b"".join(pieces) == data
+    assert cache.stats().memory_bytes == 0
+    assert cache.recall_stored([obj]) == []
+    assert cache.stats().memory_bytes == len(data)
+    kept = cache.read_pieces(obj, 0, len(data), deadline=1e12)
+    assert not any(pooled(p) for p in kept) and b"".join(kept) == data
+    store.close()
+
+
+def test_a_refused_direct_read_is_read_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that takes O_DIRECT writes but refuses a read (EINVAL): the run is read as
+    without, the same blocks."""
+    size = 1 << 20
+    data = os.urandom(3 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/refused#rows/image", etag="e", size=len(data))
+    layout = Layout.of(obj, size)
+    fd = os.open(tmp_path / "refused", os.O_RDWR | os.O_CREAT, 0o600)
+    real_preadv = os.preadv
+
+    def refuse(fd: int, buffers: object, offset: int) -> int:
+        if fd == refused:
+            raise OSError(22, "Invalid argument")
+        return real_preadv(fd, buffers, offset)  # type: ignore[arg-type]
+
+    try:
+        for index in range(3):
+            slots.write(fd, layout, index, data[index * size : (index + 1) * size])
+        refused = os.dup(fd)
+        monkeypatch.setattr(os, "preadv", refuse)
+        found, failed = slots.read_run(fd, layout, 0, 3, direct=(refused, RunBuffers(4 << 20)))
+        assert failed == [] and not any(pooled(b) for b in found)
+        assert b"".join(b for b in found if b is not None) == data
+        os.close(refused)
+    finally:
+        os.close(fd)
