@@ -604,6 +604,7 @@ class DiskStore:
         any admission (`put_many`, before it evicts). A failure of the index (busy beyond its
         timeout, damaged) loses the marks taken (they only order evictions) and keeps the
         damaged blocks (misses meanwhile) for a retry in SETTLE_RETRY seconds."""
+        self._runs.trim()  # (buffers of runs read meanwhile: `runbuffers`)
         if self._closed:
             return
         marks = self._take_marks()
