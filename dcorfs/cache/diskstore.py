@@ -249,7 +249,7 @@ class DiskStore:
         # runs of such blocks (a stream's) read past the page cache too: DISK_RUN bytes of
         # blocks of at least `direct_from` bytes, each slot up to a filesystem block more
         most_blocks = DISK_RUN // max(direct_from or DISK_RUN, 64 << 10)  # (more: not pooled)
-        self._runs = RunBuffers(DISK_RUN + most_blocks * ALIGN)
+        self.run_buffers = RunBuffers(DISK_RUN + most_blocks * ALIGN)
         self._direct_lock = threading.Lock()
         if not self._punch:
             log.warning("%s cannot punch holes: the cache evicts whole objects", directory)
@@ -556,7 +556,7 @@ class DiskStore:
         if least is None or count < 2 or layout.block_size < least:
             return None
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | slots.O_DIRECT), self._runs
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | slots.O_DIRECT), self.run_buffers
         except OSError:
             return None
 
@@ -604,7 +604,7 @@ class DiskStore:
         any admission (`put_many`, before it evicts). A failure of the index (busy beyond its
         timeout, damaged) loses the marks taken (they only order evictions) and keeps the
         damaged blocks (misses meanwhile) for a retry in SETTLE_RETRY seconds."""
-        self._runs.trim()  # (buffers of runs read meanwhile: `runbuffers`)
+        self.run_buffers.trim()  # (buffers of runs read meanwhile: `runbuffers`)
         if self._closed:
             return
         marks = self._take_marks()

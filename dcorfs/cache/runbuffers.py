@@ -52,6 +52,7 @@ class RunBuffers:
         self._owners: list[np.ndarray] = []  # each buffer's owning array (ALIGN bytes more)
         self._offsets: list[int] = []  # where its aligned part starts
         self._lock = threading.Lock()
+        self._taken = self._none_free = 0  # buffers handed out; times every one was in use
 
     def take(self, n: int) -> Pooled | None:
         """A page-aligned buffer of `n` bytes (at most `size`) that nothing refers to, as a
@@ -74,7 +75,9 @@ class RunBuffers:
                 index = len(self._owners) - 1
                 del owner
             else:
+                self._none_free += 1
                 return None
+            self._taken += 1
             start = self._offsets[index]
             return self._owners[index][start : start + n].view(Pooled)  # (its base: the owner)
 
@@ -84,6 +87,17 @@ class RunBuffers:
             kept = [i for i in range(len(self._owners)) if not _unused(self._owners, i)]
             self._owners = [self._owners[i] for i in kept]
             self._offsets = [self._offsets[i] for i in kept]
+
+    def stats(self) -> dict[str, int]:
+        """Buffers kept, those in use now, buffers handed out, and times none was free."""
+        with self._lock:
+            in_use = sum(not _unused(self._owners, i) for i in range(len(self._owners)))
+            return {
+                "buffers": len(self._owners),
+                "in_use": in_use,
+                "taken": self._taken,
+                "none_free": self._none_free,
+            }
 
     def __len__(self) -> int:
         """Buffers made and kept (in use or not)."""

@@ -272,6 +272,7 @@ def build_front(settings: MountSettings, *, where: str) -> Front:
                 "fetching": cache.held(),
                 "decoding": derived.held(),
                 "writing": layers.writer.stats(),  # blocks queued for the disk cache
+                "run_buffers": layers.disk.run_buffers.stats(),  # runs read past the page cache
             },
             "hdf5_workers": layers.workers.stats(),
             "shared": shared.stats() if shared is not None else None,

@@ -91,7 +91,7 @@ def test_a_run_read_past_the_page_cache_gives_the_blocks_in_a_reused_buffer(
     assert b"".join(b for b in first if b is not None) == data[: 4 * size]
     del first, rest
     store.settle()  # (the disk writer's, a few seconds after reads)
-    assert len(store._runs) == 0  # unused buffers let go
+    assert len(store.run_buffers) == 0  # unused buffers let go
     store.close()
 
 
