@@ -287,7 +287,7 @@ class BlockCache:
                 incomplete[block[0]] = None
             else:
                 self._counts["disk_hits"] += 1
-                self._remember(block, bytes(data) if pooled(data) else data)
+                self._remember(block, data)
         return list(incomplete)
 
     def admit(self, obj: ObjectId, data: bytes | memoryview) -> None:
@@ -338,26 +338,32 @@ class BlockCache:
             return None
         return self._store.get(*key, block_size=self.size_of(key[0]))
 
-    def _stored(self, keys: list[BlockKey], *, parallel: bool = True) -> list[Block | None]:
+    def _stored(
+        self, keys: list[BlockKey], *, parallel: bool = True, pooled: bool = False
+    ) -> list[Block | None]:
         """The blocks from the disk store (None where missing). Consecutive blocks of one
         object are read together, up to `DISK_RUN` bytes a run (`DiskStore.get_run`: one
         read of their entries and one of the slots of each stretch of stored blocks; on
         this VM's disk one reader of large reads is also the fastest; a miss costs one
         failed open, or one read of entries, a run), the first run on this thread and the
-        others in parallel unless `parallel` is False (when misses are expected)."""
+        others in parallel unless `parallel` is False (when misses are expected); `pooled`:
+        as views of the store's reused buffers where it reads past the page cache, for a
+        caller that does not keep them (`DiskStore.get_run`)."""
         if self._store is None:
             return [None] * len(keys)
         runs = _key_runs(keys, lambda obj: max(1, DISK_RUN // self.size_of(obj)))
+        read = functools.partial(self._stored_run, pooled=pooled)
         if len(runs) <= 1 or self._parallel <= 1 or not parallel:
-            return [data for run in runs for data in self._stored_run(run)]
-        return [data for run in self._side_by_side(self._stored_run, runs) for data in run]
+            return [data for run in runs for data in read(run)]
+        return [data for run in self._side_by_side(read, runs) for data in run]
 
-    def _stored_run(self, run: list[BlockKey]) -> list[Block | None]:
+    def _stored_run(self, run: list[BlockKey], *, pooled: bool = False) -> list[Block | None]:
         assert self._store is not None
         obj, first = run[0]
         if len(run) == 1:
             return [self._store_get(run[0])]
-        return self._store.get_run(obj, first, len(run), block_size=self.size_of(obj))
+        size = self.size_of(obj)
+        return self._store.get_run(obj, first, len(run), block_size=size, pooled=pooled)
 
     def _blocks(
         self,
@@ -379,11 +385,14 @@ class BlockCache:
                 found[index] = data
             else:
                 not_in_memory.append(index)
-        stored = self._stored([(obj, i) for i in not_in_memory], parallel=disk)
+        # (what the caller keeps, read into reused buffers where it can: not kept here, nor
+        # read so for `ensure`, which only wants the blocks in memory)
+        keys = [(obj, i) for i in not_in_memory]
+        stored = self._stored(keys, parallel=disk, pooled=keep)
         for index, data in zip(not_in_memory, stored, strict=True):
             if data is not None:
                 self._counts["disk_hits"] += 1
-                if not pooled(data):  # (a stream's run, in a reused buffer: not held on)
+                if not pooled(data):  # (a view of a reused buffer would hold all of it)
                     self._remember((obj, index), data, passing=not disk)
                 found[index] = data
             else:

@@ -250,6 +250,7 @@ class DiskStore:
         # blocks of at least `direct_from` bytes, each slot up to a filesystem block more
         most_blocks = DISK_RUN // max(direct_from or DISK_RUN, 64 << 10)  # (more: not pooled)
         self.run_buffers = RunBuffers(DISK_RUN + most_blocks * ALIGN)
+        self._runs_due: float | None = None  # when unused ones are let go (`_trim_runs`)
         self._direct_lock = threading.Lock()
         if not self._punch:
             log.warning("%s cannot punch holes: the cache evicts whole objects", directory)
@@ -512,11 +513,19 @@ class DiskStore:
         return data
 
     def get_run(
-        self, obj: ObjectId, first: int, count: int, *, block_size: int | None = None
+        self,
+        obj: ObjectId,
+        first: int,
+        count: int,
+        *,
+        block_size: int | None = None,
+        pooled: bool = False,
     ) -> list[Block | None]:
         """Whole blocks `first` … `first + count - 1` of `obj` (each as `get` gives it, or
         None), read from their file together (`slots.read_run`); a block that fails a check
-        there is read alone by `get`, which finds and handles its damage."""
+        there is read alone by `get`, which finds and handles its damage. With `pooled`, for
+        a caller that lets them go soon (a stream's window), blocks written past the page
+        cache are read past it too, as views of the store's reused buffers (`runbuffers`)."""
         layout = Layout.of(obj, block_size or self.block_size)
         indices = range(first, first + count)
         path = self._file(layout)
@@ -526,7 +535,7 @@ class DiskStore:
             return [None] * count
         except OSError:  # (each `get` then says what)
             return [self.get(obj, index, block_size=block_size) for index in indices]
-        direct = self._direct_run(path, layout, count)
+        direct = self._direct_run(path, layout, count) if pooled else None
         try:
             found, failed = slots.read_run(fd, layout, first, count, direct=direct)
         except OSError:
@@ -553,12 +562,19 @@ class DiskStore:
         file opened again with O_DIRECT, to read them past it too into the store's reused
         buffers (`runbuffers`); None for other runs, or where the open is refused."""
         least = self._direct_from
-        if least is None or count < 2 or layout.block_size < least:
+        if least is None or count < 2 or layout.block_size < least or self.run_buffers.refused:
             return None
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | slots.O_DIRECT), self.run_buffers
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | slots.O_DIRECT)
         except OSError:
             return None
+        with self._marks_lock:  # (their buffers are let go at a settling: `_trim_runs`)
+            first = self._runs_due is None
+            if first:
+                self._runs_due = time.monotonic() + TOUCH_EVERY
+        if first:
+            self._unsettled()
+        return fd, self.run_buffers
 
     def _touch(self, name: str) -> None:
         """Mark a block used (at most every TOUCH_EVERY seconds per block), for `settle`."""
@@ -586,13 +602,15 @@ class DiskStore:
         a damaged block is erased at once, marks of use once there are TOUCH_BATCH of them
         or the oldest waited TOUCH_EVERY seconds; after a failed `settle`, not before
         SETTLE_RETRY seconds."""
+        now = time.monotonic()
         with self._marks_lock:
-            if not (self._damaged or self._pending):
-                return None
-            due = self._marked + TOUCH_EVERY
-            if self._damaged or len(self._pending) >= TOUCH_BATCH:
-                due = 0.0
-            return max(0.0, due - time.monotonic(), self._retry_at - time.monotonic())
+            dues = [] if self._runs_due is None else [max(0.0, self._runs_due - now)]
+            if self._damaged or self._pending:
+                due = self._marked + TOUCH_EVERY
+                if self._damaged or len(self._pending) >= TOUCH_BATCH:
+                    due = 0.0
+                dues.append(max(0.0, due - now, self._retry_at - now))
+            return min(dues) if dues else None
 
     def settle(self) -> None:
         """Write what reads left to be written (`get`), in one transaction: their marks of
@@ -604,12 +622,14 @@ class DiskStore:
         any admission (`put_many`, before it evicts). A failure of the index (busy beyond its
         timeout, damaged) loses the marks taken (they only order evictions) and keeps the
         damaged blocks (misses meanwhile) for a retry in SETTLE_RETRY seconds."""
-        self.run_buffers.trim()  # (buffers of runs read meanwhile: `runbuffers`)
+        self._trim_runs()
         if self._closed:
             return
         marks = self._take_marks()
         with self._marks_lock:
             damaged = set(self._damaged)
+            if not (marks or damaged):
+                return  # (due for `_trim_runs` alone)
             # (until it ends well: whatever fails, it is not tried again at once)
             self._retry_at = time.monotonic() + SETTLE_RETRY
         try:
@@ -624,6 +644,17 @@ class DiskStore:
         with self._marks_lock:
             self._damaged -= damaged
             self._retry_at = 0.0
+
+    def _trim_runs(self) -> None:
+        """Let the run buffers nothing refers to go, once due (`TOUCH_EVERY` seconds after
+        the first run read into them, then again while some stay in use)."""
+        with self._marks_lock:
+            due = self._runs_due
+        if due is None or time.monotonic() < due:
+            return
+        self.run_buffers.trim()
+        with self._marks_lock:
+            self._runs_due = time.monotonic() + TOUCH_EVERY if len(self.run_buffers) else None
 
     def _bad(self, name: str) -> bool:
         """Whether a block found damaged is to be erased: it still fails its check, or it is

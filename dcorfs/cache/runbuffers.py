@@ -5,25 +5,28 @@ costs the kernel twice: it fills fresh page-cache pages with the cache file's by
 copies them into the reader's buffers, themselves fresh memory for each run. Read with
 `O_DIRECT` into a buffer that earlier runs already touched, the disk's bytes land in the
 buffer directly. Re-reading `image.npy` of 100,000 events (2 GB) from the disk cache this way
-took the daemon 1.2–1.8 s of system time instead of 2.7–3.5 s, and ran at 0.69–0.94 GB/s
-instead of 0.56–0.67 (doc/ARCHITECTURE.md, "Speed").
+took the daemon 0.8–1.1 s of system time instead of 2.7–3.9 s, and ran at 1.01–1.40 GB/s
+instead of 0.54–0.74 (doc/ARCHITECTURE.md, "Speed").
 
 A run's blocks are views of its buffer, so a buffer is handed out again only once nothing
 refers to it: each buffer is a NumPy array owning its memory, and every view of it (a
-block's array, a memoryview of one, a slice of that) holds a reference to that owner (NumPy
-makes the owner every view's `base`), so the owner's reference count says exactly whether any
-view is alive (`_unused`). A buffer in use is never written. When every buffer is in use (a
-reader holding windows, blocks kept elsewhere) `take` gives None and the caller reads as
+block's array, a memoryview of one, a slice of that) holds a reference to that owner, at the
+end of a chain of `base`s (NumPy collapses the chain only between arrays of one type; the
+`Pooled` view is of another), so the owner's reference count says exactly whether any view is
+alive (`_unused`; CPython's counts, with the GIL). A buffer in use is never written. When
+every buffer is in use (a reader holding windows) `take` gives None and the caller reads as
 without this pool, into buffers of their own. At most `spare` unused buffers are kept when one
-is taken, and none once the owner calls `trim` (the disk store does at its next settling, a
-few seconds after reads). Buffers in use hold the windows of streams, which the read-ahead
-share of the memory limit counts; `most` (4) is what the windows of one stream at the default
-limit take at once (measured: 3, 4 and 6 were not told apart in speed; 6 with two kept unused
-peaked 20 MB higher).
+is taken, and none once the owner calls `trim` (the disk store's writer thread does, 5 s after
+the first run read into them and every 5 s while some are in use). Buffers in use hold the
+windows of streams, which the read-ahead share of the memory limit counts; `most` (4) is what
+the windows of one stream at the default limit take at once (measured: 3, 4 and 6 were not
+told apart in speed; 6 with two kept unused peaked 20 MB higher).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import threading
 
@@ -52,7 +55,8 @@ class RunBuffers:
         self._owners: list[np.ndarray] = []  # each buffer's owning array (ALIGN bytes more)
         self._offsets: list[int] = []  # where its aligned part starts
         self._lock = threading.Lock()
-        self._taken = self._none_free = 0  # buffers handed out; times every one was in use
+        self._runs = self._none_free = 0  # runs read into a buffer; times every one was in use
+        self.refused = False  # a read past the page cache was refused (EINVAL): none again
 
     def take(self, n: int) -> Pooled | None:
         """A page-aligned buffer of `n` bytes (at most `size`) that nothing refers to, as a
@@ -77,9 +81,30 @@ class RunBuffers:
             else:
                 self._none_free += 1
                 return None
-            self._taken += 1
             start = self._offsets[index]
-            return self._owners[index][start : start + n].view(Pooled)  # (its base: the owner)
+            return self._owners[index][start : start + n].view(Pooled)  # (refers to the owner)
+
+    def read(self, fd: int, offset: int, n: int) -> tuple[Pooled, int] | None:
+        """`n` bytes (a multiple of ALIGN) from `offset` (aligned) of `fd`, opened with
+        O_DIRECT, into a free buffer: (the buffer, the bytes read: fewer where the file ends).
+        None where no buffer is free or the read is refused (then `refused`, for EINVAL)."""
+        buffer = self.take(n)
+        if buffer is None:
+            return None
+        got = 0
+        try:
+            with buffer.data as view:
+                while got < n:
+                    part = os.preadv(fd, [view[got:]], offset + got)
+                    got += part
+                    if part == 0 or got % ALIGN:
+                        break  # the file ends here
+        except OSError as exc:  # (EINVAL: a filesystem that refuses O_DIRECT reads after all)
+            self.refused = self.refused or exc.errno == errno.EINVAL
+            return None
+        with self._lock:
+            self._runs += 1
+        return buffer, got
 
     def trim(self) -> None:
         """Let every buffer nothing refers to go (their memory back to the system)."""
@@ -89,13 +114,13 @@ class RunBuffers:
             self._offsets = [self._offsets[i] for i in kept]
 
     def stats(self) -> dict[str, int]:
-        """Buffers kept, those in use now, buffers handed out, and times none was free."""
+        """Buffers kept, those in use now, runs read into them, times none was free."""
         with self._lock:
             in_use = sum(not _unused(self._owners, i) for i in range(len(self._owners)))
             return {
                 "buffers": len(self._owners),
                 "in_use": in_use,
-                "taken": self._taken,
+                "runs": self._runs,
                 "none_free": self._none_free,
             }
 

@@ -335,19 +335,10 @@ def _read_direct(
     `buffers`; None where none is free or the read is refused (the caller reads as without)."""
     stride = layout.stride
     total = footprint((len(lengths) - 1) * stride + lengths[-1])  # (whole filesystem blocks)
-    buffer = buffers.take(total)
-    if buffer is None:
+    read = buffers.read(fd, layout.data_at(first), total)
+    if read is None:
         return None
-    got, offset = 0, layout.data_at(first)
-    try:
-        with buffer.data as view:
-            while got < total:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                got += n
-                if n == 0 or got % ALIGN:
-                    break  # the file ends here
-    except OSError:  # (EINVAL: a filesystem that refuses O_DIRECT after all)
-        return None
+    buffer, got = read
     return [
         buffer[n * stride : n * stride + length] if n * stride + length <= got else None
         for n, length in enumerate(lengths)

@@ -105,7 +105,13 @@ class WriteBehind:
         return data if (start, stop) == (0, len(data)) else data[start:stop]
 
     def get_run(
-        self, obj: ObjectId, first: int, count: int, *, block_size: int | None = None
+        self,
+        obj: ObjectId,
+        first: int,
+        count: int,
+        *,
+        block_size: int | None = None,
+        pooled: bool = False,
     ) -> list[Block | None]:
         """As `DiskStore.get_run`; blocks still queued are served from the queue, the
         stretches between them read from the store (a queued block's file is never read: its
@@ -116,7 +122,9 @@ class WriteBehind:
                 self._pending.get((obj, size, first + n)) for n in range(count)
             ]
         for n, end in stretches([data is None for data in found]):
-            found[n:end] = self._store.get_run(obj, first + n, end - n, block_size=size)
+            found[n:end] = self._store.get_run(
+                obj, first + n, end - n, block_size=size, pooled=pooled
+            )
         return found
 
     def put_many(

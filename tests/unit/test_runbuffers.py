@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dcorfs.cache import cachedir, slots
+from dcorfs.cache import cachedir, diskstore, slots
 from dcorfs.cache.blockcache import BlockCache
 from dcorfs.cache.diskstore import DiskStore
 from dcorfs.cache.identity import ObjectId
@@ -82,16 +83,13 @@ def test_a_run_read_past_the_page_cache_gives_the_blocks_in_a_reused_buffer(
     store = DiskStore(cache, limit_bytes=1 << 30, block_size=size, direct_from=size // 2)
     store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(8)})
     path = cache / cachedir.OBJECTS / Layout.of(obj, size).name
-    first = store.get_run(obj, 0, 4)
+    first = store.get_run(obj, 0, 4, pooled=True)
     assert all(pooled(b) and isinstance(b, memoryview) and b.readonly for b in first)
     assert b"".join(b for b in first if b is not None) == data[: 4 * size]
     assert resident(path) <= Layout.of(obj, size).table  # the entries only
-    rest = store.get_run(obj, 4, 4)  # (another buffer: the first run's blocks still live)
+    rest = store.get_run(obj, 4, 4, pooled=True)  # (another buffer: the first run's blocks live)
     assert b"".join(b for b in rest if b is not None) == data[4 * size :]
     assert b"".join(b for b in first if b is not None) == data[: 4 * size]
-    del first, rest
-    store.settle()  # (the disk writer's, a few seconds after reads)
-    assert len(store.run_buffers) == 0  # unused buffers let go
     store.close()
 
 
@@ -104,9 +102,9 @@ def test_without_a_free_buffer_a_run_is_read_into_buffers_of_its_own(
     obj = ObjectId(key="circle-x/resource/abc/def/busy#rows/image", etag="e", size=len(data))
     store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
     store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(4)})
-    held = [store.get_run(obj, 0, 2) for _ in range(4)]  # every buffer (`most`: 4) in use
+    held = [store.get_run(obj, 0, 2, pooled=True) for _ in range(4)]  # all (`most`, 4) in use
     assert all(pooled(b) for run in held for b in run)
-    more = store.get_run(obj, 2, 2)
+    more = store.get_run(obj, 2, 2, pooled=True)
     assert not any(pooled(b) for b in more) and b"".join(more) == data[2 * size :]  # type: ignore[arg-type]
     assert all(b"".join(run) == data[: 2 * size] for run in held)  # type: ignore[arg-type]
     store.close()
@@ -133,10 +131,65 @@ def test_blocks_of_a_run_read_past_the_page_cache_are_not_kept_in_memory(
     pieces = cache.read_pieces(obj, 0, len(data), deadline=1e12)
     assert any(pooled(p) for p in pieces) and b"".join(pieces) == data
     assert cache.stats().memory_bytes == 0
-    assert cache.recall_stored([obj]) == []
+    cache.ensure(obj, [(0, len(data))], deadline=1e12)  # (wants them in memory: not pooled)
     assert cache.stats().memory_bytes == len(data)
+    assert store.run_buffers.stats()["runs"] == 1  # the first read's alone
     kept = cache.read_pieces(obj, 0, len(data), deadline=1e12)
     assert not any(pooled(p) for p in kept) and b"".join(kept) == data
+    store.close()
+
+
+def test_recall_stored_reads_runs_into_buffers_of_their_own(disk_dir: Path) -> None:  # noqa: F811
+    size = 1 << 20
+    data = os.urandom(3 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/recall#rows/image", etag="e", size=len(data))
+    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
+    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(3)})
+
+    def fetch(*args: object) -> bytes:
+        raise AssertionError("all on disk")
+
+    cache = BlockCache(fetch=fetch, store=store, block_size=size, parallel=1)
+    assert cache.recall_stored([obj]) == []
+    assert cache.stats().memory_bytes == len(data)
+    assert store.run_buffers.stats()["runs"] == 0
+    store.close()
+
+
+def test_unused_buffers_go_at_a_settling_due_after_runs(
+    disk_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A settling is due `TOUCH_EVERY` seconds after the first run read into the buffers (the
+    disk writer sleeps until then, woken by the read), lets the unused ones go, is due again
+    while some are in use, and not at all once none is left."""
+    direct_writes_skip_the_page_cache(disk_dir)
+    monkeypatch.setattr(diskstore, "TOUCH_EVERY", 0.2)
+    size = 1 << 20
+    data = os.urandom(4 * size)
+    obj = ObjectId(key="circle-x/resource/abc/def/settle#rows/image", etag="e", size=len(data))
+    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
+    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(4)})
+    store.settle()  # (what the writes left)
+    assert store.settle_in() is None
+    woken: list[int] = []
+    store.on_unsettled = lambda: woken.append(1)
+    held = store.get_run(obj, 0, 2, pooled=True)
+    dropped = store.get_run(obj, 2, 2, pooled=True)
+    assert all(pooled(b) for b in held + dropped) and woken
+    due = store.settle_in()
+    assert due is not None and 0.0 < due <= 0.2
+    del dropped
+    time.sleep(0.25)
+    assert store.settle_in() == 0.0
+    store.settle()
+    assert len(store.run_buffers) == 1  # the one still held
+    due = store.settle_in()
+    assert due is not None and due > 0.1
+    del held
+    time.sleep(0.25)
+    store.settle()
+    assert len(store.run_buffers) == 0 and store.settle_in() is None
     store.close()
 
 
@@ -162,9 +215,11 @@ def test_a_refused_direct_read_is_read_through_the_page_cache(
             slots.write(fd, layout, index, data[index * size : (index + 1) * size])
         refused = os.dup(fd)
         monkeypatch.setattr(os, "preadv", refuse)
-        found, failed = slots.read_run(fd, layout, 0, 3, direct=(refused, RunBuffers(4 << 20)))
+        buffers = RunBuffers(4 << 20)
+        found, failed = slots.read_run(fd, layout, 0, 3, direct=(refused, buffers))
         assert failed == [] and not any(pooled(b) for b in found)
         assert b"".join(b for b in found if b is not None) == data
+        assert buffers.refused  # (the store reads no more runs past the page cache)
         os.close(refused)
     finally:
         os.close(fd)
