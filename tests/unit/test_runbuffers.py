@@ -8,6 +8,7 @@ import gc
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,27 @@ from .test_slots import direct_writes_skip_the_page_cache, disk_dir, resident  #
 
 def address(array: np.ndarray) -> int:
     return int(array.__array_interface__["data"][0])
+
+
+def stored(
+    directory: Path, name: str, blocks: int, size: int = 1 << 20, **store: Any
+) -> tuple[DiskStore, ObjectId, bytes]:
+    """A disk store in `directory` holding an object of `blocks` blocks of `size` random bytes
+    (the last `store.pop("short", 0)` bytes short), and those bytes."""
+    data = os.urandom(blocks * size - store.pop("short", 0))
+    obj = ObjectId(key=f"circle-x/resource/abc/def/{name}#rows/image", etag="e", size=len(data))
+    disk = DiskStore(directory / "cache", limit_bytes=1 << 30, block_size=size, **store)
+    disk.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(blocks)})
+    return disk, obj, data
+
+
+def on_disk_only(store: DiskStore, size: int = 1 << 20) -> BlockCache:
+    """A block cache over `store` that must not fetch."""
+
+    def fetch(*args: object) -> bytes:
+        raise AssertionError("all on disk")
+
+    return BlockCache(fetch=fetch, store=store, block_size=size, parallel=1)
 
 
 def test_a_buffer_is_taken_again_only_once_no_view_of_it_lives() -> None:
@@ -77,12 +99,8 @@ def test_a_run_read_past_the_page_cache_gives_the_blocks_in_a_reused_buffer(
     the page cache; a buffer still held by blocks is not used for the next run."""
     direct_writes_skip_the_page_cache(disk_dir)
     size = 3 * 100_000 + 5  # (slots off the 4 KiB grid, as decoded chunks make them)
-    data = os.urandom(8 * size - 77)
-    obj = ObjectId(key="circle-x/resource/abc/def/run#rows/image", etag="e", size=len(data))
-    cache = disk_dir / "cache"
-    store = DiskStore(cache, limit_bytes=1 << 30, block_size=size, direct_from=size // 2)
-    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(8)})
-    path = cache / cachedir.OBJECTS / Layout.of(obj, size).name
+    store, obj, data = stored(disk_dir, "run", 8, size, direct_from=size // 2, short=77)
+    path = disk_dir / "cache" / cachedir.OBJECTS / Layout.of(obj, size).name
     first = store.get_run(obj, 0, 4, pooled=True)
     assert all(pooled(b) and isinstance(b, memoryview) and b.readonly for b in first)
     assert b"".join(b for b in first if b is not None) == data[: 4 * size]
@@ -98,10 +116,7 @@ def test_without_a_free_buffer_a_run_is_read_into_buffers_of_its_own(
 ) -> None:
     direct_writes_skip_the_page_cache(disk_dir)
     size = 1 << 20
-    data = os.urandom(4 * size)
-    obj = ObjectId(key="circle-x/resource/abc/def/busy#rows/image", etag="e", size=len(data))
-    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
-    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(4)})
+    store, obj, data = stored(disk_dir, "busy", 4)
     held = [store.get_run(obj, 0, 2, pooled=True) for _ in range(4)]  # all (`most`, 4) in use
     assert all(pooled(b) for run in held for b in run)
     more = store.get_run(obj, 2, 2, pooled=True)
@@ -110,28 +125,19 @@ def test_without_a_free_buffer_a_run_is_read_into_buffers_of_its_own(
     store.close()
 
 
-@pytest.mark.parametrize("size", [1 << 20])
 def test_blocks_of_a_run_read_past_the_page_cache_are_not_kept_in_memory(
     disk_dir: Path,  # noqa: F811
-    size: int,
 ) -> None:
     """They would hold their whole buffer from being used again (the memory tier counts a
-    block, not its buffer): a read of them finds them on disk again; those asked to be
-    brought into memory (`recall_stored`) are kept as copies."""
+    block, not its buffer): a read of them finds them on disk again; `ensure`, which wants
+    them in memory, reads them into buffers of their own."""
     direct_writes_skip_the_page_cache(disk_dir)
-    data = os.urandom(3 * size)
-    obj = ObjectId(key="circle-x/resource/abc/def/kept#rows/image", etag="e", size=len(data))
-    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
-    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(3)})
-
-    def fetch(*args: object) -> bytes:
-        raise AssertionError("all on disk")
-
-    cache = BlockCache(fetch=fetch, store=store, block_size=size, parallel=1)
+    store, obj, data = stored(disk_dir, "kept", 3)
+    cache = on_disk_only(store)
     pieces = cache.read_pieces(obj, 0, len(data), deadline=1e12)
     assert any(pooled(p) for p in pieces) and b"".join(pieces) == data
     assert cache.stats().memory_bytes == 0
-    cache.ensure(obj, [(0, len(data))], deadline=1e12)  # (wants them in memory: not pooled)
+    cache.ensure(obj, [(0, len(data))], deadline=1e12)
     assert cache.stats().memory_bytes == len(data)
     assert store.run_buffers.stats()["runs"] == 1  # the first read's alone
     kept = cache.read_pieces(obj, 0, len(data), deadline=1e12)
@@ -140,16 +146,8 @@ def test_blocks_of_a_run_read_past_the_page_cache_are_not_kept_in_memory(
 
 
 def test_recall_stored_reads_runs_into_buffers_of_their_own(disk_dir: Path) -> None:  # noqa: F811
-    size = 1 << 20
-    data = os.urandom(3 * size)
-    obj = ObjectId(key="circle-x/resource/abc/def/recall#rows/image", etag="e", size=len(data))
-    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
-    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(3)})
-
-    def fetch(*args: object) -> bytes:
-        raise AssertionError("all on disk")
-
-    cache = BlockCache(fetch=fetch, store=store, block_size=size, parallel=1)
+    store, obj, data = stored(disk_dir, "recall", 3)
+    cache = on_disk_only(store)
     assert cache.recall_stored([obj]) == []
     assert cache.stats().memory_bytes == len(data)
     assert store.run_buffers.stats()["runs"] == 0
@@ -165,11 +163,7 @@ def test_unused_buffers_go_at_a_settling_due_after_runs(
     while some are in use, and not at all once none is left."""
     direct_writes_skip_the_page_cache(disk_dir)
     monkeypatch.setattr(diskstore, "TOUCH_EVERY", 0.2)
-    size = 1 << 20
-    data = os.urandom(4 * size)
-    obj = ObjectId(key="circle-x/resource/abc/def/settle#rows/image", etag="e", size=len(data))
-    store = DiskStore(disk_dir / "cache", limit_bytes=1 << 30, block_size=size)
-    store.put_many(obj, {i: data[i * size : (i + 1) * size] for i in range(4)})
+    store, obj, _ = stored(disk_dir, "settle", 4)
     store.settle()  # (what the writes left)
     assert store.settle_in() is None
     woken: list[int] = []
