@@ -143,9 +143,10 @@ def test_warmup_then_reading_the_tree_makes_no_object_requests(
 
 def test_warmup_survives_ctrl_c_and_resumes(fresh_devserver: DevServer, tmp_path: Path) -> None:
     # slow enough that the warm-up is still under way when the loop below sees its first file
-    # done, even with this process kept off the cores for seconds by a loaded machine (at 40 ms
-    # one CI run saw it finish all 125 files first)
-    requests.put(f"{fresh_devserver.url}/_devserver/faults", json={"latency_ms": 200}, timeout=30)
+    # done, even with this process kept off the cores for seconds by a loaded machine (at 40 ms,
+    # then at 200 ms, a CI run saw it finish all 125 files first: the rest of them come in a
+    # few round trips after the first)
+    requests.put(f"{fresh_devserver.url}/_devserver/faults", json={"latency_ms": 1500}, timeout=30)
     with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
         tree = mnt / "datasets" / "generated"
         command = [sys.executable, "-m", "dcorfs", "warmup", "--jobs", "1", str(tree)]
