@@ -142,31 +142,35 @@ def test_warmup_then_reading_the_tree_makes_no_object_requests(
 
 
 def test_warmup_survives_ctrl_c_and_resumes(fresh_devserver: DevServer, tmp_path: Path) -> None:
-    # slow enough that the warm-up is still under way when the loop below sees its first file
-    # done, even with this process kept off the cores for seconds by a loaded machine (at 40 ms,
-    # then at 200 ms, a CI run saw it finish all 125 files first: the rest of them come in a
-    # few round trips after the first)
-    requests.put(f"{fresh_devserver.url}/_devserver/faults", json={"latency_ms": 1500}, timeout=30)
+    """Ctrl-C after the first file, while the second waits for the network: the run stops at
+    once (130, "interrupted"), and the next run skips the file done. Made deterministic: the
+    first file is read beforehand (local), then every object request stalls, so the second
+    file cannot be done before the signal (racing a warm-up of files mostly made local by the
+    mount's read-ahead, CI runs saw all 125 files done before the test's loop looked)."""
+    url = f"{fresh_devserver.url}/_devserver/faults"
     with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
-        tree = mnt / "datasets" / "generated"
-        command = [sys.executable, "-m", "dcorfs", "warmup", "--jobs", "1", str(tree)]
+        resource = mnt / "datasets" / "generated" / "M001_data"
+        first, second = resource / "deform.npy", resource / "image.npy"
+        first.read_bytes()
+        requests.put(url, json={"stall_rate": 1.0, "stall_seconds": 15}, timeout=30)
+        command = [sys.executable, "-m", "dcorfs", "warmup", "--jobs", "1", str(first), str(second)]
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         journal = tmp_path / "cache" / "warmup.journal"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 60
         while not (journal.exists() and journal.read_text()) and process.poll() is None:
-            assert time.monotonic() < deadline, "no file warmed within 120 s"
+            assert time.monotonic() < deadline, "no file warmed within 60 s"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)  # after the first file, long before the last
+        process.send_signal(signal.SIGINT)  # the second file waits for a stalled request
         out, err = process.communicate(timeout=120)
         assert process.returncode == 130, (out, err)
         assert "interrupted" in out and "Traceback" not in err
-        requests.put(f"{fresh_devserver.url}/_devserver/faults", json={"latency_ms": 0}, timeout=30)
-        resumed = dcorfs("warmup", str(tree))
+        requests.put(url, json={"stall_rate": 0.0}, timeout=30)
+        resumed = dcorfs("warmup", str(first), str(second))
         assert resumed.returncode == 0, resumed.stderr
         skipped = re.search(r"(\d+) done by an interrupted run", resumed.stdout)
-        assert skipped and int(skipped[1]) > 0, resumed.stdout  # finished before Ctrl-C
+        assert skipped and int(skipped[1]) == 1, resumed.stdout  # finished before Ctrl-C
         assert journal.read_text() == ""  # completed: the run's files leave the journal
 
 
