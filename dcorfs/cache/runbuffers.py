@@ -53,7 +53,6 @@ class RunBuffers:
         self.size = -(-size // ALIGN) * ALIGN
         self._most, self._spare = most, spare
         self._owners: list[np.ndarray] = []  # each buffer's owning array (ALIGN bytes more)
-        self._offsets: list[int] = []  # where its aligned part starts
         self._lock = threading.Lock()
         self._runs = self._none_free = 0  # runs read into a buffer; times every one was in use
         self.refused = False  # a read past the page cache was refused (EINVAL): none again
@@ -65,24 +64,18 @@ class RunBuffers:
         if n > self.size:
             return None
         with self._lock:
-            free = [i for i in range(len(self._owners)) if _unused(self._owners, i)]
-            if len(free) > 1 + self._spare:  # keep `spare` unused besides the one taken now
-                drop = set(free[1 + self._spare :])
-                self._owners = [o for i, o in enumerate(self._owners) if i not in drop]
-                self._offsets = [o for i, o in enumerate(self._offsets) if i not in drop]
-            if free:
-                index = free[0]  # (before every dropped one: its place is unchanged)
-            elif len(self._owners) < self._most:
-                owner = np.empty(self.size + ALIGN, dtype=np.uint8)
-                self._owners.append(owner)
-                self._offsets.append(-owner.__array_interface__["data"][0] % ALIGN)
+            self._keep_unused(1 + self._spare)  # (`spare` besides the one taken now)
+            # (by index: a name bound to an owner while its references are counted is one)
+            index = next((i for i in range(len(self._owners)) if _unused(self._owners, i)), None)
+            if index is None and len(self._owners) < self._most:
+                self._owners.append(np.empty(self.size + ALIGN, dtype=np.uint8))
                 index = len(self._owners) - 1
-                del owner
-            else:
+            if index is None:
                 self._none_free += 1
                 return None
-            start = self._offsets[index]
-            return self._owners[index][start : start + n].view(Pooled)  # (refers to the owner)
+            owner = self._owners[index]
+            start = -owner.__array_interface__["data"][0] % ALIGN
+            return owner[start : start + n].view(Pooled)  # (refers to the owner)
 
     def read(self, fd: int, offset: int, n: int) -> tuple[Pooled, int] | None:
         """`n` bytes (a multiple of ALIGN) from `offset` (aligned) of `fd`, opened with
@@ -109,9 +102,13 @@ class RunBuffers:
     def trim(self) -> None:
         """Let every buffer nothing refers to go (their memory back to the system)."""
         with self._lock:
-            kept = [i for i in range(len(self._owners)) if not _unused(self._owners, i)]
-            self._owners = [self._owners[i] for i in kept]
-            self._offsets = [self._offsets[i] for i in kept]
+            self._keep_unused(0)
+
+    def _keep_unused(self, most: int) -> None:
+        """Keep at most `most` of the buffers nothing refers to, the first ones (lock held)."""
+        unused = [i for i in range(len(self._owners)) if _unused(self._owners, i)]
+        drop = set(unused[most:])
+        self._owners = [owner for i, owner in enumerate(self._owners) if i not in drop]
 
     def stats(self) -> dict[str, int]:
         """Buffers kept, those in use now, runs read into them, times none was free."""
