@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import shutil
 import sqlite3
@@ -16,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from dcorfs.admin.unmount import is_mounted
@@ -62,20 +59,16 @@ def drop_page_cache(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def not_cached(path: Path) -> int:
-    """Bytes of the file at `path` not in the page cache now (`mincore` of a read-only
-    mapping, which reads nothing): what the kernel (or a VM host's proactive reclaim) let go."""
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    vector = (ctypes.c_ubyte * pages)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ) as m:
-        view = np.frombuffer(m, dtype=np.uint8)
-        failed = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vector)
-        del view
-    assert not failed, os.strerror(ctypes.get_errno())
-    resident = int(np.count_nonzero(np.frombuffer(vector, dtype=np.uint8) & 1))
-    return (pages - resident) * mmap.PAGESIZE
+def resident(path: Path) -> int:
+    """Bytes of the file at `path` in the page cache now (util-linux's fincore: `mincore` of a
+    mapping, which reads nothing)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
 
 
 def read_file(path: Path) -> bytes:

@@ -32,7 +32,7 @@ from dcorfs.fs.fuse_ops import IO_SIZE
 
 from ..cachefiles import StoredBlock, flip, object_files, on_disk, stored_blocks
 from ..conftest import TOKENS, api, assert_tables, info, innate_features, resource_dir, rtdc_entries
-from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse, not_cached, steady
+from ..mounts import dcorfs, kill_and_unmount, mounted, needs_fuse, resident, steady
 
 pytestmark = [
     needs_fuse,
@@ -497,7 +497,7 @@ def test_a_streams_bytes_are_pushed_into_the_page_cache(tmp_path: Path) -> None:
     time, when its windows are made before it reads on (warm, from the disk cache; this
     reader pauses for them); every byte is the file's, cold (from the network, where little
     is pushed) and warm, and a second read comes from the page cache: at most 1% of the file is
-    asked for again besides pages the kernel let go meanwhile (`mincore`: a VM's memory can be
+    asked for again besides pages the kernel let go meanwhile (fincore: a VM's memory can be
     taken back by its host; at most a tenth here), as the file's pages are kept across opens:
     without that all of it would be."""
     data = tmp_path / "data"
@@ -525,7 +525,7 @@ def test_a_streams_bytes_are_pushed_into_the_page_cache(tmp_path: Path) -> None:
                 counted, report = fuse(mnt)
                 assert np.array_equal(np.load(io.BytesIO(streamed)), truth), warm
                 assert counted["push_failures"] == 0, counted
-                gone = not_cached(path)  # (let go meanwhile: asked again, rightly)
+                gone = len(streamed) - resident(path)  # (let go meanwhile: asked again)
                 assert gone <= len(streamed) // 10, (gone, warm)
                 assert path.read_bytes() == streamed  # from the page cache
                 again = fuse(mnt)[0]["bytes_served"] - counted["bytes_served"] - report

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 import requests
 
+from dcorfs.cache.prefetch import WHOLE
+from dcorfs.devserver.datadir import write_json
+from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
 from ..mounts import dcorfs, eventually, kill_and_unmount, mounted, needs_fuse
@@ -141,15 +144,23 @@ def test_warmup_then_reading_the_tree_makes_no_object_requests(
     assert fresh_devserver.stats.snapshot()["object_requests"] == 0
 
 
-def test_warmup_survives_ctrl_c_and_resumes(fresh_devserver: DevServer, tmp_path: Path) -> None:
+def test_warmup_survives_ctrl_c_and_resumes(tmp_path: Path) -> None:
     """Ctrl-C after the first file, while the second waits for the network: the run stops at
-    once (130, "interrupted"), and the next run skips the file done. Made deterministic: the
-    first file is read beforehand (local), then every object request stalls, so the second
-    file cannot be done before the signal (racing a warm-up of files mostly made local by the
-    mount's read-ahead, CI runs saw all 125 files done before the test's loop looked)."""
-    url = f"{fresh_devserver.url}/_devserver/faults"
-    with mounted(tmp_path / "mnt", fresh_devserver.url, tmp_path / "cache") as mnt:
-        resource = mnt / "datasets" / "generated" / "M001_data"
+    once (130, "interrupted"), and the next run skips the file done. Deterministic: the first
+    file is read beforehand (local), then every object request stalls, and the second file's
+    bytes lie in image chunks of an original too large to be fetched whole on opening (a small
+    original is, in the background, so a race with the test's loop could be lost: CI runs saw
+    the warm-up of a small tree done before the loop looked)."""
+    data = tmp_path / "data"
+    write_json(data / "public-lab" / "big" / "dataset.json", {"title": "Big"})
+    write_rtdc(data / "public-lab" / "big" / "M001_data.rtdc", SampleSpec(events=500, seed=3))
+    assert (data / "public-lab" / "big" / "M001_data.rtdc").stat().st_size > 4 * WHOLE["resource"]
+    with (
+        DevServer(data) as server,
+        mounted(tmp_path / "mnt", server.url, tmp_path / "cache") as mnt,
+    ):
+        url = f"{server.url}/_devserver/faults"
+        resource = mnt / "datasets" / "big" / "M001_data"
         first, second = resource / "deform.npy", resource / "image.npy"
         first.read_bytes()
         requests.put(url, json={"stall_rate": 1.0, "stall_seconds": 15}, timeout=30)
@@ -165,8 +176,6 @@ def test_warmup_survives_ctrl_c_and_resumes(fresh_devserver: DevServer, tmp_path
         process.send_signal(signal.SIGINT)  # the second file waits for a stalled request
         out, err = process.communicate(timeout=120)
         requests.put(url, json={"stall_rate": 0.0}, timeout=30)
-        if process.returncode == 0:  # (a CI run: image.npy made local by the mount meanwhile)
-            pytest.skip("the warm-up was done before Ctrl-C: nothing left waiting to interrupt")
         assert process.returncode == 130, (out, err)
         assert "interrupted" in out and "Traceback" not in err
         resumed = dcorfs("warmup", str(first), str(second))

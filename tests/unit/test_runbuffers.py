@@ -20,7 +20,8 @@ from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.runbuffers import ALIGN, RunBuffers, pooled
 from dcorfs.cache.slots import Layout
 
-from .test_slots import direct_writes_skip_the_page_cache, disk_dir, resident  # noqa: F401
+from ..mounts import resident
+from .test_slots import direct_writes_skip_the_page_cache, disk_dir  # noqa: F401
 
 
 def address(array: np.ndarray) -> int:

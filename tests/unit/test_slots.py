@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +25,8 @@ from dcorfs.cache.derived import DerivedCache
 from dcorfs.cache.diskstore import DiskStore
 from dcorfs.cache.identity import ObjectId
 from dcorfs.cache.slots import PAGE, Damaged, Layout
+
+from ..mounts import resident
 
 BLOCK = 4 * PAGE
 DATA = os.urandom(5 * BLOCK + 3 * PAGE + 17)
@@ -412,17 +413,6 @@ def test_a_block_evicted_while_it_is_read_is_a_miss_not_damage(tmp_path: Path) -
     assert store.errors == 0
     assert store.get(OBJ, 2) == blocks()[2]
     store.close()
-
-
-def resident(path: Path) -> int:
-    """Bytes of the file at `path` in the page cache now (util-linux's fincore)."""
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout)
 
 
 @pytest.fixture
