@@ -24,7 +24,7 @@ from dcorfs.devserver.datadir import write_json
 from dcorfs.devserver.sample import SampleSpec, write_rtdc
 from dcorfs.devserver.server import DevServer
 
-from ..mounts import dcorfs, eventually, kill_and_unmount, mounted, needs_fuse, steady
+from ..mounts import dcorfs, eventually, kill_and_unmount, mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -146,11 +146,11 @@ def test_warmup_then_reading_the_tree_makes_no_object_requests(
 
 def test_warmup_survives_ctrl_c_and_resumes(tmp_path: Path) -> None:
     """Ctrl-C after the first file, while the second waits for the network: the run stops at
-    once (130, "interrupted"), and the next run skips the file done. Deterministic: the first
-    file is read beforehand (local) and the mount left idle, then every request stalls, and
-    the second file's bytes lie in image chunks of an original too large to be fetched whole
-    on opening (a small original is, in the background, so a race with the test's loop could
-    be lost: CI runs saw the warm-up of a small tree done before the loop looked)."""
+    once (130, "interrupted"), and the next run skips the file done. The first file is read
+    beforehand (local), then every request stalls, and the second file's bytes lie in image
+    chunks of an original too large to be fetched whole on opening. Not deterministic: three
+    CI runs on a slow VM (2026-12-08) saw the warm-up done before Ctrl-C, cause not found
+    (waiting for the mount to be idle first did not change it); then the test skips."""
     data = tmp_path / "data"
     write_json(data / "public-lab" / "big" / "dataset.json", {"title": "Big"})
     write_rtdc(data / "public-lab" / "big" / "M001_data.rtdc", SampleSpec(events=500, seed=3))
@@ -163,14 +163,6 @@ def test_warmup_survives_ctrl_c_and_resumes(tmp_path: Path) -> None:
         resource = mnt / "datasets" / "big" / "M001_data"
         first, second = resource / "deform.npy", resource / "image.npy"
         first.read_bytes()
-        # the resource fully opened and listed (its original described, its synthesized
-        # file's structure built) and the mount's background work ended before requests
-        # stall: else the warm-up's open of the first file may wait behind a stalled request
-        # of that work (a CI run on a slow VM: both files done only after the stalls)
-        for entry in resource.iterdir():
-            entry.stat()
-        status = mnt / ".dcorfs" / "status.json"
-        assert steady(lambda: json.loads(status.read_text())["cache"]["fetches"])
         requests.put(url, json={"stall_rate": 1.0, "stall_seconds": 15}, timeout=30)
         command = [sys.executable, "-m", "dcorfs", "warmup", "--jobs", "1", str(first), str(second)]
         process = subprocess.Popen(
